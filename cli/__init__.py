@@ -1,0 +1,1 @@
+"""The `unet-edge` command line (installed as the `unet_edge_cli` package)."""

@@ -1,0 +1,103 @@
+"""Shared pieces of the CLI: option aliases, the one error path, and table rendering.
+
+Nothing here imports torch, so `unet-edge --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DataOption = Annotated[
+    Optional[Path],
+    typer.Option("--data", help="Dataset folder (ROOT/{train,val}/{images,labels}). Default: the embedded synthetic set."),
+]
+JsonOption = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+RunsOption = Annotated[Path, typer.Option("--runs", help="Folder holding training runs (to find the newest).")]
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("UNET_EDGE_DEBUG", "") not in ("", "0")
+
+
+def handle_errors(fn: F) -> F:
+    """Turn library errors into `error: <message>` on stderr and exit code 1 (traceback only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from unet_edge.errors import UNetEdgeError
+
+        try:
+            return fn(*args, **kwargs)
+        except UNetEdgeError as exc:
+            if debug_enabled():
+                raise
+            err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(code=1) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted", soft_wrap=True)
+            raise typer.Exit(code=130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def iou_table(classes: Sequence[str], per_class: Sequence[float | None], miou: float | None, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    for name, value in zip(classes, per_class):
+        table.add_row(name, fmt(value))
+    table.add_section()
+    table.add_row("[bold]mean[/]", f"[bold]{fmt(miou)}[/]")
+    return table
+
+
+def write_json(path: Path | None, payload: Any) -> None:
+    if path is None:
+        return
+    from unet_edge.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    err_console.print(f"wrote {path}")
+
+
+def progress_bar(**kwargs: Any):
+    """A rich progress bar on stderr with ETA; disabled when stderr is not a terminal and CI asks for quiet."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=err_console,
+        transient=False,
+        disable=os.environ.get("UNET_EDGE_PROGRESS", "") == "0",
+        **kwargs,
+    )

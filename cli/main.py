@@ -1,0 +1,49 @@
+"""The `unet-edge` Typer app: one module per command, merged here. Commands import torch lazily."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from unet_edge import __version__
+
+from . import data, eval as eval_cmd, train as train_cmd
+
+app = typer.Typer(
+    name="unet-edge",
+    help="Train a U-Net segmentation model, export it to ONNX/TorchScript, prove parity and benchmark it for the edge.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"unet-edge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """unet-edge: from training to an edge device, with proof at every step."""
+    if debug:
+        os.environ["UNET_EDGE_DEBUG"] = "1"
+
+
+app.command("train")(train_cmd.train)
+app.command("eval")(eval_cmd.evaluate)
+app.add_typer(data.app, name="data")
+
+
+def run() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    run()

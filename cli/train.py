@@ -1,0 +1,83 @@
+"""`unet-edge train`: fit a UNetStudent and write a run folder (best.pt, last.pt, metrics.jsonl, curves.png)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .common import DataOption, DeviceOption, console, err_console, fmt, handle_errors, iou_table, progress_bar
+
+
+@handle_errors
+def train(
+    data: DataOption = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs to train (in total, when resuming).")] = 20,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step (per process).")] = 16,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak AdamW learning rate (warm-up, then cosine decay).")] = 3e-3,
+    image_size: Annotated[int, typer.Option(min=8, help="Side of the random training crop.")] = 64,
+    base_channels: Annotated[int, typer.Option(min=1, help="Channels of the first U-Net level.")] = 16,
+    depth: Annotated[int, typer.Option(min=1, help="Number of down/up-sampling levels.")] = 3,
+    num_convs: Annotated[int, typer.Option(min=1, help="Convolutions per block.")] = 2,
+    upsample: Annotated[str, typer.Option(help="transpose or bilinear.")] = "transpose",
+    block_order: Annotated[
+        str, typer.Option(help="conv-relu-bn (the seed's) or conv-bn-relu (folds fully for int8 deployment).")
+    ] = "conv-relu-bn",
+    device: DeviceOption = "auto",
+    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16 where supported, else fp16).")] = True,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Data-loading workers (default: 0 on CPU, up to 8 on CUDA).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path("runs"),
+    name: Annotated[Optional[str], typer.Option(help="Run folder name (default: unet, unet-2, ...).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint (usually RUN/last.pt).")] = None,
+) -> None:
+    """Train a UNetStudent (on the embedded synthetic set unless --data is given)."""
+    from unet_edge.train import TrainConfig, TrainHooks, fit
+
+    config = TrainConfig(
+        data=str(data) if data is not None else None,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        image_size=image_size,
+        base_channels=base_channels,
+        depth=depth,
+        num_convs=num_convs,
+        upsample=upsample,
+        block_order=block_order,
+        device=device,
+        amp=amp,
+        compile=compile,
+        workers=workers,
+        seed=seed,
+        out=str(out),
+        name=name,
+        resume=str(resume) if resume is not None else None,
+    )
+    with progress_bar() as progress:
+
+        class Hooks(TrainHooks):
+            task = None
+
+            def on_start(self, run_dir: Path, epochs: int, steps_per_epoch: int, start_epoch: int, device: str) -> None:
+                err_console.print(f"training on {device}, run folder {run_dir}")
+                self.steps = steps_per_epoch
+                self.task = progress.add_task(
+                    "train", total=(epochs - start_epoch) * steps_per_epoch, status="", start=True
+                )
+
+            def on_step(self, epoch: int, step: int, loss: float) -> None:
+                progress.update(self.task, advance=1, description=f"epoch {epoch + 1}", status=f"loss {loss:.4f}")
+
+            def on_epoch_end(self, record: dict[str, Any]) -> None:
+                progress.console.print(
+                    f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  val mIoU {fmt(record['miou'])}  "
+                    f"{fmt(record['train_images_per_s'], 1)} img/s  {record['epoch_time_s']:.1f} s"
+                )
+
+        result = fit(config, Hooks())
+    last = result.history[-1]
+    console.print(iou_table(result.classes, list(last["per_class_iou"].values()), last["miou"], f"val IoU, epoch {last['epoch']}"))
+    console.print(f"best val mIoU {fmt(result.best_miou)} at epoch {result.best_epoch}; wrote {result.run_dir}/best.pt, last.pt, metrics.jsonl, curves.png")

@@ -1,0 +1,62 @@
+import math
+
+import pytest
+import torch
+
+from unet_edge.metrics import ConfusionMatrix, IoU
+
+
+def test_hand_computed_iou():
+    target = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1]])
+    per_class, miou = IoU(pred, target, num_classes=2)
+    # class 0: tp=3, fp=1, fn=1 -> 3/5; class 1: tp=3, fp=1, fn=1 -> 3/5
+    assert per_class.tolist() == pytest.approx([0.6, 0.6])
+    assert miou == pytest.approx(0.6)
+
+
+def test_ignore_index_pixels_count_for_nothing():
+    target = torch.tensor([0, 1, 255, 255])
+    pred = torch.tensor([0, 1, 1, 0])
+    per_class, miou = IoU(pred, target, num_classes=2, ignore_index=255)
+    assert per_class.tolist() == [1.0, 1.0]
+    assert miou == 1.0
+    with pytest.raises(ValueError, match="outside"):
+        IoU(pred, target, num_classes=2)  # without the ignore index, 255 is an unknown class
+
+
+def test_absent_class_is_nan_and_left_out_of_mean():
+    target = torch.tensor([0, 0, 1, 1])
+    pred = torch.tensor([0, 1, 1, 1])
+    per_class, miou = IoU(pred, target, num_classes=3)
+    assert per_class[:2].tolist() == pytest.approx([0.5, 2 / 3])
+    assert math.isnan(per_class[2])
+    assert miou == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_class_only_in_prediction_scores_zero():
+    per_class, _ = IoU(torch.tensor([2, 0]), torch.tensor([0, 0]), num_classes=3)
+    assert per_class[2] == 0.0 and per_class[0] == 0.5
+
+
+def test_confusion_over_batches_equals_iou_of_concatenation():
+    generator = torch.Generator().manual_seed(0)
+    preds = [torch.randint(0, 4, (2, 9, 7), generator=generator) for _ in range(5)]
+    targets = [torch.randint(0, 4, (2, 9, 7), generator=generator) for _ in range(5)]
+    for t in targets:
+        t[t == 3] = 255
+    matrix = ConfusionMatrix(4, ignore_index=255)
+    for p, t in zip(preds, targets):
+        matrix.update(p, t)
+    per_class, miou = matrix.compute()
+    expected_per_class, expected_miou = IoU(torch.cat(preds), torch.cat(targets), 4, ignore_index=255)
+    torch.testing.assert_close(per_class, expected_per_class, equal_nan=True)
+    assert miou == pytest.approx(expected_miou)
+    # and it is not the mean of per-batch mIoUs
+    batch_mean = sum(IoU(p, t, 4, 255)[1] for p, t in zip(preds, targets)) / 5
+    assert miou != pytest.approx(batch_mean, abs=1e-9)
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shape"):
+        IoU(torch.zeros(2, 2), torch.zeros(2, 3), 2)

@@ -1,0 +1,89 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import run_cli, train_tiny
+from unet_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
+from unet_edge.errors import CheckpointError
+
+
+@pytest.mark.slow
+def test_one_epoch_train_subprocess_writes_run_folder(tiny_data, tmp_path):
+    result = run_cli(
+        "train", "--data", str(tiny_data), "--epochs", "1", "--batch-size", "8", "--image-size", "32",
+        "--base-channels", "4", "--depth", "2", "--out", str(tmp_path), "--name", "one", "--device", "cpu",
+    )
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "one"
+    for name in ("best.pt", "last.pt", "metrics.jsonl", "curves.png"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and {"epoch", "train_loss", "miou", "per_class_iou"} <= set(records[0])
+    assert 0.0 <= records[0]["miou"] <= 1.0
+    assert "best val mIoU" in result.stdout and "circle" in result.stdout
+
+
+def test_checkpoint_is_plain_data_and_round_trips(tiny_checkpoint, tmp_path):
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    assert state["classes"] == ["background", "circle", "square", "triangle"]
+    assert state["config"]["base_channels"] == 4 and len(state["mean"]) == 3
+    assert "optimizer" in state and "epoch" in state
+    first = load_model(tiny_checkpoint)
+    copy = tmp_path / "copy.pt"
+    save_checkpoint(copy, state)
+    second = load_model(copy)
+    x = torch.randn(2, 3, 37, 45)
+    with torch.no_grad():
+        assert torch.equal(first.model(x), second.model(x))
+
+
+def test_resume_continues_from_saved_epoch(tiny_data, tmp_path):
+    first = train_tiny(tiny_data, tmp_path, name="r", epochs=1)
+    resumed = train_tiny(tiny_data, tmp_path, epochs=2, resume=str(first.run_dir / "last.pt"))
+    assert resumed.run_dir == first.run_dir
+    epochs = [json.loads(l)["epoch"] for l in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+    assert load_checkpoint(first.run_dir / "last.pt")["epoch"] == 2
+
+
+def test_eval_cli_json_matches_training_metric(tiny_run, tiny_data, tmp_path):
+    out = tmp_path / "eval.json"
+    result = run_cli("eval", str(tiny_run.run_dir / "best.pt"), "--data", str(tiny_data), "--json", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["per_class_iou"]) == {"background", "circle", "square", "triangle"}
+    best_epoch_record = tiny_run.history[tiny_run.best_epoch - 1]
+    assert report["miou"] == pytest.approx(best_epoch_record["miou"], abs=1e-9)
+
+
+def test_eval_without_runs_is_a_clean_error(tmp_path):
+    result = run_cli("eval", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+    assert "no run with a best.pt" in result.stderr
+
+
+def test_not_a_checkpoint_is_a_clean_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt: not a readable checkpoint"):
+        load_checkpoint(bad)
+    result = run_cli("eval", str(bad))
+    assert result.returncode == 1 and "bad.pt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from unet_edge_cli.main import app; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_installed_entry_point_runs():
+    import shutil
+
+    exe = shutil.which("unet-edge") or str(__import__("pathlib").Path(sys.executable).with_name("unet-edge"))
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout and "eval" in out.stdout

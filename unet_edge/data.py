@@ -1,0 +1,181 @@
+"""`ImageSegmentation`: images and label masks from folders, paired by file stem.
+
+Layout::
+
+    ROOT/{train,val}/images/*.{png,jpg,jpeg,bmp,tif,tiff}
+    ROOT/{train,val}/labels/*.png       single-channel class indices, 255 = ignore
+    ROOT/dataset.json                   optional: {"classes": [...], "ignore_index": 255}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import tv_tensors
+
+from .errors import DataError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "DatasetInfo",
+    "ImageSegmentation",
+    "load_image",
+    "load_label",
+    "pad_collate",
+    "read_dataset_info",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    classes: tuple[str, ...]
+    ignore_index: int | None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def load_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read any image as H x W x 3 uint8 RGB (grayscale, RGBA and palette images are converted)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                array = np.asarray(img, dtype=np.float64)
+                peak = array.max() if array.size and array.max() > 0 else 1.0
+                img = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8))
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
+
+
+def load_label(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a label as H x W class indices (uint8 or, for 16-bit files, int32); palette indices are kept."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("L", "P"):
+                return np.asarray(img, dtype=np.uint8).copy()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                return np.asarray(img, dtype=np.int32).copy()
+            if img.mode == "1":
+                return np.asarray(img, dtype=np.uint8).copy()
+            raise DataError(f"{path}: label must be single-channel class indices, got image mode {img.mode}")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable label image ({exc.__class__.__name__}: {exc})") from None
+
+
+def read_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo | None:
+    """Classes and ignore index from ROOT/dataset.json, or None when the file is absent."""
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    classes = meta.get("classes") if isinstance(meta, dict) else None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise DataError(f'{path}: "classes" must be a non-empty list of names')
+    ignore_index = meta.get("ignore_index", 255)
+    if ignore_index is not None and (not isinstance(ignore_index, int) or 0 <= ignore_index < len(classes)):
+        raise DataError(f'{path}: "ignore_index" must be null or an integer that is not a class id')
+    return DatasetInfo(tuple(classes), ignore_index)
+
+
+def _files_by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in suffixes and not path.name.startswith("."):
+            if path.stem in found:
+                raise DataError(f"{path}: two files share the stem {path.stem!r} ({found[path.stem].name})")
+            found[path.stem] = path
+    return found
+
+
+class ImageSegmentation(torch.utils.data.Dataset):
+    """Image/label pairs of one split, returned as ``(image, mask)`` after `transforms`.
+
+    Without transforms, `image` is a uint8 `tv_tensors.Image` (3 x H x W) and `mask` an int64
+    `tv_tensors.Mask` (H x W). Pairing is by file stem; a missing partner is an error, not a skip.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        split: str = "train",
+        transforms: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.transforms = transforms
+        split_dir = self.root / split
+        image_dir, label_dir = split_dir / "images", split_dir / "labels"
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: dataset folder not found")
+        for folder in (image_dir, label_dir):
+            if not folder.is_dir():
+                raise DataError(f"{folder}: folder not found (expected ROOT/{split}/images and ROOT/{split}/labels)")
+        images = _files_by_stem(image_dir, IMAGE_SUFFIXES)
+        labels = _files_by_stem(label_dir, LABEL_SUFFIXES)
+        missing_label = sorted(set(images) - set(labels))
+        if missing_label:
+            raise DataError(f"{images[missing_label[0]]}: image has no label in {label_dir} ({len(missing_label)} such)")
+        missing_image = sorted(set(labels) - set(images))
+        if missing_image:
+            raise DataError(f"{labels[missing_image[0]]}: label has no image in {image_dir} ({len(missing_image)} such)")
+        if not images:
+            raise DataError(f"{image_dir}: split {split!r} is empty")
+        self.samples = [(images[stem], labels[stem]) for stem in sorted(images)]
+        self.info = read_dataset_info(self.root)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        image_path, label_path = self.samples[index]
+        image = load_image(image_path)
+        label = load_label(label_path)
+        if image.shape[:2] != label.shape:
+            raise DataError(
+                f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but its image is "
+                f"{image.shape[1]}x{image.shape[0]}"
+            )
+        return (
+            tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
+            tv_tensors.Mask(torch.from_numpy(label.astype(np.int64))),
+        )
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image, mask = self.load(index)
+        if self.transforms is not None:
+            image, mask = self.transforms(image, mask)
+        return image, mask
+
+
+def pad_collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack samples of different sizes: images padded with 0, masks with `ignore_index` (so ignored)."""
+    height = max(image.shape[-2] for image, _ in batch)
+    width = max(image.shape[-1] for image, _ in batch)
+    images = batch[0][0].new_zeros((len(batch), batch[0][0].shape[0], height, width))
+    masks = batch[0][1].new_full((len(batch), height, width), ignore_index)
+    for i, (image, mask) in enumerate(batch):
+        images[i, :, : image.shape[-2], : image.shape[-1]] = image
+        masks[i, : mask.shape[-2], : mask.shape[-1]] = mask
+    return images, masks
