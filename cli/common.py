@@ -25,7 +25,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 DataOption = Annotated[
     Optional[Path],
-    typer.Option("--data", help="Dataset folder (ROOT/{train,val}/{images,labels}). Default: the embedded synthetic set."),
+    typer.Option(
+        "--data",
+        help="Dataset folder: ROOT/{train,val}/{images,labels}, or Pascal VOC (JPEGImages, SegmentationClass, "
+        "ImageSets/Segmentation). Default: the embedded synthetic set.",
+    ),
 ]
 JsonOption = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
@@ -85,8 +89,8 @@ def write_json(path: Path | None, payload: Any) -> None:
     err_console.print(f"wrote {path}")
 
 
-def progress_bar(**kwargs: Any):
-    """A rich progress bar on stderr with ETA; disabled when stderr is not a terminal and CI asks for quiet."""
+def progress_bar(enabled: bool = True, **kwargs: Any):
+    """A rich progress bar on stderr with ETA; off when not `enabled` (other ranks) or UNET_EDGE_PROGRESS=0."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(
@@ -98,6 +102,6 @@ def progress_bar(**kwargs: Any):
         TextColumn("{task.fields[status]}"),
         console=err_console,
         transient=False,
-        disable=os.environ.get("UNET_EDGE_PROGRESS", "") == "0",
+        disable=not enabled or os.environ.get("UNET_EDGE_PROGRESS", "") == "0",
         **kwargs,
     )

@@ -1,4 +1,8 @@
-"""`unet-edge train`: fit a UNetStudent and write a run folder (best.pt, last.pt, metrics.jsonl, curves.png)."""
+"""`unet-edge train`: fit a UNetStudent and write a run folder (best.pt, last.pt, metrics.jsonl, curves.png).
+
+With `--nproc-per-node N` it starts N workers through `torch.distributed.run` (torchrun's engine),
+each running this same command; a worker started by `torchrun` joins the process group it set up.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,29 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperOption
 
 from .common import DataOption, DeviceOption, console, err_console, fmt, handle_errors, iou_table, progress_bar
 
 
+def _command_args(ctx: typer.Context, skip: set[str]) -> list[str]:
+    """The command line that reproduces this invocation's parsed options, minus those in `skip`."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, TyperOption) or param.name in skip or value is None:
+            continue
+        if param.is_flag:
+            flag = param.opts[0] if value else next(iter(param.secondary_opts), None)
+            args.extend([flag] if flag else [])
+        else:
+            args.extend([param.opts[0], str(value)])
+    return args
+
+
 @handle_errors
 def train(
+    ctx: typer.Context,
     data: DataOption = None,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs to train (in total, when resuming).")] = 20,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step (per process).")] = 16,
@@ -32,9 +53,22 @@ def train(
     out: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path("runs"),
     name: Annotated[Optional[str], typer.Option(help="Run folder name (default: unet, unet-2, ...).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint (usually RUN/last.pt).")] = None,
+    nproc_per_node: Annotated[
+        int, typer.Option(min=1, help="Distributed data parallel: start this many worker processes (one per GPU) via torch.distributed.run.")
+    ] = 1,
 ) -> None:
     """Train a UNetStudent (on the embedded synthetic set unless --data is given)."""
-    from unet_edge.train import TrainConfig, TrainHooks, fit
+    from unet_edge.distributed import distributed_context, launch, launched_by_torchrun
+    from unet_edge.errors import TrainingError
+    from unet_edge.train import TrainConfig, TrainHooks, fit, resolve_data
+
+    if nproc_per_node > 1:
+        if launched_by_torchrun():
+            raise TrainingError("--nproc-per-node starts its own workers: drop it when launching with torchrun")
+        if data is None:
+            resolve_data(None)  # generate the embedded set once, before the workers race to do it
+        launch("unet_edge_cli.main", ["train", *_command_args(ctx, {"nproc_per_node"})], nproc_per_node)
+        return
 
     config = TrainConfig(
         data=str(data) if data is not None else None,
@@ -56,13 +90,14 @@ def train(
         name=name,
         resume=str(resume) if resume is not None else None,
     )
-    with progress_bar() as progress:
+    with distributed_context(device) as distributed, progress_bar(enabled=distributed is None or distributed.is_main) as progress:
+        processes = f" x {distributed.world_size} processes" if distributed is not None else ""
 
         class Hooks(TrainHooks):
             task = None
 
             def on_start(self, run_dir: Path, epochs: int, steps_per_epoch: int, start_epoch: int, device: str) -> None:
-                err_console.print(f"training on {device}, run folder {run_dir}")
+                err_console.print(f"training on {device}{processes}, run folder {run_dir}")
                 self.steps = steps_per_epoch
                 self.task = progress.add_task(
                     "train", total=(epochs - start_epoch) * steps_per_epoch, status="", start=True
@@ -77,7 +112,9 @@ def train(
                     f"{fmt(record['train_images_per_s'], 1)} img/s  {record['epoch_time_s']:.1f} s"
                 )
 
-        result = fit(config, Hooks())
+        result = fit(config, Hooks(), distributed)
+    if distributed is not None and not distributed.is_main:
+        return
     last = result.history[-1]
     console.print(iou_table(result.classes, list(last["per_class_iou"].values()), last["miou"], f"val IoU, epoch {last['epoch']}"))
     console.print(f"best val mIoU {fmt(result.best_miou)} at epoch {result.best_epoch}; wrote {result.run_dir}/best.pt, last.pt, metrics.jsonl, curves.png")

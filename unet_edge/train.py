@@ -326,7 +326,8 @@ def fit(config: TrainConfig, hooks: TrainHooks | None = None, distributed: Any |
     workers = config.workers if config.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     pin = device.type == "cuda"
     train_sampler = distributed.sampler(train_set, shuffle=True, seed=config.seed) if distributed else None
-    val_sampler = distributed.sampler(val_set, shuffle=False, seed=config.seed) if distributed else None
+    val_sampler = distributed.eval_sampler(val_set) if distributed else None
+    train_count = len(train_sampler) if train_sampler is not None else len(train_set)
     train_loader = make_loader(
         train_set,
         batch_size=config.batch_size,
@@ -335,8 +336,8 @@ def fit(config: TrainConfig, hooks: TrainHooks | None = None, distributed: Any |
         ignore_index=ignore_index,
         pin_memory=pin,
         sampler=train_sampler,
-        seed=config.seed,
-        drop_last=len(train_set) > config.batch_size,
+        seed=config.seed + (distributed.rank if distributed is not None else 0),
+        drop_last=train_count > config.batch_size,
     )
     val_loader = make_loader(
         val_set, batch_size=config.batch_size, shuffle=False, workers=workers, ignore_index=ignore_index, sampler=val_sampler
@@ -434,6 +435,8 @@ def fit(config: TrainConfig, hooks: TrainHooks | None = None, distributed: Any |
             if distributed is not None:
                 train_loss, seen = distributed.reduce_loss(train_loss, seen)
             train_time = time.perf_counter() - started
+            if distributed is not None:
+                distributed.broadcast_buffers(model)
             final = evaluate(
                 model,
                 val_loader,
