@@ -1,10 +1,16 @@
-"""`ImageSegmentation`: images and label masks from folders, paired by file stem.
+"""`ImageSegmentation`: images and label masks in one of two layouts, detected automatically.
 
-Layout::
+Folder layout (pairs by file stem)::
 
     ROOT/{train,val}/images/*.{png,jpg,jpeg,bmp,tif,tiff}
     ROOT/{train,val}/labels/*.png       single-channel class indices, 255 = ignore
     ROOT/dataset.json                   optional: {"classes": [...], "ignore_index": 255}
+
+Pascal VOC layout (e.g. VOCdevkit/VOC2012)::
+
+    ROOT/ImageSets/Segmentation/{train,val}.txt   one image id per line
+    ROOT/JPEGImages/<id>.jpg
+    ROOT/SegmentationClass/<id>.png     palette PNG whose indices are the 21 VOC classes, 255 = ignore
 """
 
 from __future__ import annotations
@@ -25,16 +31,22 @@ from .errors import DataError
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "VOC_CLASSES",
     "DatasetInfo",
     "ImageSegmentation",
     "load_image",
     "load_label",
     "pad_collate",
+    "is_voc_root",
     "read_dataset_info",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -109,11 +121,61 @@ def _files_by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
     return found
 
 
+def is_voc_root(root: str | os.PathLike[str]) -> bool:
+    """True when `root` has the Pascal VOC segmentation folders (JPEGImages, SegmentationClass, ImageSets)."""
+    root = Path(root)
+    return all((root / sub).is_dir() for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"))
+
+
+def _folder_samples(root: Path, split: str) -> list[tuple[Path, Path]]:
+    image_dir, label_dir = root / split / "images", root / split / "labels"
+    for folder in (image_dir, label_dir):
+        if not folder.is_dir():
+            raise DataError(
+                f"{folder}: folder not found (expected ROOT/{split}/images and ROOT/{split}/labels, "
+                "or the Pascal VOC layout)"
+            )
+    images = _files_by_stem(image_dir, IMAGE_SUFFIXES)
+    labels = _files_by_stem(label_dir, LABEL_SUFFIXES)
+    missing_label = sorted(set(images) - set(labels))
+    if missing_label:
+        raise DataError(f"{images[missing_label[0]]}: image has no label in {label_dir} ({len(missing_label)} such)")
+    missing_image = sorted(set(labels) - set(images))
+    if missing_image:
+        raise DataError(f"{labels[missing_image[0]]}: label has no image in {image_dir} ({len(missing_image)} such)")
+    if not images:
+        raise DataError(f"{image_dir}: split {split!r} is empty")
+    return [(images[stem], labels[stem]) for stem in sorted(images)]
+
+
+def _voc_samples(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """The pairs listed in ImageSets/Segmentation/<split>.txt, in the file's order."""
+    list_file = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    try:
+        ids = [line.strip() for line in list_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except FileNotFoundError:
+        raise DataError(f"{list_file}: split list not found (Pascal VOC layout)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{list_file}: not a readable split list ({exc})") from None
+    if not ids:
+        raise DataError(f"{list_file}: split {split!r} is empty")
+    samples = []
+    for image_id in ids:
+        image = root / "JPEGImages" / f"{image_id}.jpg"
+        label = root / "SegmentationClass" / f"{image_id}.png"
+        for path, what in ((image, "image"), (label, "label")):
+            if not path.is_file():
+                raise DataError(f"{path}: {what} of {image_id!r} (listed in {list_file.name}) not found")
+        samples.append((image, label))
+    return samples
+
+
 class ImageSegmentation(torch.utils.data.Dataset):
     """Image/label pairs of one split, returned as ``(image, mask)`` after `transforms`.
 
     Without transforms, `image` is a uint8 `tv_tensors.Image` (3 x H x W) and `mask` an int64
-    `tv_tensors.Mask` (H x W). Pairing is by file stem; a missing partner is an error, not a skip.
+    `tv_tensors.Mask` (H x W). The Pascal VOC layout is recognised by its folders, otherwise the
+    folder layout is used, paired by file stem; a missing partner is an error, not a skip.
     """
 
     def __init__(
@@ -125,25 +187,15 @@ class ImageSegmentation(torch.utils.data.Dataset):
         self.root = Path(root)
         self.split = split
         self.transforms = transforms
-        split_dir = self.root / split
-        image_dir, label_dir = split_dir / "images", split_dir / "labels"
         if not self.root.is_dir():
             raise DataError(f"{self.root}: dataset folder not found")
-        for folder in (image_dir, label_dir):
-            if not folder.is_dir():
-                raise DataError(f"{folder}: folder not found (expected ROOT/{split}/images and ROOT/{split}/labels)")
-        images = _files_by_stem(image_dir, IMAGE_SUFFIXES)
-        labels = _files_by_stem(label_dir, LABEL_SUFFIXES)
-        missing_label = sorted(set(images) - set(labels))
-        if missing_label:
-            raise DataError(f"{images[missing_label[0]]}: image has no label in {label_dir} ({len(missing_label)} such)")
-        missing_image = sorted(set(labels) - set(images))
-        if missing_image:
-            raise DataError(f"{labels[missing_image[0]]}: label has no image in {image_dir} ({len(missing_image)} such)")
-        if not images:
-            raise DataError(f"{image_dir}: split {split!r} is empty")
-        self.samples = [(images[stem], labels[stem]) for stem in sorted(images)]
-        self.info = read_dataset_info(self.root)
+        self.layout = "voc" if is_voc_root(self.root) else "folder"
+        if self.layout == "voc":
+            self.samples = _voc_samples(self.root, split)
+            self.info = read_dataset_info(self.root) or DatasetInfo(VOC_CLASSES, 255)
+        else:
+            self.samples = _folder_samples(self.root, split)
+            self.info = read_dataset_info(self.root)
 
     def __len__(self) -> int:
         return len(self.samples)
