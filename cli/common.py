@@ -9,6 +9,7 @@ import functools
 import json
 import math
 import os
+import sys
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,8 +19,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Piped output (CI logs, files) gets a wide fixed width instead of rich's 80-column default.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

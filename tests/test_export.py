@@ -1,0 +1,144 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import run_cli, train_tiny
+from unet_edge.backends import open_backend
+from unet_edge.checkpoint import load_model
+from unet_edge.io import sha256_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def export_dir(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exported")
+    result = run_cli("export", str(tiny_checkpoint), "--format", "all", "--out", str(out), "--name", "tiny")
+    assert result.returncode == 0, result.stderr
+    assert "pass" in result.stdout and "model.onnx" in result.stdout
+    return out / "tiny"
+
+
+@pytest.fixture(scope="session")
+def other_checkpoint(tiny_data, tmp_path_factory):
+    return train_tiny(tiny_data, tmp_path_factory.mktemp("other-runs"), name="other", seed=7, epochs=1).run_dir / "best.pt"
+
+
+def test_export_writes_checked_onnx_with_metadata_and_manifest(export_dir, tiny_checkpoint):
+    model = onnx.load(str(export_dir / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["classes"]) == ["background", "circle", "square", "triangle"]
+    assert len(json.loads(meta["mean"])) == 3 and len(json.loads(meta["std"])) == 3
+    assert json.loads(meta["ignore_index"]) == 255 and meta["precision"] == "fp32"
+    assert "NCHW" in meta["input_layout"] and meta["producer"].startswith("unet-edge")
+    assert [i.name for i in model.graph.input] == ["image"] and [o.name for o in model.graph.output] == ["logits"]
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1] == 3 and all(isinstance(d, str) for d in (dims[0], dims[2], dims[3]))
+    assert b"/work/" not in (export_dir / "model.onnx").read_bytes()  # no local source paths shipped
+
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    assert manifest["checkpoint"]["sha256"] == sha256_file(tiny_checkpoint)
+    assert manifest["classes"] == ["background", "circle", "square", "triangle"]
+    entries = {e["file"]: e for e in manifest["artifacts"]}
+    assert set(entries) == {"model.onnx", "model.ts"}
+    for name, entry in entries.items():
+        assert entry["sha256"] == sha256_file(export_dir / name)
+        assert entry["size_bytes"] == (export_dir / name).stat().st_size
+        assert entry["precision"] == "fp32" and entry["parity"]["passed"] is True
+        assert entry["inputs"][0]["name"] == "image" and entry["outputs"][0]["name"] == "logits"
+    assert entries["model.onnx"]["opset"] == 18
+    assert not list(export_dir.glob(".*.tmp"))  # no temporary files left behind
+
+
+@pytest.mark.parametrize("size", [(97, 131), (40, 72)])
+def test_onnx_and_torchscript_agree_with_eager(export_dir, tiny_checkpoint, size):
+    eager = load_model(tiny_checkpoint).model
+    x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = eager(x)
+    for name in ("model.onnx", "model.ts"):
+        logits = open_backend(export_dir / name).predict_logits(x.numpy())
+        assert logits.shape == (3, 4, *size)
+        torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_torchscript_loads_without_unet_edge(export_dir, tmp_path):
+    code = (
+        "import sys, torch\n"
+        f"m = torch.jit.load({str(export_dir / 'model.ts')!r})\n"
+        "out = m(torch.randn(2, 3, 97, 131))\n"
+        "assert 'unet_edge' not in sys.modules\n"
+        "print(tuple(out.shape))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(2, 4, 97, 131)"
+
+
+def test_verify_passes_fresh_export_with_json(export_dir, tmp_path):
+    report_path = tmp_path / "verify.json"
+    result = run_cli("verify", str(export_dir / "model.onnx"), str(export_dir / "model.ts"), "--json", str(report_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(report_path.read_text())
+    assert report["passed"] is True and len(report["artifacts"]) == 2
+    fields = {"path", "format", "precision", "max_abs_diff", "mean_abs_diff", "pixel_agreement", "miou_vs_reference",
+              "miou_gt", "miou_gt_reference", "miou_drop", "passed"}
+    for entry in report["artifacts"]:
+        assert fields <= set(entry)
+        assert entry["pixel_agreement"] >= 0.999 and entry["max_abs_diff"] < 1e-3
+    assert {e["format"] for e in report["artifacts"]} == {"onnx", "torchscript"}
+
+
+def test_verify_fails_export_of_another_checkpoint(export_dir, other_checkpoint, tmp_path):
+    report_path = tmp_path / "verify.json"
+    result = run_cli("verify", str(export_dir / "model.onnx"), "--checkpoint", str(other_checkpoint), "--json", str(report_path))
+    assert result.returncode == 1
+    report = json.loads(report_path.read_text())
+    assert report["passed"] is False and report["artifacts"][0]["pixel_agreement"] < 0.999
+    assert "FAIL" in result.stdout
+
+
+def test_tampered_and_truncated_artifacts_get_one_line_errors(export_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(export_dir, copy)
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(data))
+    result = run_cli("verify", str(copy / "model.onnx"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "model.onnx: sha256" in result.stderr and "modified" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+    ts = (copy / "model.ts").read_bytes()
+    (copy / "model.ts").write_bytes(ts[: len(ts) // 3])
+    result = run_cli("verify", str(copy / "model.ts"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "model.ts" in result.stderr and "truncated" in result.stderr
+
+
+def test_explain_names_the_perturbed_layer(export_dir, tmp_path):
+    model = onnx.load(str(export_dir / "model.onnx"))
+    target = "decoder.0.3"  # second convolution of the first decoder block
+    node = next(
+        n for n in model.graph.node
+        if n.op_type == "Conv" and any(p.key == "pkg.torch.onnx.name_scopes" and f"'{target}'" in p.value for p in n.metadata_props)
+    )
+    weights = next(i for i in model.graph.initializer if i.name == node.input[1])
+    array = onnx.numpy_helper.to_array(weights)
+    weights.CopyFrom(onnx.numpy_helper.from_array((-3.0 * array).astype(np.float32), weights.name))
+    perturbed = tmp_path / "perturbed.onnx"
+    onnx.save(model, str(perturbed))
+    report_path = tmp_path / "explain.json"
+    result = run_cli("verify", str(perturbed), "--checkpoint", json.loads((export_dir / "manifest.json").read_text())["checkpoint"]["path"],
+                     "--explain", "--json", str(report_path))
+    assert result.returncode == 1
+    explain = json.loads(report_path.read_text())["artifacts"][0]["explain"]
+    assert explain["first_divergent_layer"] == target
+    assert f"first divergent layer {target}" in result.stdout

@@ -1,0 +1,290 @@
+"""Parity: does an exported model segment like the checkpoint it came from?
+
+Both run on the same real validation images. Per artifact we report logit differences, pixel
+agreement of the argmax masks, mIoU between the two predictions, each one's mIoU against the
+ground truth and the drop. `explain_divergence` finds the first layer whose output departs from
+PyTorch's, so a failed check names where accuracy is lost.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .backends import Backend, manifest_entry, open_backend
+from .checkpoint import find_latest_checkpoint
+from .data import ImageSegmentation, load_image, load_label
+from .errors import ArtifactError
+from .metrics import ConfusionMatrix
+
+__all__ = ["THRESHOLDS", "EvalImages", "Thresholds", "compare", "explain_divergence", "load_eval_images", "verify"]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A check passes when pixel agreement and mIoU drop are both within bounds (None: not checked)."""
+
+    min_pixel_agreement: float | None = None
+    max_miou_drop: float | None = None
+
+
+THRESHOLDS = {
+    "fp32": Thresholds(min_pixel_agreement=0.999),
+    "fp16": Thresholds(min_pixel_agreement=0.995),
+    "int8": Thresholds(max_miou_drop=0.01),
+}
+
+
+@dataclass
+class EvalImages:
+    """Validation images (raw uint8 HWC and normalised CHW) with their ground-truth masks."""
+
+    raw: list[np.ndarray]
+    normalised: list[np.ndarray]
+    masks: list[np.ndarray]
+    paths: list[Path]
+
+
+def load_eval_images(
+    root: str | os.PathLike[str], mean: tuple[float, ...], std: tuple[float, ...], *, split: str = "val", num_images: int = 16
+) -> EvalImages:
+    """The first `num_images` images of a split (all of them when `num_images` <= 0)."""
+    from .backends import preprocess
+
+    dataset = ImageSegmentation(root, split)
+    samples = dataset.samples if num_images <= 0 else dataset.samples[:num_images]
+    raw, normalised, masks, paths = [], [], [], []
+    for image_path, label_path in samples:
+        image = load_image(image_path)
+        label = load_label(label_path)
+        raw.append(image)
+        normalised.append(preprocess(image, mean, std))
+        masks.append(label.astype(np.int64))
+        paths.append(image_path)
+    return EvalImages(raw, normalised, masks, paths)
+
+
+def _batches(images: EvalImages, batch_size: int = 8) -> list[list[int]]:
+    """Indices grouped by image size so each batch stacks without padding."""
+    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index, image in enumerate(images.raw):
+        by_size[image.shape[:2]].append(index)
+    return [group[i : i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
+
+
+def run_backend(backend: Backend, images: EvalImages) -> tuple[list[np.ndarray | None], list[np.ndarray]]:
+    """(logits or None, masks) per image; end-to-end models give masks only."""
+    logits: list[np.ndarray | None] = [None] * len(images.raw)
+    masks: list[np.ndarray] = [np.empty(0)] * len(images.raw)
+    for batch in _batches(images):
+        if backend.input_format == "nhwc-uint8":
+            out = backend.predict_masks(np.stack([images.raw[i] for i in batch]))
+            for i, mask in zip(batch, out):
+                masks[i] = mask
+            continue
+        out = backend.predict_logits(np.stack([images.normalised[i] for i in batch]))
+        for i, item in zip(batch, out):
+            logits[i] = item
+            masks[i] = item.argmax(0)
+    return logits, masks
+
+
+def _miou(preds: list[np.ndarray], targets: list[np.ndarray], num_classes: int, ignore_index: int | None) -> float:
+    matrix = ConfusionMatrix(num_classes, ignore_index)
+    for pred, target in zip(preds, targets):
+        matrix.update(torch.from_numpy(np.asarray(pred, np.int64)), torch.from_numpy(np.asarray(target, np.int64)))
+    return matrix.compute()[1]
+
+
+def compare(
+    reference: tuple[list[np.ndarray | None], list[np.ndarray]],
+    candidate: tuple[list[np.ndarray | None], list[np.ndarray]],
+    ground_truth: list[np.ndarray],
+    num_classes: int,
+    ignore_index: int | None,
+) -> dict[str, Any]:
+    """The parity figures between two sets of predictions on the same images."""
+    ref_logits, ref_masks = reference
+    cand_logits, cand_masks = candidate
+    max_abs = mean_abs = None
+    if all(item is not None for item in cand_logits) and all(item is not None for item in ref_logits):
+        diffs = [np.abs(c.astype(np.float64) - r) for c, r in zip(cand_logits, ref_logits)]
+        max_abs = float(max(d.max() for d in diffs))
+        mean_abs = float(sum(d.sum() for d in diffs) / sum(d.size for d in diffs))
+    agree = sum(int((c == r).sum()) for c, r in zip(cand_masks, ref_masks))
+    total = sum(r.size for r in ref_masks)
+    miou_gt = _miou(cand_masks, ground_truth, num_classes, ignore_index)
+    miou_gt_reference = _miou(ref_masks, ground_truth, num_classes, ignore_index)
+    return {
+        "max_abs_diff": max_abs,
+        "mean_abs_diff": mean_abs,
+        "pixel_agreement": agree / total if total else math.nan,
+        "miou_vs_reference": _miou(cand_masks, ref_masks, num_classes, None),
+        "miou_gt": miou_gt,
+        "miou_gt_reference": miou_gt_reference,
+        "miou_drop": miou_gt_reference - miou_gt,
+    }
+
+
+def passes(result: dict[str, Any], thresholds: Thresholds) -> bool:
+    ok = True
+    if thresholds.min_pixel_agreement is not None:
+        ok &= result["pixel_agreement"] >= thresholds.min_pixel_agreement
+    if thresholds.max_miou_drop is not None:
+        ok &= result["miou_drop"] <= thresholds.max_miou_drop + 1e-12
+    return bool(ok)
+
+
+def reference_checkpoint(artifacts: list[Path], checkpoint: str | os.PathLike[str] | None, runs_dir: str | os.PathLike[str] = "runs") -> Path:
+    """The checkpoint to compare against: the one given, else the one the manifest names, else the newest run."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    for artifact in artifacts:
+        manifest, _ = manifest_entry(artifact)
+        source = (manifest or {}).get("checkpoint", {}).get("path")
+        if source and Path(source).is_file():
+            return Path(source)
+    return find_latest_checkpoint(runs_dir)
+
+
+def verify(
+    artifacts: list[str | os.PathLike[str]],
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    data: str | os.PathLike[str] | None = None,
+    num_images: int = 16,
+    provider: str = "cpu",
+    overrides: Thresholds | None = None,
+    explain: bool = False,
+    runs_dir: str | os.PathLike[str] = "runs",
+    progress=None,
+) -> dict[str, Any]:
+    """Run the checkpoint and each artifact on the same validation images and judge each artifact.
+
+    `overrides` replaces the per-precision thresholds where its fields are set. With `explain`, a
+    failing ONNX artifact gets the first layer whose output diverges from PyTorch's.
+    """
+    from .evaluate import checkpoint_data_root
+
+    paths = [Path(a) for a in artifacts]
+    reference_path = reference_checkpoint(paths, checkpoint, runs_dir)
+    reference = open_backend(reference_path, "cpu")
+    root = checkpoint_data_root(reference.meta["checkpoint"], data)
+    images = load_eval_images(root, reference.mean, reference.std, num_images=num_images)
+    reference_out = run_backend(reference, images)
+    results = []
+    for index, path in enumerate(paths):
+        backend = open_backend(path, provider)
+        if backend.classes != reference.classes:
+            raise ArtifactError(
+                f"{path}: classes {backend.classes} differ from the checkpoint's {reference.classes} ({reference_path})"
+            )
+        figures = compare(reference_out, run_backend(backend, images), images.masks, reference.num_classes, reference.ignore_index)
+        base = THRESHOLDS.get(backend.precision, THRESHOLDS["fp32"])
+        thresholds = Thresholds(
+            min_pixel_agreement=overrides.min_pixel_agreement if overrides and overrides.min_pixel_agreement is not None else base.min_pixel_agreement,
+            max_miou_drop=overrides.max_miou_drop if overrides and overrides.max_miou_drop is not None else base.max_miou_drop,
+        )
+        entry = {
+            "path": str(path),
+            "format": {"onnxruntime": "onnx"}.get(backend.backend, backend.backend),
+            "precision": backend.precision,
+            "provider": backend.provider,
+            **figures,
+            "thresholds": {"min_pixel_agreement": thresholds.min_pixel_agreement, "max_miou_drop": thresholds.max_miou_drop},
+            "passed": passes(figures, thresholds),
+        }
+        if explain and not entry["passed"]:
+            entry["explain"] = explain_divergence(reference, backend, images)
+        backend.close()
+        results.append(entry)
+        if progress is not None:
+            progress(index + 1, len(paths))
+    return {
+        "checkpoint": str(reference_path),
+        "data": str(root),
+        "num_images": len(images.raw),
+        "artifacts": results,
+        "passed": all(r["passed"] for r in results),
+    }
+
+
+_TRACED_TYPES = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.MaxPool2d, torch.nn.Upsample)
+
+
+def _torch_activations(model: torch.nn.Module, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Outputs of every leaf layer, by module name, for one normalised image."""
+    captured: dict[str, np.ndarray] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, _TRACED_TYPES):
+            hooks.append(module.register_forward_hook(lambda m, i, o, n=name: captured.__setitem__(n, o.detach().float().cpu().numpy().copy())))
+    try:
+        with torch.inference_mode():
+            model(torch.from_numpy(image[None]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+def _onnx_module_outputs(path: Path) -> tuple[Any, dict[str, str]]:
+    """The ONNX model with every module's last node output exposed as a graph output, and the
+    map from module name to that output name (from the exporter's `name_scopes` metadata)."""
+    import ast
+
+    import onnx
+
+    model = onnx.load(str(path))
+    by_module: dict[str, str] = {}
+    for node in model.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        if not scopes or not node.output:
+            continue
+        names = ast.literal_eval(scopes)
+        if len(names) >= 2 and names[-2]:
+            by_module[names[-2]] = node.output[0]
+    existing = {o.name for o in model.graph.output}
+    for output in by_module.values():
+        if output not in existing:
+            model.graph.output.append(onnx.ValueInfoProto(name=output))
+    return model, by_module
+
+
+def explain_divergence(reference: Backend, candidate: Backend, images: EvalImages, rel_tolerance: float = 1e-3) -> dict[str, Any]:
+    """Compare every layer's output between PyTorch and an ONNX artifact on the first image and name
+    the first layer (in execution order) whose relative difference exceeds `rel_tolerance`."""
+    if candidate.backend != "onnxruntime" or candidate.input_format != "nchw-float32":
+        return {"supported": False, "reason": "layer-wise comparison needs a float-input ONNX model"}
+    import onnxruntime as ort
+
+    activations = _torch_activations(reference.module, images.normalised[0])
+    model, by_module = _onnx_module_outputs(candidate.path)
+    if not by_module:
+        return {"supported": False, "reason": "the ONNX graph carries no module names (not exported by unet-edge?)"}
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(names, {session.get_inputs()[0].name: images.normalised[0][None]})))
+    layers = []
+    for module_name, torch_out in activations.items():
+        onnx_out = values.get(by_module.get(module_name, ""))
+        if onnx_out is None or onnx_out.shape != torch_out.shape:
+            continue
+        scale = float(np.abs(torch_out).max()) or 1.0
+        layers.append({"layer": module_name, "rel_diff": float(np.abs(onnx_out.astype(np.float64) - torch_out).max()) / scale})
+    first = next((layer for layer in layers if layer["rel_diff"] > rel_tolerance), None)
+    return {
+        "supported": True,
+        "rel_tolerance": rel_tolerance,
+        "layers_compared": len(layers),
+        "first_divergent_layer": first["layer"] if first else None,
+        "first_divergent_rel_diff": first["rel_diff"] if first else None,
+        "worst_layers": sorted(layers, key=lambda layer: -layer["rel_diff"])[:5],
+    }
