@@ -65,8 +65,7 @@ def train(
     if nproc_per_node > 1:
         if launched_by_torchrun():
             raise TrainingError("--nproc-per-node starts its own workers: drop it when launching with torchrun")
-        if data is None:
-            resolve_data(None)  # generate the embedded set once, before the workers race to do it
+        resolve_data(str(data) if data is not None else None)  # fail early; generate the embedded set only once
         launch("unet_edge_cli.main", ["train", *_command_args(ctx, {"nproc_per_node"})], nproc_per_node)
         return
 
