@@ -1,0 +1,141 @@
+"""The standard inference comparison, in one process: the default-size UNetStudent (base 32, depth 4)
+on PyTorch eager, TorchScript and ONNX Runtime, 3x256x256 at batch 1 and 8, timed interleaved.
+
+Rewrites the `inference` section of benchmarks/README.md with the table, the machine, the command
+and the ratios that matter. Run from the repository root:
+
+    .venv/bin/python benchmarks/run_inference.py [--seconds 4] [--variants int8,fp16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+README = HERE / "README.md"
+OUT = HERE / "out"
+
+
+def replace_section(path: Path, name: str, body: str) -> None:
+    """Rewrite only the text between `<!-- BEGIN name -->` and `<!-- END name -->` (appended if absent)."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
+def default_checkpoint(path: Path, block_order: str = "conv-relu-bn") -> Path:
+    """A default-size UNetStudent with BatchNorm statistics that are not the identity, saved as a checkpoint."""
+    from unet_edge.checkpoint import save_checkpoint
+    from unet_edge.model import UNetStudent
+    from unet_edge.synth import CLASSES, IGNORE_INDEX
+    from unet_edge.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(0)
+    model = UNetStudent(num_classes=len(CLASSES), base_channels=32, depth=4, block_order=block_order).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "config": model.config.to_dict(),
+            "classes": list(CLASSES),
+            "ignore_index": IGNORE_INDEX,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "epoch": 0,
+        },
+    )
+    return path
+
+
+def time_command(command: list[str], runs: int = 5) -> float:
+    """Median wall time in ms of a command (after one untimed run to warm the file cache)."""
+    subprocess.run(command, capture_output=True, check=True)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(command, capture_output=True, check=True)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="time budget per backend and batch size")
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--size", type=int, default=256)
+    args = parser.parse_args()
+
+    from unet_edge.bench import BenchSpec, run_bench, to_markdown
+    from unet_edge.export import export_checkpoint, update_manifest
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    checkpoint = default_checkpoint(OUT / "default.pt")
+    loaded, folder, artifacts = export_checkpoint(checkpoint, OUT / "default")
+    update_manifest(folder, loaded, artifacts)
+    paths = [checkpoint, *(a.path for a in artifacts)]
+    spec = BenchSpec(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), height=args.size, width=args.size, seconds=args.seconds)
+    report = run_bench(paths, spec, ("cpu", "cuda", "tensorrt"))
+    (OUT / "inference.json").write_text(json.dumps(report, indent=2))
+
+    ok = [r for r in report["results"] if r["status"] == "ok"]
+
+    def row(backend: str, provider: str, batch: int) -> dict | None:
+        return next((r for r in ok if r["backend"] == backend and r["provider"] == provider and r["batch_size"] == batch), None)
+
+    lines = []
+    for batch in spec.batch_sizes:
+        eager, ort_cpu = row("pytorch", "cpu", batch), row("onnxruntime", "CPUExecutionProvider", batch)
+        if eager and ort_cpu:
+            lines.append(
+                f"- batch {batch}: ONNX Runtime CPU fp32 p50 / PyTorch eager p50 = "
+                f"{ort_cpu['latency_ms']['p50']:.1f} / {eager['latency_ms']['p50']:.1f} ms = "
+                f"**{ort_cpu['latency_ms']['p50'] / eager['latency_ms']['p50']:.2f}**; ONNX Runtime roofline fraction "
+                f"**{ort_cpu['roofline_fraction']:.2f}**, PyTorch eager {eager['roofline_fraction']:.2f}"
+            )
+    help_ms = time_command([str(Path(sys.executable).with_name("unet-edge")), "--help"])
+    torch_ms = time_command([sys.executable, "-c", "import torch"])
+    machine = report["machine"]
+    body = f"""## Inference: default-size UNetStudent (base 32, depth 4), 3×{args.size}×{args.size}
+
+Command: `.venv/bin/python benchmarks/run_inference.py --seconds {args.seconds:g}` ({time.strftime('%Y-%m-%d')})
+
+Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads for PyTorch and ONNX Runtime alike;
+GPU: {machine['gpu'] or 'none'}; torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, Python {machine['python']}.
+Dense matmul roofline measured at the start of the run (best of torch.mm and ONNX Runtime MatMul, 2048²):
+{', '.join(f'{k} {v:.1f} GFLOP/s' for k, v in machine['matmul_gflops_per_s'].items())}.
+
+Backends are timed interleaved (blocks of calls, round-robin) so a noisy neighbour affects all alike;
+throughput = batch / p50. GFLOP counted once with `torch.utils.flop_counter` (2 × multiply-accumulate).
+
+{to_markdown(report)}
+Ratios that matter (same run):
+
+{chr(10).join(lines)}
+
+Start-up: `unet-edge --help` {help_ms:.0f} ms against `python -c "import torch"` {torch_ms:.0f} ms (median of 5; the CLI imports torch only inside commands).
+"""
+    replace_section(README, "inference", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

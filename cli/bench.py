@@ -1,0 +1,127 @@
+"""`unet-edge bench`: latency and throughput of each artifact on each backend and provider."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from .common import JsonOption, console, fmt, handle_errors, progress_bar, write_json
+
+
+def _int_list(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=name) from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"expected positive integers, got {text!r}", param_hint=name)
+    return values
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise typer.BadParameter(f"expected S or HxW, got {text!r}", param_hint="--image-size") from None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise typer.BadParameter(f"expected S or HxW, got {text!r}", param_hint="--image-size")
+    return (values[0], values[-1])
+
+
+def bench_table(report: dict[str, Any]) -> Table:
+    machine = report["machine"]
+    table = Table(title=f"{machine['cpu']} ({machine['threads']} threads){', ' + machine['gpu'] if machine.get('gpu') else ''}")
+    for column in ("model", "backend", "provider", "prec", "batch", "H×W", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "img/s", "GFLOP/img", "GFLOP/s", "roofline", "MB", "status"):
+        table.add_column(column, justify="left" if column in ("model", "backend", "provider", "status") else "right")
+    for r in report["results"]:
+        lat = r["latency_ms"] or {}
+        table.add_row(
+            Path(r["path"]).name,
+            r["backend"],
+            r["provider"].replace("ExecutionProvider", ""),
+            r["precision"] or "-",
+            fmt(r["batch_size"]),
+            f"{r['height']}×{r['width']}",
+            *(fmt(lat.get(k), 1) for k in ("p50", "p90", "p99", "mean", "min")),
+            fmt(r["throughput_ips"], 1),
+            fmt(r["gflops_per_image"], 2),
+            fmt(r["gflops_per_s"], 1),
+            fmt(r["roofline_fraction"], 2),
+            fmt(r["file_mb"], 2),
+            r["status"] if r["status"] == "ok" else "[yellow]unavailable[/]",
+        )
+    return table
+
+
+def unavailable_notes(report: dict[str, Any]) -> list[str]:
+    notes = []
+    for r in report["results"]:
+        if r["status"] != "ok":
+            note = f"{Path(r['path']).name} on {r['backend']} [{r['provider']}]: {r['status']}"
+            if note not in notes:
+                notes.append(note)
+    return notes
+
+
+@handle_errors
+def bench(
+    artifacts: Annotated[Optional[list[Path]], typer.Argument(help="Model files (default: the newest export and its checkpoint).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Also measure this checkpoint in PyTorch eager.")] = None,
+    providers: Annotated[str, typer.Option(help="Comma-separated: cpu, cuda, tensorrt.")] = "cpu,cuda,tensorrt",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
+    image_size: Annotated[str, typer.Option(help="S or HxW.")] = "256",
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Threads for PyTorch and ONNX Runtime alike (default: all cores).")] = None,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs before timing.")] = 3,
+    iters: Annotated[Optional[int], typer.Option(min=1, help="Timed runs (default: as many as fit in --seconds).")] = None,
+    seconds: Annotated[float, typer.Option(min=0.0, help="Time budget per row when --iters is not given.")] = 2.0,
+    json_path: JsonOption = None,
+    markdown: Annotated[Optional[Path], typer.Option(help="Also write the table as Markdown.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw latency and throughput as a PNG.")] = None,
+    exported: Annotated[Path, typer.Option(help="Folder of export folders (to find the newest).")] = Path("exported"),
+) -> None:
+    """Benchmark artifacts on PyTorch, TorchScript and ONNX Runtime providers (p50/p90/p99, img/s, roofline)."""
+    from unet_edge.backends import read_manifest
+    from unet_edge.bench import BenchSpec, plot as draw, run_bench, to_markdown
+    from unet_edge.export import export_artifacts, find_latest_export
+    from unet_edge.io import atomic_write_text
+
+    paths = list(artifacts or [])
+    if not paths:
+        folder = find_latest_export(exported)
+        paths = export_artifacts(folder)
+        source = (read_manifest(folder) or {}).get("checkpoint", {}).get("path")
+        if checkpoint is None and source and Path(source).is_file():
+            checkpoint = Path(source)
+    if checkpoint is not None:
+        paths.insert(0, checkpoint)
+    height, width = _size(image_size)
+    spec = BenchSpec(
+        batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
+        height=height,
+        width=width,
+        threads=threads,
+        warmup=warmup,
+        iters=iters,
+        seconds=seconds,
+    )
+    provider_list = tuple(p.strip() for p in providers.split(",") if p.strip())
+    with progress_bar() as progress:
+        task = progress.add_task("bench", total=None, status="measuring matmul roofline")
+
+        def update(label: str, done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total, status=label)
+
+        report = run_bench(paths, spec, provider_list, update)
+    console.print(bench_table(report))
+    for note in unavailable_notes(report):
+        console.print(f"[yellow]{note}[/]", soft_wrap=True)
+    write_json(json_path, report)
+    if markdown is not None:
+        atomic_write_text(markdown, to_markdown(report))
+        console.print(f"wrote {markdown}")
+    if plot is not None:
+        console.print(f"wrote {draw(report, plot)}")

@@ -1,0 +1,445 @@
+"""Latency and throughput of every backend and provider, measured so that the figures can be trusted.
+
+Warm-up runs are excluded; CUDA work is synchronised before the clock is read; ONNX Runtime on
+CUDA uses IO binding so host<->device copies are not counted (a separate end-to-end figure
+includes them); PyTorch and ONNX Runtime get the same thread count. Each row also reports the
+model's GFLOP per image and the fraction of this machine's measured dense-matmul rate achieved.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import ORT_PROVIDERS, Backend, artifact_format, default_threads, open_backend, ort_provider_status
+from .errors import UNetEdgeError
+
+__all__ = [
+    "BenchSpec",
+    "count_gflops",
+    "latency_stats",
+    "machine_info",
+    "measure_matmul_gflops",
+    "run_bench",
+    "time_runner",
+]
+
+
+@dataclass
+class BenchSpec:
+    batch_sizes: tuple[int, ...] = (1, 8)
+    height: int = 256
+    width: int = 256
+    threads: int | None = None
+    warmup: int = 3
+    iters: int | None = None
+    seconds: float = 2.0
+    min_iters: int = 5
+
+
+def latency_stats(latencies_ms: list[float]) -> dict[str, float]:
+    values = np.asarray(latencies_ms, dtype=np.float64)
+    return {
+        "p50": float(np.percentile(values, 50)),
+        "p90": float(np.percentile(values, 90)),
+        "p99": float(np.percentile(values, 99)),
+        "mean": float(values.mean()),
+        "min": float(values.min()),
+    }
+
+
+def time_runner(run: Callable[[], Any], *, warmup: int, iters: int | None, seconds: float, min_iters: int = 5) -> list[float]:
+    """Per-call latencies in ms after `warmup` untimed calls: `iters` calls, or as many as fit in
+    `seconds` (at least `min_iters`)."""
+    for _ in range(warmup):
+        run()
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while True:
+        start = time.perf_counter()
+        run()
+        latencies.append((time.perf_counter() - start) * 1000.0)
+        if iters is not None:
+            if len(latencies) >= iters:
+                break
+        elif len(latencies) >= min_iters and time.perf_counter() >= deadline:
+            break
+    return latencies
+
+
+def measure_matmul_gflops(device: str = "cpu", precision: str = "fp32", size: int = 2048, seconds: float = 1.0) -> float:
+    """This machine's dense matmul rate (GFLOP/s) for a device and precision: the roofline reference.
+
+    On the CPU the best of PyTorch's `torch.mm` and ONNX Runtime's MatMul is taken (their BLAS
+    libraries differ by CPU vendor); int8 uses ONNX Runtime's MatMulInteger, the kernel family
+    quantised convolutions run on. The fastest call counts, so a busy neighbour lowers it less.
+    """
+    if device == "cpu":
+        ort_rate = _ort_matmul_gflops(size, seconds, "int8" if precision == "int8" else "fp32")
+        if precision == "int8":
+            return ort_rate
+        return max(ort_rate, _torch_matmul_gflops(device, "fp32", size, seconds))
+    return _torch_matmul_gflops(device, precision, size, seconds)
+
+
+def _torch_matmul_gflops(device: str, precision: str, size: int, seconds: float) -> float:
+    import torch
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    cuda = device.startswith("cuda")
+
+    def run() -> None:
+        torch.mm(a, b)
+        if cuda:
+            torch.cuda.synchronize()
+
+    latencies = time_runner(run, warmup=2, iters=None, seconds=seconds, min_iters=3)
+    return 2.0 * size**3 / (min(latencies) / 1000.0) / 1e9
+
+
+def _ort_matmul_gflops(size: int, seconds: float, precision: str) -> float:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    if precision == "int8":
+        op, a_type, b_type, c_type = "MatMulInteger", TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32
+        feed = {"a": rng.integers(0, 255, (size, size), dtype=np.uint8), "b": rng.integers(-127, 127, (size, size), dtype=np.int8)}
+    else:
+        op, a_type, b_type, c_type = "MatMul", TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.FLOAT
+        feed = {"a": rng.standard_normal((size, size), dtype=np.float32), "b": rng.standard_normal((size, size), dtype=np.float32)}
+    graph = helper.make_graph(
+        [helper.make_node(op, ["a", "b"], ["c"])],
+        f"{precision}_matmul",
+        [helper.make_tensor_value_info("a", a_type, [size, size]), helper.make_tensor_value_info("b", b_type, [size, size])],
+        [helper.make_tensor_value_info("c", c_type, [size, size])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = default_threads()
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    latencies = time_runner(lambda: session.run(None, feed), warmup=2, iters=None, seconds=seconds, min_iters=3)
+    return 2.0 * size**3 / (min(latencies) / 1000.0) / 1e9
+
+
+def count_gflops(model_config: dict[str, Any], height: int, width: int) -> float:
+    """GFLOP (2 x multiply-accumulates) of one forward pass on one H x W image, counted by
+    torch.utils.flop_counter on the float model (quantised variants do the same arithmetic)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .model import build_model
+
+    model = build_model(model_config).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, model.config.in_channels, height, width))
+    return counter.get_total_flops() / 1e9
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """CPU model, cores, threads, GPU and library versions: what a reader needs to compare figures."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": default_threads(),
+        "threads": threads,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
+    import onnxruntime
+    import torch
+
+    info.update(
+        {
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "onnxruntime_providers": onnxruntime.get_available_providers(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        }
+    )
+    return info
+
+
+@dataclass
+class Target:
+    """One (model file, provider) pair to measure."""
+
+    path: Path
+    kind: str
+    provider: str
+
+
+def plan_targets(paths: Iterable[Path], providers: Iterable[str]) -> list[Target]:
+    """PyTorch and TorchScript run on cpu/cuda; ONNX models on every requested ORT provider."""
+    targets = []
+    providers = list(providers)
+    for path in paths:
+        kind = artifact_format(path)
+        for provider in providers:
+            if provider not in ORT_PROVIDERS:
+                raise UNetEdgeError(f"unknown provider {provider!r}: use {', '.join(ORT_PROVIDERS)}")
+            if kind != "onnx" and provider == "tensorrt":
+                continue  # TensorRT is an ONNX Runtime provider; it does not apply to PyTorch models
+            targets.append(Target(path, kind, provider))
+    return targets
+
+
+def _torch_unavailable(provider: str) -> str | None:
+    if provider != "cuda":
+        return None
+    import torch
+
+    return None if torch.cuda.is_available() else "cuda: PyTorch sees no CUDA GPU"
+
+
+def _unavailable_row(target: Target, reason: str, spec: BenchSpec) -> dict[str, Any]:
+    backend = {"onnx": "onnxruntime", "checkpoint": "pytorch"}.get(target.kind, target.kind)
+    provider = ORT_PROVIDERS[target.provider] if target.kind == "onnx" else target.provider
+    return {
+        "path": str(target.path),
+        "backend": backend,
+        "provider": provider,
+        "precision": None,
+        "batch_size": None,
+        "height": spec.height,
+        "width": spec.width,
+        "latency_ms": None,
+        "e2e_latency_ms": None,
+        "throughput_ips": None,
+        "gflops_per_image": None,
+        "gflops_per_s": None,
+        "roofline_fraction": None,
+        "file_mb": target.path.stat().st_size / 1e6,
+        "status": f"unavailable: {reason}",
+    }
+
+
+def _model_config(backend: Backend) -> dict[str, Any]:
+    import json
+
+    if "checkpoint" in backend.meta:
+        return dict(backend.meta["checkpoint"]["config"])
+    config = backend.meta.get("model_config")
+    return json.loads(config) if isinstance(config, str) else dict(config or {})
+
+
+def time_interleaved(
+    runners: list[Callable[[], Any]], *, warmup: int, iters: int | None, seconds: float, min_iters: int = 5, block_s: float = 0.5
+) -> list[list[float]]:
+    """Latencies (ms) of several runners measured in rounds: each round gives every runner a block of
+    calls (about `block_s` long, after one untimed call that lets the other runtime's thread pool
+    go idle). A noisy neighbour then slows every backend alike and their ratios stay meaningful."""
+    block_calls = []
+    for run in runners:
+        for _ in range(max(warmup - 1, 0)):
+            run()
+        start = time.perf_counter()
+        run()
+        elapsed = time.perf_counter() - start
+        block_calls.append(max(1, min(20, int(block_s / max(elapsed, 1e-6)))))
+    latencies: list[list[float]] = [[] for _ in runners]
+    wanted = iters if iters is not None else min_iters
+    deadline = time.perf_counter() + seconds * len(runners)
+    while True:
+        for run, samples, calls in zip(runners, latencies, block_calls):
+            run()
+            for _ in range(min(calls, max(wanted - len(samples), 1)) if iters is not None else calls):
+                start = time.perf_counter()
+                run()
+                samples.append((time.perf_counter() - start) * 1000.0)
+        done = min(len(samples) for samples in latencies) >= wanted
+        if done and (iters is not None or time.perf_counter() >= deadline):
+            break
+    return latencies
+
+
+def run_bench(
+    paths: list[Path],
+    spec: BenchSpec,
+    providers: Iterable[str] = ("cpu", "cuda", "tensorrt"),
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Measure every (model, provider, batch size) combination; unavailable ones become rows with
+    the reason, never errors. All backends of one batch size are timed interleaved."""
+    import torch
+
+    threads = spec.threads or default_threads()
+    torch.set_num_threads(threads)
+    targets = plan_targets(paths, providers)
+    rooflines: dict[tuple[str, str], float] = {}
+    gflops_cache: dict[str, float] = {}
+    rows: list[dict[str, Any] | None] = []
+    measured: list[tuple[int, Target, Backend, float, float]] = []  # row slot, target, backend, GFLOP, peak
+    for target in targets:
+        reason = ort_provider_status(target.provider)[1] if target.kind == "onnx" else _torch_unavailable(target.provider)
+        if reason:
+            rows.append(_unavailable_row(target, reason, spec))
+            continue
+        backend = open_backend(target.path, target.provider, threads)
+        if backend.input_format != "nchw-float32":
+            backend.close()
+            rows.append(_unavailable_row(target, "end-to-end (uint8) model: measured through predict, not bench", spec))
+            continue
+        config = _model_config(backend)
+        key = repr(sorted(config.items()))
+        if key not in gflops_cache:
+            gflops_cache[key] = count_gflops(config, spec.height, spec.width)
+        device = "cuda" if target.provider in ("cuda", "tensorrt") else "cpu"
+        precision = {"fp16": "fp16", "int8": "int8"}.get(backend.precision, "fp32")
+        if device == "cpu" and precision == "fp16":
+            precision = "fp32"  # no fp16 matmul units on this kind of CPU: fp16 models compute in fp32
+        if (device, precision) not in rooflines:
+            if progress:
+                progress(f"measuring {device} {precision} matmul rate", 0, len(spec.batch_sizes))
+            rooflines[(device, precision)] = measure_matmul_gflops(device, precision)
+        measured.append((len(rows), target, backend, gflops_cache[key], rooflines[(device, precision)]))
+        rows.append(None)
+
+    per_batch: dict[int, list[dict[str, Any]]] = {}
+    rng = np.random.default_rng(0)
+    for step, batch in enumerate(spec.batch_sizes):
+        if progress:
+            progress(f"batch {batch}: {len(measured)} backends interleaved", step, len(spec.batch_sizes))
+        images = rng.standard_normal((batch, 3, spec.height, spec.width), dtype=np.float32)
+        runners = [backend.device_runner(images) for _, _, backend, _, _ in measured]
+        all_latencies = time_interleaved(runners, warmup=spec.warmup, iters=spec.iters, seconds=spec.seconds, min_iters=spec.min_iters)
+        results = []
+        for (_, target, backend, gflops, peak), latencies in zip(measured, all_latencies):
+            stats = latency_stats(latencies)
+            e2e = None
+            if backend.provider not in ("cpu", "CPUExecutionProvider"):
+                e2e = latency_stats(
+                    time_runner(lambda: backend.predict_logits(images), warmup=spec.warmup, iters=spec.iters, seconds=spec.seconds, min_iters=spec.min_iters)
+                )
+            throughput = batch / (stats["p50"] / 1000.0)  # median-based: robust to noisy neighbours
+            results.append(
+                {
+                    "path": str(target.path),
+                    "backend": backend.backend,
+                    "provider": backend.provider,
+                    "precision": backend.precision,
+                    "batch_size": batch,
+                    "height": spec.height,
+                    "width": spec.width,
+                    "latency_ms": stats,
+                    "e2e_latency_ms": e2e,
+                    "iterations": len(latencies),
+                    "throughput_ips": throughput,
+                    "gflops_per_image": gflops,
+                    "gflops_per_s": gflops * throughput,
+                    "roofline_fraction": gflops * throughput / peak,
+                    "roofline_gflops_per_s": peak,
+                    "file_mb": target.path.stat().st_size / 1e6,
+                    "status": "ok",
+                }
+            )
+        per_batch[batch] = results
+    if progress:
+        progress("done", len(spec.batch_sizes), len(spec.batch_sizes))
+    for _, _, backend, _, _ in measured:
+        backend.close()
+    ordered: list[dict[str, Any]] = []
+    for index, row in enumerate(rows):
+        if row is not None:
+            ordered.append(row)
+            continue
+        slot = [m[0] for m in measured].index(index)
+        ordered.extend(per_batch[batch][slot] for batch in spec.batch_sizes)
+    return {
+        "machine": {**machine_info(threads), "matmul_gflops_per_s": {f"{d}/{p}": v for (d, p), v in rooflines.items()}},
+        "settings": {
+            "batch_sizes": list(spec.batch_sizes),
+            "height": spec.height,
+            "width": spec.width,
+            "threads": threads,
+            "warmup": spec.warmup,
+            "iters": spec.iters,
+            "seconds": spec.seconds,
+            "timing": "interleaved round-robin across backends; throughput = batch / p50",
+        },
+        "results": ordered,
+    }
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The results as a Markdown table (what benchmarks/README.md and `bench --markdown` contain)."""
+    header = "| backend | provider | precision | batch | H×W | p50 ms | p90 ms | p99 ms | mean ms | min ms | img/s | GFLOP/img | GFLOP/s | roofline | MB | status |"
+    lines = [header, "|" + "---|" * 16]
+    for r in report["results"]:
+        lat = r["latency_ms"] or {}
+
+        def num(value: Any, digits: int = 1) -> str:
+            return "-" if value is None else f"{value:.{digits}f}"
+
+        lines.append(
+            f"| {r['backend']} | {r['provider']} | {r['precision'] or '-'} | {r['batch_size'] or '-'} | {r['height']}×{r['width']} | "
+            f"{num(lat.get('p50'))} | {num(lat.get('p90'))} | {num(lat.get('p99'))} | {num(lat.get('mean'))} | {num(lat.get('min'))} | "
+            f"{num(r['throughput_ips'])} | {num(r['gflops_per_image'], 2)} | {num(r['gflops_per_s'])} | {num(r['roofline_fraction'], 2)} | "
+            f"{num(r['file_mb'], 2)} | {r['status']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Latency per backend (smallest batch) and throughput against batch size, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+
+    rows = [r for r in report["results"] if r["status"] == "ok"]
+    if not rows:
+        raise UNetEdgeError("nothing to plot: no backend could be measured")
+    smallest = min(r["batch_size"] for r in rows)
+    fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(12, 4.5))
+    first = [r for r in rows if r["batch_size"] == smallest]
+    labels = [f"{r['backend']}\n{r['provider'].replace('ExecutionProvider', '')}\n{r['precision']}" for r in first]
+    ax_lat.bar(range(len(first)), [r["latency_ms"]["p50"] for r in first], color="C0")
+    ax_lat.errorbar(
+        range(len(first)),
+        [r["latency_ms"]["p50"] for r in first],
+        yerr=[[0] * len(first), [r["latency_ms"]["p90"] - r["latency_ms"]["p50"] for r in first]],
+        fmt="none",
+        color="black",
+        capsize=3,
+    )
+    ax_lat.set_xticks(range(len(first)), labels, fontsize=8)
+    ax_lat.set(ylabel="latency ms (p50, bar to p90)", title=f"Latency, batch {smallest}, {rows[0]['height']}×{rows[0]['width']}")
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        series.setdefault(f"{r['backend']} {r['provider'].replace('ExecutionProvider', '')} {r['precision']}", []).append(
+            (r["batch_size"], r["throughput_ips"])
+        )
+    for name, points in series.items():
+        points.sort()
+        ax_tp.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax_tp.set(xlabel="batch size", ylabel="images/s", title="Throughput against batch size")
+    ax_tp.legend(fontsize=8)
+    for ax in (ax_lat, ax_tp):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return target
