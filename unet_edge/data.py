@@ -222,12 +222,17 @@ class ImageSegmentation(torch.utils.data.Dataset):
 
 
 def pad_collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack samples of different sizes: images padded with 0, masks with `ignore_index` (so ignored)."""
-    height = max(image.shape[-2] for image, _ in batch)
-    width = max(image.shape[-1] for image, _ in batch)
-    images = batch[0][0].new_zeros((len(batch), batch[0][0].shape[0], height, width))
-    masks = batch[0][1].new_full((len(batch), height, width), ignore_index)
-    for i, (image, mask) in enumerate(batch):
+    """Stack samples of different sizes: images padded with 0, masks with `ignore_index` (so ignored).
+
+    The batch is plain tensors: copying into tv_tensors would dispatch every copy through their
+    `__torch_function__`, which made collation cost twice the decoding and augmentation.
+    """
+    plain = [(image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)) for image, mask in batch]
+    height = max(image.shape[-2] for image, _ in plain)
+    width = max(image.shape[-1] for image, _ in plain)
+    images = plain[0][0].new_zeros((len(plain), plain[0][0].shape[0], height, width))
+    masks = plain[0][1].new_full((len(plain), height, width), ignore_index)
+    for i, (image, mask) in enumerate(plain):
         images[i, :, : image.shape[-2], : image.shape[-1]] = image
         masks[i, : mask.shape[-2], : mask.shape[-1]] = mask
     return images, masks
