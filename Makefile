@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(CLI) train --epochs $(DEMO_EPOCHS) --name demo
 	$(CLI) eval --json runs/demo-eval.json
+	$(CLI) export --format all
+	$(CLI) verify --json runs/demo-verify.json
+	$(CLI) bench --batch-sizes 1,8 --seconds 1.5 --json runs/demo-bench.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q
