@@ -20,6 +20,8 @@ def export(
     opset: Annotated[int, typer.Option(min=17, help="ONNX opset.")] = 18,
     parity_images: Annotated[int, typer.Option(min=0, help="Validation images for the parity check at the end (0: skip).")] = 8,
     data: Annotated[Optional[Path], typer.Option(help="Dataset for the parity check (default: the checkpoint's).")] = None,
+    end_to_end: Annotated[bool, typer.Option("--end-to-end", help="Also write model_e2e.onnx: uint8 RGB N x H x W x 3 in, uint8 class mask N x H x W out.")] = False,
+    probabilities: Annotated[bool, typer.Option("--probabilities", help="Give model_e2e.onnx a second output, softmax probabilities N x K x H x W.")] = False,
     runs: RunsOption = Path("runs"),
 ) -> None:
     """Export a checkpoint to ONNX and/or TorchScript, write manifest.json and check parity on validation images."""
@@ -32,9 +34,11 @@ def export(
     if formats is None:
         raise typer.BadParameter(f"unknown format {format!r}: use onnx, torchscript or all", param_hint="--format")
     source = checkpoint if checkpoint is not None else find_latest_checkpoint(runs)
+    if probabilities and not end_to_end:
+        raise typer.BadParameter("--probabilities only applies to the end-to-end model: add --end-to-end", param_hint="--probabilities")
     folder = out / (name or source.resolve().parent.name)
-    with err_console.status(f"exporting {source} ({', '.join(formats)})"):
-        loaded, folder, artifacts = export_checkpoint(source, folder, formats=formats, opset=opset)
+    with err_console.status(f"exporting {source} ({', '.join(formats + (('end-to-end onnx',) if end_to_end else ()))})"):
+        loaded, folder, artifacts = export_checkpoint(source, folder, formats=formats, opset=opset, end_to_end=end_to_end, probabilities=probabilities)
         update_manifest(folder, loaded, artifacts)
     for artifact in artifacts:
         console.print(f"wrote {artifact.path} ({artifact.path.stat().st_size / 1e6:.2f} MB)")

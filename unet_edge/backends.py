@@ -138,7 +138,14 @@ class Backend:
         raise NotImplementedError
 
     def predict_masks(self, images: np.ndarray) -> np.ndarray:
+        """The model's own input (float NCHW, or uint8 NHWC for end-to-end models) -> N x H x W uint8 masks."""
         return self.predict_logits(images).argmax(1).astype(np.uint8)
+
+    def segment(self, images: np.ndarray) -> np.ndarray:
+        """N x H x W x 3 uint8 RGB images -> N x H x W uint8 class masks, whatever the model's input format."""
+        if self.input_format == "nhwc-uint8":
+            return self.predict_masks(images)
+        return self.predict_masks(np.stack([preprocess(image, self.mean, self.std) for image in images]))
 
     def device_runner(self, images: np.ndarray) -> Callable[[], None]:
         """A closure that runs one batch with inputs and outputs already on the device, waiting for it
@@ -198,8 +205,16 @@ class OnnxRuntimeBackend(Backend):
         self.output_name = session.get_outputs()[0].name
 
     def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        if self.input_format == "nhwc-uint8":
+            raise ArtifactError(f"{self.path}: an end-to-end model returns class masks, not logits")
         feed = np.ascontiguousarray(images, dtype=np.float32)
         return self.session.run([self.output_name], {self.input_name: feed})[0].astype(np.float32, copy=False)
+
+    def predict_masks(self, images: np.ndarray) -> np.ndarray:
+        if self.input_format != "nhwc-uint8":
+            return super().predict_masks(images)
+        feed = np.ascontiguousarray(images, dtype=np.uint8)
+        return self.session.run([self.output_name], {self.input_name: feed})[0]
 
     def device_runner(self, images: np.ndarray) -> Callable[[], None]:
         feed = np.ascontiguousarray(images, dtype=np.float32)

@@ -25,12 +25,14 @@ from .io import atomic_path, atomic_write_text, sha256_file
 
 __all__ = [
     "DEFAULT_OPSET",
+    "EndToEndSegmenter",
     "ExportedArtifact",
     "artifact_metadata",
     "export_onnx",
     "export_torchscript",
     "export_artifacts",
     "export_checkpoint",
+    "export_end_to_end",
     "find_latest_export",
     "strip_debug_metadata",
     "update_manifest",
@@ -39,6 +41,7 @@ __all__ = [
 DEFAULT_OPSET = 18
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.ts"
+E2E_ONNX_FILE = "model_e2e.onnx"
 # Per-node metadata the exporter adds that would leak local source paths into a shipped model.
 # `pkg.torch.onnx.name_scopes` is kept: it maps graph nodes to module names for `verify --explain`.
 _DEBUG_KEYS = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "pkg.torch.onnx.class_hierarchy", "namespace")
@@ -69,7 +72,7 @@ def artifact_metadata(loaded: LoadedModel, precision: str, input_format: str = "
         "input_format": input_format,
         "input_layout": "NCHW float32, RGB, (pixel / 255 - mean) / std"
         if input_format == "nchw-float32"
-        else "NHWC uint8 RGB",
+        else "NHWC uint8 RGB (0-255, no scaling); output mask N x H x W uint8 class indices",
         "model_config": json.dumps(loaded.config.to_dict()),
     }
 
@@ -78,6 +81,50 @@ def _io_spec(num_classes: int) -> tuple[list[dict[str, Any]], list[dict[str, Any
     inputs = [{"name": "image", "dtype": "float32", "shape": ["batch", 3, "height", "width"], "layout": "NCHW"}]
     outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", num_classes, "height", "width"], "layout": "NCHW"}]
     return inputs, outputs
+
+
+class EndToEndSegmenter(nn.Module):
+    """uint8 RGB N x H x W x 3 in, uint8 class mask N x H x W out (and optionally softmax probabilities
+    N x K x H x W): the scaling, normalisation and argmax a host program would otherwise rewrite."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], probabilities: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.probabilities = probabilities
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        # The same float32 operations, in the same order, as `backends.preprocess`.
+        scaled = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        logits = self.model((scaled - self.mean) / self.std)
+        mask = logits.argmax(1).to(torch.uint8)
+        return (mask, logits.softmax(1)) if self.probabilities else mask
+
+
+def _e2e_io_spec(num_classes: int, probabilities: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    inputs = [{"name": "image", "dtype": "uint8", "shape": ["batch", "height", "width", 3], "layout": "NHWC RGB"}]
+    outputs = [{"name": "mask", "dtype": "uint8", "shape": ["batch", "height", "width"], "layout": "NHW class index"}]
+    if probabilities:
+        outputs.append({"name": "probabilities", "dtype": "float32", "shape": ["batch", num_classes, "height", "width"], "layout": "NCHW softmax"})
+    return inputs, outputs
+
+
+def export_end_to_end(loaded: LoadedModel, folder: Path, *, opset: int = DEFAULT_OPSET, probabilities: bool = False) -> ExportedArtifact:
+    """Export `folder/model_e2e.onnx`: `EndToEndSegmenter` around the checkpoint's model, dynamic N, H, W."""
+    module = EndToEndSegmenter(loaded.model, loaded.mean, loaded.std, probabilities).eval()
+    sample = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    inputs, outputs = _e2e_io_spec(len(loaded.classes), probabilities)
+    path = export_onnx(
+        module,
+        folder / E2E_ONNX_FILE,
+        artifact_metadata(loaded, "fp32", "nhwc-uint8"),
+        opset=opset,
+        sample=sample,
+        output_names=tuple(o["name"] for o in outputs),
+        output_shapes=[o["shape"] for o in outputs],
+    )
+    return ExportedArtifact(E2E_ONNX_FILE, "onnx", "fp32", path, inputs, outputs, opset, {"input_format": "nhwc-uint8"})
 
 
 def strip_debug_metadata(model: Any) -> None:
@@ -120,13 +167,16 @@ def export_onnx(
     input_names: tuple[str, ...] = ("image",),
     output_names: tuple[str, ...] = ("logits",),
     sample: torch.Tensor | None = None,
+    output_shapes: list[list[str | int]] | None = None,
 ) -> Path:
     """Export `module` (N x 3 x H x W float32 in) with dynamic batch, height and width.
 
     The exporter is torch.export-based (`dynamo=True`), deliberately: it is PyTorch's maintained
     path, it records the padding arithmetic symbolically (so any H x W works, odd sizes included)
     and yields a graph with fewer leftover shape ops than the TorchScript-based exporter, which is
-    deprecated. Its per-node module names are kept for `verify --explain`.
+    deprecated. Its per-node module names are kept for `verify --explain`. `output_shapes` renames
+    the outputs' dims (the exporter writes the padding arithmetic, e.g. `Min(height, 4*(...))`, where a
+    reader wants `height`).
     """
     import onnx
     from torch.export import Dim
@@ -157,6 +207,12 @@ def export_onnx(
         except Exception as exc:  # the exporter raises many error types; the first line says what failed
             raise ArtifactError(f"{path}: ONNX export failed ({str(exc).strip().splitlines()[0][:200]})") from None
     model = program.model_proto
+    for output, shape in zip(model.graph.output, output_shapes or []):
+        for dim, value in zip(output.type.tensor_type.shape.dim, shape):
+            if isinstance(value, str):
+                dim.dim_param = value
+            else:
+                dim.dim_value = value
     strip_debug_metadata(model)
     set_metadata(model, metadata)
     model.producer_name = "unet-edge"
@@ -241,8 +297,11 @@ def export_checkpoint(
     *,
     formats: tuple[str, ...] = ("onnx", "torchscript"),
     opset: int = DEFAULT_OPSET,
+    end_to_end: bool = False,
+    probabilities: bool = False,
 ) -> tuple[LoadedModel, Path, list[ExportedArtifact]]:
-    """Export fp32 ONNX and/or TorchScript of a checkpoint into `out_dir` (no manifest yet)."""
+    """Export fp32 ONNX and/or TorchScript of a checkpoint into `out_dir` (no manifest yet); with
+    `end_to_end`, also the uint8-in, mask-out ONNX model (with a `probabilities` output if asked)."""
     loaded = load_model(checkpoint)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -250,11 +309,13 @@ def export_checkpoint(
     inputs, outputs = _io_spec(len(loaded.classes))
     artifacts: list[ExportedArtifact] = []
     if "onnx" in formats:
-        path = export_onnx(loaded.model, folder / ONNX_FILE, metadata, opset=opset)
+        path = export_onnx(loaded.model, folder / ONNX_FILE, metadata, opset=opset, output_shapes=[o["shape"] for o in outputs])
         artifacts.append(ExportedArtifact(ONNX_FILE, "onnx", "fp32", path, inputs, outputs, opset))
     if "torchscript" in formats:
         path = export_torchscript(loaded.model, folder / TORCHSCRIPT_FILE, metadata)
         artifacts.append(ExportedArtifact(TORCHSCRIPT_FILE, "torchscript", "fp32", path, inputs, outputs))
+    if end_to_end:
+        artifacts.append(export_end_to_end(loaded, folder, opset=opset, probabilities=probabilities))
     return loaded, folder, artifacts
 
 
