@@ -299,9 +299,11 @@ def export_checkpoint(
     opset: int = DEFAULT_OPSET,
     end_to_end: bool = False,
     probabilities: bool = False,
+    fold: bool = False,
 ) -> tuple[LoadedModel, Path, list[ExportedArtifact]]:
     """Export fp32 ONNX and/or TorchScript of a checkpoint into `out_dir` (no manifest yet); with
-    `end_to_end`, also the uint8-in, mask-out ONNX model (with a `probabilities` output if asked)."""
+    `end_to_end`, also the uint8-in, mask-out ONNX model (with a `probabilities` output if asked).
+    With `fold`, the ONNX graph has its BatchNorms folded into convolutions (exactly; see fold.py)."""
     loaded = load_model(checkpoint)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -309,8 +311,11 @@ def export_checkpoint(
     inputs, outputs = _io_spec(len(loaded.classes))
     artifacts: list[ExportedArtifact] = []
     if "onnx" in formats:
-        path = export_onnx(loaded.model, folder / ONNX_FILE, metadata, opset=opset, output_shapes=[o["shape"] for o in outputs])
-        artifacts.append(ExportedArtifact(ONNX_FILE, "onnx", "fp32", path, inputs, outputs, opset))
+        from .fold import fold_batchnorm
+
+        module = fold_batchnorm(loaded.model) if fold else loaded.model
+        path = export_onnx(module, folder / ONNX_FILE, metadata, opset=opset, output_shapes=[o["shape"] for o in outputs])
+        artifacts.append(ExportedArtifact(ONNX_FILE, "onnx", "fp32", path, inputs, outputs, opset, {"batchnorm_folded": fold}))
     if "torchscript" in formats:
         path = export_torchscript(loaded.model, folder / TORCHSCRIPT_FILE, metadata)
         artifacts.append(ExportedArtifact(TORCHSCRIPT_FILE, "torchscript", "fp32", path, inputs, outputs))

@@ -188,6 +188,9 @@ def verify(
             )
         figures = compare(reference_out, run_backend(backend, images), images.masks, reference.num_classes, reference.ignore_index)
         base = THRESHOLDS.get(backend.precision, THRESHOLDS["fp32"])
+        budget = ((manifest_entry(path)[1] or {}).get("quantization") or {}).get("max_miou_drop")
+        if budget is not None:
+            base = Thresholds(base.min_pixel_agreement, float(budget))  # the budget the model was exported for
         thresholds = Thresholds(
             min_pixel_agreement=overrides.min_pixel_agreement if overrides and overrides.min_pixel_agreement is not None else base.min_pixel_agreement,
             max_miou_drop=overrides.max_miou_drop if overrides and overrides.max_miou_drop is not None else base.max_miou_drop,
