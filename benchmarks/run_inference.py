@@ -66,6 +66,28 @@ def default_checkpoint(path: Path, block_order: str = "conv-relu-bn") -> Path:
     return path
 
 
+def int8_variants(loaded, folder: Path, calib_images: int, naive: bool = True) -> list[Path]:
+    """int8 from the BatchNorm-folded graph (and, for the seed order, naive int8 from the unfolded
+    graph), plus fp16, calibrated on embedded training images."""
+    from unet_edge.parity import load_eval_images
+    from unet_edge.quantize import _finish, _float_source, convert_fp16, quantize_int8
+    from unet_edge.synth import ensure_synth
+
+    calibration = load_eval_images(ensure_synth(), loaded.mean, loaded.std, split="train", num_images=calib_images).normalised
+    paths = []
+    for fold in (True, False) if naive else (True,):
+        source, folded, _ = _float_source(loaded, folder, fold, 18)
+        name = "model_int8.onnx" if folded else "model_int8_naive.onnx"
+        quantize_int8(source, folder / f"tmp-{name}", calibration)
+        paths.append(_finish(folder / f"tmp-{name}", folder / name, loaded, "int8"))
+        (folder / f"tmp-{name}").unlink()
+        if folded:
+            paths.append(_finish(convert_fp16(source, folder / "tmp-fp16.onnx"), folder / "model_fp16.onnx", loaded, "fp16"))
+            (folder / "tmp-fp16.onnx").unlink()
+        source.unlink()
+    return paths
+
+
 def time_command(command: list[str], runs: int = 5) -> float:
     """Median wall time in ms of a command (after one untimed run to warm the file cache)."""
     subprocess.run(command, capture_output=True, check=True)
@@ -82,35 +104,57 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="time budget per backend and batch size")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--no-variants", dest="variants", action="store_false", help="skip the int8/fp16 rows")
+    parser.add_argument("--calib-images", type=int, default=16)
     args = parser.parse_args()
 
     from unet_edge.bench import BenchSpec, run_bench, to_markdown
     from unet_edge.export import export_checkpoint, update_manifest
 
     OUT.mkdir(parents=True, exist_ok=True)
-    checkpoint = default_checkpoint(OUT / "default.pt")
-    loaded, folder, artifacts = export_checkpoint(checkpoint, OUT / "default")
+    checkpoint = default_checkpoint(OUT / "seed-order.pt")
+    loaded, folder, artifacts = export_checkpoint(checkpoint, OUT / "seed-order")
     update_manifest(folder, loaded, artifacts)
     paths = [checkpoint, *(a.path for a in artifacts)]
+    if args.variants:
+        paths += int8_variants(loaded, folder, args.calib_images)
+        cbr_checkpoint = default_checkpoint(OUT / "conv-bn-relu.pt", "conv-bn-relu")
+        cbr, cbr_folder, cbr_artifacts = export_checkpoint(cbr_checkpoint, OUT / "conv-bn-relu", formats=("onnx",), fold=True)
+        update_manifest(cbr_folder, cbr, cbr_artifacts)
+        paths += [a.path for a in cbr_artifacts] + int8_variants(cbr, cbr_folder, args.calib_images, naive=False)
     spec = BenchSpec(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), height=args.size, width=args.size, seconds=args.seconds)
     report = run_bench(paths, spec, ("cpu", "cuda", "tensorrt"))
     (OUT / "inference.json").write_text(json.dumps(report, indent=2))
 
     ok = [r for r in report["results"] if r["status"] == "ok"]
 
-    def row(backend: str, provider: str, batch: int) -> dict | None:
-        return next((r for r in ok if r["backend"] == backend and r["provider"] == provider and r["batch_size"] == batch), None)
+    def find(name: str, batch: int, backend: str = "onnxruntime", provider: str = "CPUExecutionProvider") -> dict | None:
+        return next(
+            (r for r in ok if r["path"].endswith(name) and r["backend"] == backend and r["provider"] == provider and r["batch_size"] == batch),
+            None,
+        )
 
     lines = []
     for batch in spec.batch_sizes:
-        eager, ort_cpu = row("pytorch", "cpu", batch), row("onnxruntime", "CPUExecutionProvider", batch)
-        if eager and ort_cpu:
+        eager = find("seed-order.pt", batch, "pytorch", "cpu")
+        fp32 = find("seed-order/model.onnx", batch)
+        if eager and fp32:
             lines.append(
                 f"- batch {batch}: ONNX Runtime CPU fp32 p50 / PyTorch eager p50 = "
-                f"{ort_cpu['latency_ms']['p50']:.1f} / {eager['latency_ms']['p50']:.1f} ms = "
-                f"**{ort_cpu['latency_ms']['p50'] / eager['latency_ms']['p50']:.2f}**; ONNX Runtime roofline fraction "
-                f"**{ort_cpu['roofline_fraction']:.2f}**, PyTorch eager {eager['roofline_fraction']:.2f}"
+                f"{fp32['latency_ms']['p50']:.1f} / {eager['latency_ms']['p50']:.1f} ms = "
+                f"**{fp32['latency_ms']['p50'] / eager['latency_ms']['p50']:.2f}**; roofline fraction: ONNX Runtime "
+                f"**{fp32['roofline_fraction']:.2f}**, PyTorch eager {eager['roofline_fraction']:.2f}"
             )
+        for order in ("seed-order", "conv-bn-relu"):
+            base = find(f"{order}/model.onnx", batch)
+            for variant in ("model_int8.onnx", "model_int8_naive.onnx", "model_fp16.onnx"):
+                row = find(f"{order}/{variant}", batch)
+                if base and row:
+                    lines.append(
+                        f"- batch {batch}, {order} {variant}: p50 {row['latency_ms']['p50']:.1f} ms = "
+                        f"**{row['latency_ms']['p50'] / base['latency_ms']['p50']:.2f}×** its fp32 ONNX; file "
+                        f"{base['file_mb']:.2f} → {row['file_mb']:.2f} MB (**{base['file_mb'] / row['file_mb']:.2f}×** smaller)"
+                    )
     help_ms = time_command([str(Path(sys.executable).with_name("unet-edge")), "--help"])
     torch_ms = time_command([sys.executable, "-c", "import torch"])
     machine = report["machine"]

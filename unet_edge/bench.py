@@ -381,16 +381,17 @@ def run_bench(
 
 def to_markdown(report: dict[str, Any]) -> str:
     """The results as a Markdown table (what benchmarks/README.md and `bench --markdown` contain)."""
-    header = "| backend | provider | precision | batch | H×W | p50 ms | p90 ms | p99 ms | mean ms | min ms | img/s | GFLOP/img | GFLOP/s | roofline | MB | status |"
-    lines = [header, "|" + "---|" * 16]
+    header = "| model | backend | provider | precision | batch | H×W | p50 ms | p90 ms | p99 ms | mean ms | min ms | img/s | GFLOP/img | GFLOP/s | roofline | MB | status |"
+    lines = [header, "|" + "---|" * 17]
     for r in report["results"]:
         lat = r["latency_ms"] or {}
 
         def num(value: Any, digits: int = 1) -> str:
             return "-" if value is None else f"{value:.{digits}f}"
 
+        model = "/".join(Path(r["path"]).parts[-2:])
         lines.append(
-            f"| {r['backend']} | {r['provider']} | {r['precision'] or '-'} | {r['batch_size'] or '-'} | {r['height']}×{r['width']} | "
+            f"| {model} | {r['backend']} | {r['provider']} | {r['precision'] or '-'} | {r['batch_size'] or '-'} | {r['height']}×{r['width']} | "
             f"{num(lat.get('p50'))} | {num(lat.get('p90'))} | {num(lat.get('p99'))} | {num(lat.get('mean'))} | {num(lat.get('min'))} | "
             f"{num(r['throughput_ips'])} | {num(r['gflops_per_image'], 2)} | {num(r['gflops_per_s'])} | {num(r['roofline_fraction'], 2)} | "
             f"{num(r['file_mb'], 2)} | {r['status']} |"
