@@ -30,7 +30,8 @@ demo: $(STAMP)
 	$(CLI) export --format all
 	$(CLI) verify --json runs/demo-verify.json
 	$(CLI) bench --batch-sizes 1,8 --seconds 1.5 --json runs/demo-bench.json
-	$(CLI) predict exported/demo/model.onnx "$$($(PY) -c 'from unet_edge.synth import default_data_dir; print(default_data_dir() / "val" / "images")')" --limit 4 --out runs/demo-predict
+	$(CLI) predict "$$($(PY) -c 'from unet_edge.export import find_latest_export; print(find_latest_export() / "model.onnx")')" \
+		"$$($(PY) -c 'from unet_edge.synth import default_data_dir; print(default_data_dir() / "val" / "images")')" --limit 4 --out runs/demo-predict
 
 test: $(STAMP)
 	$(PY) -m pytest -q
