@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "unet_edge_cli.main"]
@@ -54,3 +55,23 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     """Run the CLI as a real subprocess, as a user would."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([*CLI, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def e2e_dir(tiny_checkpoint, tmp_path_factory):
+    """An export of the tiny checkpoint with model.onnx and model_e2e.onnx (parity checked by export)."""
+    out = tmp_path_factory.mktemp("exported-e2e")
+    result = run_cli("export", str(tiny_checkpoint), "--format", "onnx", "--end-to-end", "--out", str(out), "--name", "tiny")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "model_e2e.onnx" in result.stdout
+    return out / "tiny"
+
+
+@pytest.fixture(scope="session")
+def odd_image(tmp_path_factory):
+    """A 131 x 97 (odd-size) picture of the synthetic kind, saved as PNG."""
+    path = tmp_path_factory.mktemp("odd") / "odd.png"
+    from unet_edge.synth import render_sample
+
+    Image.fromarray(render_sample(3, 7, 160)[0][:97, :131]).save(path)
+    return path

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from test_predict import agreement, e2e_dir, odd_image  # noqa: F401 (session fixtures shared with test_predict)
+from test_predict import agreement
 from unet_edge.backends import open_backend
 
 pytestmark = pytest.mark.slow

@@ -18,24 +18,6 @@ pytestmark = pytest.mark.slow
 CLASSES = ["background", "circle", "square", "triangle"]
 
 
-@pytest.fixture(scope="session")
-def e2e_dir(tiny_checkpoint, tmp_path_factory):
-    """An export of the tiny checkpoint with model.onnx and model_e2e.onnx (parity checked by export)."""
-    out = tmp_path_factory.mktemp("exported-e2e")
-    result = run_cli("export", str(tiny_checkpoint), "--format", "onnx", "--end-to-end", "--out", str(out), "--name", "tiny")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "model_e2e.onnx" in result.stdout
-    return out / "tiny"
-
-
-@pytest.fixture(scope="session")
-def odd_image(tmp_path_factory):
-    """A 131 x 97 (odd-size) picture of the synthetic kind, saved as PNG."""
-    path = tmp_path_factory.mktemp("odd") / "odd.png"
-    Image.fromarray(render_sample(3, 7, 160)[0][:97, :131]).save(path)
-    return path
-
-
 def agreement(a: np.ndarray, b: np.ndarray) -> float:
     assert a.shape == b.shape
     return float((a == b).mean())

@@ -178,7 +178,6 @@ def export_onnx(
     the outputs' dims (the exporter writes the padding arithmetic, e.g. `Min(height, 4*(...))`, where a
     reader wants `height`).
     """
-    import onnx
     from torch.export import Dim
 
     path = Path(path)
