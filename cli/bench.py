@@ -87,8 +87,10 @@ def bench(
     from unet_edge.backends import read_manifest
     from unet_edge.bench import BenchSpec, plot as draw, run_bench, to_markdown
     from unet_edge.export import export_artifacts, find_latest_export
-    from unet_edge.io import atomic_write_text
+    from unet_edge.io import atomic_write_text, check_writable
 
+    for target in (json_path, markdown, plot):
+        check_writable(target)
     paths = list(artifacts or [])
     if not paths:
         folder = find_latest_export(exported)

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # Piped output (CI logs, files) gets a wide fixed width instead of rich's 80-column default.
@@ -43,7 +44,11 @@ def debug_enabled() -> bool:
 
 
 def handle_errors(fn: F) -> F:
-    """Turn library errors into `error: <message>` on stderr and exit code 1 (traceback only with --debug)."""
+    """Turn library errors into `error: <message>` on stderr and a non-zero exit (traceback only with --debug).
+
+    An OSError that no library code turned into a typed error (a folder that cannot be created, a
+    file that cannot be read) takes the same path, named by its file, rather than a traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -51,11 +56,16 @@ def handle_errors(fn: F) -> F:
 
         try:
             return fn(*args, **kwargs)
-        except UNetEdgeError as exc:
+        except (UNetEdgeError, OSError) as exc:
             if debug_enabled():
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-            raise typer.Exit(code=1) from None
+            if isinstance(exc, OSError):
+                where = exc.filename2 or exc.filename
+                message = f"{where}: {exc.strerror or exc}" if where else str(exc)
+            else:
+                message = str(exc)
+            err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+            raise typer.Exit(code=getattr(exc, "exit_code", 1)) from None
         except KeyboardInterrupt:
             err_console.print("interrupted", soft_wrap=True)
             raise typer.Exit(code=130) from None

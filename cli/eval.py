@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import DataOption, DeviceOption, JsonOption, RunsOption, console, handle_errors, iou_table, write_json
+from .common import DataOption, DeviceOption, JsonOption, RunsOption, console, handle_errors, iou_table, progress_bar, write_json
 
 
 @handle_errors
@@ -22,7 +22,14 @@ def evaluate(
 ) -> None:
     """Evaluate a checkpoint: per-class IoU table and mIoU from one confusion matrix over the split."""
     from unet_edge.evaluate import evaluate_checkpoint
+    from unet_edge.io import check_writable
 
-    report = evaluate_checkpoint(checkpoint, data=data, split=split, batch_size=batch_size, device=device, runs_dir=runs)
+    check_writable(json_path)
+    with progress_bar() as progress:
+        task = progress.add_task("check data", total=None, status="")
+        report = evaluate_checkpoint(
+            checkpoint, data=data, split=split, batch_size=batch_size, device=device, runs_dir=runs,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
     console.print(iou_table(report["classes"], list(report["per_class_iou"].values()), report["miou"], f"{report['split']} IoU of {report['checkpoint']}"))
     write_json(json_path, report)

@@ -94,6 +94,12 @@ def train(
 
         class Hooks(TrainHooks):
             task = None
+            scan_task = None
+
+            def on_scan(self, done: int, total: int) -> None:
+                if self.scan_task is None:
+                    self.scan_task = progress.add_task("check data", total=total, status="")
+                progress.update(self.scan_task, completed=done)
 
             def on_start(self, run_dir: Path, epochs: int, steps_per_epoch: int, start_epoch: int, device: str) -> None:
                 err_console.print(f"training on {device}{processes}, run folder {run_dir}")

@@ -48,8 +48,10 @@ def verify(
 ) -> None:
     """Compare each artifact with its checkpoint on validation images; exit 1 when one fails its thresholds."""
     from unet_edge.export import export_artifacts, find_latest_export
+    from unet_edge.io import check_writable
     from unet_edge.parity import Thresholds, verify as run_verify
 
+    check_writable(json_path)
     paths = list(artifacts) if artifacts else export_artifacts(find_latest_export(exported))
     report = run_verify(
         paths,

@@ -52,6 +52,8 @@ def preprocess(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...
 def artifact_format(path: str | os.PathLike[str]) -> str:
     """'onnx', 'torchscript' or 'checkpoint', from the file's content (not only its name)."""
     path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path}: is a folder, expected a model file (.onnx, .ts or a checkpoint)")
     if not path.is_file():
         raise ArtifactError(f"{path}: file not found")
     with open(path, "rb") as handle:

@@ -34,8 +34,15 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a unet-edge checkpoint safely, with a one-line error for anything else."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, expected a checkpoint file such as RUN/best.pt")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    # torch.save writes a zip archive ("PK"); older files are a bare pickle (protocol >= 2 opens with 0x80).
+    if head != b"PK" and head[:1] != b"\x80":
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a file written by torch.save)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises pickle, zip and runtime errors alike for bad files

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,13 @@ __all__ = [
     "VOC_CLASSES",
     "DatasetInfo",
     "ImageSegmentation",
+    "ScanReport",
     "load_image",
     "load_label",
     "pad_collate",
     "is_voc_root",
     "read_dataset_info",
+    "scan_dataset",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -219,6 +222,104 @@ class ImageSegmentation(torch.utils.data.Dataset):
         if self.transforms is not None:
             image, mask = self.transforms(image, mask)
         return image, mask
+
+
+@dataclass
+class ScanReport:
+    """What `scan_dataset` found: image pairs per split, pixels per label value, and the classes to use."""
+
+    root: Path
+    layout: str
+    info: DatasetInfo
+    info_source: str
+    images: dict[str, int] = field(default_factory=dict)
+    label_pixels: dict[int, int] = field(default_factory=dict)
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image header, after checking that the file is complete.
+
+    PNG chunks are checked without decompressing; JPEG is decoded at 1/8 scale, enough to hit a
+    truncated stream; other formats are decoded.
+    """
+    try:
+        with Image.open(path) as img:
+            size = img.size
+            if img.format == "PNG":
+                img.verify()
+            else:
+                if img.format == "JPEG":
+                    img.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+                img.load()
+        return size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
+
+
+def _bad_values(label_path: Path, values: np.ndarray, counts: np.ndarray, info: DatasetInfo, source: str) -> str | None:
+    """A message for label values that are neither a class id nor the ignore index, or None."""
+    bad = [(int(v), int(c)) for v, c in zip(values, counts) if not (0 <= v < info.num_classes or v == info.ignore_index)]
+    if not bad:
+        return None
+    value, count = max(bad, key=lambda vc: vc[1])
+    others = sorted(v for v, _ in bad if v != value)
+    also = f" (also values {', '.join(map(str, others[:5]))}{', ...' if len(others) > 5 else ''})" if others else ""
+    return (
+        f"{label_path}: {count} pixels have value {value}, neither a class id (0..{info.num_classes - 1}, from "
+        f"{source}) nor the ignore index {info.ignore_index}{also}"
+    )
+
+
+def scan_dataset(
+    root: str | os.PathLike[str],
+    splits: Sequence[str] = ("train", "val"),
+    info: DatasetInfo | None = None,
+    *,
+    info_source: str = "the checkpoint",
+    progress: Callable[[int, int], None] | None = None,
+) -> ScanReport:
+    """Check every image/label pair of `splits` before any time is spent training or evaluating.
+
+    Finds missing folders, empty splits, unpaired files, truncated or non-image files, labels whose
+    size differs from their image, and label values that are neither a class id nor the ignore index
+    (classes from `info`, else dataset.json, else the VOC classes; without any, they are inferred from
+    the largest value). Raises `DataError` naming the first bad file and how many more there are.
+    """
+    root = Path(root)
+    datasets = [ImageSegmentation(root, split) for split in splits]
+    declared, source = info, info_source
+    if declared is None and datasets[0].info is not None:
+        declared = datasets[0].info
+        source = str(root / "dataset.json") if (root / "dataset.json").is_file() else "the Pascal VOC classes"
+    problems: list[str] = []
+    pixels: Counter[int] = Counter()
+    total = sum(len(dataset) for dataset in datasets)
+    done = 0
+    for dataset in datasets:
+        for image_path, label_path in dataset.samples:
+            done += 1
+            if progress is not None:
+                progress(done, total)
+            try:
+                width, height = _image_size(image_path)
+                label = load_label(label_path)
+            except DataError as exc:
+                problems.append(str(exc))
+                continue
+            if label.shape != (height, width):
+                problems.append(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but its image {image_path.name} is {width}x{height}")
+            values, counts = np.unique(label, return_counts=True)
+            message = _bad_values(label_path, values, counts, declared, source) if declared is not None else None
+            if message:
+                problems.append(message)
+            pixels.update(dict(zip(values.tolist(), counts.tolist())))
+    if problems:
+        more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''} in this dataset)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
+    if declared is None:
+        largest = max((value for value in pixels if value != 255), default=0)
+        declared, source = DatasetInfo(tuple(f"class_{i}" for i in range(largest + 1)), 255), "the label values"
+    return ScanReport(root, datasets[0].layout, declared, source, {d.split: len(d) for d in datasets}, dict(sorted(pixels.items())))
 
 
 def pad_collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["UNetEdgeError", "DataError", "CheckpointError", "ArtifactError", "TrainingError"]
+__all__ = ["UNetEdgeError", "DataError", "CheckpointError", "ArtifactError", "OutputError", "TrainingError", "TrainingInterrupted"]
 
 
 class UNetEdgeError(Exception):
     """Base class: the message names the file and the problem, and is shown to the user as is."""
+
+    exit_code = 1
 
 
 class DataError(UNetEdgeError):
@@ -21,5 +23,15 @@ class ArtifactError(UNetEdgeError):
     """An exported model that is missing, tampered with, truncated or of an unknown format."""
 
 
+class OutputError(UNetEdgeError):
+    """A file or folder that cannot be written (missing parent, no permission, a folder where a file goes)."""
+
+
 class TrainingError(UNetEdgeError):
     """Training cannot go on (for example the loss became non-finite)."""
+
+
+class TrainingInterrupted(UNetEdgeError):
+    """Training stopped by Ctrl-C (SIGINT) after saving last.pt; exits 130 as shells expect."""
+
+    exit_code = 130

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import find_latest_checkpoint, load_model
-from .data import ImageSegmentation
+from .data import DatasetInfo, ImageSegmentation, scan_dataset
 from .errors import DataError
 from .train import evaluate, make_loader, resolve_data, resolve_device
 from .transforms import SegmentationPresetEval
@@ -34,8 +35,13 @@ def evaluate_checkpoint(
     device: str = "auto",
     runs_dir: str | os.PathLike[str] = "runs",
     workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Per-class IoU and mIoU of a checkpoint over every pixel of a split, as a JSON-able dict."""
+    """Per-class IoU and mIoU of a checkpoint over every pixel of a split, as a JSON-able dict.
+
+    The split is scanned first (`scan_dataset`, reporting `progress(done, total)`): label values
+    must be the checkpoint's class ids or its ignore index.
+    """
     path = Path(checkpoint) if checkpoint is not None else find_latest_checkpoint(runs_dir)
     torch_device = resolve_device(device)
     loaded = load_model(path, torch_device)
@@ -45,6 +51,7 @@ def evaluate_checkpoint(
         raise DataError(
             f"{root / 'dataset.json'}: {len(dataset.info.classes)} classes, but {path} was trained on {len(loaded.classes)}"
         )
+    scan_dataset(root, (split,), DatasetInfo(tuple(loaded.classes), loaded.ignore_index), info_source=str(path), progress=progress)
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, ignore_index=loaded.ignore_index)
     result = evaluate(loaded.model, loader, len(loaded.classes), loaded.ignore_index, torch_device)
     return {

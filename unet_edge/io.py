@@ -1,28 +1,53 @@
 """Atomic file writes: write to a temporary file in the same folder, fsync, then rename over the target.
 
 A crash at any moment leaves either the previous complete file or the new complete file, never a
-half-written one.
+half-written one. Append-only logs (JSON lines) are written one whole line per write, and a
+partial last line left by a crash is skipped on read and cut off before the next append.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "sha256_file"]
+from .errors import OutputError
+
+__all__ = ["append_jsonl", "atomic_path", "atomic_write_bytes", "atomic_write_text", "check_writable", "read_jsonl", "sha256_file"]
+
+
+def check_writable(target: str | os.PathLike[str] | None) -> None:
+    """Fail early, before any work, when `target` could not be written later; creates nothing."""
+    if target is None:
+        return
+    target = Path(target)
+    if target.is_dir():
+        raise OutputError(f"{target}: is a folder, expected a file path to write")
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"{target}: cannot write here ({ancestor} is not a folder)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"{target}: cannot write here (no write permission in {ancestor})")
 
 
 @contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success it replaces `target` atomically."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if target.is_dir():
+        raise OutputError(f"{target}: is a folder, expected a file path to write")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write here ({exc.strerror})") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -30,6 +55,8 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write ({exc.strerror}); the previous file, if any, is unchanged") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -53,3 +80,29 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a partial last line (a crash mid-append) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1].decode("utf-8")
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Append one record as one line with a single write, after cutting off any partial last line."""
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    try:
+        with open(path, "ab+") as handle:
+            handle.seek(0)
+            existing = handle.read()
+            if existing and not existing.endswith(b"\n"):
+                handle.truncate(existing.rfind(b"\n") + 1)
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot append ({exc.strerror})") from None

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import DatasetInfo, ImageSegmentation, pad_collate
-from .errors import DataError, TrainingError
-from .io import atomic_write_text
+from .data import ImageSegmentation, pad_collate, scan_dataset
+from .errors import DataError, TrainingError, TrainingInterrupted
+from .io import append_jsonl, atomic_write_text, read_jsonl
 from .metrics import ConfusionMatrix
 from .model import ModelConfig, build_model
 from .synth import SynthSpec, ensure_synth
@@ -75,6 +75,8 @@ class TrainConfig:
 
 class TrainHooks:
     """Progress callbacks; the default does nothing. Override what you want to show."""
+
+    def on_scan(self, done: int, total: int) -> None: ...
 
     def on_start(self, run_dir: Path, epochs: int, steps_per_epoch: int, start_epoch: int, device: str) -> None: ...
 
@@ -147,21 +149,6 @@ def resolve_data(data: str | None, progress: Callable[[int, int], None] | None =
     return root
 
 
-def dataset_info(dataset: ImageSegmentation) -> DatasetInfo:
-    """Classes and ignore index from dataset.json, or inferred from the largest label id present."""
-    if dataset.info is not None:
-        return dataset.info
-    from .data import load_label
-
-    largest = 0
-    for _, label_path in dataset.samples:
-        values = load_label(label_path)
-        values = values[values != 255]
-        if values.size:
-            largest = max(largest, int(values.max()))
-    return DatasetInfo(tuple(f"class_{i}" for i in range(largest + 1)), 255)
-
-
 def make_loader(
     dataset: ImageSegmentation,
     *,
@@ -218,7 +205,7 @@ def train_one_epoch(
         with autocast or nullcontext():
             loss = criterion(model(images), masks)
         if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {float(loss)} at step {step}; try a lower --lr (the last good checkpoint is kept)")
+            raise TrainingError(f"loss became {float(loss)} at step {step + 1}; try a lower --lr")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -313,8 +300,12 @@ def fit(config: TrainConfig, hooks: TrainHooks | None = None, distributed: Any |
     _seed_everything(config.seed + (distributed.rank if distributed is not None else 0))
 
     root = resolve_data(config.data)
-    probe = ImageSegmentation(root, "train")
-    info = dataset_info(probe)
+    scan = scan_dataset(root, ("train", "val"), progress=hooks.on_scan if is_main else None)
+    info = scan.info
+    if resumed is not None and list(info.classes) != list(resumed["classes"]):
+        raise DataError(
+            f"{root}: classes {list(info.classes)} (from {scan.info_source}) differ from those of {config.resume}: {list(resumed['classes'])}"
+        )
     ignore_index = info.ignore_index
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     train_set = ImageSegmentation(
@@ -378,6 +369,8 @@ def fit(config: TrainConfig, hooks: TrainHooks | None = None, distributed: Any |
         best_miou = float(resumed.get("best_miou", -1.0))
         best_epoch = int(resumed.get("best_epoch", -1))
         run_dir = Path(config.resume).resolve().parent
+        if is_main:
+            _forget_after(run_dir, start_epoch)
     elif is_main:
         run_dir = _new_run_dir(config.out, config.name)
     else:
@@ -420,18 +413,22 @@ def fit(config: TrainConfig, hooks: TrainHooks | None = None, distributed: Any |
             if train_sampler is not None:
                 train_sampler.set_epoch(epoch)
             started = time.perf_counter()
-            train_loss, seen = train_one_epoch(
-                train_model,
-                train_loader,
-                optimizer,
-                scheduler,
-                criterion,
-                device,
-                autocast=autocast,
-                scaler=scaler,
-                on_step=(lambda step, loss, e=epoch: hooks.on_step(e, step, loss)) if is_main else None,
-                channels_last=channels_last,
-            )
+            try:
+                train_loss, seen = train_one_epoch(
+                    train_model,
+                    train_loader,
+                    optimizer,
+                    scheduler,
+                    criterion,
+                    device,
+                    autocast=autocast,
+                    scaler=scaler,
+                    on_step=(lambda step, loss, e=epoch: hooks.on_step(e, step, loss)) if is_main else None,
+                    channels_last=channels_last,
+                )
+            except TrainingError as exc:
+                kept = f"{run_dir / 'last.pt'} (epoch {epoch}) is kept unchanged" if (run_dir / "last.pt").is_file() else "no checkpoint was written"
+                raise TrainingError(f"training stopped in epoch {epoch + 1}: {exc}; {kept}") from None
             if distributed is not None:
                 train_loss, seen = distributed.reduce_loss(train_loss, seen)
             train_time = time.perf_counter() - started
@@ -455,19 +452,23 @@ def fit(config: TrainConfig, hooks: TrainHooks | None = None, distributed: Any |
                 **final.to_dict(list(info.classes)),
             }
             history.append(record)
+            if is_main:
+                # The record goes first: after a crash before last.pt is renamed, --resume drops it again.
+                append_jsonl(run_dir / "metrics.jsonl", record)
             if final.miou > best_miou:
                 best_miou, best_epoch = final.miou, epoch + 1
                 if is_main:
                     save_checkpoint(run_dir / "best.pt", state(epoch + 1, record))
             if is_main:
                 save_checkpoint(run_dir / "last.pt", state(epoch + 1, record))
-                with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(record) + "\n")
                 hooks.on_epoch_end(record)
     except KeyboardInterrupt:
-        if is_main:
-            save_checkpoint(run_dir / "last.pt", state(epoch, {"interrupted": True}))
-        raise
+        if not is_main:
+            raise
+        save_checkpoint(run_dir / "last.pt", state(epoch, {"interrupted": True}))
+        raise TrainingInterrupted(
+            f"interrupted in epoch {epoch + 1}: saved {run_dir / 'last.pt'}; continue with --resume {run_dir / 'last.pt'}"
+        ) from None
     if is_main:
         write_curves(run_dir)
         atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
@@ -477,10 +478,18 @@ def fit(config: TrainConfig, hooks: TrainHooks | None = None, distributed: Any |
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The per-epoch records of a run (a partial last line from a crash is skipped)."""
+    return read_jsonl(run_dir / "metrics.jsonl")
+
+
+def _forget_after(run_dir: Path, epoch: int) -> None:
+    """Before resuming at `epoch`: drop later records (written before a crash that lost their
+    checkpoint) and temporary files that a killed writer left behind."""
+    if (run_dir / "metrics.jsonl").is_file():
+        kept = [record for record in read_metrics(run_dir) if record.get("epoch", 0) <= epoch]
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in kept))
+    for stale in run_dir.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def write_curves(run_dir: Path) -> Path | None:
