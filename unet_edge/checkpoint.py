@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +45,13 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     if head != b"PK" and head[:1] != b"\x80":
         raise CheckpointError(f"{path}: not a readable checkpoint (not a file written by torch.save)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Detected pickle protocol 4": the error says enough
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises pickle, zip and runtime errors alike for bad files
         message = str(exc)
         if "GLOBAL" in message or "Unsupported global" in message:
-            blocked = re.search(r"GLOBAL ([\w.]+)|global: GLOBAL ([\w.]+)|Unsupported global: ([\w.]+)", message)
+            blocked = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)|GLOBAL ([\w.]+)", message)
             what = next((g for g in blocked.groups() if g), "an object") if blocked else "an object"
             raise CheckpointError(
                 f"{path}: refused to load: the file asks to run or build {what}, not plain weights "

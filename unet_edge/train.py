@@ -485,9 +485,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 def _forget_after(run_dir: Path, epoch: int) -> None:
     """Before resuming at `epoch`: drop later records (written before a crash that lost their
     checkpoint) and temporary files that a killed writer left behind."""
-    if (run_dir / "metrics.jsonl").is_file():
-        kept = [record for record in read_metrics(run_dir) if record.get("epoch", 0) <= epoch]
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in kept))
+    log = run_dir / "metrics.jsonl"
+    if log.is_file():
+        kept = "".join(json.dumps(record) + "\n" for record in read_metrics(run_dir) if record.get("epoch", 0) <= epoch)
+        if kept.encode("utf-8") != log.read_bytes():
+            atomic_write_text(log, kept)
     for stale in run_dir.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
 
