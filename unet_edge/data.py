@@ -275,7 +275,7 @@ def scan_dataset(
     splits: Sequence[str] = ("train", "val"),
     info: DatasetInfo | None = None,
     *,
-    info_source: str = "the checkpoint",
+    info_source: str = "the given classes",
     progress: Callable[[int, int], None] | None = None,
 ) -> ScanReport:
     """Check every image/label pair of `splits` before any time is spent training or evaluating.
