@@ -35,6 +35,7 @@ def export(
     from unet_edge.errors import UNetEdgeError
     from unet_edge.export import export_checkpoint, update_manifest
     from unet_edge.evaluate import checkpoint_data_root
+    from unet_edge.train import resolve_data
     from unet_edge.parity import verify
     from unet_edge.quantize import CALIBRATION_METHODS, Int8Options, export_precisions
 
@@ -42,6 +43,9 @@ def export(
     if formats is None:
         raise typer.BadParameter(f"unknown format {format!r}: use onnx, torchscript or all", param_hint="--format")
     source = checkpoint if checkpoint is not None else find_latest_checkpoint(runs)
+    for folder_option in (data, calib_data):
+        if folder_option is not None:
+            resolve_data(str(folder_option))  # a missing dataset is an error before anything is written
     if probabilities and not end_to_end:
         raise typer.BadParameter("--probabilities only applies to the end-to-end model: add --end-to-end", param_hint="--probabilities")
     precisions = tuple(p.strip() for p in precision.split(",") if p.strip())

@@ -47,7 +47,7 @@ def test_bench_json_has_every_field_and_lists_unavailable_providers(bench_export
         assert {"CUDAExecutionProvider", "TensorrtExecutionProvider", "cuda"} <= providers
         assert all(r["status"].startswith("unavailable: ") and len(r["status"]) > 20 for r in unavailable)
         assert "CUDAExecutionProvider: not in this onnxruntime build" in result.stdout
-    assert md_path.read_text().startswith("| backend |")
+    assert md_path.read_text().startswith("| model | backend |")
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
