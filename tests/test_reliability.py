@@ -332,7 +332,7 @@ def test_sigint_saves_last_pt_exits_130_and_resume_continues(tmp_path):
     line = assert_one_line_error(result, "interrupted in epoch", "saved", "run/last.pt", "--resume", code=130)
     state = load_checkpoint(out / "run" / "last.pt")
     saved_epoch = state["epoch"]
-    assert saved_epoch >= 2 and f"epoch {saved_epoch + 1}:" in line
+    assert saved_epoch >= 1 and f"epoch {saved_epoch + 1}:" in line  # epoch 2 may be logged before its last.pt lands
     result = run_cli("train", "--resume", str(out / "run" / "last.pt"), "--epochs", str(saved_epoch + 1), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert load_checkpoint(out / "run" / "last.pt")["epoch"] == saved_epoch + 1
