@@ -49,6 +49,13 @@ def train(
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16 where supported, else fp16).")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Data-loading workers (default: 0 on CPU, up to 8 on CUDA).")] = None,
+    cache: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--cache/--no-cache",
+            help="Keep decoded images in memory after their first epoch (default: when they fit in a quarter of free memory and --workers is 0).",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     out: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path("runs"),
     name: Annotated[Optional[str], typer.Option(help="Run folder name (default: unet, unet-2, ...).")] = None,
@@ -84,6 +91,7 @@ def train(
         amp=amp,
         compile=compile,
         workers=workers,
+        cache=cache,
         seed=seed,
         out=str(out),
         name=name,
@@ -114,7 +122,8 @@ def train(
             def on_epoch_end(self, record: dict[str, Any]) -> None:
                 progress.console.print(
                     f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  val mIoU {fmt(record['miou'])}  "
-                    f"{fmt(record['train_images_per_s'], 1)} img/s  {record['epoch_time_s']:.1f} s"
+                    f"{fmt(record['train_images_per_s'], 1)} img/s  {record['epoch_time_s']:.1f} s "
+                    f"(waiting for data {record['data_time_s']:.1f} s)"
                 )
 
         result = fit(config, Hooks(), distributed)

@@ -143,3 +143,56 @@ def test_pad_collate_pads_masks_with_ignore():
     images, masks = pad_collate(batch)
     assert images.shape == (2, 3, 6, 5) and masks.shape == (2, 6, 5)
     assert int((masks[0] == 255).sum()) == 30 - 20 and images[0, :, 4:, :].abs().sum() == 0
+
+
+def test_cache_decodes_each_pair_once(tmp_path):
+    make_dataset(tmp_path, {"a": (rgb(6, 7, 30), np.full((6, 7), 2, np.uint8)), "b": (rgb(6, 7, 40), np.ones((6, 7), np.uint8))})
+    dataset = ImageSegmentation(tmp_path, "train", cache=True)
+    uncached = ImageSegmentation(tmp_path, "train")
+    first = [dataset[i] for i in range(2)]
+    for path in (tmp_path / "train").rglob("*.png"):
+        path.unlink()  # a second epoch must not need the files
+    again = [dataset[i] for i in range(2)]
+    for (image, mask), (image2, mask2) in zip(first, again):
+        assert torch.equal(image, image2) and torch.equal(mask, mask2) and mask2.dtype == torch.int64
+    with pytest.raises(DataError, match="file not found"):
+        uncached[0]
+
+
+def test_fill_cache_decodes_everything_up_front(tmp_path):
+    make_dataset(tmp_path, {f"s{i}": (rgb(4, 5, i), np.zeros((4, 5), np.uint8)) for i in range(5)})
+    dataset = ImageSegmentation(tmp_path, "train")
+    dataset.fill_cache(threads=2)
+    for path in (tmp_path / "train").rglob("*.png"):
+        path.unlink()
+    assert [int(dataset[i][0][0, 0, 0]) for i in range(5)] == list(range(5))
+
+
+def test_scan_reports_decoded_bytes(tmp_path):
+    from unet_edge.data import scan_dataset
+
+    make_dataset(tmp_path, {"a": (rgb(6, 7), np.zeros((6, 7), np.uint8)), "b": (rgb(3, 5), np.zeros((3, 5), np.uint8))})
+    make_dataset(tmp_path, {"v": (rgb(2, 2), np.zeros((2, 2), np.uint8))}, split="val")
+    report = scan_dataset(tmp_path)
+    assert report.decoded_bytes("train") == 4 * (6 * 7 + 3 * 5)
+    assert report.decoded_bytes("val") == 4 * 4
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_uint8_preset_then_batch_normalize_equals_per_image_normalisation(seed):
+    from unet_edge.transforms import BatchNormalize
+
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    samples = [_pattern(30, 40), _pattern(20, 20)]
+    torch.manual_seed(seed)
+    per_image = [SegmentationPresetTrain(crop_size=24, mean=mean, std=std)(*s) for s in samples]
+    torch.manual_seed(seed)
+    raw = [SegmentationPresetTrain(crop_size=24, mean=mean, std=std, normalize=False)(*s) for s in samples]
+    assert raw[0][0].dtype == torch.uint8
+    expected_images, expected_masks = pad_collate(per_image)
+    images, masks = pad_collate(raw)
+    assert torch.equal(masks, expected_masks) and masks.dtype == torch.int64
+    normalized = BatchNormalize(mean, std, channels_last=True)(images)
+    assert normalized.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(normalized, expected_images, rtol=0, atol=1e-5)
+    assert BatchNormalize(mean, std)(expected_images) is expected_images  # float batches pass through

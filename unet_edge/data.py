@@ -179,6 +179,10 @@ class ImageSegmentation(torch.utils.data.Dataset):
     Without transforms, `image` is a uint8 `tv_tensors.Image` (3 x H x W) and `mask` an int64
     `tv_tensors.Mask` (H x W). The Pascal VOC layout is recognised by its folders, otherwise the
     folder layout is used, paired by file stem; a missing partner is an error, not a skip.
+
+    With ``cache=True`` each pair is decoded once and kept in memory as uint8 (labels as stored), so
+    later epochs only augment; `fill_cache` decodes them all up front (before DataLoader workers fork,
+    so they share one copy). `ScanReport.decoded_bytes` estimates what the cache will hold.
     """
 
     def __init__(
@@ -186,10 +190,14 @@ class ImageSegmentation(torch.utils.data.Dataset):
         root: str | os.PathLike[str],
         split: str = "train",
         transforms: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+        *,
+        cache: bool = False,
     ) -> None:
         self.root = Path(root)
         self.split = split
         self.transforms = transforms
+        self.cache = cache
+        self._decoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if not self.root.is_dir():
             raise DataError(f"{self.root}: dataset folder not found")
         self.layout = "voc" if is_voc_root(self.root) else "folder"
@@ -203,7 +211,7 @@ class ImageSegmentation(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+    def _decode(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, label_path = self.samples[index]
         image = load_image(image_path)
         label = load_label(label_path)
@@ -212,16 +220,32 @@ class ImageSegmentation(torch.utils.data.Dataset):
                 f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but its image is "
                 f"{image.shape[1]}x{image.shape[0]}"
             )
-        return (
-            tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1)),
-            tv_tensors.Mask(torch.from_numpy(label.astype(np.int64))),
-        )
+        return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(label)
+
+    def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        """The decoded pair, before transforms: uint8 image, mask in its stored dtype (uint8 or int32)."""
+        pair = self._decoded.get(index) if self.cache else None
+        if pair is None:
+            pair = self._decode(index)
+            if self.cache:
+                self._decoded[index] = pair
+        return tv_tensors.Image(pair[0]), tv_tensors.Mask(pair[1])
+
+    def fill_cache(self, threads: int | None = None) -> None:
+        """Decode every pair into the cache now (PIL releases the GIL, so threads decode in parallel)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.cache = True
+        missing = [i for i in range(len(self)) if i not in self._decoded]
+        with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
+            for index, pair in zip(missing, pool.map(self._decode, missing)):
+                self._decoded[index] = pair
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         image, mask = self.load(index)
         if self.transforms is not None:
-            image, mask = self.transforms(image, mask)
-        return image, mask
+            return self.transforms(image, mask)
+        return image, tv_tensors.Mask(mask.to(torch.int64))
 
 
 @dataclass
@@ -234,6 +258,11 @@ class ScanReport:
     info_source: str
     images: dict[str, int] = field(default_factory=dict)
     label_pixels: dict[int, int] = field(default_factory=dict)
+    pixels: dict[str, int] = field(default_factory=dict)
+
+    def decoded_bytes(self, split: str) -> int:
+        """Memory that `ImageSegmentation(cache=True)` needs for `split`: 3 bytes of image + 1 of label per pixel."""
+        return 4 * self.pixels.get(split, 0)
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -295,6 +324,7 @@ def scan_dataset(
     pixels: Counter[int] = Counter()
     total = sum(len(dataset) for dataset in datasets)
     done = 0
+    split_pixels: Counter[str] = Counter()
     for dataset in datasets:
         for image_path, label_path in dataset.samples:
             done += 1
@@ -306,6 +336,7 @@ def scan_dataset(
             except DataError as exc:
                 problems.append(str(exc))
                 continue
+            split_pixels[dataset.split] += width * height
             if label.shape != (height, width):
                 problems.append(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but its image {image_path.name} is {width}x{height}")
             values, counts = np.unique(label, return_counts=True)
@@ -319,11 +350,21 @@ def scan_dataset(
     if declared is None:
         largest = max((value for value in pixels if value != 255), default=0)
         declared, source = DatasetInfo(tuple(f"class_{i}" for i in range(largest + 1)), 255), "the label values"
-    return ScanReport(root, datasets[0].layout, declared, source, {d.split: len(d) for d in datasets}, dict(sorted(pixels.items())))
+    return ScanReport(
+        root,
+        datasets[0].layout,
+        declared,
+        source,
+        {d.split: len(d) for d in datasets},
+        dict(sorted(pixels.items())),
+        {d.split: split_pixels[d.split] for d in datasets},
+    )
 
 
 def pad_collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack samples of different sizes: images padded with 0, masks with `ignore_index` (so ignored).
+
+    Images keep their dtype (uint8 from an un-normalised preset, float32 otherwise); masks become int64.
 
     The batch is plain tensors: copying into tv_tensors would dispatch every copy through their
     `__torch_function__`, which made collation cost twice the decoding and augmentation.
@@ -332,7 +373,7 @@ def pad_collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], ignore_index
     height = max(image.shape[-2] for image, _ in plain)
     width = max(image.shape[-1] for image, _ in plain)
     images = plain[0][0].new_zeros((len(plain), plain[0][0].shape[0], height, width))
-    masks = plain[0][1].new_full((len(plain), height, width), ignore_index)
+    masks = torch.full((len(plain), height, width), ignore_index, dtype=torch.int64)
     for i, (image, mask) in enumerate(plain):
         images[i, :, : image.shape[-2], : image.shape[-1]] = image
         masks[i, : mask.shape[-2], : mask.shape[-1]] = mask
