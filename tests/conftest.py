@@ -35,7 +35,7 @@ def train_tiny(data: Path, out: Path, *, name: str = "tiny", epochs: int = 2, se
 
     config = TrainConfig(
         data=str(data), epochs=epochs, batch_size=8, image_size=32, base_channels=4, depth=2,
-        out=str(out), name=name, seed=seed, device="cpu", **overrides,
+        out=str(out), name=name, seed=seed, **{"device": "cpu", **overrides},
     )
     return fit(config)
 

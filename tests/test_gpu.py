@@ -1,0 +1,79 @@
+"""The GPU paths, run for real where a CUDA GPU is present; on a CPU-only machine each test skips and says why."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import run_cli, train_tiny
+from unet_edge.checkpoint import load_checkpoint
+
+NO_CUDA = "no CUDA GPU on this machine: the CUDA training and inference paths are not exercised"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+
+
+@requires_cuda
+def test_cuda_amp_training_logs_the_miou_of_fp32_eval(tiny_data, tmp_path):
+    """AMP (bf16 or fp16 + grad scaler), channels_last and pinned memory on CUDA; the checkpoint is plain CPU data."""
+    run = train_tiny(tiny_data, tmp_path, name="cuda", epochs=2, device="cuda", amp=True, workers=2)
+    assert all(np.isfinite(r["train_loss"]) for r in run.history)
+    state = load_checkpoint(run.run_dir / "best.pt")
+    assert all(t.device.type == "cpu" for t in state["model"].values())
+    out = tmp_path / "eval.json"
+    result = run_cli("eval", str(run.run_dir / "best.pt"), "--data", str(tiny_data), "--device", "cuda", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["miou"] == pytest.approx(run.history[run.best_epoch - 1]["miou"], abs=1e-4)
+
+
+@requires_cuda
+def test_fp16_autocast_with_grad_scaler_trains():
+    """The fp16 branch (GPUs without bf16): the scaler steps and the weights move, with finite loss."""
+    from unet_edge.model import ModelConfig, build_model
+    from unet_edge.train import train_one_epoch
+    from unet_edge.transforms import BatchNormalize
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(num_classes=3, base_channels=4, depth=2)).to(device).to(memory_format=torch.channels_last)
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = [(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (4, 32, 32))) for _ in range(3)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    stats = train_one_epoch(
+        model, batches, optimizer, scheduler, nn.CrossEntropyLoss(), device,
+        autocast=torch.autocast("cuda", dtype=torch.float16), scaler=torch.amp.GradScaler("cuda"),
+        normalize=BatchNormalize(channels_last=True),
+    )  # fmt: skip
+    assert stats.images == 12 and np.isfinite(stats.loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@requires_cuda
+def test_onnx_runtime_cuda_provider_matches_cpu(e2e_dir, odd_image):
+    from unet_edge.backends import open_backend, ort_provider_status
+    from unet_edge.data import load_image
+
+    ok, reason = ort_provider_status("cuda")
+    if not ok:
+        pytest.skip(f"ONNX Runtime CUDA provider unavailable: {reason}")
+    image = load_image(odd_image)[None]
+    cpu = open_backend(e2e_dir / "model.onnx", "cpu").segment(image)
+    cuda = open_backend(e2e_dir / "model.onnx", "cuda").segment(image)
+    assert (cpu == cuda).mean() >= 0.999
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fewer than 2 CUDA GPUs: NCCL distributed training is not exercised")
+def test_two_gpu_nccl_epoch_logs_the_miou_of_single_process_eval(tiny_data, tmp_path):
+    result = run_cli(
+        "train", "--nproc-per-node", "2", "--data", str(tiny_data), "--epochs", "1", "--batch-size", "4", "--image-size", "32",
+        "--base-channels", "4", "--depth", "2", "--device", "cuda", "--out", str(tmp_path), "--name", "nccl",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "nccl"
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    out = tmp_path / "eval.json"
+    evaluated = run_cli("eval", str(run / "best.pt"), "--data", str(tiny_data), "--device", "cuda", "--json", str(out))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(out.read_text())["miou"] == pytest.approx(record["miou"], abs=1e-4)
