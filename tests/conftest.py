@@ -51,10 +51,47 @@ def tiny_checkpoint(tiny_run) -> Path:
     return tiny_run.run_dir / "best.pt"
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the CLI as a real subprocess, as a user would."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([*CLI, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600, in_process: bool | None = None
+) -> subprocess.CompletedProcess:
+    """Run `unet-edge ARGS` and return its exit code, stdout and stderr.
+
+    By default the Typer app runs in this process (the same command, error handler and exit codes, without
+    paying torch's import once per call); `in_process=False`, or UNET_EDGE_TEST_SUBPROCESS=1 for the whole
+    suite, starts a real subprocess as a user would. Tests of signals, worker processes and the installed
+    entry point always use subprocesses.
+    """
+    if in_process is None:
+        in_process = os.environ.get("UNET_EDGE_TEST_SUBPROCESS") != "1"
+    if not in_process:
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.run([*CLI, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return _run_in_process(list(args), cwd, env)
+
+
+def _run_in_process(args: list[str], cwd: Path | None, env: dict | None) -> subprocess.CompletedProcess:
+    import traceback
+
+    import torch
+    from typer.testing import CliRunner
+
+    from unet_edge_cli.main import app
+
+    saved_env, saved_cwd, saved_threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        result = CliRunner().invoke(app, args, env=env, catch_exceptions=True)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(saved_threads)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        # What a subprocess would have printed for an uncaught exception.
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess([*CLI, *args], result.exit_code, result.stdout, stderr)
 
 
 @pytest.fixture(scope="session")

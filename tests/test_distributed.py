@@ -76,7 +76,7 @@ def test_collectives_weight_loss_by_images_and_follow_rank_zero(tmp_path):
 def test_two_process_epoch_logs_the_miou_of_single_process_eval(odd_val_data, tmp_path):
     result = run_cli(
         "train", "--nproc-per-node", "2", "--data", str(odd_val_data), "--epochs", "1", *TINY, "--no-amp",
-        "--out", str(tmp_path), "--name", "ddp",
+        "--out", str(tmp_path), "--name", "ddp", in_process=False,
     )
     assert result.returncode == 0, result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
@@ -95,10 +95,10 @@ def test_two_process_epoch_logs_the_miou_of_single_process_eval(odd_val_data, tm
 
 @pytest.mark.slow
 def test_distributed_resume_continues_the_same_run(odd_val_data, tmp_path):
-    first = run_cli("train", "--nproc-per-node", "2", "--data", str(odd_val_data), "--epochs", "1", "--lr", "0.02", *TINY, "--out", str(tmp_path), "--name", "r")
+    first = run_cli("train", "--nproc-per-node", "2", "--data", str(odd_val_data), "--epochs", "1", "--lr", "0.02", *TINY, "--out", str(tmp_path), "--name", "r", in_process=False)
     assert first.returncode == 0, first.stderr
     run = tmp_path / "r"
-    resumed = run_cli("train", "--nproc-per-node", "2", "--epochs", "2", "--device", "cpu", "--resume", str(run / "last.pt"))
+    resumed = run_cli("train", "--nproc-per-node", "2", "--epochs", "2", "--device", "cpu", "--resume", str(run / "last.pt"), in_process=False)
     assert resumed.returncode == 0, resumed.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["r"]
     records = metrics(run)
@@ -118,7 +118,7 @@ def test_nproc_per_node_inside_torchrun_is_a_clean_error(tmp_path):
 def test_failing_workers_end_in_a_one_line_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run_cli("train", "--nproc-per-node", "2", "--data", str(empty), *TINY, "--out", str(tmp_path))
+    result = run_cli("train", "--nproc-per-node", "2", "--data", str(empty), *TINY, "--out", str(tmp_path), in_process=False)
     assert result.returncode == 1
     assert f"error: {empty / 'train' / 'images'}: folder not found" in result.stderr
     assert "error: distributed worker rank" in result.stderr and "Traceback" not in result.stderr

@@ -68,7 +68,7 @@ def test_onnx_runtime_cuda_provider_matches_cpu(e2e_dir, odd_image):
 def test_two_gpu_nccl_epoch_logs_the_miou_of_single_process_eval(tiny_data, tmp_path):
     result = run_cli(
         "train", "--nproc-per-node", "2", "--data", str(tiny_data), "--epochs", "1", "--batch-size", "4", "--image-size", "32",
-        "--base-channels", "4", "--depth", "2", "--device", "cuda", "--out", str(tmp_path), "--name", "nccl",
+        "--base-channels", "4", "--depth", "2", "--device", "cuda", "--out", str(tmp_path), "--name", "nccl", in_process=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     run = tmp_path / "nccl"

@@ -1,6 +1,7 @@
 """Reliability: bad input gets one line and exit 1, nothing is written; crashes lose nothing; untrusted files run no code.
 
-Every CLI case runs the real command as a subprocess and compares the files around it before and after.
+Every CLI case runs the real command (`run_cli`; signals and crashes in real subprocesses) and compares the
+files around it before and after.
 """
 
 import json

@@ -15,6 +15,7 @@ def test_one_epoch_train_subprocess_writes_run_folder(tiny_data, tmp_path):
     result = run_cli(
         "train", "--data", str(tiny_data), "--epochs", "1", "--batch-size", "8", "--image-size", "32",
         "--base-channels", "4", "--depth", "2", "--out", str(tmp_path), "--name", "one", "--device", "cpu",
+        in_process=False,
     )
     assert result.returncode == 0, result.stderr
     run = tmp_path / "one"

@@ -246,7 +246,7 @@ def train_one_epoch(
         with autocast or nullcontext():
             loss = criterion(model(images), masks)
         if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {float(loss)} at step {step + 1}; try a lower --lr")
+            raise TrainingError(f"loss became {float(loss.detach())} at step {step + 1}; try a lower --lr")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
