@@ -1,6 +1,8 @@
 """`unet-edge predict` and the end-to-end ONNX model (uint8 RGB in, uint8 class mask out)."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -161,3 +163,16 @@ def test_predict_errors_are_one_line(tiny_checkpoint, tmp_path):
         assert result.stderr.startswith("error:") and message in result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
+
+
+def test_predicting_with_onnx_needs_no_torch(e2e_dir, odd_image, tmp_path):
+    """`unet-edge predict model.onnx` runs on numpy, Pillow and ONNX Runtime alone (fast start, edge-friendly)."""
+    code = (
+        "import sys; from unet_edge.predict import predict; "
+        f"predict({str(e2e_dir / 'model.onnx')!r}, [{str(odd_image)!r}], out={str(tmp_path / 'out')!r}); "
+        "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert any((tmp_path / "out").iterdir())

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision import tv_tensors
 
 from .errors import DataError
+from .images import IMAGE_SUFFIXES, LABEL_SUFFIXES, load_image, load_label
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -44,8 +44,6 @@ __all__ = [
     "scan_dataset",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -60,40 +58,6 @@ class DatasetInfo:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-
-def load_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read any image as H x W x 3 uint8 RGB (grayscale, RGBA and palette images are converted)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                array = np.asarray(img, dtype=np.float64)
-                peak = array.max() if array.size and array.max() > 0 else 1.0
-                img = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).astype(np.uint8))
-            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
-
-
-def load_label(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read a label as H x W class indices (uint8 or, for 16-bit files, int32); palette indices are kept."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("L", "P"):
-                return np.asarray(img, dtype=np.uint8).copy()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                return np.asarray(img, dtype=np.int32).copy()
-            if img.mode == "1":
-                return np.asarray(img, dtype=np.uint8).copy()
-            raise DataError(f"{path}: label must be single-channel class indices, got image mode {img.mode}")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable label image ({exc.__class__.__name__}: {exc})") from None
 
 
 def read_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo | None:
@@ -222,8 +186,11 @@ class ImageSegmentation(torch.utils.data.Dataset):
             )
         return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(label)
 
-    def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
-        """The decoded pair, before transforms: uint8 image, mask in its stored dtype (uint8 or int32)."""
+    def load(self, index: int) -> tuple[Any, Any]:
+        """The decoded pair, before transforms, as a uint8 `tv_tensors.Image` and a `tv_tensors.Mask` in
+        the label's stored dtype (uint8 or int32)."""
+        from torchvision import tv_tensors  # imported on first use: scanning and error paths do without it
+
         pair = self._decoded.get(index) if self.cache else None
         if pair is None:
             pair = self._decode(index)
@@ -245,7 +212,7 @@ class ImageSegmentation(torch.utils.data.Dataset):
         image, mask = self.load(index)
         if self.transforms is not None:
             return self.transforms(image, mask)
-        return image, tv_tensors.Mask(mask.to(torch.int64))
+        return image, type(mask)(mask.to(torch.int64))
 
 
 @dataclass

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .backends import Backend, open_backend
-from .data import IMAGE_SUFFIXES, load_image
+from .images import IMAGE_SUFFIXES, load_image
 from .errors import ArtifactError, DataError
 from .io import atomic_path, atomic_write_text
 
