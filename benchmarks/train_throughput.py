@@ -9,6 +9,12 @@ so the gap to it is what data loading still costs. The contenders alternate epoc
 from other processes hits them alike, and each reports the median.
 
     python benchmarks/train_throughput.py            # writes the `training` section of benchmarks/README.md
+
+`--sweep 16,32,64,128` instead measures unet-edge alone at each batch size on `--device` (default: the one
+`unet-edge train` would pick), set up as `fit` sets it up there (on CUDA: bf16/fp16 autocast, channels_last,
+loader workers with pinned memory and non-blocking copies), and writes the `training-sweep` section:
+
+    python benchmarks/train_throughput.py --sweep 16,32,64,128 --images 2048 --image-size 256 --base-channels 32 --depth 4
 """
 
 from __future__ import annotations
@@ -32,11 +38,12 @@ from unet_edge.data import ImageSegmentation
 from unet_edge.io import atomic_write_text
 from unet_edge.model import ModelConfig, build_model
 from unet_edge.synth import CLASSES, SynthSpec, write_synth
-from unet_edge.train import make_loader, prefers_channels_last, train_one_epoch
+from unet_edge.train import EpochStats, autocast_context, make_loader, prefers_channels_last, resolve_device, train_one_epoch
 from unet_edge.transforms import BatchNormalize, SegmentationPresetTrain
 
 README = Path(__file__).with_name("README.md")
 BEGIN, END = "<!-- BEGIN training -->", "<!-- END training -->"
+SWEEP_BEGIN, SWEEP_END = "<!-- BEGIN training-sweep -->", "<!-- END training-sweep -->"
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for unet-edge (fit's CPU default: 0)")
     parser.add_argument("--no-cache", action="store_true", help="decode every image every epoch (fit's default caches)")
     parser.add_argument("--rounds", type=int, default=7, help="timed epochs per contender (after one warm-up)")
+    parser.add_argument("--sweep", type=str, default=None, help="comma-separated batch sizes: unet-edge alone, images/s per size")
+    parser.add_argument("--device", default="auto", help="device of the sweep (auto: as `unet-edge train` picks)")
     parser.add_argument("--readme", type=Path, default=README, help="README whose training section is rewritten")
     parser.add_argument("--no-write", action="store_true", help="print the section only")
     return parser.parse_args()
@@ -101,9 +110,95 @@ def timed(run_epoch: Callable[[], int]) -> float:
     return seen / (time.perf_counter() - started)
 
 
+def sweep(args: argparse.Namespace) -> str:
+    """images/s of `train_one_epoch` per batch size, configured as `fit` configures it on the device."""
+    device = resolve_device(args.device)
+    workers = args.workers if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    channels_last = prefers_channels_last(device)
+    autocast, amp_dtype = autocast_context(device, True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_synth(Path(tmp) / "data", SynthSpec(num_train=args.images, num_val=1, size=args.image_size, seed=0))
+        dataset = ImageSegmentation(
+            root, "train", SegmentationPresetTrain(crop_size=args.image_size, normalize=False), cache=not args.no_cache
+        )
+        if not args.no_cache:
+            dataset.fill_cache()
+        for batch_size in [int(b) for b in args.sweep.split(",")]:
+            torch.manual_seed(0)
+            loader = make_loader(
+                dataset, batch_size=batch_size, shuffle=True, workers=workers, ignore_index=255,
+                pin_memory=device.type == "cuda", drop_last=True,
+            )  # fmt: skip
+            model = build_model(ModelConfig(num_classes=len(CLASSES), base_channels=args.base_channels, depth=args.depth)).to(device)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+            scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+            criterion = nn.CrossEntropyLoss(ignore_index=255)
+            normalize = BatchNormalize(channels_last=channels_last)
+
+            def epoch() -> EpochStats:
+                return train_one_epoch(
+                    model, loader, optimizer, scheduler, criterion, device, autocast=autocast, scaler=scaler, normalize=normalize
+                )
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            epoch()  # warm-up: kernel selection, loader workers start
+            rates, waits = [], []
+            for _ in range(args.rounds):
+                started = time.perf_counter()
+                stats = epoch()
+                elapsed = time.perf_counter() - started
+                rates.append(stats.images / elapsed)
+                waits.append(stats.data_time / elapsed)
+            peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else "-"
+            rows.append(
+                f"| {batch_size} | {statistics.median(rates):.1f} | {min(rates):.1f} | {max(rates):.1f} | "
+                f"{100 * statistics.median(waits):.1f}% | {peak} |"
+            )
+            del model, optimizer, loader
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}.get(amp_dtype, "fp32")
+    return "\n".join(
+        [
+            SWEEP_BEGIN,
+            f"## Training throughput vs batch size ({device.type}: {name})",
+            "",
+            f"unet-edge `train_one_epoch` as `fit` runs it on {device.type}: {precision}, "
+            f"{'channels_last, ' if channels_last else ''}{workers} loader workers"
+            f"{', pinned memory, non-blocking copies' if device.type == 'cuda' else ''}, "
+            f"{'decoded images cached' if not args.no_cache else 'decoding every epoch'}. UNetStudent base_channels "
+            f"{args.base_channels}, depth {args.depth}, {args.image_size}x{args.image_size} crops, {args.images} synthetic "
+            f"images, AdamW; {args.rounds} timed epochs per batch size after one warm-up.",
+            "",
+            "| batch | images/s (median) | min | max | waiting for data | peak GPU MiB |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+            *rows,
+            "",
+            f"Machine: {machine()}.",
+            "",
+            "Command:",
+            "",
+            "```",
+            shlex.join(["python", "benchmarks/train_throughput.py", *sys.argv[1:]]),
+            "```",
+            SWEEP_END,
+        ]
+    )
+
+
 def main() -> None:
     args = parse_args()
     torch.manual_seed(0)
+    if args.sweep:
+        section = sweep(args)
+        print(section)
+        if not args.no_write:
+            write_section(args.readme, section, SWEEP_BEGIN, SWEEP_END)
+        return
     device = torch.device("cpu")
     channels_last = prefers_channels_last(device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,12 +281,12 @@ def main() -> None:
         write_section(args.readme, section)
 
 
-def write_section(readme: Path, section: str) -> None:
-    """Replace only the text between the training markers (appending the section when it is absent)."""
+def write_section(readme: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace only the text between the markers (appending the section when it is absent)."""
     text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
         text = head + section + tail
     else:
         text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section + "\n"
