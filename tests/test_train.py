@@ -100,3 +100,29 @@ def test_cached_and_uncached_training_agree(tiny_data, tmp_path):
     weights = load_checkpoint(cached.run_dir / "last.pt")["model"]
     for name, value in load_checkpoint(uncached.run_dir / "last.pt")["model"].items():
         assert torch.equal(weights[name], value), name
+
+
+@pytest.mark.parametrize("stop_epoch", [1, 2])
+def test_interrupt_mid_epoch_keeps_the_last_finished_epoch(tiny_data, tmp_path, stop_epoch):
+    from unet_edge.errors import TrainingInterrupted
+    from unet_edge.train import TrainConfig, TrainHooks, fit
+
+    class CtrlC(TrainHooks):
+        def on_step(self, epoch, step, loss):
+            if epoch + 1 == stop_epoch and step == 1:
+                raise KeyboardInterrupt
+
+        def on_epoch_end(self, record):
+            self.last_bytes = (tmp_path / "i" / "last.pt").read_bytes()
+
+    hooks = CtrlC()
+    config = TrainConfig(
+        data=str(tiny_data), epochs=3, batch_size=4, image_size=32, base_channels=4, depth=2, out=str(tmp_path), name="i", device="cpu"
+    )
+    with pytest.raises(TrainingInterrupted) as error:
+        fit(config, hooks)
+    if stop_epoch == 1:
+        assert "nothing was saved" in str(error.value) and not (tmp_path / "i" / "last.pt").exists()
+    else:
+        assert f"holds epoch {stop_epoch - 1};" in str(error.value)
+        assert (tmp_path / "i" / "last.pt").read_bytes() == hooks.last_bytes  # untouched by the interrupt

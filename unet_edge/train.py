@@ -466,6 +466,7 @@ def fit(config: TrainConfig, hooks: TrainHooks | None = None, distributed: Any |
         hooks.on_start(run_dir, config.epochs, steps_per_epoch, start_epoch, str(device))
     final: EvalResult | None = None
     epoch = start_epoch
+    saved_epoch: int | None = start_epoch if resumed is not None else None
     try:
         for epoch in range(start_epoch, config.epochs):
             if train_sampler is not None:
@@ -522,13 +523,18 @@ def fit(config: TrainConfig, hooks: TrainHooks | None = None, distributed: Any |
                     save_checkpoint(run_dir / "best.pt", state(epoch + 1, record))
             if is_main:
                 save_checkpoint(run_dir / "last.pt", state(epoch + 1, record))
+                saved_epoch = epoch + 1
                 hooks.on_epoch_end(record)
     except KeyboardInterrupt:
         if not is_main:
             raise
-        save_checkpoint(run_dir / "last.pt", state(epoch, {"interrupted": True}))
+        # last.pt already holds the last finished epoch; weights from part of an epoch would not match
+        # its learning-rate schedule, so the partial epoch is dropped rather than saved.
+        last = run_dir / "last.pt"
+        if saved_epoch is None:
+            raise TrainingInterrupted(f"interrupted in epoch {epoch + 1}, before any epoch finished: nothing was saved") from None
         raise TrainingInterrupted(
-            f"interrupted in epoch {epoch + 1}: saved {run_dir / 'last.pt'}; continue with --resume {run_dir / 'last.pt'}"
+            f"interrupted in epoch {epoch + 1}: {last} holds epoch {saved_epoch}; continue with --resume {last}"
         ) from None
     if is_main:
         write_curves(run_dir)
