@@ -75,6 +75,12 @@ def machine() -> str:
     )
 
 
+def footer() -> list[str]:
+    """The machine and the command line that produced a section."""
+    command = shlex.join(["python", "benchmarks/train_throughput.py", *sys.argv[1:]])
+    return ["", f"Machine: {machine()}.", "", "Command:", "", "```", command, "```"]
+
+
 def preload(dataset: ImageSegmentation, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every sample through the same train transform once, stacked into batches held in memory."""
     samples = [dataset[i] for i in range(len(dataset))]
@@ -177,14 +183,7 @@ def sweep(args: argparse.Namespace) -> str:
             "| batch | images/s (median) | min | max | waiting for data | peak GPU MiB |",
             "| ---: | ---: | ---: | ---: | ---: | ---: |",
             *rows,
-            "",
-            f"Machine: {machine()}.",
-            "",
-            "Command:",
-            "",
-            "```",
-            shlex.join(["python", "benchmarks/train_throughput.py", *sys.argv[1:]]),
-            "```",
+            *footer(),
             SWEEP_END,
         ]
     )
@@ -265,14 +264,7 @@ def main() -> None:
         f"unet-edge / textbook plain loop: **{ours_median / plain_median:.3f}**; "
         f"unet-edge / plain loop with the same model layout: {ours_median / ceiling_median:.3f}; "
         f"unet-edge waited for data {100 * waiting:.1f}% of its epoch time (median).",
-        "",
-        f"Machine: {machine()}.",
-        "",
-        "Command:",
-        "",
-        "```",
-        shlex.join(["python", "benchmarks/train_throughput.py", *sys.argv[1:]]),
-        "```",
+        *footer(),
         END,
     ]
     section = "\n".join(lines)
