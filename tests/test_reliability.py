@@ -325,10 +325,15 @@ def wait_for_epochs(log: Path, count: int, process: subprocess.Popen, timeout: f
 @pytest.mark.slow
 def test_sigint_keeps_the_last_finished_epoch_exits_130_and_resume_continues(tmp_path):
     data, out = tiny_set(tmp_path / "data"), tmp_path / "runs"
-    process = start_training(data, out, 40)
+    process = start_training(data, out, 1000)  # ~0.1 s an epoch: it must still be running when the signal comes
     wait_for_epochs(out / "run" / "metrics.jsonl", 2, process)
+    assert process.poll() is None, process.communicate()
     process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
+    try:
+        stdout, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"SIGINT did not stop training within 60 s: {process.communicate()}")
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     line = assert_one_line_error(result, "interrupted in epoch", "run/last.pt", "--resume", code=130)
     state = load_checkpoint(out / "run" / "last.pt")
@@ -347,7 +352,7 @@ def test_kill_9_at_a_random_moment_then_resume_finishes(tmp_path):
     rng = random.Random(seed)
     data, out = tiny_set(tmp_path / "data"), tmp_path / "runs"
     run = out / "run"
-    process = start_training(data, out, 40)
+    process = start_training(data, out, 1000)  # far more than it gets to run before the kill
     wait_for_epochs(run / "metrics.jsonl", rng.randint(1, 25), process)
     time.sleep(rng.uniform(0, 0.4))  # anywhere in an epoch: training, evaluating or writing files
     process.kill()
@@ -356,12 +361,13 @@ def test_kill_9_at_a_random_moment_then_resume_finishes(tmp_path):
     state = load_checkpoint(run / "last.pt")  # the previous or the new file, whole
     with open(run / "metrics.jsonl", "ab") as handle:  # and a log line cut short, as a crash mid-write leaves
         handle.write(b'{"epoch": 99, "train_lo')
-    result = run_cli("train", "--resume", str(run / "last.pt"), "--epochs", "40", "--device", "cpu")
+    target = state["epoch"] + 3
+    result = run_cli("train", "--resume", str(run / "last.pt"), "--epochs", str(target), "--device", "cpu")
     assert result.returncode == 0, f"seed {seed}, killed at epoch {state['epoch']}: {result.stderr}"
-    assert load_checkpoint(run / "last.pt")["epoch"] == 40
+    assert load_checkpoint(run / "last.pt")["epoch"] == target
     load_model(run / "last.pt")
     load_model(run / "best.pt")
-    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, 41)), f"seed {seed}"
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == list(range(1, target + 1)), f"seed {seed}"
     assert not list(run.glob(".*.tmp"))
 
 
