@@ -311,7 +311,12 @@ def tiny_set(root: Path, num_train: int = 16) -> Path:
 
 def start_training(data: Path, out: Path, epochs: int, *extra: str) -> subprocess.Popen:
     args = ["train", "--data", str(data), *TINY_TRAIN, "--epochs", str(epochs), "--out", str(out), "--name", "run", *extra]
-    return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and children inherit that
+    # (Python then installs no KeyboardInterrupt handler): give the run the disposition a terminal gives it.
+    return subprocess.Popen(
+        [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
 
 
 def wait_for_epochs(log: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
