@@ -401,18 +401,13 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Latency per backend (smallest batch) and throughput against batch size, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .io import atomic_path
+    from .io import pyplot, save_figure
 
     rows = [r for r in report["results"] if r["status"] == "ok"]
     if not rows:
         raise UNetEdgeError("nothing to plot: no backend could be measured")
     smallest = min(r["batch_size"] for r in rows)
-    fig, (ax_lat, ax_tp) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_lat, ax_tp) = pyplot().subplots(1, 2, figsize=(12, 4.5))
     first = [r for r in rows if r["batch_size"] == smallest]
     labels = [f"{r['backend']}\n{r['provider'].replace('ExecutionProvider', '')}\n{r['precision']}" for r in first]
     ax_lat.bar(range(len(first)), [r["latency_ms"]["p50"] for r in first], color="C0")
@@ -439,8 +434,4 @@ def plot(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     for ax in (ax_lat, ax_tp):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    target = Path(path)
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return target
+    return save_figure(fig, path)

@@ -17,7 +17,7 @@ import torch
 
 from . import __version__
 from .errors import CheckpointError
-from .io import atomic_path
+from .io import atomic_path, newest
 from .model import ModelConfig, UNetStudent, build_model
 
 __all__ = ["LoadedModel", "find_latest_checkpoint", "load_checkpoint", "load_model", "save_checkpoint"]
@@ -103,8 +103,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
 
 def find_latest_checkpoint(runs_dir: str | os.PathLike[str] = "runs", name: str = "best.pt") -> Path:
     """The newest `runs/*/best.pt` by modification time."""
-    runs = Path(runs_dir)
-    candidates = sorted(runs.glob(f"*/{name}"), key=lambda p: p.stat().st_mtime) if runs.is_dir() else []
-    if not candidates:
-        raise CheckpointError(f"{runs}: no run with a {name} found; train one with `unet-edge train` or pass a checkpoint")
-    return candidates[-1]
+    found = newest(runs_dir, f"*/{name}")
+    if found is None:
+        raise CheckpointError(f"{runs_dir}: no run with a {name} found; train one with `unet-edge train` or pass a checkpoint")
+    return found

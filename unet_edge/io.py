@@ -18,7 +18,18 @@ from typing import IO, Any
 
 from .errors import OutputError
 
-__all__ = ["append_jsonl", "atomic_path", "atomic_write_bytes", "atomic_write_text", "check_writable", "read_jsonl", "sha256_file"]
+__all__ = [
+    "append_jsonl",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "check_writable",
+    "newest",
+    "pyplot",
+    "read_jsonl",
+    "save_figure",
+    "sha256_file",
+]
 
 
 def check_writable(target: str | os.PathLike[str] | None) -> None:
@@ -106,3 +117,31 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
             os.fsync(handle.fileno())
     except OSError as exc:
         raise OutputError(f"{path}: cannot append ({exc.strerror})") from None
+
+
+def newest(root: str | os.PathLike[str], pattern: str) -> Path | None:
+    """The most recently modified path under `root` matching the glob `pattern` (None when there is none)."""
+    root = Path(root)
+    matches = sorted(root.glob(pattern), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    return matches[-1] if matches else None
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend (no display needed), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 100) -> Path:
+    """Write a matplotlib figure as a PNG atomically, then close it (figures hold memory until closed)."""
+    target = Path(path)
+    try:
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        pyplot().close(fig)
+    return target
