@@ -14,7 +14,7 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 endif
 DEMO_EPOCHS ?= 20
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-tools clean
 
 install: $(STAMP)
 
@@ -33,8 +33,28 @@ demo: $(STAMP)
 	$(CLI) predict "$$($(PY) -c 'from unet_edge.export import find_latest_export; print(find_latest_export() / "model.onnx")')" \
 		"$$($(PY) -c 'from unet_edge.synth import default_data_dir; print(default_data_dir() / "val" / "images")')" --limit 4 --out runs/demo-predict
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(PY) -m pytest -q
+
+# What the embedding tests need beside Python: Chromium (where apt-get and root allow) and the examples' npm packages
+# (where npm is). Elsewhere those tests skip with the reason; under CI (CI=true) a failed install fails the run instead.
+NPM_CI := npm ci --no-audit --no-fund --onnxruntime-node-install=skip
+test-tools:
+	@miss() { if [ "$${CI:-}" = true ]; then echo "error: $$1" >&2; exit 1; fi; echo "warning: $$1: the $$2 will skip"; }; \
+	if ! command -v chromium >/dev/null; then \
+	    if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
+	            || miss "could not install chromium" "browser test"; \
+	    else miss "no apt-get as root to install chromium" "browser test"; fi; \
+	fi; \
+	if command -v npm >/dev/null; then \
+	    for app in node web; do \
+	        lock=examples/$$app/package-lock.json; done_=examples/$$app/node_modules/.package-lock.json; \
+	        if [ ! -f $$done_ ] || [ $$lock -nt $$done_ ]; then \
+	            (cd examples/$$app && $(NPM_CI) >/dev/null) || miss "npm ci failed in examples/$$app" "$$app example test"; \
+	        fi; \
+	    done; \
+	else miss "npm not found" "Node.js and browser tests"; fi
 
 clean:
 	rm -rf runs exported/*/ .pytest_cache
