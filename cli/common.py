@@ -12,6 +12,7 @@ import os
 import sys
 
 from collections.abc import Callable, Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -37,6 +38,23 @@ DataOption = Annotated[
 JsonOption = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 RunsOption = Annotated[Path, typer.Option("--runs", help="Folder holding training runs (to find the newest).")]
+
+
+def comma_separated(enum: type[Enum], *names: str, help: str) -> Any:
+    """A typer.Option taking comma-separated values of a str Enum ("fp16,int8"): each is checked, the choices
+    are listed in --help, and the command gets a tuple of Enum members (duplicates dropped, order kept)."""
+    values = [member.value for member in enum]
+
+    def parse(text: Any) -> tuple[Enum, ...]:
+        if isinstance(text, tuple):
+            return text
+        items = [item.strip() for item in str(text).split(",") if item.strip()]
+        unknown = [item for item in items if item not in values] or ([] if items else [text])
+        if unknown:
+            raise typer.BadParameter(f"{unknown[0]!r} is not one of {', '.join(values)}")
+        return tuple(enum(item) for item in dict.fromkeys(items))
+
+    return typer.Option(*names, parser=parse, metavar="[" + "|".join(values) + "],...", help=help)
 
 
 def debug_enabled() -> bool:
