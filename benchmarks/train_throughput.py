@@ -38,7 +38,9 @@ from unet_edge.data import ImageSegmentation
 from unet_edge.io import atomic_write_text
 from unet_edge.model import ModelConfig, build_model
 from unet_edge.synth import CLASSES, SynthSpec, write_synth
-from unet_edge.train import EpochStats, autocast_context, make_loader, prefers_channels_last, resolve_device, train_one_epoch
+from unet_edge.device import autocast_context, prefers_channels_last, resolve_device
+from unet_edge.loaders import make_loader
+from unet_edge.train import EpochStats, train_one_epoch
 from unet_edge.transforms import BatchNormalize, SegmentationPresetTrain
 
 README = Path(__file__).with_name("README.md")

@@ -6,21 +6,33 @@ each running this same command; a worker started by `torchrun` joins the process
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from click.core import ParameterSource
 from typer.core import TyperOption
+
+from unet_edge.config import BlockOrder, TrainConfig, Upsample
 
 from .common import DataOption, DeviceOption, console, err_console, fmt, handle_errors, iou_table, progress_bar
 
+DEFAULTS = TrainConfig()
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    """The options the user gave (on the command line or through the environment), not left at their defaults."""
+    return {name for name in ctx.params if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
+
 
 def _command_args(ctx: typer.Context, skip: set[str]) -> list[str]:
-    """The command line that reproduces this invocation's parsed options, minus those in `skip`."""
+    """The command line that reproduces this invocation's given options, minus those in `skip`."""
     args: list[str] = []
+    given = _given(ctx)
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if not isinstance(param, TyperOption) or param.name in skip or value is None:
+        if not isinstance(param, TyperOption) or param.name in skip or param.name not in given or value is None:
             continue
         if param.is_flag:
             flag = param.opts[0] if value else next(iter(param.secondary_opts), None)
@@ -34,17 +46,19 @@ def _command_args(ctx: typer.Context, skip: set[str]) -> list[str]:
 def train(
     ctx: typer.Context,
     data: DataOption = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs to train (in total, when resuming).")] = 20,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step (per process).")] = 16,
-    lr: Annotated[float, typer.Option(min=0.0, help="Peak AdamW learning rate (warm-up, then cosine decay).")] = 3e-3,
-    image_size: Annotated[int, typer.Option(min=8, help="Side of the random training crop.")] = 64,
-    base_channels: Annotated[int, typer.Option(min=1, help="Channels of the first U-Net level.")] = 16,
-    depth: Annotated[int, typer.Option(min=1, help="Number of down/up-sampling levels.")] = 3,
-    num_convs: Annotated[int, typer.Option(min=1, help="Convolutions per block.")] = 2,
-    upsample: Annotated[str, typer.Option(help="transpose or bilinear.")] = "transpose",
+    epochs: Annotated[
+        Optional[int], typer.Option(min=1, help=f"Epochs to train in all [default: {DEFAULTS.epochs}; with --resume, the run's own].")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step (per process).")] = DEFAULTS.batch_size,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak AdamW learning rate (warm-up, then cosine decay).")] = DEFAULTS.lr,
+    image_size: Annotated[int, typer.Option(min=8, help="Side of the random training crop.")] = DEFAULTS.image_size,
+    base_channels: Annotated[int, typer.Option(min=1, help="Channels of the first U-Net level.")] = DEFAULTS.model.base_channels,
+    depth: Annotated[int, typer.Option(min=1, help="Number of down/up-sampling levels.")] = DEFAULTS.model.depth,
+    num_convs: Annotated[int, typer.Option(min=1, help="Convolutions per block.")] = DEFAULTS.model.num_convs,
+    upsample: Annotated[Upsample, typer.Option(help="How the decoder upsamples.")] = Upsample(DEFAULTS.model.upsample),
     block_order: Annotated[
-        str, typer.Option(help="conv-relu-bn (the seed's) or conv-bn-relu (folds fully for int8 deployment).")
-    ] = "conv-relu-bn",
+        BlockOrder, typer.Option(help="conv-relu-bn (the seed's) or conv-bn-relu (folds fully for int8 deployment).")
+    ] = BlockOrder(DEFAULTS.model.block_order),
     device: DeviceOption = "auto",
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16 where supported, else fp16).")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
@@ -56,37 +70,32 @@ def train(
             help="Keep decoded images in memory after their first epoch (default: when they fit in a quarter of free memory and --workers is 0).",
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    out: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path("runs"),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = DEFAULTS.seed,
+    out: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path(DEFAULTS.out),
     name: Annotated[Optional[str], typer.Option(help="Run folder name (default: unet, unet-2, ...).")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint (usually RUN/last.pt).")] = None,
+    resume: Annotated[
+        Optional[Path],
+        typer.Option(help="Continue from this checkpoint (usually RUN/last.pt) with its run's settings; --data and --epochs may change."),
+    ] = None,
     nproc_per_node: Annotated[
         int, typer.Option(min=1, help="Distributed data parallel: start this many worker processes (one per GPU) via torch.distributed.run.")
     ] = 1,
 ) -> None:
     """Train a UNetStudent (on the embedded synthetic set unless --data is given)."""
-    from unet_edge.distributed import distributed_context, launch, launched_by_torchrun
-    from unet_edge.errors import TrainingError
-    from unet_edge.train import TrainConfig, TrainHooks, fit, resolve_data
+    from unet_edge.distributed import distributed_context, launch_training
+    from unet_edge.train import TrainHooks, fit
 
     if nproc_per_node > 1:
-        if launched_by_torchrun():
-            raise TrainingError("--nproc-per-node starts its own workers: drop it when launching with torchrun")
-        resolve_data(str(data) if data is not None else None)  # fail early; generate the embedded set only once
-        launch("unet_edge_cli.main", ["train", *_command_args(ctx, {"nproc_per_node"})], nproc_per_node)
+        launch_training("unet_edge_cli.main", ["train", *_command_args(ctx, {"nproc_per_node"})], nproc_per_node, data)
         return
 
     config = TrainConfig(
         data=str(data) if data is not None else None,
-        epochs=epochs,
+        epochs=epochs or DEFAULTS.epochs,
         batch_size=batch_size,
         lr=lr,
         image_size=image_size,
-        base_channels=base_channels,
-        depth=depth,
-        num_convs=num_convs,
-        upsample=upsample,
-        block_order=block_order,
+        model=replace(DEFAULTS.model, base_channels=base_channels, depth=depth, num_convs=num_convs, upsample=upsample, block_order=block_order),
         device=device,
         amp=amp,
         compile=compile,
@@ -126,7 +135,7 @@ def train(
                     f"(waiting for data {record['data_time_s']:.1f} s)"
                 )
 
-        result = fit(config, Hooks(), distributed)
+        result = fit(config, Hooks(), distributed, explicit=_given(ctx))
     if distributed is not None and not distributed.is_main:
         return
     last = result.history[-1]

@@ -31,10 +31,11 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_tiny(data: Path, out: Path, *, name: str = "tiny", epochs: int = 2, seed: int = 0, **overrides):
-    from unet_edge.train import TrainConfig, fit
+    from unet_edge.config import ModelConfig, TrainConfig
+    from unet_edge.train import fit
 
     config = TrainConfig(
-        data=str(data), epochs=epochs, batch_size=8, image_size=32, base_channels=4, depth=2,
+        data=str(data), epochs=epochs, batch_size=8, image_size=32, model=ModelConfig(base_channels=4, depth=2),
         out=str(out), name=name, seed=seed, **{"device": "cpu", **overrides},
     )
     return fit(config)

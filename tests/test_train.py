@@ -7,7 +7,9 @@ import torch
 
 from conftest import run_cli, train_tiny
 from unet_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
-from unet_edge.errors import CheckpointError
+from unet_edge.config import ModelConfig, TrainConfig
+from unet_edge.errors import CheckpointError, TrainingInterrupted
+from unet_edge.train import TrainHooks, fit
 
 
 @pytest.mark.slow
@@ -43,7 +45,7 @@ def test_checkpoint_is_plain_data_and_round_trips(tiny_checkpoint, tmp_path):
 
 def test_resume_continues_from_saved_epoch(tiny_data, tmp_path):
     first = train_tiny(tiny_data, tmp_path, name="r", epochs=1)
-    resumed = train_tiny(tiny_data, tmp_path, epochs=2, resume=str(first.run_dir / "last.pt"))
+    resumed = fit(TrainConfig(epochs=2, device="cpu", resume=str(first.run_dir / "last.pt")))
     assert resumed.run_dir == first.run_dir
     epochs = [json.loads(l)["epoch"] for l in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
@@ -104,9 +106,6 @@ def test_cached_and_uncached_training_agree(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("stop_epoch", [1, 2])
 def test_interrupt_mid_epoch_keeps_the_last_finished_epoch(tiny_data, tmp_path, stop_epoch):
-    from unet_edge.errors import TrainingInterrupted
-    from unet_edge.train import TrainConfig, TrainHooks, fit
-
     class CtrlC(TrainHooks):
         def on_step(self, epoch, step, loss):
             if epoch + 1 == stop_epoch and step == 1:
@@ -117,7 +116,7 @@ def test_interrupt_mid_epoch_keeps_the_last_finished_epoch(tiny_data, tmp_path, 
 
     hooks = CtrlC()
     config = TrainConfig(
-        data=str(tiny_data), epochs=3, batch_size=4, image_size=32, base_channels=4, depth=2, out=str(tmp_path), name="i", device="cpu"
+        data=str(tiny_data), epochs=3, batch_size=4, image_size=32, model=ModelConfig(base_channels=4, depth=2), out=str(tmp_path), name="i", device="cpu"
     )
     with pytest.raises(TrainingInterrupted) as error:
         fit(config, hooks)

@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
 from .images import IMAGE_SUFFIXES, LABEL_SUFFIXES, load_image, load_label
+from .synth import SynthSpec, ensure_synth
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -41,6 +42,7 @@ __all__ = [
     "pad_collate",
     "is_voc_root",
     "read_dataset_info",
+    "resolve_data",
     "scan_dataset",
 ]
 
@@ -76,6 +78,16 @@ def read_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo | None:
     if ignore_index is not None and (not isinstance(ignore_index, int) or 0 <= ignore_index < len(classes)):
         raise DataError(f'{path}: "ignore_index" must be null or an integer that is not a class id')
     return DatasetInfo(tuple(classes), ignore_index)
+
+
+def resolve_data(data: str | os.PathLike[str] | None, progress: Callable[[int, int], None] | None = None) -> Path:
+    """The user's dataset folder, or the embedded synthetic set generated once into the cache."""
+    if data is None:
+        return ensure_synth(SynthSpec(), progress)
+    root = Path(data)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    return root
 
 
 def _files_by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:

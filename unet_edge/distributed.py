@@ -20,6 +20,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Sampler
 
+from .data import resolve_data
+from .device import resolve_device
 from .errors import TrainingError
 
 __all__ = ["DistContext", "ShardSampler", "distributed_context", "launched_by_torchrun"]
@@ -90,12 +92,6 @@ class DistContext:
         total_loss, total_seen = totals.tolist()
         return total_loss / max(total_seen, 1.0), int(total_seen)
 
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum of `tensor` over all ranks (a new tensor; the input is left as it was)."""
-        summed = tensor.clone()
-        dist.all_reduce(summed)
-        return summed
-
     def broadcast_path(self, path: Path) -> Path:
         """Rank 0's `path` on every rank (rank 0 picks the run folder, the others follow)."""
         message = [str(path)]
@@ -104,8 +100,6 @@ class DistContext:
 
 
 def _worker_device(device: str, local_rank: int) -> torch.device:
-    from .train import resolve_device
-
     chosen = resolve_device(device)
     if chosen.type == "cuda":
         if local_rank >= torch.cuda.device_count():
@@ -136,6 +130,17 @@ def distributed_context(device: str = "auto") -> Iterator[DistContext | None]:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def launch_training(module: str, args: list[str], nproc_per_node: int, data: str | os.PathLike[str] | None) -> None:
+    """Start `nproc_per_node` training workers (`launch`), once the dataset is known to exist.
+
+    The embedded set is generated here, once, rather than by every worker at the same time.
+    """
+    if launched_by_torchrun():
+        raise TrainingError("--nproc-per-node starts its own workers: drop it when launching with torchrun")
+    resolve_data(data)
+    launch(module, args, nproc_per_node)
 
 
 def launch(module: str, args: list[str], nproc_per_node: int) -> None:

@@ -1,21 +1,81 @@
-"""Evaluate a checkpoint on a dataset split (what `unet-edge eval` runs)."""
+"""Evaluation: the `evaluate` loop that training validates with, and `evaluate_checkpoint` (what
+`unet-edge eval` runs). Both give mIoU from one confusion matrix over every pixel of a split."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .checkpoint import find_latest_checkpoint, load_model
-from .data import DatasetInfo, ImageSegmentation, scan_dataset
+from .data import DatasetInfo, ImageSegmentation, resolve_data, scan_dataset
+from .device import place_model, prefers_channels_last, resolve_device
 from .errors import DataError
-from .train import evaluate, make_loader, prefers_channels_last, resolve_data, resolve_device
+from .loaders import make_loader
+from .metrics import ConfusionMatrix
 from .transforms import BatchNormalize, SegmentationPresetEval
 
-__all__ = ["checkpoint_data_root", "evaluate_checkpoint"]
+__all__ = ["EvalResult", "checkpoint_data_root", "evaluate", "evaluate_checkpoint"]
+
+
+def _json_float(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+@dataclass
+class EvalResult:
+    """mIoU, per-class IoU (NaN for a class in neither prediction nor target), pixel accuracy, and the matrix."""
+
+    miou: float
+    per_class_iou: list[float]
+    pixel_accuracy: float
+    confusion: torch.Tensor
+
+    def to_dict(self, classes: list[str]) -> dict[str, Any]:
+        """The JSON-able record (NaN as null) that metrics.jsonl and `eval --json` hold."""
+        return {
+            "miou": _json_float(self.miou),
+            "pixel_accuracy": _json_float(self.pixel_accuracy),
+            "per_class_iou": {name: _json_float(v) for name, v in zip(classes, self.per_class_iou)},
+        }
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    num_classes: int,
+    ignore_index: int | None,
+    device: torch.device,
+    *,
+    autocast: AbstractContextManager | None = None,
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> EvalResult:
+    """mIoU from one confusion matrix accumulated over every pixel of `loader`.
+
+    In a distributed run every process evaluates its shard and the matrices are summed;
+    `normalize` prepares each batch on `device`, as in `train_one_epoch`.
+    """
+    model.eval()
+    confusion = ConfusionMatrix(num_classes, ignore_index, device=device)
+    for images, masks in loader:
+        images = images.to(device)
+        masks = masks.to(device)
+        if normalize is not None:
+            images = normalize(images)
+        with autocast or nullcontext():
+            logits = model(images)
+        confusion.update(logits.argmax(1), masks)
+    confusion.reduce_from_all_processes()
+    per_class, miou = confusion.compute()
+    return EvalResult(miou, per_class.tolist(), confusion.pixel_accuracy(), confusion.matrix.cpu())
 
 
 def checkpoint_data_root(state: dict[str, Any], data: str | os.PathLike[str] | None) -> Path:
@@ -51,16 +111,14 @@ def evaluate_checkpoint(
     # The same input path as training's validation (uint8 batches normalised on the device, NHWC
     # where it is faster), so this mIoU equals the one `fit` logged for the same checkpoint.
     dataset = ImageSegmentation(root, split, SegmentationPresetEval(mean=loaded.mean, std=loaded.std, normalize=False))
-    channels_last = prefers_channels_last(torch_device)
-    if channels_last:
-        loaded.model.to(memory_format=torch.channels_last)
+    loaded.model = place_model(loaded.model, torch_device)
     if dataset.info is not None and len(dataset.info.classes) != len(loaded.classes):
         raise DataError(
             f"{root / 'dataset.json'}: {len(dataset.info.classes)} classes, but {path} was trained on {len(loaded.classes)}"
         )
     scan_dataset(root, (split,), DatasetInfo(tuple(loaded.classes), loaded.ignore_index), info_source=str(path), progress=progress)
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, ignore_index=loaded.ignore_index)
-    normalize = BatchNormalize(loaded.mean, loaded.std, channels_last=channels_last)
+    normalize = BatchNormalize(loaded.mean, loaded.std, channels_last=prefers_channels_last(torch_device))
     result = evaluate(loaded.model, loader, len(loaded.classes), loaded.ignore_index, torch_device, normalize=normalize)
     return {
         "checkpoint": str(path),

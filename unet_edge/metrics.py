@@ -55,16 +55,32 @@ def IoU(
 
 
 class ConfusionMatrix:
-    """Accumulates a K x K confusion matrix (rows: target, columns: prediction) over many batches."""
+    """Accumulates a K x K confusion matrix (rows: target, columns: prediction) over many batches.
 
-    def __init__(self, num_classes: int, ignore_index: int | None = None) -> None:
+    The matrix lives on `device`, or else on the device of the first batch it sees, so a GPU
+    evaluation copies nothing per batch; `reduce_from_all_processes` sums it over a process group.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int | None = None, device: torch.device | str | None = None) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self._follow_input = device is None
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         counts = _confusion(pred.detach(), target.detach(), self.num_classes, self.ignore_index)
+        if self._follow_input:
+            self.matrix = self.matrix.to(counts.device)
+            self._follow_input = False
         self.matrix += counts.to(self.matrix.device)
+
+    def reduce_from_all_processes(self) -> None:
+        """Sum the matrix over every process of the default group (nothing to do outside one)."""
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            return
+        dist.all_reduce(self.matrix)
 
     def compute(self) -> tuple[torch.Tensor, float]:
         return iou_from_confusion(self.matrix)

@@ -7,12 +7,13 @@ odd sizes such as 97x131 without the caller resizing anything. It returns one te
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import BlockOrder, Downsample, ModelConfig, Upsample
 
 __all__ = [
     "BLOCK_ORDERS",
@@ -24,9 +25,9 @@ __all__ = [
     "build_model",
 ]
 
-BLOCK_ORDERS = ("conv-relu-bn", "conv-bn-relu")
-DOWNSAMPLE_MODES = ("none", "maxpool", "strided")
-UPSAMPLE_MODES = ("transpose", "bilinear")
+BLOCK_ORDERS: tuple[str, ...] = tuple(BlockOrder)
+DOWNSAMPLE_MODES: tuple[str, ...] = ("none", *Downsample)
+UPSAMPLE_MODES: tuple[str, ...] = tuple(Upsample)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -85,31 +86,6 @@ class _Up(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(x)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to rebuild a `UNetStudent`; stored in checkpoints as a plain dict."""
-
-    num_classes: int
-    in_channels: int = 3
-    base_channels: int = 32
-    depth: int = 4
-    num_convs: int = 2
-    upsample: str = "transpose"
-    downsample: str = "maxpool"
-    block_order: str = "conv-relu-bn"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
-        return cls(**data)
 
 
 class UNetStudent(nn.Module):
@@ -180,6 +156,8 @@ def build_model(config: ModelConfig | dict[str, Any]) -> UNetStudent:
     """Build a `UNetStudent` from a `ModelConfig` or its dict form (as stored in checkpoints)."""
     if isinstance(config, dict):
         config = ModelConfig.from_dict(config)
+    if config.num_classes is None:
+        raise ValueError("num_classes must be set to build a model")
     return UNetStudent(
         config.in_channels,
         config.num_classes,

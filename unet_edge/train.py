@@ -1,80 +1,52 @@
-"""Training as plain functions: `train_one_epoch`, `evaluate`, and `fit`, which ties them to a run folder.
+"""Training as plain functions: `train_one_epoch`, and `fit`, which ties it to data, evaluation and a run folder.
 
-Device and precision are decided once (`resolve_device`, `autocast_context`); the library reports
-progress through `TrainHooks` and never prints, so the CLI owns rendering.
+The pieces live beside it: settings in `config`, device policy in `device`, loaders in `loaders`,
+validation in `evaluate`, the run folder in `runs`. The library reports progress through
+`TrainHooks` and never prints, so the CLI owns rendering.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .data import ImageSegmentation, pad_collate, scan_dataset
-from .errors import DataError, TrainingError, TrainingInterrupted
-from .io import append_jsonl, atomic_write_text, read_jsonl
-from .metrics import ConfusionMatrix
-from .model import ModelConfig, build_model
-from .synth import SynthSpec, ensure_synth
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, BatchNormalize, SegmentationPresetEval, SegmentationPresetTrain
+from .checkpoint import load_checkpoint
+from .config import ModelConfig, TrainConfig
+from .device import Precision, mixed_precision, place_model, resolve_device
+from .errors import DataError, TrainingError
+from .evaluate import EvalResult, evaluate
+from .loaders import TrainingData, training_data
+from .model import build_model
+from .runs import RunFolder
 
 __all__ = [
     "EpochStats",
-    "EvalResult",
     "FitResult",
     "TrainConfig",
     "TrainHooks",
-    "autocast_context",
-    "cache_budget",
-    "prefers_channels_last",
-    "evaluate",
+    "Training",
+    "WarmupCosine",
     "fit",
-    "make_loader",
-    "resolve_data",
-    "resolve_device",
+    "resume_config",
+    "run_epoch",
     "train_one_epoch",
 ]
 
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run; stored in every checkpoint under ``train_config``."""
-
-    data: str | None = None
-    epochs: int = 20
-    batch_size: int = 16
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    warmup_fraction: float = 0.05
-    image_size: int = 64
-    base_channels: int = 16
-    depth: int = 3
-    num_convs: int = 2
-    upsample: str = "transpose"
-    block_order: str = "conv-relu-bn"
-    device: str = "auto"
-    amp: bool = True
-    compile: bool = False
-    workers: int | None = None
-    cache: bool | None = None
-    seed: int = 0
-    out: str = "runs"
-    name: str | None = None
-    resume: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+# Settings that shape a run: resuming keeps the saved values, and an explicitly different one is an error.
+RUN_SETTINGS = ("batch_size", "lr", "weight_decay", "warmup_fraction", "image_size", "seed", "out", "name", *(f.name for f in fields(ModelConfig)))
+# Settings whose saved values a resumed run uses unless given: where the data is now, and how many epochs in all.
+RESUME_OVERRIDES = ("data", "epochs")
+# Settings of this invocation only (how to run, not what to train).
+SESSION_SETTINGS = ("device", "amp", "compile", "workers", "cache", "resume")
 
 
 class TrainHooks:
@@ -98,21 +70,6 @@ class EpochStats(NamedTuple):
 
 
 @dataclass
-class EvalResult:
-    miou: float
-    per_class_iou: list[float]
-    pixel_accuracy: float
-    confusion: torch.Tensor
-
-    def to_dict(self, classes: list[str]) -> dict[str, Any]:
-        return {
-            "miou": _json_float(self.miou),
-            "pixel_accuracy": _json_float(self.pixel_accuracy),
-            "per_class_iou": {name: _json_float(v) for name, v in zip(classes, self.per_class_iou)},
-        }
-
-
-@dataclass
 class FitResult:
     run_dir: Path
     best_miou: float
@@ -122,89 +79,88 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _json_float(value: float) -> float | None:
-    return None if value is None or math.isnan(value) else float(value)
+class WarmupCosine:
+    """Learning-rate factor per step: linear warm-up, then cosine decay to zero at `total_steps`.
+
+    A callable object rather than a function, so the scheduler's state (hence the checkpoint) keeps
+    its fields; `retarget` moves the end of a run without a jump in the learning rate.
+    """
+
+    def __init__(self, total_steps: int, warmup_fraction: float) -> None:
+        self.total_steps = total_steps
+        self.warmup_steps = max(1, int(warmup_fraction * total_steps))
+        self.decay_start = 0
+        self.decay_from = 1.0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        start = max(self.decay_start, self.warmup_steps)
+        progress = (step - start) / max(self.total_steps - start, 1)
+        return self.decay_from * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    def retarget(self, step: int, total_steps: int) -> None:
+        """End at `total_steps` instead: past the warm-up, the cosine restarts from the factor at `step`."""
+        if step >= self.warmup_steps:
+            self.decay_from, self.decay_start = self(step), step
+        self.total_steps = total_steps
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple MPS, then the CPU; an explicit device that is absent is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} requested but CUDA is not available on this machine")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise TrainingError("device 'mps' requested but Apple MPS is not available on this machine")
-    if name != "cpu" and not name.startswith(("cuda", "mps")):
-        raise TrainingError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    return torch.device(name)
+@dataclass
+class Training:
+    """The model and what updates it: optimiser, schedule, precision and loss, set up once by `fit`."""
 
+    model: nn.Module
+    train_model: nn.Module
+    model_config: ModelConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    precision: Precision
+    criterion: nn.Module
+    device: torch.device
 
-def autocast_context(device: torch.device, enabled: bool) -> tuple[AbstractContextManager, torch.dtype | None]:
-    """Mixed precision on CUDA only: bf16 where supported, otherwise fp16 (which needs a grad scaler)."""
-    if not enabled or device.type != "cuda":
-        return nullcontext(), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype), dtype
+    @classmethod
+    def build(
+        cls, config: TrainConfig, data: TrainingData, device: torch.device, distributed: Any | None, planned_epochs: int
+    ) -> Training:
+        """A new model for `data`'s classes, AdamW, and a warm-up + cosine schedule over `planned_epochs`."""
+        num_classes = len(data.classes)
+        if config.model.num_classes not in (None, num_classes):
+            raise DataError(f"{data.root}: {num_classes} classes, but the model settings ask for {config.model.num_classes}")
+        model_config = replace(config.model, num_classes=num_classes)
+        model = place_model(build_model(model_config), device)
+        train_model = distributed.wrap(model) if distributed is not None else model
+        if config.compile:
+            train_model = torch.compile(train_model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        schedule = WarmupCosine(len(data.train_loader) * planned_epochs, config.warmup_fraction)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        ignore_index = data.ignore_index if data.ignore_index is not None else -100
+        return cls(model, train_model, model_config, optimizer, scheduler, mixed_precision(device, config.amp), nn.CrossEntropyLoss(ignore_index=ignore_index), device)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, model settings and the optimiser, schedule and scaler states, as a checkpoint holds them."""
+        scaler = self.precision.scaler
+        return {
+            "model": self.model.state_dict(),
+            "config": self.model_config.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+        }
 
-def resolve_data(data: str | None, progress: Callable[[int, int], None] | None = None) -> Path:
-    """The user's dataset folder, or the embedded synthetic set generated once into the cache."""
-    if data is None:
-        return ensure_synth(SynthSpec(), progress)
-    root = Path(data)
-    if not root.is_dir():
-        raise DataError(f"{root}: dataset folder not found")
-    return root
-
-
-def prefers_channels_last(device: torch.device) -> bool:
-    """oneDNN (CPU) and cuDNN (tensor cores) run UNetStudent's convolutions faster in NHWC:
-    a training step on 2 CPU cores took 298 ms instead of 345 (base 16, depth 3, batch 16, 64x64)."""
-    return device.type in ("cpu", "cuda")
-
-
-def cache_budget() -> int:
-    """Bytes of decoded images `fit` keeps in memory unless told otherwise: a quarter of the memory
-    available now, at most 4 GiB (1 GiB where the platform does not say)."""
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return 1 << 30
-    return min(available // 4, 4 << 30)
-
-
-def make_loader(
-    dataset: ImageSegmentation,
-    *,
-    batch_size: int,
-    shuffle: bool,
-    workers: int,
-    ignore_index: int | None,
-    pin_memory: bool = False,
-    sampler: torch.utils.data.Sampler | None = None,
-    seed: int = 0,
-    drop_last: bool = False,
-) -> torch.utils.data.DataLoader:
-    from functools import partial
-
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
-        num_workers=workers,
-        collate_fn=partial(pad_collate, ignore_index=255 if ignore_index is None else ignore_index),
-        pin_memory=pin_memory,
-        drop_last=drop_last,
-        persistent_workers=workers > 0,
-        generator=generator,
-    )
+    def restore(self, state: dict[str, Any], total_steps: int) -> None:
+        """Continue from a checkpoint; when the run now ends at another step, the schedule bends smoothly to it."""
+        self.model.load_state_dict(state["model"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if "lr_scheduler" in state:
+            self.scheduler.load_state_dict(state["lr_scheduler"])
+        if self.precision.scaler is not None and state.get("scaler"):
+            self.precision.scaler.load_state_dict(state["scaler"])
+        schedule = self.scheduler.lr_lambdas[0]
+        if schedule.total_steps != total_steps:
+            schedule.retarget(self.scheduler.last_epoch, total_steps)
 
 
 def train_one_epoch(
@@ -264,326 +220,113 @@ def train_one_epoch(
     return EpochStats(float(total_loss) / max(seen, 1), seen, data_time)
 
 
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    loader: torch.utils.data.DataLoader,
-    num_classes: int,
-    ignore_index: int | None,
-    device: torch.device,
-    *,
-    autocast: AbstractContextManager | None = None,
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> EvalResult:
-    """mIoU from one confusion matrix accumulated over every pixel of `loader`.
+def run_epoch(
+    training: Training, data: TrainingData, epoch: int, distributed: Any | None, on_step: Callable[[int, float], None] | None
+) -> tuple[dict[str, Any], EvalResult]:
+    """Train 0-based `epoch`, validate, and return the epoch's record (as metrics.jsonl holds it) and the validation."""
+    if data.train_sampler is not None:
+        data.train_sampler.set_epoch(epoch)
+    started = time.perf_counter()
+    precision = training.precision
+    loss, seen, data_time = train_one_epoch(
+        training.train_model, data.train_loader, training.optimizer, training.scheduler, training.criterion, training.device,
+        autocast=precision.autocast, scaler=precision.scaler, on_step=on_step, normalize=data.normalize,
+    )  # fmt: skip
+    if distributed is not None:
+        loss, seen = distributed.reduce_loss(loss, seen)
+        distributed.broadcast_buffers(training.model)
+    train_time = time.perf_counter() - started
+    # Validation runs in fp32, as `unet-edge eval` and the exported models do, so the logged mIoU is
+    # that of the saved weights whatever precision trained them.
+    result = evaluate(training.model, data.val_loader, len(data.classes), data.ignore_index, training.device, normalize=data.normalize)
+    record = {
+        "epoch": epoch + 1,
+        "train_loss": loss,
+        "lr": training.scheduler.get_last_lr()[0],
+        "train_images_per_s": seen / train_time if train_time > 0 else None,
+        "data_time_s": data_time,
+        "epoch_time_s": time.perf_counter() - started,
+        **result.to_dict(data.classes),
+    }
+    return record, result
 
-    `reduce`, when given, combines the matrix across processes (distributed evaluation);
-    `normalize` prepares each batch on `device`, as in `train_one_epoch`.
+
+def resume_config(config: TrainConfig, state: dict[str, Any], explicit: Collection[str] | None = None) -> tuple[TrainConfig, int]:
+    """The settings to continue `state` (a checkpoint) with, and the epochs its schedule was planned for.
+
+    The run's saved settings are kept; of `config`, only how to run (device, workers, ...) and, when
+    given, `data` and `epochs` apply. `explicit` names the settings the user gave (default: those that
+    differ from `TrainConfig()`); one of them that differs from the saved run is an error, never ignored.
     """
-    model.eval()
-    confusion = ConfusionMatrix(num_classes, ignore_index)
-    confusion.matrix = confusion.matrix.to(device)
-    for images, masks in loader:
-        images = images.to(device)
-        masks = masks.to(device)
-        if normalize is not None:
-            images = normalize(images)
-        with autocast or nullcontext():
-            logits = model(images)
-        confusion.update(logits.argmax(1), masks)
-    if reduce is not None:
-        confusion.matrix = reduce(confusion.matrix)
-    confusion.matrix = confusion.matrix.cpu()
-    per_class, miou = confusion.compute()
-    return EvalResult(miou, per_class.tolist(), confusion.pixel_accuracy(), confusion.matrix)
+    saved = TrainConfig.from_dict(state.get("train_config", {}))
+    given = set(explicit) if explicit is not None else {k for k, v in config.settings().items() if TrainConfig().settings()[k] != v}
+    current, stored = config.settings(), saved.settings()
+    conflicts = [f"--{k.replace('_', '-')} {current[k]} (saved: {stored[k]})" for k in RUN_SETTINGS if k in given and current[k] != stored[k]]
+    if conflicts:
+        raise TrainingError(f"{config.resume}: a resumed run keeps its saved settings; drop {', '.join(conflicts)}")
+    keep = [*SESSION_SETTINGS, *(k for k in RESUME_OVERRIDES if k in given)]
+    resumed = replace(saved, **{k: getattr(config, k) for k in keep})
+    done = int(state.get("epoch", 0))
+    if done >= resumed.epochs:
+        raise TrainingError(f"nothing to train: {config.resume} is already at epoch {done} of {resumed.epochs}; pass --epochs above {done}")
+    return resumed, saved.epochs
 
 
-def _warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
+def _check_same_classes(config: TrainConfig, state: dict[str, Any], data: TrainingData) -> None:
+    if data.classes != list(state["classes"]):
+        raise DataError(f"{data.root}: classes {data.classes} (from {data.scan.info_source}) differ from those of {config.resume}: {list(state['classes'])}")
 
 
-def _new_run_dir(out: str, name: str | None) -> Path:
-    base = Path(out)
-    stem = name or "unet"
-    candidate = base / stem
-    index = 2
-    while candidate.exists() and any(candidate.iterdir()):
-        candidate = base / f"{stem}-{index}"
-        index += 1
-    candidate.mkdir(parents=True, exist_ok=True)
-    return candidate
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def fit(config: TrainConfig, hooks: TrainHooks | None = None, distributed: Any | None = None) -> FitResult:
+def fit(
+    config: TrainConfig, hooks: TrainHooks | None = None, distributed: Any | None = None, *, explicit: Collection[str] | None = None
+) -> FitResult:
     """Train `UNetStudent` on `config.data` (or the embedded set) and write the run folder.
 
-    Writes `best.pt` (best val mIoU), `last.pt`, `metrics.jsonl` and `curves.png`. With
-    `config.resume`, continues from that checkpoint's epoch, weights, optimizer and schedule.
+    Writes `best.pt` (best val mIoU), `last.pt`, `metrics.jsonl`, `curves.png` and `config.json`. With
+    `config.resume`, continues that checkpoint's run (see `resume_config` for which settings apply).
     `distributed`, when given, is a `unet_edge.distributed.DistContext` (rank, world size, reduce).
     """
     hooks = hooks or TrainHooks()
     is_main = distributed is None or distributed.is_main
-    resumed: dict[str, Any] | None = None
-    if config.resume:
-        resumed = load_checkpoint(config.resume)
-        saved = dict(resumed.get("train_config", {}))
-        keep = {k: getattr(config, k) for k in ("epochs", "device", "workers", "cache", "resume", "amp", "compile")}
-        merged = {k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}
-        config = replace(config, **{**merged, **keep})
-    device = distributed.device if distributed is not None else resolve_device(config.device)
-    _seed_everything(config.seed + (distributed.rank if distributed is not None else 0))
-
-    root = resolve_data(config.data)
-    scan = scan_dataset(root, ("train", "val"), progress=hooks.on_scan if is_main else None)
-    info = scan.info
-    if resumed is not None and list(info.classes) != list(resumed["classes"]):
-        raise DataError(
-            f"{root}: classes {list(info.classes)} (from {scan.info_source}) differ from those of {config.resume}: {list(resumed['classes'])}"
-        )
-    ignore_index = info.ignore_index
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    workers = config.workers if config.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
-    # Decoded images stay in memory when they fit (by default only without loader workers, which
-    # would each hold a copy); the loader hands over uint8 crops, normalised per batch on the device.
-    cache_bytes = scan.decoded_bytes("train") + scan.decoded_bytes("val")
-    processes = distributed.world_size if distributed is not None else 1
-    cache = config.cache if config.cache is not None else workers == 0 and cache_bytes * processes <= cache_budget()
-    train_set = ImageSegmentation(
-        root,
-        "train",
-        SegmentationPresetTrain(
-            crop_size=config.image_size, mean=mean, std=std, ignore_index=ignore_index if ignore_index is not None else 255, normalize=False
-        ),
-        cache=cache,
-    )
-    val_set = ImageSegmentation(root, "val", SegmentationPresetEval(mean=mean, std=std, normalize=False), cache=cache)
-    if cache and workers > 0:
-        train_set.fill_cache()
-        val_set.fill_cache()
-    channels_last = prefers_channels_last(device)
-    normalize = BatchNormalize(mean, std, channels_last=channels_last)
-    pin = device.type == "cuda"
-    train_sampler = distributed.sampler(train_set, shuffle=True, seed=config.seed) if distributed else None
-    val_sampler = distributed.eval_sampler(val_set) if distributed else None
-    train_count = len(train_sampler) if train_sampler is not None else len(train_set)
-    train_loader = make_loader(
-        train_set,
-        batch_size=config.batch_size,
-        shuffle=True,
-        workers=workers,
-        ignore_index=ignore_index,
-        pin_memory=pin,
-        sampler=train_sampler,
-        seed=config.seed + (distributed.rank if distributed is not None else 0),
-        drop_last=train_count > config.batch_size,
-    )
-    val_loader = make_loader(
-        val_set, batch_size=config.batch_size, shuffle=False, workers=workers, ignore_index=ignore_index, sampler=val_sampler
-    )
-
-    model_config = ModelConfig(
-        num_classes=info.num_classes,
-        base_channels=config.base_channels,
-        depth=config.depth,
-        num_convs=config.num_convs,
-        upsample=config.upsample,
-        block_order=config.block_order,
-    )
-    model = build_model(model_config).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    steps_per_epoch = len(train_loader)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    total_steps = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _warmup_cosine(total_steps, max(1, int(config.warmup_fraction * total_steps)))
-    )
-    autocast, amp_dtype = autocast_context(device, config.amp)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-
-    start_epoch, best_miou, best_epoch = 0, -1.0, -1
-    history: list[dict[str, Any]] = []
+    resumed = load_checkpoint(config.resume) if config.resume else None
+    planned_epochs = config.epochs
     if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        if "optimizer" in resumed:
-            optimizer.load_state_dict(resumed["optimizer"])
-        if "lr_scheduler" in resumed:
-            scheduler.load_state_dict(resumed["lr_scheduler"])
-        if scaler is not None and resumed.get("scaler"):
-            scaler.load_state_dict(resumed["scaler"])
-        start_epoch = int(resumed.get("epoch", 0))
-        best_miou = float(resumed.get("best_miou", -1.0))
-        best_epoch = int(resumed.get("best_epoch", -1))
-        run_dir = Path(config.resume).resolve().parent
-        if is_main:
-            _forget_after(run_dir, start_epoch)
-    elif is_main:
-        run_dir = _new_run_dir(config.out, config.name)
+        config, planned_epochs = resume_config(config, resumed, explicit)
+    if config.epochs < 1:
+        raise TrainingError(f"nothing to train: epochs is {config.epochs}")
+    device = distributed.device if distributed is not None else resolve_device(config.device)
+    rank = distributed.rank if distributed is not None else 0
+    random.seed(config.seed + rank)
+    torch.manual_seed(config.seed + rank)
+    data = training_data(config, device, distributed, progress=hooks.on_scan if is_main else None)
+    training = Training.build(config, data, device, distributed, planned_epochs)
+    if resumed is not None:
+        _check_same_classes(config, resumed, data)
+        training.restore(resumed, len(data.train_loader) * config.epochs)
+        run = RunFolder.resume(config.resume, resumed, writer=is_main)
     else:
-        run_dir = Path(config.out) / (config.name or "unet")
+        run = RunFolder.create(config.out, config.name, writer=is_main)
     if distributed is not None:
-        run_dir = distributed.broadcast_path(run_dir)
-
-    train_model: nn.Module = model
-    if distributed is not None:
-        train_model = distributed.wrap(model)
-    if config.compile:
-        train_model = torch.compile(train_model)
-    criterion = nn.CrossEntropyLoss(ignore_index=ignore_index if ignore_index is not None else -100)
-
-    def state(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "config": model_config.to_dict(),
-            "classes": list(info.classes),
-            "ignore_index": ignore_index,
-            "mean": list(mean),
-            "std": list(std),
-            "epoch": epoch,
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "best_miou": best_miou,
-            "best_epoch": best_epoch,
-            "metrics": metrics,
-            "train_config": config.to_dict(),
-            "data_root": str(root),
-        }
-
+        run.path = distributed.broadcast_path(run.path)
+    about = {**data.checkpoint_fields(), "train_config": config.to_dict()}
     if is_main:
-        hooks.on_start(run_dir, config.epochs, steps_per_epoch, start_epoch, str(device))
-    final: EvalResult | None = None
-    epoch = start_epoch
-    saved_epoch: int | None = start_epoch if resumed is not None else None
+        hooks.on_start(run.path, config.epochs, len(data.train_loader), run.start_epoch, str(device))
+    history: list[dict[str, Any]] = []
+    epoch = run.start_epoch
     try:
-        for epoch in range(start_epoch, config.epochs):
-            if train_sampler is not None:
-                train_sampler.set_epoch(epoch)
-            started = time.perf_counter()
+        for epoch in range(run.start_epoch, config.epochs):
+            on_step = (lambda step, loss, e=epoch: hooks.on_step(e, step, loss)) if is_main else None
             try:
-                train_loss, seen, data_time = train_one_epoch(
-                    train_model,
-                    train_loader,
-                    optimizer,
-                    scheduler,
-                    criterion,
-                    device,
-                    autocast=autocast,
-                    scaler=scaler,
-                    on_step=(lambda step, loss, e=epoch: hooks.on_step(e, step, loss)) if is_main else None,
-                    normalize=normalize,
-                )
+                record, result = run_epoch(training, data, epoch, distributed, on_step)
             except TrainingError as exc:
-                kept = f"{run_dir / 'last.pt'} (epoch {epoch}) is kept unchanged" if (run_dir / "last.pt").is_file() else "no checkpoint was written"
-                raise TrainingError(f"training stopped in epoch {epoch + 1}: {exc}; {kept}") from None
-            if distributed is not None:
-                train_loss, seen = distributed.reduce_loss(train_loss, seen)
-            train_time = time.perf_counter() - started
-            if distributed is not None:
-                distributed.broadcast_buffers(model)
-            # Validation runs in fp32, as `unet-edge eval` and the exported models do, so the logged
-            # mIoU is that of the saved weights whatever precision trained them.
-            final = evaluate(
-                model,
-                val_loader,
-                info.num_classes,
-                ignore_index,
-                device,
-                reduce=distributed.all_reduce_sum if distributed is not None else None,
-                normalize=normalize,
-            )
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "lr": scheduler.get_last_lr()[0],
-                "train_images_per_s": seen / train_time if train_time > 0 else None,
-                "data_time_s": data_time,
-                "epoch_time_s": time.perf_counter() - started,
-                **final.to_dict(list(info.classes)),
-            }
+                raise run.stopped(epoch, exc) from None
             history.append(record)
+            run.save(epoch + 1, record, result.miou, {**training.state_dict(), **about})
             if is_main:
-                # The record goes first: after a crash before last.pt is renamed, --resume drops it again.
-                append_jsonl(run_dir / "metrics.jsonl", record)
-            if final.miou > best_miou:
-                best_miou, best_epoch = final.miou, epoch + 1
-                if is_main:
-                    save_checkpoint(run_dir / "best.pt", state(epoch + 1, record))
-            if is_main:
-                save_checkpoint(run_dir / "last.pt", state(epoch + 1, record))
-                saved_epoch = epoch + 1
                 hooks.on_epoch_end(record)
     except KeyboardInterrupt:
         if not is_main:
             raise
-        # last.pt already holds the last finished epoch; weights from part of an epoch would not match
-        # its learning-rate schedule, so the partial epoch is dropped rather than saved.
-        last = run_dir / "last.pt"
-        if saved_epoch is None:
-            raise TrainingInterrupted(f"interrupted in epoch {epoch + 1}, before any epoch finished: nothing was saved") from None
-        raise TrainingInterrupted(
-            f"interrupted in epoch {epoch + 1}: {last} holds epoch {saved_epoch}; continue with --resume {last}"
-        ) from None
-    if is_main:
-        write_curves(run_dir)
-        atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-    if final is None:
-        raise TrainingError(f"nothing to train: the checkpoint is already at epoch {start_epoch} of {config.epochs}")
-    return FitResult(run_dir, best_miou, best_epoch, final, list(info.classes), history)
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-epoch records of a run (a partial last line from a crash is skipped)."""
-    return read_jsonl(run_dir / "metrics.jsonl")
-
-
-def _forget_after(run_dir: Path, epoch: int) -> None:
-    """Before resuming at `epoch`: drop later records (written before a crash that lost their
-    checkpoint) and temporary files that a killed writer left behind."""
-    log = run_dir / "metrics.jsonl"
-    if log.is_file():
-        kept = "".join(json.dumps(record) + "\n" for record in read_metrics(run_dir) if record.get("epoch", 0) <= epoch)
-        if kept.encode("utf-8") != log.read_bytes():
-            atomic_write_text(log, kept)
-    for stale in run_dir.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
-def write_curves(run_dir: Path) -> Path | None:
-    """Plot train loss and val mIoU per epoch (all epochs, resumed ones included) to curves.png."""
-    records = read_metrics(run_dir)
-    if not records:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in records]
-    fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax_loss.plot(epochs, [r["train_loss"] for r in records], marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="train loss", title="Training loss")
-    ax_miou.plot(epochs, [r["miou"] if r["miou"] is not None else float("nan") for r in records], marker="o", color="C1")
-    ax_miou.set(xlabel="epoch", ylabel="val mIoU", title="Validation mIoU", ylim=(0, 1))
-    for ax in (ax_loss, ax_miou):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    target = run_dir / "curves.png"
-    from .io import atomic_path
-
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return target
+        raise run.interrupted(epoch) from None
+    run.finish(config.to_dict())
+    return FitResult(run.path, run.best_metric, run.best_epoch, result, data.classes, history)

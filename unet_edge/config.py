@@ -1,0 +1,118 @@
+"""The model and training settings: one dataclass each, shared by the CLI, `fit` and the checkpoint.
+
+Torch-free, so the CLI can use the choice Enums as option types (Typer validates them and lists
+them in `--help`) without importing torch. Checkpoints store both settings as plain dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import StrEnum
+from typing import Any
+
+__all__ = ["BlockOrder", "Downsample", "ModelConfig", "TrainConfig", "Upsample"]
+
+
+class Upsample(StrEnum):
+    """How the decoder doubles the resolution."""
+
+    TRANSPOSE = "transpose"
+    BILINEAR = "bilinear"
+
+
+class Downsample(StrEnum):
+    """How the encoder halves the resolution."""
+
+    MAXPOOL = "maxpool"
+    STRIDED = "strided"
+
+
+class BlockOrder(StrEnum):
+    """Layer order inside a block: the seed's, or one whose BatchNorm folds fully into the convolution."""
+
+    CONV_RELU_BN = "conv-relu-bn"
+    CONV_BN_RELU = "conv-bn-relu"
+
+
+def _choice(enum: type[StrEnum], name: str, value: str) -> str:
+    try:
+        return enum(value).value
+    except ValueError:
+        raise ValueError(f"{name} must be one of {', '.join(enum)}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a `UNetStudent`; stored in checkpoints as a plain dict.
+
+    `num_classes` may be None in training settings: `fit` takes it from the dataset.
+    """
+
+    num_classes: int | None = None
+    in_channels: int = 3
+    base_channels: int = 32
+    depth: int = 4
+    num_convs: int = 2
+    upsample: str = Upsample.TRANSPOSE.value
+    downsample: str = Downsample.MAXPOOL.value
+    block_order: str = BlockOrder.CONV_RELU_BN.value
+
+    def __post_init__(self) -> None:
+        # Enum members or their strings are accepted; plain strings are stored (checkpoints hold plain data).
+        object.__setattr__(self, "upsample", _choice(Upsample, "upsample", self.upsample))
+        object.__setattr__(self, "downsample", _choice(Downsample, "downsample", self.downsample))
+        object.__setattr__(self, "block_order", _choice(BlockOrder, "block_order", self.block_order))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run; stored in every checkpoint under ``train_config``.
+
+    `model` holds the architecture (the CLI's model options fill it directly); its `num_classes`
+    comes from the dataset unless set.
+    """
+
+    data: str | None = None
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05
+    image_size: int = 64
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(base_channels=16, depth=3))
+    device: str = "auto"
+    amp: bool = True
+    compile: bool = False
+    workers: int | None = None
+    cache: bool | None = None
+    seed: int = 0
+    out: str = "runs"
+    name: str | None = None
+    resume: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Read a stored `train_config`; older checkpoints kept the model fields at the top level."""
+        train_fields = {f.name for f in fields(cls)} - {"model"}
+        model_fields = {f.name for f in fields(ModelConfig)}
+        model = {k: v for k, v in data.items() if k in model_fields}
+        model.update(data.get("model") or {})
+        return cls(**{k: v for k, v in data.items() if k in train_fields}, model=replace(TrainConfig().model, **model))
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as one flat dict (model fields beside the others), named as the CLI options are."""
+        flat = {k: v for k, v in self.to_dict().items() if k != "model"}
+        return {**flat, **self.model.to_dict()}

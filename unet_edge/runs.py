@@ -1,0 +1,146 @@
+"""The run folder of one training run: best.pt / last.pt bookkeeping, metrics.jsonl, curves.png, config.json.
+
+`RunFolder` is the one place that decides what is saved when (as timm's `CheckpointSaver`): `fit`
+hands it each finished epoch and gets back ``(best_metric, best_epoch)``. In a distributed run every
+process keeps the same bookkeeping and only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import save_checkpoint
+from .errors import TrainingError, TrainingInterrupted
+from .io import append_jsonl, atomic_write_text, pyplot, read_jsonl, save_figure
+
+__all__ = ["RunFolder", "read_metrics", "write_curves"]
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The per-epoch records of a run (a partial last line from a crash is skipped)."""
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
+
+
+def write_curves(run_dir: str | os.PathLike[str]) -> Path | None:
+    """Plot train loss and val mIoU per epoch (all epochs, resumed ones included) to curves.png."""
+    records = read_metrics(run_dir)
+    if not records:
+        return None
+    epochs = [r["epoch"] for r in records]
+    fig, (ax_loss, ax_miou) = pyplot().subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [r["train_loss"] for r in records], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="Training loss")
+    ax_miou.plot(epochs, [r["miou"] if r["miou"] is not None else float("nan") for r in records], marker="o", color="C1")
+    ax_miou.set(xlabel="epoch", ylabel="val mIoU", title="Validation mIoU", ylim=(0, 1))
+    for ax in (ax_loss, ax_miou):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, Path(run_dir) / "curves.png")
+
+
+def _new_run_dir(out: str | os.PathLike[str], name: str | None) -> Path:
+    """`out/name`, or `out/name-2`, `-3`, ... when that folder already holds something."""
+    stem = name or "unet"
+    candidate, index = Path(out) / stem, 2
+    while candidate.exists() and any(candidate.iterdir()):
+        candidate, index = Path(out) / f"{stem}-{index}", index + 1
+    candidate.mkdir(parents=True, exist_ok=True)
+    return candidate
+
+
+class RunFolder:
+    """Saves each finished epoch: its record to metrics.jsonl, then best.pt when the metric improved, then last.pt.
+
+    `saved_epoch` is the epoch last.pt holds (None before any was saved), so an interrupted or failed
+    run can say what it kept.
+    """
+
+    def __init__(
+        self, path: Path, *, writer: bool = True, best_metric: float = -1.0, best_epoch: int = -1, saved_epoch: int | None = None
+    ) -> None:
+        self.path = path
+        self.writer = writer
+        self.best_metric = best_metric
+        self.best_epoch = best_epoch
+        self.saved_epoch = saved_epoch
+
+    @classmethod
+    def create(cls, out: str | os.PathLike[str], name: str | None, *, writer: bool = True) -> RunFolder:
+        """A new, empty run folder under `out` (other processes get the name; the writer's choice is broadcast)."""
+        path = _new_run_dir(out, name) if writer else Path(out) / (name or "unet")
+        return cls(path, writer=writer)
+
+    @classmethod
+    def resume(cls, checkpoint: str | os.PathLike[str], state: dict[str, Any], *, writer: bool = True) -> RunFolder:
+        """The folder of `checkpoint`, with its bookkeeping; records and temporary files from after it are dropped."""
+        epoch = int(state.get("epoch", 0))
+        run = cls(
+            Path(checkpoint).resolve().parent,
+            writer=writer,
+            best_metric=float(state.get("best_miou", -1.0)),
+            best_epoch=int(state.get("best_epoch", -1)),
+            saved_epoch=epoch,
+        )
+        if writer:
+            run._forget_after(epoch)
+        return run
+
+    @property
+    def start_epoch(self) -> int:
+        """The number of epochs already finished and saved."""
+        return self.saved_epoch or 0
+
+    def save(self, epoch: int, record: dict[str, Any], metric: float, state: dict[str, Any]) -> tuple[float, int]:
+        """Record finished `epoch` (1-based) with its `metric` (higher is better); returns ``(best_metric, best_epoch)``.
+
+        The record goes first: after a crash before last.pt is renamed, resuming drops it again.
+        """
+        if self.writer:
+            append_jsonl(self.path / "metrics.jsonl", record)
+        improved = metric > self.best_metric
+        if improved:
+            self.best_metric, self.best_epoch = metric, epoch
+        if self.writer:
+            checkpoint = {**state, "epoch": epoch, "metrics": record, "best_miou": self.best_metric, "best_epoch": self.best_epoch}
+            if improved:
+                save_checkpoint(self.path / "best.pt", checkpoint)
+            save_checkpoint(self.path / "last.pt", checkpoint)
+        self.saved_epoch = epoch
+        return self.best_metric, self.best_epoch
+
+    def finish(self, settings: dict[str, Any]) -> None:
+        """Write curves.png and the run's settings (config.json) once training ends."""
+        if self.writer:
+            write_curves(self.path)
+            atomic_write_text(self.path / "config.json", json.dumps(settings, indent=2) + "\n")
+
+    def stopped(self, epoch: int, reason: Exception) -> TrainingError:
+        """The error for a failure in 0-based `epoch`, saying which checkpoint stays as it was."""
+        last = self.path / "last.pt"
+        kept = f"{last} (epoch {epoch}) is kept unchanged" if last.is_file() else "no checkpoint was written"
+        return TrainingError(f"training stopped in epoch {epoch + 1}: {reason}; {kept}")
+
+    def interrupted(self, epoch: int) -> TrainingInterrupted:
+        """The message for Ctrl-C in 0-based `epoch`.
+
+        last.pt already holds the last finished epoch; weights from part of an epoch would not match its
+        learning-rate schedule, so the partial epoch is dropped rather than saved.
+        """
+        if self.saved_epoch is None:
+            return TrainingInterrupted(f"interrupted in epoch {epoch + 1}, before any epoch finished: nothing was saved")
+        last = self.path / "last.pt"
+        return TrainingInterrupted(f"interrupted in epoch {epoch + 1}: {last} holds epoch {self.saved_epoch}; continue with --resume {last}")
+
+    def _forget_after(self, epoch: int) -> None:
+        """Drop records after `epoch` (written before a crash that lost their checkpoint) and temporary
+        files that a killed writer left behind."""
+        log = self.path / "metrics.jsonl"
+        if log.is_file():
+            kept = "".join(json.dumps(record) + "\n" for record in read_metrics(self.path) if record.get("epoch", 0) <= epoch)
+            if kept.encode("utf-8") != log.read_bytes():
+                atomic_write_text(log, kept)
+        for stale in self.path.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
