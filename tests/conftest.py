@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -28,6 +29,12 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from unet_edge.synth import SynthSpec, write_synth
 
     return write_synth(tmp_path_factory.mktemp("data") / "tiny", SynthSpec(num_train=24, num_val=6, size=48, seed=3))
+
+
+def pixel_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of pixels where two masks of the same shape agree."""
+    assert a.shape == b.shape
+    return float((a == b).mean())
 
 
 def train_tiny(data: Path, out: Path, *, name: str = "tiny", epochs: int = 2, seed: int = 0, **overrides):
