@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from click.core import ParameterSource
 from typer.core import TyperOption
 
 from unet_edge.config import BlockOrder, TrainConfig, Upsample
@@ -23,7 +22,8 @@ DEFAULTS = TrainConfig()
 
 def _given(ctx: typer.Context) -> set[str]:
     """The options the user gave (on the command line or through the environment), not left at their defaults."""
-    return {name for name in ctx.params if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return {name for name, source in sources.items() if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")}
 
 
 def _command_args(ctx: typer.Context, skip: set[str]) -> list[str]:

@@ -37,7 +37,7 @@ def pixel_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float((a == b).mean())
 
 
-def train_tiny(data: Path, out: Path, *, name: str = "tiny", epochs: int = 2, seed: int = 0, **overrides):
+def train_tiny(data: Path, out: Path, *, name: str = "tiny", epochs: int = 2, seed: int = 0, hooks=None, **overrides):
     from unet_edge.config import ModelConfig, TrainConfig
     from unet_edge.train import fit
 
@@ -45,7 +45,30 @@ def train_tiny(data: Path, out: Path, *, name: str = "tiny", epochs: int = 2, se
         data=str(data), epochs=epochs, batch_size=8, image_size=32, model=ModelConfig(base_channels=4, depth=2),
         out=str(out), name=name, seed=seed, **{"device": "cpu", **overrides},
     )
-    return fit(config)
+    return fit(config, hooks)
+
+
+@pytest.fixture
+def interrupted_run():
+    """Factory: `make(data, out, epochs=..., stop_in_epoch=...)` trains a tiny run in the library and stops it
+    with Ctrl-C in `stop_in_epoch`, so OUT/run/last.pt holds the epoch before with its schedule unfinished."""
+    from unet_edge.errors import TrainingInterrupted
+    from unet_edge.train import TrainHooks
+
+    class CtrlC(TrainHooks):
+        def __init__(self, stop_in_epoch: int) -> None:
+            self.stop_in_epoch = stop_in_epoch
+
+        def on_step(self, epoch: int, step: int, loss: float) -> None:
+            if epoch + 1 == self.stop_in_epoch:
+                raise KeyboardInterrupt
+
+    def make(data: Path, out: Path, *, epochs: int, stop_in_epoch: int, **settings) -> Path:
+        with pytest.raises(TrainingInterrupted):
+            train_tiny(data, out, name="run", epochs=epochs, hooks=CtrlC(stop_in_epoch), **settings)
+        return out / "run"
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ from conftest import run_cli, train_tiny
 from unet_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
 from unet_edge.config import ModelConfig, TrainConfig
 from unet_edge.errors import CheckpointError, TrainingInterrupted
+from unet_edge.io import read_jsonl
 from unet_edge.train import TrainHooks, fit
 
 
@@ -43,13 +45,12 @@ def test_checkpoint_is_plain_data_and_round_trips(tiny_checkpoint, tmp_path):
         assert torch.equal(first.model(x), second.model(x))
 
 
-def test_resume_continues_from_saved_epoch(tiny_data, tmp_path):
-    first = train_tiny(tiny_data, tmp_path, name="r", epochs=1)
-    resumed = fit(TrainConfig(epochs=2, device="cpu", resume=str(first.run_dir / "last.pt")))
-    assert resumed.run_dir == first.run_dir
-    epochs = [json.loads(l)["epoch"] for l in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2]
-    assert load_checkpoint(first.run_dir / "last.pt")["epoch"] == 2
+def test_resume_continues_from_saved_epoch(tiny_data, tmp_path, interrupted_run):
+    run = interrupted_run(tiny_data, tmp_path, epochs=3, stop_in_epoch=2)
+    resumed = fit(TrainConfig(epochs=3, device="cpu", resume=str(run / "last.pt")))
+    assert resumed.run_dir == run
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3]
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3
 
 
 def test_eval_cli_json_matches_training_metric(tiny_run, tiny_data, tmp_path):
@@ -125,3 +126,58 @@ def test_interrupt_mid_epoch_keeps_the_last_finished_epoch(tiny_data, tmp_path, 
     else:
         assert f"holds epoch {stop_epoch - 1};" in str(error.value)
         assert (tmp_path / "i" / "last.pt").read_bytes() == hooks.last_bytes  # untouched by the interrupt
+
+
+def test_resume_without_epochs_finishes_the_saved_run(tiny_data, tmp_path, interrupted_run):
+    run = interrupted_run(tiny_data, tmp_path, epochs=3, stop_in_epoch=3)
+    result = run_cli("train", "--resume", str(run / "last.pt"), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3  # the run's own 3 epochs, not the default 20
+    again = run_cli("train", "--resume", str(run / "last.pt"), "--device", "cpu")
+    assert again.returncode == 1
+    assert again.stderr.strip() == f"error: nothing to train: {run / 'last.pt'} is already at epoch 3 of 3"
+
+
+def test_extending_a_run_keeps_the_learning_rate_decaying(tiny_data, tmp_path, interrupted_run):
+    run = interrupted_run(tiny_data, tmp_path, epochs=4, stop_in_epoch=3)
+    before = [r["lr"] for r in read_jsonl(run / "metrics.jsonl")]
+    result = fit(TrainConfig(epochs=8, device="cpu", resume=str(run / "last.pt")))
+    after = [r["lr"] for r in result.history]
+    assert len(before) == 2 and len(after) == 6
+    assert after[0] <= before[-1]  # no jump back up at the resume
+    assert all(later <= earlier for earlier, later in zip(after, after[1:]))
+    assert after[-1] == pytest.approx(0.0, abs=1e-12)  # and it still decays to zero at the new end
+
+
+def test_extending_a_finished_run_is_refused(tiny_run, tmp_path):
+    result = run_cli("train", "--resume", str(tiny_run.run_dir / "last.pt"), "--epochs", "5", "--device", "cpu")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "finished its learning-rate decay (lr 0)" in result.stderr and "start a new run" in result.stderr
+
+
+def test_resume_refuses_explicit_options_that_differ_from_the_saved_run(tiny_data, tmp_path, interrupted_run):
+    run = interrupted_run(tiny_data, tmp_path, epochs=3, stop_in_epoch=2, lr=0.01)
+    last = run / "last.pt"
+    before = last.read_bytes()
+    # --lr 0.003 is the default value, given explicitly: it still differs from the run's 0.01
+    result = run_cli("train", "--resume", str(last), "--lr", "0.003", "--depth", "3", "--upsample", "bilinear")
+    assert result.returncode == 1
+    line = result.stderr.strip()
+    assert line.startswith(f"error: {last}: a resumed run keeps its saved settings; drop ")
+    assert "--lr 0.003 (saved: 0.01)" in line and "--depth 3 (saved: 2)" in line and "--upsample bilinear (saved: transpose)" in line
+    assert last.read_bytes() == before
+    moved = tmp_path / "moved-data"
+    shutil.copytree(tiny_data, moved)
+    same = run_cli("train", "--resume", str(last), "--lr", "0.01", "--data", str(moved), "--device", "cpu")
+    assert same.returncode == 0, same.stderr  # options equal to the saved ones, and a new dataset location, are fine
+    state = load_checkpoint(last)
+    assert state["epoch"] == 3 and state["data_root"] == str(moved) and state["train_config"]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("option", ["--upsample", "--block-order"])
+def test_a_typo_in_a_choice_is_rejected_before_any_data_is_read(option, tmp_path):
+    result = run_cli("train", option, "bilinaer", "--data", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert f"Invalid value for '{option}'" in result.stderr and "dataset folder not found" not in result.stderr
+    with pytest.raises(ValueError, match="must be one of"):
+        ModelConfig(upsample="bilinaer")

@@ -149,8 +149,9 @@ class Training:
             "scaler": scaler.state_dict() if scaler is not None else {},
         }
 
-    def restore(self, state: dict[str, Any], total_steps: int) -> None:
-        """Continue from a checkpoint; when the run now ends at another step, the schedule bends smoothly to it."""
+    def restore(self, state: dict[str, Any], total_steps: int, source: str) -> None:
+        """Continue from checkpoint `state` (read from `source`); when the run now ends at another step, the
+        learning rate decays from where it is to the new end instead of jumping back up."""
         self.model.load_state_dict(state["model"])
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -158,9 +159,14 @@ class Training:
             self.scheduler.load_state_dict(state["lr_scheduler"])
         if self.precision.scaler is not None and state.get("scaler"):
             self.precision.scaler.load_state_dict(state["scaler"])
-        schedule = self.scheduler.lr_lambdas[0]
+        schedule, step = self.scheduler.lr_lambdas[0], self.scheduler.last_epoch
         if schedule.total_steps != total_steps:
-            schedule.retarget(self.scheduler.last_epoch, total_steps)
+            if schedule(step) <= 0.0:
+                raise TrainingError(
+                    f"{source}: its run finished its learning-rate decay (lr 0), so more epochs would not change "
+                    "the weights; start a new run with more --epochs"
+                )
+            schedule.retarget(step, total_steps)
 
 
 def train_one_epoch(
@@ -268,7 +274,7 @@ def resume_config(config: TrainConfig, state: dict[str, Any], explicit: Collecti
     resumed = replace(saved, **{k: getattr(config, k) for k in keep})
     done = int(state.get("epoch", 0))
     if done >= resumed.epochs:
-        raise TrainingError(f"nothing to train: {config.resume} is already at epoch {done} of {resumed.epochs}; pass --epochs above {done}")
+        raise TrainingError(f"nothing to train: {config.resume} is already at epoch {done} of {resumed.epochs}")
     return resumed, saved.epochs
 
 
@@ -302,7 +308,7 @@ def fit(
     training = Training.build(config, data, device, distributed, planned_epochs)
     if resumed is not None:
         _check_same_classes(config, resumed, data)
-        training.restore(resumed, len(data.train_loader) * config.epochs)
+        training.restore(resumed, len(data.train_loader) * config.epochs, config.resume)
         run = RunFolder.resume(config.resume, resumed, writer=is_main)
     else:
         run = RunFolder.create(config.out, config.name, writer=is_main)
