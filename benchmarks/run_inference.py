@@ -70,19 +70,19 @@ def int8_variants(loaded, folder: Path, calib_images: int, naive: bool = True) -
     """int8 from the BatchNorm-folded graph (and, for the seed order, naive int8 from the unfolded
     graph), plus fp16, calibrated on embedded training images."""
     from unet_edge.parity import load_eval_images
-    from unet_edge.quantize import _finish, _float_source, convert_fp16, quantize_int8
+    from unet_edge.quantize import convert_fp16, float_source, quantize_int8, stamp_precision
     from unet_edge.synth import ensure_synth
 
     calibration = load_eval_images(ensure_synth(), loaded.mean, loaded.std, split="train", num_images=calib_images).normalised
     paths = []
     for fold in (True, False) if naive else (True,):
-        source, folded, _ = _float_source(loaded, folder, fold, 18)
+        source, folded, _ = float_source(loaded, folder, fold, 18)
         name = "model_int8.onnx" if folded else "model_int8_naive.onnx"
         quantize_int8(source, folder / f"tmp-{name}", calibration)
-        paths.append(_finish(folder / f"tmp-{name}", folder / name, loaded, "int8"))
+        paths.append(stamp_precision(folder / f"tmp-{name}", folder / name, loaded, "int8"))
         (folder / f"tmp-{name}").unlink()
         if folded:
-            paths.append(_finish(convert_fp16(source, folder / "tmp-fp16.onnx"), folder / "model_fp16.onnx", loaded, "fp16"))
+            paths.append(stamp_precision(convert_fp16(source, folder / "tmp-fp16.onnx"), folder / "model_fp16.onnx", loaded, "fp16"))
             (folder / "tmp-fp16.onnx").unlink()
         source.unlink()
     return paths
@@ -109,19 +109,18 @@ def main() -> None:
     args = parser.parse_args()
 
     from unet_edge.bench import BenchSpec, run_bench, to_markdown
-    from unet_edge.export import export_checkpoint, update_manifest
+    from unet_edge.checkpoint import load_model
+    from unet_edge.export import ExportOptions, run_export
 
     OUT.mkdir(parents=True, exist_ok=True)
     checkpoint = default_checkpoint(OUT / "seed-order.pt")
-    loaded, folder, artifacts = export_checkpoint(checkpoint, OUT / "seed-order")
-    update_manifest(folder, loaded, artifacts)
-    paths = [checkpoint, *(a.path for a in artifacts)]
+    seed_order = run_export(ExportOptions(checkpoint=checkpoint, out=OUT, name="seed-order", parity_images=0))
+    paths = [checkpoint, *(a.path for a in seed_order.artifacts)]
     if args.variants:
-        paths += int8_variants(loaded, folder, args.calib_images)
+        paths += int8_variants(load_model(checkpoint), seed_order.folder, args.calib_images)
         cbr_checkpoint = default_checkpoint(OUT / "conv-bn-relu.pt", "conv-bn-relu")
-        cbr, cbr_folder, cbr_artifacts = export_checkpoint(cbr_checkpoint, OUT / "conv-bn-relu", formats=("onnx",), fold=True)
-        update_manifest(cbr_folder, cbr, cbr_artifacts)
-        paths += [a.path for a in cbr_artifacts] + int8_variants(cbr, cbr_folder, args.calib_images, naive=False)
+        cbr = run_export(ExportOptions(checkpoint=cbr_checkpoint, out=OUT, name="conv-bn-relu", formats=("onnx",), fold=True, parity_images=0))
+        paths += [a.path for a in cbr.artifacts] + int8_variants(load_model(cbr_checkpoint), cbr.folder, args.calib_images, naive=False)
     spec = BenchSpec(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), height=args.size, width=args.size, seconds=args.seconds)
     report = run_bench(paths, spec, ("cpu", "cuda", "tensorrt"))
     (OUT / "inference.json").write_text(json.dumps(report, indent=2))

@@ -8,7 +8,9 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from .common import JsonOption, console, fmt, handle_errors, progress_bar, write_json
+from unet_edge.formats import Provider
+
+from .common import JsonOption, comma_separated, console, fmt, handle_errors, progress_bar, write_json
 
 
 def _int_list(text: str, name: str) -> tuple[int, ...]:
@@ -71,35 +73,24 @@ def unavailable_notes(report: dict[str, Any]) -> list[str]:
 def bench(
     artifacts: Annotated[Optional[list[Path]], typer.Argument(help="Model files (default: the newest export and its checkpoint).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Also measure this checkpoint in PyTorch eager.")] = None,
-    providers: Annotated[str, typer.Option(help="Comma-separated: cpu, cuda, tensorrt.")] = "cpu,cuda,tensorrt",
+    providers: Annotated[Any, comma_separated(Provider, "--providers", help="Comma-separated providers; each model runs on those its runtime supports.")] = ",".join(p.value for p in Provider),
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
     image_size: Annotated[str, typer.Option(help="S or HxW.")] = "256",
     threads: Annotated[Optional[int], typer.Option(min=1, help="Threads for PyTorch and ONNX Runtime alike (default: all cores).")] = None,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs before timing.")] = 3,
     iters: Annotated[Optional[int], typer.Option(min=1, help="Timed runs (default: as many as fit in --seconds).")] = None,
-    seconds: Annotated[float, typer.Option(min=0.0, help="Time budget per row when --iters is not given.")] = 2.0,
+    seconds: Annotated[float, typer.Option(min=0.0, help="Seconds of timed runs per row (model, provider, batch size) when --iters is not given; a bench takes about this times the number of rows.")] = 2.0,
     json_path: JsonOption = None,
     markdown: Annotated[Optional[Path], typer.Option(help="Also write the table as Markdown.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Also draw latency and throughput as a PNG.")] = None,
     exported: Annotated[Path, typer.Option(help="Folder of export folders (to find the newest).")] = Path("exported"),
 ) -> None:
     """Benchmark artifacts on PyTorch, TorchScript and ONNX Runtime providers (p50/p90/p99, img/s, roofline)."""
-    from unet_edge.backends import read_manifest
-    from unet_edge.bench import BenchSpec, plot as draw, run_bench, to_markdown
-    from unet_edge.export import export_artifacts, find_latest_export
+    from unet_edge.bench import BenchSpec, bench_paths, plot as draw, run_bench, to_markdown
     from unet_edge.io import atomic_write_text, check_writable
 
     for target in (json_path, markdown, plot):
         check_writable(target)
-    paths = list(artifacts or [])
-    if not paths:
-        folder = find_latest_export(exported)
-        paths = export_artifacts(folder)
-        source = (read_manifest(folder) or {}).get("checkpoint", {}).get("path")
-        if checkpoint is None and source and Path(source).is_file():
-            checkpoint = Path(source)
-    if checkpoint is not None:
-        paths.insert(0, checkpoint)
     height, width = _size(image_size)
     spec = BenchSpec(
         batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
@@ -110,14 +101,13 @@ def bench(
         iters=iters,
         seconds=seconds,
     )
-    provider_list = tuple(p.strip() for p in providers.split(",") if p.strip())
     with progress_bar() as progress:
         task = progress.add_task("bench", total=None, status="measuring matmul roofline")
 
         def update(label: str, done: int, total: int) -> None:
             progress.update(task, completed=done, total=total, status=label)
 
-        report = run_bench(paths, spec, provider_list, update)
+        report = run_bench(bench_paths(artifacts, checkpoint, exported), spec, providers, update)
     console.print(bench_table(report))
     for note in unavailable_notes(report):
         console.print(f"[yellow]{note}[/]", soft_wrap=True)

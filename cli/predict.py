@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from unet_edge.formats import Provider
+
 from .common import console, handle_errors, progress_bar
 
 
@@ -18,7 +20,7 @@ def predict(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <name>_mask.png, <name>_overlay.png, <name>_stats.json.")] = Path("predictions"),
     overlay: Annotated[bool, typer.Option("--overlay/--no-overlay", help="Also write the mask blended over the image, with a legend.")] = True,
     stats: Annotated[bool, typer.Option("--stats", help="Also write per-class pixel areas as JSON and print their totals.")] = False,
-    provider: Annotated[str, typer.Option(help="ONNX Runtime provider / torch device: cpu, cuda, tensorrt.")] = "cpu",
+    provider: Annotated[Provider, typer.Option(help="Where the model runs (ONNX Runtime provider / PyTorch device).")] = Provider.CPU,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch (consecutive images of one size are batched).")] = 8,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Segment only the first N images (in name order).")] = None,
 ) -> None:

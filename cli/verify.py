@@ -8,6 +8,8 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
+from unet_edge.formats import Provider
+
 from .common import DataOption, JsonOption, RunsOption, console, fmt, handle_errors, write_json
 
 
@@ -38,7 +40,7 @@ def verify(
     checkpoint: Annotated[Optional[Path], typer.Option(help="Reference checkpoint (default: the one in the manifest).")] = None,
     data: DataOption = None,
     num_images: Annotated[int, typer.Option(help="Validation images to compare on (0: all).")] = 16,
-    provider: Annotated[str, typer.Option(help="ONNX Runtime provider / torch device for the artifacts: cpu, cuda, tensorrt.")] = "cpu",
+    provider: Annotated[Provider, typer.Option(help="Where the artifacts run (ONNX Runtime provider / PyTorch device).")] = Provider.CPU,
     min_agreement: Annotated[Optional[float], typer.Option(help="Override the minimum pixel agreement (fp32: 0.999, fp16: 0.995).")] = None,
     max_miou_drop: Annotated[Optional[float], typer.Option(help="Override the maximum mIoU drop (int8: 0.01).")] = None,
     explain: Annotated[bool, typer.Option("--explain", help="For a failing ONNX model, name the first layer that diverges.")] = False,
@@ -47,14 +49,12 @@ def verify(
     runs: RunsOption = Path("runs"),
 ) -> None:
     """Compare each artifact with its checkpoint on validation images; exit 1 when one fails its thresholds."""
-    from unet_edge.export import export_artifacts, find_latest_export
     from unet_edge.io import check_writable
     from unet_edge.parity import Thresholds, verify as run_verify
 
     check_writable(json_path)
-    paths = list(artifacts) if artifacts else export_artifacts(find_latest_export(exported))
     report = run_verify(
-        paths,
+        artifacts,
         checkpoint=checkpoint,
         data=data,
         num_images=num_images,
@@ -62,6 +62,7 @@ def verify(
         overrides=Thresholds(min_pixel_agreement=min_agreement, max_miou_drop=max_miou_drop),
         explain=explain,
         runs_dir=runs,
+        exported_dir=exported,
     )
     console.print(parity_table(report))
     for r in report["artifacts"]:

@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 
@@ -39,6 +40,7 @@ def test_bench_json_has_every_field_and_lists_unavailable_providers(bench_export
         assert (r["height"], r["width"]) == (40, 56) and r["iterations"] >= 6
         assert r["gflops_per_image"] > 0 and r["throughput_ips"] > 0 and r["roofline_fraction"] > 0
         assert r["gflops_per_s"] == pytest.approx(r["gflops_per_image"] * r["throughput_ips"])
+    assert not any(r["backend"] in ("pytorch", "torchscript") and "Tensorrt" in r["provider"] for r in report["results"])
     unavailable = [r for r in report["results"] if r["status"] != "ok"]
     import torch
 
@@ -67,8 +69,24 @@ def test_interleaved_timing_gives_each_runner_its_iterations():
         return run
 
     latencies = time_interleaved([make("a"), make("b")], warmup=2, iters=7, seconds=0.0)
-    assert [len(x) for x in latencies] >= [7, 7]
+    assert [len(x) for x in latencies] == [7, 7]
     assert calls["a"] >= 7 + 2 and calls["b"] >= 7 + 2
+
+
+def test_seconds_is_the_timed_budget_of_each_row_fast_or_slow():
+    """`--seconds` per row: a 1 ms and a 20 ms runner each get at least that much timed work, and
+    the two together take about twice the budget, not more."""
+
+    def sleeper(ms):
+        return lambda: time.sleep(ms / 1000.0)
+
+    start = time.perf_counter()
+    latencies = time_interleaved([sleeper(1), sleeper(20)], warmup=1, iters=None, seconds=0.3, min_iters=5)
+    elapsed = time.perf_counter() - start
+    for samples in latencies:
+        assert sum(samples) >= 300.0 and len(samples) >= 5
+    assert len(latencies[0]) > 4 * len(latencies[1])  # the fast row is not held to the slow row's call count
+    assert elapsed < 2 * 0.3 * 2.5  # two rows of 0.3 s, with room for untimed calls and a busy machine
 
 
 def test_flop_count_of_default_model_matches_hand_count():

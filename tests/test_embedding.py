@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
-from test_predict import agreement
+from conftest import REPO, pixel_agreement as agreement
 from unet_edge.backends import open_backend
 
 pytestmark = pytest.mark.slow

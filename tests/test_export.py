@@ -10,7 +10,8 @@ import torch
 
 from conftest import run_cli, train_tiny
 from unet_edge.backends import open_backend
-from unet_edge.checkpoint import load_model
+from unet_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
+from unet_edge.formats import FORMATS, detect_format
 from unet_edge.io import sha256_file
 
 pytestmark = pytest.mark.slow
@@ -58,15 +59,23 @@ def test_export_writes_checked_onnx_with_metadata_and_manifest(export_dir, tiny_
 
 
 @pytest.mark.parametrize("size", [(97, 131), (40, 72)])
-def test_onnx_and_torchscript_agree_with_eager(export_dir, tiny_checkpoint, size):
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_every_registered_format_agrees_with_eager(export_dir, tiny_checkpoint, name, size):
+    """`--format all` writes each format of the registry; each opens through its backend and matches eager."""
+    fmt = FORMATS[name]
+    entries = [e for e in json.loads((export_dir / "manifest.json").read_text())["artifacts"] if e["format"] == name]
+    assert [e["file"] for e in entries] == [fmt.file]
+    path = export_dir / fmt.file
+    assert detect_format(path) is fmt
     eager = load_model(tiny_checkpoint).model
     x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = eager(x)
-    for name in ("model.onnx", "model.ts"):
-        logits = open_backend(export_dir / name).predict_logits(x.numpy())
-        assert logits.shape == (3, 4, *size)
-        torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-4)
+    backend = open_backend(path)
+    assert backend.backend == fmt.runtime and backend.precision == "fp32"
+    logits = backend.predict_logits(x.numpy())
+    assert logits.shape == (3, 4, *size)
+    torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_torchscript_loads_without_unet_edge(export_dir, tmp_path):
@@ -142,3 +151,54 @@ def test_explain_names_the_perturbed_layer(export_dir, tmp_path):
     explain = json.loads(report_path.read_text())["artifacts"][0]["explain"]
     assert explain["first_divergent_layer"] == target
     assert f"first divergent layer {target}" in result.stdout
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    return lines[0]
+
+
+def test_fold_refused_by_the_model_is_a_one_line_error_before_writing(tiny_checkpoint, tmp_path):
+    state = load_checkpoint(tiny_checkpoint)
+    state["model"]["stem.5.weight"][1] = -0.5  # a negative BatchNorm scale feeding the first max-pool
+    unfoldable = tmp_path / "unfoldable.pt"
+    save_checkpoint(unfoldable, state)
+    out = tmp_path / "exported"
+    line = one_line_error(run_cli("export", str(unfoldable), "--fold", "--out", str(out), "--parity-images", "0"))
+    assert "unfoldable.pt: cannot fold BatchNorm exactly" in line and "encoder.0" in line
+    assert not out.exists()
+    result = run_cli("export", str(unfoldable), "--format", "onnx", "--out", str(out), "--parity-images", "0")
+    assert result.returncode == 0, result.stderr  # without --fold the same model exports
+
+
+def test_no_fold_keeps_model_onnx_unfolded_and_variants_fold_unless_told(tiny_checkpoint, tmp_path):
+    def folded(*flags: str) -> dict[str, bool]:
+        result = run_cli("export", str(tiny_checkpoint), "--format", "onnx", "--precision", "fp16", "--out", str(tmp_path),
+                         "--name", "f", "--parity-images", "0", *flags)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return {e["file"]: e["batchnorm_folded"] for e in json.loads((tmp_path / "f" / "manifest.json").read_text())["artifacts"]}
+
+    assert folded("--no-fold") == {"model.onnx": False, "model_fp16.onnx": True}
+    assert folded("--fold", "--no-fold-variants") == {"model.onnx": True, "model_fp16.onnx": False}
+
+
+def test_enum_options_are_validated_by_the_cli(tiny_checkpoint, tmp_path):
+    cases = [
+        (["export", "--format", "onxx"], "'onxx' is not one of"),
+        (["export", "--precision", "fp16,int4"], "'int4' is not one of fp32, fp16, int8"),
+        (["export", "--calib-method", "median"], "'median' is not one of"),
+        (["verify", "--provider", "tpu"], "'tpu' is not one of"),
+    ]
+    for args, message in cases:
+        result = run_cli(*args, str(tiny_checkpoint) if args[0] == "export" else str(tmp_path / "x.onnx"), cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_precision_no_selected_format_has_is_refused(tiny_checkpoint, tmp_path):
+    line = one_line_error(run_cli("export", str(tiny_checkpoint), "--format", "torchscript", "--precision", "int8", "--out", str(tmp_path)))
+    assert "torchscript: no int8 variant (formats with int8: onnx)" in line
+    assert not any(tmp_path.iterdir())

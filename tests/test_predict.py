@@ -9,7 +9,7 @@ import onnx
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import pixel_agreement as agreement, run_cli
 from unet_edge.backends import open_backend
 from unet_edge.errors import ArtifactError
 from unet_edge.predict import class_palette, overlay_image
@@ -18,11 +18,6 @@ from unet_edge.synth import render_sample
 pytestmark = pytest.mark.slow
 
 CLASSES = ["background", "circle", "square", "triangle"]
-
-
-def agreement(a: np.ndarray, b: np.ndarray) -> float:
-    assert a.shape == b.shape
-    return float((a == b).mean())
 
 
 def test_end_to_end_model_interface_metadata_and_manifest(e2e_dir):
@@ -57,7 +52,7 @@ def test_end_to_end_model_segments_like_the_checkpoint(e2e_dir, tiny_checkpoint)
 
 def test_probabilities_output(tiny_checkpoint, tmp_path):
     from unet_edge.checkpoint import load_model
-    from unet_edge.export import export_end_to_end
+    from unet_edge.formats.onnx import export_end_to_end
 
     artifact = export_end_to_end(load_model(tiny_checkpoint), tmp_path, probabilities=True)
     import onnxruntime as ort
@@ -163,6 +158,16 @@ def test_predict_errors_are_one_line(tiny_checkpoint, tmp_path):
         assert result.stderr.startswith("error:") and message in result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
+
+
+def test_a_provider_the_runtime_lacks_is_refused_not_replaced(tiny_checkpoint, odd_image, tmp_path):
+    """TensorRT is an ONNX Runtime provider: a checkpoint asked to run there says so instead of running on CUDA."""
+    out = tmp_path / "out"
+    result = run_cli("predict", str(tiny_checkpoint), str(odd_image), "--provider", "tensorrt", "--out", str(out))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+    assert "best.pt: a PyTorch checkpoint does not run on provider 'tensorrt' (supported: cpu, cuda)" in result.stderr
+    assert not out.exists()
 
 
 def test_predicting_with_onnx_needs_no_torch(e2e_dir, odd_image, tmp_path):

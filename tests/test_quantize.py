@@ -61,10 +61,10 @@ def _quantised_convs(path):
 
 def test_budget_keeps_just_enough_layers_in_float(tiny_checkpoint, tmp_path):
     from unet_edge.checkpoint import load_model
-    from unet_edge.quantize import _float_source
+    from unet_edge.quantize import float_source
 
     loaded = load_model(tiny_checkpoint)
-    source, folded, _ = _float_source(loaded, tmp_path, True, 18)
+    source, folded, _ = float_source(loaded, tmp_path, True, 18)
     assert folded
     rng = np.random.default_rng(0)
     calibration = [rng.standard_normal((3, 32, 32), dtype=np.float32) for _ in range(4)]

@@ -18,11 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from .backends import ORT_PROVIDERS, Backend, artifact_format, default_threads, open_backend, ort_provider_status
+from .artifact import export_artifacts, find_latest_export, manifest_checkpoint
+from .backends import artifact_format, open_backend, provider_unavailable, runtime_of, supports
 from .errors import UNetEdgeError
+from .formats import Backend, Provider, default_threads
 
 __all__ = [
     "BenchSpec",
+    "bench_paths",
     "count_gflops",
     "latency_stats",
     "machine_info",
@@ -40,7 +43,7 @@ class BenchSpec:
     threads: int | None = None
     warmup: int = 3
     iters: int | None = None
-    seconds: float = 2.0
+    seconds: float = 2.0  # of timed calls per row (model, provider, batch size) when iters is None
     min_iters: int = 5
 
 
@@ -184,35 +187,24 @@ class Target:
 
     path: Path
     kind: str
-    provider: str
+    provider: Provider
 
 
-def plan_targets(paths: Iterable[Path], providers: Iterable[str]) -> list[Target]:
-    """PyTorch and TorchScript run on cpu/cuda; ONNX models on every requested ORT provider."""
+def plan_targets(paths: Iterable[Path], providers: Iterable[Provider | str]) -> list[Target]:
+    """Every (model, provider) pair whose runtime supports the provider (TensorRT applies to ONNX only)."""
+    try:
+        wanted = [Provider(p) for p in providers]
+    except ValueError as exc:
+        raise UNetEdgeError(f"unknown provider: {exc}; use {', '.join(p.value for p in Provider)}") from None
     targets = []
-    providers = list(providers)
     for path in paths:
         kind = artifact_format(path)
-        for provider in providers:
-            if provider not in ORT_PROVIDERS:
-                raise UNetEdgeError(f"unknown provider {provider!r}: use {', '.join(ORT_PROVIDERS)}")
-            if kind != "onnx" and provider == "tensorrt":
-                continue  # TensorRT is an ONNX Runtime provider; it does not apply to PyTorch models
-            targets.append(Target(path, kind, provider))
+        targets += [Target(path, kind, provider) for provider in wanted if supports(kind, provider)]
     return targets
 
 
-def _torch_unavailable(provider: str) -> str | None:
-    if provider != "cuda":
-        return None
-    import torch
-
-    return None if torch.cuda.is_available() else "cuda: PyTorch sees no CUDA GPU"
-
-
 def _unavailable_row(target: Target, reason: str, spec: BenchSpec) -> dict[str, Any]:
-    backend = {"onnx": "onnxruntime", "checkpoint": "pytorch"}.get(target.kind, target.kind)
-    provider = ORT_PROVIDERS[target.provider] if target.kind == "onnx" else target.provider
+    backend, provider = runtime_of(target.kind, target.provider)
     return {
         "path": str(target.path),
         "backend": backend,
@@ -232,49 +224,58 @@ def _unavailable_row(target: Target, reason: str, spec: BenchSpec) -> dict[str, 
     }
 
 
-def _model_config(backend: Backend) -> dict[str, Any]:
-    import json
-
-    if "checkpoint" in backend.meta:
-        return dict(backend.meta["checkpoint"]["config"])
-    config = backend.meta.get("model_config")
-    return json.loads(config) if isinstance(config, str) else dict(config or {})
-
-
 def time_interleaved(
     runners: list[Callable[[], Any]], *, warmup: int, iters: int | None, seconds: float, min_iters: int = 5, block_s: float = 0.5
 ) -> list[list[float]]:
-    """Latencies (ms) of several runners measured in rounds: each round gives every runner a block of
-    calls (about `block_s` long, after one untimed call that lets the other runtime's thread pool
-    go idle). A noisy neighbour then slows every backend alike and their ratios stay meaningful."""
+    """Latencies (ms) of several runners measured in rounds: each round gives every runner still short of
+    its budget a block of calls about `block_s` long (after one untimed call that lets the other
+    runtime's thread pool go idle), so a noisy neighbour slows every backend alike and their ratios stay
+    meaningful. The budget is per runner: `iters` timed calls, or `seconds` of timed calls (and at least
+    `min_iters`), so measuring N runners takes about N x `seconds`."""
+    if iters is None:
+        block_s = min(block_s, seconds / 4)  # several rounds even for a short budget
     block_calls = []
     for run in runners:
         for _ in range(max(warmup - 1, 0)):
             run()
         start = time.perf_counter()
         run()
-        elapsed = time.perf_counter() - start
-        block_calls.append(max(1, min(20, int(block_s / max(elapsed, 1e-6)))))
+        block_calls.append(max(1, int(block_s / max(time.perf_counter() - start, 1e-6))))
     latencies: list[list[float]] = [[] for _ in runners]
-    wanted = iters if iters is not None else min_iters
-    deadline = time.perf_counter() + seconds * len(runners)
-    while True:
-        for run, samples, calls in zip(runners, latencies, block_calls):
+
+    def calls_left(samples: list[float], block: int) -> int:
+        if iters is not None:
+            return min(block, iters - len(samples))
+        return block if len(samples) < min_iters or sum(samples) < seconds * 1000.0 else 0
+
+    while any(calls_left(samples, block) for samples, block in zip(latencies, block_calls)):
+        for run, samples, block in zip(runners, latencies, block_calls):
+            count = calls_left(samples, block)
+            if not count:
+                continue
             run()
-            for _ in range(min(calls, max(wanted - len(samples), 1)) if iters is not None else calls):
+            for _ in range(count):
                 start = time.perf_counter()
                 run()
                 samples.append((time.perf_counter() - start) * 1000.0)
-        done = min(len(samples) for samples in latencies) >= wanted
-        if done and (iters is not None or time.perf_counter() >= deadline):
-            break
     return latencies
+
+
+def bench_paths(artifacts: list[Path] | None, checkpoint: Path | None = None, exported_dir: str | os.PathLike[str] = "exported") -> list[Path]:
+    """The model files to measure: those given, else every artifact of the newest export and the checkpoint
+    its manifest names; `checkpoint` (PyTorch eager) first when given."""
+    paths = list(artifacts or [])
+    if not paths:
+        folder = find_latest_export(exported_dir)
+        paths = export_artifacts(folder)
+        checkpoint = checkpoint or manifest_checkpoint(folder)
+    return [checkpoint, *paths] if checkpoint is not None else paths
 
 
 def run_bench(
     paths: list[Path],
     spec: BenchSpec,
-    providers: Iterable[str] = ("cpu", "cuda", "tensorrt"),
+    providers: Iterable[Provider | str] = tuple(Provider),
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Measure every (model, provider, batch size) combination; unavailable ones become rows with
@@ -289,7 +290,7 @@ def run_bench(
     rows: list[dict[str, Any] | None] = []
     measured: list[tuple[int, Target, Backend, float, float]] = []  # row slot, target, backend, GFLOP, peak
     for target in targets:
-        reason = ort_provider_status(target.provider)[1] if target.kind == "onnx" else _torch_unavailable(target.provider)
+        reason = provider_unavailable(target.kind, target.provider)
         if reason:
             rows.append(_unavailable_row(target, reason, spec))
             continue
@@ -298,11 +299,11 @@ def run_bench(
             backend.close()
             rows.append(_unavailable_row(target, "end-to-end (uint8) model: measured through predict, not bench", spec))
             continue
-        config = _model_config(backend)
+        config = backend.model_config
         key = repr(sorted(config.items()))
         if key not in gflops_cache:
             gflops_cache[key] = count_gflops(config, spec.height, spec.width)
-        device = "cuda" if target.provider in ("cuda", "tensorrt") else "cpu"
+        device = target.provider.torch_device
         precision = {"fp16": "fp16", "int8": "int8"}.get(backend.precision, "fp32")
         if device == "cpu" and precision == "fp16":
             precision = "fp32"  # no fp16 matmul units on this kind of CPU: fp16 models compute in fp32
@@ -325,7 +326,7 @@ def run_bench(
         for (_, target, backend, gflops, peak), latencies in zip(measured, all_latencies):
             stats = latency_stats(latencies)
             e2e = None
-            if backend.provider not in ("cpu", "CPUExecutionProvider"):
+            if target.provider is not Provider.CPU:
                 e2e = latency_stats(
                     time_runner(lambda: backend.predict_logits(images), warmup=spec.warmup, iters=spec.iters, seconds=spec.seconds, min_iters=spec.min_iters)
                 )

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import UNetEdgeError
 from .model import ConvBlockStudent, UNetStudent, _Up
 
 __all__ = ["FoldError", "FoldedUNet", "fold_batchnorm"]
 
 
-class FoldError(ValueError):
+class FoldError(UNetEdgeError, ValueError):
     """The model cannot be folded exactly (the reason says which layer and why)."""
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backends import Backend, manifest_entry, open_backend
+from .artifact import NCHW_FLOAT, NHWC_UINT8, artifacts_or_latest, manifest_checkpoint, manifest_entry
+from .backends import CHECKPOINT, artifact_format, open_backend
 from .checkpoint import find_latest_checkpoint
-from .data import ImageSegmentation, load_image, load_label
+from .data import ImageSegmentation
 from .errors import ArtifactError
+from .formats import Backend, Precision, Provider, preprocess
+from .formats.onnx import module_name, run_with_outputs
+from .images import load_image, load_label
 from .metrics import ConfusionMatrix
 
-__all__ = ["THRESHOLDS", "EvalImages", "Thresholds", "compare", "explain_divergence", "load_eval_images", "verify"]
+__all__ = [
+    "THRESHOLDS",
+    "EvalImages",
+    "Thresholds",
+    "compare",
+    "explain_divergence",
+    "load_eval_images",
+    "reference_checkpoint",
+    "run_backend",
+    "thresholds_for",
+    "verify",
+]
 
 
 @dataclass(frozen=True)
@@ -36,9 +52,9 @@ class Thresholds:
 
 
 THRESHOLDS = {
-    "fp32": Thresholds(min_pixel_agreement=0.999),
-    "fp16": Thresholds(min_pixel_agreement=0.995),
-    "int8": Thresholds(max_miou_drop=0.01),
+    Precision.FP32.value: Thresholds(min_pixel_agreement=0.999),
+    Precision.FP16.value: Thresholds(min_pixel_agreement=0.995),
+    Precision.INT8.value: Thresholds(max_miou_drop=0.01),
 }
 
 
@@ -56,8 +72,6 @@ def load_eval_images(
     root: str | os.PathLike[str], mean: tuple[float, ...], std: tuple[float, ...], *, split: str = "val", num_images: int = 16
 ) -> EvalImages:
     """The first `num_images` images of a split (all of them when `num_images` <= 0)."""
-    from .backends import preprocess
-
     dataset = ImageSegmentation(root, split)
     samples = dataset.samples if num_images <= 0 else dataset.samples[:num_images]
     raw, normalised, masks, paths = [], [], [], []
@@ -84,7 +98,7 @@ def run_backend(backend: Backend, images: EvalImages) -> tuple[list[np.ndarray |
     logits: list[np.ndarray | None] = [None] * len(images.raw)
     masks: list[np.ndarray] = [np.empty(0)] * len(images.raw)
     for batch in _batches(images):
-        if backend.input_format == "nhwc-uint8":
+        if backend.input_format == NHWC_UINT8:
             out = backend.predict_masks(np.stack([images.raw[i] for i in batch]))
             for i, mask in zip(batch, out):
                 masks[i] = mask
@@ -147,67 +161,80 @@ def reference_checkpoint(artifacts: list[Path], checkpoint: str | os.PathLike[st
     if checkpoint is not None:
         return Path(checkpoint)
     for artifact in artifacts:
-        manifest, _ = manifest_entry(artifact)
-        source = (manifest or {}).get("checkpoint", {}).get("path")
-        if source and Path(source).is_file():
-            return Path(source)
+        source = manifest_checkpoint(artifact.parent)
+        if source is not None:
+            return source
     return find_latest_checkpoint(runs_dir)
 
 
+def thresholds_for(precision: str, entry: dict[str, Any] | None, overrides: Thresholds | None) -> Thresholds:
+    """The precision's thresholds, with the int8 budget the model was exported for (from its manifest
+    entry), then any field `overrides` sets."""
+    base = THRESHOLDS.get(precision, THRESHOLDS[Precision.FP32.value])
+    budget = ((entry or {}).get("quantization") or {}).get("max_miou_drop")
+    if budget is not None:
+        base = Thresholds(base.min_pixel_agreement, float(budget))
+    overrides = overrides or Thresholds()
+    return Thresholds(
+        min_pixel_agreement=base.min_pixel_agreement if overrides.min_pixel_agreement is None else overrides.min_pixel_agreement,
+        max_miou_drop=base.max_miou_drop if overrides.max_miou_drop is None else overrides.max_miou_drop,
+    )
+
+
 def verify(
-    artifacts: list[str | os.PathLike[str]],
+    artifacts: list[str | os.PathLike[str]] | None = None,
     *,
     checkpoint: str | os.PathLike[str] | None = None,
     data: str | os.PathLike[str] | None = None,
     num_images: int = 16,
-    provider: str = "cpu",
+    provider: Provider | str = Provider.CPU,
     overrides: Thresholds | None = None,
     explain: bool = False,
     runs_dir: str | os.PathLike[str] = "runs",
-    progress=None,
+    exported_dir: str | os.PathLike[str] = "exported",
+    entries: dict[str, dict[str, Any]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the checkpoint and each artifact on the same validation images and judge each artifact.
+    """Run the checkpoint and each artifact (default: every artifact of the newest export) on the same
+    validation images and judge each artifact.
 
     `overrides` replaces the per-precision thresholds where its fields are set. With `explain`, a
-    failing ONNX artifact gets the first layer whose output diverges from PyTorch's.
+    failing ONNX artifact gets the first layer whose output diverges from PyTorch's. `entries` gives the
+    artifacts' manifest entries by file name (an export passes those it is about to write); otherwise
+    each is read from the manifest.json beside the file.
     """
     from .evaluate import checkpoint_data_root
 
-    paths = [Path(a) for a in artifacts]
+    paths = artifacts_or_latest([Path(a) for a in artifacts or []], exported_dir)
     reference_path = reference_checkpoint(paths, checkpoint, runs_dir)
-    reference = open_backend(reference_path, "cpu")
+    reference = open_backend(reference_path, Provider.CPU)
     root = checkpoint_data_root(reference.meta["checkpoint"], data)
     images = load_eval_images(root, reference.mean, reference.std, num_images=num_images)
     reference_out = run_backend(reference, images)
     results = []
     for index, path in enumerate(paths):
-        backend = open_backend(path, provider)
+        entry = entries[path.name] if entries is not None else manifest_entry(path)[1]
+        kind = artifact_format(path)
+        backend = open_backend(path, provider, entry=entry)
         if backend.classes != reference.classes:
             raise ArtifactError(
                 f"{path}: classes {backend.classes} differ from the checkpoint's {reference.classes} ({reference_path})"
             )
         figures = compare(reference_out, run_backend(backend, images), images.masks, reference.num_classes, reference.ignore_index)
-        base = THRESHOLDS.get(backend.precision, THRESHOLDS["fp32"])
-        budget = ((manifest_entry(path)[1] or {}).get("quantization") or {}).get("max_miou_drop")
-        if budget is not None:
-            base = Thresholds(base.min_pixel_agreement, float(budget))  # the budget the model was exported for
-        thresholds = Thresholds(
-            min_pixel_agreement=overrides.min_pixel_agreement if overrides and overrides.min_pixel_agreement is not None else base.min_pixel_agreement,
-            max_miou_drop=overrides.max_miou_drop if overrides and overrides.max_miou_drop is not None else base.max_miou_drop,
-        )
-        entry = {
+        thresholds = thresholds_for(backend.precision, entry, overrides)
+        result = {
             "path": str(path),
-            "format": {"onnxruntime": "onnx"}.get(backend.backend, backend.backend),
+            "format": "pytorch" if kind == CHECKPOINT else kind,
             "precision": backend.precision,
             "provider": backend.provider,
             **figures,
             "thresholds": {"min_pixel_agreement": thresholds.min_pixel_agreement, "max_miou_drop": thresholds.max_miou_drop},
             "passed": passes(figures, thresholds),
         }
-        if explain and not entry["passed"]:
-            entry["explain"] = explain_divergence(reference, backend, images)
+        if explain and not result["passed"]:
+            result["explain"] = explain_divergence(reference, backend, images)
         backend.close()
-        results.append(entry)
+        results.append(result)
         if progress is not None:
             progress(index + 1, len(paths))
     return {
@@ -238,50 +265,36 @@ def _torch_activations(model: torch.nn.Module, image: np.ndarray) -> dict[str, n
     return captured
 
 
-def _onnx_module_outputs(path: Path) -> tuple[Any, dict[str, str]]:
-    """The ONNX model with every module's last node output exposed as a graph output, and the
-    map from module name to that output name (from the exporter's `name_scopes` metadata)."""
-    import ast
-
-    import onnx
-
-    model = onnx.load(str(path))
+def _module_outputs(model: Any) -> dict[str, str]:
+    """Module name -> the output of the last graph node exported from that module."""
     by_module: dict[str, str] = {}
     for node in model.graph.node:
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
-        if not scopes or not node.output:
-            continue
-        names = ast.literal_eval(scopes)
-        if len(names) >= 2 and names[-2]:
-            by_module[names[-2]] = node.output[0]
-    existing = {o.name for o in model.graph.output}
-    for output in by_module.values():
-        if output not in existing:
-            model.graph.output.append(onnx.ValueInfoProto(name=output))
-    return model, by_module
+        name = module_name(node)
+        if name and node.output:
+            by_module[name] = node.output[0]
+    return by_module
 
 
 def explain_divergence(reference: Backend, candidate: Backend, images: EvalImages, rel_tolerance: float = 1e-3) -> dict[str, Any]:
     """Compare every layer's output between PyTorch and an ONNX artifact on the first image and name
     the first layer (in execution order) whose relative difference exceeds `rel_tolerance`."""
-    if candidate.backend != "onnxruntime" or candidate.input_format != "nchw-float32":
+    if artifact_format(candidate.path) != "onnx" or candidate.input_format != NCHW_FLOAT:
         return {"supported": False, "reason": "layer-wise comparison needs a float-input ONNX model"}
-    import onnxruntime as ort
+    import onnx
 
     activations = _torch_activations(reference.module, images.normalised[0])
-    model, by_module = _onnx_module_outputs(candidate.path)
+    model = onnx.load(str(candidate.path))
+    by_module = _module_outputs(model)
     if not by_module:
         return {"supported": False, "reason": "the ONNX graph carries no module names (not exported by unet-edge?)"}
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    values = dict(zip(names, session.run(names, {session.get_inputs()[0].name: images.normalised[0][None]})))
+    values = run_with_outputs(model, list(by_module.values()), images.normalised[:1])[0]
     layers = []
-    for module_name, torch_out in activations.items():
-        onnx_out = values.get(by_module.get(module_name, ""))
+    for layer, torch_out in activations.items():
+        onnx_out = values.get(by_module.get(layer, ""))
         if onnx_out is None or onnx_out.shape != torch_out.shape:
             continue
         scale = float(np.abs(torch_out).max()) or 1.0
-        layers.append({"layer": module_name, "rel_diff": float(np.abs(onnx_out.astype(np.float64) - torch_out).max()) / scale})
+        layers.append({"layer": layer, "rel_diff": float(np.abs(onnx_out.astype(np.float64) - torch_out).max()) / scale})
     first = next((layer for layer in layers if layer["rel_diff"] > rel_tolerance), None)
     return {
         "supported": True,

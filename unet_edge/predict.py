@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .backends import Backend, open_backend
-from .images import IMAGE_SUFFIXES, load_image
+from .backends import open_backend
 from .errors import ArtifactError, DataError
+from .formats import Backend, Provider
+from .images import IMAGE_SUFFIXES, load_image
 from .io import atomic_path, atomic_write_text
 
 __all__ = ["Prediction", "class_areas", "class_palette", "collect_images", "overlay_image", "predict", "save_mask"]
@@ -133,7 +134,7 @@ def predict(
     *,
     overlay: bool = True,
     stats: bool = False,
-    provider: str = "cpu",
+    provider: Provider | str = Provider.CPU,
     batch_size: int = 8,
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,

@@ -9,7 +9,6 @@ more at a time, until the budget holds.
 
 from __future__ import annotations
 
-import ast
 import os
 import tempfile
 from collections.abc import Callable
@@ -19,11 +18,20 @@ from typing import Any
 
 import numpy as np
 
+from .artifact import FP16_ONNX_FILE, INT8_ONNX_FILE, ExportedArtifact, artifact_metadata, io_spec
 from .errors import ArtifactError
+from .formats import CalibMethod, ExportRequest, Precision
 
-__all__ = ["CALIBRATION_METHODS", "Int8Result", "convert_fp16", "layer_errors", "quantize_int8", "quantize_with_budget"]
-
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+__all__ = [
+    "Int8Result",
+    "convert_fp16",
+    "export_precisions",
+    "float_source",
+    "layer_errors",
+    "quantize_int8",
+    "quantize_with_budget",
+    "stamp_precision",
+]
 
 
 class _Reader:
@@ -59,7 +67,7 @@ def quantize_int8(
     output: Path,
     calibration: list[np.ndarray],
     *,
-    method: str = "minmax",
+    method: CalibMethod | str = CalibMethod.MINMAX,
     exclude: tuple[str, ...] = (),
     workdir: Path | None = None,
 ) -> Path:
@@ -67,8 +75,15 @@ def quantize_int8(
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    if method not in CALIBRATION_METHODS:
-        raise ArtifactError(f"unknown calibration method {method!r}: use {', '.join(CALIBRATION_METHODS)}")
+    try:
+        method = CalibMethod(method)
+    except ValueError:
+        raise ArtifactError(f"unknown calibration method {method!r}: use {', '.join(m.value for m in CalibMethod)}") from None
+    calibrate_method = {
+        CalibMethod.MINMAX: CalibrationMethod.MinMax,
+        CalibMethod.ENTROPY: CalibrationMethod.Entropy,
+        CalibMethod.PERCENTILE: CalibrationMethod.Percentile,
+    }[method]
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         prepared = _preprocessed(float_model, Path(tmp))
         input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
@@ -81,7 +96,7 @@ def quantize_int8(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=list(exclude),
-            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method],
+            calibrate_method=calibrate_method,
             extra_options={"CalibTensorRangeSymmetric": False, "CalibMovingAverage": False},
         )
     return output
@@ -91,42 +106,20 @@ def _conv_nodes(model: Any) -> list[Any]:
     return [node for node in model.graph.node if node.op_type in ("Conv", "ConvTranspose")]
 
 
-def _scope(node: Any) -> str:
-    scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
-    if not scopes:
-        return node.name
-    names = ast.literal_eval(scopes)
-    return names[-2] if len(names) >= 2 and names[-2] else node.name
-
-
-def _run_with_outputs(model: Any, outputs: list[str], images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-    import onnx
-    import onnxruntime as ort
-
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    existing = {o.name for o in model.graph.output}
-    for name in outputs:
-        if name not in existing:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    return [dict(zip(outputs, session.run(outputs, {input_name: image[None]}))) for image in images]
-
-
 def layer_errors(float_model: Path, int8_model: Path, images: list[np.ndarray]) -> list[dict[str, Any]]:
     """Per convolution: relative output error of the int8 model against float, and how much of it
     the layer adds over the worst of its inputs (the sensitivity used to pick float fallbacks)."""
     import onnx
+
+    from .formats.onnx import module_name, run_with_outputs
 
     float_proto = onnx.load(str(float_model))
     int8_proto = onnx.load(str(int8_model))
     int8_nodes = {node.name: node for node in _conv_nodes(int8_proto)}
     convs = [node for node in _conv_nodes(float_proto) if node.name in int8_nodes]
     names = [node.output[0] for node in convs]
-    float_runs = _run_with_outputs(float_proto, names, images)
-    int8_runs = _run_with_outputs(int8_proto, [int8_nodes[n.name].output[0] for n in convs], images)
+    float_runs = run_with_outputs(float_proto, names, images)
+    int8_runs = run_with_outputs(int8_proto, [int8_nodes[n.name].output[0] for n in convs], images)
     errors: dict[str, float] = {}
     for node in convs:
         int8_name = int8_nodes[node.name].output[0]
@@ -151,7 +144,7 @@ def layer_errors(float_model: Path, int8_model: Path, images: list[np.ndarray]) 
         rows.append(
             {
                 "node": node.name,
-                "layer": _scope(node),
+                "layer": module_name(node) or node.name,
                 "rel_error": errors[node.output[0]],
                 "added_error": errors[node.output[0]] - inherited,
             }
@@ -177,7 +170,7 @@ def quantize_with_budget(
     evaluate: Callable[[Path], tuple[float, float]],
     *,
     max_miou_drop: float = 0.01,
-    method: str = "minmax",
+    method: CalibMethod | str = CalibMethod.MINMAX,
     sensitivity_images: int = 4,
 ) -> Int8Result:
     """Quantise, then keep the most sensitive convolutions in float until `evaluate(path)` — which
@@ -225,7 +218,7 @@ def convert_fp16(float_model: Path, output: Path) -> Path:
     model = onnx.load(str(float_model))
     half = convert_float_to_float16(model, keep_io_types=True)
     _topological_sort(half.graph)  # the converter appends its input casts after their consumers
-    from .export import save_onnx
+    from .formats.onnx import save_onnx
 
     save_onnx(half, output)
     return output
@@ -255,23 +248,11 @@ def _topological_sort(graph: Any) -> None:
     graph.node.extend(copies)
 
 
-INT8_ONNX_FILE = "model_int8.onnx"
-FP16_ONNX_FILE = "model_fp16.onnx"
-
-
-@dataclass
-class Int8Options:
-    calib_data: Path | None = None
-    calib_images: int = 32
-    calib_method: str = "minmax"
-    max_miou_drop: float = 0.01
-    fold: bool = True
-
-
-def _float_source(loaded: Any, workdir: Path, fold: bool, opset: int) -> tuple[Path, bool, str | None]:
-    """A float ONNX model to derive variants from: BatchNorm-folded when asked and possible."""
-    from .export import artifact_metadata, export_onnx
+def float_source(loaded: Any, workdir: Path, fold: bool, opset: int) -> tuple[Path, bool, str | None]:
+    """A float ONNX model to derive variants from, in `workdir`: BatchNorm-folded when asked and exact.
+    Returns (path, folded, why the fold was skipped or None)."""
     from .fold import FoldError, fold_batchnorm
+    from .formats.onnx import export_onnx
 
     module, folded, reason = loaded.model, False, None
     if fold:
@@ -280,88 +261,91 @@ def _float_source(loaded: Any, workdir: Path, fold: bool, opset: int) -> tuple[P
         except FoldError as exc:
             reason = str(exc)
     path = workdir / "float-source.onnx"
-    export_onnx(module, path, artifact_metadata(loaded, "fp32"), opset=opset)
+    export_onnx(module, path, artifact_metadata(loaded, Precision.FP32.value), opset=opset)
     return path, folded, reason
 
 
-def _finish(source: Path, target: Path, loaded: Any, precision: str) -> Path:
-    """Stamp the artifact metadata (precision included) and write it atomically."""
+def stamp_precision(source: Path, target: Path, loaded: Any, precision: Precision | str) -> Path:
+    """Write `source` to `target` atomically with the artifact metadata for `precision`."""
     import onnx
 
-    from .export import artifact_metadata, save_onnx, set_metadata
+    from .formats.onnx import save_onnx, set_metadata
 
     model = onnx.load(str(source))
-    set_metadata(model, artifact_metadata(loaded, precision))
+    set_metadata(model, artifact_metadata(loaded, Precision(precision).value))
     save_onnx(model, target)
     return target
 
 
-def export_precisions(
-    loaded: Any,
-    folder: Path,
-    precisions: tuple[str, ...],
-    *,
-    data_root: Path,
-    options: Int8Options,
-    opset: int = 18,
-    progress: Callable[[str], None] | None = None,
-) -> list[Any]:
-    """Write model_fp16.onnx and/or model_int8.onnx (calibrated, within the mIoU budget) into `folder`."""
-    from .backends import TorchBackend
-    from .export import ExportedArtifact, _io_spec
+def _budget_evaluator(request: ExportRequest, data_root: Path) -> tuple[Callable[[Path], tuple[float, float]], int]:
+    """evaluate(path) -> (the model's val mIoU, the checkpoint's), on every validation image of `data_root`."""
+    from .formats import Provider
+    from .formats.onnx import open_model
+    from .formats.torchscript import TorchBackend
     from .parity import compare, load_eval_images, run_backend
 
+    loaded = request.loaded
+    val = load_eval_images(data_root, loaded.mean, loaded.std, split="val", num_images=0)
+    reference = TorchBackend(
+        loaded.model, device="cpu", backend="pytorch", provider="cpu", precision="fp32", path=loaded.path,
+        classes=loaded.classes, mean=loaded.mean, std=loaded.std, ignore_index=loaded.ignore_index,
+    )  # fmt: skip
+    reference_out = run_backend(reference, val)
+
+    def evaluate(path: Path) -> tuple[float, float]:
+        if request.progress:
+            request.progress(f"checking int8 mIoU on {len(val.raw)} validation images")
+        candidate = open_model(path, Provider.CPU, None, None)
+        figures = compare(reference_out, run_backend(candidate, val), val.masks, len(loaded.classes), loaded.ignore_index)
+        candidate.close()
+        return figures["miou_gt"], figures["miou_gt_reference"]
+
+    return evaluate, len(val.raw)
+
+
+def export_precisions(request: ExportRequest) -> list[ExportedArtifact]:
+    """Write model_fp16.onnx and/or model_int8.onnx (calibrated, within the mIoU budget) into the request's
+    folder, from a float model BatchNorm-folded when `request.fold_variants` and the fold is exact."""
+    from .parity import load_eval_images
+
+    loaded, folder, opset = request.loaded, request.folder, request.opset
+    progress = request.progress or (lambda message: None)
     artifacts = []
-    inputs, outputs = _io_spec(len(loaded.classes))
+    inputs, outputs = io_spec(len(loaded.classes))
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         workdir = Path(tmp)
-        source, folded, fold_reason = _float_source(loaded, workdir, options.fold, opset)
-        if "fp16" in precisions:
-            if progress:
-                progress("converting to fp16")
+        source, folded, fold_reason = float_source(loaded, workdir, request.fold_variants, opset)
+        fold_info = {"batchnorm_folded": folded, **({"fold_skipped": fold_reason} if fold_reason else {})}
+        if Precision.FP16 in request.precisions:
+            progress("converting to fp16")
             half = convert_fp16(source, workdir / FP16_ONNX_FILE)
-            path = _finish(half, folder / FP16_ONNX_FILE, loaded, "fp16")
-            artifacts.append(ExportedArtifact(FP16_ONNX_FILE, "onnx", "fp16", path, inputs, outputs, opset, {"batchnorm_folded": folded}))
-        if "int8" in precisions:
-            calib_root = Path(options.calib_data) if options.calib_data else data_root
-            calibration = load_eval_images(calib_root, loaded.mean, loaded.std, split="train", num_images=options.calib_images).normalised
-            val = load_eval_images(data_root, loaded.mean, loaded.std, split="val", num_images=0)
-            reference = TorchBackend(
-                loaded.model, device="cpu", backend="pytorch", provider="cpu", precision="fp32", path=loaded.path,
-                classes=loaded.classes, mean=loaded.mean, std=loaded.std, ignore_index=loaded.ignore_index,
-            )
-            reference_out = run_backend(reference, val)
-
-            def evaluate(path: Path) -> tuple[float, float]:
-                from .backends import open_backend
-
-                if progress:
-                    progress(f"checking int8 mIoU on {len(val.raw)} validation images")
-                figures = compare(reference_out, run_backend(open_backend(path), val), val.masks, len(loaded.classes), loaded.ignore_index)
-                return figures["miou_gt"], figures["miou_gt_reference"]
-
-            if progress:
-                progress(f"calibrating int8 on {len(calibration)} training images ({options.calib_method})")
+            path = stamp_precision(half, folder / FP16_ONNX_FILE, loaded, Precision.FP16)
+            artifacts.append(ExportedArtifact(FP16_ONNX_FILE, "onnx", "fp16", path, inputs, outputs, opset, dict(fold_info)))
+        if Precision.INT8 in request.precisions:
+            if request.data_root is None:
+                raise ArtifactError(f"{loaded.path}: int8 needs a dataset to calibrate on and to check the mIoU budget")
+            calib_root = Path(request.calib_data) if request.calib_data else request.data_root
+            calibration = load_eval_images(calib_root, loaded.mean, loaded.std, split="train", num_images=request.calib_images).normalised
+            evaluate, validation_images = _budget_evaluator(request, request.data_root)
+            method = CalibMethod(request.calib_method)
+            progress(f"calibrating int8 on {len(calibration)} training images ({method.value})")
             result = quantize_with_budget(
-                source, workdir / INT8_ONNX_FILE, calibration, evaluate, max_miou_drop=options.max_miou_drop, method=options.calib_method
+                source, workdir / INT8_ONNX_FILE, calibration, evaluate, max_miou_drop=request.max_miou_drop, method=method
             )
-            path = _finish(result.path, folder / INT8_ONNX_FILE, loaded, "int8")
+            path = stamp_precision(result.path, folder / INT8_ONNX_FILE, loaded, Precision.INT8)
             quantization = {
                 "format": "QDQ",
                 "weights": "int8, per channel",
                 "activations": "uint8, per tensor",
-                "calibration": {"method": options.calib_method, "images": len(calibration), "data": str(calib_root), "split": "train"},
-                "max_miou_drop": options.max_miou_drop,
+                "calibration": {"method": method.value, "images": len(calibration), "data": str(calib_root), "split": "train"},
+                "max_miou_drop": request.max_miou_drop,
                 "miou_drop": result.miou_drop,
                 "miou_int8": result.miou_int8,
                 "miou_reference": result.miou_reference,
-                "validation_images": len(val.raw),
+                "validation_images": validation_images,
                 "within_budget": result.within_budget,
                 "kept_float": result.kept_float,
                 "attempts": result.attempts,
             }
-            extra = {"batchnorm_folded": folded, "quantization": quantization}
-            if fold_reason:
-                extra["fold_skipped"] = fold_reason
-            artifacts.append(ExportedArtifact(INT8_ONNX_FILE, "onnx", "int8", path, inputs, outputs, opset, extra))
+            artifacts.append(ExportedArtifact(INT8_ONNX_FILE, "onnx", "int8", path, inputs, outputs, opset, {**fold_info, "quantization": quantization}))
     return artifacts
