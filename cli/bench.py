@@ -10,7 +10,7 @@ from rich.table import Table
 
 from unet_edge.formats import Provider
 
-from .common import JsonOption, comma_separated, console, fmt, handle_errors, progress_bar, write_json
+from .common import ExportedOption, JsonOption, comma_separated, console, fmt, handle_errors, progress_bar, write_json
 
 
 def _int_list(text: str, name: str) -> tuple[int, ...]:
@@ -83,7 +83,7 @@ def bench(
     json_path: JsonOption = None,
     markdown: Annotated[Optional[Path], typer.Option(help="Also write the table as Markdown.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Also draw latency and throughput as a PNG.")] = None,
-    exported: Annotated[Path, typer.Option(help="Folder of export folders (to find the newest).")] = Path("exported"),
+    exported: ExportedOption = Path("exported"),
 ) -> None:
     """Benchmark artifacts on PyTorch, TorchScript and ONNX Runtime providers (p50/p90/p99, img/s, roofline)."""
     from unet_edge.bench import BenchSpec, bench_paths, plot as draw, run_bench, to_markdown

@@ -38,6 +38,7 @@ DataOption = Annotated[
 JsonOption = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 RunsOption = Annotated[Path, typer.Option("--runs", help="Folder holding training runs (to find the newest).")]
+ExportedOption = Annotated[Path, typer.Option("--exported", help="Folder of export folders (to find the newest).")]
 
 
 def comma_separated(enum: type[Enum], *names: str, help: str) -> Any:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from unet_edge.formats import Provider
 
-from .common import DataOption, JsonOption, RunsOption, console, fmt, handle_errors, write_json
+from .common import DataOption, ExportedOption, JsonOption, RunsOption, console, fmt, handle_errors, write_json
 
 
 def parity_table(report: dict[str, Any]) -> Table:
@@ -45,7 +45,7 @@ def verify(
     max_miou_drop: Annotated[Optional[float], typer.Option(help="Override the maximum mIoU drop (int8: 0.01).")] = None,
     explain: Annotated[bool, typer.Option("--explain", help="For a failing ONNX model, name the first layer that diverges.")] = False,
     json_path: JsonOption = None,
-    exported: Annotated[Path, typer.Option(help="Folder of export folders (to find the newest).")] = Path("exported"),
+    exported: ExportedOption = Path("exported"),
     runs: RunsOption = Path("runs"),
 ) -> None:
     """Compare each artifact with its checkpoint on validation images; exit 1 when one fails its thresholds."""
