@@ -13,6 +13,7 @@ from torch import nn
 from conftest import run_cli
 from unet_edge.checkpoint import load_checkpoint
 from unet_edge.distributed import DistContext, ShardSampler
+from unet_edge.metrics import ConfusionMatrix
 
 TINY = ["--batch-size", "8", "--image-size", "32", "--base-channels", "4", "--depth", "2", "--device", "cpu"]
 
@@ -52,12 +53,14 @@ def _collectives_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     context = DistContext(rank, rank, 2, torch.device("cpu"))
     loss, seen = context.reduce_loss(float(rank + 1), rank + 2)
-    summed = context.all_reduce_sum(torch.full((2, 2), rank + 1, dtype=torch.int64))
+    confusion = ConfusionMatrix(2)
+    confusion.update(torch.tensor([rank, 1]), torch.tensor([rank, 0]))
+    confusion.reduce_from_all_processes()
     path = context.broadcast_path(Path(f"runs/picked-by-{rank}"))
     norm = nn.BatchNorm1d(3)
     norm.running_mean.fill_(float(rank + 10))
     context.broadcast_buffers(norm)
-    result = {"loss": loss, "seen": seen, "summed": summed.tolist(), "path": str(path), "mean": norm.running_mean.tolist()}
+    result = {"loss": loss, "seen": seen, "summed": confusion.matrix.tolist(), "path": str(path), "mean": norm.running_mean.tolist()}
     Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -67,7 +70,7 @@ def test_collectives_weight_loss_by_images_and_follow_rank_zero(tmp_path):
     for rank in range(2):
         result = json.loads((tmp_path / f"{rank}.json").read_text())
         assert result["loss"] == pytest.approx((1 * 2 + 2 * 3) / 5) and result["seen"] == 5
-        assert result["summed"] == [[3, 3], [3, 3]]
+        assert result["summed"] == [[1, 2], [0, 1]]  # rank 0 saw (0->0, 0->1), rank 1 (1->1, 0->1)
         assert result["path"] == "runs/picked-by-0"
         assert result["mean"] == [10.0, 10.0, 10.0]
 
@@ -88,23 +91,22 @@ def test_two_process_epoch_logs_the_miou_of_single_process_eval(odd_val_data, tm
     state = load_checkpoint(run / "best.pt")
     assert state["config"]["base_channels"] == 4 and state["config"]["depth"] == 2
     assert state["train_config"]["batch_size"] == 8 and state["train_config"]["amp"] is False
+    assert state["train_config"]["model"]["base_channels"] == 4
     assert_eval_matches(run / "best.pt", odd_val_data, records[0], tmp_path)
     assert result.stdout.count("best val mIoU") == 1  # only rank 0 reports
     assert "x 2 processes" in result.stderr
 
 
 @pytest.mark.slow
-def test_distributed_resume_continues_the_same_run(odd_val_data, tmp_path):
-    first = run_cli("train", "--nproc-per-node", "2", "--data", str(odd_val_data), "--epochs", "1", "--lr", "0.02", *TINY, "--out", str(tmp_path), "--name", "r", in_process=False)
-    assert first.returncode == 0, first.stderr
-    run = tmp_path / "r"
-    resumed = run_cli("train", "--nproc-per-node", "2", "--epochs", "2", "--device", "cpu", "--resume", str(run / "last.pt"), in_process=False)
+def test_distributed_resume_continues_the_same_run(odd_val_data, tmp_path, interrupted_run):
+    run = interrupted_run(odd_val_data, tmp_path, epochs=2, stop_in_epoch=2, lr=0.02)  # one process wrote epoch 1
+    resumed = run_cli("train", "--nproc-per-node", "2", "--device", "cpu", "--resume", str(run / "last.pt"), in_process=False)
     assert resumed.returncode == 0, resumed.stderr
-    assert [p.name for p in tmp_path.iterdir()] == ["r"]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
     records = metrics(run)
     assert [r["epoch"] for r in records] == [1, 2]
     last = load_checkpoint(run / "last.pt")
-    assert last["epoch"] == 2 and last["train_config"]["base_channels"] == 4
+    assert last["epoch"] == 2 and last["train_config"]["lr"] == 0.02 and last["config"]["base_channels"] == 4
     assert_eval_matches(run / "last.pt", odd_val_data, records[-1], tmp_path)
 
 

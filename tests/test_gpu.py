@@ -51,6 +51,16 @@ def test_fp16_autocast_with_grad_scaler_trains():
 
 
 @requires_cuda
+def test_confusion_matrix_stays_on_the_gpu_of_its_inputs():
+    from unet_edge.metrics import ConfusionMatrix
+
+    confusion = ConfusionMatrix(3)
+    pred = torch.tensor([[0, 1, 2]], device="cuda")
+    confusion.update(pred, pred)
+    assert confusion.matrix.device.type == "cuda" and int(confusion.matrix.trace()) == 3
+
+
+@requires_cuda
 def test_onnx_runtime_cuda_provider_matches_cpu(e2e_dir, odd_image):
     from unet_edge.backends import open_backend, ort_provider_status
     from unet_edge.data import load_image

@@ -60,3 +60,11 @@ def test_confusion_over_batches_equals_iou_of_concatenation():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         IoU(torch.zeros(2, 2), torch.zeros(2, 3), 2)
+
+
+def test_confusion_matrix_reduce_outside_a_process_group_keeps_the_counts():
+    confusion = ConfusionMatrix(3, ignore_index=255)
+    confusion.update(torch.tensor([[0, 1, 2, 2]]), torch.tensor([[0, 1, 1, 255]]))
+    confusion.reduce_from_all_processes()
+    assert confusion.matrix.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 0]]
+    assert confusion.pixel_accuracy() == pytest.approx(2 / 3)

@@ -330,7 +330,7 @@ def wait_for_epochs(log: Path, count: int, process: subprocess.Popen, timeout: f
 @pytest.mark.slow
 def test_sigint_keeps_the_last_finished_epoch_exits_130_and_resume_continues(tmp_path):
     data, out = tiny_set(tmp_path / "data"), tmp_path / "runs"
-    process = start_training(data, out, 1000)  # ~0.1 s an epoch: it must still be running when the signal comes
+    process = start_training(data, out, 1000)  # more epochs than it gets to run: it is still running when the signal comes
     wait_for_epochs(out / "run" / "metrics.jsonl", 2, process)
     assert process.poll() is None, process.communicate()
     process.send_signal(signal.SIGINT)
@@ -352,9 +352,9 @@ def test_sigint_keeps_the_last_finished_epoch_exits_130_and_resume_continues(tmp
 
 
 @pytest.mark.slow
-def test_kill_9_at_a_random_moment_then_resume_finishes(tmp_path):
-    seed = random.randrange(1 << 30)
-    rng = random.Random(seed)
+@pytest.mark.parametrize("seed", [7])
+def test_kill_9_at_a_random_moment_then_resume_finishes(tmp_path, seed):
+    rng = random.Random(seed)  # a fixed seed: a failure is rerun at the same epoch and offset
     data, out = tiny_set(tmp_path / "data"), tmp_path / "runs"
     run = out / "run"
     process = start_training(data, out, 1000)  # far more than it gets to run before the kill
@@ -390,14 +390,12 @@ def test_absurd_lr_stops_with_one_line_and_keeps_the_last_good_epoch(tmp_path):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_on_resume_leaves_checkpoints_untouched(tmp_path):
-    data, out = tiny_set(tmp_path / "data", num_train=8), tmp_path / "runs"
-    result = run_cli("train", "--data", str(data), *TINY_TRAIN, "--epochs", "1", "--out", str(out), "--name", "run")
-    assert result.returncode == 0, result.stderr
+def test_non_finite_loss_on_resume_leaves_checkpoints_untouched(tmp_path, interrupted_run):
+    data = tiny_set(tmp_path / "data", num_train=8)
+    run = interrupted_run(data, tmp_path / "runs", epochs=3, stop_in_epoch=2)
     for label in (data / "train" / "labels").glob("*.png"):  # every pixel ignored: the mean loss is 0/0
         Image.fromarray(np.full((32, 32), 255, np.uint8)).save(label)
-    run = out / "run"
     before = snapshot(run)
-    result = run_cli("train", "--resume", str(run / "last.pt"), "--epochs", "3", "--device", "cpu")
+    result = run_cli("train", "--resume", str(run / "last.pt"), "--device", "cpu")
     assert_one_line_error(result, "training stopped in epoch 2: loss became nan at step 1", "last.pt (epoch 1) is kept unchanged")
     assert snapshot(run) == before
