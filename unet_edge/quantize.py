@@ -24,6 +24,7 @@ from .formats import CalibMethod, ExportRequest, Precision
 
 __all__ = [
     "Int8Result",
+    "budget_evaluator",
     "convert_fp16",
     "export_precisions",
     "float_source",
@@ -277,10 +278,10 @@ def stamp_precision(source: Path, target: Path, loaded: Any, precision: Precisio
     return target
 
 
-def _budget_evaluator(request: ExportRequest, data_root: Path) -> tuple[Callable[[Path], tuple[float, float]], int]:
-    """evaluate(path) -> (the model's val mIoU, the checkpoint's), on every validation image of `data_root`."""
-    from .formats import Provider
-    from .formats.onnx import open_model
+def budget_evaluator(request: ExportRequest, data_root: Path) -> tuple[Callable[[Path], tuple[float, float]], int]:
+    """(evaluate, number of validation images): evaluate(path) -> (the model file's val mIoU, the checkpoint's),
+    on every validation image of `data_root`; any format `open_backend` knows can be evaluated."""
+    from .backends import open_backend
     from .formats.torchscript import TorchBackend
     from .parity import compare, load_eval_images, run_backend
 
@@ -294,8 +295,8 @@ def _budget_evaluator(request: ExportRequest, data_root: Path) -> tuple[Callable
 
     def evaluate(path: Path) -> tuple[float, float]:
         if request.progress:
-            request.progress(f"checking int8 mIoU on {len(val.raw)} validation images")
-        candidate = open_model(path, Provider.CPU, None, None)
+            request.progress(f"checking {path.suffix[1:]} model mIoU on {len(val.raw)} validation images")
+        candidate = open_backend(path)
         figures = compare(reference_out, run_backend(candidate, val), val.masks, len(loaded.classes), loaded.ignore_index)
         candidate.close()
         return figures["miou_gt"], figures["miou_gt_reference"]
@@ -326,7 +327,7 @@ def export_precisions(request: ExportRequest) -> list[ExportedArtifact]:
                 raise ArtifactError(f"{loaded.path}: int8 needs a dataset to calibrate on and to check the mIoU budget")
             calib_root = Path(request.calib_data) if request.calib_data else request.data_root
             calibration = load_eval_images(calib_root, loaded.mean, loaded.std, split="train", num_images=request.calib_images).normalised
-            evaluate, validation_images = _budget_evaluator(request, request.data_root)
+            evaluate, validation_images = budget_evaluator(request, request.data_root)
             method = CalibMethod(request.calib_method)
             progress(f"calibrating int8 on {len(calibration)} training images ({method.value})")
             result = quantize_with_budget(
