@@ -202,3 +202,27 @@ def test_precision_no_selected_format_has_is_refused(tiny_checkpoint, tmp_path):
     line = one_line_error(run_cli("export", str(tiny_checkpoint), "--format", "torchscript", "--precision", "int8", "--out", str(tmp_path)))
     assert "torchscript: no int8 variant (formats with int8: onnx)" in line
     assert not any(tmp_path.iterdir())
+
+
+def test_manifest_checks_companion_files_of_an_artifact(tiny_checkpoint, tmp_path):
+    """Formats whose model is several files (a graph and its weights) list the others as companions: a
+    changed companion is refused like a changed model file."""
+    from unet_edge.artifact import ExportedArtifact, check_manifest_sha256, io_spec, write_manifest
+    from unet_edge.errors import ArtifactError
+
+    graph, weights = tmp_path / "model.graph", tmp_path / "model.weights"
+    graph.write_bytes(b"graph")
+    weights.write_bytes(b"weights" * 100)
+    inputs, outputs = io_spec(4, size=(64, 96))
+    artifact = ExportedArtifact("model.graph", "multi-file", "fp32", graph, inputs, outputs, companions=[weights])
+    write_manifest(tmp_path, load_model(tiny_checkpoint), [artifact])
+    (entry,) = json.loads((tmp_path / "manifest.json").read_text())["artifacts"]
+    assert entry["companions"] == [{"file": "model.weights", "sha256": sha256_file(weights), "size_bytes": 700}]
+    assert entry["inputs"][0]["shape"] == ["batch", 3, 64, 96]  # a fixed-size contract is recorded as such
+    assert check_manifest_sha256(graph)["file"] == "model.graph"
+    weights.write_bytes(b"weights" * 50)
+    with pytest.raises(ArtifactError, match=r"model\.weights: sha256 .* truncated: 350 of 700 bytes"):
+        check_manifest_sha256(graph)
+    weights.unlink()
+    with pytest.raises(ArtifactError, match=r"model\.weights: listed in manifest\.json but missing"):
+        check_manifest_sha256(graph)

@@ -9,7 +9,7 @@ writes manifest.json once, with each file's sha256 and its parity result.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,10 +116,10 @@ def run_export(options: ExportOptions, progress: Callable[[str], None] | None = 
         fmt = FORMATS[name]
         say(f"exporting {name}")
         artifacts += fmt.export(request)
-        request.precisions = tuple(p for p in variants if p in fmt.precisions)
-        if request.precisions and fmt.export_variants is not None:
-            say(f"exporting {name} {', '.join(p.value for p in request.precisions)}")
-            artifacts += fmt.export_variants(request)
+        wanted = tuple(p for p in variants if p in fmt.precisions)
+        if wanted and fmt.export_variants is not None:
+            say(f"exporting {name} {', '.join(p.value for p in wanted)}")
+            artifacts += fmt.export_variants(replace(request, precisions=wanted))
     parity = None
     if options.parity_images:
         say(f"parity check on {options.parity_images} validation images")
