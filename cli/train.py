@@ -47,7 +47,7 @@ def train(
     ctx: typer.Context,
     data: DataOption = None,
     epochs: Annotated[
-        Optional[int], typer.Option(min=1, help=f"Epochs to train in all [default: {DEFAULTS.epochs}; with --resume, the run's own].")
+        Optional[int], typer.Option(min=1, help=f"Epochs to train in all (default {DEFAULTS.epochs}; with --resume, the saved run's).")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step (per process).")] = DEFAULTS.batch_size,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak AdamW learning rate (warm-up, then cosine decay).")] = DEFAULTS.lr,

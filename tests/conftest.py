@@ -126,6 +126,18 @@ def _run_in_process(args: list[str], cwd: Path | None, env: dict | None) -> subp
 
 
 @pytest.fixture(scope="session")
+def cli():
+    """`cli(*args, cwd=..., env=..., in_process=...)`: run `unet-edge ARGS` as `run_cli` does."""
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def trainer():
+    """`trainer(data, out, name=..., epochs=..., **settings)`: a tiny library training run, as `train_tiny` does."""
+    return train_tiny
+
+
+@pytest.fixture(scope="session")
 def e2e_dir(tiny_checkpoint, tmp_path_factory):
     """An export of the tiny checkpoint with model.onnx and model_e2e.onnx (parity checked by export)."""
     out = tmp_path_factory.mktemp("exported-e2e")

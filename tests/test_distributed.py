@@ -10,7 +10,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import run_cli
 from unet_edge.checkpoint import load_checkpoint
 from unet_edge.distributed import DistContext, ShardSampler
 from unet_edge.metrics import ConfusionMatrix
@@ -33,10 +32,10 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_eval_matches(checkpoint: Path, data: Path, record: dict, tmp_path: Path) -> None:
+def assert_eval_matches(checkpoint: Path, data: Path, record: dict, tmp_path: Path, cli) -> None:
     """Single-process `unet-edge eval` of `checkpoint` gives the IoUs that training logged (to 1e-4)."""
     out = tmp_path / f"eval-{checkpoint.parent.name}.json"
-    result = run_cli("eval", str(checkpoint), "--data", str(data), "--device", "cpu", "--json", str(out))
+    result = cli("eval", str(checkpoint), "--data", str(data), "--device", "cpu", "--json", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["miou"] == pytest.approx(record["miou"], abs=1e-4)
@@ -76,8 +75,8 @@ def test_collectives_weight_loss_by_images_and_follow_rank_zero(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_epoch_logs_the_miou_of_single_process_eval(odd_val_data, tmp_path):
-    result = run_cli(
+def test_two_process_epoch_logs_the_miou_of_single_process_eval(odd_val_data, tmp_path, cli):
+    result = cli(
         "train", "--nproc-per-node", "2", "--data", str(odd_val_data), "--epochs", "1", *TINY, "--no-amp",
         "--out", str(tmp_path), "--name", "ddp", in_process=False,
     )
@@ -92,35 +91,35 @@ def test_two_process_epoch_logs_the_miou_of_single_process_eval(odd_val_data, tm
     assert state["config"]["base_channels"] == 4 and state["config"]["depth"] == 2
     assert state["train_config"]["batch_size"] == 8 and state["train_config"]["amp"] is False
     assert state["train_config"]["model"]["base_channels"] == 4
-    assert_eval_matches(run / "best.pt", odd_val_data, records[0], tmp_path)
+    assert_eval_matches(run / "best.pt", odd_val_data, records[0], tmp_path, cli)
     assert result.stdout.count("best val mIoU") == 1  # only rank 0 reports
     assert "x 2 processes" in result.stderr
 
 
 @pytest.mark.slow
-def test_distributed_resume_continues_the_same_run(odd_val_data, tmp_path, interrupted_run):
+def test_distributed_resume_continues_the_same_run(odd_val_data, tmp_path, interrupted_run, cli):
     run = interrupted_run(odd_val_data, tmp_path, epochs=2, stop_in_epoch=2, lr=0.02)  # one process wrote epoch 1
-    resumed = run_cli("train", "--nproc-per-node", "2", "--device", "cpu", "--resume", str(run / "last.pt"), in_process=False)
+    resumed = cli("train", "--nproc-per-node", "2", "--device", "cpu", "--resume", str(run / "last.pt"), in_process=False)
     assert resumed.returncode == 0, resumed.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
     records = metrics(run)
     assert [r["epoch"] for r in records] == [1, 2]
     last = load_checkpoint(run / "last.pt")
     assert last["epoch"] == 2 and last["train_config"]["lr"] == 0.02 and last["config"]["base_channels"] == 4
-    assert_eval_matches(run / "last.pt", odd_val_data, records[-1], tmp_path)
+    assert_eval_matches(run / "last.pt", odd_val_data, records[-1], tmp_path, cli)
 
 
-def test_nproc_per_node_inside_torchrun_is_a_clean_error(tmp_path):
-    result = run_cli("train", "--nproc-per-node", "2", *TINY, env={"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}, cwd=tmp_path)
+def test_nproc_per_node_inside_torchrun_is_a_clean_error(tmp_path, cli):
+    result = cli("train", "--nproc-per-node", "2", *TINY, env={"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: --nproc-per-node starts its own workers: drop it when launching with torchrun"
 
 
 @pytest.mark.slow
-def test_failing_workers_end_in_a_one_line_error(tmp_path):
+def test_failing_workers_end_in_a_one_line_error(tmp_path, cli):
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run_cli("train", "--nproc-per-node", "2", "--data", str(empty), *TINY, "--out", str(tmp_path), in_process=False)
+    result = cli("train", "--nproc-per-node", "2", "--data", str(empty), *TINY, "--out", str(tmp_path), in_process=False)
     assert result.returncode == 1
     assert f"error: {empty / 'train' / 'images'}: folder not found" in result.stderr
     assert "error: distributed worker rank" in result.stderr and "Traceback" not in result.stderr

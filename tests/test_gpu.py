@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_cli, train_tiny
 from unet_edge.checkpoint import load_checkpoint
 
 NO_CUDA = "no CUDA GPU on this machine: the CUDA training and inference paths are not exercised"
@@ -15,14 +14,14 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA
 
 
 @requires_cuda
-def test_cuda_amp_training_logs_the_miou_of_fp32_eval(tiny_data, tmp_path):
+def test_cuda_amp_training_logs_the_miou_of_fp32_eval(tiny_data, tmp_path, cli, trainer):
     """AMP (bf16 or fp16 + grad scaler), channels_last and pinned memory on CUDA; the checkpoint is plain CPU data."""
-    run = train_tiny(tiny_data, tmp_path, name="cuda", epochs=2, device="cuda", amp=True, workers=2)
+    run = trainer(tiny_data, tmp_path, name="cuda", epochs=2, device="cuda", amp=True, workers=2)
     assert all(np.isfinite(r["train_loss"]) for r in run.history)
     state = load_checkpoint(run.run_dir / "best.pt")
     assert all(t.device.type == "cpu" for t in state["model"].values())
     out = tmp_path / "eval.json"
-    result = run_cli("eval", str(run.run_dir / "best.pt"), "--data", str(tiny_data), "--device", "cuda", "--json", str(out))
+    result = cli("eval", str(run.run_dir / "best.pt"), "--data", str(tiny_data), "--device", "cuda", "--json", str(out))
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text())["miou"] == pytest.approx(run.history[run.best_epoch - 1]["miou"], abs=1e-4)
 
@@ -75,8 +74,8 @@ def test_onnx_runtime_cuda_provider_matches_cpu(e2e_dir, odd_image):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fewer than 2 CUDA GPUs: NCCL distributed training is not exercised")
-def test_two_gpu_nccl_epoch_logs_the_miou_of_single_process_eval(tiny_data, tmp_path):
-    result = run_cli(
+def test_two_gpu_nccl_epoch_logs_the_miou_of_single_process_eval(tiny_data, tmp_path, cli):
+    result = cli(
         "train", "--nproc-per-node", "2", "--data", str(tiny_data), "--epochs", "1", "--batch-size", "4", "--image-size", "32",
         "--base-channels", "4", "--depth", "2", "--device", "cuda", "--out", str(tmp_path), "--name", "nccl", in_process=False,
     )  # fmt: skip
@@ -84,6 +83,6 @@ def test_two_gpu_nccl_epoch_logs_the_miou_of_single_process_eval(tiny_data, tmp_
     run = tmp_path / "nccl"
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     out = tmp_path / "eval.json"
-    evaluated = run_cli("eval", str(run / "best.pt"), "--data", str(tiny_data), "--device", "cuda", "--json", str(out))
+    evaluated = cli("eval", str(run / "best.pt"), "--data", str(tiny_data), "--device", "cuda", "--json", str(out))
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(out.read_text())["miou"] == pytest.approx(record["miou"], abs=1e-4)

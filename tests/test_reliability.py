@@ -1,6 +1,6 @@
 """Reliability: bad input gets one line and exit 1, nothing is written; crashes lose nothing; untrusted files run no code.
 
-Every CLI case runs the real command (`run_cli`; signals and crashes in real subprocesses) and compares the
+Every CLI case runs the real command (the `cli` fixture; signals and crashes in real subprocesses) and compares the
 files around it before and after.
 """
 
@@ -10,6 +10,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CLI, run_cli
 from unet_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
 from unet_edge.data import DatasetInfo, scan_dataset
 from unet_edge.errors import CheckpointError, DataError, OutputError
@@ -26,6 +26,7 @@ from unet_edge.io import append_jsonl, atomic_write_text, read_jsonl
 from unet_edge.model import ModelConfig, build_model
 from unet_edge.synth import SynthSpec, write_synth
 
+CLI = [sys.executable, "-m", "unet_edge_cli.main"]
 TINY_TRAIN = ["--batch-size", "8", "--image-size", "32", "--base-channels", "4", "--depth", "2", "--device", "cpu"]
 
 
@@ -62,14 +63,14 @@ class Payload:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tiny_checkpoint) -> Path:
+def workspace(tmp_path_factory, tiny_checkpoint, cli) -> Path:
     """A folder with a checkpoint, a text file, a PNG, a plain file and an export with its manifest."""
     root = tmp_path_factory.mktemp("bad-inputs")
     shutil.copy(tiny_checkpoint, root / "best.pt")
     (root / "notes.txt").write_text("not a model\n")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "picture.png")
     (root / "plain-file").write_text("a file where a folder is expected\n")
-    result = run_cli("export", str(root / "best.pt"), "--format", "all", "--out", str(root / "exported"), "--name", "tiny", "--parity-images", "0")
+    result = cli("export", str(root / "best.pt"), "--format", "all", "--out", str(root / "exported"), "--name", "tiny", "--parity-images", "0")
     assert result.returncode == 0, result.stderr
     return root
 
@@ -100,17 +101,17 @@ BAD_INPUTS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_one_line_and_writes_nothing(case, workspace, tiny_data):
+def test_bad_input_is_one_line_and_writes_nothing(case, workspace, tiny_data, cli):
     args, fragments = BAD_INPUTS[case]
     before = snapshot(workspace, tiny_data)
-    result = run_cli(*(a.format(ws=workspace, data=tiny_data) for a in args), cwd=workspace)
+    result = cli(*(a.format(ws=workspace, data=tiny_data) for a in args), cwd=workspace)
     assert_one_line_error(result, *fragments)
     assert snapshot(workspace, tiny_data) == before
 
 
 @pytest.mark.slow
-def test_debug_shows_the_traceback(workspace):
-    result = run_cli("--debug", "eval", str(workspace / "notes.txt"))
+def test_debug_shows_the_traceback(workspace, cli):
+    result = cli("--debug", "eval", str(workspace / "notes.txt"))
     assert result.returncode != 0 and "Traceback" in result.stderr and "CheckpointError" in result.stderr
 
 
@@ -141,37 +142,37 @@ def test_malicious_checkpoint_runs_no_code_in_load_checkpoint(malicious, tmp_pat
 
 
 @pytest.mark.parametrize("command", [["eval"], ["export", "--out", "{out}"], ["train", "--device", "cpu", "--resume"]])
-def test_malicious_checkpoint_runs_no_code_in_the_cli(command, malicious, tmp_path):
+def test_malicious_checkpoint_runs_no_code_in_the_cli(command, malicious, tmp_path, cli):
     path, marker = malicious
     out = tmp_path / "exported"
-    result = run_cli(*(a.format(out=out) for a in command), str(path), cwd=tmp_path)
+    result = cli(*(a.format(out=out) for a in command), str(path), cwd=tmp_path)
     assert_one_line_error(result, "malicious.pt: refused to load")
     assert not marker.exists() and not out.exists()
 
 
 @pytest.mark.slow
-def test_tampered_torchscript_is_refused_by_bench_and_verify(workspace, tmp_path):
+def test_tampered_torchscript_is_refused_by_bench_and_verify(workspace, tmp_path, cli):
     copy = tmp_path / "copy"
     shutil.copytree(workspace / "exported" / "tiny", copy)
     data = bytearray((copy / "model.ts").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (copy / "model.ts").write_bytes(bytes(data))
     report = tmp_path / "bench.json"
-    result = run_cli("bench", str(copy / "model.ts"), "--providers", "cpu", "--iters", "1", "--json", str(report))
+    result = cli("bench", str(copy / "model.ts"), "--providers", "cpu", "--iters", "1", "--json", str(report))
     assert_one_line_error(result, "model.ts: sha256", "modified")
     assert not report.exists()
-    result = run_cli("verify", str(copy / "model.ts"), "--checkpoint", str(workspace / "best.pt"))
+    result = cli("verify", str(copy / "model.ts"), "--checkpoint", str(workspace / "best.pt"))
     assert_one_line_error(result, "model.ts: sha256")
 
 
 @pytest.mark.slow
-def test_onnx_with_other_classes_than_the_checkpoint_is_refused(workspace, tmp_path):
+def test_onnx_with_other_classes_than_the_checkpoint_is_refused(workspace, tmp_path, cli):
     two_class = tmp_path / "two-class.pt"
     config = ModelConfig(num_classes=2, base_channels=4, depth=2)
     state = {"model": build_model(config).state_dict(), "config": config.to_dict(), "classes": ["bg", "fg"], "mean": [0.5] * 3, "std": [0.25] * 3}
     save_checkpoint(two_class, state)
     data = write_synth(tmp_path / "data", SynthSpec(num_train=2, num_val=2, size=32))
-    result = run_cli("verify", str(workspace / "exported" / "tiny" / "model.onnx"), "--checkpoint", str(two_class), "--data", str(data))
+    result = cli("verify", str(workspace / "exported" / "tiny" / "model.onnx"), "--checkpoint", str(two_class), "--data", str(data))
     assert_one_line_error(result, "model.onnx: classes", "differ from the checkpoint's ['bg', 'fg']")
 
 
@@ -267,16 +268,16 @@ def test_scan_counts_the_other_problems(good_data):
 
 
 @pytest.mark.slow
-def test_train_and_eval_stop_on_bad_labels_before_any_work(good_data, tiny_checkpoint, tmp_path):
+def test_train_and_eval_stop_on_bad_labels_before_any_work(good_data, tiny_checkpoint, tmp_path, cli):
     DATA_PROBLEMS["value beyond dataset.json"][0](good_data)
     before = snapshot(good_data, tiny_checkpoint)
     runs = tmp_path / "runs"
-    result = run_cli("train", "--data", str(good_data), *TINY_TRAIN, "--epochs", "1", "--out", str(runs))
+    result = cli("train", "--data", str(good_data), *TINY_TRAIN, "--epochs", "1", "--out", str(runs))
     assert_one_line_error(result, "c.png: 6 pixels have value 7", "dataset.json")
     assert not runs.exists() and snapshot(good_data, tiny_checkpoint) == before
     (good_data / "dataset.json").unlink()  # eval judges labels by the checkpoint's four classes instead
     before = snapshot(good_data, tiny_checkpoint)
-    result = run_cli("eval", str(tiny_checkpoint), "--data", str(good_data), "--device", "cpu", "--json", str(tmp_path / "r.json"))
+    result = cli("eval", str(tiny_checkpoint), "--data", str(good_data), "--device", "cpu", "--json", str(tmp_path / "r.json"))
     assert_one_line_error(result, "c.png: 6 pixels have value 7", "0..3, from", "best.pt")
     assert not (tmp_path / "r.json").exists() and snapshot(good_data, tiny_checkpoint) == before
 
@@ -328,7 +329,7 @@ def wait_for_epochs(log: Path, count: int, process: subprocess.Popen, timeout: f
 
 
 @pytest.mark.slow
-def test_sigint_keeps_the_last_finished_epoch_exits_130_and_resume_continues(tmp_path):
+def test_sigint_keeps_the_last_finished_epoch_exits_130_and_resume_continues(tmp_path, cli):
     data, out = tiny_set(tmp_path / "data"), tmp_path / "runs"
     process = start_training(data, out, 1000)  # more epochs than it gets to run: it is still running when the signal comes
     wait_for_epochs(out / "run" / "metrics.jsonl", 2, process)
@@ -345,7 +346,7 @@ def test_sigint_keeps_the_last_finished_epoch_exits_130_and_resume_continues(tmp
     saved_epoch = state["epoch"]  # the last finished epoch: epoch 2 may be logged before its last.pt lands
     assert saved_epoch >= 1 and f"holds epoch {saved_epoch};" in line
     assert "interrupted" not in state["metrics"]  # a finished epoch's record, not a partial one
-    result = run_cli("train", "--resume", str(out / "run" / "last.pt"), "--epochs", str(saved_epoch + 1), "--device", "cpu")
+    result = cli("train", "--resume", str(out / "run" / "last.pt"), "--epochs", str(saved_epoch + 1), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert load_checkpoint(out / "run" / "last.pt")["epoch"] == saved_epoch + 1
     assert [r["epoch"] for r in read_jsonl(out / "run" / "metrics.jsonl")] == list(range(1, saved_epoch + 2))
@@ -353,7 +354,7 @@ def test_sigint_keeps_the_last_finished_epoch_exits_130_and_resume_continues(tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [7])
-def test_kill_9_at_a_random_moment_then_resume_finishes(tmp_path, seed):
+def test_kill_9_at_a_random_moment_then_resume_finishes(tmp_path, seed, cli):
     rng = random.Random(seed)  # a fixed seed: a failure is rerun at the same epoch and offset
     data, out = tiny_set(tmp_path / "data"), tmp_path / "runs"
     run = out / "run"
@@ -367,7 +368,7 @@ def test_kill_9_at_a_random_moment_then_resume_finishes(tmp_path, seed):
     with open(run / "metrics.jsonl", "ab") as handle:  # and a log line cut short, as a crash mid-write leaves
         handle.write(b'{"epoch": 99, "train_lo')
     target = state["epoch"] + 3
-    result = run_cli("train", "--resume", str(run / "last.pt"), "--epochs", str(target), "--device", "cpu")
+    result = cli("train", "--resume", str(run / "last.pt"), "--epochs", str(target), "--device", "cpu")
     assert result.returncode == 0, f"seed {seed}, killed at epoch {state['epoch']}: {result.stderr}"
     assert load_checkpoint(run / "last.pt")["epoch"] == target
     load_model(run / "last.pt")
@@ -377,9 +378,9 @@ def test_kill_9_at_a_random_moment_then_resume_finishes(tmp_path, seed):
 
 
 @pytest.mark.slow
-def test_absurd_lr_stops_with_one_line_and_keeps_the_last_good_epoch(tmp_path):
+def test_absurd_lr_stops_with_one_line_and_keeps_the_last_good_epoch(tmp_path, cli):
     data, out = tiny_set(tmp_path / "data", num_train=8), tmp_path / "runs"
-    result = run_cli("train", "--data", str(data), *TINY_TRAIN, "--epochs", "30", "--lr", "1e6", "--out", str(out), "--name", "run")
+    result = cli("train", "--data", str(data), *TINY_TRAIN, "--epochs", "30", "--lr", "1e6", "--out", str(out), "--name", "run")
     line = assert_one_line_error(result, "training stopped in epoch", "loss became", "try a lower --lr")
     stopped = int(line.split("training stopped in epoch ")[1].split(":")[0])
     assert stopped >= 2, line  # the first epochs stay finite, so there is a good checkpoint to keep
@@ -390,12 +391,12 @@ def test_absurd_lr_stops_with_one_line_and_keeps_the_last_good_epoch(tmp_path):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_on_resume_leaves_checkpoints_untouched(tmp_path, interrupted_run):
+def test_non_finite_loss_on_resume_leaves_checkpoints_untouched(tmp_path, interrupted_run, cli):
     data = tiny_set(tmp_path / "data", num_train=8)
     run = interrupted_run(data, tmp_path / "runs", epochs=3, stop_in_epoch=2)
     for label in (data / "train" / "labels").glob("*.png"):  # every pixel ignored: the mean loss is 0/0
         Image.fromarray(np.full((32, 32), 255, np.uint8)).save(label)
     before = snapshot(run)
-    result = run_cli("train", "--resume", str(run / "last.pt"), "--device", "cpu")
+    result = cli("train", "--resume", str(run / "last.pt"), "--device", "cpu")
     assert_one_line_error(result, "training stopped in epoch 2: loss became nan at step 1", "last.pt (epoch 1) is kept unchanged")
     assert snapshot(run) == before

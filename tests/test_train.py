@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 
-from conftest import run_cli, train_tiny
 from unet_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
 from unet_edge.config import ModelConfig, TrainConfig
 from unet_edge.errors import CheckpointError, TrainingInterrupted
@@ -15,8 +14,8 @@ from unet_edge.train import TrainHooks, fit
 
 
 @pytest.mark.slow
-def test_one_epoch_train_subprocess_writes_run_folder(tiny_data, tmp_path):
-    result = run_cli(
+def test_one_epoch_train_subprocess_writes_run_folder(tiny_data, tmp_path, cli):
+    result = cli(
         "train", "--data", str(tiny_data), "--epochs", "1", "--batch-size", "8", "--image-size", "32",
         "--base-channels", "4", "--depth", "2", "--out", str(tmp_path), "--name", "one", "--device", "cpu",
         in_process=False,
@@ -53,9 +52,9 @@ def test_resume_continues_from_saved_epoch(tiny_data, tmp_path, interrupted_run)
     assert load_checkpoint(run / "last.pt")["epoch"] == 3
 
 
-def test_eval_cli_json_matches_training_metric(tiny_run, tiny_data, tmp_path):
+def test_eval_cli_json_matches_training_metric(tiny_run, tiny_data, tmp_path, cli):
     out = tmp_path / "eval.json"
-    result = run_cli("eval", str(tiny_run.run_dir / "best.pt"), "--data", str(tiny_data), "--json", str(out), "--device", "cpu")
+    result = cli("eval", str(tiny_run.run_dir / "best.pt"), "--data", str(tiny_data), "--json", str(out), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert set(report["per_class_iou"]) == {"background", "circle", "square", "triangle"}
@@ -63,19 +62,19 @@ def test_eval_cli_json_matches_training_metric(tiny_run, tiny_data, tmp_path):
     assert report["miou"] == pytest.approx(best_epoch_record["miou"], abs=1e-9)
 
 
-def test_eval_without_runs_is_a_clean_error(tmp_path):
-    result = run_cli("eval", cwd=tmp_path)
+def test_eval_without_runs_is_a_clean_error(tmp_path, cli):
+    result = cli("eval", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
     assert "no run with a best.pt" in result.stderr
 
 
-def test_not_a_checkpoint_is_a_clean_error(tmp_path):
+def test_not_a_checkpoint_is_a_clean_error(tmp_path, cli):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="bad.pt: not a readable checkpoint"):
         load_checkpoint(bad)
-    result = run_cli("eval", str(bad))
+    result = cli("eval", str(bad))
     assert result.returncode == 1 and "bad.pt" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -93,10 +92,10 @@ def test_installed_entry_point_runs():
     assert out.returncode == 0 and "train" in out.stdout and "eval" in out.stdout
 
 
-def test_cached_and_uncached_training_agree(tiny_data, tmp_path):
+def test_cached_and_uncached_training_agree(tiny_data, tmp_path, trainer):
     """The decode cache changes where pixels come from, never which: same seed, same run."""
-    cached = train_tiny(tiny_data, tmp_path, name="cached", epochs=1, cache=True)
-    uncached = train_tiny(tiny_data, tmp_path, name="uncached", epochs=1, cache=False)
+    cached = trainer(tiny_data, tmp_path, name="cached", epochs=1, cache=True)
+    uncached = trainer(tiny_data, tmp_path, name="uncached", epochs=1, cache=False)
     for a, b in zip(cached.history, uncached.history):
         assert a["train_loss"] == b["train_loss"] and a["miou"] == b["miou"]
         assert 0 <= a["data_time_s"] <= a["epoch_time_s"]
@@ -128,12 +127,12 @@ def test_interrupt_mid_epoch_keeps_the_last_finished_epoch(tiny_data, tmp_path, 
         assert (tmp_path / "i" / "last.pt").read_bytes() == hooks.last_bytes  # untouched by the interrupt
 
 
-def test_resume_without_epochs_finishes_the_saved_run(tiny_data, tmp_path, interrupted_run):
+def test_resume_without_epochs_finishes_the_saved_run(tiny_data, tmp_path, interrupted_run, cli):
     run = interrupted_run(tiny_data, tmp_path, epochs=3, stop_in_epoch=3)
-    result = run_cli("train", "--resume", str(run / "last.pt"), "--device", "cpu")
+    result = cli("train", "--resume", str(run / "last.pt"), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert load_checkpoint(run / "last.pt")["epoch"] == 3  # the run's own 3 epochs, not the default 20
-    again = run_cli("train", "--resume", str(run / "last.pt"), "--device", "cpu")
+    again = cli("train", "--resume", str(run / "last.pt"), "--device", "cpu")
     assert again.returncode == 1
     assert again.stderr.strip() == f"error: nothing to train: {run / 'last.pt'} is already at epoch 3 of 3"
 
@@ -149,18 +148,18 @@ def test_extending_a_run_keeps_the_learning_rate_decaying(tiny_data, tmp_path, i
     assert after[-1] == pytest.approx(0.0, abs=1e-12)  # and it still decays to zero at the new end
 
 
-def test_extending_a_finished_run_is_refused(tiny_run, tmp_path):
-    result = run_cli("train", "--resume", str(tiny_run.run_dir / "last.pt"), "--epochs", "5", "--device", "cpu")
+def test_extending_a_finished_run_is_refused(tiny_run, tmp_path, cli):
+    result = cli("train", "--resume", str(tiny_run.run_dir / "last.pt"), "--epochs", "5", "--device", "cpu")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "finished its learning-rate decay (lr 0)" in result.stderr and "start a new run" in result.stderr
 
 
-def test_resume_refuses_explicit_options_that_differ_from_the_saved_run(tiny_data, tmp_path, interrupted_run):
+def test_resume_refuses_explicit_options_that_differ_from_the_saved_run(tiny_data, tmp_path, interrupted_run, cli):
     run = interrupted_run(tiny_data, tmp_path, epochs=3, stop_in_epoch=2, lr=0.01)
     last = run / "last.pt"
     before = last.read_bytes()
     # --lr 0.003 is the default value, given explicitly: it still differs from the run's 0.01
-    result = run_cli("train", "--resume", str(last), "--lr", "0.003", "--depth", "3", "--upsample", "bilinear")
+    result = cli("train", "--resume", str(last), "--lr", "0.003", "--depth", "3", "--upsample", "bilinear")
     assert result.returncode == 1
     line = result.stderr.strip()
     assert line.startswith(f"error: {last}: a resumed run keeps its saved settings; drop ")
@@ -168,15 +167,15 @@ def test_resume_refuses_explicit_options_that_differ_from_the_saved_run(tiny_dat
     assert last.read_bytes() == before
     moved = tmp_path / "moved-data"
     shutil.copytree(tiny_data, moved)
-    same = run_cli("train", "--resume", str(last), "--lr", "0.01", "--data", str(moved), "--device", "cpu")
+    same = cli("train", "--resume", str(last), "--lr", "0.01", "--data", str(moved), "--device", "cpu")
     assert same.returncode == 0, same.stderr  # options equal to the saved ones, and a new dataset location, are fine
     state = load_checkpoint(last)
     assert state["epoch"] == 3 and state["data_root"] == str(moved) and state["train_config"]["lr"] == 0.01
 
 
 @pytest.mark.parametrize("option", ["--upsample", "--block-order"])
-def test_a_typo_in_a_choice_is_rejected_before_any_data_is_read(option, tmp_path):
-    result = run_cli("train", option, "bilinaer", "--data", str(tmp_path / "missing"))
+def test_a_typo_in_a_choice_is_rejected_before_any_data_is_read(option, tmp_path, cli):
+    result = cli("train", option, "bilinaer", "--data", str(tmp_path / "missing"))
     assert result.returncode == 2
     assert f"Invalid value for '{option}'" in result.stderr and "dataset folder not found" not in result.stderr
     with pytest.raises(ValueError, match="must be one of"):

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import run_cli, train_tiny
 from unet_edge.checkpoint import load_checkpoint
 from unet_edge.data import VOC_CLASSES, ImageSegmentation, is_voc_root, load_label
 from unet_edge.errors import DataError
@@ -83,14 +82,14 @@ def test_voc_listed_image_without_file_names_it(voc_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_voc_layout_trains_and_evaluates(voc_data, tmp_path):
-    result = train_tiny(voc_data, tmp_path, name="voc", epochs=1)
+def test_voc_layout_trains_and_evaluates(voc_data, tmp_path, cli, trainer):
+    result = trainer(voc_data, tmp_path, name="voc", epochs=1)
     state = load_checkpoint(result.run_dir / "best.pt")
     assert state["classes"] == list(VOC_CLASSES) and state["config"]["num_classes"] == 21
     assert state["ignore_index"] == 255
     record = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert 0.0 <= record["miou"] <= 1.0 and set(record["per_class_iou"]) == set(VOC_CLASSES)
     report_path = tmp_path / "eval.json"
-    evaluated = run_cli("eval", str(result.run_dir / "best.pt"), "--data", str(voc_data), "--device", "cpu", "--json", str(report_path))
+    evaluated = cli("eval", str(result.run_dir / "best.pt"), "--data", str(voc_data), "--device", "cpu", "--json", str(report_path))
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(report_path.read_text())["miou"] == pytest.approx(record["miou"], abs=1e-9)

@@ -81,7 +81,7 @@ def evaluate(
 def checkpoint_data_root(state: dict[str, Any], data: str | os.PathLike[str] | None) -> Path:
     """The dataset to use: the one given, else the one the checkpoint was trained on, else the embedded set."""
     if data is not None:
-        return resolve_data(str(data))
+        return resolve_data(data)
     trained_on = state.get("data_root")
     if isinstance(trained_on, str) and Path(trained_on).is_dir():
         return Path(trained_on)
