@@ -83,7 +83,7 @@ def run_export(options: ExportOptions, progress: Callable[[str], None] | None = 
 
     say = progress or (lambda message: None)
     _check_options(options)
-    source = options.checkpoint if options.checkpoint is not None else find_latest_checkpoint(options.runs_dir)
+    source = Path(options.checkpoint) if options.checkpoint is not None else find_latest_checkpoint(options.runs_dir)
     loaded = load_model(source)
     fold = options.fold if options.fold is not None else loaded.config.block_order == "conv-bn-relu"
     folded_model = None
@@ -94,7 +94,7 @@ def run_export(options: ExportOptions, progress: Callable[[str], None] | None = 
             raise ArtifactError(f"{source}: cannot fold BatchNorm exactly ({exc}); export without --fold") from None
     variants = tuple(p for p in options.precisions if p is not Precision.FP32)
     data_root = checkpoint_data_root(loaded.state, options.data) if variants or options.parity_images else None
-    folder = options.out / (options.name or source.resolve().parent.name)
+    folder = Path(options.out) / (options.name or source.resolve().parent.name)
     folder.mkdir(parents=True, exist_ok=True)
     request = ExportRequest(
         loaded=loaded,
