@@ -38,8 +38,8 @@ from unet_edge.data import ImageSegmentation
 from unet_edge.io import atomic_write_text
 from unet_edge.model import ModelConfig, build_model
 from unet_edge.synth import CLASSES, SynthSpec, write_synth
-from unet_edge.device import autocast_context, prefers_channels_last, resolve_device
-from unet_edge.loaders import make_loader
+from unet_edge.device import mixed_precision, place_model, prefers_channels_last, resolve_device
+from unet_edge.loaders import default_workers, make_loader
 from unet_edge.train import EpochStats, train_one_epoch
 from unet_edge.transforms import BatchNormalize, SegmentationPresetTrain
 
@@ -121,9 +121,9 @@ def timed(run_epoch: Callable[[], int]) -> float:
 def sweep(args: argparse.Namespace) -> str:
     """images/s of `train_one_epoch` per batch size, configured as `fit` configures it on the device."""
     device = resolve_device(args.device)
-    workers = args.workers if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    workers = args.workers if device.type == "cpu" else default_workers(device)
     channels_last = prefers_channels_last(device)
-    autocast, amp_dtype = autocast_context(device, True)
+    amp = mixed_precision(device, True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = write_synth(Path(tmp) / "data", SynthSpec(num_train=args.images, num_val=1, size=args.image_size, seed=0))
@@ -138,18 +138,15 @@ def sweep(args: argparse.Namespace) -> str:
                 dataset, batch_size=batch_size, shuffle=True, workers=workers, ignore_index=255,
                 pin_memory=device.type == "cuda", drop_last=True,
             )  # fmt: skip
-            model = build_model(ModelConfig(num_classes=len(CLASSES), base_channels=args.base_channels, depth=args.depth)).to(device)
-            if channels_last:
-                model = model.to(memory_format=torch.channels_last)
+            model = place_model(build_model(ModelConfig(num_classes=len(CLASSES), base_channels=args.base_channels, depth=args.depth)), device)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-            scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
             criterion = nn.CrossEntropyLoss(ignore_index=255)
             normalize = BatchNormalize(channels_last=channels_last)
 
             def epoch() -> EpochStats:
                 return train_one_epoch(
-                    model, loader, optimizer, scheduler, criterion, device, autocast=autocast, scaler=scaler, normalize=normalize
+                    model, loader, optimizer, scheduler, criterion, device, autocast=amp.autocast, scaler=amp.scaler, normalize=normalize
                 )
 
             if device.type == "cuda":
@@ -169,7 +166,7 @@ def sweep(args: argparse.Namespace) -> str:
             )
             del model, optimizer, loader
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}.get(amp_dtype, "fp32")
+    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}.get(amp.dtype, "fp32")
     return "\n".join(
         [
             SWEEP_BEGIN,
