@@ -180,3 +180,16 @@ def test_a_typo_in_a_choice_is_rejected_before_any_data_is_read(option, tmp_path
     assert f"Invalid value for '{option}'" in result.stderr and "dataset folder not found" not in result.stderr
     with pytest.raises(ValueError, match="must be one of"):
         ModelConfig(upsample="bilinaer")
+
+
+def test_a_checkpoint_of_the_earlier_layout_resumes(tiny_data, tmp_path, interrupted_run):
+    """Earlier checkpoints kept the model settings flat in train_config and no schedule fields."""
+    run = interrupted_run(tiny_data, tmp_path, epochs=3, stop_in_epoch=2)
+    state = load_checkpoint(run / "last.pt")
+    nested = state["train_config"].pop("model")
+    state["train_config"].update({k: nested[k] for k in ("base_channels", "depth", "num_convs", "upsample", "block_order")})
+    state["lr_scheduler"]["lr_lambdas"] = [None]
+    save_checkpoint(run / "last.pt", state)
+    result = fit(TrainConfig(device="cpu", resume=str(run / "last.pt")))
+    assert [r["epoch"] for r in result.history] == [2, 3]
+    assert load_checkpoint(run / "last.pt")["config"]["base_channels"] == 4
