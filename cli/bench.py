@@ -36,7 +36,9 @@ def _size(text: str) -> tuple[int, int]:
 
 def bench_table(report: dict[str, Any]) -> Table:
     machine = report["machine"]
-    table = Table(title=f"{machine['cpu']} ({machine['threads']} threads){', ' + machine['gpu'] if machine.get('gpu') else ''}")
+    int8_bf16 = ", ".join(machine.get("cpu_int8_bf16") or []) or "none"
+    title = f"{machine['cpu']} ({machine['threads']} threads; int8/bf16 instructions: {int8_bf16})"
+    table = Table(title=title + (f", {machine['gpu']}" if machine.get("gpu") else ""))
     for column in ("model", "backend", "provider", "prec", "batch", "H×W", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "img/s", "GFLOP/img", "GFLOP/s", "roofline", "MB", "status"):
         table.add_column(column, justify="left" if column in ("model", "backend", "provider", "status") else "right")
     for r in report["results"]:

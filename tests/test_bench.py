@@ -25,7 +25,7 @@ def test_bench_json_has_every_field_and_lists_unavailable_providers(bench_export
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(report_path.read_text())
-    assert {"cpu", "cores", "threads", "torch", "onnxruntime", "matmul_gflops_per_s"} <= set(report["machine"])
+    assert {"cpu", "cpu_int8_bf16", "cores", "threads", "torch", "onnxruntime", "matmul_gflops_per_s"} <= set(report["machine"])
     assert report["machine"]["threads"] == 1
     ok = [r for r in report["results"] if r["status"] == "ok"]
     measured = {(r["backend"], r["provider"], r["batch_size"]) for r in ok}
@@ -94,4 +94,13 @@ def test_flop_count_of_default_model_matches_hand_count():
     config = {"num_classes": 4, "base_channels": 32, "depth": 4}
     gflops = count_gflops(config, 256, 256)
     assert 23.0 < gflops < 26.0
+
+
+def test_machine_block_names_the_int8_and_bf16_instruction_sets_of_the_cpu():
+    from unet_edge.bench import cpu_int8_bf16_flags
+
+    cpuinfo = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16 amx_int8\n\nprocessor\t: 1\n"
+    assert cpu_int8_bf16_flags(cpuinfo) == ["avx512_vnni", "amx_int8", "avx512_bf16"]
+    assert cpu_int8_bf16_flags("flags\t: fpu sse avx2 fma\n") == []
+    assert cpu_int8_bf16_flags("") == []
     assert count_gflops(config, 128, 128) == pytest.approx(gflops / 4, rel=1e-6)
