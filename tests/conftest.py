@@ -132,6 +132,12 @@ def cli():
 
 
 @pytest.fixture(scope="session")
+def agreement():
+    """`agreement(a, b)`: the fraction of pixels where two masks of the same shape agree."""
+    return pixel_agreement
+
+
+@pytest.fixture(scope="session")
 def trainer():
     """`trainer(data, out, name=..., epochs=..., **settings)`: a tiny library training run, as `train_tiny` does."""
     return train_tiny

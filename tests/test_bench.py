@@ -3,23 +3,22 @@ import time
 
 import pytest
 
-from conftest import run_cli
 from unet_edge.bench import count_gflops, latency_stats, time_interleaved
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def bench_export(tiny_checkpoint, tmp_path_factory):
+def bench_export(tiny_checkpoint, tmp_path_factory, cli):
     out = tmp_path_factory.mktemp("bench-export")
-    result = run_cli("export", str(tiny_checkpoint), "--format", "all", "--out", str(out), "--name", "b", "--parity-images", "0")
+    result = cli("export", str(tiny_checkpoint), "--format", "all", "--out", str(out), "--name", "b", "--parity-images", "0")
     assert result.returncode == 0, result.stderr
     return out
 
 
-def test_bench_json_has_every_field_and_lists_unavailable_providers(bench_export, tmp_path):
+def test_bench_json_has_every_field_and_lists_unavailable_providers(bench_export, tmp_path, cli):
     report_path, md_path, png_path = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
-    result = run_cli(
+    result = cli(
         "bench", "--exported", str(bench_export), "--batch-sizes", "1,2", "--image-size", "40x56", "--iters", "6",
         "--warmup", "1", "--threads", "1", "--json", str(report_path), "--markdown", str(md_path), "--plot", str(png_path),
     )
@@ -94,6 +93,7 @@ def test_flop_count_of_default_model_matches_hand_count():
     config = {"num_classes": 4, "base_channels": 32, "depth": 4}
     gflops = count_gflops(config, 256, 256)
     assert 23.0 < gflops < 26.0
+    assert count_gflops(config, 128, 128) == pytest.approx(gflops / 4, rel=1e-6)
 
 
 def test_machine_block_names_the_int8_and_bf16_instruction_sets_of_the_cpu():
@@ -103,4 +103,3 @@ def test_machine_block_names_the_int8_and_bf16_instruction_sets_of_the_cpu():
     assert cpu_int8_bf16_flags(cpuinfo) == ["avx512_vnni", "amx_int8", "avx512_bf16"]
     assert cpu_int8_bf16_flags("flags\t: fpu sse avx2 fma\n") == []
     assert cpu_int8_bf16_flags("") == []
-    assert count_gflops(config, 128, 128) == pytest.approx(gflops / 4, rel=1e-6)

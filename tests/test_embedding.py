@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, pixel_agreement as agreement
 from unet_edge.backends import open_backend
 
 pytestmark = pytest.mark.slow
 
+REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -42,7 +42,7 @@ def need_node_modules(folder: Path, package: str) -> None:
         pytest.skip(f"{folder.relative_to(REPO)}/node_modules/{package} missing: run `npm ci` in {folder.relative_to(REPO)} (.ci/run does)")
 
 
-def test_python_onnxruntime_example(e2e_dir, odd_image, reference_mask, tmp_path):  # noqa: F811
+def test_python_onnxruntime_example(e2e_dir, odd_image, reference_mask, tmp_path, agreement):  # noqa: F811
     mask_path = tmp_path / "mask.png"
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "python" / "segment.py"), str(e2e_dir / "model_e2e.onnx"), str(odd_image), str(mask_path)],
@@ -54,7 +54,7 @@ def test_python_onnxruntime_example(e2e_dir, odd_image, reference_mask, tmp_path
     assert agreement(np.asarray(Image.open(mask_path)), reference_mask) >= 0.999
 
 
-def test_node_onnxruntime_node_example(e2e_dir, odd_image, reference_mask, tmp_path):  # noqa: F811
+def test_node_onnxruntime_node_example(e2e_dir, odd_image, reference_mask, tmp_path, agreement):  # noqa: F811
     folder = EXAMPLES / "node"
     need_node_modules(folder, "onnxruntime-node")
     mask_path = tmp_path / "mask.png"
@@ -93,7 +93,7 @@ def web_site(e2e_dir, tmp_path):  # noqa: F811
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium; .ci/run does)")
-def test_browser_onnxruntime_web_in_headless_chromium(web_site, odd_image, reference_mask, tmp_path):  # noqa: F811
+def test_browser_onnxruntime_web_in_headless_chromium(web_site, odd_image, reference_mask, tmp_path, agreement):  # noqa: F811
     folder = EXAMPLES / "web"
     need_node_modules(folder, "onnxruntime-web")
     need_node_modules(folder, "playwright-core")
@@ -116,7 +116,7 @@ def test_browser_onnxruntime_web_in_headless_chromium(web_site, odd_image, refer
         assert (shot == palette[index]).all(1).sum() > 100, f"class {index} colour not on the page"
 
 
-def test_opencv_dnn_runs_the_float_model(e2e_dir, odd_image, reference_mask, tmp_path):  # noqa: F811
+def test_opencv_dnn_runs_the_float_model(e2e_dir, odd_image, reference_mask, tmp_path, agreement):  # noqa: F811
     cv2 = pytest.importorskip("cv2", reason="opencv-python-headless is not installed (pip install -e '.[dev]')")
     mask_path = tmp_path / "mask.png"
     result = subprocess.run(

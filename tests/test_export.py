@@ -8,7 +8,6 @@ import onnx
 import pytest
 import torch
 
-from conftest import run_cli, train_tiny
 from unet_edge.backends import open_backend
 from unet_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
 from unet_edge.formats import FORMATS, detect_format
@@ -18,17 +17,17 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def export_dir(tiny_checkpoint, tmp_path_factory):
+def export_dir(tiny_checkpoint, tmp_path_factory, cli):
     out = tmp_path_factory.mktemp("exported")
-    result = run_cli("export", str(tiny_checkpoint), "--format", "all", "--out", str(out), "--name", "tiny")
+    result = cli("export", str(tiny_checkpoint), "--format", "all", "--out", str(out), "--name", "tiny")
     assert result.returncode == 0, result.stderr
     assert "pass" in result.stdout and "model.onnx" in result.stdout
     return out / "tiny"
 
 
 @pytest.fixture(scope="session")
-def other_checkpoint(tiny_data, tmp_path_factory):
-    return train_tiny(tiny_data, tmp_path_factory.mktemp("other-runs"), name="other", seed=7, epochs=1).run_dir / "best.pt"
+def other_checkpoint(tiny_data, tmp_path_factory, trainer):
+    return trainer(tiny_data, tmp_path_factory.mktemp("other-runs"), name="other", seed=7, epochs=1).run_dir / "best.pt"
 
 
 def test_export_writes_checked_onnx_with_metadata_and_manifest(export_dir, tiny_checkpoint):
@@ -91,9 +90,9 @@ def test_torchscript_loads_without_unet_edge(export_dir, tmp_path):
     assert out.stdout.strip() == "(2, 4, 97, 131)"
 
 
-def test_verify_passes_fresh_export_with_json(export_dir, tmp_path):
+def test_verify_passes_fresh_export_with_json(export_dir, tmp_path, cli):
     report_path = tmp_path / "verify.json"
-    result = run_cli("verify", str(export_dir / "model.onnx"), str(export_dir / "model.ts"), "--json", str(report_path))
+    result = cli("verify", str(export_dir / "model.onnx"), str(export_dir / "model.ts"), "--json", str(report_path))
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(report_path.read_text())
     assert report["passed"] is True and len(report["artifacts"]) == 2
@@ -105,34 +104,34 @@ def test_verify_passes_fresh_export_with_json(export_dir, tmp_path):
     assert {e["format"] for e in report["artifacts"]} == {"onnx", "torchscript"}
 
 
-def test_verify_fails_export_of_another_checkpoint(export_dir, other_checkpoint, tmp_path):
+def test_verify_fails_export_of_another_checkpoint(export_dir, other_checkpoint, tmp_path, cli):
     report_path = tmp_path / "verify.json"
-    result = run_cli("verify", str(export_dir / "model.onnx"), "--checkpoint", str(other_checkpoint), "--json", str(report_path))
+    result = cli("verify", str(export_dir / "model.onnx"), "--checkpoint", str(other_checkpoint), "--json", str(report_path))
     assert result.returncode == 1
     report = json.loads(report_path.read_text())
     assert report["passed"] is False and report["artifacts"][0]["pixel_agreement"] < 0.999
     assert "FAIL" in result.stdout
 
 
-def test_tampered_and_truncated_artifacts_get_one_line_errors(export_dir, tmp_path):
+def test_tampered_and_truncated_artifacts_get_one_line_errors(export_dir, tmp_path, cli):
     copy = tmp_path / "copy"
     shutil.copytree(export_dir, copy)
     data = bytearray((copy / "model.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (copy / "model.onnx").write_bytes(bytes(data))
-    result = run_cli("verify", str(copy / "model.onnx"))
+    result = cli("verify", str(copy / "model.onnx"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "model.onnx: sha256" in result.stderr and "modified" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
     ts = (copy / "model.ts").read_bytes()
     (copy / "model.ts").write_bytes(ts[: len(ts) // 3])
-    result = run_cli("verify", str(copy / "model.ts"))
+    result = cli("verify", str(copy / "model.ts"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "model.ts" in result.stderr and "truncated" in result.stderr
 
 
-def test_explain_names_the_perturbed_layer(export_dir, tmp_path):
+def test_explain_names_the_perturbed_layer(export_dir, tmp_path, cli):
     model = onnx.load(str(export_dir / "model.onnx"))
     target = "decoder.0.3"  # second convolution of the first decoder block
     node = next(
@@ -145,7 +144,7 @@ def test_explain_names_the_perturbed_layer(export_dir, tmp_path):
     perturbed = tmp_path / "perturbed.onnx"
     onnx.save(model, str(perturbed))
     report_path = tmp_path / "explain.json"
-    result = run_cli("verify", str(perturbed), "--checkpoint", json.loads((export_dir / "manifest.json").read_text())["checkpoint"]["path"],
+    result = cli("verify", str(perturbed), "--checkpoint", json.loads((export_dir / "manifest.json").read_text())["checkpoint"]["path"],
                      "--explain", "--json", str(report_path))
     assert result.returncode == 1
     explain = json.loads(report_path.read_text())["artifacts"][0]["explain"]
@@ -161,22 +160,22 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
-def test_fold_refused_by_the_model_is_a_one_line_error_before_writing(tiny_checkpoint, tmp_path):
+def test_fold_refused_by_the_model_is_a_one_line_error_before_writing(tiny_checkpoint, tmp_path, cli):
     state = load_checkpoint(tiny_checkpoint)
     state["model"]["stem.5.weight"][1] = -0.5  # a negative BatchNorm scale feeding the first max-pool
     unfoldable = tmp_path / "unfoldable.pt"
     save_checkpoint(unfoldable, state)
     out = tmp_path / "exported"
-    line = one_line_error(run_cli("export", str(unfoldable), "--fold", "--out", str(out), "--parity-images", "0"))
+    line = one_line_error(cli("export", str(unfoldable), "--fold", "--out", str(out), "--parity-images", "0"))
     assert "unfoldable.pt: cannot fold BatchNorm exactly" in line and "encoder.0" in line
     assert not out.exists()
-    result = run_cli("export", str(unfoldable), "--format", "onnx", "--out", str(out), "--parity-images", "0")
+    result = cli("export", str(unfoldable), "--format", "onnx", "--out", str(out), "--parity-images", "0")
     assert result.returncode == 0, result.stderr  # without --fold the same model exports
 
 
-def test_no_fold_keeps_model_onnx_unfolded_and_variants_fold_unless_told(tiny_checkpoint, tmp_path):
+def test_no_fold_keeps_model_onnx_unfolded_and_variants_fold_unless_told(tiny_checkpoint, tmp_path, cli):
     def folded(*flags: str) -> dict[str, bool]:
-        result = run_cli("export", str(tiny_checkpoint), "--format", "onnx", "--precision", "fp16", "--out", str(tmp_path),
+        result = cli("export", str(tiny_checkpoint), "--format", "onnx", "--precision", "fp16", "--out", str(tmp_path),
                          "--name", "f", "--parity-images", "0", *flags)  # fmt: skip
         assert result.returncode == 0, result.stderr
         return {e["file"]: e["batchnorm_folded"] for e in json.loads((tmp_path / "f" / "manifest.json").read_text())["artifacts"]}
@@ -185,7 +184,7 @@ def test_no_fold_keeps_model_onnx_unfolded_and_variants_fold_unless_told(tiny_ch
     assert folded("--fold", "--no-fold-variants") == {"model.onnx": True, "model_fp16.onnx": False}
 
 
-def test_enum_options_are_validated_by_the_cli(tiny_checkpoint, tmp_path):
+def test_enum_options_are_validated_by_the_cli(tiny_checkpoint, tmp_path, cli):
     cases = [
         (["export", "--format", "onxx"], "'onxx' is not one of"),
         (["export", "--precision", "fp16,int4"], "'int4' is not one of fp32, fp16, int8"),
@@ -193,13 +192,13 @@ def test_enum_options_are_validated_by_the_cli(tiny_checkpoint, tmp_path):
         (["verify", "--provider", "tpu"], "'tpu' is not one of"),
     ]
     for args, message in cases:
-        result = run_cli(*args, str(tiny_checkpoint) if args[0] == "export" else str(tmp_path / "x.onnx"), cwd=tmp_path)
+        result = cli(*args, str(tiny_checkpoint) if args[0] == "export" else str(tmp_path / "x.onnx"), cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not any(tmp_path.iterdir())
 
 
-def test_precision_no_selected_format_has_is_refused(tiny_checkpoint, tmp_path):
-    line = one_line_error(run_cli("export", str(tiny_checkpoint), "--format", "torchscript", "--precision", "int8", "--out", str(tmp_path)))
+def test_precision_no_selected_format_has_is_refused(tiny_checkpoint, tmp_path, cli):
+    line = one_line_error(cli("export", str(tiny_checkpoint), "--format", "torchscript", "--precision", "int8", "--out", str(tmp_path)))
     assert "torchscript: no int8 variant (formats with int8: onnx)" in line
     assert not any(tmp_path.iterdir())
 

@@ -9,7 +9,6 @@ import onnx
 import pytest
 from PIL import Image
 
-from conftest import pixel_agreement as agreement, run_cli
 from unet_edge.backends import open_backend
 from unet_edge.errors import ArtifactError
 from unet_edge.predict import class_palette, overlay_image
@@ -38,7 +37,7 @@ def test_end_to_end_model_interface_metadata_and_manifest(e2e_dir):
     assert entry["parity"]["max_abs_diff"] is None  # masks only: the model gives no logits to compare
 
 
-def test_end_to_end_model_segments_like_the_checkpoint(e2e_dir, tiny_checkpoint):
+def test_end_to_end_model_segments_like_the_checkpoint(e2e_dir, tiny_checkpoint, agreement):
     images = np.stack([render_sample(5, i, 160)[0][:97, :131] for i in range(3)])
     e2e = open_backend(e2e_dir / "model_e2e.onnx")
     masks = e2e.segment(images)
@@ -66,9 +65,9 @@ def test_probabilities_output(tiny_checkpoint, tmp_path):
     assert np.array_equal(probabilities.argmax(1), mask)
 
 
-def test_verify_checks_the_end_to_end_model(e2e_dir, tmp_path):
+def test_verify_checks_the_end_to_end_model(e2e_dir, tmp_path, cli):
     report_path = tmp_path / "verify.json"
-    result = run_cli("verify", str(e2e_dir / "model_e2e.onnx"), "--json", str(report_path))
+    result = cli("verify", str(e2e_dir / "model_e2e.onnx"), "--json", str(report_path))
     assert result.returncode == 0, result.stdout + result.stderr
     (entry,) = json.loads(report_path.read_text())["artifacts"]
     assert entry["passed"] is True and entry["pixel_agreement"] >= 0.999 and entry["max_abs_diff"] is None
@@ -80,12 +79,12 @@ def read_mask(path) -> np.ndarray:
         return np.asarray(image)
 
 
-def test_predict_checkpoint_and_exported_models_agree(e2e_dir, tiny_checkpoint, tiny_data, odd_image, tmp_path):
+def test_predict_checkpoint_and_exported_models_agree(e2e_dir, tiny_checkpoint, tiny_data, odd_image, tmp_path, cli, agreement):
     val = tiny_data / "val" / "images"
     masks = {}
     for model in (tiny_checkpoint, e2e_dir / "model.onnx", e2e_dir / "model_e2e.onnx"):
         out = tmp_path / model.name
-        result = run_cli("predict", str(model), str(val), str(odd_image), "--out", str(out), "--stats", "--batch-size", "4")
+        result = cli("predict", str(model), str(val), str(odd_image), "--out", str(out), "--stats", "--batch-size", "4")
         assert result.returncode == 0, result.stdout + result.stderr
         assert "wrote masks, overlays, stats for 7 images" in result.stdout
         masks[model.name] = {p.name: read_mask(p) for p in sorted(out.glob("*_mask.png"))}
@@ -121,25 +120,25 @@ def test_overlay_blends_the_mask_and_draws_a_legend():
         assert (legend == colour).all(1).any()
 
 
-def test_predict_options_mixed_sizes_and_limit(tiny_checkpoint, tiny_data, odd_image, tmp_path):
+def test_predict_options_mixed_sizes_and_limit(tiny_checkpoint, tiny_data, odd_image, tmp_path, cli):
     folder = tmp_path / "mixed"
     folder.mkdir()
     for name in sorted((tiny_data / "val" / "images").iterdir())[:3]:
         (folder / name.name).write_bytes(name.read_bytes())
     (folder / "z_odd.png").write_bytes(odd_image.read_bytes())
     out = tmp_path / "out"
-    result = run_cli("predict", str(tiny_checkpoint), str(folder), "--out", str(out), "--no-overlay", "--batch-size", "2")
+    result = cli("predict", str(tiny_checkpoint), str(folder), "--out", str(out), "--no-overlay", "--batch-size", "2")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["00000_mask.png", "00001_mask.png", "00002_mask.png", "z_odd_mask.png"]
     assert read_mask(out / "z_odd_mask.png").shape == (97, 131)
 
     limited = tmp_path / "limited"
-    result = run_cli("predict", str(tiny_checkpoint), str(folder), "--out", str(limited), "--limit", "2")
+    result = cli("predict", str(tiny_checkpoint), str(folder), "--out", str(limited), "--limit", "2")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in limited.iterdir()) == ["00000_mask.png", "00000_overlay.png", "00001_mask.png", "00001_overlay.png"]
 
 
-def test_predict_errors_are_one_line(tiny_checkpoint, tmp_path):
+def test_predict_errors_are_one_line(tiny_checkpoint, tmp_path, cli):
     empty = tmp_path / "empty"
     empty.mkdir()
     not_image = tmp_path / "notes.png"
@@ -153,17 +152,17 @@ def test_predict_errors_are_one_line(tiny_checkpoint, tmp_path):
         ((str(broken_model), str(not_image)), "broken.onnx"),
     ]
     for args, message in cases:
-        result = run_cli("predict", *args, "--out", str(tmp_path / "out"))
+        result = cli("predict", *args, "--out", str(tmp_path / "out"))
         assert result.returncode == 1, result.stderr
         assert result.stderr.startswith("error:") and message in result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
 
 
-def test_a_provider_the_runtime_lacks_is_refused_not_replaced(tiny_checkpoint, odd_image, tmp_path):
+def test_a_provider_the_runtime_lacks_is_refused_not_replaced(tiny_checkpoint, odd_image, tmp_path, cli):
     """TensorRT is an ONNX Runtime provider: a checkpoint asked to run there says so instead of running on CUDA."""
     out = tmp_path / "out"
-    result = run_cli("predict", str(tiny_checkpoint), str(odd_image), "--provider", "tensorrt", "--out", str(out))
+    result = cli("predict", str(tiny_checkpoint), str(odd_image), "--provider", "tensorrt", "--out", str(out))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
     assert "best.pt: a PyTorch checkpoint does not run on provider 'tensorrt' (supported: cpu, cuda)" in result.stderr

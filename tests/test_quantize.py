@@ -5,7 +5,6 @@ import onnx
 import pytest
 import torch
 
-from conftest import run_cli
 from unet_edge.fold import FoldError, fold_batchnorm
 from unet_edge.model import UNetStudent
 from unet_edge.quantize import quantize_with_budget
@@ -27,17 +26,33 @@ def _randomise_batchnorm(model, negative_in_decoder=True):
     return model.eval()
 
 
+@pytest.mark.parametrize("int8_layout", [False, True], ids=["plain", "int8-layout"])
 @pytest.mark.parametrize("block_order", ["conv-relu-bn", "conv-bn-relu"])
 @pytest.mark.parametrize("upsample", ["transpose", "bilinear"])
 @pytest.mark.parametrize("downsample", ["maxpool", "strided"])
-def test_fold_is_exact_at_every_border_and_size(block_order, upsample, downsample):
+def test_fold_is_exact_at_every_border_and_size(block_order, upsample, downsample, int8_layout):
     model = _randomise_batchnorm(UNetStudent(num_classes=3, base_channels=4, depth=3, block_order=block_order, upsample=upsample, downsample=downsample))
-    folded = fold_batchnorm(model)
+    folded = fold_batchnorm(model, int8_layout=int8_layout)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     for size in [(37, 29), (16, 16), (5, 70)]:
         x = torch.randn(2, 3, *size)
         with torch.no_grad():
             torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_order", ["conv-relu-bn", "conv-bn-relu"])
+def test_int8_layout_gives_every_convolution_channel_counts_the_int8_kernels_take(block_order):
+    from unet_edge.fold import CHANNEL_ALIGNMENT, INPUT_CHANNEL_ALIGNMENT, MIN_OUTPUT_CHANNELS
+
+    model = _randomise_batchnorm(UNetStudent(num_classes=3, base_channels=16, depth=2, block_order=block_order), negative_in_decoder=False)
+    convs = [m for m in fold_batchnorm(model, int8_layout=True).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.in_channels % INPUT_CHANNEL_ALIGNMENT == 0 for c in convs)
+    assert all(c.out_channels % CHANNEL_ALIGNMENT == 0 and c.out_channels >= MIN_OUTPUT_CHANNELS for c in convs)
+    layout = fold_batchnorm(model, int8_layout=True)
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in layout.modules())
+    plain = [m for m in fold_batchnorm(model).modules() if isinstance(m, torch.nn.Conv2d)]
+    if block_order == "conv-relu-bn":  # the plain fold's ones channel makes C + 1
+        assert any(c.out_channels % CHANNEL_ALIGNMENT for c in plain)
 
 
 def test_fold_refuses_negative_scale_before_max_pool():
@@ -85,8 +100,8 @@ def test_budget_keeps_just_enough_layers_in_float(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_int8_and_fp16_export_pass_verify(tiny_checkpoint, tmp_path):
-    result = run_cli("export", str(tiny_checkpoint), "--format", "onnx", "--precision", "fp16,int8", "--out", str(tmp_path), "--name", "q",
+def test_int8_and_fp16_export_pass_verify(tiny_checkpoint, tmp_path, cli):
+    result = cli("export", str(tiny_checkpoint), "--format", "onnx", "--precision", "fp16,int8", "--out", str(tmp_path), "--name", "q",
                      "--calib-images", "8", "--parity-images", "6")
     assert result.returncode == 0, result.stdout + result.stderr
     folder = tmp_path / "q"
@@ -100,7 +115,7 @@ def test_int8_and_fp16_export_pass_verify(tiny_checkpoint, tmp_path):
     meta = {p.key: p.value for p in onnx.load(str(folder / "model_int8.onnx")).metadata_props}
     assert meta["precision"] == "int8"
     report_path = tmp_path / "verify.json"
-    verify = run_cli("verify", str(folder / "model_fp16.onnx"), str(folder / "model_int8.onnx"), "--json", str(report_path))
+    verify = cli("verify", str(folder / "model_fp16.onnx"), str(folder / "model_int8.onnx"), "--json", str(report_path))
     assert verify.returncode == 0, verify.stdout + verify.stderr
     report = {r["precision"]: r for r in json.loads(report_path.read_text())["artifacts"]}
     assert report["fp16"]["pixel_agreement"] >= 0.995 and report["fp16"]["thresholds"]["min_pixel_agreement"] == 0.995

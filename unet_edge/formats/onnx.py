@@ -10,7 +10,6 @@ derived from the float model by `unet_edge.quantize`.
 from __future__ import annotations
 
 import ast
-import json
 import os
 import warnings
 from collections.abc import Callable
