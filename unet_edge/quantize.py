@@ -249,19 +249,29 @@ def _topological_sort(graph: Any) -> None:
     graph.node.extend(copies)
 
 
-def float_source(loaded: Any, workdir: Path, fold: bool, opset: int) -> tuple[Path, bool, str | None]:
-    """A float ONNX model to derive variants from, in `workdir`: BatchNorm-folded when asked and exact.
-    Returns (path, folded, why the fold was skipped or None)."""
+def _int8_layout_note() -> str:
+    from .fold import CHANNEL_ALIGNMENT, INPUT_CHANNEL_ALIGNMENT, MIN_OUTPUT_CHANNELS
+
+    return (
+        f"channel counts aligned with zero channels (multiples of {CHANNEL_ALIGNMENT}, image to {INPUT_CHANNEL_ALIGNMENT}, "
+        f"head to at least {MIN_OUTPUT_CHANNELS}); transposed up-sampling as 1x1 conv + pixel shuffle"
+    )
+
+
+def float_source(loaded: Any, workdir: Path, fold: bool, opset: int, *, int8_layout: bool = False) -> tuple[Path, bool, str | None]:
+    """A float ONNX model to derive variants from, in `workdir`: BatchNorm-folded when asked and exact,
+    laid out for int8 kernels with `int8_layout` (see fold.py). Returns (path, folded, why the fold was
+    skipped or None)."""
     from .fold import FoldError, fold_batchnorm
     from .formats.onnx import export_onnx
 
     module, folded, reason = loaded.model, False, None
     if fold:
         try:
-            module, folded = fold_batchnorm(loaded.model), True
+            module, folded = fold_batchnorm(loaded.model, int8_layout=int8_layout), True
         except FoldError as exc:
             reason = str(exc)
-    path = workdir / "float-source.onnx"
+    path = workdir / ("float-source-int8.onnx" if folded and int8_layout else "float-source.onnx")
     export_onnx(module, path, artifact_metadata(loaded, Precision.FP32.value), opset=opset)
     return path, folded, reason
 
@@ -329,15 +339,17 @@ def export_precisions(request: ExportRequest) -> list[ExportedArtifact]:
             calibration = load_eval_images(calib_root, loaded.mean, loaded.std, split="train", num_images=request.calib_images).normalised
             evaluate, validation_images = budget_evaluator(request, request.data_root)
             method = CalibMethod(request.calib_method)
+            int8_source = float_source(loaded, workdir, True, opset, int8_layout=True)[0] if folded else source
             progress(f"calibrating int8 on {len(calibration)} training images ({method.value})")
             result = quantize_with_budget(
-                source, workdir / INT8_ONNX_FILE, calibration, evaluate, max_miou_drop=request.max_miou_drop, method=method
+                int8_source, workdir / INT8_ONNX_FILE, calibration, evaluate, max_miou_drop=request.max_miou_drop, method=method
             )
             path = stamp_precision(result.path, folder / INT8_ONNX_FILE, loaded, Precision.INT8)
             quantization = {
                 "format": "QDQ",
                 "weights": "int8, per channel",
                 "activations": "uint8, per tensor",
+                "layout": _int8_layout_note() if folded else "as exported (not folded)",
                 "calibration": {"method": method.value, "images": len(calibration), "data": str(calib_root), "split": "train"},
                 "max_miou_drop": request.max_miou_drop,
                 "miou_drop": result.miou_drop,
