@@ -4,7 +4,7 @@ on PyTorch eager, TorchScript and ONNX Runtime, 3x256x256 at batch 1 and 8, time
 Rewrites the `inference` section of benchmarks/README.md with the table, the machine, the command
 and the ratios that matter. Run from the repository root:
 
-    .venv/bin/python benchmarks/run_inference.py [--seconds 4] [--variants int8,fp16]
+    .venv/bin/python benchmarks/run_inference.py [--seconds 4] [--min-calls 30] [--threads N] [--no-variants]
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def default_checkpoint(path: Path, block_order: str = "conv-relu-bn") -> Path:
 
 
 def int8_variants(loaded, folder: Path, calib_images: int, naive: bool = True) -> list[Path]:
-    """int8 from the BatchNorm-folded graph (and, for the seed order, naive int8 from the unfolded
-    graph), plus fp16, calibrated on embedded training images."""
+    """int8 as export makes it (BatchNorm-folded, int8 layout) and, for the seed order, naive int8 from
+    the unfolded graph, calibrated on embedded training images; plus fp16 from the plain fold."""
     from unet_edge.parity import load_eval_images
     from unet_edge.quantize import convert_fp16, float_source, quantize_int8, stamp_precision
     from unet_edge.synth import ensure_synth
@@ -78,7 +78,10 @@ def int8_variants(loaded, folder: Path, calib_images: int, naive: bool = True) -
     for fold in (True, False) if naive else (True,):
         source, folded, _ = float_source(loaded, folder, fold, 18)
         name = "model_int8.onnx" if folded else "model_int8_naive.onnx"
-        quantize_int8(source, folder / f"tmp-{name}", calibration)
+        int8_source = float_source(loaded, folder, True, 18, int8_layout=True)[0] if folded else source
+        quantize_int8(int8_source, folder / f"tmp-{name}", calibration)
+        if int8_source != source:
+            int8_source.unlink()
         paths.append(stamp_precision(folder / f"tmp-{name}", folder / name, loaded, "int8"))
         (folder / f"tmp-{name}").unlink()
         if folded:
@@ -106,6 +109,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--no-variants", dest="variants", action="store_false", help="skip the int8/fp16 rows")
     parser.add_argument("--calib-images", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="threads for every runtime and the GEMM reference (default: one per core)")
+    parser.add_argument("--min-calls", type=int, default=30, help="timed calls per row at least, so batch-8 rows have a p90/p99")
     args = parser.parse_args()
 
     from unet_edge.bench import BenchSpec, run_bench, to_markdown
@@ -121,7 +126,10 @@ def main() -> None:
         cbr_checkpoint = default_checkpoint(OUT / "conv-bn-relu.pt", "conv-bn-relu")
         cbr = run_export(ExportOptions(checkpoint=cbr_checkpoint, out=OUT, name="conv-bn-relu", formats=("onnx",), fold=True, parity_images=0))
         paths += [a.path for a in cbr.artifacts] + int8_variants(load_model(cbr_checkpoint), cbr.folder, args.calib_images, naive=False)
-    spec = BenchSpec(batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), height=args.size, width=args.size, seconds=args.seconds)
+    spec = BenchSpec(
+        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), height=args.size, width=args.size, seconds=args.seconds,
+        threads=args.threads, min_iters=args.min_calls,
+    )  # fmt: skip
     report = run_bench(paths, spec, ("cpu", "cuda", "tensorrt"))
     (OUT / "inference.json").write_text(json.dumps(report, indent=2))
 
@@ -159,12 +167,15 @@ def main() -> None:
     machine = report["machine"]
     body = f"""## Inference: default-size UNetStudent (base 32, depth 4), 3×{args.size}×{args.size}
 
-Command: `.venv/bin/python benchmarks/run_inference.py --seconds {args.seconds:g}` ({time.strftime('%Y-%m-%d')})
+Command: `.venv/bin/python benchmarks/run_inference.py --seconds {args.seconds:g} --min-calls {args.min_calls}` ({time.strftime('%Y-%m-%d')})
 
-Machine: {machine['cpu']}, {machine['cores']} cores, {machine['threads']} threads for PyTorch and ONNX Runtime alike;
-GPU: {machine['gpu'] or 'none'}; torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, Python {machine['python']}.
-Dense matmul roofline measured at the start of the run (best of torch.mm and ONNX Runtime MatMul, 2048²):
-{', '.join(f'{k} {v:.1f} GFLOP/s' for k, v in machine['matmul_gflops_per_s'].items())}.
+Machine: {machine['cpu']} (int8/bf16 instructions: {', '.join(machine['cpu_int8_bf16']) or 'none'}), {machine['cores']} cores,
+{machine['threads']} threads for PyTorch and ONNX Runtime alike; GPU: {machine['gpu'] or 'none'};
+torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, Python {machine['python']}.
+Reference rates, measured GEMM at the start of the run with the same threads (fp32: best of torch.mm and
+ONNX Runtime MatMul; int8: ONNX Runtime MatMulInteger u8s8; 2048²), which the "roofline" column divides by:
+{', '.join(f"{k} {v:.1f} {'GOP/s' if k.endswith('int8') else 'GFLOP/s'}" for k, v in machine['matmul_gflops_per_s'].items())}. A measured rate, not a peak
+(benchmarks/int8_profile.py prints the theoretical peak beside it): fractions above 1 are possible.
 
 Backends are timed interleaved (blocks of calls, round-robin) so a noisy neighbour affects all alike;
 throughput = batch / p50. GFLOP counted once with `torch.utils.flop_counter` (2 × multiply-accumulate).
