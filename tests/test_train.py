@@ -193,3 +193,23 @@ def test_a_checkpoint_of_the_earlier_layout_resumes(tiny_data, tmp_path, interru
     result = fit(TrainConfig(device="cpu", resume=str(run / "last.pt")))
     assert [r["epoch"] for r in result.history] == [2, 3]
     assert load_checkpoint(run / "last.pt")["config"]["base_channels"] == 4
+
+
+def test_ctrl_c_during_the_checkpoint_write_names_the_epoch_last_pt_holds(tiny_data, tmp_path, monkeypatch, trainer):
+    """SIGINT that arrives while last.pt is written is held until the epoch's bookkeeping is done."""
+    import signal
+
+    from unet_edge import runs
+
+    real_save = runs.save_checkpoint
+
+    def save_then_interrupt(path, state):
+        real_save(path, state)
+        if path.name == "last.pt" and state["epoch"] == 2:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(TrainingInterrupted, match="holds epoch 2;"):
+        trainer(tiny_data, tmp_path, name="c", epochs=4)
+    assert load_checkpoint(tmp_path / "c" / "last.pt")["epoch"] == 2
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "c" / "metrics.jsonl")] == [1, 2]

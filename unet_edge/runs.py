@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,7 @@ from .checkpoint import save_checkpoint
 from .errors import TrainingError, TrainingInterrupted
 from .io import append_jsonl, atomic_write_text, pyplot, read_jsonl, save_figure
 
-__all__ = ["RunFolder", "read_metrics", "write_curves"]
+__all__ = ["RunFolder", "deferred_interrupt", "read_metrics", "write_curves"]
 
 
 def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -39,6 +43,24 @@ def write_curves(run_dir: str | os.PathLike[str]) -> Path | None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, Path(run_dir) / "curves.png")
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then deliver it: the files an epoch writes, and the
+    bookkeeping that names them, land together or not at all."""
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if not callable(previous):  # another thread, or SIGINT ignored or not set from Python: nothing to hold
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            previous(signal.SIGINT, None)
 
 
 def _new_run_dir(out: str | os.PathLike[str], name: str | None) -> Path:
@@ -96,19 +118,21 @@ class RunFolder:
     def save(self, epoch: int, record: dict[str, Any], metric: float, state: dict[str, Any]) -> tuple[float, int]:
         """Record finished `epoch` (1-based) with its `metric` (higher is better); returns ``(best_metric, best_epoch)``.
 
-        The record goes first: after a crash before last.pt is renamed, resuming drops it again.
+        The record goes first: after a crash before last.pt is renamed, resuming drops it again. Ctrl-C
+        waits until last.pt and `saved_epoch` agree.
         """
-        if self.writer:
-            append_jsonl(self.path / "metrics.jsonl", record)
-        improved = metric > self.best_metric
-        if improved:
-            self.best_metric, self.best_epoch = metric, epoch
-        if self.writer:
-            checkpoint = {**state, "epoch": epoch, "metrics": record, "best_miou": self.best_metric, "best_epoch": self.best_epoch}
+        with deferred_interrupt():
+            if self.writer:
+                append_jsonl(self.path / "metrics.jsonl", record)
+            improved = metric > self.best_metric
             if improved:
-                save_checkpoint(self.path / "best.pt", checkpoint)
-            save_checkpoint(self.path / "last.pt", checkpoint)
-        self.saved_epoch = epoch
+                self.best_metric, self.best_epoch = metric, epoch
+            if self.writer:
+                checkpoint = {**state, "epoch": epoch, "metrics": record, "best_miou": self.best_metric, "best_epoch": self.best_epoch}
+                if improved:
+                    save_checkpoint(self.path / "best.pt", checkpoint)
+                save_checkpoint(self.path / "last.pt", checkpoint)
+            self.saved_epoch = epoch
         return self.best_metric, self.best_epoch
 
     def finish(self, settings: dict[str, Any]) -> None:
