@@ -121,7 +121,7 @@ def timed(run_epoch: Callable[[], int]) -> float:
 def sweep(args: argparse.Namespace) -> str:
     """images/s of `train_one_epoch` per batch size, configured as `fit` configures it on the device."""
     device = resolve_device(args.device)
-    workers = args.workers if device.type == "cpu" else default_workers(device)
+    workers = args.workers if device.type == "cpu" else default_workers(device)[0]
     channels_last = prefers_channels_last(device)
     amp = mixed_precision(device, True)
     rows = []

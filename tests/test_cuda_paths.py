@@ -63,3 +63,35 @@ def test_a_step_the_grad_scaler_skips_does_not_advance_the_schedule():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     epoch(model, batches(count=1), optimizer, scheduler, scaler=scaler)
     assert scheduler.last_epoch == 1 and scaler.get_scale() == 2.0**39
+
+
+def test_bf16_is_chosen_only_where_the_training_gpu_computes_it_natively(monkeypatch):
+    """A GPU that emulates bf16 (V100, T4) trains in fp16 with a grad scaler; the check runs on the training device."""
+    from unet_edge import device as device_policy
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    precision = device_policy.mixed_precision(torch.device("cuda", 1), True)
+    assert precision.dtype == torch.float16 and precision.scaler is not None
+    assert entered == [torch.device("cuda", 1)]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert device_policy.mixed_precision(torch.device("cuda", 1), True).dtype == torch.bfloat16
+
+
+def test_loader_workers_share_the_node_cores_among_ranks_and_validation_gets_fewer():
+    from unet_edge.loaders import default_workers
+
+    cuda = torch.device("cuda")
+    assert default_workers(cuda, 1, cores=16) == (8, 4)
+    assert default_workers(cuda, 8, cores=16) == (2, 1)
+    assert default_workers(cuda, 4, cores=2) == (1, 1)
+    assert default_workers(torch.device("cpu"), 1, cores=16) == (0, 0)
+
+
+def test_an_indexed_cuda_device_under_distributed_training_is_an_error_not_silently_replaced():
+    from unet_edge.distributed import _worker_device
+    from unet_edge.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="--device cuda:1 names one GPU.*pass --device cuda"):
+        _worker_device("cuda:1", 0)

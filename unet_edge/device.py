@@ -13,7 +13,7 @@ from torch import nn
 
 from .errors import TrainingError
 
-__all__ = ["Precision", "autocast_context", "mixed_precision", "place_model", "prefers_channels_last", "resolve_device"]
+__all__ = ["Precision", "autocast_context", "mixed_precision", "native_bf16", "place_model", "prefers_channels_last", "resolve_device"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -37,8 +37,15 @@ def autocast_context(device: torch.device, enabled: bool) -> tuple[AbstractConte
     """Mixed precision on CUDA only: bf16 where supported, otherwise fp16 (which needs a grad scaler)."""
     if not enabled or device.type != "cuda":
         return nullcontext(), None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.bfloat16 if native_bf16(device) else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype), dtype
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 in hardware (Ampere and later). PyTorch's default check also counts
+    emulation, under which a V100 or T4 would train in slow emulated bf16 instead of fp16 with a scaler."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 @dataclass
@@ -63,6 +70,9 @@ def prefers_channels_last(device: torch.device) -> bool:
 
 
 def place_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move `model` to `device`, in the memory layout that device runs fastest."""
+    """Move `model` to `device`, in the memory layout that device runs fastest (and on CUDA let cuDNN
+    pick the fastest convolution algorithm per shape, which it does only when asked)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if prefers_channels_last(device) else model

@@ -58,6 +58,7 @@ class DistContext:
     local_rank: int
     world_size: int
     device: torch.device
+    local_world_size: int = 1  # processes on this node, which share its CPU cores
 
     @property
     def is_main(self) -> bool:
@@ -100,6 +101,11 @@ class DistContext:
 
 
 def _worker_device(device: str, local_rank: int) -> torch.device:
+    if device.startswith("cuda:"):
+        raise TrainingError(
+            f"--device {device} names one GPU, but each distributed process takes the GPU of its local rank: "
+            "pass --device cuda (and CUDA_VISIBLE_DEVICES to choose which GPUs)"
+        )
     chosen = resolve_device(device)
     if chosen.type == "cuda":
         if local_rank >= torch.cuda.device_count():
@@ -124,7 +130,9 @@ def distributed_context(device: str = "auto") -> Iterator[DistContext | None]:
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
     dist.init_process_group(backend="nccl" if torch_device.type == "cuda" else "gloo")
-    context = DistContext(dist.get_rank(), local_rank, dist.get_world_size(), torch_device)
+    world_size = dist.get_world_size()
+    on_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    context = DistContext(dist.get_rank(), local_rank, world_size, torch_device, on_node)
     try:
         yield context
         dist.barrier()

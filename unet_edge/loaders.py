@@ -33,9 +33,15 @@ def cache_budget() -> int:
     return min(available // 4, 4 << 30)
 
 
-def default_workers(device: torch.device) -> int:
-    """Loader workers when the user names none: none on the CPU (they would compete with the model), up to 8 on CUDA."""
-    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+def default_workers(device: torch.device, processes_on_node: int = 1, cores: int | None = None) -> tuple[int, int]:
+    """(train, val) loader workers when the user names none: none on the CPU (they would compete with the
+    model); on CUDA up to 8 for training and half that for validation, sharing the node's cores among
+    the `processes_on_node` ranks (each rank starts its own)."""
+    if device.type != "cuda":
+        return 0, 0
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    train = max(1, min(8, cores // max(processes_on_node, 1)))
+    return train, max(1, train // 2)
 
 
 def make_loader(
@@ -107,7 +113,8 @@ def training_data(
     root = resolve_data(config.data)
     scan = scan_dataset(root, ("train", "val"), progress=progress)
     ignore_index = scan.info.ignore_index
-    workers = config.workers if config.workers is not None else default_workers(device)
+    on_node = distributed.local_world_size if distributed is not None else 1
+    workers, val_workers = (config.workers, config.workers) if config.workers is not None else default_workers(device, on_node)
     processes = distributed.world_size if distributed is not None else 1
     cache_bytes = scan.decoded_bytes("train") + scan.decoded_bytes("val")
     cache = config.cache if config.cache is not None else workers == 0 and cache_bytes * processes <= cache_budget()
@@ -135,7 +142,7 @@ def training_data(
         drop_last=train_count > config.batch_size,
     )
     val_loader = make_loader(
-        val_set, batch_size=config.batch_size, shuffle=False, workers=workers, ignore_index=ignore_index, sampler=val_sampler
+        val_set, batch_size=config.batch_size, shuffle=False, workers=val_workers, ignore_index=ignore_index, sampler=val_sampler
     )
     normalize = BatchNormalize(mean, std, channels_last=prefers_channels_last(device))
     return TrainingData(root, scan, train_loader, val_loader, train_sampler, normalize, tuple(mean), tuple(std))
