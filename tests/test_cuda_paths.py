@@ -95,3 +95,32 @@ def test_an_indexed_cuda_device_under_distributed_training_is_an_error_not_silen
 
     with pytest.raises(TrainingError, match="--device cuda:1 names one GPU.*pass --device cuda"):
         _worker_device("cuda:1", 0)
+
+
+def test_onnx_runtime_asked_for_cuda_that_it_cannot_start_refuses_instead_of_reporting_cpu_as_cuda(e2e_dir):
+    """This machine's onnxruntime has no CUDA provider: the session would silently run on the CPU."""
+    from unet_edge.errors import ArtifactError
+    from unet_edge.formats import Provider
+    from unet_edge.formats.onnx import create_session
+
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime build has the CUDA provider: the fallback cannot be provoked here")
+    assert create_session(e2e_dir / "model.onnx", Provider.CPU).get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(ArtifactError, match="could not start CUDAExecutionProvider and would run on CPUExecutionProvider"):
+        create_session(e2e_dir / "model.onnx", Provider.CUDA)
+
+
+def test_tensorrt_gets_a_shape_profile_spanning_bench_sizes_and_an_engine_cache(tmp_path):
+    from unet_edge.formats.onnx import tensorrt_options
+
+    options = tensorrt_options(tmp_path / "trt")
+    assert options["trt_engine_cache_enable"] == "True" and options["trt_engine_cache_path"] == str(tmp_path / "trt")
+    assert (tmp_path / "trt").is_dir()
+    assert options["trt_profile_min_shapes"] == "image:1x3x32x32"
+    assert options["trt_profile_max_shapes"] == "image:32x3x1024x1024"
+    low, high = (tuple(int(d) for d in options[f"trt_profile_{k}_shapes"].split(":")[1].split("x")) for k in ("min", "max"))
+    for batch, side in ((1, 256), (8, 256), (32, 512)):  # what gpu_check.sh benches
+        assert all(lo <= dim <= hi for lo, dim, hi in zip(low, (batch, 3, side, side), high))
+    assert tensorrt_options(tmp_path / "trt", nhwc=True)["trt_profile_max_shapes"] == "image:32x1024x1024x3"

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_OPSET",
     "FORMAT",
     "OnnxRuntimeBackend",
+    "create_session",
     "export",
     "export_end_to_end",
     "export_onnx",
@@ -35,6 +36,7 @@ __all__ = [
     "run_with_outputs",
     "save_onnx",
     "set_metadata",
+    "tensorrt_options",
     "with_outputs",
 ]
 
@@ -324,12 +326,60 @@ def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[
     if not ok:
         raise ArtifactError(f"{path}: {reason}")
     fields = backend_fields(FORMAT.runtime, ep, path, _metadata(path), entry)
-    providers = [ep] if provider is Provider.CPU else [ep, ORT_PROVIDERS[Provider.CPU]]
+    return OnnxRuntimeBackend(create_session(path, provider, threads, nhwc=fields["input_format"] == NHWC_UINT8), **fields)
+
+
+def create_session(path: Path, provider: Provider, threads: int | None = None, *, nhwc: bool = False) -> Any:
+    """A session whose first provider is `provider`'s (CPU behind it for nodes it does not take).
+
+    ONNX Runtime falls back to the CPU with only a warning when a GPU provider fails to start (missing
+    CUDA libraries, for example); that is refused here, so a report never calls CPU figures CUDA's.
+    """
+    import onnxruntime as ort
+
+    ep = ORT_PROVIDERS[provider]
+    providers: list[Any] = [ep] if provider is Provider.CPU else [ep, ORT_PROVIDERS[Provider.CPU]]
+    if provider is Provider.TENSORRT:
+        providers = [(ep, tensorrt_options(nhwc=nhwc)), ORT_PROVIDERS[Provider.CUDA], ORT_PROVIDERS[Provider.CPU]]
     try:
-        session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the fallback warning: checked below instead
+            session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
-    return OnnxRuntimeBackend(session, **fields)
+    running = session.get_providers()
+    if running[0] != ep:
+        raise ArtifactError(f"{path}: ONNX Runtime could not start {ep} and would run on {', '.join(running)} instead")
+    return session
+
+
+# TensorRT builds one engine per optimisation profile: one that spans the shapes bench and predict feed
+# (any batch up to 32, sides up to 1024), as (batch, side), avoids a rebuild for each new input shape.
+TENSORRT_PROFILE = {"min": (1, 32), "opt": (8, 256), "max": (32, 1024)}
+
+
+def tensorrt_options(cache_dir: Path | None = None, input_name: str = "image", *, nhwc: bool = False) -> dict[str, str]:
+    """TensorRT provider options: the shape profile above for the N x 3 x H x W input (N x H x W x 3 with
+    `nhwc`, the end-to-end model's), and engine and timing caches on disk (building an engine takes
+    minutes; the cache makes every later session start in seconds)."""
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unet-edge" / "tensorrt"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def shape(batch_side: tuple[int, int]) -> str:
+        batch, side = batch_side
+        dims = (batch, side, side, 3) if nhwc else (batch, 3, side, side)
+        return f"{input_name}:{'x'.join(str(d) for d in dims)}"
+
+    return {
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(cache_dir),
+        "trt_profile_min_shapes": shape(TENSORRT_PROFILE["min"]),
+        "trt_profile_opt_shapes": shape(TENSORRT_PROFILE["opt"]),
+        "trt_profile_max_shapes": shape(TENSORRT_PROFILE["max"]),
+    }
 
 
 def _unavailable(provider: Provider) -> str | None:
