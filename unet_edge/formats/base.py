@@ -28,6 +28,7 @@ __all__ = [
     "Provider",
     "backend_fields",
     "default_threads",
+    "import_runtime",
     "preprocess",
 ]
 
@@ -50,6 +51,7 @@ class Precision(str, Enum):
 
     FP32 = "fp32"
     FP16 = "fp16"
+    BF16 = "bf16"
     INT8 = "int8"
 
 
@@ -67,6 +69,16 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def import_runtime(module: str, extra: str) -> Any:
+    """Import an optional runtime package, or fail with one line naming the pip extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ArtifactError(f"{module} is not installed: pip install 'unet-edge[{extra}]'") from None
 
 
 def preprocess(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
