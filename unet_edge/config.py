@@ -79,7 +79,10 @@ class TrainConfig:
     """Settings of one training run; stored in every checkpoint under ``train_config``.
 
     `model` holds the architecture (the CLI's model options fill it directly); its `num_classes`
-    comes from the dataset unless set.
+    comes from the dataset unless set. Augmentation: `hflip` is the probability of a horizontal flip
+    (0: none), `scale_min`..`scale_max` the range of the random resize before the crop (1..1: none).
+    `ema_decay` > 0 keeps an exponential moving average of the weights, which is what validation
+    measures and best.pt holds.
     """
 
     data: str | None = None
@@ -89,6 +92,10 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
     image_size: int = 64
+    hflip: float = 0.5
+    scale_min: float = 1.0
+    scale_max: float = 1.0
+    ema_decay: float = 0.0
     model: ModelConfig = field(default_factory=lambda: ModelConfig(base_channels=16, depth=3))
     device: str = "auto"
     amp: bool = True
@@ -99,6 +106,19 @@ class TrainConfig:
     out: str = "runs"
     name: str | None = None
     resume: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ValueError(f"hflip must be a probability in 0..1, got {self.hflip}")
+        if not 0.0 < self.scale_min <= self.scale_max:
+            raise ValueError(f"scale jitter must be 0 < min <= max, got {self.scale_min},{self.scale_max}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema decay must be in [0, 1), got {self.ema_decay}")
+
+    @property
+    def scale_range(self) -> tuple[float, float] | None:
+        """The scale jitter range, or None when it is off."""
+        return None if self.scale_min == self.scale_max == 1.0 else (self.scale_min, self.scale_max)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,13 +10,19 @@ Pascal VOC layout (e.g. VOCdevkit/VOC2012)::
 
     ROOT/ImageSets/Segmentation/{train,val}.txt   one image id per line
     ROOT/JPEGImages/<id>.jpg
-    ROOT/SegmentationClass/<id>.png     palette PNG whose indices are the 21 VOC classes, 255 = ignore
+    ROOT/SegmentationClass/<id>.png     palette PNG of class indices, 255 = ignore
+
+Classes come from dataset.json. Without one, a folder that is Pascal VOC itself (named VOC2007,
+VOC2012, ..., or labels using exactly the values 0..20) gets VOC's 21 names; any other dataset gets
+one class per label value up to the largest found (``class_0``, ``class_1``, ...), and
+`ScanReport.classes_note` says so in one line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +46,7 @@ __all__ = [
     "load_image",
     "load_label",
     "pad_collate",
+    "is_voc_dataset",
     "is_voc_root",
     "read_dataset_info",
     "resolve_data",
@@ -50,6 +57,10 @@ VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
+
+
+VOC_SOURCE = "the Pascal VOC classes"
+LABEL_VALUES = "the label values"
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,13 @@ def _files_by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
                 raise DataError(f"{path}: two files share the stem {path.stem!r} ({found[path.stem].name})")
             found[path.stem] = path
     return found
+
+
+def is_voc_dataset(root: str | os.PathLike[str]) -> bool:
+    """True when `root` is Pascal VOC itself (a VOC-layout folder named VOC2007, VOC2012, ...), whose
+    labels are VOC's 21 classes; other VOC-layout folders get their classes from dataset.json or their labels."""
+    root = Path(root)
+    return is_voc_root(root) and re.fullmatch(r"VOC20\d\d", root.resolve().name) is not None
 
 
 def is_voc_root(root: str | os.PathLike[str]) -> bool:
@@ -179,10 +197,9 @@ class ImageSegmentation(torch.utils.data.Dataset):
         self.layout = "voc" if is_voc_root(self.root) else "folder"
         if self.layout == "voc":
             self.samples = _voc_samples(self.root, split)
-            self.info = read_dataset_info(self.root) or DatasetInfo(VOC_CLASSES, 255)
         else:
             self.samples = _folder_samples(self.root, split)
-            self.info = read_dataset_info(self.root)
+        self.info = read_dataset_info(self.root) or (DatasetInfo(VOC_CLASSES, 255) if is_voc_dataset(self.root) else None)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -239,6 +256,19 @@ class ScanReport:
     label_pixels: dict[int, int] = field(default_factory=dict)
     pixels: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def classes_note(self) -> str | None:
+        """One line saying which classes were assumed and how to name them, when no dataset.json gave them."""
+        if (self.root / "dataset.json").is_file() or self.info_source not in (LABEL_VALUES, VOC_SOURCE):
+            return None
+        count = self.info.num_classes
+        if self.info_source == VOC_SOURCE:
+            assumed = f"the {count} Pascal VOC classes ({self.info.classes[0]} .. {self.info.classes[-1]})"
+        else:
+            assumed = f"{count} classes (class_0 .. class_{count - 1}), one per label value up to the largest found"
+        example = json.dumps({"classes": list(self.info.classes[:2]) + ["..."], "ignore_index": self.info.ignore_index})
+        return f"{self.root}: no dataset.json, so assuming {assumed}; to set the classes, write {self.root / 'dataset.json'} like {example}"
+
     def decoded_bytes(self, split: str) -> int:
         """Memory that `ImageSegmentation(cache=True)` needs for `split`: 3 bytes of image + 1 of label per pixel."""
         return 4 * self.pixels.get(split, 0)
@@ -290,15 +320,16 @@ def scan_dataset(
 
     Finds missing folders, empty splits, unpaired files, truncated or non-image files, labels whose
     size differs from their image, and label values that are neither a class id nor the ignore index
-    (classes from `info`, else dataset.json, else the VOC classes; without any, they are inferred from
-    the largest value). Raises `DataError` naming the first bad file and how many more there are.
+    (classes from `info`, else dataset.json, else the VOC classes for Pascal VOC itself; without any,
+    one class per label value up to the largest, or VOC's 21 for a VOC layout whose labels are exactly
+    0..20). Raises `DataError` naming the first bad file and how many more there are.
     """
     root = Path(root)
     datasets = [ImageSegmentation(root, split) for split in splits]
     declared, source = info, info_source
     if declared is None and datasets[0].info is not None:
         declared = datasets[0].info
-        source = str(root / "dataset.json") if (root / "dataset.json").is_file() else "the Pascal VOC classes"
+        source = str(root / "dataset.json") if (root / "dataset.json").is_file() else VOC_SOURCE
     problems: list[str] = []
     pixels: Counter[int] = Counter()
     total = sum(len(dataset) for dataset in datasets)
@@ -327,8 +358,12 @@ def scan_dataset(
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''} in this dataset)" if len(problems) > 1 else ""
         raise DataError(problems[0] + more)
     if declared is None:
-        largest = max((value for value in pixels if value != 255), default=0)
-        declared, source = DatasetInfo(tuple(f"class_{i}" for i in range(largest + 1)), 255), "the label values"
+        values = sorted(value for value in pixels if value != 255)
+        if datasets[0].layout == "voc" and values == list(range(len(VOC_CLASSES))):
+            declared, source = DatasetInfo(VOC_CLASSES, 255), VOC_SOURCE
+        else:
+            largest = values[-1] if values else 0
+            declared, source = DatasetInfo(tuple(f"class_{i}" for i in range(largest + 1)), 255), LABEL_VALUES
     return ScanReport(
         root,
         datasets[0].layout,

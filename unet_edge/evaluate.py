@@ -60,22 +60,37 @@ def evaluate(
 ) -> EvalResult:
     """mIoU from one confusion matrix accumulated over every pixel of `loader`.
 
-    In a distributed run every process evaluates its shard and the matrices are summed;
+    Batches that are lists of samples (`make_loader(pad=False)`) run each image at its own size, images
+    of one size together, so the result does not depend on the batch size or on which images share a
+    batch. In a distributed run every process evaluates its shard and the matrices are summed;
     `normalize` prepares each batch on `device`, as in `train_one_epoch`.
     """
     model.eval()
     confusion = ConfusionMatrix(num_classes, ignore_index, device=device)
-    for images, masks in loader:
-        images = images.to(device)
-        masks = masks.to(device)
-        if normalize is not None:
-            images = normalize(images)
-        with autocast or nullcontext():
-            logits = model(images)
-        confusion.update(logits.argmax(1), masks)
+    for batch in loader:
+        for images, masks in _same_size_groups(*batch):
+            images = images.to(device)
+            masks = masks.to(device)
+            if normalize is not None:
+                images = normalize(images)
+            with autocast or nullcontext():
+                logits = model(images)
+            confusion.update(logits.argmax(1), masks)
     confusion.reduce_from_all_processes()
     per_class, miou = confusion.compute()
     return EvalResult(miou, per_class.tolist(), confusion.pixel_accuracy(), confusion.matrix.cpu())
+
+
+def _same_size_groups(
+    images: torch.Tensor | list[torch.Tensor], masks: torch.Tensor | list[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A tensor batch as it is; a list of samples as stacked batches of equal-size images."""
+    if isinstance(images, torch.Tensor):
+        return [(images, masks)]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(index)
+    return [(torch.stack([images[i] for i in group]), torch.stack([masks[i] for i in group]).long()) for group in groups.values()]
 
 
 def checkpoint_data_root(state: dict[str, Any], data: str | os.PathLike[str] | None) -> Path:
@@ -117,7 +132,7 @@ def evaluate_checkpoint(
             f"{root / 'dataset.json'}: {len(dataset.info.classes)} classes, but {path} was trained on {len(loaded.classes)}"
         )
     scan_dataset(root, (split,), DatasetInfo(tuple(loaded.classes), loaded.ignore_index), info_source=str(path), progress=progress)
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, ignore_index=loaded.ignore_index)
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, ignore_index=loaded.ignore_index, pad=False)
     normalize = BatchNormalize(loaded.mean, loaded.std, channels_last=prefers_channels_last(torch_device))
     result = evaluate(loaded.model, loader, len(loaded.classes), loaded.ignore_index, torch_device, normalize=normalize)
     return {

@@ -20,7 +20,21 @@ from .data import ImageSegmentation, ScanReport, pad_collate, resolve_data, scan
 from .device import prefers_channels_last
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, BatchNormalize, SegmentationPresetEval, SegmentationPresetTrain
 
-__all__ = ["TrainingData", "cache_budget", "default_workers", "make_loader", "training_data"]
+__all__ = ["PAD_INDEX", "TrainingData", "cache_budget", "default_workers", "list_collate", "make_loader", "pad_index", "training_data"]
+
+# What padded mask pixels hold when the dataset has no ignore index: CrossEntropyLoss's default
+# ignore_index, outside every class id, so padding never counts as a class.
+PAD_INDEX = -100
+
+
+def pad_index(ignore_index: int | None) -> int:
+    """The mask value of crop and batch padding, which the loss ignores: the dataset's ignore index, else `PAD_INDEX`."""
+    return PAD_INDEX if ignore_index is None else ignore_index
+
+
+def list_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Keep each sample at its own size (no padding): evaluation then does not depend on batch composition."""
+    return [image.as_subclass(torch.Tensor) for image, _ in batch], [mask.as_subclass(torch.Tensor) for _, mask in batch]
 
 
 def cache_budget() -> int:
@@ -55,8 +69,11 @@ def make_loader(
     sampler: torch.utils.data.Sampler | None = None,
     seed: int = 0,
     drop_last: bool = False,
+    pad: bool = True,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader that pads odd-sized samples into one batch (`pad_collate`), seeded for reproducible shuffles."""
+    """A DataLoader seeded for reproducible shuffles. With `pad`, odd-sized samples are padded into one
+    tensor batch (`pad_collate`, masks with `pad_index(ignore_index)`); without, batches are lists of
+    samples at their own sizes (`list_collate`), as evaluation wants them."""
     generator = torch.Generator()
     generator.manual_seed(seed)
     return torch.utils.data.DataLoader(
@@ -65,7 +82,7 @@ def make_loader(
         shuffle=shuffle and sampler is None,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=partial(pad_collate, ignore_index=255 if ignore_index is None else ignore_index),
+        collate_fn=partial(pad_collate, ignore_index=pad_index(ignore_index)) if pad else list_collate,
         pin_memory=pin_memory,
         drop_last=drop_last,
         persistent_workers=workers > 0,
@@ -120,7 +137,13 @@ def training_data(
     cache = config.cache if config.cache is not None else workers == 0 and cache_bytes * processes <= cache_budget()
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     train_preset = SegmentationPresetTrain(
-        crop_size=config.image_size, mean=mean, std=std, ignore_index=255 if ignore_index is None else ignore_index, normalize=False
+        crop_size=config.image_size,
+        hflip_prob=config.hflip,
+        scale_range=config.scale_range,
+        mean=mean,
+        std=std,
+        ignore_index=pad_index(ignore_index),
+        normalize=False,
     )
     train_set = ImageSegmentation(root, "train", train_preset, cache=cache)
     val_set = ImageSegmentation(root, "val", SegmentationPresetEval(mean=mean, std=std, normalize=False), cache=cache)
@@ -142,7 +165,7 @@ def training_data(
         drop_last=train_count > config.batch_size,
     )
     val_loader = make_loader(
-        val_set, batch_size=config.batch_size, shuffle=False, workers=val_workers, ignore_index=ignore_index, sampler=val_sampler
+        val_set, batch_size=config.batch_size, shuffle=False, workers=val_workers, ignore_index=ignore_index, sampler=val_sampler, pad=False
     )
     normalize = BatchNormalize(mean, std, channels_last=prefers_channels_last(device))
     return TrainingData(root, scan, train_loader, val_loader, train_sampler, normalize, tuple(mean), tuple(std))

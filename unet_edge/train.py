@@ -24,7 +24,7 @@ from .config import ModelConfig, TrainConfig
 from .device import Precision, mixed_precision, place_model, resolve_device
 from .errors import DataError, TrainingError
 from .evaluate import EvalResult, evaluate
-from .loaders import TrainingData, training_data
+from .loaders import TrainingData, pad_index, training_data
 from .model import build_model
 from .runs import RunFolder
 
@@ -175,7 +175,7 @@ class Training:
 def segmentation_loss(ignore_index: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Cross-entropy averaged over the pixels that count; a batch whose pixels are all ignored gives 0
     (PyTorch's mean reduction divides by zero there and returns NaN, which would stop training)."""
-    ignore = -100 if ignore_index is None else ignore_index
+    ignore = pad_index(ignore_index)
     criterion = nn.CrossEntropyLoss(ignore_index=ignore, reduction="sum")
 
     def loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,13 @@ per image.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BatchNormalize", "SegmentationPresetEval", "SegmentationPresetTrain"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BatchNormalize", "RandomScale", "SegmentationPresetEval", "SegmentationPresetTrain"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,9 +34,33 @@ def _finish(mean: Sequence[float], std: Sequence[float], normalize: bool) -> lis
     ]
 
 
-class SegmentationPresetTrain:
-    """Random horizontal flip and random crop (padding masks with `ignore_index`), then normalisation.
+class RandomScale(v2.Transform):
+    """Resize image and mask by one random factor in ``[min_scale, max_scale]`` (masks by nearest neighbour).
 
+    The scale jitter of torchvision's segmentation reference (its RandomResize over 0.5-2x the base
+    size), relative to each image's own size so datasets of any image size get the same jitter.
+    """
+
+    def __init__(self, min_scale: float, max_scale: float) -> None:
+        super().__init__()
+        self.min_scale, self.max_scale = min_scale, max_scale
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = v2.query_size(flat_inputs)
+        scale = self.min_scale + float(torch.rand(())) * (self.max_scale - self.min_scale)
+        return {"size": [max(1, round(height * scale)), max(1, round(width * scale))]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return v2.functional.resize(inpt, params["size"], antialias=True)
+
+
+class SegmentationPresetTrain:
+    """Optional scale jitter, random horizontal flip and random crop (padding masks with `ignore_index`),
+    then normalisation.
+
+    `hflip_prob` 0 turns the flip off: for classes that are not mirror-symmetric (characters, text,
+    signs, left/right anatomy) a flipped sample teaches a shape that never occurs. `scale_range`
+    (min, max) resizes each sample by a random factor before the crop; None leaves sizes as they are.
     With ``normalize=False`` the result is the uint8 crop and its mask, for `BatchNormalize`.
     """
 
@@ -44,18 +69,22 @@ class SegmentationPresetTrain:
         *,
         crop_size: int,
         hflip_prob: float = 0.5,
+        scale_range: tuple[float, float] | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         ignore_index: int = 255,
         normalize: bool = True,
     ) -> None:
-        self.transforms = v2.Compose(
-            [
-                v2.RandomHorizontalFlip(hflip_prob),
-                v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Mask: ignore_index, "others": 0}),
-                *_finish(mean, std, normalize),
-            ]
-        )
+        steps: list[v2.Transform] = []
+        if not 0 <= ignore_index <= 255:
+            # A padding value outside uint8 (-100: no ignore index in the dataset) needs a wider mask.
+            steps.append(v2.ToDtype({tv_tensors.Mask: torch.int64, "others": None}))
+        if scale_range is not None:
+            steps.append(RandomScale(*scale_range))
+        if hflip_prob > 0:
+            steps.append(v2.RandomHorizontalFlip(hflip_prob))
+        steps.append(v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Mask: ignore_index, "others": 0}))
+        self.transforms = v2.Compose([*steps, *_finish(mean, std, normalize)])
 
     def __call__(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transforms(image, mask)
