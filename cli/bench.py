@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from unet_edge.formats import Provider
+from unet_edge.formats.torchscript import TorchDtype, TorchVariant
 
 from .common import ExportedOption, JsonOption, comma_separated, console, fmt, handle_errors, progress_bar, write_json
 
@@ -35,6 +36,8 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def bench_table(report: dict[str, Any]) -> Table:
+    from unet_edge.bench import backend_label
+
     machine = report["machine"]
     int8_bf16 = ", ".join(machine.get("cpu_int8_bf16") or []) or "none"
     title = f"{machine['cpu']} ({machine['threads']} threads; int8/bf16 instructions: {int8_bf16})"
@@ -45,7 +48,7 @@ def bench_table(report: dict[str, Any]) -> Table:
         lat = r["latency_ms"] or {}
         table.add_row(
             Path(r["path"]).name,
-            r["backend"],
+            backend_label(r),
             r["provider"].replace("ExecutionProvider", ""),
             r["precision"] or "-",
             fmt(r["batch_size"]),
@@ -56,16 +59,18 @@ def bench_table(report: dict[str, Any]) -> Table:
             fmt(r["gflops_per_s"], 1),
             fmt(r["roofline_fraction"], 2),
             fmt(r["file_mb"], 2),
-            r["status"] if r["status"] == "ok" else "[yellow]unavailable[/]",
+            r["status"] if r["status"] == "ok" else "[red]failed[/]" if r["status"].startswith("failed") else "[yellow]unavailable[/]",
         )
     return table
 
 
 def unavailable_notes(report: dict[str, Any]) -> list[str]:
+    from unet_edge.bench import backend_label
+
     notes = []
     for r in report["results"]:
         if r["status"] != "ok":
-            note = f"{Path(r['path']).name} on {r['backend']} [{r['provider']}]: {r['status']}"
+            note = f"{Path(r['path']).name} on {backend_label(r)} [{r['provider']}] {r['precision'] or ''}: {r['status']}"
             if note not in notes:
                 notes.append(note)
     return notes
@@ -86,6 +91,14 @@ def bench(
     markdown: Annotated[Optional[Path], typer.Option(help="Also write the table as Markdown.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Also draw latency and throughput as a PNG.")] = None,
     exported: ExportedOption = Path("exported"),
+    torch_variants: Annotated[
+        Any,
+        comma_separated(
+            TorchVariant, "--torch-variants",
+            help="PyTorch models (checkpoint, TorchScript): one row per variant; compile is for checkpoints, cudagraphs for CUDA.",
+        ),
+    ] = TorchVariant.EAGER.value,
+    dtypes: Annotated[Any, comma_separated(TorchDtype, "--dtypes", help="PyTorch models: one row per dtype of weights and inputs.")] = TorchDtype.FP32.value,
 ) -> None:
     """Benchmark artifacts on PyTorch, TorchScript and ONNX Runtime providers (p50/p90/p99, img/s, roofline)."""
     from unet_edge.bench import BenchSpec, bench_paths, plot as draw, run_bench, to_markdown
@@ -102,6 +115,8 @@ def bench(
         warmup=warmup,
         iters=iters,
         seconds=seconds,
+        torch_variants=tuple(v.value for v in torch_variants),
+        dtypes=tuple(d.value for d in dtypes),
     )
     with progress_bar() as progress:
         task = progress.add_task("bench", total=None, status="measuring matmul roofline")

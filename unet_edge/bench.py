@@ -22,14 +22,17 @@ from .artifact import export_artifacts, find_latest_export, manifest_checkpoint
 from .backends import artifact_format, open_backend, provider_unavailable, runtime_of, supports
 from .errors import UNetEdgeError
 from .formats import Backend, Provider, default_threads
+from .formats.torchscript import TorchBackend, TorchDtype, TorchVariant
 
 __all__ = [
     "BenchSpec",
+    "backend_label",
     "bench_paths",
     "count_gflops",
     "latency_stats",
     "machine_info",
     "measure_matmul_gflops",
+    "reference_kernel",
     "run_bench",
     "time_runner",
 ]
@@ -45,6 +48,9 @@ class BenchSpec:
     iters: int | None = None
     seconds: float = 2.0  # of timed calls per row (model, provider, batch size) when iters is None
     min_iters: int = 5
+    # PyTorch rows (checkpoints and TorchScript): one per variant x dtype that applies.
+    torch_variants: tuple[str, ...] = (TorchVariant.EAGER.value,)
+    dtypes: tuple[str, ...] = (TorchDtype.FP32.value,)
 
 
 def latency_stats(latencies_ms: list[float]) -> dict[str, float]:
@@ -77,39 +83,89 @@ def time_runner(run: Callable[[], Any], *, warmup: int, iters: int | None, secon
     return latencies
 
 
-def measure_matmul_gflops(device: str = "cpu", precision: str = "fp32", size: int = 2048, seconds: float = 1.0, threads: int | None = None) -> float:
+def measure_matmul_gflops(
+    device: str = "cpu", precision: str = "fp32", size: int | None = None, seconds: float = 1.0, threads: int | None = None
+) -> float:
     """This machine's measured dense matmul (GEMM) rate, GFLOP/s, for a device and precision, with
     `threads` CPU threads (default: one per core): the reference the "roofline" fraction divides by.
     A measured rate, not the hardware's peak: well-blocked convolutions can exceed it.
 
-    On the CPU the best of PyTorch's `torch.mm` and ONNX Runtime's MatMul is taken (their BLAS
-    libraries differ by CPU vendor); int8 uses ONNX Runtime's MatMulInteger, the kernel family
-    quantised convolutions run on. The fastest call counts, so a busy neighbour lowers it less.
+    `reference_kernel` names the GEMM measured. On the CPU the fp32 figure is the best of PyTorch's
+    `torch.mm` and ONNX Runtime's MatMul (their BLAS libraries differ by CPU vendor); the fastest call
+    counts, so a busy neighbour lowers it less. On CUDA, 8192² products are timed with CUDA events over
+    blocks of back-to-back calls (fp32 runs as TF32 when PyTorch allows it: the report says which).
     """
+    library, kind = reference_kernel(device, precision)
+    size = size or (8192 if device.startswith("cuda") else 2048)
+    if library == "onnxruntime":
+        return _ort_matmul_gflops(size, seconds, kind, threads)
+    if library == "best":
+        return max(_ort_matmul_gflops(size, seconds, kind, threads), _torch_matmul_gflops(device, kind, size, seconds))
+    return _torch_matmul_gflops(device, kind, size, seconds)
+
+
+def reference_kernel(device: str, precision: str) -> tuple[str, str]:
+    """(library, dtype) of the GEMM whose rate bounds a model of `precision` on `device`: quantised
+    models run int8 kernels (ONNX Runtime's MatMulInteger family on the CPU, `torch._int_mm` on CUDA);
+    fp16 models compute in fp32 on CPUs (no fp16 matmul units there)."""
+    if precision not in ("fp32", "fp16", "bf16", "int8"):
+        raise UNetEdgeError(f"no matmul reference for precision {precision!r}: use fp32, fp16, bf16 or int8")
     if device == "cpu":
-        ort_rate = _ort_matmul_gflops(size, seconds, "int8" if precision == "int8" else "fp32", threads)
         if precision == "int8":
-            return ort_rate
-        return max(ort_rate, _torch_matmul_gflops(device, "fp32", size, seconds))
-    return _torch_matmul_gflops(device, precision, size, seconds)
+            return "onnxruntime", "int8"
+        return ("torch", "bf16") if precision == "bf16" else ("best", "fp32")
+    return "torch", precision
 
 
 def _torch_matmul_gflops(device: str, precision: str, size: int, seconds: float) -> float:
     import torch
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-    cuda = device.startswith("cuda")
+    if precision == "int8":
+        a, b = (torch.randint(-127, 127, (size, size), dtype=torch.int8, generator=generator).to(device) for _ in range(2))
+        matmul = torch._int_mm  # int8 x int8 -> int32, the tensor-core path quantised layers use
+    else:
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        a, b = (torch.randn(size, size, generator=generator).to(device=device, dtype=dtype) for _ in range(2))
+        matmul = torch.mm
+    flop = 2.0 * size**3
+    if device.startswith("cuda"):
+        return _cuda_rate(lambda: matmul(a, b), flop, seconds)
+    latencies = time_runner(lambda: matmul(a, b), warmup=2, iters=None, seconds=seconds, min_iters=3)
+    return flop / (min(latencies) / 1000.0) / 1e9
 
-    def run() -> None:
-        torch.mm(a, b)
-        if cuda:
-            torch.cuda.synchronize()
 
-    latencies = time_runner(run, warmup=2, iters=None, seconds=seconds, min_iters=3)
-    return 2.0 * size**3 / (min(latencies) / 1000.0) / 1e9
+def _cuda_fp32_matmul() -> str | None:
+    """How CUDA runs fp32 matmuls and convolutions here (TF32 tensor cores or full fp32); None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    matmul = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    conv = "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+    return f"matmul {matmul}, convolutions {conv}"
+
+
+def _cuda_rate(run: Callable[[], Any], flop: float, seconds: float, calls: int = 20) -> float:
+    """GFLOP/s of `run` on the GPU: the best block of `calls` back-to-back calls timed with CUDA events
+    (a host clock around each call would add launch and synchronisation time to every one)."""
+    import torch
+
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while True:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            run()
+        end.record()
+        end.synchronize()
+        best = max(best, flop * calls / (start.elapsed_time(end) / 1000.0) / 1e9)
+        if time.perf_counter() >= deadline:
+            return best
 
 
 def _ort_matmul_gflops(size: int, seconds: float, precision: str, threads: int | None = None) -> float:
@@ -200,10 +256,19 @@ class Target:
     path: Path
     kind: str
     provider: Provider
+    variant: str | None = None  # PyTorch rows only: a TorchVariant and a TorchDtype
+    dtype: str | None = None
 
 
-def plan_targets(paths: Iterable[Path], providers: Iterable[Provider | str]) -> list[Target]:
-    """Every (model, provider) pair whose runtime supports the provider (TensorRT applies to ONNX only)."""
+def plan_targets(
+    paths: Iterable[Path],
+    providers: Iterable[Provider | str],
+    torch_variants: Iterable[str] = (TorchVariant.EAGER.value,),
+    dtypes: Iterable[str] = (TorchDtype.FP32.value,),
+) -> list[Target]:
+    """Every (model, provider) pair whose runtime supports the provider (TensorRT applies to ONNX only);
+    PyTorch models (checkpoints, TorchScript) once per variant and dtype."""
+    variants = [(TorchVariant(v).value, TorchDtype(d).value) for v in torch_variants for d in dtypes]
     try:
         wanted = [Provider(p) for p in providers]
     except ValueError as exc:
@@ -211,7 +276,9 @@ def plan_targets(paths: Iterable[Path], providers: Iterable[Provider | str]) -> 
     targets = []
     for path in paths:
         kind = artifact_format(path)
-        targets += [Target(path, kind, provider) for provider in wanted if supports(kind, provider)]
+        for provider in (p for p in wanted if supports(kind, p)):
+            pytorch = runtime_of(kind, provider)[0] in ("pytorch", "torchscript")
+            targets += [Target(path, kind, provider, v, d) for v, d in variants] if pytorch else [Target(path, kind, provider)]
     return targets
 
 
@@ -220,8 +287,9 @@ def _unavailable_row(target: Target, reason: str, spec: BenchSpec) -> dict[str, 
     return {
         "path": str(target.path),
         "backend": backend,
+        "variant": target.variant,
         "provider": provider,
-        "precision": None,
+        "precision": target.dtype,
         "batch_size": None,
         "height": spec.height,
         "width": spec.width,
@@ -296,7 +364,7 @@ def run_bench(
 
     threads = spec.threads or default_threads()
     torch.set_num_threads(threads)
-    targets = plan_targets(paths, providers)
+    targets = plan_targets(paths, providers, spec.torch_variants, spec.dtypes)
     rooflines: dict[tuple[str, str], float] = {}
     gflops_cache: dict[str, float] = {}
     rows: list[dict[str, Any] | None] = []
@@ -311,14 +379,18 @@ def run_bench(
             backend.close()
             rows.append(_unavailable_row(target, "end-to-end (uint8) model: measured through predict, not bench", spec))
             continue
+        if isinstance(backend, TorchBackend) and target.variant is not None:
+            reason = backend.use_variant(target.variant, target.dtype or TorchDtype.FP32.value)
+            if reason:
+                backend.close()
+                rows.append(_unavailable_row(target, reason, spec))
+                continue
         config = backend.model_config
         key = repr(sorted(config.items()))
         if key not in gflops_cache:
             gflops_cache[key] = count_gflops(config, spec.height, spec.width)
         device = target.provider.torch_device
-        precision = {"fp16": "fp16", "int8": "int8"}.get(backend.precision, "fp32")
-        if device == "cpu" and precision == "fp16":
-            precision = "fp32"  # no fp16 matmul units on this kind of CPU: fp16 models compute in fp32
+        precision = reference_kernel(device, backend.precision if backend.precision in ("fp16", "bf16", "int8") else "fp32")[1]
         if (device, precision) not in rooflines:
             if progress:
                 progress(f"measuring {device} {precision} matmul rate", 0, len(spec.batch_sizes))
@@ -332,10 +404,21 @@ def run_bench(
         if progress:
             progress(f"batch {batch}: {len(measured)} backends interleaved", step, len(spec.batch_sizes))
         images = rng.standard_normal((batch, 3, spec.height, spec.width), dtype=np.float32)
-        runners = [backend.device_runner(images) for _, _, backend, _, _ in measured]
-        all_latencies = time_interleaved(runners, warmup=spec.warmup, iters=spec.iters, seconds=spec.seconds, min_iters=spec.min_iters)
+        runners, failures = [], {}
+        for index, (_, target, backend, _, _) in enumerate(measured):
+            try:  # a variant can fail on first use (torch.compile without a compiler, a capture error, ...)
+                run = backend.device_runner(images)
+                run()
+                runners.append(run)
+            except Exception as exc:  # noqa: BLE001 - reported in the row, as for an unavailable provider
+                failures[index] = f"failed: {exc.__class__.__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+        all_latencies = iter(time_interleaved(runners, warmup=spec.warmup, iters=spec.iters, seconds=spec.seconds, min_iters=spec.min_iters))
         results = []
-        for (_, target, backend, gflops, peak), latencies in zip(measured, all_latencies):
+        for index, (_, target, backend, gflops, peak) in enumerate(measured):
+            if index in failures:
+                results.append({**_unavailable_row(target, "", spec), "batch_size": batch, "status": failures[index]})
+                continue
+            latencies = next(all_latencies)
             stats = latency_stats(latencies)
             e2e = None
             if target.provider is not Provider.CPU:
@@ -347,6 +430,7 @@ def run_bench(
                 {
                     "path": str(target.path),
                     "backend": backend.backend,
+                    "variant": target.variant,
                     "provider": backend.provider,
                     "precision": backend.precision,
                     "batch_size": batch,
@@ -387,9 +471,17 @@ def run_bench(
             "iters": spec.iters,
             "seconds": spec.seconds,
             "timing": "interleaved round-robin across backends; throughput = batch / p50",
+            "torch_variants": list(spec.torch_variants),
+            "dtypes": list(spec.dtypes),
+            "cuda_fp32_matmul": _cuda_fp32_matmul(),
         },
         "results": ordered,
     }
+
+
+def backend_label(row: dict[str, Any]) -> str:
+    """The runtime, and for PyTorch rows the variant that ran ("pytorch channels-last")."""
+    return f"{row['backend']} {row['variant']}" if row.get("variant") else row["backend"]
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -404,7 +496,7 @@ def to_markdown(report: dict[str, Any]) -> str:
 
         model = "/".join(Path(r["path"]).parts[-2:])
         lines.append(
-            f"| {model} | {r['backend']} | {r['provider']} | {r['precision'] or '-'} | {r['batch_size'] or '-'} | {r['height']}×{r['width']} | "
+            f"| {model} | {backend_label(r)} | {r['provider']} | {r['precision'] or '-'} | {r['batch_size'] or '-'} | {r['height']}×{r['width']} | "
             f"{num(lat.get('p50'))} | {num(lat.get('p90'))} | {num(lat.get('p99'))} | {num(lat.get('mean'))} | {num(lat.get('min'))} | "
             f"{num(r['throughput_ips'])} | {num(r['gflops_per_image'], 2)} | {num(r['gflops_per_s'])} | {num(r['roofline_fraction'], 2)} | "
             f"{num(r['file_mb'], 2)} | {r['status']} |"
@@ -422,7 +514,7 @@ def plot(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     smallest = min(r["batch_size"] for r in rows)
     fig, (ax_lat, ax_tp) = pyplot().subplots(1, 2, figsize=(12, 4.5))
     first = [r for r in rows if r["batch_size"] == smallest]
-    labels = [f"{r['backend']}\n{r['provider'].replace('ExecutionProvider', '')}\n{r['precision']}" for r in first]
+    labels = [f"{backend_label(r)}\n{r['provider'].replace('ExecutionProvider', '')}\n{r['precision']}" for r in first]
     ax_lat.bar(range(len(first)), [r["latency_ms"]["p50"] for r in first], color="C0")
     ax_lat.errorbar(
         range(len(first)),
@@ -436,7 +528,7 @@ def plot(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     ax_lat.set(ylabel="latency ms (p50, bar to p90)", title=f"Latency, batch {smallest}, {rows[0]['height']}×{rows[0]['width']}")
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
-        series.setdefault(f"{r['backend']} {r['provider'].replace('ExecutionProvider', '')} {r['precision']}", []).append(
+        series.setdefault(f"{backend_label(r)} {r['provider'].replace('ExecutionProvider', '')} {r['precision']}", []).append(
             (r["batch_size"], r["throughput_ips"])
         )
     for name, points in series.items():

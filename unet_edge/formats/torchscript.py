@@ -12,6 +12,7 @@ import os
 import warnings
 import zipfile
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from ..artifact import TORCHSCRIPT_FILE, TORCHSCRIPT_METADATA_FILE, ExportedArti
 from ..errors import ArtifactError
 from .base import Backend, ExportRequest, Format, Precision, Provider, backend_fields
 
-__all__ = ["FORMAT", "TORCH_PROVIDERS", "TorchBackend", "archive_names", "export", "export_torchscript", "torch_unavailable"]
+__all__ = ["FORMAT", "TORCH_PROVIDERS", "TorchBackend", "TorchDtype", "TorchVariant", "archive_names", "export", "export_torchscript", "torch_unavailable"]
 
 # PyTorch runs on CPU and CUDA; TensorRT is an ONNX Runtime provider and does not apply.
 TORCH_PROVIDERS = {Provider.CPU: "cpu", Provider.CUDA: "cuda"}
@@ -49,6 +50,24 @@ def export(request: ExportRequest) -> list[ExportedArtifact]:
     return [ExportedArtifact(TORCHSCRIPT_FILE, "torchscript", "fp32", path, inputs, outputs)]
 
 
+class TorchVariant(str, Enum):
+    """How bench runs a PyTorch module: as loaded (NCHW), with NHWC weights and inputs, through
+    `torch.compile`, or replayed from a captured CUDA graph (the last two on NHWC too)."""
+
+    EAGER = "eager"
+    CHANNELS_LAST = "channels-last"
+    COMPILE = "compile"
+    CUDAGRAPHS = "cudagraphs"
+
+
+class TorchDtype(str, Enum):
+    """The dtype a PyTorch module's weights and inputs are cast to for a bench row."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
 class TorchBackend(Backend):
     """A PyTorch module (eager from a checkpoint, or TorchScript) on CPU or CUDA."""
 
@@ -58,11 +77,40 @@ class TorchBackend(Backend):
 
         self._torch = torch
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # cuDNN picks its fastest algorithm per input shape
         self.module = module.to(self.device).eval()
-        self.channels_last = channels_last
+        self.dtype = torch.float32
+        self.variant = TorchVariant.EAGER
+        self.channels_last = False
+        if channels_last:
+            self._use_channels_last()
+
+    def _use_channels_last(self) -> None:
+        """Weights and inputs both NHWC: an NHWC input to NCHW weights makes cuDNN convert at every layer."""
+        self.module = self.module.to(memory_format=self._torch.channels_last)
+        self.channels_last = True
+
+    def use_variant(self, variant: TorchVariant | str, dtype: TorchDtype | str = TorchDtype.FP32) -> str | None:
+        """Run as `variant` in `dtype` from now on; the reason when that does not apply here (None: it does)."""
+        torch = self._torch
+        variant, dtype = TorchVariant(variant), TorchDtype(dtype)
+        if variant is TorchVariant.CUDAGRAPHS and self.device.type != "cuda":
+            return "CUDA graphs need a CUDA device"
+        if variant is TorchVariant.COMPILE and isinstance(self.module, torch.jit.ScriptModule):
+            return "torch.compile takes eager modules, not TorchScript"
+        self.dtype = {TorchDtype.FP32: torch.float32, TorchDtype.BF16: torch.bfloat16, TorchDtype.FP16: torch.float16}[dtype]
+        self.module = self.module.to(self.dtype)
+        self.precision = dtype.value
+        if variant is not TorchVariant.EAGER:
+            self._use_channels_last()
+        if variant is TorchVariant.COMPILE:
+            self.module = torch.compile(self.module, dynamic=False)
+        self.variant = variant
+        return None
 
     def _to_device(self, images: np.ndarray) -> Any:
-        x = self._torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
+        x = self._torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device, self.dtype)
         return x.contiguous(memory_format=self._torch.channels_last) if self.channels_last else x
 
     def predict_logits(self, images: np.ndarray) -> np.ndarray:
@@ -72,6 +120,8 @@ class TorchBackend(Backend):
     def device_runner(self, images: np.ndarray) -> Callable[[], None]:
         torch = self._torch
         x = self._to_device(images)
+        if self.variant is TorchVariant.CUDAGRAPHS:
+            return self._graph_runner(x)
         cuda = self.device.type == "cuda"
 
         def run() -> None:
@@ -79,6 +129,27 @@ class TorchBackend(Backend):
                 self.module(x)
             if cuda:
                 torch.cuda.synchronize(self.device)
+
+        return run
+
+    def _graph_runner(self, x: Any) -> Callable[[], None]:
+        """Capture one forward pass on `x` as a CUDA graph (after warm-up on a side stream, as capture
+        requires) and return its replay: one launch instead of one per kernel."""
+        torch = self._torch
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.inference_mode():
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    self.module(x)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.module(x)
+
+        def run() -> None:
+            graph.replay()
+            torch.cuda.synchronize(self.device)
 
         return run
 
