@@ -124,3 +124,59 @@ def test_tensorrt_gets_a_shape_profile_spanning_bench_sizes_and_an_engine_cache(
     for batch, side in ((1, 256), (8, 256), (32, 512)):  # what gpu_check.sh benches
         assert all(lo <= dim <= hi for lo, dim, hi in zip(low, (batch, 3, side, side), high))
     assert tensorrt_options(tmp_path / "trt", nhwc=True)["trt_profile_max_shapes"] == "image:32x1024x1024x3"
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8"])
+def test_every_precision_bench_reports_has_a_gemm_reference_on_every_device(device, precision):
+    from unet_edge.bench import reference_kernel
+
+    library, dtype = reference_kernel(device, precision)
+    assert library in ("torch", "onnxruntime", "best")
+    assert dtype == ("fp32" if device == "cpu" and precision == "fp16" else precision)
+
+
+def test_the_int8_gemm_reference_pytorch_runs_on_cuda_measures_on_this_cpu():
+    """torch._int_mm is the kernel the CUDA int8 reference times (the CUDA path used to raise KeyError)."""
+    from unet_edge.bench import _torch_matmul_gflops
+
+    assert _torch_matmul_gflops("cpu", "int8", 128, 0.05) > 0
+
+
+def test_channels_last_variant_converts_the_weights_not_only_the_input(tiny_checkpoint):
+    from unet_edge.backends import open_backend
+
+    def conv_weights(backend):
+        return [m.weight for m in backend.module.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    eager = open_backend(tiny_checkpoint, "cpu")
+    assert eager.use_variant("eager", "fp32") is None
+    assert all(w.is_contiguous() for w in conv_weights(eager))
+    nhwc = open_backend(tiny_checkpoint, "cpu")
+    assert nhwc.use_variant("channels-last", "bf16") is None
+    assert all(w.is_contiguous(memory_format=torch.channels_last) and w.dtype == torch.bfloat16 for w in conv_weights(nhwc))
+    images = np.random.default_rng(0).standard_normal((2, 3, 40, 40), dtype=np.float32)
+    assert (eager.predict_logits(images).argmax(1) == nhwc.predict_logits(images).argmax(1)).mean() > 0.95
+    nhwc.device_runner(images)()
+
+
+def test_variants_that_do_not_apply_say_why(tiny_checkpoint, tmp_path):
+    from unet_edge.backends import open_backend
+
+    assert open_backend(tiny_checkpoint, "cpu").use_variant("cudagraphs") == "CUDA graphs need a CUDA device"
+    scripted = tmp_path / "model.ts"
+    from unet_edge.checkpoint import load_model
+    from unet_edge.formats.torchscript import export_torchscript
+
+    export_torchscript(load_model(tiny_checkpoint).model, scripted, {"classes": '["a", "b", "c", "d"]'})
+    assert open_backend(scripted, "cpu").use_variant("compile") == "torch.compile takes eager modules, not TorchScript"
+
+
+@pytest.mark.slow
+def test_torch_compile_variant_runs_on_the_cpu_and_agrees_with_eager(tiny_checkpoint):
+    from unet_edge.backends import open_backend
+
+    images = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    compiled = open_backend(tiny_checkpoint, "cpu")
+    assert compiled.use_variant("compile", "fp32") is None
+    np.testing.assert_allclose(compiled.predict_logits(images), open_backend(tiny_checkpoint, "cpu").predict_logits(images), atol=1e-4)
