@@ -139,8 +139,10 @@ class UNetStudent(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2], x.shape[-1]
         multiple = self.size_multiple
-        # Pad bottom/right so every pooling level halves evenly and the skips line up.
-        x = F.pad(x, (0, (multiple - width % multiple) % multiple, 0, (multiple - height % multiple) % multiple))
+        # Pad bottom/right so every pooling level halves evenly and the skips line up: a constant pad cropped to
+        # the next multiple, which converters without shape arithmetic in their pad ops (pnnx/ncnn) keep any-size.
+        x = F.pad(x, (0, multiple - 1, 0, multiple - 1))
+        x = x[:, :, : (height + multiple - 1) // multiple * multiple, : (width + multiple - 1) // multiple * multiple]
         x = self.stem(x)
         skips = [x]
         for block in self.encoder:
