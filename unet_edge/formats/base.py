@@ -29,6 +29,7 @@ __all__ = [
     "backend_fields",
     "default_threads",
     "import_runtime",
+    "needs_runtime",
     "preprocess",
 ]
 
@@ -79,6 +80,19 @@ def import_runtime(module: str, extra: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         raise ArtifactError(f"{module} is not installed: pip install 'unet-edge[{extra}]'") from None
+
+
+def needs_runtime(module: str, extra: str) -> Callable[[Provider], str | None]:
+    """A `Format.unavailable` for a format whose runtime is one optional package: the one-line reason when it is missing."""
+
+    def unavailable(provider: Provider) -> str | None:
+        try:
+            import_runtime(module, extra)
+        except ArtifactError as exc:
+            return str(exc)
+        return None
+
+    return unavailable
 
 
 def preprocess(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
