@@ -54,6 +54,7 @@ class Thresholds:
 THRESHOLDS = {
     Precision.FP32.value: Thresholds(min_pixel_agreement=0.999),
     Precision.FP16.value: Thresholds(min_pixel_agreement=0.995),
+    Precision.BF16.value: Thresholds(max_miou_drop=0.01),  # 8 mantissa bits: held to the mIoU budget, as int8
     Precision.INT8.value: Thresholds(max_miou_drop=0.01),
 }
 
