@@ -20,6 +20,23 @@ from .common import DataOption, DeviceOption, console, err_console, fmt, handle_
 DEFAULTS = TrainConfig()
 
 
+def _scale_range(value: str) -> tuple[float, float]:
+    """Parse --scale-jitter: "MIN,MAX" (e.g. 0.5,2.0) or "off" (= 1,1)."""
+    if value.strip().lower() == "off":
+        return 1.0, 1.0
+    try:
+        low, high = (float(part) for part in value.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: expected MIN,MAX (e.g. 0.5,2.0) or off") from None
+    if not 0 < low <= high:
+        raise typer.BadParameter(f"{value!r}: need 0 < MIN <= MAX")
+    return low, high
+
+
+def _scale_text(low: float, high: float) -> str:
+    return "off" if low == high == 1.0 else f"{low:g},{high:g}"
+
+
 def _given(ctx: typer.Context) -> set[str]:
     """The options the user gave (on the command line or through the environment), not left at their defaults."""
     sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
@@ -52,6 +69,17 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step (per process).")] = DEFAULTS.batch_size,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak AdamW learning rate (warm-up, then cosine decay).")] = DEFAULTS.lr,
     image_size: Annotated[int, typer.Option(min=8, help="Side of the random training crop.")] = DEFAULTS.image_size,
+    hflip: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Probability of a horizontal flip per training image; 0 turns it off (do so for classes that are not mirror-symmetric: characters, text, signs, left/right anatomy)."),
+    ] = DEFAULTS.hflip,
+    scale_jitter: Annotated[
+        str, typer.Option(metavar="MIN,MAX", help="Resize each training image by a random factor in MIN..MAX before the crop (e.g. 0.5,2.0), or off.")
+    ] = _scale_text(DEFAULTS.scale_min, DEFAULTS.scale_max),
+    ema_decay: Annotated[
+        float,
+        typer.Option(min=0.0, max=0.9999, help="Validate and save an exponential moving average of the weights with this decay per step; 0 turns it off."),
+    ] = DEFAULTS.ema_decay,
     base_channels: Annotated[int, typer.Option(min=1, help="Channels of the first U-Net level.")] = DEFAULTS.model.base_channels,
     depth: Annotated[int, typer.Option(min=1, help="Number of down/up-sampling levels.")] = DEFAULTS.model.depth,
     num_convs: Annotated[int, typer.Option(min=1, help="Convolutions per block.")] = DEFAULTS.model.num_convs,
@@ -89,12 +117,17 @@ def train(
         launch_training("unet_edge_cli.main", ["train", *_command_args(ctx, {"nproc_per_node"})], nproc_per_node, data)
         return
 
+    scale_min, scale_max = _scale_range(scale_jitter)
     config = TrainConfig(
         data=str(data) if data is not None else None,
         epochs=epochs or DEFAULTS.epochs,
         batch_size=batch_size,
         lr=lr,
         image_size=image_size,
+        hflip=hflip,
+        scale_min=scale_min,
+        scale_max=scale_max,
+        ema_decay=ema_decay,
         model=replace(DEFAULTS.model, base_channels=base_channels, depth=depth, num_convs=num_convs, upsample=upsample, block_order=block_order),
         device=device,
         amp=amp,
@@ -118,6 +151,9 @@ def train(
                     self.scan_task = progress.add_task("check data", total=total, status="")
                 progress.update(self.scan_task, completed=done)
 
+            def on_note(self, message: str) -> None:
+                err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+
             def on_start(self, run_dir: Path, epochs: int, steps_per_epoch: int, start_epoch: int, device: str) -> None:
                 err_console.print(f"training on {device}{processes}, run folder {run_dir}")
                 self.steps = steps_per_epoch
@@ -135,7 +171,9 @@ def train(
                     f"(waiting for data {record['data_time_s']:.1f} s)"
                 )
 
-        result = fit(config, Hooks(), distributed, explicit=_given(ctx))
+        given = _given(ctx)
+        explicit = given | ({"scale_min", "scale_max"} if "scale_jitter" in given else set())
+        result = fit(config, Hooks(), distributed, explicit=explicit)
     if distributed is not None and not distributed.is_main:
         return
     last = result.history[-1]

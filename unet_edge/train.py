@@ -7,6 +7,7 @@ validation in `evaluate`, the run folder in `runs`. The library reports progress
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -31,6 +32,7 @@ from .runs import RunFolder
 __all__ = [
     "EpochStats",
     "FitResult",
+    "ModelEma",
     "TrainConfig",
     "TrainHooks",
     "Training",
@@ -43,7 +45,7 @@ __all__ = [
 ]
 
 # Settings that shape a run: resuming keeps the saved values, and an explicitly different one is an error.
-RUN_SETTINGS = ("batch_size", "lr", "weight_decay", "warmup_fraction", "image_size", "seed", "out", "name", *(f.name for f in fields(ModelConfig)))
+RUN_SETTINGS = ("batch_size", "lr", "weight_decay", "warmup_fraction", "image_size", "hflip", "scale_min", "scale_max", "ema_decay", "seed", "out", "name", *(f.name for f in fields(ModelConfig)))
 # Settings whose saved values a resumed run uses unless given: where the data is now, and how many epochs in all.
 RESUME_OVERRIDES = ("data", "epochs")
 # Settings of this invocation only (how to run, not what to train).
@@ -56,6 +58,9 @@ class TrainHooks:
     """Progress callbacks; the default does nothing. Override what you want to show."""
 
     def on_scan(self, done: int, total: int) -> None: ...
+
+    def on_note(self, message: str) -> None:
+        """Something the user should know about the run, such as classes assumed for lack of a dataset.json."""
 
     def on_start(self, run_dir: Path, epochs: int, steps_per_epoch: int, start_epoch: int, device: str) -> None: ...
 
@@ -109,6 +114,35 @@ class WarmupCosine:
         self.total_steps = total_steps
 
 
+class ModelEma:
+    """Exponential moving average of a model's weights and buffers (as timm's `ModelEmaV3`).
+
+    The average moves towards the model after every optimiser step by ``1 - decay``, with the
+    decay warmed up as ``min(decay, (1 + n) / (10 + n))`` after `n` updates so that early, random
+    weights fade fast. Validating the average instead of the last step's weights smooths out the
+    epoch-to-epoch swings of small-batch training.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.source = model
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One step towards the source model's current weights."""
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        averaged = list(self.module.state_dict().values())
+        current = list(self.source.state_dict().values())
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - decay)
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():
+                a.copy_(c)
+
+
 @dataclass
 class Training:
     """The model and what updates it: optimiser, schedule, precision and loss, set up once by `fit`."""
@@ -121,6 +155,12 @@ class Training:
     precision: Precision
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     device: torch.device
+    ema: ModelEma | None = None
+
+    @property
+    def validated_model(self) -> nn.Module:
+        """The weights that validation measures and checkpoints save as "model": the average when kept."""
+        return self.ema.module if self.ema is not None else self.model
 
     @classmethod
     def build(
@@ -139,13 +179,20 @@ class Training:
         schedule = WarmupCosine(len(data.train_loader) * planned_epochs, config.warmup_fraction)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         precision = mixed_precision(device, config.amp)
-        return cls(model, train_model, model_config, optimizer, scheduler, precision, segmentation_loss(data.ignore_index), device)
+        ema = ModelEma(model, config.ema_decay) if config.ema_decay > 0 else None
+        return cls(model, train_model, model_config, optimizer, scheduler, precision, segmentation_loss(data.ignore_index), device, ema)
 
     def state_dict(self) -> dict[str, Any]:
-        """Weights, model settings and the optimiser, schedule and scaler states, as a checkpoint holds them."""
+        """Weights, model settings and the optimiser, schedule and scaler states, as a checkpoint holds them.
+
+        "model" holds the validated weights (what eval, export and verify load); with an average kept,
+        the optimiser's own weights go under "online_model" for resuming.
+        """
         scaler = self.precision.scaler
+        ema = {} if self.ema is None else {"online_model": self.model.state_dict(), "ema_updates": self.ema.updates}
         return {
-            "model": self.model.state_dict(),
+            "model": self.validated_model.state_dict(),
+            **ema,
             "config": self.model_config.to_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.scheduler.state_dict(),
@@ -155,7 +202,10 @@ class Training:
     def restore(self, state: dict[str, Any], total_steps: int, source: str) -> None:
         """Continue from checkpoint `state` (read from `source`); when the run now ends at another step, the
         learning rate decays from where it is to the new end instead of jumping back up."""
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state.get("online_model", state["model"]))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["model"])
+            self.ema.updates = int(state.get("ema_updates", 0))
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
         if "lr_scheduler" in state:
@@ -204,11 +254,13 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     on_step: Callable[[int, float], None] | None = None,
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ema: ModelEma | None = None,
 ) -> EpochStats:
     """One pass over `loader`. A non-finite loss stops training (checked every `LOSS_CHECK_EVERY` steps on
     a GPU, every step on the CPU, and at the end); `on_step` gets the loss last read.
 
     With a grad `scaler`, a step it skips (inf/NaN gradients) does not advance the schedule.
+    `ema`, when given, moves its average after every optimiser step.
 
     `normalize` turns each batch, once on `device`, into the model's input (see `BatchNormalize`).
     `EpochStats.data_time` is the time spent waiting for the loader: near zero when data loading
@@ -249,6 +301,8 @@ def train_one_epoch(
             stepped = True
         if stepped:
             scheduler.step()
+            if ema is not None:
+                ema.update()
         total_loss += loss.detach() * images.shape[0]
         seen += images.shape[0]
         if step == 0 or (step + 1) % check_every == 0:
@@ -272,15 +326,17 @@ def run_epoch(
     precision = training.precision
     loss, seen, data_time = train_one_epoch(
         training.train_model, data.train_loader, training.optimizer, training.scheduler, training.criterion, training.device,
-        autocast=precision.autocast, scaler=precision.scaler, on_step=on_step, normalize=data.normalize,
+        autocast=precision.autocast, scaler=precision.scaler, on_step=on_step, normalize=data.normalize, ema=training.ema,
     )  # fmt: skip
     if distributed is not None:
         loss, seen = distributed.reduce_loss(loss, seen)
         distributed.broadcast_buffers(training.model)
+        if training.ema is not None:
+            distributed.broadcast_buffers(training.ema.module)
     train_time = time.perf_counter() - started
     # Validation runs in fp32, as `unet-edge eval` and the exported models do, so the logged mIoU is
     # that of the saved weights whatever precision trained them.
-    result = evaluate(training.model, data.val_loader, len(data.classes), data.ignore_index, training.device, normalize=data.normalize)
+    result = evaluate(training.validated_model, data.val_loader, len(data.classes), data.ignore_index, training.device, normalize=data.normalize)
     record = {
         "epoch": epoch + 1,
         "train_loss": loss,
@@ -341,6 +397,8 @@ def fit(
     random.seed(config.seed + rank)
     torch.manual_seed(config.seed + rank)
     data = training_data(config, device, distributed, progress=hooks.on_scan if is_main else None)
+    if is_main and data.scan.classes_note is not None:
+        hooks.on_note(data.scan.classes_note)
     training = Training.build(config, data, device, distributed, planned_epochs)
     if resumed is not None:
         _check_same_classes(config, resumed, data)
