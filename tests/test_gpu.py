@@ -4,13 +4,13 @@ import json
 
 import numpy as np
 import pytest
+import onnxruntime
 import torch
 from torch import nn
 
-from unet_edge.checkpoint import load_checkpoint
-
 NO_CUDA = "no CUDA GPU on this machine: the CUDA training and inference paths are not exercised"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+ORT_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 @requires_cuda
@@ -18,7 +18,7 @@ def test_cuda_amp_training_logs_the_miou_of_fp32_eval(tiny_data, tmp_path, cli, 
     """AMP (bf16 or fp16 + grad scaler), channels_last and pinned memory on CUDA; the checkpoint is plain CPU data."""
     run = trainer(tiny_data, tmp_path, name="cuda", epochs=2, device="cuda", amp=True, workers=2)
     assert all(np.isfinite(r["train_loss"]) for r in run.history)
-    state = load_checkpoint(run.run_dir / "best.pt")
+    state = torch.load(run.run_dir / "best.pt", weights_only=True)  # no map_location: tensors load where they were saved
     assert all(t.device.type == "cpu" for t in state["model"].values())
     out = tmp_path / "eval.json"
     result = cli("eval", str(run.run_dir / "best.pt"), "--data", str(tiny_data), "--device", "cuda", "--json", str(out))
@@ -60,17 +60,40 @@ def test_confusion_matrix_stays_on_the_gpu_of_its_inputs():
 
 
 @requires_cuda
+@pytest.mark.skipif(not ORT_CUDA, reason="this onnxruntime build has no CUDA provider (onnxruntime-gpu not installed)")
 def test_onnx_runtime_cuda_provider_matches_cpu(e2e_dir, odd_image):
-    from unet_edge.backends import open_backend, ort_provider_status
+    from unet_edge.backends import open_backend
     from unet_edge.data import load_image
 
-    ok, reason = ort_provider_status("cuda")
-    if not ok:
-        pytest.skip(f"ONNX Runtime CUDA provider unavailable: {reason}")
     image = load_image(odd_image)[None]
     cpu = open_backend(e2e_dir / "model.onnx", "cpu").segment(image)
-    cuda = open_backend(e2e_dir / "model.onnx", "cuda").segment(image)
-    assert (cpu == cuda).mean() >= 0.999
+    backend = open_backend(e2e_dir / "model.onnx", "cuda")
+    assert backend.provider == "CUDAExecutionProvider"
+    assert backend.session.get_providers()[0] == "CUDAExecutionProvider"  # what really runs, not what was asked
+    assert (cpu == backend.segment(image)).mean() >= 0.999
+
+
+@requires_cuda
+def test_every_pytorch_variant_and_dtype_runs_on_cuda(tiny_checkpoint):
+    """eager, channels-last, torch.compile and CUDA graphs in fp32, bf16 and fp16: each row measured."""
+    from unet_edge.bench import BenchSpec, run_bench
+
+    spec = BenchSpec(
+        batch_sizes=(2,), height=64, width=64, warmup=1, iters=3,
+        torch_variants=("eager", "channels-last", "compile", "cudagraphs"), dtypes=("fp32", "bf16", "fp16"),
+    )  # fmt: skip
+    rows = run_bench([tiny_checkpoint], spec, ("cuda",))["results"]
+    assert len(rows) == 4 * 3
+    assert [r for r in rows if r["status"] != "ok"] == []
+    assert {(r["variant"], r["precision"]) for r in rows} == {(v, d) for v in spec.torch_variants for d in spec.dtypes}
+
+
+@requires_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "int8"])
+def test_cuda_gemm_reference_is_measured_for_every_precision(precision):
+    from unet_edge.bench import measure_matmul_gflops
+
+    assert measure_matmul_gflops("cuda", precision, size=2048, seconds=0.2) > 100.0
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fewer than 2 CUDA GPUs: NCCL distributed training is not exercised")
