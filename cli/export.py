@@ -14,13 +14,16 @@ from .verify import parity_table
 
 
 def int8_summary(info: dict[str, Any]) -> str:
-    """One line: the int8 model's val mIoU against the checkpoint's, the budget, and the layers kept in float."""
-    kept = ", ".join(f"{k['layer']} ({k['node']})" for k in info["kept_float"]) or "none"
+    """One line: a reduced-precision model's val mIoU against the checkpoint's, the budget, and the layers kept in float."""
+    precision = info.get("precision", "int8")
     verdict = "within" if info["within_budget"] else "OVER"
-    return (
-        f"int8: val mIoU {info['miou_int8']:.4f} vs {info['miou_reference']:.4f} (drop {info['miou_drop']:.4f}, budget "
-        f"{info['max_miou_drop']:.4f}, {verdict}); layers kept in float: {kept}"
+    line = (
+        f"{precision}: val mIoU {info[f'miou_{precision}']:.4f} vs {info['miou_reference']:.4f} (drop {info['miou_drop']:.4f}, budget "
+        f"{info['max_miou_drop']:.4f}, {verdict})"
     )
+    if "kept_float" in info:
+        line += "; layers kept in float: " + (", ".join(f"{k['layer']} ({k['node']})" for k in info["kept_float"]) or "none")
+    return line
 
 
 @handle_errors
