@@ -1,0 +1,221 @@
+"""OpenVINO IR (model.xml + model.bin): export with `openvino.convert_model`, run with the OpenVINO runtime.
+
+The IR keeps dynamic batch, height and width, so any H x W runs. Metadata rides in the IR's rt_info
+(section `unet_edge`), and so does the precision to compile with, `inference_precision_hint`, which the
+backend passes as INFERENCE_PRECISION_HINT: OpenVINO's CPU plugin computes in bf16 by default on CPUs with
+bf16 instructions, so model.xml asks for f32 explicitly, and model_bf16.xml is the same weights with the
+bf16 hint. model_int8.xml is quantised by NNCF post-training quantisation on training images and held to
+the mIoU budget. Weights are saved in float32 (`save_model` would otherwise compress them to fp16).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifact import METADATA_KEYS, ExportedArtifact, artifact_metadata, io_spec
+from ..errors import ArtifactError
+from .base import Backend, ExportRequest, Format, Precision, Provider, backend_fields, default_threads, import_runtime, needs_runtime
+
+__all__ = ["FORMAT", "OpenVinoBackend", "export", "export_variants", "open_model"]
+
+OPENVINO_FILE = "model.xml"
+BF16_OPENVINO_FILE = "model_bf16.xml"
+INT8_OPENVINO_FILE = "model_int8.xml"
+EXTRA = "openvino"
+METADATA_SECTION = "unet_edge"
+# The INFERENCE_PRECISION_HINT each precision's IR carries.
+PRECISION_HINTS = {Precision.FP32: "f32", Precision.BF16: "bf16", Precision.INT8: "f32"}
+HINT_KEY = "inference_precision_hint"
+
+
+def _openvino() -> Any:
+    return import_runtime("openvino", EXTRA)
+
+
+def _last_line(exc: Exception) -> str:
+    """OpenVINO errors start with source locations; the last line says what went wrong."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if lines else exc.__class__.__name__)[:200]
+
+
+def convert(module: Any) -> Any:
+    """The `ov.Model` of a PyTorch module, with dynamic N, H, W and tensors named image/logits."""
+    import torch
+
+    ov = _openvino()
+    sample = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        model = ov.convert_model(module.eval(), example_input=sample, input=[ov.PartialShape([-1, 3, -1, -1])])
+    model.inputs[0].get_tensor().set_names({"image"})
+    model.outputs[0].get_tensor().set_names({"logits"})
+    return model
+
+
+def save(model: Any, path: Path, metadata: dict[str, str], precision: Precision) -> Path:
+    """Write `path` (.xml) and its .bin, float32 weights, with `metadata` and the precision hint in rt_info.
+    Each file is written to a temporary name and moved into place (weights first)."""
+    ov = _openvino()
+    for key, value in metadata.items():
+        model.set_rt_info(value, [METADATA_SECTION, key])
+    model.set_rt_info(PRECISION_HINTS[precision], [METADATA_SECTION, HINT_KEY])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".openvino-", dir=path.parent) as tmp:
+        staged = Path(tmp) / path.name
+        ov.save_model(model, str(staged), compress_to_fp16=False)
+        os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(staged, path)
+    return path
+
+
+def _artifact(request: ExportRequest, file: str, precision: Precision, model: Any, extra: dict[str, Any]) -> ExportedArtifact:
+    path = save(model, request.folder / file, artifact_metadata(request.loaded, precision.value), precision)
+    inputs, outputs = io_spec(len(request.loaded.classes))
+    info = {"batchnorm_folded": request.folded_model is not None, "compile_config": {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}}
+    return ExportedArtifact(file, "openvino", precision.value, path, inputs, outputs, None, {**info, **extra}, [path.with_suffix(".bin")])
+
+
+def _source(request: ExportRequest) -> Any:
+    return request.folded_model if request.folded_model is not None else request.loaded.model
+
+
+def export(request: ExportRequest) -> list[ExportedArtifact]:
+    """model.xml + model.bin: float32, any H x W."""
+    if request.progress:
+        request.progress("converting to OpenVINO IR")
+    return [_artifact(request, OPENVINO_FILE, Precision.FP32, convert(_source(request)), {})]
+
+
+def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
+    """model_bf16.xml (the bf16 precision hint) and/or model_int8.xml (NNCF, within the mIoU budget)."""
+    artifacts = []
+    if Precision.BF16 in request.precisions:
+        artifact = _artifact(request, BF16_OPENVINO_FILE, Precision.BF16, convert(_source(request)), {})
+        if request.data_root is not None:
+            artifact.extra["quantization"] = _bf16_budget(request, artifact.path)
+        artifacts.append(artifact)
+    if Precision.INT8 in request.precisions:
+        artifacts.append(_export_int8(request))
+    return artifacts
+
+
+def _bf16_budget(request: ExportRequest, path: Path) -> dict[str, Any]:
+    """The bf16 model's mIoU drop on the validation images against the mIoU budget (as int8's is)."""
+    from ..quantize import budget_evaluator
+
+    evaluate, validation_images = budget_evaluator(request, request.data_root)
+    miou, reference = evaluate(path)
+    return {
+        "precision": Precision.BF16.value,
+        "tool": "OpenVINO INFERENCE_PRECISION_HINT bf16 (weights stored in float32)",
+        "max_miou_drop": request.max_miou_drop,
+        "miou_drop": reference - miou,
+        "miou_bf16": miou,
+        "miou_reference": reference,
+        "validation_images": validation_images,
+        "within_budget": reference - miou <= request.max_miou_drop + 1e-12,
+    }
+
+
+def _export_int8(request: ExportRequest) -> ExportedArtifact:
+    """NNCF post-training quantisation (8-bit weights and activations), performance preset first and the
+    mixed preset (asymmetric activations) when that misses the mIoU budget."""
+    from ..parity import load_eval_images
+    from ..quantize import budget_evaluator
+
+    loaded = request.loaded
+    if request.data_root is None:
+        raise ArtifactError(f"{loaded.path}: int8 needs a dataset to calibrate on and to check the mIoU budget")
+    nncf = import_runtime("nncf", EXTRA)
+    calib_root = Path(request.calib_data) if request.calib_data else request.data_root
+    calibration = load_eval_images(calib_root, loaded.mean, loaded.std, split="train", num_images=request.calib_images).normalised
+    evaluate, validation_images = budget_evaluator(request, request.data_root)
+    dataset = nncf.Dataset(calibration, lambda image: image[None])
+    attempts: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix=".openvino-int8-", dir=request.folder) as tmp:
+        for preset in (nncf.QuantizationPreset.PERFORMANCE, nncf.QuantizationPreset.MIXED):
+            if request.progress:
+                request.progress(f"quantising to int8 with NNCF ({preset.value} preset, {len(calibration)} training images)")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantized = nncf.quantize(convert(_source(request)), dataset, preset=preset, subset_size=len(calibration))
+            staged = save(quantized, Path(tmp) / f"{preset.value}.xml", artifact_metadata(loaded, Precision.INT8.value), Precision.INT8)
+            miou, reference = evaluate(staged)
+            attempts.append({"preset": preset.value, "miou_int8": miou, "miou_drop": reference - miou})
+            if reference - miou <= request.max_miou_drop:
+                break
+        best = min(attempts, key=lambda attempt: attempt["miou_drop"])
+        quantization = {
+            "precision": Precision.INT8.value,
+            "tool": f"nncf {nncf.__version__} quantize",
+            "preset": best["preset"],
+            "weights": "int8, per channel, symmetric",
+            "activations": "int8 symmetric" if best["preset"] == "performance" else "uint8 asymmetric",
+            "calibration": {"images": len(calibration), "data": str(calib_root), "split": "train"},
+            "max_miou_drop": request.max_miou_drop,
+            "miou_drop": best["miou_drop"],
+            "miou_int8": best["miou_int8"],
+            "miou_reference": best["miou_int8"] + best["miou_drop"],
+            "validation_images": validation_images,
+            "within_budget": best["miou_drop"] <= request.max_miou_drop + 1e-12,
+            "attempts": attempts,
+        }
+        ov = _openvino()
+        model = ov.Core().read_model(str(Path(tmp) / f"{best['preset']}.xml"))
+        return _artifact(request, INT8_OPENVINO_FILE, Precision.INT8, model, {"quantization": quantization})
+
+
+class OpenVinoBackend(Backend):
+    """An IR compiled for one OpenVINO device with the precision hint stored in it."""
+
+    def __init__(self, compiled: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.compiled = compiled
+
+    def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        return self.compiled(np.ascontiguousarray(images, dtype=np.float32))[0]
+
+    def device_runner(self, images: np.ndarray) -> Callable[[], None]:
+        request = self.compiled.create_infer_request()
+        feed = np.ascontiguousarray(images, dtype=np.float32)
+        return lambda: request.infer({0: feed}, share_inputs=True, share_outputs=True)
+
+    def close(self) -> None:
+        del self.compiled
+
+
+def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[str, Any] | None) -> Backend:
+    """Read the IR (and the .bin beside it) and compile it for `provider`'s OpenVINO device, in the precision it asks for."""
+    ov = _openvino()
+    device = FORMAT.runtime_provider(path, provider)
+    core = ov.Core()
+    try:
+        model = core.read_model(str(path))
+        meta = {key: model.get_rt_info([METADATA_SECTION, key]).astype(str) for key in (*METADATA_KEYS, HINT_KEY) if model.has_rt_info([METADATA_SECTION, key])}
+        config = {"INFERENCE_NUM_THREADS": threads or default_threads(), "INFERENCE_PRECISION_HINT": meta.get(HINT_KEY, "f32")}
+        compiled = core.compile_model(model, device, config)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path}: OpenVINO cannot load it ({_last_line(exc)})") from None
+    return OpenVinoBackend(compiled, **backend_fields(FORMAT.runtime, device, path, meta, entry))
+
+
+FORMAT = Format(
+    name="openvino",
+    runtime="openvino",
+    suffixes=(".xml",),
+    file=OPENVINO_FILE,
+    export=export,
+    open=open_model,
+    providers={Provider.CPU: "CPU"},
+    unavailable=needs_runtime("openvino", EXTRA),
+    precisions=(Precision.FP32, Precision.BF16, Precision.INT8),
+    export_variants=export_variants,
+    extra=EXTRA,
+)
