@@ -35,10 +35,10 @@ rm -f "$OUT"/gpu_check.{log,json,md} "$OUT"/train_metrics.jsonl "$OUT"/verify_*.
 if ((SMOKE)); then
     MODE=cpu-smoke DEVICE=cpu BUDGET_S=${BUDGET_S:-300} MIN_MIOU=${MIN_MIOU:-}
     TRAIN_ARGS=(--epochs 2 --batch-size 8 --image-size 32 --base-channels 4 --depth 2)
-    SWEEP_ARGS=(--sweep 4,8 --images 16 --image-size 32 --base-channels 4 --depth 2 --rounds 1)
-    BENCH_SIZES=(64 96) BENCH_BATCHES=1,2 BENCH_PROVIDERS=cpu
+    SWEEP_ARGS=(--sweep 4,8 --images 8 --image-size 32 --base-channels 4 --depth 2 --rounds 1)
+    BENCH_SIZES=(48 64) BENCH_BATCHES=1,2 BENCH_PROVIDERS=cpu
     BENCH_VARIANTS=${BENCH_VARIANTS:-eager,channels-last,cudagraphs} BENCH_DTYPES=${BENCH_DTYPES:-fp32,bf16}
-    BENCH_TIMING=(--warmup 1 --iters 3)
+    BENCH_TIMING=(--warmup 1 --iters 2)
 else
     MODE=gpu DEVICE=cuda BUDGET_S=${BUDGET_S:-480} MIN_MIOU=${MIN_MIOU:-0.95}
     TRAIN_ARGS=(--epochs "${TRAIN_EPOCHS:-20}")
@@ -91,7 +91,7 @@ main() {
 
     [[ -f $run/metrics.jsonl ]] && cp "$run/metrics.jsonl" "$OUT/train_metrics.jsonl"
     DEADLINE=$(($(date +%s) + 60)) # the summary runs even when the budget is spent
-    run_step summary 60 versions "$PY" benchmarks/gpu_check_report.py summary "$WORK" "$OUT" --mode "$MODE"
+    run_step summary 60 "" "$PY" benchmarks/gpu_check_report.py summary "$WORK" "$OUT" --mode "$MODE"
     echo
     column -t -s $'\t' "$WORK/steps.tsv" 2>/dev/null || cat "$WORK/steps.tsv"
     if ((FAILED)); then
