@@ -161,3 +161,35 @@ def odd_image(tmp_path_factory):
 
     Image.fromarray(render_sample(3, 7, 160)[0][:97, :131]).save(path)
     return path
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str, code: int = 1) -> str:
+    """Exit `code`, exactly one `error:` line on stderr (the last one), no traceback; returns that line."""
+    assert result.returncode == code, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="session")
+def one_line_error():
+    """`one_line_error(result, *fragments)`: the command failed with one `error:` line holding the fragments, no traceback."""
+    return assert_one_line_error
+
+
+@pytest.fixture(scope="session")
+def predicted_masks(tiny_data, odd_image, tmp_path_factory):
+    """`predicted_masks(model)`: {file name: mask} from `unet-edge predict MODEL` on the tiny set's validation
+    images and the odd-size image (the masks are read back from the PNGs predict writes)."""
+
+    def predict(model: Path) -> dict[str, np.ndarray]:
+        out = tmp_path_factory.mktemp("predicted")
+        result = run_cli("predict", str(model), str(tiny_data / "val" / "images"), str(odd_image), "--out", str(out), "--no-overlay")
+        assert result.returncode == 0, result.stdout + result.stderr
+        return {path.name: np.array(Image.open(path)) for path in sorted(out.glob("*_mask.png"))}
+
+    return predict
