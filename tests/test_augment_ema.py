@@ -1,0 +1,172 @@
+"""Training recipe controls: horizontal flip and scale jitter, the weight average (EMA) that validation
+measures and best.pt holds, classes assumed without a dataset.json, and evaluation independent of batching."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unet_edge.checkpoint import load_checkpoint
+from unet_edge.config import TrainConfig
+from unet_edge.data import VOC_CLASSES, scan_dataset
+from unet_edge.loaders import training_data
+from unet_edge.train import ModelEma
+
+
+def asymmetric_pair(size: int = 32):
+    """An image and mask whose left and right halves differ, so a flip is visible."""
+    from torchvision import tv_tensors
+
+    image = torch.zeros(3, size, size, dtype=torch.uint8)
+    image[:, :, : size // 4] = 200
+    mask = torch.zeros(size, size, dtype=torch.uint8)
+    mask[:, : size // 4] = 1
+    return tv_tensors.Image(image), tv_tensors.Mask(mask)
+
+
+@pytest.mark.parametrize("hflip", [0.0, 1.0])
+def test_hflip_setting_reaches_the_training_samples(tiny_data, hflip):
+    config = TrainConfig(data=str(tiny_data), image_size=48, hflip=hflip, device="cpu", cache=False)
+    dataset = training_data(config, torch.device("cpu")).train_loader.dataset
+    raw_image, raw_mask = dataset.load(0)
+    for _ in range(4):  # the crop covers the whole 48x48 image, so only the flip can change it
+        image, mask = dataset[0]
+        expected = raw_mask.flip(-1) if hflip else raw_mask
+        assert torch.equal(mask.as_subclass(torch.Tensor).long(), expected.as_subclass(torch.Tensor).long())
+        assert torch.equal(image.as_subclass(torch.Tensor), raw_image.flip(-1) if hflip else raw_image)
+
+
+def test_scale_jitter_resizes_before_the_crop_and_keeps_mask_values():
+    from unet_edge.transforms import SegmentationPresetTrain
+
+    preset = SegmentationPresetTrain(crop_size=32, hflip_prob=0.0, scale_range=(0.5, 0.5), normalize=False)
+    image, mask = preset(*asymmetric_pair(32))
+    assert image.shape == (3, 32, 32) and mask.shape == (32, 32)
+    # Halved to 16x16 (the 8-wide band of class 1 becomes 4 wide), then padded to the crop with the ignore index.
+    counts = dict(zip(*(v.tolist() for v in mask.unique(return_counts=True))))
+    assert counts == {0: 16 * 12, 1: 16 * 4, 255: 32 * 32 - 16 * 16}
+
+
+def test_scale_jitter_and_hflip_are_checked():
+    with pytest.raises(ValueError, match="hflip"):
+        TrainConfig(hflip=1.5)
+    with pytest.raises(ValueError, match="scale jitter"):
+        TrainConfig(scale_min=2.0, scale_max=1.0)
+
+
+def test_cli_rejects_a_malformed_scale_jitter(tmp_path, cli):
+    result = cli("train", "--scale-jitter", "half", "--out", str(tmp_path))
+    assert result.returncode != 0 and "expected MIN,MAX" in result.stdout + result.stderr
+
+
+def test_model_ema_follows_the_warmed_up_decay():
+    model = torch.nn.Linear(2, 1)
+    ema = ModelEma(model, decay=0.9)
+    start = ema.module.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update()  # first update: decay min(0.9, 1/10) = 0.1
+    assert torch.allclose(ema.module.weight, 0.1 * start + 0.9 * model.weight)
+    ema.update()  # second: min(0.9, 2/11)
+    d = 2 / 11
+    assert torch.allclose(ema.module.weight, d * (0.1 * start + 0.9 * model.weight) + (1 - d) * model.weight)
+    assert not ema.module.weight.requires_grad and not ema.module.training
+
+
+@pytest.mark.slow
+def test_ema_weights_are_validated_saved_and_resumed(tiny_data, tmp_path, trainer, cli, interrupted_run):
+    result = trainer(tiny_data, tmp_path, name="ema", epochs=2, ema_decay=0.9)
+    best = load_checkpoint(result.run_dir / "best.pt")
+    # best.pt's "model" is the average (what was validated), not the optimiser's last weights.
+    assert "online_model" in best and best["ema_updates"] > 0
+    assert any(not torch.equal(best["model"][k], best["online_model"][k]) for k in best["model"] if best["model"][k].is_floating_point())
+    report = tmp_path / "eval.json"
+    evaluated = cli("eval", str(result.run_dir / "best.pt"), "--device", "cpu", "--batch-size", "5", "--json", str(report))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(report.read_text())["miou"] == pytest.approx(result.best_miou, abs=1e-9)
+
+    run = interrupted_run(tiny_data, tmp_path / "resumed", epochs=3, stop_in_epoch=3, ema_decay=0.9)
+    saved = load_checkpoint(run / "last.pt")
+    assert saved["epoch"] == 2 and saved["ema_updates"] == 2 * 3  # 24 images, batches of 8
+    resumed = trainer(tiny_data, tmp_path / "resumed", name="run", epochs=3, resume=str(run / "last.pt"))
+    assert load_checkpoint(resumed.run_dir / "last.pt")["ema_updates"] == 3 * 3  # the average went on, not restarted
+
+
+def voc_copy(source: Path, root: Path) -> Path:
+    """The tiny set (labels 0..3) rewritten in the Pascal VOC layout under `root`, without dataset.json."""
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    for split in ("train", "val"):
+        ids = []
+        for image_path in sorted((source / split / "images").iterdir()):
+            Image.open(image_path).convert("RGB").save(root / "JPEGImages" / f"{image_path.stem}.jpg", quality=95)
+            shutil.copy(source / split / "labels" / image_path.name, root / "SegmentationClass" / image_path.name)
+            ids.append(image_path.stem)
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def test_voc_layout_without_dataset_json_gets_the_classes_of_its_labels(tiny_data, tmp_path):
+    scan = scan_dataset(voc_copy(tiny_data, tmp_path / "my_scenes"))
+    assert scan.info.classes == ("class_0", "class_1", "class_2", "class_3") and scan.info.ignore_index == 255
+    assert "no dataset.json" in scan.classes_note and "dataset.json" in scan.classes_note.split("write")[1]
+
+
+def test_pascal_voc_itself_keeps_the_21_voc_classes(tiny_data, tmp_path):
+    scan = scan_dataset(voc_copy(tiny_data, tmp_path / "VOCdevkit" / "VOC2012"))
+    assert scan.info.classes == VOC_CLASSES and "Pascal VOC" in scan.classes_note
+
+
+def test_a_dataset_json_is_used_without_a_note(tiny_data):
+    scan = scan_dataset(tiny_data)
+    assert scan.info.num_classes == 4 and scan.classes_note is None
+
+
+@pytest.mark.slow
+def test_cli_says_which_classes_it_assumed(tiny_data, tmp_path, cli):
+    root = voc_copy(tiny_data, tmp_path / "scenes")
+    result = cli("train", "--data", str(root), "--epochs", "1", "--image-size", "32", "--base-channels", "4", "--depth", "2",
+                 "--device", "cpu", "--out", str(tmp_path / "runs"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in (result.stdout + result.stderr).splitlines() if "no dataset.json" in line]
+    assert len(notes) == 1 and "4 classes" in notes[0]
+    assert load_checkpoint(tmp_path / "runs" / "unet" / "best.pt")["config"]["num_classes"] == 4
+
+
+def mixed_size_set(tiny_data: Path, root: Path, ignore_index) -> Path:
+    """The tiny set with val images cropped to three different sizes, and the given ignore index."""
+    shutil.copytree(tiny_data, root)
+    for index, image_path in enumerate(sorted((root / "val" / "images").iterdir())):
+        side = (48, 40, 33)[index % 3]
+        label_path = root / "val" / "labels" / image_path.name
+        Image.open(image_path).crop((0, 0, side, 48 - index)).save(image_path)
+        Image.open(label_path).crop((0, 0, side, 48 - index)).save(label_path)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["ignore_index"] = ignore_index
+    if ignore_index is None:  # without an ignore index, the 255 border band becomes background
+        for label_path in [*(root / "train" / "labels").iterdir(), *(root / "val" / "labels").iterdir()]:
+            label = np.asarray(Image.open(label_path))
+            Image.fromarray(np.where(label == 255, 0, label).astype(np.uint8)).save(label_path)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ignore_index", [255, None])
+def test_eval_is_the_same_at_any_batch_size_on_mixed_sizes(tiny_data, tmp_path, trainer, cli, ignore_index):
+    root = mixed_size_set(tiny_data, tmp_path / "mixed", ignore_index)
+    result = trainer(root, tmp_path, name="mixed", epochs=1)
+    assert load_checkpoint(result.run_dir / "best.pt")["ignore_index"] == ignore_index
+    figures = []
+    for batch_size in ("1", "4", "16"):
+        report = tmp_path / f"eval{batch_size}.json"
+        evaluated = cli("eval", str(result.run_dir / "best.pt"), "--device", "cpu", "--batch-size", batch_size, "--json", str(report))
+        assert evaluated.returncode == 0, evaluated.stderr
+        figures.append(json.loads(report.read_text())["miou"])
+    assert figures[0] == pytest.approx(figures[1], abs=1e-9) == pytest.approx(figures[2], abs=1e-9)
+    assert figures[0] == pytest.approx(result.best_miou, abs=1e-9)
