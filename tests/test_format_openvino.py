@@ -1,0 +1,101 @@
+"""OpenVINO IR: export with bf16 and int8 variants, verify, predict on odd sizes, refusal of damaged files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino", reason="OpenVINO is an optional extra: pip install 'unet-edge[openvino]'")
+
+
+@pytest.fixture(scope="module")
+def ov_dir(tiny_checkpoint, tmp_path_factory, cli):
+    out = tmp_path_factory.mktemp("exported-openvino")
+    result = cli("export", str(tiny_checkpoint), "--format", "openvino", "--precision", "bf16,int8", "--out", str(out), "--name", "tiny")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "bf16: val mIoU" in result.stdout and "int8: val mIoU" in result.stdout
+    return out / "tiny"
+
+
+def test_export_writes_three_irs_with_manifest_entries(ov_dir):
+    entries = {e["file"]: e for e in json.loads((ov_dir / "manifest.json").read_text())["artifacts"]}
+    assert set(entries) == {"model.xml", "model_bf16.xml", "model_int8.xml"}
+    hints = {"model.xml": "f32", "model_bf16.xml": "bf16", "model_int8.xml": "f32"}
+    for file, entry in entries.items():
+        assert entry["format"] == "openvino"
+        assert [c["file"] for c in entry["companions"]] == [file.replace(".xml", ".bin")]
+        assert entry["compile_config"] == {"INFERENCE_PRECISION_HINT": hints[file]}
+        assert entry["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
+        assert entry["parity"]["passed"] is True
+    assert [entries[f]["precision"] for f in sorted(entries)] == ["fp32", "bf16", "int8"]
+    for file in ("model_bf16.xml", "model_int8.xml"):
+        budget = entries[file]["quantization"]
+        assert budget["max_miou_drop"] == 0.01 and budget["validation_images"] == 6
+        assert budget["within_budget"] == (budget["miou_drop"] <= 0.01)
+    assert entries["model_int8.xml"]["quantization"]["attempts"][0]["preset"] == "performance"
+    # int8 weights take a quarter of the float32 ones (plus the quantisation parameters)
+    assert (ov_dir / "model_int8.bin").stat().st_size < 0.5 * (ov_dir / "model.bin").stat().st_size
+
+
+def test_plain_openvino_reads_metadata_and_runs_odd_sizes(ov_dir, tmp_path):
+    """What an embedding app does: OpenVINO alone, metadata from rt_info, the stored precision hint, 97 x 131."""
+    code = (
+        "import json, sys, numpy as np, openvino as ov\n"
+        "core = ov.Core()\n"
+        f"model = core.read_model({str(ov_dir / 'model.xml')!r})\n"
+        "classes = json.loads(model.get_rt_info(['unet_edge', 'classes']).astype(str))\n"
+        "hint = model.get_rt_info(['unet_edge', 'inference_precision_hint']).astype(str)\n"
+        "compiled = core.compile_model(model, 'CPU', {'INFERENCE_PRECISION_HINT': hint, 'INFERENCE_NUM_THREADS': 1})\n"
+        "out = compiled(np.zeros((2, 3, 97, 131), np.float32))[0]\n"
+        "assert 'unet_edge' not in sys.modules\n"
+        "print(len(classes), hint, out.shape)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "4 f32 (2, 4, 97, 131)"
+
+
+def test_verify_passes_every_precision(ov_dir, cli):
+    files = [str(ov_dir / f) for f in ("model.xml", "model_bf16.xml", "model_int8.xml")]
+    result = cli("verify", *files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all artifacts pass" in result.stdout
+
+
+def test_predict_masks_agree_with_the_checkpoint(ov_dir, tiny_checkpoint, predicted_masks, agreement):
+    reference = predicted_masks(tiny_checkpoint)
+    candidate = predicted_masks(ov_dir / "model.xml")
+    assert candidate.keys() == reference.keys() and len(reference) == 7
+    assert candidate["odd_mask.png"].shape == (97, 131)
+    flat = [np.concatenate([masks[name].ravel() for name in sorted(masks)]) for masks in (candidate, reference)]
+    assert agreement(*flat) >= 0.999
+
+
+def test_truncated_weights_are_refused(ov_dir, tmp_path, cli, one_line_error):
+    copy = tmp_path / "copy"
+    shutil.copytree(ov_dir, copy)
+    weights = copy / "model.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    one_line_error(cli("verify", str(copy / "model.xml")), "model.bin: sha256", "truncated")
+
+
+def test_damaged_ir_without_manifest_is_one_line(ov_dir, odd_image, tmp_path, cli, one_line_error):
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for name in ("model.xml", "model.bin"):
+        shutil.copy(ov_dir / name, loose / name)
+    xml = loose / "model.xml"
+    xml.write_text(xml.read_text()[:-200])
+    one_line_error(cli("predict", str(xml), str(odd_image), "--out", str(tmp_path / "out")), "model.xml: OpenVINO cannot load it")
+
+
+def test_missing_runtime_names_the_extra(monkeypatch):
+    from unet_edge.formats import FORMATS, Provider
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # what `import openvino` finds when it is not installed
+    assert FORMATS["openvino"].unavailable(Provider.CPU) == "openvino is not installed: pip install 'unet-edge[openvino]'"
