@@ -1,0 +1,101 @@
+"""ncnn: pnnx export, the metadata sidecar, any-size runs through plain ncnn, verify, predict, damaged files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ncnn", reason="ncnn is an optional extra: pip install 'unet-edge[ncnn]'")
+
+
+@pytest.fixture(scope="module")
+def ncnn_dir(tiny_checkpoint, tmp_path_factory, cli):
+    out = tmp_path_factory.mktemp("exported-ncnn")
+    result = cli("export", str(tiny_checkpoint), "--format", "ncnn", "--out", str(out), "--name", "tiny")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out / "tiny"
+
+
+def test_export_writes_param_bin_and_sidecar(ncnn_dir, tiny_checkpoint):
+    from unet_edge.checkpoint import load_model
+
+    assert sorted(p.name for p in ncnn_dir.iterdir()) == ["manifest.json", "model.ncnn.bin", "model.ncnn.json", "model.ncnn.param"]
+    (entry,) = json.loads((ncnn_dir / "manifest.json").read_text())["artifacts"]
+    assert entry["format"] == "ncnn" and entry["precision"] == "fp32"
+    assert [c["file"] for c in entry["companions"]] == ["model.ncnn.bin", "model.ncnn.json"]
+    assert entry["parity"]["passed"] is True and entry["parity"]["pixel_agreement"] == 1.0
+    meta = json.loads((ncnn_dir / "model.ncnn.json").read_text())
+    assert json.loads(meta["classes"]) == load_model(tiny_checkpoint).classes
+    assert (meta["input_blob"], meta["output_blob"]) == ("in0", "out0")
+    assert "pnnx." not in (ncnn_dir / "model.ncnn.param").read_text()  # only layers ncnn has
+
+
+def test_plain_ncnn_runs_odd_sizes(ncnn_dir, tmp_path):
+    """What an embedding app does: ncnn alone, one C x H x W image per extraction, at 97 x 131 and 33 x 17."""
+    code = (
+        "import sys, numpy as np, ncnn\n"
+        "net = ncnn.Net()\n"
+        "net.opt.num_threads = 1\n"
+        f"net.load_param({str(ncnn_dir / 'model.ncnn.param')!r})\n"
+        f"net.load_model({str(ncnn_dir / 'model.ncnn.bin')!r})\n"
+        "for h, w in ((97, 131), (33, 17)):\n"
+        "    ex = net.create_extractor()\n"
+        "    ex.input('in0', ncnn.Mat(np.zeros((3, h, w), np.float32)))\n"
+        "    status, out = ex.extract('out0')\n"
+        "    print(status, np.array(out).shape)\n"
+        "assert 'unet_edge' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["0 (4, 97, 131)", "0 (4, 33, 17)"]
+
+
+def test_verify_passes(ncnn_dir, cli):
+    result = cli("verify", str(ncnn_dir / "model.ncnn.param"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all artifacts pass" in result.stdout
+
+
+def test_predict_masks_agree_with_the_checkpoint(ncnn_dir, tiny_checkpoint, predicted_masks, agreement):
+    reference = predicted_masks(tiny_checkpoint)
+    candidate = predicted_masks(ncnn_dir / "model.ncnn.param")
+    assert candidate.keys() == reference.keys() and len(reference) == 7
+    assert candidate["odd_mask.png"].shape == (97, 131)
+    flat = [np.concatenate([masks[name].ravel() for name in sorted(masks)]) for masks in (candidate, reference)]
+    assert agreement(*flat) >= 0.999
+
+
+def test_tampered_weights_are_refused(ncnn_dir, tmp_path, cli, one_line_error):
+    copy = tmp_path / "copy"
+    shutil.copytree(ncnn_dir, copy)
+    weights = copy / "model.ncnn.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    one_line_error(cli("verify", str(copy / "model.ncnn.param")), "model.ncnn.bin: sha256", "modified")
+
+
+def test_loose_files_truncated_or_without_sidecar_are_one_line(ncnn_dir, odd_image, tmp_path, cli, one_line_error):
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for name in ("model.ncnn.param", "model.ncnn.bin"):
+        shutil.copy(ncnn_dir / name, loose / name)
+    param = loose / "model.ncnn.param"
+    out = str(tmp_path / "out")
+    one_line_error(cli("predict", str(param), str(odd_image), "--out", out), "model.ncnn.json is missing")
+    shutil.copy(ncnn_dir / "model.ncnn.json", loose / "model.ncnn.json")
+    weights = loose / "model.ncnn.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    one_line_error(cli("predict", str(param), str(odd_image), "--out", out), "model.ncnn.bin: ncnn cannot load the weights")
+
+
+def test_missing_runtime_names_the_extra(monkeypatch):
+    from unet_edge.formats import FORMATS, Provider
+
+    monkeypatch.setitem(sys.modules, "ncnn", None)  # what `import ncnn` finds when it is not installed
+    assert FORMATS["ncnn"].unavailable(Provider.CPU) == "ncnn is not installed: pip install 'unet-edge[ncnn]'"
