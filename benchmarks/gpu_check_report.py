@@ -87,25 +87,26 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _bench_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Measured rows with p50 latency, images/s, and the ratio of images/s against eager fp32 PyTorch
-    of the same batch, size and device."""
+def _bench_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Measured rows of all `reports` with p50 latency, images/s, and the ratio of images/s against eager
+    fp32 PyTorch of the same batch, size and device (from whichever report holds it)."""
     rows = []
-    for r in report["results"]:
-        rows.append(
-            {
-                "model": Path(r["path"]).name,
-                "backend": r["backend"],
-                "variant": r.get("variant", "eager"),
-                "provider": r["provider"],
-                "precision": r["precision"],
-                "batch": r["batch_size"],
-                "size": f"{r['height']}x{r['width']}",
-                "p50_ms": (r["latency_ms"] or {}).get("p50"),
-                "images_per_s": r["throughput_ips"],
-                "status": r["status"],
-            }
-        )
+    for report in reports:
+        for r in report["results"]:
+            rows.append(
+                {
+                    "model": Path(r["path"]).name,
+                    "backend": r["backend"],
+                    "variant": r.get("variant"),
+                    "provider": r["provider"],
+                    "precision": r["precision"],
+                    "batch": r["batch_size"],
+                    "size": f"{r['height']}x{r['width']}",
+                    "p50_ms": (r["latency_ms"] or {}).get("p50"),
+                    "images_per_s": r["throughput_ips"],
+                    "status": r["status"],
+                }
+            )
     baselines = {
         (row["provider"], row["batch"], row["size"]): row["images_per_s"]
         for row in rows
@@ -129,8 +130,8 @@ def summary(work: Path, out: Path, mode: str) -> int:
     for line in (work / "steps.tsv").read_text().splitlines():
         name, status, seconds, detail = line.split("\t")
         steps.append({"step": name, "status": status, "seconds": float(seconds), "detail": detail})
-    bench = [row for path in sorted(out.glob("bench_*.json")) for row in _bench_rows(_read_json(path))]
-    verify = {path.stem: _read_json(path) for path in sorted(out.glob("verify_*.json"))}
+    bench = _bench_rows([_read_json(path) for path in sorted(out.glob("bench_*.json"))])
+    verify = {path.stem: _read_json(path) for path in sorted(work.glob("verify_*.json"))}
     train = work / "train_check.txt"
     sweep = work / "sweep.md"
     passed = all(step["status"] != "failed" for step in steps)
@@ -167,7 +168,7 @@ def summary(work: Path, out: Path, mode: str) -> int:
             "| --- | --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- |",
         ]
         lines += [
-            f"| {r['model']} | {r['backend']} | {r['variant']} | {r['provider']} | {r['precision'] or '-'} | {_cell(r['batch'])} | "
+            f"| {r['model']} | {r['backend']} | {r['variant'] or '-'} | {r['provider']} | {r['precision'] or '-'} | {_cell(r['batch'])} | "
             f"{r['size']} | {_cell(r['p50_ms'])} | {_cell(r['images_per_s'], 1)} | {_cell(r['vs_eager_fp32'])} | {r['status']} |"
             for r in bench
         ]

@@ -22,7 +22,7 @@ def test_gpu_check_cpu_smoke_runs_every_step_and_writes_its_reports(tmp_path):
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == [
-        "bench_48.json", "bench_64.json", "gpu_check.json", "gpu_check.log", "gpu_check.md", "train_metrics.jsonl", "verify_cpu.json",
+        "bench_48.json", "bench_64.json", "gpu_check.json", "gpu_check.log", "gpu_check.md", "train_metrics.jsonl",
     ]  # fmt: skip
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["mode"] == "cpu-smoke" and report["passed"] is True
@@ -30,6 +30,7 @@ def test_gpu_check_cpu_smoke_runs_every_step_and_writes_its_reports(tmp_path):
     expected = ["install", "versions", "gpu-tests", "data", "train", "train-check", "train-sweep", "export", "verify-cpu", "bench-48", "bench-64"]
     assert all(status[name][0] == "ok" for name in expected), status
     assert status["verify-cuda"] == ("skipped", "CUDA step: --cpu-smoke verifies TorchScript on the CPU instead")
+    assert status["bench-48-compile"][0] == "skipped" and "torch.compile takes about a minute" in status["bench-48-compile"][1]
     assert report["versions"]["cuda_available"] is False
     bench = {(row["model"], row["variant"], row["precision"], row["batch"]): row for row in report["bench"]}
     assert bench[("best.pt", "channels-last", "bf16", 2)]["status"] == "ok"

@@ -105,6 +105,9 @@ class TorchBackend(Backend):
         if variant is not TorchVariant.EAGER:
             self._use_channels_last()
         if variant is TorchVariant.COMPILE:
+            # One static-shape graph per (dtype, batch, size) of the same forward: above dynamo's default limit
+            # of 8 it would fall back to eager silently and the row would measure eager under compile's name.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.module = torch.compile(self.module, dynamic=False)
         self.variant = variant
         return None
