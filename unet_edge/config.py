@@ -92,7 +92,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
     image_size: int = 64
-    hflip: float = 0.5
+    hflip: float = 0.0
     scale_min: float = 1.0
     scale_max: float = 1.0
     ema_decay: float = 0.0
@@ -125,7 +125,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Read a stored `train_config`; older checkpoints kept the model fields at the top level."""
+        """Read a stored `train_config`; older checkpoints kept the model fields at the top level and
+        flipped half of the training images without saying so."""
+        data = {"hflip": 0.5, **data}
         train_fields = {f.name for f in fields(cls)} - {"model"}
         model_fields = {f.name for f in fields(ModelConfig)}
         model = {k: v for k, v in data.items() if k in model_fields}
