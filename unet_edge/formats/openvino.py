@@ -53,7 +53,10 @@ def convert(module: Any) -> Any:
     sample = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        model = ov.convert_model(module.eval(), example_input=sample, input=[ov.PartialShape([-1, 3, -1, -1])])
+        try:
+            model = ov.convert_model(module.eval(), example_input=sample, input=[ov.PartialShape([-1, 3, -1, -1])])
+        except Exception as exc:  # the frontends raise their own error types
+            raise ArtifactError(f"OpenVINO could not convert the model ({_last_line(exc)})") from None
     model.inputs[0].get_tensor().set_names({"image"})
     model.outputs[0].get_tensor().set_names({"logits"})
     return model
