@@ -76,7 +76,7 @@ main() {
     run_step train-check 30 train "$PY" benchmarks/gpu_check_report.py train-check "$run/metrics.jsonl" \
         ${MIN_MIOU:+--min-miou "$MIN_MIOU"} --save "$WORK/train_check.txt"
     run_step train-sweep 90 versions "$PY" benchmarks/train_throughput.py "${SWEEP_ARGS[@]}" --device "$DEVICE" --readme "$WORK/sweep.md"
-    run_step export 90 train "${UE[@]}" export "$run/best.pt" --format all --out "$WORK/exported" --name check --parity-images 4
+    export_formats
     if ((SMOKE)); then
         skip verify-cuda "CUDA step: --cpu-smoke verifies TorchScript on the CPU instead"
         run_step verify-cpu 60 export "${UE[@]}" verify "$export_dir/model.ts" "$export_dir/model.onnx" --provider cpu \
@@ -106,9 +106,34 @@ main() {
     echo "gpu check ($MODE): all steps passed; results in $OUT"
 }
 
-# bench_step NAME CAP_S SIZE VARIANTS: `unet-edge bench` of the export at SIZE², JSON to OUT/NAME.json.
+# `export --format all` where every registered format's runtime is installed; elsewhere (the GPU machine has
+# no OpenVINO or ncnn) each format that can be written, into the same folder, and the others skipped with why.
+export_formats() {
+    local name reason all=1 ok=1
+    local -a formats=()
+    mapfile -t formats < <("$PY" -c 'from unet_edge.formats import FORMATS, Provider
+for name, fmt in FORMATS.items(): print(name, fmt.unavailable(Provider.CPU) or str(), sep="\t")' 2>/dev/null || true)
+    for name in "${formats[@]}"; do [[ -z ${name#*$'\t'} ]] || all=0; done
+    if ((all)); then
+        run_step export 120 train "${UE[@]}" export "$run/best.pt" --format all --out "$WORK/exported" --name check --parity-images 4
+        return 0
+    fi
+    for name in "${formats[@]}"; do
+        reason=${name#*$'\t'} name=${name%%$'\t'*}
+        if [[ -n $reason ]]; then
+            skip "export-$name" "$reason"
+            continue
+        fi
+        run_step "export-$name" 90 train "${UE[@]}" export "$run/best.pt" --format "$name" --out "$WORK/exported" --name check --parity-images 4
+        [[ ${STATUS[export-$name]} == ok ]] || ok=0
+    done
+    STATUS[export]=$( ((ok)) && [[ -f $WORK/exported/check/model.onnx && -f $WORK/exported/check/model.ts ]] && echo ok || echo failed)
+}
+
+# bench_step NAME CAP_S SIZE VARIANTS: `unet-edge bench` of the checkpoint, model.onnx and model.ts at SIZE², JSON to OUT/NAME.json.
 bench_step() {
-    run_step "$1" "$2" export "${UE[@]}" bench --exported "$WORK/exported" --providers "$BENCH_PROVIDERS" --batch-sizes "$BENCH_BATCHES" \
+    run_step "$1" "$2" export "${UE[@]}" bench "$export_dir/model.onnx" "$export_dir/model.ts" --checkpoint "$run/best.pt" \
+        --providers "$BENCH_PROVIDERS" --batch-sizes "$BENCH_BATCHES" \
         --image-size "$3" --torch-variants "$4" --dtypes "$BENCH_DTYPES" "${BENCH_TIMING[@]}" --json "$OUT/${1//-/_}.json"
 }
 
