@@ -102,7 +102,10 @@ class TorchBackend(Backend):
         self.dtype = {TorchDtype.FP32: torch.float32, TorchDtype.BF16: torch.bfloat16, TorchDtype.FP16: torch.float16}[dtype]
         self.module = self.module.to(self.dtype)
         self.precision = dtype.value
-        if variant is not TorchVariant.EAGER:
+        if variant is TorchVariant.EAGER:  # plain NCHW, whatever layout the backend was opened with
+            self.module = self.module.to(memory_format=torch.contiguous_format)
+            self.channels_last = False
+        else:
             self._use_channels_last()
         if variant is TorchVariant.COMPILE:
             # One static-shape graph per (dtype, batch, size) of the same forward: above dynamo's default limit
