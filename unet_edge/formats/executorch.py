@@ -1,0 +1,203 @@
+"""ExecuTorch program (model.pte): torch.export with bounded dynamic shapes, lowered to the XNNPACK backend.
+
+Batch 1..8 and any height and width from 2 to 1024 run (`Dim.DYNAMIC` bounds: named dims fail on the
+model's pad/crop arithmetic). ExecuTorch plans its memory for the upper bounds and does not refuse larger
+inputs itself, so the backend does. Metadata is a constant method of the program (`unet_edge_metadata`,
+a JSON string). model_int8.pte is quantised with the XNNPACK quantizer (pt2e flow: per-channel int8
+weights, int8 activations calibrated on training images) and held to the mIoU budget.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifact import ExportedArtifact, artifact_metadata, io_spec
+from ..errors import ArtifactError
+from ..io import atomic_path
+from .base import Backend, ExportRequest, Format, Precision, Provider, backend_fields, default_threads, import_runtime, needs_runtime
+
+__all__ = ["FORMAT", "ExecuTorchBackend", "export", "export_variants", "open_model"]
+
+EXECUTORCH_FILE = "model.pte"
+INT8_EXECUTORCH_FILE = "model_int8.pte"
+EXTRA = "executorch"
+METADATA_METHOD = "unet_edge_metadata"
+MAX_BATCH = 8
+MIN_SIDE, MAX_SIDE = 2, 1024
+SIZE_CONTRACT = {"batch": [1, MAX_BATCH], "height": [MIN_SIDE, MAX_SIDE], "width": [MIN_SIDE, MAX_SIDE]}
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+
+
+def _exported(module: Any) -> Any:
+    """torch.export of `module` with dynamic batch, height and width within the size contract."""
+    import torch
+
+    dims = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
+    dims.update({axis: torch.export.Dim.DYNAMIC(min=MIN_SIDE, max=MAX_SIDE) for axis in (2, 3)})
+    sample = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))  # batch 2: a 1 would be specialised
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(module, (sample,), dynamic_shapes={"x": dims})
+
+
+def _write_program(program: Any, path: Path, metadata: dict[str, str]) -> None:
+    """Lower an exported program to XNNPACK and write the .pte atomically, metadata as a constant method."""
+    import_runtime("executorch", EXTRA)
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    try:
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods={METADATA_METHOD: json.dumps(metadata)})
+        buffer = lowered.to_executorch().buffer
+    except Exception as exc:  # the lowering passes raise many error types
+        raise ArtifactError(f"{path}: ExecuTorch could not lower the model to XNNPACK ({_first_line(exc)})") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as staged:
+        Path(staged).write_bytes(buffer)
+
+
+def _source(request: ExportRequest) -> Any:
+    return (request.folded_model if request.folded_model is not None else request.loaded.model).eval()
+
+
+def _artifact(request: ExportRequest, file: str, precision: Precision, extra: dict[str, Any]) -> ExportedArtifact:
+    inputs, outputs = io_spec(len(request.loaded.classes))
+    info = {"batchnorm_folded": request.folded_model is not None, "size_contract": SIZE_CONTRACT, "delegate": "XNNPACK"}
+    return ExportedArtifact(file, "executorch", precision.value, request.folder / file, inputs, outputs, None, {**info, **extra})
+
+
+def export(request: ExportRequest) -> list[ExportedArtifact]:
+    """model.pte: float32, XNNPACK-delegated, batch 1..8, any H x W from 2 to 1024."""
+    if request.progress:
+        request.progress("exporting to ExecuTorch (torch.export, XNNPACK)")
+    try:
+        program = _exported(_source(request))
+    except Exception as exc:  # torch.export raises many error types
+        raise ArtifactError(f"{request.loaded.path}: torch.export failed for ExecuTorch ({_first_line(exc)})") from None
+    _write_program(program, request.folder / EXECUTORCH_FILE, artifact_metadata(request.loaded, Precision.FP32.value))
+    return [_artifact(request, EXECUTORCH_FILE, Precision.FP32, {})]
+
+
+def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
+    """model_int8.pte: XNNPACK quantizer (pt2e), calibrated on training images, checked against the mIoU budget."""
+    import torch
+
+    from ..parity import load_eval_images
+    from ..quantize import budget_evaluator
+
+    loaded = request.loaded
+    if request.data_root is None:
+        raise ArtifactError(f"{loaded.path}: int8 needs a dataset to calibrate on and to check the mIoU budget")
+    import_runtime("executorch", EXTRA)
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    calib_root = Path(request.calib_data) if request.calib_data else request.data_root
+    calibration = load_eval_images(calib_root, loaded.mean, loaded.std, split="train", num_images=request.calib_images).normalised
+    if request.progress:
+        request.progress(f"quantising to int8 with the XNNPACK quantizer ({len(calibration)} training images)")
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(_exported(_source(request)).module(), quantizer)
+    with torch.no_grad():
+        for image in calibration:
+            prepared(torch.from_numpy(image)[None])
+    path = request.folder / INT8_EXECUTORCH_FILE
+    _write_program(_exported(convert_pt2e(prepared)), path, artifact_metadata(loaded, Precision.INT8.value))
+    evaluate, validation_images = budget_evaluator(request, request.data_root)
+    miou, reference = evaluate(path)
+    quantization = {
+        "precision": Precision.INT8.value,
+        "tool": "ExecuTorch XNNPACKQuantizer (torchao pt2e prepare/convert)",
+        "weights": "int8, per channel, symmetric",
+        "activations": "int8, per tensor",
+        "calibration": {"images": len(calibration), "data": str(calib_root), "split": "train"},
+        "max_miou_drop": request.max_miou_drop,
+        "miou_drop": reference - miou,
+        "miou_int8": miou,
+        "miou_reference": reference,
+        "validation_images": validation_images,
+        "within_budget": reference - miou <= request.max_miou_drop + 1e-12,
+    }
+    return [_artifact(request, INT8_EXECUTORCH_FILE, Precision.INT8, {"quantization": quantization})]
+
+
+class ExecuTorchBackend(Backend):
+    """The program's `forward` method on the ExecuTorch runtime (XNNPACK delegate on the CPU)."""
+
+    def __init__(self, method: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.method = method
+
+    def _inputs(self, images: np.ndarray) -> tuple[Any]:
+        import torch
+
+        batch, _, height, width = images.shape
+        if not (batch <= MAX_BATCH and MIN_SIDE <= height <= MAX_SIDE and MIN_SIDE <= width <= MAX_SIDE):
+            raise ArtifactError(
+                f"{self.path}: a batch of {batch} {height}x{width} images is outside the program's bounds "
+                f"(batch <= {MAX_BATCH}, height and width {MIN_SIDE}..{MAX_SIDE})"
+            )
+        return (torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),)
+
+    def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        return self.method.execute(self._inputs(images))[0].numpy()
+
+    def device_runner(self, images: np.ndarray) -> Callable[[], None]:
+        inputs = self._inputs(images)
+        return lambda: self.method.execute(inputs)
+
+    def close(self) -> None:
+        del self.method
+
+
+def _set_threads(threads: int) -> None:
+    """XNNPACK's thread pool is one per process and must be sized before a method is loaded (resizing it
+    under a loaded method hangs that method), so it is only resized when it has the wrong size."""
+    from executorch.extension.pybindings import portable_lib
+
+    if portable_lib._threadpool_get_thread_count() != threads:
+        portable_lib._unsafe_reset_threadpool(threads)
+
+
+def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[str, Any] | None) -> Backend:
+    """Load the program, read its metadata method and load `forward` with `threads` XNNPACK threads."""
+    import_runtime("executorch", EXTRA)
+    from executorch.runtime import Runtime
+
+    device = FORMAT.runtime_provider(path, provider)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _set_threads(threads or default_threads())
+        try:
+            program = Runtime.get().load_program(path)
+            if METADATA_METHOD not in program.method_names:
+                raise ArtifactError(f"{path}: not a unet-edge ExecuTorch program (no {METADATA_METHOD} method)")
+            meta = json.loads(program.load_method(METADATA_METHOD).execute(())[0])
+            method = program.load_method("forward")
+        except (RuntimeError, ValueError) as exc:
+            raise ArtifactError(f"{path}: ExecuTorch cannot load it ({_first_line(exc)})") from None
+    return ExecuTorchBackend(method, **backend_fields(FORMAT.runtime, device, path, meta, entry))
+
+
+FORMAT = Format(
+    name="executorch",
+    runtime="executorch",
+    suffixes=(".pte",),
+    file=EXECUTORCH_FILE,
+    export=export,
+    open=open_model,
+    providers={Provider.CPU: "xnnpack"},
+    unavailable=needs_runtime("executorch", EXTRA),
+    precisions=(Precision.FP32, Precision.INT8),
+    export_variants=export_variants,
+    extra=EXTRA,
+)
