@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from unet_edge.formats import FORMATS, CalibMethod, ExportFormat, Precision
+from unet_edge.formats import CalibMethod, ExportFormat, Precision
 
 from .common import RunsOption, comma_separated, console, err_console, handle_errors
 from .verify import parity_table
@@ -29,7 +29,7 @@ def int8_summary(info: dict[str, Any]) -> str:
 @handle_errors
 def export(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint (default: the newest runs/*/best.pt).")] = None,
-    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="Format to write, or all of them.")] = ExportFormat("all"),
+    format: Annotated[ExportFormat, typer.Option("--format", "-f", help="Format to write, or all (every format whose runtime is installed; the others are named as skipped).")] = ExportFormat("all"),
     out: Annotated[Path, typer.Option(help="Parent folder of export folders.")] = Path("exported"),
     name: Annotated[Optional[str], typer.Option(help="Export folder name (default: the run's folder name).")] = None,
     opset: Annotated[int, typer.Option(min=17, help="ONNX opset.")] = 18,
@@ -56,7 +56,7 @@ def export(
         checkpoint=checkpoint,
         out=out,
         name=name,
-        formats=tuple(FORMATS) if format.value == "all" else (format.value,),
+        formats=None if format.value == "all" else (format.value,),
         precisions=precision,
         opset=opset,
         end_to_end=end_to_end,
@@ -73,6 +73,8 @@ def export(
     )
     with err_console.status("exporting") as status:
         result = run_export(options, progress=status.update)
+    for name, why in result.skipped.items():
+        console.print(f"skipped {name}: {why}")
     for info in result.quantization:
         console.print(int8_summary(info))
     for artifact in result.artifacts:

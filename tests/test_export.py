@@ -226,3 +226,21 @@ def test_manifest_checks_companion_files_of_an_artifact(tiny_checkpoint, tmp_pat
     weights.unlink()
     with pytest.raises(ArtifactError, match=r"model\.weights: listed in manifest\.json but missing"):
         check_manifest_sha256(graph)
+
+
+def test_all_exports_the_installed_formats_and_names_the_others(tiny_checkpoint, tmp_path, monkeypatch):
+    """`--format all` on an install without an edge extra writes every format whose runtime is there and says
+    which were left out and the extra that brings each, instead of failing on the first missing runtime."""
+    import dataclasses
+
+    from unet_edge.export import ExportOptions, run_export
+
+    missing = [name for name in FORMATS if name not in ("onnx", "torchscript")]
+    for name in missing:
+        reason = f"{name} is not installed: pip install 'unet-edge[{name}]'"
+        monkeypatch.setitem(FORMATS, name, dataclasses.replace(FORMATS[name], unavailable=lambda provider, why=reason: why))
+    result = run_export(ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, name="core", parity_images=0))
+    assert sorted(a.format for a in result.artifacts) == ["onnx", "torchscript"]
+    assert result.skipped == {name: f"{name} is not installed: pip install 'unet-edge[{name}]'" for name in missing}
+    manifest = json.loads((tmp_path / "core" / "manifest.json").read_text())
+    assert sorted(entry["file"] for entry in manifest["artifacts"]) == ["model.onnx", "model.ts"]

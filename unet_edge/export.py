@@ -15,7 +15,7 @@ from typing import Any
 
 from .artifact import ExportedArtifact, find_latest_export, write_manifest
 from .errors import ArtifactError, UNetEdgeError
-from .formats import FORMATS, CalibMethod, ExportRequest, Precision
+from .formats import FORMATS, CalibMethod, ExportRequest, Precision, Provider
 
 __all__ = ["ExportOptions", "ExportResult", "find_latest_export", "run_export"]
 
@@ -27,7 +27,7 @@ class ExportOptions:
     checkpoint: Path | None = None  # default: the newest runs_dir/*/best.pt
     out: Path = Path("exported")
     name: str | None = None  # export folder name; default: the run's folder name
-    formats: tuple[str, ...] = tuple(FORMATS)
+    formats: tuple[str, ...] | None = None  # None: every registered format whose runtime is installed
     precisions: tuple[Precision, ...] = (Precision.FP32,)  # fp32 is always written; others where a format has them
     opset: int = 18
     end_to_end: bool = False
@@ -53,6 +53,7 @@ class ExportResult:
     artifacts: list[ExportedArtifact]
     parity: dict[str, Any] | None = None
     quantization: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # format -> why it was left out of "all"
 
     @property
     def passed(self) -> bool:
@@ -82,6 +83,10 @@ def run_export(options: ExportOptions, progress: Callable[[str], None] | None = 
     from .parity import verify
 
     say = progress or (lambda message: None)
+    skipped: dict[str, str] = {}
+    if options.formats is None:
+        skipped = {name: why for name, fmt in FORMATS.items() if (why := fmt.unavailable(Provider.CPU)) is not None}
+        options = replace(options, formats=tuple(name for name in FORMATS if name not in skipped))
     _check_options(options)
     source = Path(options.checkpoint) if options.checkpoint is not None else find_latest_checkpoint(options.runs_dir)
     loaded = load_model(source)
@@ -130,4 +135,4 @@ def run_export(options: ExportOptions, progress: Callable[[str], None] | None = 
     results = {Path(r["path"]).name: {k: v for k, v in r.items() if k != "path"} for r in (parity or {}).get("artifacts", [])}
     manifest = write_manifest(folder, loaded, artifacts, results)
     quantization = [a.extra["quantization"] for a in artifacts if a.extra and "quantization" in a.extra]
-    return ExportResult(source, folder, manifest, artifacts, parity, quantization)
+    return ExportResult(source, folder, manifest, artifacts, parity, quantization, skipped)
