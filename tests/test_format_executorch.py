@@ -1,0 +1,112 @@
+"""ExecuTorch: model.pte with bounded dynamic shapes, metadata method, plain-runtime runs on odd sizes, int8 budget,
+verify, predict, damaged files, the bounds and the missing extra."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("executorch", reason="ExecuTorch is an optional extra: pip install 'unet-edge[executorch]'")
+
+
+@pytest.fixture(scope="module")
+def pte_dir(tiny_checkpoint, tmp_path_factory, cli):
+    out = tmp_path_factory.mktemp("exported-executorch")
+    result = cli("export", str(tiny_checkpoint), "--format", "executorch", "--precision", "int8", "--out", str(out), "--name", "tiny")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out / "tiny"
+
+
+def test_export_writes_fp32_and_int8_programs_with_metadata(pte_dir):
+    manifest = json.loads((pte_dir / "manifest.json").read_text())
+    entries = {e["file"]: e for e in manifest["artifacts"]}
+    assert sorted(entries) == ["model.pte", "model_int8.pte"]
+    assert entries["model.pte"]["size_contract"] == {"batch": [1, 8], "height": [2, 1024], "width": [2, 1024]}
+    assert entries["model.pte"]["parity"]["pixel_agreement"] == 1.0
+    quantization = entries["model_int8.pte"]["quantization"]
+    assert quantization["within_budget"] and quantization["miou_drop"] <= quantization["max_miou_drop"]
+    assert entries["model_int8.pte"]["parity"]["passed"] is True
+    assert entries["model_int8.pte"]["parity"]["max_abs_diff"] > 1e-3  # really quantised, not the float program again
+
+
+def test_plain_executorch_runs_odd_sizes_and_reads_metadata(pte_dir, tiny_checkpoint, tmp_path):
+    """What an embedding app does: the ExecuTorch runtime alone, on a batch of two 97 x 131 images and a 33 x 17 one."""
+    import torch
+
+    from unet_edge.checkpoint import load_model
+
+    code = (
+        "import json, sys, torch\n"
+        "from executorch.runtime import Runtime\n"
+        f"program = Runtime.get().load_program({str(pte_dir / 'model.pte')!r})\n"
+        "meta = json.loads(program.load_method('unet_edge_metadata').execute(())[0])\n"
+        "forward = program.load_method('forward')\n"
+        "torch.manual_seed(0)\n"
+        "for shape in ((2, 3, 97, 131), (1, 3, 33, 17)):\n"
+        "    x = torch.randn(*shape)\n"
+        "    torch.save((x, forward.execute((x,))[0]), f'{shape[2]}.pt')\n"
+        "print(meta['classes'])\n"
+        "assert 'unet_edge' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    loaded = load_model(tiny_checkpoint)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == loaded.classes
+    for height in (97, 33):
+        x, logits = torch.load(tmp_path / f"{height}.pt")
+        with torch.no_grad():
+            expected = loaded.model(x)
+        assert logits.shape == expected.shape
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_verify_passes(pte_dir, cli):
+    result = cli("verify", str(pte_dir / "model.pte"), str(pte_dir / "model_int8.pte"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all artifacts pass" in result.stdout
+
+
+def test_predict_masks_agree_with_the_checkpoint(pte_dir, tiny_checkpoint, predicted_masks, agreement):
+    reference = predicted_masks(tiny_checkpoint)
+    candidate = predicted_masks(pte_dir / "model.pte")
+    assert candidate.keys() == reference.keys() and candidate["odd_mask.png"].shape == (97, 131)
+    flat = [np.concatenate([masks[name].ravel() for name in sorted(masks)]) for masks in (candidate, reference)]
+    assert agreement(*flat) >= 0.999
+
+
+def test_inputs_beyond_the_bounds_are_refused(pte_dir):
+    from unet_edge.backends import open_backend
+    from unet_edge.errors import ArtifactError
+
+    backend = open_backend(pte_dir / "model.pte")
+    with pytest.raises(ArtifactError, match="outside the program's bounds"):
+        backend.predict_logits(np.zeros((1, 3, 1025, 8), np.float32))
+    with pytest.raises(ArtifactError, match="outside the program's bounds"):
+        backend.predict_logits(np.zeros((9, 3, 16, 16), np.float32))
+
+
+def test_tampered_and_truncated_programs_are_refused(pte_dir, odd_image, tmp_path, cli, one_line_error):
+    copy = tmp_path / "copy"
+    shutil.copytree(pte_dir, copy)
+    program = copy / "model.pte"
+    data = bytearray(program.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    program.write_bytes(bytes(data))
+    one_line_error(cli("verify", str(program)), "model.pte: sha256", "modified")
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    truncated = loose / "model.pte"
+    truncated.write_bytes((pte_dir / "model.pte").read_bytes()[:4096])
+    one_line_error(cli("predict", str(truncated), str(odd_image), "--out", str(tmp_path / "out")), "model.pte: ExecuTorch cannot load it")
+
+
+def test_missing_runtime_names_the_extra(monkeypatch):
+    from unet_edge.formats import FORMATS, Provider
+
+    monkeypatch.setitem(sys.modules, "executorch", None)  # what `import executorch` finds when it is not installed
+    assert FORMATS["executorch"].unavailable(Provider.CPU) == "executorch is not installed: pip install 'unet-edge[executorch]'"
