@@ -11,7 +11,7 @@ from rich.table import Table
 from unet_edge.formats import Provider
 from unet_edge.formats.torchscript import TorchDtype, TorchVariant
 
-from .common import ExportedOption, JsonOption, comma_separated, console, fmt, handle_errors, progress_bar, write_json
+from .common import ExportedOption, JsonOption, comma_separated, console, fmt, handle_errors, parse_size, progress_bar, write_json
 
 
 def _int_list(text: str, name: str) -> tuple[int, ...]:
@@ -22,17 +22,6 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise typer.BadParameter(f"expected positive integers, got {text!r}", param_hint=name)
     return values
-
-
-def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise typer.BadParameter(f"expected S or HxW, got {text!r}", param_hint="--image-size") from None
-    if len(values) not in (1, 2) or min(values) < 1:
-        raise typer.BadParameter(f"expected S or HxW, got {text!r}", param_hint="--image-size")
-    return (values[0], values[-1])
 
 
 def bench_table(report: dict[str, Any]) -> Table:
@@ -106,7 +95,7 @@ def bench(
 
     for target in (json_path, markdown, plot):
         check_writable(target)
-    height, width = _size(image_size)
+    height, width = parse_size(image_size)
     spec = BenchSpec(
         batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
         height=height,

@@ -41,6 +41,18 @@ RunsOption = Annotated[Path, typer.Option("--runs", help="Folder holding trainin
 ExportedOption = Annotated[Path, typer.Option("--exported", help="Folder of export folders (to find the newest).")]
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """`--image-size` as S or HxW -> (height, width)."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise typer.BadParameter(f"expected S or HxW, got {text!r}", param_hint="--image-size") from None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise typer.BadParameter(f"expected S or HxW, got {text!r}", param_hint="--image-size")
+    return (values[0], values[-1])
+
+
 def comma_separated(enum: type[Enum], *names: str, help: str) -> Any:
     """A typer.Option taking comma-separated values of a str Enum ("fp16,int8"): each is checked, the choices
     are listed in --help, and the command gets a tuple of Enum members (duplicates dropped, order kept)."""

@@ -9,7 +9,7 @@ import typer
 
 from unet_edge.formats import CalibMethod, ExportFormat, Precision
 
-from .common import RunsOption, comma_separated, console, err_console, handle_errors
+from .common import RunsOption, comma_separated, parse_size, console, err_console, handle_errors
 from .verify import parity_table
 
 
@@ -44,6 +44,7 @@ def export(
     calib_images: Annotated[int, typer.Option(min=1, help="Training images used to calibrate int8.")] = 32,
     calib_method: Annotated[CalibMethod, typer.Option(help="int8 activation-range calibration.")] = CalibMethod.MINMAX,
     max_miou_drop: Annotated[float, typer.Option(min=0.0, help="int8 accuracy budget: largest allowed val mIoU drop against the checkpoint.")] = 0.01,
+    image_size: Annotated[Optional[str], typer.Option(help="S or HxW: the fixed input size of formats that need one (LiteRT; default 256). Other image sizes are padded or tiled to it.")] = None,
     runs: RunsOption = Path("runs"),
 ) -> None:
     """Export a checkpoint to ONNX and/or TorchScript, write manifest.json and check parity on validation images."""
@@ -69,6 +70,7 @@ def export(
         calib_method=calib_method,
         max_miou_drop=max_miou_drop,
         parity_images=parity_images,
+        image_size=parse_size(image_size) if image_size else None,
         runs_dir=runs,
     )
     with err_console.status("exporting") as status:

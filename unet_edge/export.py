@@ -40,6 +40,7 @@ class ExportOptions:
     calib_method: CalibMethod = CalibMethod.MINMAX
     max_miou_drop: float = 0.01
     parity_images: int = 8  # 0: skip the parity check
+    image_size: tuple[int, int] | None = None  # H x W of fixed-size formats (LiteRT); None: their default
     runs_dir: Path = Path("runs")
 
 
@@ -114,6 +115,7 @@ def run_export(options: ExportOptions, progress: Callable[[str], None] | None = 
         calib_images=options.calib_images,
         calib_method=options.calib_method,
         max_miou_drop=options.max_miou_drop,
+        image_size=options.image_size,
         progress=say,
     )
     artifacts: list[ExportedArtifact] = []

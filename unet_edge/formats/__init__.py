@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path
 
-from . import executorch, ncnn, onnx, openvino, torchscript
+from . import executorch, litert, ncnn, onnx, openvino, torchscript
 from .base import Backend, CalibMethod, ExportRequest, Format, Precision, Provider, default_threads, preprocess
 
 __all__ = [
@@ -27,7 +27,7 @@ __all__ = [
     "preprocess",
 ]
 
-FORMATS: dict[str, Format] = {f.name: f for f in (onnx.FORMAT, torchscript.FORMAT, openvino.FORMAT, ncnn.FORMAT, executorch.FORMAT)}
+FORMATS: dict[str, Format] = {f.name: f for f in (onnx.FORMAT, torchscript.FORMAT, openvino.FORMAT, ncnn.FORMAT, executorch.FORMAT, litert.FORMAT)}
 
 # `--format` choices: every registered format, or all of them.
 ExportFormat = Enum("ExportFormat", {**{name.upper(): name for name in FORMATS}, "ALL": "all"}, type=str)  # type: ignore[misc]
