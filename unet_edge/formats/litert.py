@@ -5,7 +5,8 @@ in. So the model is exported at one size, 1 x 3 x H x W NCHW float32 (`--image-s
 other images follow one rule: an image smaller than H x W is zero-padded (in normalised space, as the model
 pads) at the bottom/right, a larger one is cut into overlapping H x W tiles, each pixel taken from the tile
 whose centre is nearest (at least a quarter tile from any inner tile edge); the mask comes back at the
-image's own size. Metadata sits in the sidecar model.json. model_int8.tflite is litert_torch's PT2E
+image's own size. The rule is approximate (pad and tile borders see zeros where the checkpoint sees image), so
+export at the size the images have: verify on images of another size reports the agreement it costs. Metadata sits in the sidecar model.json. model_int8.tflite is litert_torch's PT2E
 static quantisation (int8 weights per channel, int8 activations, int8 input and output with the scale and
 zero point in the tensor details), calibrated on training images and held to the mIoU budget.
 """
