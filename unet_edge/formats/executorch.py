@@ -159,30 +159,39 @@ class ExecuTorchBackend(Backend):
         del self.method
 
 
-def _set_threads(threads: int) -> None:
-    """XNNPACK's thread pool is one per process and must be sized before a method is loaded (resizing it
-    under a loaded method hangs that method), so it is only resized when it has the wrong size."""
+_loaded_methods = 0
+
+
+def _set_threads(threads: int, path: Path) -> None:
+    """XNNPACK's thread pool is one per process and must be sized before a method is loaded: resizing it
+    under a loaded method hangs that method, so once one is loaded another thread count is refused."""
     from executorch.extension.pybindings import portable_lib
 
-    if portable_lib._threadpool_get_thread_count() != threads:
-        portable_lib._unsafe_reset_threadpool(threads)
+    current = portable_lib._threadpool_get_thread_count()
+    if current == threads:
+        return
+    if _loaded_methods:
+        raise ArtifactError(f"{path}: ExecuTorch already runs with {current} threads in this process; it cannot change to {threads}")
+    portable_lib._unsafe_reset_threadpool(threads)
 
 
 def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[str, Any] | None) -> Backend:
     """Load the program, read its metadata method and load `forward` with `threads` XNNPACK threads."""
+    global _loaded_methods
     import_runtime("executorch", EXTRA)
     from executorch.runtime import Runtime
 
     device = FORMAT.runtime_provider(path, provider)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _set_threads(threads or default_threads())
+        _set_threads(threads or default_threads(), path)
         try:
             program = Runtime.get().load_program(path)
             if METADATA_METHOD not in program.method_names:
                 raise ArtifactError(f"{path}: not a unet-edge ExecuTorch program (no {METADATA_METHOD} method)")
             meta = json.loads(program.load_method(METADATA_METHOD).execute(())[0])
             method = program.load_method("forward")
+            _loaded_methods += 1
         except (RuntimeError, ValueError) as exc:
             raise ArtifactError(f"{path}: ExecuTorch cannot load it ({_first_line(exc)})") from None
     return ExecuTorchBackend(method, **backend_fields(FORMAT.runtime, device, path, meta, entry))
