@@ -44,7 +44,7 @@ def export(
     calib_images: Annotated[int, typer.Option(min=1, help="Training images used to calibrate int8.")] = 32,
     calib_method: Annotated[CalibMethod, typer.Option(help="int8 activation-range calibration.")] = CalibMethod.MINMAX,
     max_miou_drop: Annotated[float, typer.Option(min=0.0, help="int8 accuracy budget: largest allowed val mIoU drop against the checkpoint.")] = 0.01,
-    image_size: Annotated[Optional[str], typer.Option(help="S or HxW: the fixed input size of formats that need one (LiteRT; default 256). Other image sizes are padded or tiled to it.")] = None,
+    image_size: Annotated[Optional[str], typer.Option(help="S or HxW: the fixed input size of formats that need one (LiteRT; default: the checkpoint's training crop size, else 256). Other image sizes are padded or tiled to it.")] = None,
     runs: RunsOption = Path("runs"),
 ) -> None:
     """Export a checkpoint to ONNX and/or TorchScript, write manifest.json and check parity on validation images."""

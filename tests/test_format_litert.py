@@ -116,3 +116,16 @@ def test_missing_runtime_names_the_extra(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # what the import finds when it is not installed
     assert FORMATS["litert"].unavailable(Provider.CPU) == "ai_edge_litert is not installed: pip install 'unet-edge[litert]'"
+
+
+def test_export_size_defaults_to_the_training_crop_size(tiny_checkpoint, tmp_path, cli):
+    """Without --image-size the fixed size is the one the model was trained at, so a checkpoint's own
+    validation images run unpadded and untiled (a 256 default failed parity on 64 x 64 data)."""
+    from unet_edge.checkpoint import load_checkpoint
+
+    crop = load_checkpoint(tiny_checkpoint)["train_config"]["image_size"]
+    result = cli("export", str(tiny_checkpoint), "--format", "litert", "--out", str(tmp_path), "--name", "crop")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (entry,) = json.loads((tmp_path / "crop" / "manifest.json").read_text())["artifacts"]
+    assert crop != 256 and entry["size_contract"]["fixed"] == [crop, crop]
+    assert entry["parity"]["pixel_agreement"] >= 0.999

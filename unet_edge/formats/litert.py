@@ -1,7 +1,7 @@
 """LiteRT (TFLite) flatbuffer (model.tflite): converted with litert_torch, run with the ai_edge_litert Interpreter.
 
 The converter cannot keep height and width (or batch) dynamic: the model's pad lowers with the shape baked
-in. So the model is exported at one size, 1 x 3 x H x W NCHW float32 (`--image-size`, default 256), and
+in. So the model is exported at one size, 1 x 3 x H x W NCHW float32 (`--image-size`, default: the training crop size), and
 other images follow one rule: an image smaller than H x W is zero-padded (in normalised space, as the model
 pads) at the bottom/right, a larger one is cut into overlapping H x W tiles, each pixel taken from the tile
 whose centre is nearest (at least a quarter tile from any inner tile edge); the mask comes back at the
@@ -64,7 +64,11 @@ def _padded(tile: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _export_size(request: ExportRequest) -> tuple[int, int]:
-    return tuple(request.image_size) if request.image_size else DEFAULT_SIZE  # type: ignore[return-value]
+    """--image-size, else the checkpoint's training crop size (the size its images have), else DEFAULT_SIZE."""
+    if request.image_size:
+        return tuple(request.image_size)  # type: ignore[return-value]
+    trained = (request.loaded.state.get("train_config") or {}).get("image_size")
+    return (int(trained), int(trained)) if trained else DEFAULT_SIZE
 
 
 def _source(request: ExportRequest) -> Any:
