@@ -288,6 +288,23 @@ def stamp_precision(source: Path, target: Path, loaded: Any, precision: Precisio
     return target
 
 
+def budget_record(request: ExportRequest, path: Path, precision: str, **details: Any) -> dict[str, Any]:
+    """The manifest's quantization record of one reduced-precision file: its val mIoU drop against the
+    checkpoint and the budget, beside `details` (tool, weights, activations, calibration, ...)."""
+    evaluate, validation_images = budget_evaluator(request, request.data_root)
+    miou, reference = evaluate(path)
+    return {
+        "precision": precision,
+        **details,
+        "max_miou_drop": request.max_miou_drop,
+        "miou_drop": reference - miou,
+        f"miou_{precision}": miou,
+        "miou_reference": reference,
+        "validation_images": validation_images,
+        "within_budget": reference - miou <= request.max_miou_drop + 1e-12,
+    }
+
+
 def budget_evaluator(request: ExportRequest, data_root: Path) -> tuple[Callable[[Path], tuple[float, float]], int]:
     """(evaluate, number of validation images): evaluate(path) -> (the model file's val mIoU, the checkpoint's),
     on every validation image of `data_root`; any format `open_backend` knows can be evaluated."""

@@ -92,7 +92,7 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
     import torch
 
     from ..parity import load_eval_images
-    from ..quantize import budget_evaluator
+    from ..quantize import budget_record
 
     loaded = request.loaded
     if request.data_root is None:
@@ -112,21 +112,13 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
             prepared(torch.from_numpy(image)[None])
     path = request.folder / INT8_EXECUTORCH_FILE
     _write_program(_exported(convert_pt2e(prepared)), path, artifact_metadata(loaded, Precision.INT8.value))
-    evaluate, validation_images = budget_evaluator(request, request.data_root)
-    miou, reference = evaluate(path)
-    quantization = {
-        "precision": Precision.INT8.value,
-        "tool": "ExecuTorch XNNPACKQuantizer (torchao pt2e prepare/convert)",
-        "weights": "int8, per channel, symmetric",
-        "activations": "int8, per tensor",
-        "calibration": {"images": len(calibration), "data": str(calib_root), "split": "train"},
-        "max_miou_drop": request.max_miou_drop,
-        "miou_drop": reference - miou,
-        "miou_int8": miou,
-        "miou_reference": reference,
-        "validation_images": validation_images,
-        "within_budget": reference - miou <= request.max_miou_drop + 1e-12,
-    }
+    quantization = budget_record(
+        request, path, Precision.INT8.value,
+        tool="ExecuTorch XNNPACKQuantizer (torchao pt2e prepare/convert)",
+        weights="int8, per channel, symmetric",
+        activations="int8, per tensor",
+        calibration={"images": len(calibration), "data": str(calib_root), "split": "train"},
+    )  # fmt: skip
     return [_artifact(request, INT8_EXECUTORCH_FILE, Precision.INT8, {"quantization": quantization})]
 
 

@@ -119,7 +119,7 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
     import torch
 
     from ..parity import load_eval_images
-    from ..quantize import budget_evaluator
+    from ..quantize import budget_record
 
     loaded = request.loaded
     if request.data_root is None:
@@ -146,21 +146,13 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
         converted = convert_pt2e(prepared, fold_quantize=False)
     path = request.folder / INT8_LITERT_FILE
     _write(converted, size, path, artifact_metadata(loaded, Precision.INT8.value), QuantConfig(pt2e_quantizer=quantizer))
-    evaluate, validation_images = budget_evaluator(request, request.data_root)
-    miou, reference = evaluate(path)
-    quantization = {
-        "precision": Precision.INT8.value,
-        "tool": "litert_torch PT2EQuantizer (static, torchao pt2e prepare/convert)",
-        "weights": "int8, per channel, symmetric",
-        "activations": "int8, per tensor; int8 input and output (scale and zero point in the tensor details)",
-        "calibration": {"images": len(calibration), "data": str(calib_root), "split": "train"},
-        "max_miou_drop": request.max_miou_drop,
-        "miou_drop": reference - miou,
-        "miou_int8": miou,
-        "miou_reference": reference,
-        "validation_images": validation_images,
-        "within_budget": reference - miou <= request.max_miou_drop + 1e-12,
-    }
+    quantization = budget_record(
+        request, path, Precision.INT8.value,
+        tool="litert_torch PT2EQuantizer (static, torchao pt2e prepare/convert)",
+        weights="int8, per channel, symmetric",
+        activations="int8, per tensor; int8 input and output (scale and zero point in the tensor details)",
+        calibration={"images": len(calibration), "data": str(calib_root), "split": "train"},
+    )  # fmt: skip
     return [_artifact(request, INT8_LITERT_FILE, Precision.INT8, size, {"quantization": quantization})]
 
 

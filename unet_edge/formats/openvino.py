@@ -111,20 +111,9 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
 
 def _bf16_budget(request: ExportRequest, path: Path) -> dict[str, Any]:
     """The bf16 model's mIoU drop on the validation images against the mIoU budget (as int8's is)."""
-    from ..quantize import budget_evaluator
+    from ..quantize import budget_record
 
-    evaluate, validation_images = budget_evaluator(request, request.data_root)
-    miou, reference = evaluate(path)
-    return {
-        "precision": Precision.BF16.value,
-        "tool": "OpenVINO INFERENCE_PRECISION_HINT bf16 (weights stored in float32)",
-        "max_miou_drop": request.max_miou_drop,
-        "miou_drop": reference - miou,
-        "miou_bf16": miou,
-        "miou_reference": reference,
-        "validation_images": validation_images,
-        "within_budget": reference - miou <= request.max_miou_drop + 1e-12,
-    }
+    return budget_record(request, path, Precision.BF16.value, tool="OpenVINO INFERENCE_PRECISION_HINT bf16 (weights stored in float32)")
 
 
 def _export_int8(request: ExportRequest) -> ExportedArtifact:
