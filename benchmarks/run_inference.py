@@ -119,7 +119,7 @@ def main() -> None:
 
     OUT.mkdir(parents=True, exist_ok=True)
     checkpoint = default_checkpoint(OUT / "seed-order.pt")
-    seed_order = run_export(ExportOptions(checkpoint=checkpoint, out=OUT, name="seed-order", parity_images=0))
+    seed_order = run_export(ExportOptions(checkpoint=checkpoint, out=OUT, name="seed-order", formats=("onnx", "torchscript"), parity_images=0))
     paths = [checkpoint, *(a.path for a in seed_order.artifacts)]
     if args.variants:
         paths += int8_variants(load_model(checkpoint), seed_order.folder, args.calib_images)
@@ -128,7 +128,7 @@ def main() -> None:
         paths += [a.path for a in cbr.artifacts] + int8_variants(load_model(cbr_checkpoint), cbr.folder, args.calib_images, naive=False)
     spec = BenchSpec(
         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), height=args.size, width=args.size, seconds=args.seconds,
-        threads=args.threads, min_iters=args.min_calls,
+        threads=args.threads, min_iters=args.min_calls, torch_variants=("eager", "channels-last"),
     )  # fmt: skip
     report = run_bench(paths, spec, ("cpu", "cuda", "tensorrt"))
     (OUT / "inference.json").write_text(json.dumps(report, indent=2))
