@@ -110,3 +110,23 @@ def test_missing_runtime_names_the_extra(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "executorch", None)  # what `import executorch` finds when it is not installed
     assert FORMATS["executorch"].unavailable(Provider.CPU) == "executorch is not installed: pip install 'unet-edge[executorch]'"
+
+
+def test_opening_without_a_thread_count_keeps_the_pool_a_loaded_program_uses(pte_dir):
+    """XNNPACK's pool is process-wide: after a program runs with 1 thread, opening another with no thread
+    count (as verify and export's parity check do) uses that pool instead of refusing; an explicit other
+    count is still refused in one line."""
+    code = (
+        "import sys\n"
+        "from unet_edge.backends import open_backend\n"
+        "from unet_edge.errors import ArtifactError\n"
+        "first = open_backend(sys.argv[1], threads=1)\n"
+        "second = open_backend(sys.argv[1])\n"
+        "try:\n"
+        "    open_backend(sys.argv[1], threads=2)\n"
+        "except ArtifactError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(pte_dir / "model.pte")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout and "cannot change to 2" in done.stdout

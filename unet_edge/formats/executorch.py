@@ -154,12 +154,15 @@ class ExecuTorchBackend(Backend):
 _loaded_methods = 0
 
 
-def _set_threads(threads: int, path: Path) -> None:
+def _set_threads(threads: int | None, path: Path) -> None:
     """XNNPACK's thread pool is one per process and must be sized before a method is loaded: resizing it
-    under a loaded method hangs that method, so once one is loaded another thread count is refused."""
+    under a loaded method hangs that method, so once one is loaded an explicit other thread count is
+    refused, and no count given (None) keeps the pool as it is."""
     from executorch.extension.pybindings import portable_lib
 
     current = portable_lib._threadpool_get_thread_count()
+    if threads is None:
+        threads = current if _loaded_methods else default_threads()
     if current == threads:
         return
     if _loaded_methods:
@@ -176,7 +179,7 @@ def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[
     device = FORMAT.runtime_provider(path, provider)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _set_threads(threads or default_threads(), path)
+        _set_threads(threads, path)
         try:
             program = Runtime.get().load_program(path)
             if METADATA_METHOD not in program.method_names:
