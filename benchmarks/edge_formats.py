@@ -27,8 +27,10 @@ sys.path.insert(0, str(HERE))
 from run_inference import OUT, README, default_checkpoint, replace_section  # noqa: E402
 
 
-def export_everything(checkpoint: Path) -> list[Path]:
-    """Every installed format's fp32 file, then every reduced precision each format offers (budget off)."""
+def export_everything(checkpoint: Path, formats: tuple[str, ...] | None, max_batch: int, size: int) -> list[Path]:
+    """Every installed format's fp32 file, then every reduced precision each format offers (budget off).
+    Fixed-size formats are exported at `size`, bounded ones (ExecuTorch) to `max_batch` x `size` x `size`:
+    the memory they plan is then what these rows need."""
     from unet_edge.export import ExportOptions, run_export
     from unet_edge.formats import FORMATS, Precision
 
@@ -36,7 +38,7 @@ def export_everything(checkpoint: Path) -> list[Path]:
     result = run_export(
         ExportOptions(
             checkpoint=checkpoint, out=OUT, name="edge", precisions=(Precision.FP32, *precisions), max_miou_drop=1.0,
-            calib_images=16, parity_images=0,
+            calib_images=16, parity_images=0, formats=formats, image_size=(size, size), max_batch=max_batch, max_size=size,
         )
     )  # fmt: skip
     for name, why in result.skipped.items():
@@ -88,24 +90,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: one per core)")
     parser.add_argument("--min-calls", type=int, default=20, help="timed calls per row at least")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (about a minute of compiling per shape)")
+    parser.add_argument("--formats", default=None, help="comma-separated formats to export (default: every installed one)")
     args = parser.parse_args()
 
     from unet_edge.bench import BenchSpec, run_bench, to_markdown
 
     OUT.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    paths = export_everything(default_checkpoint(OUT / "edge.pt"))
+    batch_sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+    formats = tuple(args.formats.split(",")) if args.formats else None
+    paths = export_everything(default_checkpoint(OUT / "edge.pt"), formats, max(batch_sizes), args.size)
     export_s = time.perf_counter() - started
     variants = ("eager", "channels-last", "compile") if args.compile else ("eager", "channels-last")
     spec = BenchSpec(
-        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), height=args.size, width=args.size, seconds=args.seconds,
+        batch_sizes=batch_sizes, height=args.size, width=args.size, seconds=args.seconds,
         threads=args.threads, min_iters=args.min_calls, torch_variants=variants, dtypes=("fp32", "bf16"),
     )  # fmt: skip
     report = run_bench(paths, spec, ("cpu",))
     (OUT / "edge.json").write_text(json.dumps(report, indent=2))
     machine = report["machine"]
     ratios = "\n\n".join("\n".join(ratio_lines(report, batch)) for batch in spec.batch_sizes)
-    command = f"python benchmarks/edge_formats.py --seconds {args.seconds:g} --min-calls {args.min_calls}" + (" --compile" if args.compile else "")
+    command = "python " + " ".join(["benchmarks/edge_formats.py", *sys.argv[1:]])
     body = f"""## Edge runtimes: every format and precision, default-size UNetStudent (base 32, depth 4), 3×{args.size}×{args.size}
 
 Command: `{command}` ({time.strftime('%Y-%m-%d')}; exports took {export_s:.0f} s)

@@ -45,6 +45,8 @@ def export(
     calib_method: Annotated[CalibMethod, typer.Option(help="int8 activation-range calibration.")] = CalibMethod.MINMAX,
     max_miou_drop: Annotated[float, typer.Option(min=0.0, help="int8 accuracy budget: largest allowed val mIoU drop against the checkpoint.")] = 0.01,
     image_size: Annotated[Optional[str], typer.Option(help="S or HxW: the fixed input size of formats that need one (LiteRT; default: the checkpoint's training crop size, else 256). Other image sizes are padded or tiled to it.")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch of formats with bounded dynamic shapes (ExecuTorch), which plan memory for it.")] = 8,
+    max_size: Annotated[int, typer.Option(min=2, help="Largest image height and width of formats with bounded dynamic shapes (ExecuTorch, whose memory grows with it: about 4.4 GB at 8 x 1024 x 1024 for the default-size model).")] = 1024,
     runs: RunsOption = Path("runs"),
 ) -> None:
     """Export a checkpoint to ONNX and/or TorchScript, write manifest.json and check parity on validation images."""
@@ -71,6 +73,8 @@ def export(
         max_miou_drop=max_miou_drop,
         parity_images=parity_images,
         image_size=parse_size(image_size) if image_size else None,
+        max_batch=max_batch,
+        max_size=max_size,
         runs_dir=runs,
     )
     with err_console.status("exporting") as status:

@@ -87,7 +87,39 @@ def test_inputs_beyond_the_bounds_are_refused(pte_dir):
     with pytest.raises(ArtifactError, match="outside the program's bounds"):
         backend.predict_logits(np.zeros((1, 3, 1025, 8), np.float32))
     with pytest.raises(ArtifactError, match="outside the program's bounds"):
-        backend.predict_logits(np.zeros((9, 3, 16, 16), np.float32))
+        backend.device_runner(np.zeros((9, 3, 16, 16), np.float32))
+    assert backend.predict_logits(np.zeros((9, 3, 16, 16), np.float32)).shape[0] == 9  # run as 8 + 1
+
+
+def test_export_bounds_are_options_stored_in_the_program(pte_dir, tiny_checkpoint, tmp_path, cli):
+    """--max-batch/--max-size set the bounds ExecuTorch plans memory for; the manifest and the program's own
+    metadata record them, and the backend refuses by them (a batch of 1 exports without a batch dimension).
+    The export goes into a copy of an earlier export folder: its int8 program is checked against the budget,
+    not refused by the sha256 the earlier manifest recorded for the file it replaces."""
+    from unet_edge.backends import open_backend
+    from unet_edge.errors import ArtifactError
+
+    folder = tmp_path / "small"
+    shutil.copytree(pte_dir, folder)
+    result = cli(
+        "export", str(tiny_checkpoint), "--format", "executorch", "--precision", "int8", "--max-batch", "1", "--max-size", "96",
+        "--out", str(tmp_path), "--name", "small", "--parity-images", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    contract = {"batch": [1, 1], "height": [2, 96], "width": [2, 96]}
+    entries = json.loads((folder / "manifest.json").read_text())["artifacts"]
+    assert [e["size_contract"] for e in entries] == [contract, contract]
+    for file in ("model.pte", "model_int8.pte"):
+        backend = open_backend(folder / file)
+        assert json.loads(backend.meta["size_contract"]) == contract
+        images = np.random.default_rng(0).standard_normal((3, 3, 96, 33), dtype=np.float32)
+        logits = backend.predict_logits(images)  # three images, run one at a time
+        assert logits.shape[:1] + logits.shape[2:] == (3, 96, 33)
+        np.testing.assert_allclose(logits[2:], backend.predict_logits(images[2:]), rtol=0, atol=0)
+        with pytest.raises(ArtifactError, match=r"outside the program's bounds \(batch <= 1, height 2..96"):
+            backend.predict_logits(np.zeros((1, 3, 97, 16), np.float32))
+        with pytest.raises(ArtifactError, match=r"outside the program's bounds \(batch <= 1"):
+            backend.device_runner(np.zeros((2, 3, 16, 16), np.float32))  # timing a batch of 2 is refused
 
 
 def test_tampered_and_truncated_programs_are_refused(pte_dir, odd_image, tmp_path, cli, one_line_error):
@@ -103,13 +135,6 @@ def test_tampered_and_truncated_programs_are_refused(pte_dir, odd_image, tmp_pat
     truncated = loose / "model.pte"
     truncated.write_bytes((pte_dir / "model.pte").read_bytes()[:4096])
     one_line_error(cli("predict", str(truncated), str(odd_image), "--out", str(tmp_path / "out")), "model.pte: ExecuTorch cannot load it")
-
-
-def test_missing_runtime_names_the_extra(monkeypatch):
-    from unet_edge.formats import FORMATS, Provider
-
-    monkeypatch.setitem(sys.modules, "executorch", None)  # what `import executorch` finds when it is not installed
-    assert FORMATS["executorch"].unavailable(Provider.CPU) == "executorch is not installed: pip install 'unet-edge[executorch]'"
 
 
 def test_opening_without_a_thread_count_keeps_the_pool_a_loaded_program_uses(pte_dir):

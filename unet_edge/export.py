@@ -41,6 +41,8 @@ class ExportOptions:
     max_miou_drop: float = 0.01
     parity_images: int = 8  # 0: skip the parity check
     image_size: tuple[int, int] | None = None  # H x W of fixed-size formats (LiteRT); None: their default
+    max_batch: int = 8  # bounds of formats with bounded dynamic shapes (ExecuTorch), which plan memory for them
+    max_size: int = 1024
     runs_dir: Path = Path("runs")
 
 
@@ -116,6 +118,8 @@ def run_export(options: ExportOptions, progress: Callable[[str], None] | None = 
         calib_method=options.calib_method,
         max_miou_drop=options.max_miou_drop,
         image_size=options.image_size,
+        max_batch=options.max_batch,
+        max_size=options.max_size,
         progress=say,
     )
     artifacts: list[ExportedArtifact] = []

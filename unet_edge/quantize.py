@@ -323,7 +323,9 @@ def budget_evaluator(request: ExportRequest, data_root: Path) -> tuple[Callable[
     def evaluate(path: Path) -> tuple[float, float]:
         if request.progress:
             request.progress(f"checking {path.suffix[1:]} model mIoU on {len(val.raw)} validation images")
-        candidate = open_backend(path)
+        # The file was just written by this export: a manifest.json left in the folder by an earlier export
+        # describes the file it replaces, so it must not be checked against (the new manifest comes at the end).
+        candidate = open_backend(path, entry={})
         figures = compare(reference_out, run_backend(candidate, val), val.masks, len(loaded.classes), loaded.ignore_index)
         candidate.close()
         return figures["miou_gt"], figures["miou_gt_reference"]

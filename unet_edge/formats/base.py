@@ -183,6 +183,9 @@ class ExportRequest:
     probabilities: bool = False
     # Fixed-size formats export at this H x W (dynamic-size formats ignore it).
     image_size: tuple[int, int] | None = None
+    # Formats with bounded dynamic shapes (ExecuTorch) accept batches up to max_batch and sides up to max_size.
+    max_batch: int = 8
+    max_size: int = 1024
     # Reduced-precision variants: which ones, and how they are calibrated and held to the accuracy budget.
     precisions: tuple[Precision, ...] = ()
     fold_variants: bool = True

@@ -1,8 +1,11 @@
 """ExecuTorch program (model.pte): torch.export with bounded dynamic shapes, lowered to the XNNPACK backend.
 
-Batch 1..8 and any height and width from 2 to 1024 run (`Dim.DYNAMIC` bounds: named dims fail on the
-model's pad/crop arithmetic). ExecuTorch plans its memory for the upper bounds and does not refuse larger
-inputs itself, so the backend does. Metadata is a constant method of the program (`unet_edge_metadata`,
+Batches of 1..`max_batch` images and any height and width from 2 to `max_size` run (export's `--max-batch`,
+default 8, and `--max-size`, default 1024; `Dim.DYNAMIC` bounds: named dims fail on the model's pad/crop
+arithmetic). ExecuTorch plans its memory for the upper bounds (about 4.4 GB of activations for the
+default-size model at 8 x 1024 x 1024), so export with the largest input you will
+run. It does not refuse larger inputs itself, so the backend does, by the bounds stored in the program's
+metadata (`size_contract`). Metadata is a constant method of the program (`unet_edge_metadata`,
 a JSON string). model_int8.pte is quantised with the XNNPACK quantizer (pt2e flow: per-channel int8
 weights, int8 activations calibrated on training images) and held to the mIoU budget.
 """
@@ -28,22 +31,32 @@ EXECUTORCH_FILE = "model.pte"
 INT8_EXECUTORCH_FILE = "model_int8.pte"
 EXTRA = "executorch"
 METADATA_METHOD = "unet_edge_metadata"
-MAX_BATCH = 8
-MIN_SIDE, MAX_SIDE = 2, 1024
-SIZE_CONTRACT = {"batch": [1, MAX_BATCH], "height": [MIN_SIDE, MAX_SIDE], "width": [MIN_SIDE, MAX_SIDE]}
+MIN_SIDE = 2
+# The bounds of programs written before they were export options.
+DEFAULT_CONTRACT = {"batch": [1, 8], "height": [MIN_SIDE, 1024], "width": [MIN_SIDE, 1024]}
+
+
+def size_contract(request: ExportRequest) -> dict[str, list[int]]:
+    """The shapes the program accepts: batch 1..max_batch, height and width 2..max_size."""
+    if request.max_batch < 1 or request.max_size < MIN_SIDE:
+        raise ArtifactError(f"ExecuTorch bounds must be a batch >= 1 and a size >= {MIN_SIDE}, got {request.max_batch} and {request.max_size}")
+    return {"batch": [1, request.max_batch], "height": [MIN_SIDE, request.max_size], "width": [MIN_SIDE, request.max_size]}
 
 
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
 
 
-def _exported(module: Any) -> Any:
+def _exported(module: Any, contract: dict[str, list[int]]) -> Any:
     """torch.export of `module` with dynamic batch, height and width within the size contract."""
     import torch
 
-    dims = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
-    dims.update({axis: torch.export.Dim.DYNAMIC(min=MIN_SIDE, max=MAX_SIDE) for axis in (2, 3)})
-    sample = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))  # batch 2: a 1 would be specialised
+    max_batch, max_side = contract["batch"][1], contract["height"][1]
+    # batch 2 where allowed (a sample batch of 1 specialises the batch dimension), sides within the bounds
+    sample_shape = (min(2, max_batch), 3, min(64, max_side), min(96, max_side))
+    sample = torch.randn(*sample_shape, generator=torch.Generator().manual_seed(0))
+    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=max_batch)} if max_batch > 1 else {}
+    dims.update({axis: torch.export.Dim.DYNAMIC(min=MIN_SIDE, max=max_side) for axis in (2, 3)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.export.export(module, (sample,), dynamic_shapes={"x": dims})
@@ -69,21 +82,26 @@ def _source(request: ExportRequest) -> Any:
     return (request.folded_model if request.folded_model is not None else request.loaded.model).eval()
 
 
+def _metadata(request: ExportRequest, precision: Precision) -> dict[str, str]:
+    return {**artifact_metadata(request.loaded, precision.value), "size_contract": json.dumps(size_contract(request))}
+
+
 def _artifact(request: ExportRequest, file: str, precision: Precision, extra: dict[str, Any]) -> ExportedArtifact:
     inputs, outputs = io_spec(len(request.loaded.classes))
-    info = {"batchnorm_folded": request.folded_model is not None, "size_contract": SIZE_CONTRACT, "delegate": "XNNPACK"}
+    info = {"batchnorm_folded": request.folded_model is not None, "size_contract": size_contract(request), "delegate": "XNNPACK"}
     return ExportedArtifact(file, "executorch", precision.value, request.folder / file, inputs, outputs, None, {**info, **extra})
 
 
 def export(request: ExportRequest) -> list[ExportedArtifact]:
-    """model.pte: float32, XNNPACK-delegated, batch 1..8, any H x W from 2 to 1024."""
+    """model.pte: float32, XNNPACK-delegated, batch 1..max_batch, any H x W from 2 to max_size."""
+    contract = size_contract(request)
     if request.progress:
         request.progress("exporting to ExecuTorch (torch.export, XNNPACK)")
     try:
-        program = _exported(_source(request))
+        program = _exported(_source(request), contract)
     except Exception as exc:  # torch.export raises many error types
         raise ArtifactError(f"{request.loaded.path}: torch.export failed for ExecuTorch ({_first_line(exc)})") from None
-    _write_program(program, request.folder / EXECUTORCH_FILE, artifact_metadata(request.loaded, Precision.FP32.value))
+    _write_program(program, request.folder / EXECUTORCH_FILE, _metadata(request, Precision.FP32))
     return [_artifact(request, EXECUTORCH_FILE, Precision.FP32, {})]
 
 
@@ -106,12 +124,13 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
     if request.progress:
         request.progress(f"quantising to int8 with the XNNPACK quantizer ({len(calibration)} training images)")
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    prepared = prepare_pt2e(_exported(_source(request)).module(), quantizer)
+    contract = size_contract(request)
+    prepared = prepare_pt2e(_exported(_source(request), contract).module(), quantizer)
     with torch.no_grad():
         for image in calibration:
             prepared(torch.from_numpy(image)[None])
     path = request.folder / INT8_EXECUTORCH_FILE
-    _write_program(_exported(convert_pt2e(prepared)), path, artifact_metadata(loaded, Precision.INT8.value))
+    _write_program(_exported(convert_pt2e(prepared), contract), path, _metadata(request, Precision.INT8))
     quantization = budget_record(
         request, path, Precision.INT8.value,
         tool="ExecuTorch XNNPACKQuantizer (torchao pt2e prepare/convert)",
@@ -128,20 +147,30 @@ class ExecuTorchBackend(Backend):
     def __init__(self, method: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.method = method
+        try:
+            contract = json.loads(self.meta.get("size_contract", "null")) or DEFAULT_CONTRACT
+            self.bounds = (int(contract["batch"][1]), *(tuple(int(v) for v in contract[axis]) for axis in ("height", "width")))
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise ArtifactError(f"{self.path}: the program's size_contract metadata is not readable") from None
 
     def _inputs(self, images: np.ndarray) -> tuple[Any]:
         import torch
 
         batch, _, height, width = images.shape
-        if not (batch <= MAX_BATCH and MIN_SIDE <= height <= MAX_SIDE and MIN_SIDE <= width <= MAX_SIDE):
+        max_batch, (min_h, max_h), (min_w, max_w) = self.bounds
+        if not (batch <= max_batch and min_h <= height <= max_h and min_w <= width <= max_w):
             raise ArtifactError(
                 f"{self.path}: a batch of {batch} {height}x{width} images is outside the program's bounds "
-                f"(batch <= {MAX_BATCH}, height and width {MIN_SIDE}..{MAX_SIDE})"
+                f"(batch <= {max_batch}, height {min_h}..{max_h}, width {min_w}..{max_w}; export with larger --max-batch/--max-size)"
             )
         return (torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),)
 
     def predict_logits(self, images: np.ndarray) -> np.ndarray:
-        return self.method.execute(self._inputs(images))[0].numpy()
+        """Logits of any number of images, run in batches of at most the program's bound (timing through
+        `device_runner` refuses a larger batch instead: it would time another batch size)."""
+        step = self.bounds[0]
+        chunks = [self.method.execute(self._inputs(images[i : i + step]))[0].numpy() for i in range(0, len(images), step)]
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
     def device_runner(self, images: np.ndarray) -> Callable[[], None]:
         inputs = self._inputs(images)
