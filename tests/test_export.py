@@ -248,3 +248,14 @@ def test_all_exports_the_installed_formats_and_names_the_others(tiny_checkpoint,
     assert result.skipped == {name: f"{name} is not installed: pip install 'unet-edge[{name}]'" for name in missing}
     manifest = json.loads((tmp_path / "core" / "manifest.json").read_text())
     assert sorted(entry["file"] for entry in manifest["artifacts"]) == ["model.onnx", "model.ts"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "module"), [("openvino", "openvino"), ("ncnn", "ncnn"), ("executorch", "executorch"), ("litert", "ai_edge_litert")]
+)
+def test_a_missing_edge_runtime_names_its_extra(fmt, module, monkeypatch):
+    """Runs whether or not the extra is installed: a format whose runtime cannot be imported says which extra to install."""
+    from unet_edge.formats import Provider
+
+    monkeypatch.setitem(sys.modules, module, None)  # what the import finds when the package is not installed
+    assert FORMATS[fmt].unavailable(Provider.CPU) == f"{module} is not installed: pip install 'unet-edge[{fmt}]'"

@@ -111,13 +111,6 @@ def test_damaged_files_and_missing_sidecar_are_one_line(tflite_dir, odd_image, t
     one_line_error(cli("predict", str(truncated), str(odd_image), "--out", out), "model.tflite: LiteRT cannot load it")
 
 
-def test_missing_runtime_names_the_extra(monkeypatch):
-    from unet_edge.formats import FORMATS, Provider
-
-    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # what the import finds when it is not installed
-    assert FORMATS["litert"].unavailable(Provider.CPU) == "ai_edge_litert is not installed: pip install 'unet-edge[litert]'"
-
-
 def test_export_size_defaults_to_the_training_crop_size(tiny_checkpoint, tmp_path, cli):
     """Without --image-size the fixed size is the one the model was trained at, so a checkpoint's own
     validation images run unpadded and untiled (a 256 default failed parity on 64 x 64 data)."""

@@ -92,10 +92,3 @@ def test_loose_files_truncated_or_without_sidecar_are_one_line(ncnn_dir, odd_ima
     weights = loose / "model.ncnn.bin"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     one_line_error(cli("predict", str(param), str(odd_image), "--out", out), "model.ncnn.bin: ncnn cannot load the weights")
-
-
-def test_missing_runtime_names_the_extra(monkeypatch):
-    from unet_edge.formats import FORMATS, Provider
-
-    monkeypatch.setitem(sys.modules, "ncnn", None)  # what `import ncnn` finds when it is not installed
-    assert FORMATS["ncnn"].unavailable(Provider.CPU) == "ncnn is not installed: pip install 'unet-edge[ncnn]'"

@@ -40,18 +40,6 @@ def snapshot(*roots: Path) -> dict[str, tuple[bytes, int]]:
     return files
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str, code: int = 1) -> str:
-    """Exit `code`, exactly one `error:` line on stderr (the last one), no traceback; returns that line."""
-    assert result.returncode == code, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
-
-
 class Payload:
     """A pickle that creates `marker` when unpickled: proof that loading ran code."""
 
@@ -101,11 +89,11 @@ BAD_INPUTS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_one_line_and_writes_nothing(case, workspace, tiny_data, cli):
+def test_bad_input_is_one_line_and_writes_nothing(case, workspace, tiny_data, cli, one_line_error):
     args, fragments = BAD_INPUTS[case]
     before = snapshot(workspace, tiny_data)
     result = cli(*(a.format(ws=workspace, data=tiny_data) for a in args), cwd=workspace)
-    assert_one_line_error(result, *fragments)
+    one_line_error(result, *fragments)
     assert snapshot(workspace, tiny_data) == before
 
 
@@ -142,16 +130,16 @@ def test_malicious_checkpoint_runs_no_code_in_load_checkpoint(malicious, tmp_pat
 
 
 @pytest.mark.parametrize("command", [["eval"], ["export", "--out", "{out}"], ["train", "--device", "cpu", "--resume"]])
-def test_malicious_checkpoint_runs_no_code_in_the_cli(command, malicious, tmp_path, cli):
+def test_malicious_checkpoint_runs_no_code_in_the_cli(command, malicious, tmp_path, cli, one_line_error):
     path, marker = malicious
     out = tmp_path / "exported"
     result = cli(*(a.format(out=out) for a in command), str(path), cwd=tmp_path)
-    assert_one_line_error(result, "malicious.pt: refused to load")
+    one_line_error(result, "malicious.pt: refused to load")
     assert not marker.exists() and not out.exists()
 
 
 @pytest.mark.slow
-def test_tampered_torchscript_is_refused_by_bench_and_verify(workspace, tmp_path, cli):
+def test_tampered_torchscript_is_refused_by_bench_and_verify(workspace, tmp_path, cli, one_line_error):
     copy = tmp_path / "copy"
     shutil.copytree(workspace / "exported" / "tiny", copy)
     data = bytearray((copy / "model.ts").read_bytes())
@@ -159,21 +147,21 @@ def test_tampered_torchscript_is_refused_by_bench_and_verify(workspace, tmp_path
     (copy / "model.ts").write_bytes(bytes(data))
     report = tmp_path / "bench.json"
     result = cli("bench", str(copy / "model.ts"), "--providers", "cpu", "--iters", "1", "--json", str(report))
-    assert_one_line_error(result, "model.ts: sha256", "modified")
+    one_line_error(result, "model.ts: sha256", "modified")
     assert not report.exists()
     result = cli("verify", str(copy / "model.ts"), "--checkpoint", str(workspace / "best.pt"))
-    assert_one_line_error(result, "model.ts: sha256")
+    one_line_error(result, "model.ts: sha256")
 
 
 @pytest.mark.slow
-def test_onnx_with_other_classes_than_the_checkpoint_is_refused(workspace, tmp_path, cli):
+def test_onnx_with_other_classes_than_the_checkpoint_is_refused(workspace, tmp_path, cli, one_line_error):
     two_class = tmp_path / "two-class.pt"
     config = ModelConfig(num_classes=2, base_channels=4, depth=2)
     state = {"model": build_model(config).state_dict(), "config": config.to_dict(), "classes": ["bg", "fg"], "mean": [0.5] * 3, "std": [0.25] * 3}
     save_checkpoint(two_class, state)
     data = write_synth(tmp_path / "data", SynthSpec(num_train=2, num_val=2, size=32))
     result = cli("verify", str(workspace / "exported" / "tiny" / "model.onnx"), "--checkpoint", str(two_class), "--data", str(data))
-    assert_one_line_error(result, "model.onnx: classes", "differ from the checkpoint's ['bg', 'fg']")
+    one_line_error(result, "model.onnx: classes", "differ from the checkpoint's ['bg', 'fg']")
 
 
 # --- data validation -------------------------------------------------------------------------
@@ -268,17 +256,17 @@ def test_scan_counts_the_other_problems(good_data):
 
 
 @pytest.mark.slow
-def test_train_and_eval_stop_on_bad_labels_before_any_work(good_data, tiny_checkpoint, tmp_path, cli):
+def test_train_and_eval_stop_on_bad_labels_before_any_work(good_data, tiny_checkpoint, tmp_path, cli, one_line_error):
     DATA_PROBLEMS["value beyond dataset.json"][0](good_data)
     before = snapshot(good_data, tiny_checkpoint)
     runs = tmp_path / "runs"
     result = cli("train", "--data", str(good_data), *TINY_TRAIN, "--epochs", "1", "--out", str(runs))
-    assert_one_line_error(result, "c.png: 6 pixels have value 7", "dataset.json")
+    one_line_error(result, "c.png: 6 pixels have value 7", "dataset.json")
     assert not runs.exists() and snapshot(good_data, tiny_checkpoint) == before
     (good_data / "dataset.json").unlink()  # eval judges labels by the checkpoint's four classes instead
     before = snapshot(good_data, tiny_checkpoint)
     result = cli("eval", str(tiny_checkpoint), "--data", str(good_data), "--device", "cpu", "--json", str(tmp_path / "r.json"))
-    assert_one_line_error(result, "c.png: 6 pixels have value 7", "0..3, from", "best.pt")
+    one_line_error(result, "c.png: 6 pixels have value 7", "0..3, from", "best.pt")
     assert not (tmp_path / "r.json").exists() and snapshot(good_data, tiny_checkpoint) == before
 
 
@@ -329,7 +317,7 @@ def wait_for_epochs(log: Path, count: int, process: subprocess.Popen, timeout: f
 
 
 @pytest.mark.slow
-def test_sigint_keeps_the_last_finished_epoch_exits_130_and_resume_continues(tmp_path, cli):
+def test_sigint_keeps_the_last_finished_epoch_exits_130_and_resume_continues(tmp_path, cli, one_line_error):
     data, out = tiny_set(tmp_path / "data"), tmp_path / "runs"
     process = start_training(data, out, 1000)  # more epochs than it gets to run: it is still running when the signal comes
     wait_for_epochs(out / "run" / "metrics.jsonl", 2, process)
@@ -341,7 +329,7 @@ def test_sigint_keeps_the_last_finished_epoch_exits_130_and_resume_continues(tmp
         process.kill()
         pytest.fail(f"SIGINT did not stop training within 60 s: {process.communicate()}")
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    line = assert_one_line_error(result, "interrupted in epoch", "run/last.pt", "--resume", code=130)
+    line = one_line_error(result, "interrupted in epoch", "run/last.pt", "--resume", code=130)
     state = load_checkpoint(out / "run" / "last.pt")
     saved_epoch = state["epoch"]  # the last finished epoch: epoch 2 may be logged before its last.pt lands
     assert saved_epoch >= 1 and f"holds epoch {saved_epoch};" in line
@@ -378,10 +366,10 @@ def test_kill_9_at_a_random_moment_then_resume_finishes(tmp_path, seed, cli):
 
 
 @pytest.mark.slow
-def test_absurd_lr_stops_with_one_line_and_keeps_the_last_good_epoch(tmp_path, cli):
+def test_absurd_lr_stops_with_one_line_and_keeps_the_last_good_epoch(tmp_path, cli, one_line_error):
     data, out = tiny_set(tmp_path / "data", num_train=8), tmp_path / "runs"
     result = cli("train", "--data", str(data), *TINY_TRAIN, "--epochs", "30", "--lr", "1e6", "--out", str(out), "--name", "run")
-    line = assert_one_line_error(result, "training stopped in epoch", "loss became", "try a lower --lr")
+    line = one_line_error(result, "training stopped in epoch", "loss became", "try a lower --lr")
     stopped = int(line.split("training stopped in epoch ")[1].split(":")[0])
     assert stopped >= 2, line  # the first epochs stay finite, so there is a good checkpoint to keep
     assert f"run/last.pt (epoch {stopped - 1}) is kept unchanged" in line
@@ -391,7 +379,7 @@ def test_absurd_lr_stops_with_one_line_and_keeps_the_last_good_epoch(tmp_path, c
 
 
 @pytest.mark.slow
-def test_non_finite_loss_on_resume_leaves_checkpoints_untouched(tmp_path, interrupted_run, cli):
+def test_non_finite_loss_on_resume_leaves_checkpoints_untouched(tmp_path, interrupted_run, cli, one_line_error):
     data = tiny_set(tmp_path / "data", num_train=8)
     run = interrupted_run(data, tmp_path / "runs", epochs=3, stop_in_epoch=2)
     state = load_checkpoint(run / "last.pt")  # weights gone bad (as after an overflow): the loss is NaN at once
@@ -399,5 +387,5 @@ def test_non_finite_loss_on_resume_leaves_checkpoints_untouched(tmp_path, interr
     save_checkpoint(run / "last.pt", state)
     before = snapshot(run)
     result = cli("train", "--resume", str(run / "last.pt"), "--device", "cpu")
-    assert_one_line_error(result, "training stopped in epoch 2: loss became nan at step 1", "last.pt (epoch 1) is kept unchanged")
+    one_line_error(result, "training stopped in epoch 2: loss became nan at step 1", "last.pt (epoch 1) is kept unchanged")
     assert snapshot(run) == before

@@ -35,6 +35,7 @@ __all__ = [
     "ExportedArtifact",
     "artifacts_or_latest",
     "ModelInfo",
+    "artifact_bytes",
     "artifact_metadata",
     "check_manifest_sha256",
     "export_artifacts",
@@ -236,6 +237,15 @@ def manifest_entry(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | None,
         return None, None
     entry = next((e for e in manifest.get("artifacts", []) if e.get("file") == path.name), None)
     return manifest, entry
+
+
+def artifact_bytes(path: str | os.PathLike[str]) -> int:
+    """What a model takes on disk: its file plus the companions its manifest entry lists (OpenVINO's .bin,
+    ncnn's .bin), so a format that splits graph and weights is not reported at the size of its graph."""
+    path = Path(path)
+    _, entry = manifest_entry(path)
+    companions = [path.parent / c["file"] for c in (entry or {}).get("companions", [])]
+    return path.stat().st_size + sum(c.stat().st_size for c in companions if c.is_file())
 
 
 def _check_file(path: Path, record: dict[str, Any]) -> None:

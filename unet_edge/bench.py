@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import export_artifacts, find_latest_export, manifest_checkpoint
+from .artifact import artifact_bytes, export_artifacts, find_latest_export, manifest_checkpoint
 from .backends import artifact_format, open_backend, provider_unavailable, runtime_of, supports
 from .errors import UNetEdgeError
 from .formats import Backend, Provider, default_threads
@@ -299,7 +299,7 @@ def _unavailable_row(target: Target, reason: str, spec: BenchSpec) -> dict[str, 
         "gflops_per_image": None,
         "gflops_per_s": None,
         "roofline_fraction": None,
-        "file_mb": target.path.stat().st_size / 1e6,
+        "file_mb": artifact_bytes(target.path) / 1e6,
         "status": f"unavailable: {reason}",
     }
 
@@ -444,7 +444,7 @@ def run_bench(
                     "gflops_per_s": gflops * throughput,
                     "roofline_fraction": gflops * throughput / peak,
                     "roofline_gflops_per_s": peak,
-                    "file_mb": target.path.stat().st_size / 1e6,
+                    "file_mb": artifact_bytes(target.path) / 1e6,
                     "status": "ok",
                 }
             )
