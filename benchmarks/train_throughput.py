@@ -122,7 +122,7 @@ def sweep(args: argparse.Namespace) -> str:
     """images/s of `train_one_epoch` per batch size, configured as `fit` configures it on the device."""
     device = resolve_device(args.device)
     workers = args.workers if device.type == "cpu" else default_workers(device)[0]
-    channels_last = prefers_channels_last(device)
+    channels_last = prefers_channels_last(device, training=True)
     amp = mixed_precision(device, True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,7 +138,7 @@ def sweep(args: argparse.Namespace) -> str:
                 dataset, batch_size=batch_size, shuffle=True, workers=workers, ignore_index=255,
                 pin_memory=device.type == "cuda", drop_last=True,
             )  # fmt: skip
-            model = place_model(build_model(ModelConfig(num_classes=len(CLASSES), base_channels=args.base_channels, depth=args.depth)), device)
+            model = place_model(build_model(ModelConfig(num_classes=len(CLASSES), base_channels=args.base_channels, depth=args.depth)), device, training=True)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
             criterion = nn.CrossEntropyLoss(ignore_index=255)
@@ -198,7 +198,7 @@ def main() -> None:
             write_section(args.readme, section, SWEEP_BEGIN, SWEEP_END)
         return
     device = torch.device("cpu")
-    channels_last = prefers_channels_last(device)
+    channels_last = prefers_channels_last(device, training=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = write_synth(Path(tmp) / "data", SynthSpec(num_train=args.images, num_val=1, size=args.image_size, seed=0))
         dataset = ImageSegmentation(

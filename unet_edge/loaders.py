@@ -167,5 +167,5 @@ def training_data(
     val_loader = make_loader(
         val_set, batch_size=config.batch_size, shuffle=False, workers=val_workers, ignore_index=ignore_index, sampler=val_sampler, pad=False
     )
-    normalize = BatchNormalize(mean, std, channels_last=prefers_channels_last(device))
+    normalize = BatchNormalize(mean, std, channels_last=prefers_channels_last(device, training=True))
     return TrainingData(root, scan, train_loader, val_loader, train_sampler, normalize, tuple(mean), tuple(std))

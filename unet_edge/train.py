@@ -171,7 +171,7 @@ class Training:
         if config.model.num_classes not in (None, num_classes):
             raise DataError(f"{data.root}: {num_classes} classes, but the model settings ask for {config.model.num_classes}")
         model_config = replace(config.model, num_classes=num_classes)
-        model = place_model(build_model(model_config), device)
+        model = place_model(build_model(model_config), device, training=True)
         train_model = distributed.wrap(model) if distributed is not None else model
         if config.compile:
             train_model = torch.compile(train_model)
