@@ -109,3 +109,30 @@ def test_two_gpu_nccl_epoch_logs_the_miou_of_single_process_eval(tiny_data, tmp_
     evaluated = cli("eval", str(run / "best.pt"), "--data", str(tiny_data), "--device", "cuda", "--json", str(out))
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(out.read_text())["miou"] == pytest.approx(record["miou"], abs=1e-4)
+
+
+@requires_cuda
+def test_cuda_training_layout_gives_float64_gradients(monkeypatch):
+    """The layout `fit` trains in on CUDA (channels_last) gives the gradients float64 gives on the CPU, as
+    the CPU test does for NCHW (CPU channels_last BatchNorm did not: see `prefers_channels_last`)."""
+    import copy
+
+    from unet_edge.config import ModelConfig
+    from unet_edge.device import place_model, prefers_channels_last
+    from unet_edge.model import build_model
+    from unet_edge.transforms import BatchNormalize
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convolutions differ by ~1e-3 by design
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(base_channels=8, depth=3, num_classes=5)).train()
+    images = torch.randint(0, 256, (4, 3, 48, 48), dtype=torch.uint8)
+    masks = torch.randint(0, 5, (4, 48, 48))
+    cuda = torch.device("cuda")
+    trained = place_model(copy.deepcopy(model), cuda, training=True)
+    x = BatchNormalize(channels_last=prefers_channels_last(cuda, training=True))(images.to(cuda))
+    nn.functional.cross_entropy(trained(x), masks.to(cuda)).backward()
+    reference = copy.deepcopy(model).double()
+    nn.functional.cross_entropy(reference(BatchNormalize()(images).double()), masks).backward()
+    got = dict(trained.named_parameters())
+    worst = max(((got[n].grad.double().cpu() - p.grad).norm() / p.grad.norm().clamp_min(1e-12)).item() for n, p in reference.named_parameters())
+    assert worst < 1e-3, worst
