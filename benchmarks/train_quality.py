@@ -55,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-images", type=int, default=240)
     parser.add_argument("--val-images", type=int, default=60)
     parser.add_argument("--fit", default="{}", help='JSON of TrainConfig fields for `fit` beyond its defaults, e.g. \'{"hflip": 0}\'')
+    parser.add_argument("--loops", default="fit,plain", help="comma-separated: fit, plain (e.g. fit alone to try a --fit variant)")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     parser.add_argument("--readme", type=Path, default=README, help="README whose train-quality section is rewritten")
     parser.add_argument("--no-write", action="store_true", help="print the section only")
@@ -274,7 +275,7 @@ def section(results: list[tuple[str, str, int, list[float], float]], args: argpa
         "| --- | --- | ---: | ---: | --- |",
     ]
     for dataset in args.datasets.split(","):
-        for loop in ("fit", "plain"):
+        for loop in args.loops.split(","):
             runs = sorted((r for r in results if r[0] == dataset and r[1] == loop), key=lambda r: r[2])
             best = [max(r[3]) for r in runs]
             last = [r[3][-1] for r in runs]
@@ -298,7 +299,7 @@ def main() -> None:
             (name, loop, roots[name], seed, args.epochs, args.batch_size, overrides)
             for seed in range(args.seeds)
             for name in names
-            for loop in ("fit", "plain")
+            for loop in args.loops.split(",")
         ]
         results = []
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
