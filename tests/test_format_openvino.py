@@ -27,7 +27,7 @@ def test_model_size_counts_the_weights_file(ov_dir):
     from unet_edge.artifact import artifact_bytes
 
     xml, weights = ov_dir / "model.xml", ov_dir / "model.bin"
-    assert weights.stat().st_size > xml.stat().st_size
+    assert weights.stat().st_size > 0
     assert artifact_bytes(xml) == xml.stat().st_size + weights.stat().st_size
 
 
