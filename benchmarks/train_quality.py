@@ -50,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="shapes,digits,textures", help="comma-separated: shapes, digits, textures")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--train-images", type=int, default=240)
@@ -268,7 +269,7 @@ def section(results: list[tuple[str, str, int, list[float], float]], args: argpa
         "",
         f"UNetStudent base 16, depth 3; {args.epochs} epochs, batch {args.batch_size}, 64x64 crops, AdamW lr 3e-3 wd 1e-4, "
         f"5% warm-up + cosine per step, for both; {args.train_images} train / {args.val_images} val images per dataset; "
-        f"seeds 0..{args.seeds - 1}. Best val mIoU over the epochs (mean ± standard deviation over seeds), "
+        f"seeds {args.first_seed}..{args.first_seed + args.seeds - 1}. Best val mIoU over the epochs (mean ± standard deviation over seeds), "
         "the mIoU of the last epoch, and each seed's best.",
         "",
         "| dataset | loop | best val mIoU | last-epoch mIoU | per seed (best) |",
@@ -297,7 +298,7 @@ def main() -> None:
         roots = write_datasets(names, Path(tmp), args.train_images, args.val_images)
         jobs = [
             (name, loop, roots[name], seed, args.epochs, args.batch_size, overrides)
-            for seed in range(args.seeds)
+            for seed in range(args.first_seed, args.first_seed + args.seeds)
             for name in names
             for loop in args.loops.split(",")
         ]
