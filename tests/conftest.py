@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +180,22 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str, 
 def one_line_error():
     """`one_line_error(result, *fragments)`: the command failed with one `error:` line holding the fragments, no traceback."""
     return assert_one_line_error
+
+
+def copy_with_flipped_byte(folder: Path, file: str, dest: Path) -> Path:
+    """A copy of export `folder` at `dest` whose `file` has its middle byte flipped (the manifest is the original's)."""
+    shutil.copytree(folder, dest)
+    target = dest / file
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    return target
+
+
+@pytest.fixture
+def tampered_copy():
+    """`tampered_copy(folder, file, dest)`: copy `folder` to `dest` and flip a byte of `file`; returns its path."""
+    return copy_with_flipped_byte
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,4 @@
 import json
-import shutil
 import subprocess
 import sys
 
@@ -117,12 +116,9 @@ def test_verify_fails_export_of_another_checkpoint(export_dir, other_checkpoint,
     assert "FAIL" in result.stdout
 
 
-def test_tampered_and_truncated_artifacts_get_one_line_errors(export_dir, tmp_path, cli):
+def test_tampered_and_truncated_artifacts_get_one_line_errors(export_dir, tmp_path, cli, tampered_copy):
     copy = tmp_path / "copy"
-    shutil.copytree(export_dir, copy)
-    data = bytearray((copy / "model.onnx").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (copy / "model.onnx").write_bytes(bytes(data))
+    tampered_copy(export_dir, "model.onnx", copy)
     result = cli("verify", str(copy / "model.onnx"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "model.onnx: sha256" in result.stderr and "modified" in result.stderr

@@ -122,13 +122,8 @@ def test_export_bounds_are_options_stored_in_the_program(pte_dir, tiny_checkpoin
             backend.device_runner(np.zeros((2, 3, 16, 16), np.float32))  # timing a batch of 2 is refused
 
 
-def test_tampered_and_truncated_programs_are_refused(pte_dir, odd_image, tmp_path, cli, one_line_error):
-    copy = tmp_path / "copy"
-    shutil.copytree(pte_dir, copy)
-    program = copy / "model.pte"
-    data = bytearray(program.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    program.write_bytes(bytes(data))
+def test_tampered_and_truncated_programs_are_refused(pte_dir, odd_image, tmp_path, cli, one_line_error, tampered_copy):
+    program = tampered_copy(pte_dir, "model.pte", tmp_path / "copy")
     one_line_error(cli("verify", str(program)), "model.pte: sha256", "modified")
     loose = tmp_path / "loose"
     loose.mkdir()

@@ -92,13 +92,8 @@ def test_predict_masks_agree_with_the_checkpoint(tflite_dir, tiny_checkpoint, pr
     assert agreement(candidate["odd_mask.png"], reference["odd_mask.png"]) >= 0.95
 
 
-def test_damaged_files_and_missing_sidecar_are_one_line(tflite_dir, odd_image, tmp_path, cli, one_line_error):
-    copy = tmp_path / "copy"
-    shutil.copytree(tflite_dir, copy)
-    model = copy / "model.tflite"
-    data = bytearray(model.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    model.write_bytes(bytes(data))
+def test_damaged_files_and_missing_sidecar_are_one_line(tflite_dir, odd_image, tmp_path, cli, one_line_error, tampered_copy):
+    model = tampered_copy(tflite_dir, "model.tflite", tmp_path / "copy")
     one_line_error(cli("verify", str(model)), "model.tflite: sha256", "modified")
     loose = tmp_path / "loose"
     loose.mkdir()

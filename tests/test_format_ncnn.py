@@ -70,13 +70,9 @@ def test_predict_masks_agree_with_the_checkpoint(ncnn_dir, tiny_checkpoint, pred
     assert agreement(*flat) >= 0.999
 
 
-def test_tampered_weights_are_refused(ncnn_dir, tmp_path, cli, one_line_error):
+def test_tampered_weights_are_refused(ncnn_dir, tmp_path, cli, one_line_error, tampered_copy):
     copy = tmp_path / "copy"
-    shutil.copytree(ncnn_dir, copy)
-    weights = copy / "model.ncnn.bin"
-    data = bytearray(weights.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    tampered_copy(ncnn_dir, "model.ncnn.bin", copy)
     one_line_error(cli("verify", str(copy / "model.ncnn.param")), "model.ncnn.bin: sha256", "modified")
 
 

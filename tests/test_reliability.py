@@ -139,12 +139,9 @@ def test_malicious_checkpoint_runs_no_code_in_the_cli(command, malicious, tmp_pa
 
 
 @pytest.mark.slow
-def test_tampered_torchscript_is_refused_by_bench_and_verify(workspace, tmp_path, cli, one_line_error):
+def test_tampered_torchscript_is_refused_by_bench_and_verify(workspace, tmp_path, cli, one_line_error, tampered_copy):
     copy = tmp_path / "copy"
-    shutil.copytree(workspace / "exported" / "tiny", copy)
-    data = bytearray((copy / "model.ts").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (copy / "model.ts").write_bytes(bytes(data))
+    tampered_copy(workspace / "exported" / "tiny", "model.ts", copy)
     report = tmp_path / "bench.json"
     result = cli("bench", str(copy / "model.ts"), "--providers", "cpu", "--iters", "1", "--json", str(report))
     one_line_error(result, "model.ts: sha256", "modified")
