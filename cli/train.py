@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperOption
 
-from unet_edge.config import BlockOrder, TrainConfig, Upsample
+from unet_edge.config import BlockOrder, Loss, TrainConfig, Upsample
 
 from .common import DataOption, DeviceOption, console, err_console, fmt, handle_errors, iou_table, progress_bar
 
@@ -80,6 +80,10 @@ def train(
         float,
         typer.Option(min=0.0, max=0.9999, help="Validate and save an exponential moving average of the weights with this decay per step; 0 turns it off."),
     ] = DEFAULTS.ema_decay,
+    loss: Annotated[
+        Loss,
+        typer.Option(help="Training loss: cross-entropy (ce), or cross-entropy plus soft Dice (dice-ce), which weighs small classes like large ones."),
+    ] = Loss(DEFAULTS.loss),
     base_channels: Annotated[int, typer.Option(min=1, help="Channels of the first U-Net level.")] = DEFAULTS.model.base_channels,
     depth: Annotated[int, typer.Option(min=1, help="Number of down/up-sampling levels.")] = DEFAULTS.model.depth,
     num_convs: Annotated[int, typer.Option(min=1, help="Convolutions per block.")] = DEFAULTS.model.num_convs,
@@ -128,6 +132,7 @@ def train(
         scale_min=scale_min,
         scale_max=scale_max,
         ema_decay=ema_decay,
+        loss=loss,
         model=replace(DEFAULTS.model, base_channels=base_channels, depth=depth, num_convs=num_convs, upsample=upsample, block_order=block_order),
         device=device,
         amp=amp,

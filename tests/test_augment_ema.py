@@ -170,3 +170,61 @@ def test_eval_is_the_same_at_any_batch_size_on_mixed_sizes(tiny_data, tmp_path, 
         figures.append(json.loads(report.read_text())["miou"])
     assert figures[0] == pytest.approx(figures[1], abs=1e-9) == pytest.approx(figures[2], abs=1e-9)
     assert figures[0] == pytest.approx(result.best_miou, abs=1e-9)
+
+
+def reference_dice_ce(logits: torch.Tensor, masks: torch.Tensor, ignore: int) -> torch.Tensor:
+    """Dice + cross-entropy written out per class with loops, to check the vectorised loss against."""
+    valid = masks != ignore
+    ce = torch.nn.functional.cross_entropy(logits.permute(0, 2, 3, 1)[valid], masks[valid])
+    probs = logits.softmax(1)
+    losses = []
+    for c in range(logits.shape[1]):
+        truth = (masks == c) & valid
+        if truth.any():
+            p = probs[:, c][valid]
+            t = truth[valid].float()
+            losses.append(1 - 2 * (p * t).sum() / (p.sum() + t.sum()))
+    return ce + torch.stack(losses).mean()
+
+
+def test_dice_ce_loss_matches_its_definition_and_ignores_what_it_should():
+    from unet_edge.train import segmentation_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 9, 7)
+    masks = torch.randint(0, 4, (3, 9, 7))  # class 4 never occurs: it must not count
+    masks[0, :3] = 255
+    loss = segmentation_loss(255, "dice-ce")
+    torch.testing.assert_close(loss(logits, masks), reference_dice_ce(logits, masks, 255))
+    # Logits under ignored pixels change nothing, and a batch with nothing to count gives 0, not NaN.
+    moved = logits.clone()
+    moved[0, :, :3] += 10 * torch.randn_like(moved[0, :, :3])
+    torch.testing.assert_close(loss(moved, masks), loss(logits, masks))
+    assert loss(logits, torch.full_like(masks, 255)).item() == 0.0
+    # A confident, correct prediction has (near) zero loss; the Dice term adds to plain cross-entropy.
+    perfect = 50 * torch.nn.functional.one_hot(masks.clamp(max=4), 5).permute(0, 3, 1, 2).float()
+    assert loss(perfect, masks).item() < 1e-6
+    assert loss(logits, masks) > segmentation_loss(255, "ce")(logits, masks)
+    # Without an ignore index, crop padding holds -100 and is skipped the same way.
+    padded = masks.masked_fill(masks == 255, -100)
+    torch.testing.assert_close(segmentation_loss(None, "dice-ce")(logits, padded), reference_dice_ce(logits, padded, -100))
+
+
+def test_loss_is_a_checked_setting_and_old_checkpoints_trained_with_cross_entropy():
+    with pytest.raises(ValueError, match="loss must be one of ce, dice-ce"):
+        TrainConfig(loss="focal")
+    assert TrainConfig.from_dict({"epochs": 3}).loss == "ce"
+    assert TrainConfig.from_dict(TrainConfig(loss="dice-ce").to_dict()).loss == "dice-ce"
+
+
+@pytest.mark.parametrize("loss", ["ce", "dice-ce"])
+def test_the_loss_setting_is_what_training_optimises(tiny_data, loss):
+    from unet_edge.train import Training, segmentation_loss
+
+    config = TrainConfig(data=str(tiny_data), image_size=32, device="cpu", cache=False, loss=loss)
+    data = training_data(config, torch.device("cpu"))
+    training = Training.build(config, data, torch.device("cpu"), None, planned_epochs=1)
+    images, masks = next(iter(data.train_loader))
+    logits = training.model(data.normalize(images))
+    expected = {kind: segmentation_loss(data.ignore_index, kind)(logits, masks) for kind in ("ce", "dice-ce")}
+    assert training.criterion(logits, masks) == expected[loss] and expected["ce"] != expected["dice-ce"]

@@ -158,12 +158,12 @@ def test_resume_refuses_explicit_options_that_differ_from_the_saved_run(tiny_dat
     run = interrupted_run(tiny_data, tmp_path, epochs=3, stop_in_epoch=2, lr=0.01)
     last = run / "last.pt"
     before = last.read_bytes()
-    # --lr 0.003 is the default value, given explicitly: it still differs from the run's 0.01
-    result = cli("train", "--resume", str(last), "--lr", "0.003", "--depth", "3", "--upsample", "bilinear")
+    # --lr 0.001 is the default value, given explicitly: it still differs from the run's 0.01
+    result = cli("train", "--resume", str(last), "--lr", "0.001", "--depth", "3", "--upsample", "bilinear")
     assert result.returncode == 1
     line = result.stderr.strip()
     assert line.startswith(f"error: {last}: a resumed run keeps its saved settings; drop ")
-    assert "--lr 0.003 (saved: 0.01)" in line and "--depth 3 (saved: 2)" in line and "--upsample bilinear (saved: transpose)" in line
+    assert "--lr 0.001 (saved: 0.01)" in line and "--depth 3 (saved: 2)" in line and "--upsample bilinear (saved: transpose)" in line
     assert last.read_bytes() == before
     moved = tmp_path / "moved-data"
     shutil.copytree(tiny_data, moved)
@@ -239,3 +239,11 @@ def test_cpu_training_gradients_match_float64():
     expected = gradients(copy.deepcopy(model).double(), BatchNormalize()(images).double())
     worst = max(((got[n] - expected[n]).norm() / expected[n].norm().clamp_min(1e-12)).item() for n in expected)
     assert worst < 1e-3, worst
+
+
+def test_every_training_setting_says_how_resuming_treats_it():
+    from unet_edge.train import RESUME_OVERRIDES, RUN_SETTINGS, SESSION_SETTINGS
+
+    groups = [set(RUN_SETTINGS), set(RESUME_OVERRIDES), set(SESSION_SETTINGS)]
+    assert set.union(*groups) == set(TrainConfig().settings())
+    assert sum(len(g) for g in groups) == len(set.union(*groups))  # and only one way

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["BlockOrder", "Downsample", "ModelConfig", "TrainConfig", "Upsample"]
+__all__ = ["BlockOrder", "Downsample", "Loss", "ModelConfig", "TrainConfig", "Upsample"]
 
 
 class Upsample(StrEnum):
@@ -32,6 +32,13 @@ class BlockOrder(StrEnum):
 
     CONV_RELU_BN = "conv-relu-bn"
     CONV_BN_RELU = "conv-bn-relu"
+
+
+class Loss(StrEnum):
+    """The training loss (see `unet_edge.train.segmentation_loss`)."""
+
+    CE = "ce"
+    DICE_CE = "dice-ce"
 
 
 def _choice(enum: type[StrEnum], name: str, value: str) -> str:
@@ -82,13 +89,14 @@ class TrainConfig:
     comes from the dataset unless set. Augmentation: `hflip` is the probability of a horizontal flip
     (0: none), `scale_min`..`scale_max` the range of the random resize before the crop (1..1: none).
     `ema_decay` > 0 keeps an exponential moving average of the weights, which is what validation
-    measures and best.pt holds.
+    measures and best.pt holds. `loss` is "dice-ce" (cross-entropy plus soft Dice) or "ce"; checkpoints
+    saved before the setting existed trained with "ce".
     """
 
     data: str | None = None
     epochs: int = 20
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
     image_size: int = 64
@@ -96,6 +104,7 @@ class TrainConfig:
     scale_min: float = 1.0
     scale_max: float = 1.0
     ema_decay: float = 0.0
+    loss: str = "dice-ce"
     model: ModelConfig = field(default_factory=lambda: ModelConfig(base_channels=16, depth=3))
     device: str = "auto"
     amp: bool = True
@@ -114,6 +123,7 @@ class TrainConfig:
             raise ValueError(f"scale jitter must be 0 < min <= max, got {self.scale_min},{self.scale_max}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema decay must be in [0, 1), got {self.ema_decay}")
+        object.__setattr__(self, "loss", _choice(Loss, "loss", self.loss))
 
     @property
     def scale_range(self) -> tuple[float, float] | None:
@@ -127,7 +137,7 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Read a stored `train_config`; older checkpoints kept the model fields at the top level and
         flipped half of the training images without saying so."""
-        data = {"hflip": 0.5, **data}
+        data = {"hflip": 0.5, "loss": "ce", **data}
         train_fields = {f.name for f in fields(cls)} - {"model"}
         model_fields = {f.name for f in fields(ModelConfig)}
         model = {k: v for k, v in data.items() if k in model_fields}

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint
-from .config import ModelConfig, TrainConfig
+from .config import Loss, ModelConfig, TrainConfig
 from .device import Precision, mixed_precision, place_model, resolve_device
 from .errors import DataError, TrainingError
 from .evaluate import EvalResult, evaluate
@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 # Settings that shape a run: resuming keeps the saved values, and an explicitly different one is an error.
-RUN_SETTINGS = ("batch_size", "lr", "weight_decay", "warmup_fraction", "image_size", "hflip", "scale_min", "scale_max", "ema_decay", "seed", "out", "name", *(f.name for f in fields(ModelConfig)))
+RUN_SETTINGS = ("batch_size", "lr", "weight_decay", "warmup_fraction", "image_size", "hflip", "scale_min", "scale_max", "ema_decay", "loss", "seed", "out", "name", *(f.name for f in fields(ModelConfig)))
 # Settings whose saved values a resumed run uses unless given: where the data is now, and how many epochs in all.
 RESUME_OVERRIDES = ("data", "epochs")
 # Settings of this invocation only (how to run, not what to train).
@@ -180,7 +180,7 @@ class Training:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         precision = mixed_precision(device, config.amp)
         ema = ModelEma(model, config.ema_decay) if config.ema_decay > 0 else None
-        return cls(model, train_model, model_config, optimizer, scheduler, precision, segmentation_loss(data.ignore_index), device, ema)
+        return cls(model, train_model, model_config, optimizer, scheduler, precision, segmentation_loss(data.ignore_index, config.loss), device, ema)
 
     def state_dict(self) -> dict[str, Any]:
         """Weights, model settings and the optimiser, schedule and scaler states, as a checkpoint holds them.
@@ -222,17 +222,39 @@ class Training:
             schedule.retarget(step, total_steps)
 
 
-def segmentation_loss(ignore_index: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Cross-entropy averaged over the pixels that count; a batch whose pixels are all ignored gives 0
-    (PyTorch's mean reduction divides by zero there and returns NaN, which would stop training)."""
+def segmentation_loss(ignore_index: int | None, kind: str = "ce") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss: "ce", cross-entropy averaged over the pixels that count, or "dice-ce", that
+    plus a soft Dice loss (nnU-Net's default pairing, smp's `DiceLoss` in multiclass mode).
+
+    A batch whose pixels are all ignored gives 0 (PyTorch's mean reduction divides by zero there and
+    returns NaN, which would stop training). The Dice term is one minus the mean, over the classes present
+    in the batch's counted pixels, of each class's soft Dice computed over the whole batch; it weighs every
+    class alike whatever its pixel count, so small objects on a large background learn from the first
+    epochs instead of after the background is fitted.
+    """
+    kind = Loss(kind)
     ignore = pad_index(ignore_index)
     criterion = nn.CrossEntropyLoss(ignore_index=ignore, reduction="sum")
 
-    def loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def cross_entropy(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         counted = (masks != ignore).sum().clamp_min(1)
         return criterion(logits, masks) / counted
 
-    return loss
+    if kind is Loss.CE:
+        return cross_entropy
+
+    def dice_ce(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        valid = (masks != ignore).unsqueeze(1)
+        probs = logits.float().softmax(1) * valid
+        target = torch.zeros_like(probs).scatter_(1, torch.where(valid.squeeze(1), masks, 0).unsqueeze(1), 1.0) * valid
+        dims = (0, 2, 3)
+        present = target.sum(dims)
+        dice = 2 * (probs * target).sum(dims) / (probs.sum(dims) + present).clamp_min(1e-6)
+        counted = (present > 0).sum()
+        dice_loss = ((1 - dice) * (present > 0)).sum() / counted.clamp_min(1)
+        return cross_entropy(logits, masks) + dice_loss
+
+    return dice_ce
 
 
 def _finite_loss(loss: torch.Tensor, step: int) -> float:
