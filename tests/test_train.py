@@ -209,8 +209,13 @@ def test_ctrl_c_during_the_checkpoint_write_names_the_epoch_last_pt_holds(tiny_d
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(runs, "save_checkpoint", save_then_interrupt)
-    with pytest.raises(TrainingInterrupted, match="holds epoch 2;"):
-        trainer(tiny_data, tmp_path, name="c", epochs=4)
+    # Python's own Ctrl-C handler, whatever an earlier test or library left installed in this process.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(TrainingInterrupted, match="holds epoch 2;"):
+            trainer(tiny_data, tmp_path, name="c", epochs=4)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert load_checkpoint(tmp_path / "c" / "last.pt")["epoch"] == 2
     assert [r["epoch"] for r in read_jsonl(tmp_path / "c" / "metrics.jsonl")] == [1, 2]
 
