@@ -5,7 +5,10 @@ Both train the same `UNetStudent` for the same epochs and batch size with the sa
 weight decay, 5 % linear warm-up then cosine decay per step) and are validated after every epoch with
 the same metric (one confusion matrix over every val pixel, each image at its own size). The plain loop
 is the textbook one: tensors pre-loaded in memory (each training image cropped or padded to the crop
-size once), no augmentation, shuffled batches, the last partial batch dropped as `fit` drops it.
+size once), no augmentation, cross-entropy loss, shuffled batches, the last partial batch dropped as `fit`
+drops it. `fit` runs with every default (loss, augmentation, learning rate) a user gets. For each seed the
+plain loop starts from the initial weights `fit` draws and visits the batches in `fit`'s order, so the two
+differ in recipe, not in the luck of the draw.
 
 Datasets (written to a temporary folder; nothing is downloaded):
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shlex
 import statistics
 import sys
@@ -205,12 +209,12 @@ def run_plain(root: Path, seed: int, epochs: int, batch_size: int, crop: int = 6
     from unet_edge.config import TrainConfig
     from unet_edge.data import ImageSegmentation, scan_dataset
     from unet_edge.evaluate import evaluate
+    from unet_edge.loaders import training_data
     from unet_edge.model import build_model
     from unet_edge.train import WarmupCosine
     from unet_edge.transforms import BatchNormalize
 
     torch.set_num_threads(1)
-    torch.manual_seed(seed)
     defaults = TrainConfig()
     info = scan_dataset(root).info
     ignore = IGNORE if info.ignore_index is None else info.ignore_index
@@ -226,7 +230,14 @@ def run_plain(root: Path, seed: int, epochs: int, batch_size: int, crop: int = 6
     images = normalize(torch.stack([image for image, _ in train]))
     masks = torch.stack([mask for _, mask in train]).long()
     val_batches = [([image.as_subclass(torch.Tensor)], [mask.as_subclass(torch.Tensor)]) for image, mask in ImageSegmentation(root, "val")]
+    # The random draws `fit` makes for this seed, so that the two loops differ in their recipe and not in luck:
+    # the initial weights (seeded as `fit` seeds, drawn after building its loaders, as `fit` draws them) and
+    # the batch order (a loader over indices whose generator is seeded as `fit`'s train loader's).
+    random.seed(seed)
+    torch.manual_seed(seed)
+    training_data(TrainConfig(data=str(root), batch_size=batch_size, device="cpu", seed=seed), torch.device("cpu"))
     model = build_model(replace(defaults.model, num_classes=info.num_classes))
+    order = torch.utils.data.DataLoader(range(len(train)), batch_size=batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=defaults.lr, weight_decay=defaults.weight_decay)
     steps_per_epoch = len(train) // batch_size
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(steps_per_epoch * epochs, defaults.warmup_fraction))
@@ -234,9 +245,7 @@ def run_plain(root: Path, seed: int, epochs: int, batch_size: int, crop: int = 6
     curve = []
     for _ in range(epochs):
         model.train()
-        order = torch.randperm(len(train))
-        for step in range(steps_per_epoch):
-            index = order[step * batch_size : (step + 1) * batch_size]
+        for index in order:
             loss = criterion(model(images[index]), masks[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -261,14 +270,18 @@ def summary(values: list[float]) -> str:
 def section(results: list[tuple[str, str, int, list[float], float]], args: argparse.Namespace, overrides: dict) -> str:
     from train_throughput import machine
 
+    from unet_edge.config import TrainConfig
+
+    defaults = TrainConfig()
     fit_label = "unet-edge `fit`, defaults" + (f" + {json.dumps(overrides)}" if overrides else "")
-    labels = {"fit": fit_label, "plain": "plain loop, pre-loaded tensors, no augmentation"}
+    labels = {"fit": fit_label, "plain": "plain loop, pre-loaded tensors, no augmentation, cross-entropy"}
     lines = [
         BEGIN,
         "## Training quality: `fit` vs a plain PyTorch loop",
         "",
-        f"UNetStudent base 16, depth 3; {args.epochs} epochs, batch {args.batch_size}, 64x64 crops, AdamW lr 3e-3 wd 1e-4, "
-        f"5% warm-up + cosine per step, for both; {args.train_images} train / {args.val_images} val images per dataset; "
+        f"UNetStudent base 16, depth 3; {args.epochs} epochs, batch {args.batch_size}, 64x64 crops, AdamW lr {defaults.lr:g} "
+        f"wd {defaults.weight_decay:g}, {defaults.warmup_fraction:.0%} warm-up + cosine per step, for both; `fit` with its default "
+        f"loss ({defaults.loss}), the plain loop with cross-entropy; {args.train_images} train / {args.val_images} val images per dataset; "
         f"seeds {args.first_seed}..{args.first_seed + args.seeds - 1}. Best val mIoU over the epochs (mean ± standard deviation over seeds), "
         "the mIoU of the last epoch, and each seed's best.",
         "",
