@@ -207,7 +207,7 @@ def run_plain(root: Path, seed: int, epochs: int, batch_size: int, crop: int = 6
     import torch.nn.functional as F
 
     from unet_edge.config import TrainConfig
-    from unet_edge.data import ImageSegmentation, scan_dataset
+    from unet_edge.data import ImageSegmentation
     from unet_edge.evaluate import evaluate
     from unet_edge.loaders import training_data
     from unet_edge.model import build_model
@@ -216,7 +216,13 @@ def run_plain(root: Path, seed: int, epochs: int, batch_size: int, crop: int = 6
 
     torch.set_num_threads(1)
     defaults = TrainConfig()
-    info = scan_dataset(root).info
+    # The random draws `fit` makes for this seed, so that the two loops differ in their recipe and not in luck:
+    # the initial weights (seeded as `fit` seeds, drawn after building its loaders, as `fit` draws them; loading
+    # the tensors below draws nothing) and the batch order (a loader over indices whose generator is seeded as
+    # `fit`'s train loader's). The loaders themselves are not used; their scan gives the dataset's classes.
+    random.seed(seed)
+    torch.manual_seed(seed)
+    info = training_data(TrainConfig(data=str(root), batch_size=batch_size, device="cpu", seed=seed), torch.device("cpu")).scan.info
     ignore = IGNORE if info.ignore_index is None else info.ignore_index
 
     def fixed_crop(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,17 +236,10 @@ def run_plain(root: Path, seed: int, epochs: int, batch_size: int, crop: int = 6
     images = normalize(torch.stack([image for image, _ in train]))
     masks = torch.stack([mask for _, mask in train]).long()
     val_batches = [([image.as_subclass(torch.Tensor)], [mask.as_subclass(torch.Tensor)]) for image, mask in ImageSegmentation(root, "val")]
-    # The random draws `fit` makes for this seed, so that the two loops differ in their recipe and not in luck:
-    # the initial weights (seeded as `fit` seeds, drawn after building its loaders, as `fit` draws them) and
-    # the batch order (a loader over indices whose generator is seeded as `fit`'s train loader's).
-    random.seed(seed)
-    torch.manual_seed(seed)
-    training_data(TrainConfig(data=str(root), batch_size=batch_size, device="cpu", seed=seed), torch.device("cpu"))
     model = build_model(replace(defaults.model, num_classes=info.num_classes))
     order = torch.utils.data.DataLoader(range(len(train)), batch_size=batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=defaults.lr, weight_decay=defaults.weight_decay)
-    steps_per_epoch = len(train) // batch_size
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(steps_per_epoch * epochs, defaults.warmup_fraction))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(len(order) * epochs, defaults.warmup_fraction))
     criterion = torch.nn.CrossEntropyLoss(ignore_index=ignore)
     curve = []
     for _ in range(epochs):
