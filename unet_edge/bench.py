@@ -20,6 +20,7 @@ import numpy as np
 
 from .artifact import artifact_bytes, export_artifacts, find_latest_export, manifest_checkpoint
 from .backends import artifact_format, open_backend, provider_unavailable, runtime_of, supports
+from .device import INT8_BF16_FLAGS, cpu_flags, cpu_int8_bf16_flags
 from .errors import UNetEdgeError
 from .formats import Backend, Provider, default_threads
 from .formats.torchscript import TorchBackend, TorchDtype, TorchVariant
@@ -29,6 +30,7 @@ __all__ = [
     "backend_label",
     "bench_paths",
     "count_gflops",
+    "cpu_int8_bf16_flags",
     "latency_stats",
     "machine_info",
     "measure_matmul_gflops",
@@ -207,16 +209,6 @@ def count_gflops(model_config: dict[str, Any], height: int, width: int) -> float
     return counter.get_total_flops() / 1e9
 
 
-# CPU flags (as /proc/cpuinfo names them) that decide int8 and bf16 speed: dot-product and matrix units.
-INT8_BF16_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16", "amx_tile")
-
-
-def cpu_int8_bf16_flags(cpuinfo: str) -> list[str]:
-    """Which of `INT8_BF16_FLAGS` the first CPU in a /proc/cpuinfo text has (empty when it lists none)."""
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith(("flags", "Features"))), [])
-    return [flag for flag in INT8_BF16_FLAGS if flag in flags]
-
-
 def machine_info(threads: int) -> dict[str, Any]:
     """CPU model, its int8/bf16 instruction sets, cores, threads, GPU and library versions: what a reader
     needs to compare figures (int8 beats fp32 on a CPU only with int8 dot-product instructions)."""
@@ -228,7 +220,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), cpu)
     info: dict[str, Any] = {
         "cpu": cpu,
-        "cpu_int8_bf16": cpu_int8_bf16_flags(cpuinfo),
+        "cpu_int8_bf16": [flag for flag in INT8_BF16_FLAGS if flag in cpu_flags()],
         "cores": default_threads(),
         "threads": threads,
         "os": platform.platform(),
