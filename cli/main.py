@@ -9,7 +9,7 @@ import typer
 
 from unet_edge import __version__
 
-from . import bench as bench_cmd, data, eval as eval_cmd, export as export_cmd, predict as predict_cmd, train as train_cmd, verify as verify_cmd
+from . import bench as bench_cmd, data, deploy as deploy_cmd, eval as eval_cmd, export as export_cmd, predict as predict_cmd, train as train_cmd, verify as verify_cmd
 
 app = typer.Typer(
     name="unet-edge",
@@ -42,6 +42,7 @@ app.command("export")(export_cmd.export)
 app.command("verify")(verify_cmd.verify)
 app.command("predict")(predict_cmd.predict)
 app.command("bench")(bench_cmd.bench)
+app.command("deploy")(deploy_cmd.deploy)
 app.add_typer(data.app, name="data")
 
 
