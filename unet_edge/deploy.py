@@ -368,7 +368,18 @@ class _Images:
 def run_deploy(options: DeployOptions, progress: Progress | None = None) -> DeployResult:
     """Export, measure and time every candidate (what the cache holds is not done again), decide, and
     write deploy.json, deploy.png and the winner into `options.out`. Nothing passing is not an error
-    here: the result's decision has no winner (`Decision.require_winner` raises)."""
+    here: the result's decision has no winner (`Decision.require_winner` raises). PyTorch's thread
+    count, which the runtimes set while measuring, is restored at the end."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _deploy(options, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _deploy(options: DeployOptions, progress: Progress | None) -> DeployResult:
     from .bench import machine_info
     from .evaluate import checkpoint_data_root
     from .parity import compare, run_backend

@@ -1,0 +1,224 @@
+"""`unet-edge deploy`: the decision over measured records (no timing asserted), the resumable cache, and a
+tiny end-to-end run over two checkpoints and two formats whose winner loads and segments like its checkpoint."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unet_edge.deploy import Candidate, DeployError, DeployOptions, DeployResult, decide, pareto_front, plan_candidates, run_deploy
+from unet_edge.formats import FORMATS, Precision, Provider
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def candidate(name: str, p50: float | None, miou: float | None, drop: float | None, rejected: str | None = None, mb: float = 1.0) -> Candidate:
+    return Candidate(
+        model=name, checkpoint=f"runs/{name}/best.pt", checkpoint_sha256=name * 8, format="onnx", precision="fp32", path=f"{name}.onnx",
+        size_mb=mb, miou=miou, miou_drop=drop, latency_ms=None if p50 is None else {"p50": p50, "p90": p50, "p99": p50, "mean": p50, "min": p50},
+        rejected=rejected, key=name,
+    )  # fmt: skip
+
+
+def test_winner_is_the_lowest_p50_within_the_budget():
+    rows = [
+        candidate("slow", 9.0, 0.90, 0.0),
+        candidate("fast-over", None, 0.85, 0.05, rejected="over budget: val mIoU drop 0.0500 > 0.0100"),
+        candidate("fastest-failed", 1.0, 0.90, 0.0, rejected="timing failed: RuntimeError: boom"),
+        candidate("edge", 4.0, 0.89, 0.01),  # exactly at the budget: passes
+        candidate("mid", 6.0, 0.895, 0.005),
+        candidate("just-over", 2.0, 0.8899, 0.0101),
+    ]
+    decision = decide(rows, 0.01)
+    assert decision.winner is not None and decision.winner.key == "edge"
+    assert decision.require_winner() is decision.winner
+    assert [c.key for c in decision.ranked[:5]] == ["fastest-failed", "just-over", "edge", "mid", "slow"]
+    assert decision.ranked[-1].key == "fast-over"  # untimed rows follow, every candidate keeps its row
+    assert decide(rows, 0.02).winner.key == "just-over"
+    assert decide(rows, 0.0).winner.key == "slow"
+
+
+def test_ties_on_p50_go_to_the_more_accurate_then_the_smaller_file():
+    rows = [candidate("a", 5.0, 0.80, 0.0, mb=1.0), candidate("b", 5.0, 0.81, 0.0, mb=2.0), candidate("c", 5.0, 0.81, 0.0, mb=0.5)]
+    assert decide(rows, 0.01).winner.key == "c"
+
+
+def test_pareto_front_keeps_only_points_nothing_beats_on_both_axes():
+    rows = [
+        candidate("p1", 1.0, 0.80, 0.10),
+        candidate("p2", 2.0, 0.85, 0.05),
+        candidate("dominated-by-p2", 3.0, 0.84, 0.06),
+        candidate("same-speed-worse", 2.0, 0.80, 0.10),
+        candidate("p4", 4.0, 0.90, 0.0),
+        candidate("untimed", None, 0.95, -0.05),
+    ]
+    assert [c.key for c in pareto_front(rows)] == ["p1", "p2", "p4"]
+    # decide draws the front over the candidates within the budget only
+    assert [c.key for c in decide(rows, 0.06).front] == ["p2", "p4"]
+
+
+def test_nothing_within_the_budget_refuses_naming_the_closest():
+    rows = [
+        candidate("far", None, 0.70, 0.20, rejected="over budget: val mIoU drop 0.2000 > 0.0100"),
+        candidate("near", None, 0.88, 0.0234, rejected="over budget: val mIoU drop 0.0234 > 0.0100"),
+        candidate("broken", None, None, None, rejected="export failed: ArtifactError: no converter"),
+    ]
+    decision = decide(rows, 0.01)
+    assert decision.winner is None and decision.front == [] and decision.closest.key == "near"
+    with pytest.raises(DeployError, match=r"near onnx fp32, drops val mIoU by 0\.0234 \(budget 0\.0100\)"):
+        decision.require_winner()
+    with pytest.raises(DeployError, match="no candidate could be exported and measured"):
+        decide([rows[2]], 0.01).require_winner()
+
+
+def test_cli_exits_1_with_one_line_when_nothing_passes(monkeypatch, tmp_path, cli, one_line_error):
+    rows = [candidate("near", None, 0.88, 0.0234, rejected="over budget: val mIoU drop 0.0234 > 0.0100")]
+    result = DeployResult(
+        rows, decide(rows, 0.01), {"model": "ref", "miou": 0.9034, "checkpoint": "runs/ref/best.pt"}, {}, [],
+        {"cpu": "test CPU", "cpu_int8_bf16": []}, {"image_size": [256, 256], "threads": 2, "batch_size": 1}, tmp_path,
+        tmp_path / "deploy.json", None,
+    )  # fmt: skip
+    monkeypatch.setattr("unet_edge.deploy.run_deploy", lambda options, progress=None: result)
+    outcome = cli("deploy", "--out", str(tmp_path))
+    one_line_error(outcome, "near.onnx", "near onnx fp32", "0.0234")
+    assert "over budget" in outcome.stdout  # the table is printed before the refusal
+
+
+def test_bf16_and_fp16_only_where_the_cpu_computes_them(monkeypatch):
+    if FORMATS["openvino"].unavailable(Provider.CPU) or FORMATS["onnx"].unavailable(Provider.CPU):
+        pytest.skip("needs the openvino extra")
+    monkeypatch.setenv("UNET_EDGE_CPU_FLAGS", "avx2 fma")
+    plan, skipped = plan_candidates(("onnx", "openvino", "torchscript"), None)
+    assert dict(plan) == {"onnx": (Precision.FP32, Precision.INT8), "openvino": (Precision.FP32, Precision.INT8), "torchscript": (Precision.FP32,)}
+    reasons = {(s["format"], s["precision"]): s["reason"] for s in skipped}
+    assert set(reasons) == {("onnx", "fp16"), ("openvino", "bf16")}
+    assert "avx512_bf16" in reasons[("openvino", "bf16")] and "avx512_fp16" in reasons[("onnx", "fp16")]
+    monkeypatch.setenv("UNET_EDGE_CPU_FLAGS", "avx2 avx512_bf16")
+    plan, skipped = plan_candidates(("openvino",), (Precision.BF16,))
+    assert plan == [("openvino", (Precision.BF16,))] and skipped == []
+
+
+def test_readme_holds_each_embedding_snippet_deploy_writes():
+    from unet_edge.formats.embedding import SNIPPETS
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert set(SNIPPETS) == set(FORMATS)
+    for name, snippet in SNIPPETS.items():
+        assert f"{snippet.intro}:\n\n```python\n{snippet.code}```" in readme, name
+
+
+@pytest.fixture(scope="module")
+def deployed(tiny_data, tiny_checkpoint, trainer, tmp_path_factory, cli):
+    """Two checkpoints x (onnx, torchscript) fp32, deployed at 48x48: first stopped by Ctrl-C after the first
+    checkpoint's two formats were measured, then the same deploy from the command line, counting the
+    exports and measurements the second run does."""
+    import unet_edge.deploy
+    import unet_edge.export
+
+    other = trainer(tiny_data, tmp_path_factory.mktemp("deploy-runs"), name="other", seed=7, epochs=1).run_dir / "best.pt"
+    out = tmp_path_factory.mktemp("deployed")
+    options = DeployOptions(
+        checkpoints=(tiny_checkpoint, other), formats=("onnx", "torchscript"), precisions=(Precision.FP32,), image_size=(48, 48),
+        seconds=0.05, min_calls=6, out=out, threads=1,
+    )  # fmt: skip
+    names = {tiny_checkpoint: tiny_checkpoint.parent.name, other: other.parent.name}
+
+    def ctrl_c(done, total, status):
+        if status.startswith(f"exporting {names[other]}"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_deploy(options, ctrl_c)
+    calls = {"export": [], "measure": []}
+    with pytest.MonkeyPatch.context() as patch:
+        real_export, real_measure = unet_edge.export.run_export, unet_edge.deploy._measure
+        patch.setattr(unet_edge.export, "run_export", lambda opts, *a, **k: calls["export"].append(opts) or real_export(opts, *a, **k))
+        patch.setattr(unet_edge.deploy, "_measure", lambda c, *a: calls["measure"].append(c.label) or real_measure(c, *a))
+        result = cli(
+            "deploy", str(tiny_checkpoint), str(other), "--formats", "onnx,torchscript", "--precisions", "fp32", "--image-size", "48",
+            "--seconds", "0.05", "--min-calls", "6", "--threads", "1", "--out", str(out),
+        )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {"out": out, "stdout": result.stdout, "calls": calls, "checkpoints": (tiny_checkpoint, other), "names": names}
+
+
+def test_a_rerun_after_ctrl_c_does_only_what_was_missing(deployed):
+    other = deployed["checkpoints"][1]
+    assert sorted(opts.formats[0] for opts in deployed["calls"]["export"]) == ["onnx", "torchscript"]
+    assert all(opts.checkpoint == other for opts in deployed["calls"]["export"])
+    assert sorted(deployed["calls"]["measure"]) == sorted(f"{deployed['names'][other]} {f} fp32" for f in ("onnx", "torchscript"))
+
+
+def test_deploy_writes_report_plot_and_a_winner_that_segments_like_its_checkpoint(deployed, tiny_data, agreement, monkeypatch):
+    from PIL import Image
+
+    from unet_edge.backends import open_backend
+
+    out = deployed["out"]
+    report = json.loads((out / "deploy.json").read_text())
+    rows = report["candidates"]
+    assert len(rows) == 4 and {(r["model"], r["format"]) for r in rows} == {(n, f) for n in deployed["names"].values() for f in ("onnx", "torchscript")}
+    assert report["reference"]["miou"] == max(r["miou"] for r in rows)
+    for row in rows:
+        assert {"files", "miou", "miou_drop", "pixel_agreement", "latency_ms", "size_mb", "rejected", "pareto"} <= set(row)
+        assert row["files"][0]["sha256"] and row["files"][0]["file"] == row["path"]
+        assert row["miou_drop"] == pytest.approx(report["reference"]["miou"] - row["miou"])
+        if row["rejected"] is None:
+            lat = row["latency_ms"]
+            assert lat["p50"] <= lat["p90"] <= lat["p99"] and row["calls"] >= 6 and row["app_latency_ms"]["p50"] > 0
+        else:
+            assert row["rejected"].startswith("over budget") and row["latency_ms"] is None
+    winner = next(r for r in rows if r["winner"])
+    assert winner["pareto"] and winner["rejected"] is None
+    assert winner["latency_ms"]["p50"] == min(r["latency_ms"]["p50"] for r in rows if r["latency_ms"])
+    assert report["baseline"]["runtime"] == "pytorch eager" and report["baseline"]["calls"] >= 6
+    assert report["settings"]["threads"] == 1 and report["settings"]["image_size"] == [48, 48]
+    assert (out / "deploy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "winner" in deployed["stdout"] and "× eager" in deployed["stdout"]
+
+    model = out / Path(winner["path"]).name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["file"] for e in manifest["artifacts"]] == [model.name] and manifest["deploy"]["format"] == winner["format"]
+    checkpoint = Path(winner["checkpoint"])
+    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((tiny_data / "val" / "images").glob("*.png"))])
+    masks = open_backend(model).segment(images)  # sha256-checked against OUT/manifest.json
+    expected = open_backend(checkpoint).segment(images)
+    assert agreement(masks, expected) >= 0.999
+
+    # EMBEDDING.md's snippet runs as written in OUT (with the winner's file name) and gives the same mask
+    code = re.search(r"```python\n(.*?)```", (out / "EMBEDDING.md").read_text(), flags=re.S).group(1)
+    Image.fromarray(images[0]).save(out / "image.png")
+    monkeypatch.chdir(out)
+    scope: dict = {}
+    threads = torch.get_num_threads()
+    try:
+        exec(code.replace(f'"{FORMATS[winner["format"]].file}"', f'"{model.name}"'), scope)
+    finally:
+        torch.set_num_threads(threads)  # the TorchScript snippet sets it for the process
+    assert agreement(np.asarray(scope["mask"]), masks[0]) >= 0.999
+
+
+def test_the_same_command_again_exports_measures_and_times_nothing(deployed, monkeypatch, cli):
+    def refuse(*args, **kwargs):
+        raise AssertionError("finished work done again")
+
+    before = json.loads((deployed["out"] / "deploy.json").read_text())
+    monkeypatch.setattr("unet_edge.export.run_export", refuse)
+    monkeypatch.setattr("unet_edge.deploy._measure", refuse)
+    monkeypatch.setattr("unet_edge.bench.time_interleaved", refuse)
+    tiny, other = deployed["checkpoints"]
+    result = cli(
+        "deploy", str(tiny), str(other), "--formats", "onnx,torchscript", "--precisions", "fp32", "--image-size", "48",
+        "--seconds", "0.05", "--min-calls", "6", "--threads", "1", "--out", str(deployed["out"]),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = json.loads((deployed["out"] / "deploy.json").read_text())
+    assert after["winner"] == before["winner"] and after["candidates"] == before["candidates"]
+
+
+def test_missing_checkpoint_is_a_one_line_error(tmp_path, cli, one_line_error):
+    result = cli("deploy", str(tmp_path / "nope.pt"), "--formats", "onnx", "--out", str(tmp_path / "out"))
+    one_line_error(result, "nope.pt", "not found")
