@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperOption
 
-from unet_edge.config import BlockOrder, Loss, TrainConfig, Upsample
+from unet_edge.config import BlockOrder, DistillLoss, Loss, TrainConfig, Upsample
 
 from .common import DataOption, DeviceOption, console, err_console, fmt, handle_errors, iou_table, progress_bar
 
@@ -84,6 +84,20 @@ def train(
         Loss,
         typer.Option(help="Training loss: cross-entropy (ce), or cross-entropy plus soft Dice (dice-ce), which weighs small classes like large ones."),
     ] = Loss(DEFAULTS.loss),
+    teacher: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Distil from this model: a larger run's checkpoint (RUN/best.pt) or a TorchScript export, with the same classes and normalisation.",
+        ),
+    ] = None,
+    distill_loss: Annotated[
+        DistillLoss,
+        typer.Option(help="With --teacher: pixel-wise KL over the classes (kl), or channel-wise divergence over each class map's pixels (cwd)."),
+    ] = DistillLoss(DEFAULTS.distill_loss),
+    distill_weight: Annotated[float, typer.Option(min=0.0, help="With --teacher: weight of the distillation term in the loss.")] = DEFAULTS.distill_weight,
+    distill_temperature: Annotated[
+        float, typer.Option(help="With --teacher: softmax temperature (> 0) of the distillation term, which is scaled by its square.")
+    ] = DEFAULTS.distill_temperature,
     base_channels: Annotated[int, typer.Option(min=1, help="Channels of the first U-Net level.")] = DEFAULTS.model.base_channels,
     depth: Annotated[int, typer.Option(min=1, help="Number of down/up-sampling levels.")] = DEFAULTS.model.depth,
     num_convs: Annotated[int, typer.Option(min=1, help="Convolutions per block.")] = DEFAULTS.model.num_convs,
@@ -121,6 +135,12 @@ def train(
         launch_training("unet_edge_cli.main", ["train", *_command_args(ctx, {"nproc_per_node"})], nproc_per_node, data)
         return
 
+    given = _given(ctx)
+    unused = [f"--{name.replace('_', '-')}" for name in ("distill_loss", "distill_weight", "distill_temperature") if name in given]
+    if unused and teacher is None and resume is None:
+        raise typer.BadParameter(f"{', '.join(unused)} only apply with --teacher")
+    if distill_temperature <= 0:
+        raise typer.BadParameter(f"{distill_temperature:g}: must be > 0", param_hint="--distill-temperature")
     scale_min, scale_max = _scale_range(scale_jitter)
     config = TrainConfig(
         data=str(data) if data is not None else None,
@@ -133,6 +153,10 @@ def train(
         scale_max=scale_max,
         ema_decay=ema_decay,
         loss=loss,
+        teacher=str(teacher.resolve()) if teacher is not None else None,
+        distill_loss=distill_loss,
+        distill_weight=distill_weight,
+        distill_temperature=distill_temperature,
         model=replace(DEFAULTS.model, base_channels=base_channels, depth=depth, num_convs=num_convs, upsample=upsample, block_order=block_order),
         device=device,
         amp=amp,
@@ -170,13 +194,13 @@ def train(
                 progress.update(self.task, advance=1, description=f"epoch {epoch + 1}", status=f"loss {loss:.4f}")
 
             def on_epoch_end(self, record: dict[str, Any]) -> None:
+                teacher = f", teacher {record['teacher_share']:.0%} of step time" if record.get("teacher_share") is not None else ""
                 progress.console.print(
                     f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  val mIoU {fmt(record['miou'])}  "
                     f"{fmt(record['train_images_per_s'], 1)} img/s  {record['epoch_time_s']:.1f} s "
-                    f"(waiting for data {record['data_time_s']:.1f} s)"
+                    f"(waiting for data {record['data_time_s']:.1f} s{teacher})"
                 )
 
-        given = _given(ctx)
         explicit = given | ({"scale_min", "scale_max"} if "scale_jitter" in given else set())
         result = fit(config, Hooks(), distributed, explicit=explicit)
     if distributed is not None and not distributed.is_main:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["BlockOrder", "Downsample", "Loss", "ModelConfig", "TrainConfig", "Upsample"]
+__all__ = ["BlockOrder", "DistillLoss", "Downsample", "Loss", "ModelConfig", "TrainConfig", "Upsample"]
 
 
 class Upsample(StrEnum):
@@ -39,6 +39,14 @@ class Loss(StrEnum):
 
     CE = "ce"
     DICE_CE = "dice-ce"
+
+
+class DistillLoss(StrEnum):
+    """The distillation term on the logits (see `unet_edge.distill`): pixel-wise KL over the classes, or
+    channel-wise divergence over each class map's pixels."""
+
+    KL = "kl"
+    CWD = "cwd"
 
 
 def _choice(enum: type[StrEnum], name: str, value: str) -> str:
@@ -90,7 +98,8 @@ class TrainConfig:
     (0: none), `scale_min`..`scale_max` the range of the random resize before the crop (1..1: none).
     `ema_decay` > 0 keeps an exponential moving average of the weights, which is what validation
     measures and best.pt holds. `loss` is "dice-ce" (cross-entropy plus soft Dice) or "ce"; checkpoints
-    saved before the setting existed trained with "ce".
+    saved before the setting existed trained with "ce". `teacher` (a checkpoint or TorchScript file) adds
+    `distill_weight` times the `distill_loss` term at `distill_temperature` to the loss.
     """
 
     data: str | None = None
@@ -105,6 +114,10 @@ class TrainConfig:
     scale_max: float = 1.0
     ema_decay: float = 0.0
     loss: str = "dice-ce"
+    teacher: str | None = None
+    distill_loss: str = "kl"
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
     model: ModelConfig = field(default_factory=lambda: ModelConfig(base_channels=16, depth=3))
     device: str = "auto"
     amp: bool = True
@@ -124,6 +137,11 @@ class TrainConfig:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema decay must be in [0, 1), got {self.ema_decay}")
         object.__setattr__(self, "loss", _choice(Loss, "loss", self.loss))
+        object.__setattr__(self, "distill_loss", _choice(DistillLoss, "distill loss", self.distill_loss))
+        if self.distill_weight < 0:
+            raise ValueError(f"distill weight must be >= 0, got {self.distill_weight}")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill temperature must be > 0, got {self.distill_temperature}")
 
     @property
     def scale_range(self) -> tuple[float, float] | None:

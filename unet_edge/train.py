@@ -22,7 +22,8 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .config import Loss, ModelConfig, TrainConfig
-from .device import Precision, mixed_precision, place_model, resolve_device
+from .device import Precision, mixed_precision, place_model, prefers_channels_last, resolve_device
+from .distill import Distillation, Teacher, check_same_teacher, distill_term, load_teacher
 from .errors import DataError, TrainingError
 from .evaluate import EvalResult, evaluate
 from .loaders import TrainingData, pad_index, training_data
@@ -45,9 +46,13 @@ __all__ = [
 ]
 
 # Settings that shape a run: resuming keeps the saved values, and an explicitly different one is an error.
-RUN_SETTINGS = ("batch_size", "lr", "weight_decay", "warmup_fraction", "image_size", "hflip", "scale_min", "scale_max", "ema_decay", "loss", "seed", "out", "name", *(f.name for f in fields(ModelConfig)))
-# Settings whose saved values a resumed run uses unless given: where the data is now, and how many epochs in all.
-RESUME_OVERRIDES = ("data", "epochs")
+RUN_SETTINGS = (
+    "batch_size", "lr", "weight_decay", "warmup_fraction", "image_size", "hflip", "scale_min", "scale_max", "ema_decay", "loss",
+    "distill_loss", "distill_weight", "distill_temperature", "seed", "out", "name", *(f.name for f in fields(ModelConfig)),
+)  # fmt: skip
+# Settings whose saved values a resumed run uses unless given: where the data and the teacher are now (the
+# teacher file must be the same one, by sha256), and how many epochs in all.
+RESUME_OVERRIDES = ("data", "teacher", "epochs")
 # Settings of this invocation only (how to run, not what to train).
 SESSION_SETTINGS = ("device", "amp", "compile", "workers", "cache", "resume")
 # Steps between two reads of the loss on the host (each read waits for the GPU to finish its queue).
@@ -156,6 +161,7 @@ class Training:
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     device: torch.device
     ema: ModelEma | None = None
+    distillation: Distillation | None = None
 
     @property
     def validated_model(self) -> nn.Module:
@@ -164,9 +170,16 @@ class Training:
 
     @classmethod
     def build(
-        cls, config: TrainConfig, data: TrainingData, device: torch.device, distributed: Any | None, planned_epochs: int
+        cls,
+        config: TrainConfig,
+        data: TrainingData,
+        device: torch.device,
+        distributed: Any | None,
+        planned_epochs: int,
+        teacher: Teacher | None = None,
     ) -> Training:
-        """A new model for `data`'s classes, AdamW, and a warm-up + cosine schedule over `planned_epochs`."""
+        """A new model for `data`'s classes, AdamW, and a warm-up + cosine schedule over `planned_epochs`;
+        with a `teacher`, the loss gains the configured distillation term."""
         num_classes = len(data.classes)
         if config.model.num_classes not in (None, num_classes):
             raise DataError(f"{data.root}: {num_classes} classes, but the model settings ask for {config.model.num_classes}")
@@ -180,7 +193,12 @@ class Training:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         precision = mixed_precision(device, config.amp)
         ema = ModelEma(model, config.ema_decay) if config.ema_decay > 0 else None
-        return cls(model, train_model, model_config, optimizer, scheduler, precision, segmentation_loss(data.ignore_index, config.loss), device, ema)
+        distillation = None
+        if teacher is not None:
+            term = distill_term(config.distill_loss, config.distill_temperature)
+            distillation = Distillation(teacher, term, config.distill_weight, pad_index(data.ignore_index))
+        criterion = segmentation_loss(data.ignore_index, config.loss)
+        return cls(model, train_model, model_config, optimizer, scheduler, precision, criterion, device, ema, distillation)
 
     def state_dict(self) -> dict[str, Any]:
         """Weights, model settings and the optimiser, schedule and scaler states, as a checkpoint holds them.
@@ -277,12 +295,14 @@ def train_one_epoch(
     on_step: Callable[[int, float], None] | None = None,
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ema: ModelEma | None = None,
+    distillation: Distillation | None = None,
 ) -> EpochStats:
     """One pass over `loader`. A non-finite loss stops training (checked every `LOSS_CHECK_EVERY` steps on
     a GPU, every step on the CPU, and at the end); `on_step` gets the loss last read.
 
     With a grad `scaler`, a step it skips (inf/NaN gradients) does not advance the schedule.
-    `ema`, when given, moves its average after every optimiser step.
+    `ema`, when given, moves its average after every optimiser step. `distillation`, when given, adds its
+    term (the teacher run on the same batch, in the same autocast) to the loss.
 
     `normalize` turns each batch, once on `device`, into the model's input (see `BatchNormalize`).
     `EpochStats.data_time` is the time spent waiting for the loader: near zero when data loading
@@ -308,7 +328,10 @@ def train_one_epoch(
         if normalize is not None:
             images = normalize(images)
         with autocast or nullcontext():
-            loss = criterion(model(images), masks)
+            logits = model(images)
+            loss = criterion(logits, masks)
+            if distillation is not None:
+                loss = loss + distillation(images, logits, masks)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaled = scaler.scale(loss)
@@ -349,6 +372,7 @@ def run_epoch(
     loss, seen, data_time = train_one_epoch(
         training.train_model, data.train_loader, training.optimizer, training.scheduler, training.criterion, training.device,
         autocast=precision.autocast, scaler=precision.scaler, on_step=on_step, normalize=data.normalize, ema=training.ema,
+        distillation=training.distillation,
     )  # fmt: skip
     if distributed is not None:
         loss, seen = distributed.reduce_loss(loss, seen)
@@ -356,6 +380,11 @@ def run_epoch(
         if training.ema is not None:
             distributed.broadcast_buffers(training.ema.module)
     train_time = time.perf_counter() - started
+    distill_record = {}
+    if training.distillation is not None:
+        teacher_time, mean_term = training.distillation.take_epoch_stats()
+        step_time = train_time - data_time
+        distill_record = {"distill_loss": mean_term, "teacher_time_s": teacher_time, "teacher_share": teacher_time / step_time if step_time > 0 else None}
     # Validation runs in fp32, as `unet-edge eval` and the exported models do, so the logged mIoU is
     # that of the saved weights whatever precision trained them.
     result = evaluate(training.validated_model, data.val_loader, len(data.classes), data.ignore_index, training.device, normalize=data.normalize)
@@ -366,6 +395,7 @@ def run_epoch(
         "train_images_per_s": seen / train_time if train_time > 0 else None,
         "data_time_s": data_time,
         "epoch_time_s": time.perf_counter() - started,
+        **distill_record,
         **result.to_dict(data.classes),
     }
     return record, result
@@ -386,6 +416,7 @@ def resume_config(config: TrainConfig, state: dict[str, Any], explicit: Collecti
         raise TrainingError(f"{config.resume}: a resumed run keeps its saved settings; drop {', '.join(conflicts)}")
     keep = [*SESSION_SETTINGS, *(k for k in RESUME_OVERRIDES if k in given)]
     resumed = replace(saved, **{k: getattr(config, k) for k in keep})
+    check_same_teacher(state.get("teacher"), resumed.teacher, config.resume)
     done = int(state.get("epoch", 0))
     if done >= resumed.epochs:
         raise TrainingError(f"nothing to train: {config.resume} is already at epoch {done} of {resumed.epochs}")
@@ -421,7 +452,10 @@ def fit(
     data = training_data(config, device, distributed, progress=hooks.on_scan if is_main else None)
     if is_main and data.scan.classes_note is not None:
         hooks.on_note(data.scan.classes_note)
-    training = Training.build(config, data, device, distributed, planned_epochs)
+    teacher = None
+    if config.teacher is not None:
+        teacher = load_teacher(config.teacher, data.classes, data.mean, data.std, device, channels_last=prefers_channels_last(device, training=True))
+    training = Training.build(config, data, device, distributed, planned_epochs, teacher)
     if resumed is not None:
         _check_same_classes(config, resumed, data)
         training.restore(resumed, len(data.train_loader) * config.epochs, config.resume)
@@ -431,10 +465,19 @@ def fit(
     if distributed is not None:
         run.path = distributed.broadcast_path(run.path)
     about = {**data.checkpoint_fields(), "train_config": config.to_dict()}
+    teacher_miou = None
+    if teacher is not None:
+        # Measured once per run, in fp32 as validation is; a resumed run keeps the figure its teacher got.
+        recorded = resumed.get("teacher") if resumed is not None else None
+        teacher_miou = recorded["val_miou"] if recorded else evaluate(teacher.model, data.val_loader, len(data.classes), data.ignore_index, device, normalize=data.normalize).miou
+        about["teacher"] = teacher.record(teacher_miou)
+        if is_main:
+            hooks.on_note(f"teacher {teacher.path} ({teacher.description}): val mIoU {teacher_miou:.4f}")
     if is_main:
         hooks.on_start(run.path, config.epochs, len(data.train_loader), run.start_epoch, str(device))
     history: list[dict[str, Any]] = []
     epoch = run.start_epoch
+    teacher_passed = teacher_miou is not None and run.best_metric > teacher_miou
     try:
         for epoch in range(run.start_epoch, config.epochs):
             on_step = (lambda step, loss, e=epoch: hooks.on_step(e, step, loss)) if is_main else None
@@ -446,6 +489,13 @@ def fit(
             run.save(epoch + 1, record, result.miou, {**training.state_dict(), **about})
             if is_main:
                 hooks.on_epoch_end(record)
+            if teacher_miou is not None and not teacher_passed and result.miou > teacher_miou:
+                teacher_passed = True
+                if is_main:
+                    hooks.on_note(
+                        f"warning: the student's val mIoU {result.miou:.4f} passed the teacher's {teacher_miou:.4f} at epoch {epoch + 1}; "
+                        "the distillation term now pulls it towards a worse model (a better teacher, or a lower --distill-weight, avoids that)"
+                    )
     except KeyboardInterrupt:
         if not is_main:
             raise

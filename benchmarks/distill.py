@@ -1,0 +1,310 @@
+"""Distillation: does `unet-edge train --teacher` bring a small student closer to a large model?
+
+On each of train_quality's datasets (shapes, digits, textures: see benchmarks/train_quality.py), with the
+same epochs, batch size, crop and schedule (every other setting at `unet-edge train`'s defaults) for all:
+
+- a teacher (default base 32, depth 4), trained by `unet-edge train`, one per dataset (seed 0);
+- the student (default base 8, depth 3) trained alone, one run per seed;
+- the same student distilled from that teacher (`--teacher`), one run per seed, paired with the lone
+  student's seed (same initial weights and batch order: the two differ only in the distillation term).
+
+One teacher per dataset, not per seed: the question is what a given teacher does for a student, and a teacher
+costs as much to train as seven lone students here. Every run is a real `unet-edge train` subprocess with
+OMP_NUM_THREADS=--threads, so its figures do not depend on how busy the machine is (only its time does).
+
+Reported: best val mIoU (mean ± sd over seeds), the fraction of the teacher-student gap that distillation
+closes ((distilled - alone) / (teacher - alone), on the means), GFLOP per 256x256 image, CPU latency
+(PyTorch fp32, channels-last, batch 1, 256x256, measured at the end), and the training-time cost (the sum of
+`epoch_time_s` over a run's epochs, which metrics.jsonl holds; the teacher's share of the step time).
+
+    python benchmarks/distill.py --threads 1                     # writes the `distill` section of benchmarks/README.md
+    python benchmarks/distill.py --select --datasets digits --seeds 1 --no-write   # compare distillation settings
+
+Finished runs are cached in OUT/results.json and skipped; a run that was stopped resumes from its last.pt.
+The run folders (best.pt of every teacher and student) stay under OUT/runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+README = HERE / "README.md"
+BEGIN, END = "<!-- BEGIN distill -->", "<!-- END distill -->"
+# The settings --select compares (each a set of `unet-edge train` options for the distilled runs).
+SELECT_VARIANTS = (
+    {"distill_loss": "kl", "distill_temperature": 1.0, "distill_weight": 1.0},
+    {"distill_loss": "kl", "distill_temperature": 2.0, "distill_weight": 1.0},
+    {"distill_loss": "kl", "distill_temperature": 4.0, "distill_weight": 1.0},
+    {"distill_loss": "cwd", "distill_temperature": 1.0, "distill_weight": 3.0},
+    {"distill_loss": "cwd", "distill_temperature": 4.0, "distill_weight": 3.0},
+)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="shapes,digits,textures", help="comma-separated: shapes, digits, textures")
+    parser.add_argument("--seeds", type=int, default=3, help="student and distilled runs per dataset (seeds 0..N-1)")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--train-images", type=int, default=240)
+    parser.add_argument("--val-images", type=int, default=60)
+    parser.add_argument("--teacher", default="32,4", metavar="BASE,DEPTH")
+    parser.add_argument("--student", default="8,3", metavar="BASE,DEPTH")
+    parser.add_argument("--distill", default="{}", help='JSON of distillation settings beyond the defaults, e.g. \'{"distill_loss": "cwd"}\'')
+    parser.add_argument("--select", action="store_true", help="distil with each of SELECT_VARIANTS instead (to choose the defaults)")
+    parser.add_argument("--extra-student", default="16,3", metavar="BASE,DEPTH", help="also distil this student on digits, seed 0 (empty: none)")
+    parser.add_argument("--threads", type=int, default=1, help="threads of every run and of the latency step")
+    parser.add_argument("--latency-seconds", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, default=HERE / "out" / "distill")
+    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--no-write", action="store_true", help="print the section only")
+    return parser.parse_args()
+
+
+def arch(text: str) -> tuple[int, int]:
+    base, depth = (int(v) for v in text.split(","))
+    return base, depth
+
+
+def option_args(settings: dict) -> list[str]:
+    return [part for key, value in settings.items() for part in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def tag(settings: dict) -> str:
+    """A run-name fragment for distillation settings, so a cached run is never mistaken for another setting's."""
+    from unet_edge.config import TrainConfig
+
+    defaults = TrainConfig()
+    full = {"distill_loss": defaults.distill_loss, "distill_temperature": defaults.distill_temperature, "distill_weight": defaults.distill_weight, **settings}
+    return f"{full['distill_loss']}-T{full['distill_temperature']:g}-w{full['distill_weight']:g}"
+
+
+class Runner:
+    """Runs `unet-edge train` once per run name, caching each finished run's figures in OUT/results.json."""
+
+    def __init__(self, args: argparse.Namespace, roots: dict[str, Path]) -> None:
+        self.args = args
+        self.roots = roots
+        self.runs = args.out / "runs"
+        self.cache_file = args.out / "results.json"
+        self.results: dict[str, dict] = json.loads(self.cache_file.read_text()) if self.cache_file.is_file() else {}
+
+    def checkpoint(self, name: str) -> Path:
+        return self.runs / name / "best.pt"
+
+    def train(self, name: str, dataset: str, seed: int, base: int, depth: int, extra: list[str]) -> dict:
+        if name in self.results:
+            return self.results[name]
+        args = self.args
+        folder = self.runs / name
+        common = ["--device", "cpu", "--epochs", str(args.epochs)]
+        last = folder / "last.pt"
+        if last.is_file():
+            command = ["train", "--resume", str(last), *common]
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            command = [
+                "train", "--data", str(self.roots[dataset]), "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
+                "--base-channels", str(base), "--depth", str(depth), "--seed", str(seed), "--out", str(self.runs), "--name", name, *common, *extra,
+            ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "UNET_EDGE_PROGRESS": "0"}
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "unet_edge_cli.main", *command], env=env, capture_output=True, text=True)
+        if done.returncode != 0 and not (done.returncode == 1 and "nothing to train" in done.stderr):
+            raise SystemExit(f"error: {name}: unet-edge {shlex.join(command)} exited {done.returncode}:\n{done.stderr[-2000:]}")
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        shares = [r["teacher_share"] for r in records if r.get("teacher_share") is not None]
+        teacher_notes = [line for line in done.stderr.splitlines() if line.startswith(("teacher ", "warning:"))]
+        result = {
+            "dataset": dataset, "seed": seed, "base": base, "depth": depth, "extra": extra,
+            "curve": [r["miou"] for r in records], "best": max(r["miou"] for r in records),
+            "train_seconds": sum(r["epoch_time_s"] for r in records), "teacher_share": statistics.mean(shares) if shares else None,
+            "wall_seconds": time.perf_counter() - started, "notes": teacher_notes,
+        }  # fmt: skip
+        self.results[name] = result
+        self.args.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1))
+        tmp.replace(self.cache_file)
+        share = f", teacher {result['teacher_share']:.0%} of step time" if shares else ""
+        print(f"{time.strftime('%H:%M:%S')} {name}: best val mIoU {result['best']:.4f} ({result['train_seconds']:.0f} s of training{share})", flush=True)
+        for note in teacher_notes:
+            print(f"    {note}", flush=True)
+        return result
+
+
+def summary(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+def latency_ms(checkpoint: Path, threads: int, seconds: float) -> float:
+    """p50 ms of one 256x256 image through the checkpoint's model: PyTorch fp32, channels-last, `threads` threads."""
+    import torch
+
+    from unet_edge.bench import time_runner
+    from unet_edge.checkpoint import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(checkpoint).model.to(memory_format=torch.channels_last)
+    image = torch.randn(1, 3, 256, 256).contiguous(memory_format=torch.channels_last)
+
+    def run() -> None:
+        with torch.inference_mode():
+            model(image)
+
+    return statistics.median(time_runner(run, warmup=3, iters=None, seconds=seconds, min_iters=10))
+
+
+def main() -> None:
+    args = parse_args()
+    sys.path.insert(0, str(HERE))
+    from train_quality import write_datasets
+    from train_throughput import machine, write_section
+
+    import torch
+
+    from unet_edge.bench import count_gflops
+    from unet_edge.checkpoint import load_checkpoint
+
+    torch.set_num_threads(args.threads)
+    names = args.datasets.split(",")
+    teacher_arch, student_arch = arch(args.teacher), arch(args.student)
+    data_dir = args.out / f"data-{args.train_images}-{args.val_images}"
+    roots = {}
+    for name in names:
+        if not (data_dir / name / ".complete").is_file():
+            shutil.rmtree(data_dir / name, ignore_errors=True)
+            write_datasets([name], data_dir, args.train_images, args.val_images)
+            (data_dir / name / ".complete").touch()
+        roots[name] = data_dir / name
+    runner = Runner(args, roots)
+    started = time.perf_counter()
+    variants = [dict(v) for v in SELECT_VARIANTS] if args.select else [json.loads(args.distill)]
+    seeds = range(args.seeds)
+    rows = []
+    for dataset in names:
+        teacher_name = f"{dataset}-teacher-b{teacher_arch[0]}-d{teacher_arch[1]}-s0"
+        teacher = runner.train(teacher_name, dataset, 0, *teacher_arch, [])
+        alone = [runner.train(f"{dataset}-student-b{student_arch[0]}-d{student_arch[1]}-s{seed}", dataset, seed, *student_arch, []) for seed in seeds]
+        for variant in variants:
+            options = ["--teacher", str(runner.checkpoint(teacher_name)), *option_args(variant)]
+            distilled = [
+                runner.train(f"{dataset}-distilled-{tag(variant)}-b{student_arch[0]}-d{student_arch[1]}-s{seed}", dataset, seed, *student_arch, options)
+                for seed in seeds
+            ]
+            rows.append((dataset, tag(variant), teacher, alone, distilled))
+    extra_name = None
+    if args.extra_student and "digits" in names and not args.select:
+        extra_arch = arch(args.extra_student)
+        teacher_name = f"digits-teacher-b{teacher_arch[0]}-d{teacher_arch[1]}-s0"
+        options = ["--teacher", str(runner.checkpoint(teacher_name)), *option_args(variants[0])]
+        extra_name = f"digits-distilled-{tag(variants[0])}-b{extra_arch[0]}-d{extra_arch[1]}-s0"
+        runner.train(f"digits-student-b{extra_arch[0]}-d{extra_arch[1]}-s0", "digits", 0, *extra_arch, [])
+        runner.train(extra_name, "digits", 0, *extra_arch, options)
+    print(f"{time.strftime('%H:%M:%S')} training done ({(time.perf_counter() - started) / 60:.1f} min in this invocation); measuring latency", flush=True)
+
+    where = "digits" if "digits" in names else names[0]
+    models = {"teacher": (f"{where}-teacher-b{teacher_arch[0]}-d{teacher_arch[1]}-s0", teacher_arch)}
+    models["student"] = (f"{where}-student-b{student_arch[0]}-d{student_arch[1]}-s0", student_arch)
+    if extra_name:
+        extra_arch = arch(args.extra_student)
+        models[f"student b{extra_arch[0]}"] = (f"digits-student-b{extra_arch[0]}-d{extra_arch[1]}-s0", extra_arch)
+    costs = {}
+    for label, (name, (base, depth)) in models.items():
+        checkpoint = runner.checkpoint(name)
+        gflop = count_gflops(load_checkpoint(checkpoint)["config"], 256, 256)
+        costs[label] = (base, depth, gflop, latency_ms(checkpoint, args.threads, args.latency_seconds))
+        print(f"{label}: base {base}, depth {depth}: {gflop:.2f} GFLOP, p50 {costs[label][3]:.1f} ms ({checkpoint})", flush=True)
+
+    text = section(args, rows, costs, runner, extra_name, machine())
+    print(text)
+    if not args.no_write:
+        write_section(args.readme, text, BEGIN, END)
+
+
+def section(args: argparse.Namespace, rows: list, costs: dict, runner: Runner, extra_name: str | None, machine_line: str) -> str:
+    from unet_edge.config import TrainConfig
+
+    defaults = TrainConfig()
+    student, teacher = costs["student"], costs["teacher"]
+    lines = [
+        BEGIN,
+        "## Distillation: a small student taught by a large model",
+        "",
+        f"Teacher UNetStudent base {teacher[0]}, depth {teacher[1]} (one per dataset, seed 0); student base {student[0]}, depth {student[1]}, "
+        f"alone and distilled (`--teacher`), seeds 0..{args.seeds - 1}, each distilled seed paired with the lone student's. "
+        f"All runs: `unet-edge train`, {args.epochs} epochs, batch {args.batch_size}, {args.image_size}x{args.image_size} crops, "
+        f"AdamW lr {defaults.lr:g}, {defaults.warmup_fraction:.0%} warm-up + cosine, loss {defaults.loss}, {args.train_images} train / "
+        f"{args.val_images} val images per dataset (train_quality's sets), {args.threads} thread(s) per run. Best val mIoU over the "
+        "epochs, mean ± sd over seeds; gap closed = (distilled - alone) / (teacher - alone), on the means.",
+        "",
+        "| dataset | distillation | teacher | student alone | student distilled | gap closed | distilled per seed (alone) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for dataset, setting, teacher_run, alone, distilled in rows:
+        t, a, d = teacher_run["best"], statistics.mean(r["best"] for r in alone), statistics.mean(r["best"] for r in distilled)
+        closed = f"{(d - a) / (t - a):.0%}" if t > a else "- (teacher not better)"
+        seeds = ", ".join(f"{x['best']:.3f} ({y['best']:.3f})" for x, y in zip(distilled, alone))
+        lines.append(f"| {dataset} | {setting} | {t:.3f} | {summary([r['best'] for r in alone])} | {summary([r['best'] for r in distilled])} | {closed} | {seeds} |")
+    lines += [
+        "",
+        "| model | GFLOP / 256² image | CPU latency p50, 256², batch 1 |",
+        "| --- | ---: | ---: |",
+    ]
+    for label, (base, depth, gflop, latency) in costs.items():
+        lines.append(f"| {label} (base {base}, depth {depth}) | {gflop:.2f} | {latency:.1f} ms |")
+
+    def seconds(predicate) -> float:
+        chosen = [r["train_seconds"] for name, r in runner.results.items() if predicate(name)]
+        return statistics.mean(chosen) if chosen else float("nan")
+
+    datasets = sorted({row[0] for row in rows})
+    teacher_s = seconds(lambda n: "-teacher-" in n and n.split("-")[0] in datasets)
+    alone_s = seconds(lambda n: f"-student-b{student[0]}-d{student[1]}-" in n and n.split("-")[0] in datasets)
+    distilled_runs = [r for name, r in runner.results.items() if f"-distilled-{rows[0][1]}-b{student[0]}-d{student[1]}-" in name and r["dataset"] in datasets]
+    distilled_s = statistics.mean(r["train_seconds"] for r in distilled_runs) if distilled_runs else float("nan")
+    share = statistics.mean(r["teacher_share"] for r in distilled_runs) if distilled_runs else float("nan")
+    lines += [
+        "",
+        f"Training time per run (train + validation, mean over runs, {args.threads} thread(s)): teacher {teacher_s:.0f} s, student alone "
+        f"{alone_s:.0f} s, student distilled {distilled_s:.0f} s (**{distilled_s / alone_s:.1f}×** alone; the teacher's forward passes take "
+        f"{share:.0%} of the distilled step time), so a distilled student costs the teacher's training once plus "
+        f"{distilled_s - alone_s:.0f} s per run.",
+    ]
+    if extra_name and extra_name in runner.results:
+        extra = runner.results[extra_name]
+        base = extra["base"]
+        alone_extra = runner.results.get(f"digits-student-b{base}-d{extra['depth']}-s0")
+        lines += ["", f"Also on digits, seed 0, student base {base}, depth {extra['depth']}: alone {alone_extra['best']:.3f}, distilled {extra['best']:.3f}."]
+    minutes = sum(r["train_seconds"] for r in runner.results.values()) / 60
+    command = shlex.join(["python", "benchmarks/distill.py", *sys.argv[1:]])
+    lines += [
+        "",
+        f"{len(runner.results)} runs cached, {minutes:.0f} CPU-thread minutes of training in all.",
+        "",
+        f"Machine: {machine_line}.",
+        "",
+        "Command:",
+        "",
+        "```",
+        command,
+        "```",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

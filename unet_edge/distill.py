@@ -1,0 +1,265 @@
+"""Knowledge distillation: a teacher model, frozen, and the terms that pull a student's logits towards its own.
+
+The teacher is a unet-edge checkpoint (any width, depth, block order or up-sampling) or a TorchScript
+export of one: it must read the same normalised N x 3 x H x W input and give N x K x H x W logits over the
+same classes, which `load_teacher` checks before training starts. The terms are small modules called as
+``term(student_logits, teacher_logits, valid_mask)``, where `valid_mask` (N x H x W, bool) marks the
+pixels that count: not the ignore index, not crop or batch padding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .artifact import NCHW_FLOAT, TORCHSCRIPT_METADATA_FILE, read_metadata
+from .checkpoint import load_model
+from .config import DistillLoss
+from .errors import ArtifactError, CheckpointError, TrainingError
+from .io import sha256_file
+
+__all__ = [
+    "ChannelWiseDivergence",
+    "Distillation",
+    "FrozenTeacher",
+    "PixelKLDivergence",
+    "Teacher",
+    "check_same_teacher",
+    "distill_term",
+    "load_teacher",
+]
+
+# Side of the blank image a teacher is run on once, to check its input and output shapes.
+_PROBE_SIZE = 32
+
+
+class FrozenTeacher(nn.Module):
+    """A model that never trains: no gradients, eval mode for good (a later `train()` keeps it in eval mode,
+    so its BatchNorm statistics never move), forward under `torch.no_grad()`."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        for parameter in module.parameters():  # ScriptModules have no requires_grad_()
+            parameter.requires_grad_(False)
+        self.module = module.eval()
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module(images)
+
+
+class PixelKLDivergence(nn.Module):
+    """KL(teacher ‖ student) of the class distributions at temperature T, per pixel, averaged over the valid
+    pixels and scaled by T² so that its gradient keeps its size as T changes (Hinton et al. 2015)."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid_mask: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        log_student = (student_logits.float() / t).log_softmax(1)
+        log_teacher = (teacher_logits.float() / t).log_softmax(1)
+        per_pixel = (log_teacher.exp() * (log_teacher - log_student)).sum(1)
+        valid = valid_mask.to(per_pixel.dtype)
+        return (per_pixel * valid).sum() / valid.sum().clamp_min(1) * t * t
+
+
+class ChannelWiseDivergence(nn.Module):
+    """Channel-wise distillation (Shu et al. 2021, mmrazor's `ChannelWiseDivergence`): each class's logit map
+    becomes a distribution over the valid pixels (a softmax over space at temperature T), and the loss is
+    KL(teacher ‖ student) of those distributions, averaged over the maps that hold a valid pixel, times T²."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid_mask: torch.Tensor) -> torch.Tensor:
+        t = self.temperature
+        valid = valid_mask.flatten(1).unsqueeze(1)  # N x 1 x HW, broadcast over the class maps
+        # A pixel that does not count gets the lowest logit there is: zero probability in both distributions.
+        lowest = torch.finfo(torch.float32).min
+
+        def log_spatial(logits: torch.Tensor) -> torch.Tensor:
+            return (logits.float().flatten(2) / t).masked_fill(~valid, lowest).log_softmax(-1)
+
+        log_student, log_teacher = log_spatial(student_logits), log_spatial(teacher_logits)
+        per_map = torch.where(valid, log_teacher.exp() * (log_teacher - log_student), 0.0).sum(-1)
+        counted = valid.any(-1).expand_as(per_map)
+        return (per_map * counted).sum() / counted.sum().clamp_min(1) * t * t
+
+
+def distill_term(kind: str, temperature: float) -> nn.Module:
+    """The term named by `kind` ("kl" or "cwd", see `DistillLoss`) at `temperature`."""
+    terms = {DistillLoss.KL: PixelKLDivergence, DistillLoss.CWD: ChannelWiseDivergence}
+    return terms[DistillLoss(kind)](temperature)
+
+
+@dataclass
+class Teacher:
+    """A loaded, checked teacher: the frozen model on the training device and what identifies its file."""
+
+    model: FrozenTeacher
+    path: Path
+    sha256: str
+    kind: str
+    description: str
+
+    def record(self, val_miou: float | None) -> dict[str, Any]:
+        """What a checkpoint keeps about the teacher (plain data)."""
+        return {"path": str(self.path), "sha256": self.sha256, "kind": self.kind, "description": self.description, "val_miou": val_miou}
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def _load_torchscript(path: Path) -> tuple[nn.Module, list[str], tuple[float, ...], tuple[float, ...], str]:
+    extra = {TORCHSCRIPT_METADATA_FILE: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as exc:  # torch raises RuntimeError subclasses with long messages
+        raise ArtifactError(f"{path}: not a loadable TorchScript model ({str(exc).splitlines()[0][:160]})") from None
+    try:
+        meta = json.loads(extra[TORCHSCRIPT_METADATA_FILE] or "{}")
+    except json.JSONDecodeError:
+        raise ArtifactError(f"{path}: unreadable {TORCHSCRIPT_METADATA_FILE} metadata in the archive") from None
+    info = read_metadata(meta, path)
+    if info.input_format != NCHW_FLOAT:
+        raise ArtifactError(f"{path}: takes {info.input_format} input; a teacher must take the normalised {NCHW_FLOAT} batch")
+    config = info.model_config
+    description = f"TorchScript, base {config['base_channels']}, depth {config['depth']}" if {"base_channels", "depth"} <= set(config) else "TorchScript"
+    return module, info.classes, info.mean, info.std, description
+
+
+def _check_shapes(module: nn.Module, num_classes: int, path: Path) -> None:
+    """Run the teacher once on a blank batch: it must take 3 input channels and give `num_classes` maps of the input's size."""
+    probe = torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE)
+    try:
+        with torch.no_grad():
+            logits = module(probe)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: does not take a 3-channel image batch ({str(exc).splitlines()[0][:160]})") from None
+    expected = (1, num_classes, _PROBE_SIZE, _PROBE_SIZE)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise CheckpointError(f"{path}: gives {got} for a 1x3x{_PROBE_SIZE}x{_PROBE_SIZE} input; a teacher must give logits of shape {expected}")
+
+
+def load_teacher(
+    path: str | os.PathLike[str],
+    classes: list[str],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    *,
+    channels_last: bool = False,
+) -> Teacher:
+    """Load the teacher at `path` (checkpoint, loaded with weights_only=True, or TorchScript), check that it
+    predicts `classes` from images normalised with `mean`/`std`, and place it frozen on `device`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: teacher not found" if not path.is_dir() else f"{path}: is a folder; a teacher is a checkpoint or TorchScript file")
+    if _is_torchscript(path):
+        module, teacher_classes, teacher_mean, teacher_std, description = _load_torchscript(path)
+        kind = "torchscript"
+    else:
+        loaded = load_model(path)
+        module, teacher_classes, teacher_mean, teacher_std = loaded.model, loaded.classes, loaded.mean, loaded.std
+        config = loaded.config
+        description = f"UNetStudent base {config.base_channels}, depth {config.depth}, {config.block_order}, {config.upsample}"
+        kind = "checkpoint"
+    if list(teacher_classes) != list(classes):
+        raise CheckpointError(f"{path}: the teacher predicts classes {list(teacher_classes)}, the student {list(classes)}")
+    for name, theirs, ours in (("mean", teacher_mean, mean), ("std", teacher_std, std)):
+        if len(theirs) != len(ours) or not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6) for a, b in zip(theirs, ours)):
+            raise CheckpointError(f"{path}: the teacher normalises with {name} {list(theirs)}, the student with {list(ours)}")
+    _check_shapes(module, len(classes), path)
+    module = module.to(device)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return Teacher(FrozenTeacher(module), path, sha256_file(path), kind, description)
+
+
+def check_same_teacher(recorded: dict[str, Any] | None, path: str | os.PathLike[str] | None, source: str) -> None:
+    """Refuse to resume `source` (a checkpoint) with a teacher other than the one recorded in it (by sha256)."""
+    if recorded is None:
+        if path is not None:
+            raise TrainingError(f"{source}: this run trained without a teacher; drop --teacher or start a new run")
+        return
+    if path is None or not Path(path).is_file():
+        where = path if path is not None else recorded["path"]
+        raise CheckpointError(f"{where}: teacher not found; {source} was distilled from {recorded['path']}: pass its new location with --teacher")
+    digest = sha256_file(path)
+    if digest != recorded["sha256"]:
+        raise TrainingError(
+            f"{path}: not the teacher {source} was trained with (sha256 {digest[:12]}..., the run's is {recorded['sha256'][:12]}... "
+            f"from {recorded['path']}); a resumed run keeps its teacher"
+        )
+
+
+class Distillation:
+    """The teacher, the term and its weight, applied to every training batch; times the teacher's forward passes.
+
+    `__call__` returns ``weight * term(student_logits, teacher_logits, valid)`` with the teacher run on the same
+    (augmented, normalised) batch as the student. `take_epoch_stats` returns and resets the seconds the teacher
+    took and the term's mean; on CUDA the time comes from events, read once per epoch, so timing adds no sync.
+    """
+
+    def __init__(self, teacher: Teacher, term: nn.Module, weight: float, pad_value: int) -> None:
+        self.teacher = teacher
+        self.term = term
+        self.weight = weight
+        self.pad_value = pad_value
+        self._seconds = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._term_sum: torch.Tensor | None = None
+        self._steps = 0
+
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        if images.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            logits = self.teacher.model(images)
+            end.record()
+            self._events.append((start, end))
+            return logits
+        started = time.perf_counter()
+        logits = self.teacher.model(images)
+        self._seconds += time.perf_counter() - started
+        return logits
+
+    def __call__(self, images: torch.Tensor, student_logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        term = self.term(student_logits, self.teacher_logits(images), masks != self.pad_value)
+        detached = term.detach()
+        self._term_sum = detached if self._term_sum is None else self._term_sum + detached
+        self._steps += 1
+        return self.weight * term
+
+    def take_epoch_stats(self) -> tuple[float, float | None]:
+        """(seconds in the teacher's forward passes, mean of the unweighted term) since the last call."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._seconds += sum(start.elapsed_time(end) for start, end in self._events) / 1000.0
+        mean_term = float(self._term_sum) / self._steps if self._term_sum is not None else None
+        seconds = self._seconds
+        self._seconds, self._events, self._term_sum, self._steps = 0.0, [], None, 0
+        return seconds, mean_term
