@@ -54,6 +54,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--conditions", default="", help="what else ran on the machine during the run, stated in the section")
     parser.add_argument("--readme", type=Path, default=README)
     parser.add_argument("--no-write", action="store_true", help="print the section only")
+    parser.add_argument("--train-only", action="store_true", help="train the missing checkpoints and stop (deploy later, on a quiet machine)")
     return parser.parse_args()
 
 
@@ -184,6 +185,8 @@ def main() -> None:
         suffix = "kd" if distill else "alone"
         students = [train(data, runs, f"student-b{w}d{args.depth}-{suffix}", w, args, teacher if distill else None) for w in widths]
         students_how = f"base {', '.join(map(str, widths))}, depth {args.depth}, " + ("distilled from the teacher (`--teacher`)" if distill else "trained alone (no distillation)")
+    if args.train_only:
+        return
     out = work / "deployed"
     command = unet_edge(
         "deploy", str(teacher), *map(str, students), "--data", str(data), "--image-size", args.image_size, "--batch-size", str(args.batch_size),

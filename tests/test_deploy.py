@@ -222,3 +222,26 @@ def test_the_same_command_again_exports_measures_and_times_nothing(deployed, mon
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, cli, one_line_error):
     result = cli("deploy", str(tmp_path / "nope.pt"), "--formats", "onnx", "--out", str(tmp_path / "out"))
     one_line_error(result, "nope.pt", "not found")
+
+
+def test_a_failing_export_is_a_row_with_its_reason_not_an_abort(tiny_checkpoint, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from unet_edge.errors import ArtifactError
+
+    def no_converter(request):
+        raise ArtifactError("converter crashed\nsecond line of its message")
+
+    monkeypatch.setitem(FORMATS, "torchscript", replace(FORMATS["torchscript"], export=no_converter))
+    monkeypatch.setitem(FORMATS, "onnx", replace(FORMATS["onnx"], export_variants=no_converter))
+    options = DeployOptions(
+        checkpoints=(tiny_checkpoint,), formats=("onnx", "torchscript"), precisions=(Precision.FP32, Precision.INT8), image_size=(48, 48),
+        seconds=0.02, min_calls=3, out=tmp_path, threads=1,
+    )  # fmt: skip
+    result = run_deploy(options)
+    rows = {(c.format, c.precision): c for c in result.candidates}
+    assert set(rows) == {("onnx", "fp32"), ("onnx", "int8"), ("torchscript", "fp32")}
+    assert rows[("onnx", "int8")].rejected == rows[("torchscript", "fp32")].rejected == "export failed: ArtifactError: converter crashed"
+    assert result.decision.winner is rows[("onnx", "fp32")] and rows[("onnx", "fp32")].p50 is not None
+    report = json.loads((tmp_path / "deploy.json").read_text())
+    assert sorted(r["rejected"] is None for r in report["candidates"]) == [False, False, True]

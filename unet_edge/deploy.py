@@ -448,7 +448,7 @@ def _deploy(options: DeployOptions, progress: Progress | None) -> DeployResult:
                 step="export", checkpoint=checkpoint.sha256, format=name, precisions=[p.value for p in precisions],
                 image_size=list(options.image_size), batch=options.batch_size, max_size=max_side, data=str(root.resolve()),
                 calib_images=options.calib_images, calib_method=CalibMethod(options.calib_method).value,
-                budget=checkpoint.export_budget, version=__version__,
+                budget=checkpoint.export_budget if precisions != (Precision.FP32,) else None, version=__version__,
             )  # fmt: skip
             say(done, total, f"exporting {checkpoint.name} {name} ({', '.join(p.value for p in precisions)})")
             exported = _export(checkpoint, name, precisions, export_key, options, root, max_side, cache)
@@ -465,8 +465,7 @@ def _deploy(options: DeployOptions, progress: Progress | None) -> DeployResult:
                     done += 2
                     continue
                 candidate.path, candidate.files, candidate.size_mb = record["path"], record["files"], record["size_mb"]
-                candidate.key = content_key(export=export_key, precision=precision.value, files=[f["sha256"] for f in record["files"]],
-                                            reference=reference.sha256, budget=options.max_miou_drop)  # fmt: skip
+                candidate.key = content_key(export=export_key, precision=precision.value, files=[f["sha256"] for f in record["files"]], reference=reference.sha256)
                 say(done, total, f"val mIoU of {candidate.label}")
                 measured = cache.get(f"measure:{candidate.key}")
                 if measured is None:
@@ -556,7 +555,8 @@ def _export(
                 "path": str(artifact.path), "files": _files(artifact.path), "size_mb": artifact_bytes(artifact.path) / 1e6,
             }  # fmt: skip
     record = {"artifacts": artifacts, "failed": failed}
-    cache.put(f"export:{key}", record)
+    if artifacts:  # an export that wrote nothing is tried again by the next run (a runtime may have been installed since)
+        cache.put(f"export:{key}", record)
     return record
 
 
