@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--formats", default=None, help="comma-separated formats to export (default: every installed one)")
     args = parser.parse_args()
 
-    from unet_edge.bench import BenchSpec, run_bench, to_markdown
+    from unet_edge.bench import BenchSpec, print_progress, run_bench, to_markdown
 
     OUT.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -106,7 +106,7 @@ def main() -> None:
         batch_sizes=batch_sizes, height=args.size, width=args.size, seconds=args.seconds,
         threads=args.threads, min_iters=args.min_calls, torch_variants=variants, dtypes=("fp32", "bf16"),
     )  # fmt: skip
-    report = run_bench(paths, spec, ("cpu",))
+    report = run_bench(paths, spec, ("cpu",), print_progress())
     (OUT / "edge.json").write_text(json.dumps(report, indent=2))
     machine = report["machine"]
     ratios = "\n\n".join("\n".join(ratio_lines(report, batch)) for batch in spec.batch_sizes)

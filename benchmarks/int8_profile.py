@@ -149,7 +149,7 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from unet_edge.bench import count_gflops, latency_stats, measure_matmul_gflops, time_interleaved
+    from unet_edge.bench import count_gflops, latency_stats, measure_matmul_gflops, print_progress, time_interleaved
     from unet_edge.formats.base import default_threads
 
     ort.set_default_logger_severity(3)  # saving an optimised graph warns that it is hardware-specific: known
@@ -197,7 +197,11 @@ def main() -> None:
             sessions = [session(path, threads) for path in files.values()]
             x = rng.standard_normal((batch, 3, args.size, args.size), dtype=np.float32)
             runners = [lambda s=s: s.run(None, {s.get_inputs()[0].name: x}) for s in sessions]
-            latencies = time_interleaved(runners, warmup=2, iters=None, seconds=args.seconds, min_iters=args.min_calls)
+            show = print_progress()
+            latencies = time_interleaved(
+                runners, warmup=2, iters=None, seconds=args.seconds, min_iters=args.min_calls,
+                on_round=lambda fraction, batch=batch: show(f"{order}, batch {batch}: {fraction:.0%} timed", 0, 1),
+            )  # fmt: skip
             stats = [latency_stats(lat) for lat in latencies]
             base = stats[list(files).index("fp32 unfolded" if order == "conv-relu-bn" else "fp32 plain fold")]["p50"]
             print(f"Batch {batch}, {args.size}x{args.size}, interleaved (ratio = p50 / fp32 as exported):\n")

@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--min-calls", type=int, default=30, help="timed calls per row at least, so batch-8 rows have a p90/p99")
     args = parser.parse_args()
 
-    from unet_edge.bench import BenchSpec, run_bench, to_markdown
+    from unet_edge.bench import BenchSpec, print_progress, run_bench, to_markdown
     from unet_edge.checkpoint import load_model
     from unet_edge.export import ExportOptions, run_export
 
@@ -130,7 +130,7 @@ def main() -> None:
         batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), height=args.size, width=args.size, seconds=args.seconds,
         threads=args.threads, min_iters=args.min_calls, torch_variants=("eager", "channels-last"),
     )  # fmt: skip
-    report = run_bench(paths, spec, ("cpu", "cuda", "tensorrt"))
+    report = run_bench(paths, spec, ("cpu", "cuda", "tensorrt"), print_progress())
     (OUT / "inference.json").write_text(json.dumps(report, indent=2))
 
     ok = [r for r in report["results"] if r["status"] == "ok"]

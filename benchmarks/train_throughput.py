@@ -159,6 +159,7 @@ def sweep(args: argparse.Namespace) -> str:
                 elapsed = time.perf_counter() - started
                 rates.append(stats.images / elapsed)
                 waits.append(stats.data_time / elapsed)
+            print(f"batch {batch_size}: {statistics.median(rates):.1f} images/s over {args.rounds} timed epochs", file=sys.stderr, flush=True)
             peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else "-"
             rows.append(
                 f"| {batch_size} | {statistics.median(rates):.1f} | {min(rates):.1f} | {max(rates):.1f} | "
@@ -241,9 +242,10 @@ def main() -> None:
             run_epoch()
         data_share.clear()
         rates: dict[str, list[float]] = {name: [] for name in contenders}
-        for _ in range(args.rounds):
+        for round_index in range(args.rounds):
             for name, run_epoch in contenders.items():
                 rates[name].append(timed(run_epoch))
+            print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(f"{v[-1]:.1f}" for v in rates.values()) + " images/s", file=sys.stderr, flush=True)
 
     ours_median, plain_median, ceiling_median = (statistics.median(values) for values in rates.values())
     waiting = statistics.median(data_share)

@@ -1,5 +1,4 @@
 import json
-import time
 
 import pytest
 
@@ -72,20 +71,47 @@ def test_interleaved_timing_gives_each_runner_its_iterations():
     assert calls["a"] >= 7 + 2 and calls["b"] >= 7 + 2
 
 
-def test_seconds_is_the_timed_budget_of_each_row_fast_or_slow():
-    """`--seconds` per row: a 1 ms and a 20 ms runner each get at least that much timed work, and
-    the two together take about twice the budget, not more."""
+def test_seconds_is_the_timed_budget_of_each_row_fast_or_slow(monkeypatch):
+    """`--seconds` per row: a 1 ms and a 20 ms runner each get at least that much timed work and at most
+    one more block of calls, on a virtual clock (so a busy machine cannot change the outcome)."""
+    import unet_edge.bench as bench
 
-    def sleeper(ms):
-        return lambda: time.sleep(ms / 1000.0)
+    clock = {"now": 0.0}
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
 
-    start = time.perf_counter()
-    latencies = time_interleaved([sleeper(1), sleeper(20)], warmup=1, iters=None, seconds=0.3, min_iters=5)
-    elapsed = time.perf_counter() - start
-    for samples in latencies:
-        assert sum(samples) >= 300.0 and len(samples) >= 5
+    def runner(ms):
+        def run():
+            clock["now"] += ms / 1000.0
+        return run
+
+    rounds = []
+    latencies = time_interleaved([runner(1), runner(20)], warmup=1, iters=None, seconds=0.3, min_iters=5, on_round=rounds.append)
+    block_s = 0.3 / 4  # time_interleaved's block for a short budget
+    for samples, ms in zip(latencies, (1, 20)):
+        assert samples == pytest.approx([ms] * len(samples))
+        assert 300.0 <= sum(samples) < 300.0 + block_s * 1000.0 + ms and len(samples) >= 5
     assert len(latencies[0]) > 4 * len(latencies[1])  # the fast row is not held to the slow row's call count
-    assert elapsed < 2 * 0.3 * 2.5  # two rows of 0.3 s, with room for untimed calls and a busy machine
+    assert rounds == sorted(rounds) and rounds[-1] == pytest.approx(1.0) and 0 < rounds[0] < 1
+
+
+def test_bf16_rows_are_skipped_with_the_reason_on_a_cpu_without_bf16_instructions(tiny_checkpoint, monkeypatch):
+    """An AVX2-only CPU emulates bf16 hundreds of times slower than fp32: its rows say why they were skipped, and
+    no bf16 reference GEMM is measured (one took minutes there)."""
+    from unet_edge.bench import BenchSpec, run_bench
+    from unet_edge.cpuinfo import cpu_bf16_skip_reason
+
+    monkeypatch.setenv("UNET_EDGE_CPU_FLAGS", "fpu sse avx2 fma")
+    reason = cpu_bf16_skip_reason()
+    assert reason is not None and "no bf16 instructions" in reason
+    spec = BenchSpec(batch_sizes=(1,), height=32, width=32, threads=1, warmup=0, iters=2, torch_variants=("eager", "channels-last"), dtypes=("fp32", "bf16"))
+    report = run_bench([tiny_checkpoint], spec, ("cpu",))
+    status = {(r["variant"], r["precision"]): r["status"] for r in report["results"]}
+    assert status == {
+        ("eager", "fp32"): "ok", ("channels-last", "fp32"): "ok",
+        ("eager", "bf16"): f"unavailable: {reason}", ("channels-last", "bf16"): f"unavailable: {reason}",
+    }  # fmt: skip
+    assert list(report["machine"]["matmul_gflops_per_s"]) == ["cpu/fp32"]
+    assert report["machine"]["cpu_int8_bf16"] == []
 
 
 def test_flop_count_of_default_model_matches_hand_count():

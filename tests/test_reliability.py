@@ -31,10 +31,11 @@ TINY_TRAIN = ["--batch-size", "8", "--image-size", "32", "--base-channels", "4",
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under `roots` with its bytes and mtime: equal snapshots mean nothing was written."""
+    """Every file under `roots` with its bytes and mtime: equal snapshots mean nothing was written (a run's
+    .lock is left out: each process that takes the lock writes its pid there)."""
     files = {}
     for root in roots:
-        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.name != ".lock") if root.exists() else []
         for path in paths:
             files[str(path)] = (path.read_bytes(), path.stat().st_mtime_ns)
     return files

@@ -8,6 +8,7 @@ model's GFLOP per image and the fraction of this machine's measured dense-matmul
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -20,7 +21,7 @@ import numpy as np
 
 from .artifact import artifact_bytes, export_artifacts, find_latest_export, manifest_checkpoint
 from .backends import artifact_format, open_backend, provider_unavailable, runtime_of, supports
-from .device import INT8_BF16_FLAGS, cpu_flags, cpu_int8_bf16_flags
+from .cpuinfo import INT8_BF16_FLAGS, cpu_bf16_skip_reason, cpu_flags, cpu_int8_bf16_flags
 from .errors import UNetEdgeError
 from .formats import Backend, Provider, default_threads
 from .formats.torchscript import TorchBackend, TorchDtype, TorchVariant
@@ -34,6 +35,7 @@ __all__ = [
     "latency_stats",
     "machine_info",
     "measure_matmul_gflops",
+    "print_progress",
     "reference_kernel",
     "run_bench",
     "time_runner",
@@ -297,13 +299,21 @@ def _unavailable_row(target: Target, reason: str, spec: BenchSpec) -> dict[str, 
 
 
 def time_interleaved(
-    runners: list[Callable[[], Any]], *, warmup: int, iters: int | None, seconds: float, min_iters: int = 5, block_s: float = 0.5
+    runners: list[Callable[[], Any]],
+    *,
+    warmup: int,
+    iters: int | None,
+    seconds: float,
+    min_iters: int = 5,
+    block_s: float = 0.5,
+    on_round: Callable[[float], None] | None = None,
 ) -> list[list[float]]:
     """Latencies (ms) of several runners measured in rounds: each round gives every runner still short of
     its budget a block of calls about `block_s` long (after one untimed call that lets the other
     runtime's thread pool go idle), so a noisy neighbour slows every backend alike and their ratios stay
     meaningful. The budget is per runner: `iters` timed calls, or `seconds` of timed calls (and at least
-    `min_iters`), so measuring N runners takes about N x `seconds`."""
+    `min_iters`), so measuring N runners takes about N x `seconds`. `on_round(fraction)` hears after each
+    round how much of the whole budget is done (0..1), for a progress display."""
     if iters is None:
         block_s = min(block_s, seconds / 4)  # several rounds even for a short budget
     block_calls = []
@@ -320,6 +330,11 @@ def time_interleaved(
             return min(block, iters - len(samples))
         return block if len(samples) < min_iters or sum(samples) < seconds * 1000.0 else 0
 
+    def done(samples: list[float]) -> float:
+        if iters is not None:
+            return min(1.0, len(samples) / max(iters, 1))
+        return min(1.0, len(samples) / max(min_iters, 1), sum(samples) / max(seconds * 1000.0, 1e-9))
+
     while any(calls_left(samples, block) for samples, block in zip(latencies, block_calls)):
         for run, samples, block in zip(runners, latencies, block_calls):
             count = calls_left(samples, block)
@@ -330,6 +345,8 @@ def time_interleaved(
                 start = time.perf_counter()
                 run()
                 samples.append((time.perf_counter() - start) * 1000.0)
+        if on_round is not None and latencies:
+            on_round(sum(done(samples) for samples in latencies) / len(latencies))
     return latencies
 
 
@@ -377,6 +394,10 @@ def run_bench(
                 backend.close()
                 rows.append(_unavailable_row(target, reason, spec))
                 continue
+        if backend.precision == "bf16" and target.provider is Provider.CPU and (reason := cpu_bf16_skip_reason()):
+            backend.close()
+            rows.append(_unavailable_row(target, reason, spec))
+            continue
         config = backend.model_config
         key = repr(sorted(config.items()))
         if key not in gflops_cache:
@@ -404,7 +425,13 @@ def run_bench(
                 runners.append(run)
             except Exception as exc:  # noqa: BLE001 - reported in the row, as for an unavailable provider
                 failures[index] = f"failed: {exc.__class__.__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
-        all_latencies = iter(time_interleaved(runners, warmup=spec.warmup, iters=spec.iters, seconds=spec.seconds, min_iters=spec.min_iters))
+        def on_round(fraction: float, step: int = step, batch: int = batch, count: int = len(runners)) -> None:
+            if progress:
+                progress(f"batch {batch}: {count} backends interleaved, {fraction:.0%} timed", step, len(spec.batch_sizes))
+
+        all_latencies = iter(
+            time_interleaved(runners, warmup=spec.warmup, iters=spec.iters, seconds=spec.seconds, min_iters=spec.min_iters, on_round=on_round)
+        )
         results = []
         for index, (_, target, backend, gflops, peak) in enumerate(measured):
             if index in failures:
@@ -469,6 +496,24 @@ def run_bench(
         },
         "results": ordered,
     }
+
+
+def print_progress(min_interval_s: float = 5.0) -> Callable[[str, int, int], None]:
+    """A `run_bench` progress callback for scripts: one line on stderr with the elapsed time, at most every
+    `min_interval_s` seconds (and whenever the step changes), so a long timing run shows it is alive."""
+    import sys
+
+    started = time.perf_counter()
+    last = {"at": -math.inf, "step": -1}
+
+    def show(label: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done == last["step"] and now - last["at"] < min_interval_s:
+            return
+        last.update(at=now, step=done)
+        print(f"[{now - started:6.0f} s] bench {done}/{total}: {label}", file=sys.stderr, flush=True)
+
+    return show
 
 
 def backend_label(row: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ cannot run code: a pickle payload that is not plain data is refused with a one-l
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import warnings
@@ -17,7 +18,7 @@ import torch
 
 from . import __version__
 from .errors import CheckpointError
-from .io import atomic_path, newest
+from .io import atomic_write_bytes, newest
 from .model import ModelConfig, UNetStudent, build_model
 
 __all__ = ["LoadedModel", "find_latest_checkpoint", "load_checkpoint", "load_model", "save_checkpoint"]
@@ -28,8 +29,11 @@ _REQUIRED_KEYS = ("model", "config", "classes", "mean", "std")
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """Write `state` to `path` atomically (a crash leaves the previous file or the new one, whole)."""
     state = {**state, "producer": f"unet-edge {__version__}"}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # Serialised in memory first: torch.save's C++ archive writer aborts the process when the disk fills up,
+    # while a Python write fails with an OSError that leaves the previous file in place.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -5,37 +5,24 @@ Training, evaluation and the throughput benchmark all ask here, so they run the 
 
 from __future__ import annotations
 
-import functools
-import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from .cpuinfo import cpu_bf16_skip_reason
 from .errors import TrainingError
 
 __all__ = [
-    "INT8_BF16_FLAGS",
     "Precision",
     "autocast_context",
-    "cpu_bf16_skip_reason",
-    "cpu_flags",
-    "cpu_int8_bf16_flags",
     "mixed_precision",
     "native_bf16",
     "place_model",
     "prefers_channels_last",
     "resolve_device",
 ]
-
-# CPU flags (as /proc/cpuinfo names them) that decide int8 and bf16 speed: dot-product and matrix units.
-INT8_BF16_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16", "amx_tile")
-# Instruction sets that compute bf16 arithmetic natively; without one, PyTorch and oneDNN emulate bf16
-# (measured on an AVX2-only EPYC: one bf16-autocast forward of the default model 61.6 s against 301 ms in fp32).
-BF16_NATIVE_FLAGS = ("avx512_bf16", "amx_bf16")
-
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -61,40 +48,6 @@ def autocast_context(device: torch.device, enabled: bool) -> tuple[AbstractConte
         return nullcontext(), None
     dtype = torch.bfloat16 if native_bf16(device) else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype), dtype
-
-
-def cpu_int8_bf16_flags(cpuinfo: str) -> list[str]:
-    """Which of `INT8_BF16_FLAGS` the first CPU in a /proc/cpuinfo text has (empty when it lists none)."""
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith(("flags", "Features"))), [])
-    return [flag for flag in INT8_BF16_FLAGS if flag in flags]
-
-
-@functools.lru_cache(maxsize=None)
-def _cpuinfo_flags() -> tuple[str, ...]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ()
-    return tuple(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith(("flags", "Features"))), []))
-
-
-def cpu_flags() -> tuple[str, ...]:
-    """This CPU's instruction-set flags as /proc/cpuinfo lists them (empty where it cannot be read).
-
-    UNET_EDGE_CPU_FLAGS (space- or comma-separated) replaces them, to reproduce the choices made on another
-    CPU kind (for example `UNET_EDGE_CPU_FLAGS=avx2` on an AVX-512 machine: bf16 rows are then skipped).
-    """
-    override = os.environ.get("UNET_EDGE_CPU_FLAGS")
-    if override is not None:
-        return tuple(override.replace(",", " ").split())
-    return _cpuinfo_flags()
-
-
-def cpu_bf16_skip_reason() -> str | None:
-    """None when this CPU computes bf16 natively (avx512_bf16 or AMX), else why bf16 work is skipped on it."""
-    if any(flag in cpu_flags() for flag in BF16_NATIVE_FLAGS):
-        return None
-    return "this CPU has no bf16 instructions (avx512_bf16 or amx_bf16), so bf16 would be emulated, far slower than fp32"
 
 
 def native_bf16(device: torch.device) -> bool:

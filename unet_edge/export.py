@@ -2,19 +2,32 @@
 
 `run_export` loads the checkpoint once, checks the options before writing anything (datasets exist,
 the BatchNorm fold is exact when asked for), lets each format of the registry write its artifacts
-(atomically), derives the reduced-precision variants, measures parity on validation images and
-writes manifest.json once, with each file's sha256 and its parity result.
+into a staging folder beside the export folder, derives the reduced-precision variants, measures parity
+on validation images, then moves the files into the export folder and writes manifest.json once, with
+each file's sha256 and its parity result.
+
+A failure (a full disk, a converter error) or a kill at any point leaves the previous export as it was,
+and no manifest ever names a file that is missing or differs from its sha256: before the new files move
+in, the manifest drops the entries they replace. Staging folders that a killed export left behind are
+removed by the next export into the same parent folder.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .artifact import ExportedArtifact, find_latest_export, write_manifest
-from .errors import ArtifactError, UNetEdgeError
+from .artifact import MANIFEST_FILE, ExportedArtifact, find_latest_export, read_manifest, write_manifest
+from .cpuinfo import cpu_bf16_skip_reason
+from .errors import ArtifactError, OutputError, UNetEdgeError
+from .io import atomic_write_text
 from .formats import FORMATS, CalibMethod, ExportRequest, Precision, Provider
 
 __all__ = ["ExportOptions", "ExportResult", "find_latest_export", "run_export"]
@@ -56,7 +69,7 @@ class ExportResult:
     artifacts: list[ExportedArtifact]
     parity: dict[str, Any] | None = None
     quantization: list[dict[str, Any]] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # format -> why it was left out of "all"
+    skipped: dict[str, str] = field(default_factory=dict)  # format (or precision) -> why it was left out
 
     @property
     def passed(self) -> bool:
@@ -83,7 +96,6 @@ def run_export(options: ExportOptions, progress: Callable[[str], None] | None = 
     from .checkpoint import find_latest_checkpoint, load_model
     from .evaluate import checkpoint_data_root
     from .fold import FoldError, fold_batchnorm
-    from .parity import verify
 
     say = progress or (lambda message: None)
     skipped: dict[str, str] = {}
@@ -91,6 +103,10 @@ def run_export(options: ExportOptions, progress: Callable[[str], None] | None = 
         skipped = {name: why for name, fmt in FORMATS.items() if (why := fmt.unavailable(Provider.CPU)) is not None}
         options = replace(options, formats=tuple(name for name in FORMATS if name not in skipped))
     _check_options(options)
+    if Precision.BF16 in options.precisions and (reason := cpu_bf16_skip_reason()):
+        # Its accuracy budget could not be measured here: OpenVINO runs a bf16 hint as fp32 on such a CPU.
+        skipped["bf16"] = reason
+        options = replace(options, precisions=tuple(p for p in options.precisions if p is not Precision.BF16))
     source = Path(options.checkpoint) if options.checkpoint is not None else find_latest_checkpoint(options.runs_dir)
     loaded = load_model(source)
     fold = options.fold if options.fold is not None else loaded.config.block_order == "conv-bn-relu"
@@ -103,10 +119,52 @@ def run_export(options: ExportOptions, progress: Callable[[str], None] | None = 
     variants = tuple(p for p in options.precisions if p is not Precision.FP32)
     data_root = checkpoint_data_root(loaded.state, options.data) if variants or options.parity_images else None
     folder = Path(options.out) / (options.name or source.resolve().parent.name)
-    folder.mkdir(parents=True, exist_ok=True)
+    staging = _staging_folder(folder)
+    try:
+        return _export_staged(options, source, loaded, folded_model, variants, data_root, folder, staging, skipped, say)
+    except (UNetEdgeError, OSError) as exc:
+        raise _named_for(exc, staging, folder) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _named_for(exc: UNetEdgeError | OSError, staging: Path, folder: Path) -> UNetEdgeError:
+    """The error of a failed export, naming the export folder rather than its staging folder, and saying so
+    when the device is full (converters that write files themselves report it in their own words)."""
+    if isinstance(exc, OSError):
+        where = str(exc.filename or staging)
+        message = f"{where}: cannot write ({exc.strerror or exc})"
+        error: UNetEdgeError = OutputError(message)
+    else:
+        error = exc
+    message = str(error).replace(str(staging), str(folder))
+    try:
+        full = shutil.disk_usage(folder.parent).free < 1 << 20
+    except OSError:
+        full = False
+    if full and "device is full" not in message and "No space left" not in message:
+        message += "; the device is full"
+    error.args = (message.replace("; the previous file, if any, is unchanged", "") + "; the previous export, if any, is unchanged",)
+    return error
+
+
+def _export_staged(
+    options: ExportOptions,
+    source: Path,
+    loaded: Any,
+    folded_model: Any,
+    variants: tuple[Precision, ...],
+    data_root: Path | None,
+    folder: Path,
+    staging: Path,
+    skipped: dict[str, str],
+    say: Callable[[str], None],
+) -> ExportResult:
+    from .parity import verify
+
     request = ExportRequest(
         loaded=loaded,
-        folder=folder,
+        folder=staging,
         opset=options.opset,
         folded_model=folded_model,
         end_to_end=options.end_to_end,
@@ -139,6 +197,60 @@ def run_export(options: ExportOptions, progress: Callable[[str], None] | None = 
             [a.path for a in artifacts], checkpoint=source, data=data_root, num_images=options.parity_images, entries=entries
         )
     results = {Path(r["path"]).name: {k: v for k, v in r.items() if k != "path"} for r in (parity or {}).get("artifacts", [])}
+    artifacts = _move_in(staging, folder, artifacts)
     manifest = write_manifest(folder, loaded, artifacts, results)
     quantization = [a.extra["quantization"] for a in artifacts if a.extra and "quantization" in a.extra]
     return ExportResult(source, folder, manifest, artifacts, parity, quantization, skipped)
+
+
+_STAGING = re.compile(r"\.export-(\d+)-\w+\.tmp$")
+
+
+def _staging_folder(folder: Path) -> Path:
+    """A new hidden folder beside `folder` (same filesystem, so moving files from it is atomic), after removing
+    the staging folders of `folder` whose export process is gone (killed, or the machine restarted)."""
+    if folder.parent.exists() and not folder.parent.is_dir():
+        raise OutputError(f"{folder}: cannot write here (Not a directory: {folder.parent} is a file)")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        for stale in folder.parent.glob(f".{folder.name}.export-*.tmp"):
+            match = _STAGING.search(stale.name)
+            if match and not _process_alive(int(match.group(1))):
+                shutil.rmtree(stale, ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix=f".{folder.name}.export-{os.getpid()}-", suffix=".tmp", dir=folder.parent))
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write here ({exc.strerror or exc})") from None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _move_in(staging: Path, folder: Path, artifacts: list[ExportedArtifact]) -> list[ExportedArtifact]:
+    """Move every file of `staging` into `folder`; first drop the manifest entries of the files they replace,
+    so a kill between two moves leaves a manifest that names only files it describes."""
+    incoming = sorted(p.name for p in staging.iterdir() if p.is_file() and not p.name.startswith("."))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest = read_manifest(folder)
+    except ArtifactError:
+        manifest = None  # unreadable: write_manifest starts it afresh
+    if manifest is not None:
+        def replaced(entry: dict[str, Any]) -> bool:
+            return any(name in incoming for name in (entry.get("file"), *(c.get("file") for c in entry.get("companions", []))))
+
+        kept = [entry for entry in manifest.get("artifacts", []) if not replaced(entry)]
+        if len(kept) != len(manifest.get("artifacts", [])):
+            atomic_write_text(folder / MANIFEST_FILE, json.dumps({**manifest, "artifacts": kept}, indent=2) + "\n")
+    for stale in folder.glob(".*.tmp"):  # temporary files of exports killed before staging existed
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
+    for name in incoming:
+        os.replace(staging / name, folder / name)
+    return [replace(a, path=folder / a.path.name, companions=[folder / c.name for c in a.companions]) for a in artifacts]

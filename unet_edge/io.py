@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ __all__ = [
     "read_jsonl",
     "save_figure",
     "sha256_file",
+    "write_failed",
 ]
 
 
@@ -46,6 +48,19 @@ def check_writable(target: str | os.PathLike[str] | None) -> None:
         raise OutputError(f"{target}: cannot write here ({ancestor} is not a folder)")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputError(f"{target}: cannot write here (no write permission in {ancestor})")
+
+
+def write_failed(target: str | os.PathLike[str], exc: BaseException) -> OutputError:
+    """The one-line error for a write that a native library reported without an errno (OpenVINO's C++
+    writer says "iostream error" on a full disk): its own words, plus the free space left where it wrote."""
+    target = Path(target)
+    detail = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else exc.__class__.__name__
+    try:
+        free = shutil.disk_usage(target.parent).free
+        where = f"; {free / 1e6:.1f} MB free on that device" if free >= 1e5 else "; the device is full"
+    except OSError:
+        where = ""
+    return OutputError(f"{target}: cannot write ({detail}{where}); the previous file, if any, is unchanged")
 
 
 @contextmanager

@@ -3,10 +3,17 @@
 `RunFolder` is the one place that decides what is saved when (as timm's `CheckpointSaver`): `fit`
 hands it each finished epoch and gets back ``(best_metric, best_epoch)``. In a distributed run every
 process keeps the same bookkeeping and only the main process writes.
+
+The writing process holds a lock on RUN/.lock (an `flock`, which the kernel frees when the process ends,
+kill -9 included) from the moment it claims the folder until training ends: two runs started in the same
+instant with the same name get two folders, and resuming a run that a live process is still writing is
+refused.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import signal
@@ -17,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import save_checkpoint
-from .errors import TrainingError, TrainingInterrupted
+from .errors import OutputError, TrainingError, TrainingInterrupted
 from .io import append_jsonl, atomic_write_text, pyplot, read_jsonl, save_figure
 
 __all__ = ["RunFolder", "deferred_interrupt", "read_metrics", "write_curves"]
@@ -63,14 +70,60 @@ def deferred_interrupt() -> Iterator[None]:
             previous(signal.SIGINT, None)
 
 
-def _new_run_dir(out: str | os.PathLike[str], name: str | None) -> Path:
-    """`out/name`, or `out/name-2`, `-3`, ... when that folder already holds something."""
+LOCK_FILE = ".lock"
+
+
+def _lock(folder: Path, *, create: bool) -> int:
+    """Open folder/.lock (`create`: only if no one has made it yet) and take its exclusive lock without
+    waiting; the file descriptor holds it. FileExistsError when `create` finds the file made by another
+    process; BlockingIOError when a live process holds the lock."""
+    flags = os.O_RDWR | os.O_CREAT | (os.O_EXCL if create else 0)
+    fd = os.open(folder / LOCK_FILE, flags, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _claim_new_run_dir(out: str | os.PathLike[str], name: str | None) -> tuple[Path, int]:
+    """`out/name`, or `out/name-2`, `-3`, ... when that folder already holds something, claimed atomically:
+    of several processes that try the same name at once, exactly one creates its lock file; the others
+    move on to the next name. Returns the folder and the descriptor holding its lock."""
     stem = name or "unet"
-    candidate, index = Path(out) / stem, 2
-    while candidate.exists() and any(candidate.iterdir()):
-        candidate, index = Path(out) / f"{stem}-{index}", index + 1
-    candidate.mkdir(parents=True, exist_ok=True)
-    return candidate
+    for index in range(1, 10_000):
+        candidate = Path(out) / (stem if index == 1 else f"{stem}-{index}")
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+            if any(candidate.iterdir()):
+                continue
+            return candidate, _lock(candidate, create=True)
+        except (FileExistsError, BlockingIOError):
+            continue
+        except OSError as exc:
+            raise OutputError(f"{candidate}: cannot create the run folder ({exc.strerror or exc})") from None
+    raise OutputError(f"{out}: no free run folder name for {stem!r}")
+
+
+def _lock_existing(folder: Path, checkpoint: str | os.PathLike[str]) -> int:
+    try:
+        return _lock(folder, create=False)
+    except BlockingIOError:
+        try:
+            holder = (folder / LOCK_FILE).read_text().strip()
+        except OSError:
+            holder = "?"
+        raise TrainingError(
+            f"{checkpoint}: its run is being trained by another process (pid {holder}); wait for it to end, "
+            "or stop it first (a run that was stopped or killed can be resumed)"
+        ) from None
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise OutputError(f"{folder}: cannot write to the run folder ({exc.strerror})") from None
+        raise
 
 
 class RunFolder:
@@ -81,34 +134,53 @@ class RunFolder:
     """
 
     def __init__(
-        self, path: Path, *, writer: bool = True, best_metric: float = -1.0, best_epoch: int = -1, saved_epoch: int | None = None
+        self,
+        path: Path,
+        *,
+        writer: bool = True,
+        best_metric: float = -1.0,
+        best_epoch: int = -1,
+        saved_epoch: int | None = None,
+        lock_fd: int | None = None,
     ) -> None:
         self.path = path
         self.writer = writer
         self.best_metric = best_metric
         self.best_epoch = best_epoch
         self.saved_epoch = saved_epoch
+        self._lock_fd = lock_fd
 
     @classmethod
     def create(cls, out: str | os.PathLike[str], name: str | None, *, writer: bool = True) -> RunFolder:
-        """A new, empty run folder under `out` (other processes get the name; the writer's choice is broadcast)."""
-        path = _new_run_dir(out, name) if writer else Path(out) / (name or "unet")
-        return cls(path, writer=writer)
+        """A new, empty run folder under `out`, locked until `release` (other processes of a distributed run get
+        the name; the writer's choice is broadcast)."""
+        if not writer:
+            return cls(Path(out) / (name or "unet"), writer=False)
+        path, lock_fd = _claim_new_run_dir(out, name)
+        return cls(path, writer=True, lock_fd=lock_fd)
 
     @classmethod
     def resume(cls, checkpoint: str | os.PathLike[str], state: dict[str, Any], *, writer: bool = True) -> RunFolder:
         """The folder of `checkpoint`, with its bookkeeping; records and temporary files from after it are dropped."""
         epoch = int(state.get("epoch", 0))
+        folder = Path(checkpoint).resolve().parent
         run = cls(
-            Path(checkpoint).resolve().parent,
+            folder,
             writer=writer,
             best_metric=float(state.get("best_miou", -1.0)),
             best_epoch=int(state.get("best_epoch", -1)),
             saved_epoch=epoch,
+            lock_fd=_lock_existing(folder, checkpoint) if writer else None,
         )
         if writer:
             run._forget_after(epoch)
         return run
+
+    def release(self) -> None:
+        """Free the run's lock (training ended, stopped or was interrupted); the process ending frees it too."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     @property
     def start_epoch(self) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..artifact import ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
-from ..io import atomic_path, atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_text
 from .base import Backend, ExportRequest, Format, Precision, Provider, backend_fields, default_threads, import_runtime, needs_runtime
 
 __all__ = ["FORMAT", "LiteRtBackend", "export", "export_variants", "open_model", "tiles"]
@@ -87,9 +87,9 @@ def _write(module: Any, size: tuple[int, int], path: Path, metadata: dict[str, s
             converted = litert_torch.convert(module, (sample,), quant_config=quant_config)
         except Exception as exc:  # the converter raises many error types
             raise ArtifactError(f"{path}: litert_torch could not convert the model ({_first_line(exc)})") from None
+    content = converted.model_content()  # bytes: the converter's own file writer aborts the process on a full disk
     atomic_write_text(path.with_suffix(".json"), json.dumps({**metadata, "input_size": list(size)}, indent=2) + "\n")
-    with atomic_path(path) as staged:
-        converted.export(str(staged))
+    atomic_write_bytes(path, content)
 
 
 def _artifact(request: ExportRequest, file: str, precision: Precision, size: tuple[int, int], extra: dict[str, Any]) -> ExportedArtifact:

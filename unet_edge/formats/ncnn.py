@@ -8,6 +8,7 @@ a loop. The .param format holds no metadata, so it sits in the sidecar model.ncn
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -72,10 +73,12 @@ def export(request: ExportRequest) -> list[ExportedArtifact]:
         sample = torch.randn(*TRACE_SHAPES[0], generator=torch.Generator().manual_seed(0))
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic: pnnx keeps it symbolic
+            buffer = io.BytesIO()  # in memory first: TorchScript's C++ archive writer aborts the process on a full disk
             try:
-                torch.jit.trace(module, sample).save(str(workdir / "model.pt"))
+                torch.jit.save(torch.jit.trace(module, sample), buffer)
             except Exception as exc:  # the tracer raises many error types; the first line says what failed
                 raise ArtifactError(f"{target}: tracing the model for pnnx failed ({str(exc).strip().splitlines()[0][:200]})") from None
+        (workdir / "model.pt").write_bytes(buffer.getvalue())
         param, weights = _pnnx(workdir / "model.pt", workdir)
         metadata = {**artifact_metadata(loaded, Precision.FP32.value), "input_blob": INPUT_BLOB, "output_blob": OUTPUT_BLOB}
         sidecar = workdir / "model.ncnn.json"

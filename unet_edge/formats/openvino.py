@@ -21,6 +21,7 @@ import numpy as np
 
 from ..artifact import METADATA_KEYS, ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
+from ..io import write_failed
 from .base import Backend, ExportRequest, Format, Precision, Provider, backend_fields, default_threads, import_runtime, needs_runtime
 
 __all__ = ["FORMAT", "OpenVinoBackend", "export", "export_variants", "open_model"]
@@ -72,7 +73,10 @@ def save(model: Any, path: Path, metadata: dict[str, str], precision: Precision)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".openvino-", dir=path.parent) as tmp:
         staged = Path(tmp) / path.name
-        ov.save_model(model, str(staged), compress_to_fp16=False)
+        try:
+            ov.save_model(model, str(staged), compress_to_fp16=False)
+        except RuntimeError as exc:  # OpenVINO's C++ writer reports a full disk as "basic_ios::clear: iostream error"
+            raise write_failed(path, exc) from None
         os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
         os.replace(staged, path)
     return path

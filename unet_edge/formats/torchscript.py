@@ -7,6 +7,7 @@ rides along as the archive's extra file `unet_edge.json`.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -20,6 +21,7 @@ import numpy as np
 
 from ..artifact import TORCHSCRIPT_FILE, TORCHSCRIPT_METADATA_FILE, ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
+from ..cpuinfo import cpu_bf16_skip_reason
 from .base import Backend, ExportRequest, Format, Precision, Provider, backend_fields
 
 __all__ = ["FORMAT", "TORCH_PROVIDERS", "TorchBackend", "TorchDtype", "TorchVariant", "archive_names", "export", "export_torchscript", "torch_unavailable"]
@@ -32,13 +34,15 @@ def export_torchscript(module: Any, path: str | os.PathLike[str], metadata: dict
     """Script `module` and save it atomically with `metadata` as the archive's `unet_edge.json`."""
     import torch
 
-    from ..io import atomic_path
+    from ..io import atomic_write_bytes
 
     path = Path(path)
-    with warnings.catch_warnings(), atomic_path(path) as tmp:
+    buffer = io.BytesIO()  # in memory first: TorchScript's C++ archive writer aborts the process on a full disk
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still the format C++ (LibTorch) loads
         scripted = torch.jit.script(module.eval())
-        torch.jit.save(scripted, str(tmp), _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(metadata)})
+        torch.jit.save(scripted, buffer, _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(metadata)})
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -99,6 +103,8 @@ class TorchBackend(Backend):
             return "CUDA graphs need a CUDA device"
         if variant is TorchVariant.COMPILE and isinstance(self.module, torch.jit.ScriptModule):
             return "torch.compile takes eager modules, not TorchScript"
+        if dtype is TorchDtype.BF16 and self.device.type == "cpu" and (reason := cpu_bf16_skip_reason()):
+            return reason
         self.dtype = {TorchDtype.FP32: torch.float32, TorchDtype.BF16: torch.bfloat16, TorchDtype.FP16: torch.float16}[dtype]
         self.module = self.module.to(self.dtype)
         self.precision = dtype.value
