@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint
 from .config import Loss, ModelConfig, TrainConfig
 from .device import Precision, mixed_precision, place_model, prefers_channels_last, resolve_device
 from .distill import Distillation, Teacher, check_same_teacher, distill_term, load_teacher
-from .errors import DataError, TrainingError
+from .errors import DataError, OutputError, TrainingError
 from .evaluate import EvalResult, evaluate
 from .loaders import TrainingData, pad_index, training_data
 from .model import build_model
@@ -486,7 +486,10 @@ def fit(
             except TrainingError as exc:
                 raise run.stopped(epoch, exc) from None
             history.append(record)
-            run.save(epoch + 1, record, result.miou, {**training.state_dict(), **about})
+            try:
+                run.save(epoch + 1, record, result.miou, {**training.state_dict(), **about})
+            except OutputError as exc:  # a full disk: the files of the epoch before stay whole
+                raise run.stopped(epoch, exc) from None
             if is_main:
                 hooks.on_epoch_end(record)
             if teacher_miou is not None and not teacher_passed and result.miou > teacher_miou:
@@ -499,6 +502,11 @@ def fit(
     except KeyboardInterrupt:
         if not is_main:
             raise
+        run.release()
         raise run.interrupted(epoch) from None
+    except BaseException:
+        run.release()  # the lock goes with the run; a resume in this process (or another) may take it
+        raise
     run.finish(config.to_dict())
+    run.release()
     return FitResult(run.path, run.best_metric, run.best_epoch, result, data.classes, history)
