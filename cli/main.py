@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -30,10 +30,20 @@ def _version(value: bool) -> None:
 def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    max_pixels: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-pixels", min=1,
+            help="Largest image (width x height) any command decodes; larger ones, such as decompression bombs, are refused "
+            "from their header. Default: 8192 x 8192 = 67,108,864.",
+        ),
+    ] = None,  # fmt: skip
 ) -> None:
     """unet-edge: from training to an edge device, with proof at every step."""
     if debug:
         os.environ["UNET_EDGE_DEBUG"] = "1"
+    if max_pixels is not None:
+        os.environ["UNET_EDGE_MAX_PIXELS"] = str(max_pixels)  # read by every image decode, loader workers included
 
 
 app.command("train")(train_cmd.train)

@@ -34,7 +34,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
-from .images import IMAGE_SUFFIXES, LABEL_SUFFIXES, load_image, load_label
+from .images import IMAGE_SUFFIXES, LABEL_SUFFIXES, load_image, load_label, open_image
 from .synth import SynthSpec, ensure_synth
 
 __all__ = [
@@ -86,8 +86,11 @@ def read_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo | None:
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise DataError(f'{path}: "classes" must be a non-empty list of names')
     ignore_index = meta.get("ignore_index", 255)
-    if ignore_index is not None and (not isinstance(ignore_index, int) or 0 <= ignore_index < len(classes)):
-        raise DataError(f'{path}: "ignore_index" must be null or an integer that is not a class id')
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or not 0 <= ignore_index <= 255 or ignore_index < len(classes)
+    ):
+        # 0..255: masks are single-channel 8-bit images, and crop padding is filled with the ignore index
+        raise DataError(f'{path}: "ignore_index" must be null or an integer in 0..255 that is not a class id (0..{len(classes) - 1}), got {json.dumps(ignore_index)}')
     return DatasetInfo(tuple(classes), ignore_index)
 
 
@@ -281,7 +284,7 @@ def _image_size(path: Path) -> tuple[int, int]:
     truncated stream; other formats are decoded.
     """
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             size = img.size
             if img.format == "PNG":
                 img.verify()
