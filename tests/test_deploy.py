@@ -238,8 +238,13 @@ def test_a_failing_export_is_a_row_with_its_reason_not_an_abort(tiny_checkpoint,
         checkpoints=(tiny_checkpoint,), formats=("onnx", "torchscript"), precisions=(Precision.FP32, Precision.INT8), image_size=(48, 48),
         seconds=0.02, min_calls=3, out=tmp_path, threads=1,
     )  # fmt: skip
-    result = run_deploy(options)
+    updates = []
+    result = run_deploy(options, lambda done, total, status: updates.append((done, total, status)))
     rows = {(c.format, c.precision): c for c in result.candidates}
+    # one bar over all candidates: it only moves forward, against one total, and ends full
+    assert len({total for _, total, _ in updates[1:]}) == 1
+    assert all(a[0] <= b[0] for a, b in zip(updates, updates[1:])) and updates[-1][0] == updates[-1][1]
+    assert any("timing" in status for _, _, status in updates)
     assert set(rows) == {("onnx", "fp32"), ("onnx", "int8"), ("torchscript", "fp32")}
     assert rows[("onnx", "int8")].rejected == rows[("torchscript", "fp32")].rejected == "export failed: ArtifactError: converter crashed"
     assert result.decision.winner is rows[("onnx", "fp32")] and rows[("onnx", "fp32")].p50 is not None
