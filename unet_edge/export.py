@@ -119,11 +119,20 @@ def run_export(options: ExportOptions, progress: Callable[[str], None] | None = 
     variants = tuple(p for p in options.precisions if p is not Precision.FP32)
     data_root = checkpoint_data_root(loaded.state, options.data) if variants or options.parity_images else None
     folder = Path(options.out) / (options.name or source.resolve().parent.name)
+    new_parents = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]
     staging = _staging_folder(folder)
     try:
         return _export_staged(options, source, loaded, folded_model, variants, data_root, folder, staging, skipped, say)
-    except (UNetEdgeError, OSError) as exc:
-        raise _named_for(exc, staging, folder) from None
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        for parent in new_parents:  # folders this export created, when it leaves nothing in them
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        if isinstance(exc, (UNetEdgeError, OSError)):
+            raise _named_for(exc, staging, folder) from None
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
