@@ -29,6 +29,7 @@ import numpy as np
 
 from . import __version__
 from .artifact import MANIFEST_FILE, artifact_bytes, read_manifest
+from .cpuinfo import cpu_bf16_skip_reason, cpu_flags
 from .errors import ArtifactError, UNetEdgeError
 from .formats import FORMATS, CalibMethod, Precision, Provider, default_threads
 from .io import atomic_path, atomic_write_text, check_writable, sha256_file
@@ -210,18 +211,12 @@ class DeployCache:
 # --- planning ----------------------------------------------------------------------------------------
 
 
-def precision_skip_reason(precision: Precision, flags: tuple[str, ...] | None = None) -> str | None:
+def precision_skip_reason(precision: Precision) -> str | None:
     """Why this CPU does not compute `precision` natively (None: it does); fp32 and int8 always run."""
     if precision is Precision.BF16:
-        from .device import cpu_bf16_skip_reason
-
         return cpu_bf16_skip_reason()
     if precision is Precision.FP16:
-        if flags is None:
-            from .bench import cpu_flags
-
-            flags = cpu_flags()
-        if not any(flag in flags for flag in FP16_NATIVE_FLAGS):
+        if not any(flag in cpu_flags() for flag in FP16_NATIVE_FLAGS):
             return "this CPU has no fp16 arithmetic (avx512_fp16, amx_fp16 or ARM fp16 SIMD): an fp16 model would compute through conversions to fp32"
     return None
 
