@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "LABEL_SUFFIXES", "load_image", "load_label", "max_pixels", "open_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "LABEL_SUFFIXES", "check_image", "load_image", "load_label", "max_pixels", "open_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
@@ -61,6 +61,17 @@ def open_image(path: str | os.PathLike[str]) -> Iterator[Any]:
                 f"(too large to decode safely); raise it with `unet-edge --max-pixels N ...` if the image is genuine"
             )
         yield img
+
+
+def check_image(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(width, height) from the header of a readable image within the pixel limit; decodes nothing."""
+    try:
+        with open_image(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc.__class__.__name__}: {exc})") from None
 
 
 def load_image(path: str | os.PathLike[str]) -> np.ndarray:

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .backends import open_backend
 from .errors import ArtifactError, DataError
 from .formats import Backend, Provider
-from .images import IMAGE_SUFFIXES, load_image, open_image
+from .images import IMAGE_SUFFIXES, check_image, load_image
 from .io import atomic_path, atomic_write_text
 
 __all__ = ["Prediction", "class_areas", "class_palette", "collect_images", "overlay_image", "predict", "save_mask"]
@@ -142,10 +142,9 @@ def predict(
     """Segment every image in `inputs` (files or folders) and write `<stem>_mask.png`, `<stem>_overlay.png`
     and, with `stats`, `<stem>_stats.json` into `out`. `limit` keeps the first images only."""
     paths = collect_images(inputs)[:limit]
-    for path in paths:  # headers only: an image too large to decode is refused before anything is written
-        with open_image(path):
-            pass
     backend = model if isinstance(model, Backend) else open_backend(model, provider)
+    for path in paths:  # headers only: an unreadable image, or one too large to decode, is refused before anything is written
+        check_image(path)
     palette = class_palette(backend.num_classes)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
