@@ -47,6 +47,16 @@ SELECT_VARIANTS = (
     {"distill_loss": "kl", "distill_temperature": 4.0, "distill_weight": 1.0},
     {"distill_loss": "cwd", "distill_temperature": 1.0, "distill_weight": 3.0},
     {"distill_loss": "cwd", "distill_temperature": 4.0, "distill_weight": 3.0},
+    {"distill_loss": "cwd", "distill_temperature": 4.0, "distill_weight": 1.0},
+    {"distill_loss": "cwd", "distill_temperature": 4.0, "distill_weight": 10.0},
+    {"distill_loss": "cwd", "distill_temperature": 8.0, "distill_weight": 3.0},
+    {"distill_loss": "cwd", "distill_temperature": 4.0, "distill_weight": 0.3},
+    {"distill_loss": "cwd", "distill_temperature": 8.0, "distill_weight": 1.0},
+    {"distill_loss": "cwd", "distill_temperature": 4.0, "distill_weight": 0.1},
+    {"distill_loss": "kl", "distill_temperature": 1.0, "distill_weight": 0.3},
+    {"distill_loss": "kl", "distill_temperature": 4.0, "distill_weight": 0.3},
+    {"distill_loss": "cwd", "distill_temperature": 4.0, "distill_weight": 0.03},
+    {"distill_loss": "kl", "distill_temperature": 1.0, "distill_weight": 0.1},
 )
 
 

@@ -171,7 +171,7 @@ def test_a_mismatched_teacher_is_a_one_line_error_before_training(kind, fragment
 def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_data, teacher_checkpoint, tmp_path, cli):
     result = cli(
         "train", "--data", str(tiny_data), *STUDENT_OPTIONS, "--out", str(tmp_path / "runs"), "--name", "d",
-        "--teacher", str(teacher_checkpoint), "--distill-loss", "cwd", "--distill-weight", "2", "--distill-temperature", "3",
+        "--teacher", str(teacher_checkpoint), "--distill-loss", "kl", "--distill-weight", "2", "--distill-temperature", "3",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert re.search(rf"teacher {re.escape(str(teacher_checkpoint))} \(UNetStudent base 6, depth 3, conv-bn-relu, bilinear\): val mIoU 0\.\d{{4}}", result.stderr)
@@ -184,7 +184,7 @@ def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_d
     assert recorded["path"] == str(teacher_checkpoint) and recorded["sha256"] == sha256_file(teacher_checkpoint)
     assert 0 <= recorded["val_miou"] <= 1 and recorded["kind"] == "checkpoint"
     settings = state["train_config"]
-    assert (settings["teacher"], settings["distill_loss"], settings["distill_weight"], settings["distill_temperature"]) == (str(teacher_checkpoint), "cwd", 2.0, 3.0)
+    assert (settings["teacher"], settings["distill_loss"], settings["distill_weight"], settings["distill_temperature"]) == (str(teacher_checkpoint), "kl", 2.0, 3.0)
 
     report = tmp_path / "eval.json"
     evaluated = cli("eval", str(run / "best.pt"), "--data", str(tiny_data), "--json", str(report), "--device", "cpu")
@@ -242,7 +242,7 @@ def test_a_teacher_worse_than_the_student_is_a_warning(tiny_data, teacher_checkp
             self.notes.append(message)
 
     hooks = Notes()
-    result = trainer(tiny_data, tmp_path, name="w", epochs=3, hooks=hooks, teacher=str(weak))
+    result = trainer(tiny_data, tmp_path, name="w", epochs=2, hooks=hooks, teacher=str(weak))
     teacher_miou = load_checkpoint(result.run_dir / "last.pt")["teacher"]["val_miou"]
     assert hooks.notes[0] == f"teacher {weak} ({load_teacher_description(weak)}): val mIoU {teacher_miou:.4f}"
     warnings = [note for note in hooks.notes if note.startswith("warning:")]

@@ -115,9 +115,9 @@ class TrainConfig:
     ema_decay: float = 0.0
     loss: str = "dice-ce"
     teacher: str | None = None
-    distill_loss: str = "kl"
-    distill_weight: float = 1.0
-    distill_temperature: float = 1.0
+    distill_loss: str = "cwd"
+    distill_weight: float = 0.1
+    distill_temperature: float = 4.0
     model: ModelConfig = field(default_factory=lambda: ModelConfig(base_channels=16, depth=3))
     device: str = "auto"
     amp: bool = True
