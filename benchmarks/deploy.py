@@ -103,6 +103,20 @@ def cpu_flags() -> list[str]:
     return sorted(set(re.findall(r"\b(avx512_vnni|avx_vnni|avx512_bf16|amx_int8|amx_bf16|avx512_fp16)\b", text)))
 
 
+def how_trained(checkpoint: Path) -> str:
+    """Alone, or distilled from which teacher with which term, as the checkpoint records it."""
+    from unet_edge.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    settings = state.get("train_config") or {}
+    epochs = settings.get("epochs")
+    teacher = state.get("teacher")
+    if not teacher:
+        return f"trained alone, {epochs} epochs"
+    term = f"{settings.get('distill_loss')}, T {settings.get('distill_temperature')}, weight {settings.get('distill_weight')}"
+    return f"distilled from {Path(teacher.get('path', '?')).parent.name} ({term}), {epochs} epochs"
+
+
 def num(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -124,13 +138,13 @@ def section(report: dict, command: list[str], args: argparse.Namespace, students
         f"Machine: {machine['cpu']}, {machine['cores']} cores, CPU flags {', '.join(flags) or 'none of avx512_vnni/avx_vnni/avx512_bf16/amx_int8'}; "
         f"{settings['threads']} threads for every runtime, batch {settings['batch_size']}, {size}; torch {machine['torch']}, onnxruntime {machine['onnxruntime']}.",
         f"Conditions: {args.conditions or 'not stated'}.",
-        f"Checkpoints: digits scenes ({args.train_images} train / {settings['validation_images']} val, train_quality.py's), "
-        f"{args.epochs} epochs each; students {students_how}. Reference: {report['reference']['model']} "
+        f"Checkpoints on the digits scenes ({args.train_images} train / {settings['validation_images']} val, train_quality.py's); "
+        f"students {students_how}. Reference: {report['reference']['model']} "
         f"({report['reference']['architecture']}, val mIoU {report['reference']['miou']:.4f}); budget: val mIoU drop ≤ {settings['max_miou_drop']}.",
         "",
     ]
     for name, info in report["reference"]["checkpoints"].items():
-        lines.append(f"- {name}: {info['architecture']}, val mIoU {info['miou']:.4f} (PyTorch eager)")
+        lines.append(f"- {name}: {info['architecture']}, val mIoU {info['miou']:.4f} (PyTorch eager), {how_trained(Path(info['path']))}")
     lines += ["", "| | model | format | precision | val mIoU | drop | agreement | p50 ms | p90 ms | app p50 ms | × eager | MB | status |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     if eager is not None:
         lines.append(
@@ -179,7 +193,7 @@ def main() -> None:
     distill = args.distill == "yes" or (args.distill == "auto" and train_has_teacher())
     if args.students:
         students = [Path(p) for p in args.students.split(",")]
-        students_how = "given as arguments"
+        students_how = "as listed below"
     else:
         widths = [int(w) for w in args.student_widths.split(",")]
         suffix = "kd" if distill else "alone"
