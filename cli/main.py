@@ -29,6 +29,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show what converters and runtimes print (step logs, warnings), which is captured otherwise.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
     max_pixels: Annotated[
         Optional[int],
@@ -42,6 +43,8 @@ def main(
     """unet-edge: from training to an edge device, with proof at every step."""
     if debug:
         os.environ["UNET_EDGE_DEBUG"] = "1"
+    if verbose:
+        os.environ["UNET_EDGE_VERBOSE"] = "1"
     if max_pixels is not None:
         os.environ["UNET_EDGE_MAX_PIXELS"] = str(max_pixels)  # read by every image decode, loader workers included
 

@@ -17,6 +17,7 @@ from .artifact import check_manifest_sha256
 from .errors import ArtifactError
 from .formats import FORMATS, Backend, Provider, detect_format
 from .formats.onnx import ort_provider_status
+from .quiet import third_party_output
 from .formats.torchscript import TORCH_PROVIDERS, TorchBackend, archive_names, torch_unavailable
 
 __all__ = ["CHECKPOINT", "artifact_format", "open_backend", "ort_provider_status", "provider_unavailable", "runtime_of", "supports"]
@@ -113,4 +114,5 @@ def open_backend(
     if kind == CHECKPOINT:
         return _open_checkpoint(path, provider, threads)
     entry = check_manifest_sha256(path, entry)
-    return FORMATS[kind].open(path, provider, threads, entry)
+    with third_party_output(f"opening {path.name}"):  # runtimes log their set-up (delegates, CPU probing) on stderr
+        return FORMATS[kind].open(path, provider, threads, entry)

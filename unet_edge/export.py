@@ -28,6 +28,7 @@ from .artifact import MANIFEST_FILE, ExportedArtifact, find_latest_export, read_
 from .cpuinfo import cpu_bf16_skip_reason
 from .errors import ArtifactError, OutputError, UNetEdgeError
 from .io import atomic_write_text
+from .quiet import third_party_output
 from .formats import FORMATS, CalibMethod, ExportRequest, Precision, Provider
 
 __all__ = ["ExportOptions", "ExportResult", "find_latest_export", "run_export"]
@@ -193,11 +194,13 @@ def _export_staged(
     for name in options.formats:
         fmt = FORMATS[name]
         say(f"exporting {name}")
-        artifacts += fmt.export(request)
+        with third_party_output(f"{name} export"):  # converters' step logs and warnings
+            artifacts += fmt.export(request)
         wanted = tuple(p for p in variants if p in fmt.precisions)
         if wanted and fmt.export_variants is not None:
             say(f"exporting {name} {', '.join(p.value for p in wanted)}")
-            artifacts += fmt.export_variants(replace(request, precisions=wanted))
+            with third_party_output(f"{name} {'/'.join(p.value for p in wanted)} export"):
+                artifacts += fmt.export_variants(replace(request, precisions=wanted))
     parity = None
     if options.parity_images:
         say(f"parity check on {options.parity_images} validation images")

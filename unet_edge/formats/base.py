@@ -76,8 +76,11 @@ def import_runtime(module: str, extra: str) -> Any:
     """Import an optional runtime package, or fail with one line naming the pip extra that installs it."""
     import importlib
 
+    from ..quiet import third_party_output
+
     try:
-        return importlib.import_module(module)
+        with third_party_output(f"importing {module}"):  # some print deprecation warnings and C++ log lines on import
+            return importlib.import_module(module)
     except ImportError:
         raise ArtifactError(f"{module} is not installed: pip install 'unet-edge[{extra}]'") from None
 
