@@ -14,7 +14,11 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 endif
 DEMO_EPOCHS ?= 20
 
-.PHONY: install demo test test-tools clean
+# The suite runs in one pytest worker per core (pytest-xdist, whole files per worker, so a file's module fixtures are
+# built once); TEST_WORKERS=0 runs it in this process, e.g. to debug with pdb.
+TEST_WORKERS ?= auto
+
+.PHONY: install demo test test-fast test-tools clean
 
 install: $(STAMP)
 
@@ -34,7 +38,11 @@ demo: $(STAMP)
 		"$$($(PY) -c 'from unet_edge.synth import default_data_dir; print(default_data_dir() / "val" / "images")')" --limit 4 --out runs/demo-predict
 
 test: $(STAMP) test-tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# The inner loop: everything not marked slow (no training runs, exports or benchmarks), a minute or two.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # What the embedding tests need beside Python: Chromium (where apt-get and root allow) and the examples' npm packages
 # (where npm is). Elsewhere those tests skip with the reason; under CI (CI=true) a failed install fails the run instead.

@@ -108,11 +108,17 @@ main() {
 
 # `export --format all` where every registered format's runtime is installed; elsewhere (the GPU machine has
 # no OpenVINO or ncnn) each format that can be written, into the same folder, and the others skipped with why.
+# --cpu-smoke exports the two formats that verify and bench use, one step each (the test suite exports every
+# format; converting the other four took most of the smoke's time).
 export_formats() {
     local name reason all=1 ok=1
     local -a formats=()
-    mapfile -t formats < <("$PY" -c 'from unet_edge.formats import FORMATS, Provider
+    if ((SMOKE)); then
+        formats=($'onnx\t' $'torchscript\t') all=0
+    else
+        mapfile -t formats < <("$PY" -c 'from unet_edge.formats import FORMATS, Provider
 for name, fmt in FORMATS.items(): print(name, fmt.unavailable(Provider.CPU) or str(), sep="\t")' 2>/dev/null || true)
+    fi
     for name in "${formats[@]}"; do [[ -z ${name#*$'\t'} ]] || all=0; done
     if ((all)); then
         run_step export 120 train "${UE[@]}" export "$run/best.pt" --format all --out "$WORK/exported" --name check --parity-images 4

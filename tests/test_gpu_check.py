@@ -29,7 +29,10 @@ def test_gpu_check_cpu_smoke_runs_every_step_and_writes_its_reports(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["mode"] == "cpu-smoke" and report["passed"] is True
     status = {step["step"]: (step["status"], step["detail"]) for step in report["steps"]}
-    expected = ["install", "versions", "gpu-tests", "data", "train", "train-check", "train-sweep", "export", "verify-cpu", "bench-48", "bench-64"]
+    expected = [
+        "install", "versions", "gpu-tests", "data", "train", "train-check", "train-sweep", "export-onnx", "export-torchscript", "verify-cpu",
+        "bench-48", "bench-64",
+    ]  # fmt: skip
     assert all(status[name][0] == "ok" for name in expected), status
     assert status["verify-cuda"] == ("skipped", "CUDA step: --cpu-smoke verifies TorchScript on the CPU instead")
     assert status["bench-48-compile"][0] == "skipped" and "torch.compile takes about a minute" in status["bench-48-compile"][1]
