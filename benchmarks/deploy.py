@@ -109,12 +109,12 @@ def how_trained(checkpoint: Path) -> str:
 
     state = load_checkpoint(checkpoint)
     settings = state.get("train_config") or {}
-    epochs = settings.get("epochs")
+    epochs = f"best at epoch {state.get('epoch')} of {settings.get('epochs')}"
     teacher = state.get("teacher")
     if not teacher:
-        return f"trained alone, {epochs} epochs"
+        return f"trained alone, {epochs}"
     term = f"{settings.get('distill_loss')}, T {settings.get('distill_temperature')}, weight {settings.get('distill_weight')}"
-    return f"distilled from {Path(teacher.get('path', '?')).parent.name} ({term}), {epochs} epochs"
+    return f"distilled from {Path(teacher.get('path', '?')).parent.name} ({term}), {epochs}"
 
 
 def num(value: float | None, digits: int = 2) -> str:
