@@ -112,7 +112,7 @@ def run_export(options: ExportOptions, progress: Callable[[str], None] | None = 
     loaded = load_model(source)
     fold = options.fold if options.fold is not None else loaded.config.block_order == "conv-bn-relu"
     folded_model = None
-    if fold and "onnx" in options.formats:
+    if fold and any(FORMATS[name].folds_batchnorm for name in options.formats):
         try:
             folded_model = fold_batchnorm(loaded.model)
         except FoldError as exc:

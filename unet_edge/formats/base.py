@@ -226,6 +226,8 @@ class Format:
     extra: str | None = None
     # A content check for files whose suffix alone does not identify the format (archives, for example).
     sniff: Callable[[Path], bool] | None = None
+    # Whether its export reads ExportRequest.folded_model (a converted conv graph) when folding is asked for.
+    folds_batchnorm: bool = True
 
     def matches(self, path: Path) -> bool:
         """Whether `path` is a model of this format (by suffix, then by content where a sniff is given)."""

@@ -229,4 +229,5 @@ FORMAT = Format(
     providers=TORCH_PROVIDERS,
     unavailable=torch_unavailable,
     sniff=is_torchscript,
+    folds_batchnorm=False,  # the checkpoint's own modules, scripted as trained
 )
