@@ -145,6 +145,17 @@ def trainer():
 
 
 @pytest.fixture(scope="session")
+def exported_all(tiny_checkpoint, tmp_path_factory):
+    """`unet-edge export --format all` of the tiny checkpoint, once per session and in a real process (tests read
+    its output): fixed-size formats (LiteRT) at the tiny validation images' size, so their parity is exact.
+    Returns (export folder, the completed process); tests copy the folder before changing anything in it."""
+    out = tmp_path_factory.mktemp("exported-all")
+    result = run_cli("export", str(tiny_checkpoint), "--format", "all", "--image-size", "48", "--out", str(out), "--name", "tiny", in_process=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out / "tiny", result
+
+
+@pytest.fixture(scope="session")
 def e2e_dir(tiny_checkpoint, tmp_path_factory):
     """An export of the tiny checkpoint with model.onnx and model_e2e.onnx (parity checked by export)."""
     out = tmp_path_factory.mktemp("exported-e2e")

@@ -16,13 +16,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def export_dir(tiny_checkpoint, tmp_path_factory, cli):
-    out = tmp_path_factory.mktemp("exported")
-    # --image-size: fixed-size formats (LiteRT) at the tiny validation images' size, so their parity is exact
-    result = cli("export", str(tiny_checkpoint), "--format", "all", "--image-size", "48", "--out", str(out), "--name", "tiny")
-    assert result.returncode == 0, result.stderr
+def export_dir(exported_all):
+    folder, result = exported_all
     assert "pass" in result.stdout and "model.onnx" in result.stdout
-    return out / "tiny"
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -52,15 +52,15 @@ class Payload:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, tiny_checkpoint, cli) -> Path:
-    """A folder with a checkpoint, a text file, a PNG, a plain file and an export with its manifest."""
+def workspace(tmp_path_factory, tiny_checkpoint, exported_all) -> Path:
+    """A folder with a checkpoint, a text file, a PNG, a plain file and an export with its manifest (a copy of
+    the session's export of the same checkpoint)."""
     root = tmp_path_factory.mktemp("bad-inputs")
     shutil.copy(tiny_checkpoint, root / "best.pt")
     (root / "notes.txt").write_text("not a model\n")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "picture.png")
     (root / "plain-file").write_text("a file where a folder is expected\n")
-    result = cli("export", str(root / "best.pt"), "--format", "all", "--out", str(root / "exported"), "--name", "tiny", "--parity-images", "0")
-    assert result.returncode == 0, result.stderr
+    shutil.copytree(exported_all[0], root / "exported" / "tiny")
     return root
 
 
