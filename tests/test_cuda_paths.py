@@ -97,6 +97,7 @@ def test_an_indexed_cuda_device_under_distributed_training_is_an_error_not_silen
         _worker_device("cuda:1", 0)
 
 
+@pytest.mark.slow
 def test_onnx_runtime_asked_for_cuda_that_it_cannot_start_refuses_instead_of_reporting_cpu_as_cuda(e2e_dir):
     """This machine's onnxruntime has no CUDA provider: the session would silently run on the CPU."""
     from unet_edge.errors import ArtifactError

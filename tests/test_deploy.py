@@ -145,6 +145,7 @@ def deployed(tiny_data, tiny_checkpoint, trainer, tmp_path_factory, cli):
     return {"out": out, "stdout": result.stdout, "calls": calls, "checkpoints": (tiny_checkpoint, other), "names": names}
 
 
+@pytest.mark.slow
 def test_a_rerun_after_ctrl_c_does_only_what_was_missing(deployed):
     other = deployed["checkpoints"][1]
     assert sorted(opts.formats[0] for opts in deployed["calls"]["export"]) == ["onnx", "torchscript"]
@@ -152,6 +153,7 @@ def test_a_rerun_after_ctrl_c_does_only_what_was_missing(deployed):
     assert sorted(deployed["calls"]["measure"]) == sorted(f"{deployed['names'][other]} {f} fp32" for f in ("onnx", "torchscript"))
 
 
+@pytest.mark.slow
 def test_deploy_writes_report_plot_and_a_winner_that_segments_like_its_checkpoint(deployed, tiny_data, agreement, monkeypatch):
     from PIL import Image
 
@@ -201,6 +203,7 @@ def test_deploy_writes_report_plot_and_a_winner_that_segments_like_its_checkpoin
     assert agreement(np.asarray(scope["mask"]), masks[0]) >= 0.999
 
 
+@pytest.mark.slow
 def test_the_same_command_again_exports_measures_and_times_nothing(deployed, monkeypatch, cli):
     def refuse(*args, **kwargs):
         raise AssertionError("finished work done again")
@@ -224,6 +227,7 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path, cli, one_line_error):
     one_line_error(result, "nope.pt", "not found")
 
 
+@pytest.mark.slow
 def test_a_failing_export_is_a_row_with_its_reason_not_an_abort(tiny_checkpoint, tmp_path, monkeypatch):
     from dataclasses import replace
 

@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip("executorch", reason="ExecuTorch is an optional extra: pip install 'unet-edge[executorch]'")
 
+pytestmark = pytest.mark.slow  # exports and conversions: `make test` runs them, `make test-fast` does not
+
 
 @pytest.fixture(scope="module")
 def pte_dir(tiny_checkpoint, tmp_path_factory, cli):

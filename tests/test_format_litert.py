@@ -13,6 +13,8 @@ import pytest
 
 pytest.importorskip("ai_edge_litert", reason="LiteRT is an optional extra: pip install 'unet-edge[litert]'")
 
+pytestmark = pytest.mark.slow  # exports and conversions: `make test` runs them, `make test-fast` does not
+
 SIZE = (48, 48)  # the tiny validation images' size; the odd image (97 x 131) is tiled
 
 

@@ -12,6 +12,8 @@ import pytest
 
 pytest.importorskip("ncnn", reason="ncnn is an optional extra: pip install 'unet-edge[ncnn]'")
 
+pytestmark = pytest.mark.slow  # exports and conversions: `make test` runs them, `make test-fast` does not
+
 
 @pytest.fixture(scope="module")
 def ncnn_dir(tiny_checkpoint, tmp_path_factory, cli):

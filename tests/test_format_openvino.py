@@ -15,6 +15,8 @@ pytest.importorskip("openvino", reason="OpenVINO is an optional extra: pip insta
 
 from unet_edge.cpuinfo import cpu_bf16_skip_reason  # noqa: E402
 
+pytestmark = pytest.mark.slow  # exports and conversions: `make test` runs them, `make test-fast` does not
+
 # bf16 is exported only where this CPU computes it natively (its accuracy budget is measured here).
 BF16_SKIPPED = cpu_bf16_skip_reason()
 FILES = ("model.xml", "model_int8.xml") if BF16_SKIPPED else ("model.xml", "model_bf16.xml", "model_int8.xml")

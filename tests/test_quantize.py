@@ -9,6 +9,8 @@ from unet_edge.fold import FoldError, fold_batchnorm
 from unet_edge.model import UNetStudent
 from unet_edge.quantize import quantize_with_budget
 
+pytestmark = pytest.mark.slow  # exports and conversions: `make test` runs them, `make test-fast` does not
+
 
 def _randomise_batchnorm(model, negative_in_decoder=True):
     generator = torch.Generator().manual_seed(0)
