@@ -18,6 +18,7 @@ closes ((distilled - alone) / (teacher - alone), on the means), GFLOP per 256x25
 `epoch_time_s` over a run's epochs, which metrics.jsonl holds; the teacher's share of the step time).
 
     python benchmarks/distill.py --threads 1                     # writes the `distill` section of benchmarks/README.md
+    python benchmarks/distill.py --threads 1 --distill '[{}, {"distill_loss": "kl", "distill_temperature": 1, "distill_weight": 0.3}]'
     python benchmarks/distill.py --select --datasets digits --seeds 1 --no-write   # compare distillation settings
 
 Finished runs are cached in OUT/results.json and skipped; a run that was stopped resumes from its last.pt.
@@ -71,7 +72,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--val-images", type=int, default=60)
     parser.add_argument("--teacher", default="32,4", metavar="BASE,DEPTH")
     parser.add_argument("--student", default="8,3", metavar="BASE,DEPTH")
-    parser.add_argument("--distill", default="{}", help='JSON of distillation settings beyond the defaults, e.g. \'{"distill_loss": "cwd"}\'')
+    parser.add_argument(
+        "--distill", default="{}", help='JSON of distillation settings beyond the defaults, e.g. \'{"distill_loss": "kl"}\', or a list of them (one row each)'
+    )
     parser.add_argument("--select", action="store_true", help="distil with each of SELECT_VARIANTS instead (to choose the defaults)")
     parser.add_argument("--extra-student", default="16,3", metavar="BASE,DEPTH", help="also distil this student on digits, seed 0 (empty: none)")
     parser.add_argument("--threads", type=int, default=1, help="threads of every run and of the latency step")
@@ -201,7 +204,8 @@ def main() -> None:
         roots[name] = data_dir / name
     runner = Runner(args, roots)
     started = time.perf_counter()
-    variants = [dict(v) for v in SELECT_VARIANTS] if args.select else [json.loads(args.distill)]
+    given = json.loads(args.distill)
+    variants = [dict(v) for v in SELECT_VARIANTS] if args.select else given if isinstance(given, list) else [given]
     seeds = range(args.seeds)
     rows = []
     for dataset in names:
