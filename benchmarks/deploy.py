@@ -49,6 +49,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--min-calls", type=int, default=30)
     parser.add_argument("--max-miou-drop", type=float, default=0.01)
+    parser.add_argument("--reference", type=Path, help="deploy's --reference (default: the most accurate checkpoint given)")
     parser.add_argument("--formats", default="all")
     parser.add_argument("--precisions", default="fp32,fp16,bf16,int8")
     parser.add_argument("--conditions", default="", help="what else ran on the machine during the run, stated in the section")
@@ -206,6 +207,7 @@ def main() -> None:
         "deploy", str(teacher), *map(str, students), "--data", str(data), "--image-size", args.image_size, "--batch-size", str(args.batch_size),
         "--threads", str(args.threads), "--seconds", str(args.seconds), "--min-calls", str(args.min_calls), "--max-miou-drop", str(args.max_miou_drop),
         "--formats", args.formats, "--precisions", args.precisions, "--out", str(out),
+        *(("--reference", str(args.reference)) if args.reference else ()),
     )  # fmt: skip
     say(f"deploying: {shlex.join(['unet-edge', *command[3:]])}")
     start = time.perf_counter()
