@@ -37,6 +37,7 @@ def test_bench_json_has_every_field_and_lists_unavailable_providers(bench_export
     result = cli(
         "bench", "--exported", str(bench_export), "--batch-sizes", "1,2", "--image-size", "40x56", "--iters", "6",
         "--warmup", "1", "--threads", "1", "--json", str(report_path), "--markdown", str(md_path), "--plot", str(png_path),
+        in_process=False,  # --threads 1: ExecuTorch's thread pool is fixed once a program is loaded in a process
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(report_path.read_text())
