@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from .errors import DataError
 from .images import IMAGE_SUFFIXES, LABEL_SUFFIXES, load_image, load_label, open_image

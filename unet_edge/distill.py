@@ -9,12 +9,9 @@ pixels that count: not the ignore index, not crop or batch padding.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .artifact import NCHW_FLOAT, TORCHSCRIPT_METADATA_FILE, read_metadata
+from .artifact import NCHW_FLOAT, read_metadata
 from .checkpoint import load_model
 from .config import DistillLoss
 from .errors import ArtifactError, CheckpointError, TrainingError
+from .formats.torchscript import is_torchscript, load_torchscript
 from .io import sha256_file
 
 __all__ = [
@@ -123,25 +121,8 @@ class Teacher:
         return {"path": str(self.path), "sha256": self.sha256, "kind": self.kind, "description": self.description, "val_miou": val_miou}
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any("/code/" in name for name in archive.namelist())
-
-
 def _load_torchscript(path: Path) -> tuple[nn.Module, list[str], tuple[float, ...], tuple[float, ...], str]:
-    extra = {TORCHSCRIPT_METADATA_FILE: ""}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except Exception as exc:  # torch raises RuntimeError subclasses with long messages
-        raise ArtifactError(f"{path}: not a loadable TorchScript model ({str(exc).splitlines()[0][:160]})") from None
-    try:
-        meta = json.loads(extra[TORCHSCRIPT_METADATA_FILE] or "{}")
-    except json.JSONDecodeError:
-        raise ArtifactError(f"{path}: unreadable {TORCHSCRIPT_METADATA_FILE} metadata in the archive") from None
+    module, meta = load_torchscript(path)
     info = read_metadata(meta, path)
     if info.input_format != NCHW_FLOAT:
         raise ArtifactError(f"{path}: takes {info.input_format} input; a teacher must take the normalised {NCHW_FLOAT} batch")
@@ -178,7 +159,7 @@ def load_teacher(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: teacher not found" if not path.is_dir() else f"{path}: is a folder; a teacher is a checkpoint or TorchScript file")
-    if _is_torchscript(path):
+    if is_torchscript(path):
         module, teacher_classes, teacher_mean, teacher_std, description = _load_torchscript(path)
         kind = "torchscript"
     else:

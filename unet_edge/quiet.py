@@ -21,6 +21,13 @@ __all__ = ["VERBOSE_ENV", "third_party_output", "verbose"]
 VERBOSE_ENV = "UNET_EDGE_VERBOSE"
 
 
+class _State:
+    depth = 0
+
+
+_state = _State()
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
@@ -72,13 +79,6 @@ def third_party_output(step: str) -> Iterator[None]:
         if failed:
             _keep(sink, step)
         sink.close()
-
-
-class _State:
-    depth = 0
-
-
-_state = _State()
 
 
 def _keep(sink: tempfile._TemporaryFileWrapper, step: str) -> None:  # type: ignore[type-arg]

@@ -24,7 +24,7 @@ from ..errors import ArtifactError
 from ..cpuinfo import cpu_bf16_skip_reason
 from .base import Backend, ExportRequest, Format, Precision, Provider, backend_fields
 
-__all__ = ["FORMAT", "TORCH_PROVIDERS", "TorchBackend", "TorchDtype", "TorchVariant", "archive_names", "export", "export_torchscript", "torch_unavailable"]
+__all__ = ["FORMAT", "TORCH_PROVIDERS", "TorchBackend", "TorchDtype", "TorchVariant", "archive_names", "export", "export_torchscript", "load_torchscript", "torch_unavailable"]
 
 # PyTorch runs on CPU and CUDA; TensorRT is an ONNX Runtime provider and does not apply.
 TORCH_PROVIDERS = {Provider.CPU: "cpu", Provider.CUDA: "cuda"}
@@ -198,6 +198,23 @@ def is_torchscript(path: Path) -> bool:
     return any("/code/" in name or name.endswith("constants.pkl") for name in names)
 
 
+def load_torchscript(path: Path) -> tuple[Any, dict[str, Any]]:
+    """The scripted module of a TorchScript file (on the CPU) and the metadata stored in its archive."""
+    import torch
+
+    extra = {TORCHSCRIPT_METADATA_FILE: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as exc:  # torch raises RuntimeError subclasses with long messages
+        raise ArtifactError(f"{path}: not a loadable TorchScript model ({str(exc).splitlines()[0][:160]})") from None
+    try:
+        return module, json.loads(extra[TORCHSCRIPT_METADATA_FILE] or "{}")
+    except json.JSONDecodeError:
+        raise ArtifactError(f"{path}: unreadable {TORCHSCRIPT_METADATA_FILE} metadata in the archive") from None
+
+
 def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[str, Any] | None) -> Backend:
     """Load a TorchScript file on `provider`'s device, with the metadata stored in it."""
     import torch
@@ -208,14 +225,7 @@ def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[
         raise ArtifactError(f"{path}: {reason}")
     if threads:
         torch.set_num_threads(threads)
-    extra = {TORCHSCRIPT_METADATA_FILE: ""}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except Exception as exc:  # torch raises RuntimeError subclasses with long messages
-        raise ArtifactError(f"{path}: not a loadable TorchScript model ({str(exc).splitlines()[0][:160]})") from None
-    meta = json.loads(extra[TORCHSCRIPT_METADATA_FILE] or "{}")
+    module, meta = load_torchscript(path)
     return TorchBackend(module, device=device, **backend_fields(FORMAT.runtime, device, path, meta, entry))
 
 
