@@ -38,7 +38,8 @@ def export_everything(checkpoint: Path, formats: tuple[str, ...] | None, max_bat
     result = run_export(
         ExportOptions(
             checkpoint=checkpoint, out=OUT, name="edge", precisions=(Precision.FP32, *precisions), max_miou_drop=1.0,
-            calib_images=16, parity_images=0, formats=formats, image_size=(size, size), max_batch=max_batch, max_size=size,
+            calib_images=16, parity_images=0, formats=formats,
+            format_options={"image_size": (size, size), "max_batch": max_batch, "max_size": size},
         )
     )  # fmt: skip
     for name, why in result.skipped.items():

@@ -69,8 +69,8 @@ def build_models(threads: int, calib_images: int) -> dict[str, dict[str, Path]]:
     from unet_edge.artifact import artifact_metadata
     from unet_edge.checkpoint import load_model
     from unet_edge.formats.onnx import export_onnx
-    from unet_edge.parity import load_eval_images
-    from unet_edge.quantize import float_source, quantize_int8
+    from unet_edge.data import load_eval_images
+    from unet_edge.formats.onnx_quantize import float_source, quantize_int8
     from unet_edge.synth import ensure_synth
 
     OUT.mkdir(parents=True, exist_ok=True)

@@ -69,8 +69,8 @@ def default_checkpoint(path: Path, block_order: str = "conv-relu-bn") -> Path:
 def int8_variants(loaded, folder: Path, calib_images: int, naive: bool = True) -> list[Path]:
     """int8 as export makes it (BatchNorm-folded, int8 layout) and, for the seed order, naive int8 from
     the unfolded graph, calibrated on embedded training images; plus fp16 from the plain fold."""
-    from unet_edge.parity import load_eval_images
-    from unet_edge.quantize import convert_fp16, float_source, quantize_int8, stamp_precision
+    from unet_edge.data import load_eval_images
+    from unet_edge.formats.onnx_quantize import convert_fp16, float_source, quantize_int8, stamp_precision
     from unet_edge.synth import ensure_synth
 
     calibration = load_eval_images(ensure_synth(), loaded.mean, loaded.std, split="train", num_images=calib_images).normalised

@@ -43,14 +43,12 @@ ExportedOption = Annotated[Path, typer.Option("--exported", help="Folder of expo
 
 def parse_size(text: str) -> tuple[int, int]:
     """`--image-size` as S or HxW -> (height, width)."""
-    parts = text.lower().split("x")
+    from unet_edge.formats.base import parse_size as parse
+
     try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise typer.BadParameter(f"expected S or HxW, got {text!r}", param_hint="--image-size") from None
-    if len(values) not in (1, 2) or min(values) < 1:
-        raise typer.BadParameter(f"expected S or HxW, got {text!r}", param_hint="--image-size")
-    return (values[0], values[-1])
+        return parse(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--image-size") from None
 
 
 def comma_separated(enum: type[Enum], *names: str, help: str) -> Any:

@@ -8,9 +8,15 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from unet_edge.formats import CalibMethod, ExportFormat, Precision
+from enum import Enum
+
+from unet_edge.formats import CalibMethod, Precision, export_formats
 
 from .common import RunsOption, comma_separated, console, fmt, handle_errors, parse_size, progress_bar
+
+
+# `--formats` choices: every format export writes, or all of them.
+FormatChoice = Enum("FormatChoice", {name: name for name in [*export_formats(), "all"]}, type=str)  # type: ignore[misc]
 
 
 def deploy_table(result: Any) -> Table:
@@ -54,7 +60,7 @@ def deploy(
     image_size: Annotated[str, typer.Option(help="S or HxW you deploy at: timing runs at it and fixed-size formats are exported at it.")] = "256",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per call you deploy with.")] = 1,
     threads: Annotated[Optional[int], typer.Option(min=1, help="Threads for every runtime alike (default: all cores).")] = None,
-    formats: Annotated[Any, comma_separated(ExportFormat, "--formats", help="Comma-separated formats to consider (default: every installed one).")] = "all",
+    formats: Annotated[Any, comma_separated(FormatChoice, "--formats", help="Comma-separated formats to consider (default: every installed one).")] = "all",
     precisions: Annotated[Any, comma_separated(Precision, "--precisions", help="Comma-separated precisions to consider (default: each that a format offers and this CPU computes natively).")] = ",".join(p.value for p in Precision),
     seconds: Annotated[float, typer.Option(min=0.0, help="Timed seconds per candidate, for each of its two latency columns.")] = 2.0,
     min_calls: Annotated[int, typer.Option(min=1, help="Timed calls per candidate and column, at least.")] = 30,

@@ -8,12 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from unet_edge import __version__
+from unet_edge.formats import export_formats
 
 from . import bench as bench_cmd, data, deploy as deploy_cmd, eval as eval_cmd, export as export_cmd, predict as predict_cmd, train as train_cmd, verify as verify_cmd
 
 app = typer.Typer(
     name="unet-edge",
-    help="Train a U-Net segmentation model, export it to ONNX/TorchScript, prove parity and benchmark it for the edge.",
+    help=f"Train a U-Net segmentation model, export it to the formats edge runtimes run ({', '.join(export_formats())}), prove parity and benchmark it for the edge.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},

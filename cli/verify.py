@@ -8,9 +8,11 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from unet_edge.formats import Provider
+from unet_edge.formats import FORMATS, Provider
 
 from .common import DataOption, ExportedOption, JsonOption, RunsOption, console, fmt, handle_errors, write_json
+
+LAYERED = ", ".join(name for name, f in FORMATS.items() if f.layer_outputs is not None)
 
 
 def parity_table(report: dict[str, Any]) -> Table:
@@ -40,10 +42,10 @@ def verify(
     checkpoint: Annotated[Optional[Path], typer.Option(help="Reference checkpoint (default: the one in the manifest).")] = None,
     data: DataOption = None,
     num_images: Annotated[int, typer.Option(help="Validation images to compare on (0: all).")] = 16,
-    provider: Annotated[Provider, typer.Option(help="Where the artifacts run (ONNX Runtime provider / PyTorch device).")] = Provider.CPU,
+    provider: Annotated[Provider, typer.Option(help="Where the artifacts run (an ONNX Runtime provider, a PyTorch device; each format maps it to its runtime's own).")] = Provider.CPU,
     min_agreement: Annotated[Optional[float], typer.Option(help="Override the minimum pixel agreement (fp32: 0.999, fp16: 0.995).")] = None,
     max_miou_drop: Annotated[Optional[float], typer.Option(help="Override the maximum mIoU drop (int8: 0.01).")] = None,
-    explain: Annotated[bool, typer.Option("--explain", help="For a failing ONNX model, name the first layer that diverges.")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help=f"For a failing model of a format that exposes its layers ({LAYERED}), name the first layer that diverges.")] = False,
     json_path: JsonOption = None,
     exported: ExportedOption = Path("exported"),
     runs: RunsOption = Path("runs"),

@@ -9,7 +9,7 @@ import torch
 
 from unet_edge.backends import open_backend
 from unet_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
-from unet_edge.formats import FORMATS, detect_format
+from unet_edge.formats import FORMATS, detect_format, export_formats
 from unet_edge.io import sha256_file
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def test_export_writes_checked_onnx_with_metadata_and_manifest(export_dir, tiny_
     assert manifest["checkpoint"]["sha256"] == sha256_file(tiny_checkpoint)
     assert manifest["classes"] == ["background", "circle", "square", "triangle"]
     entries = {e["file"]: e for e in manifest["artifacts"]}
-    assert set(entries) == {fmt.file for fmt in FORMATS.values()}  # --format all: one fp32 file per registered format
+    assert set(entries) == {fmt.file for fmt in export_formats().values()}  # --format all: one fp32 file per registered format
     for name, entry in entries.items():
         assert entry["sha256"] == sha256_file(export_dir / name)
         assert entry["size_bytes"] == (export_dir / name).stat().st_size
@@ -55,7 +55,7 @@ def test_export_writes_checked_onnx_with_metadata_and_manifest(export_dir, tiny_
 
 
 @pytest.mark.parametrize("size", [(97, 131), (40, 72)])
-@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("name", list(export_formats()))
 def test_every_registered_format_agrees_with_eager(export_dir, tiny_checkpoint, name, size):
     """`--format all` writes each format of the registry; each opens through its backend and matches eager
     (fixed-size formats at their export size, whatever `size` says)."""
@@ -196,7 +196,7 @@ def test_enum_options_are_validated_by_the_cli(tiny_checkpoint, tmp_path, cli):
 
 def test_precision_no_selected_format_has_is_refused(tiny_checkpoint, tmp_path, cli):
     line = one_line_error(cli("export", str(tiny_checkpoint), "--format", "torchscript", "--precision", "int8", "--out", str(tmp_path)))
-    offering = ", ".join(name for name, fmt in FORMATS.items() if "int8" in {p.value for p in fmt.precisions})
+    offering = ", ".join(name for name, fmt in export_formats().items() if "int8" in {p.value for p in fmt.precisions})
     assert f"torchscript: no int8 variant (formats with int8: {offering})" in line and offering.startswith("onnx")
     assert not any(tmp_path.iterdir())
 
@@ -232,7 +232,7 @@ def test_all_exports_the_installed_formats_and_names_the_others(tiny_checkpoint,
 
     from unet_edge.export import ExportOptions, run_export
 
-    missing = [name for name in FORMATS if name not in ("onnx", "torchscript")]
+    missing = [name for name in export_formats() if name not in ("onnx", "torchscript")]
     for name in missing:
         reason = f"{name} is not installed: pip install 'unet-edge[{name}]'"
         monkeypatch.setitem(FORMATS, name, dataclasses.replace(FORMATS[name], unavailable=lambda provider, why=reason: why))

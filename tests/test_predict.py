@@ -165,7 +165,7 @@ def test_a_provider_the_runtime_lacks_is_refused_not_replaced(tiny_checkpoint, o
     result = cli("predict", str(tiny_checkpoint), str(odd_image), "--provider", "tensorrt", "--out", str(out))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1
-    assert "best.pt: a PyTorch checkpoint does not run on provider 'tensorrt' (supported: cpu, cuda)" in result.stderr
+    assert "best.pt: checkpoint models do not run on provider 'tensorrt' (supported: cpu, cuda)" in result.stderr
     assert not out.exists()
 
 

@@ -7,7 +7,7 @@ import torch
 
 from unet_edge.fold import FoldError, fold_batchnorm
 from unet_edge.model import UNetStudent
-from unet_edge.quantize import quantize_with_budget
+from unet_edge.formats.onnx_quantize import quantize_with_budget
 
 pytestmark = pytest.mark.slow  # exports and conversions: `make test` runs them, `make test-fast` does not
 
@@ -78,7 +78,7 @@ def _quantised_convs(path):
 
 def test_budget_keeps_just_enough_layers_in_float(tiny_checkpoint, tmp_path):
     from unet_edge.checkpoint import load_model
-    from unet_edge.quantize import float_source
+    from unet_edge.formats.onnx_quantize import float_source
 
     loaded = load_model(tiny_checkpoint)
     source, folded, _ = float_source(loaded, tmp_path, True, 18)

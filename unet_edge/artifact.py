@@ -1,4 +1,4 @@
-"""The artifact contract: file names, the metadata every exported model carries, and manifest.json.
+"""The artifact contract: the metadata every exported model carries, and manifest.json.
 
 An export folder holds model files and one `manifest.json` listing each with its sha256, size,
 format, precision and input/output spec, plus the source checkpoint, classes, normalisation and the
@@ -24,14 +24,8 @@ if TYPE_CHECKING:
     from .checkpoint import LoadedModel
 
 __all__ = [
-    "E2E_ONNX_FILE",
-    "FP16_ONNX_FILE",
-    "INT8_ONNX_FILE",
     "MANIFEST_FILE",
     "METADATA_KEYS",
-    "ONNX_FILE",
-    "TORCHSCRIPT_FILE",
-    "TORCHSCRIPT_METADATA_FILE",
     "ExportedArtifact",
     "artifacts_or_latest",
     "ModelInfo",
@@ -48,14 +42,7 @@ __all__ = [
     "write_manifest",
 ]
 
-ONNX_FILE = "model.onnx"
-E2E_ONNX_FILE = "model_e2e.onnx"
-FP16_ONNX_FILE = "model_fp16.onnx"
-INT8_ONNX_FILE = "model_int8.onnx"
-TORCHSCRIPT_FILE = "model.ts"
 MANIFEST_FILE = "manifest.json"
-# TorchScript archives carry the metadata as this extra file (ONNX as metadata_props).
-TORCHSCRIPT_METADATA_FILE = "unet_edge.json"
 
 NCHW_FLOAT = "nchw-float32"
 NHWC_UINT8 = "nhwc-uint8"

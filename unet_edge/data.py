@@ -34,13 +34,14 @@ import torch
 from PIL import UnidentifiedImageError
 
 from .errors import DataError
-from .images import IMAGE_SUFFIXES, LABEL_SUFFIXES, load_image, load_label, open_image
+from .images import IMAGE_SUFFIXES, LABEL_SUFFIXES, load_image, load_label, open_image, preprocess
 from .synth import SynthSpec, ensure_synth
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "VOC_CLASSES",
     "DatasetInfo",
+    "EvalImages",
     "ImageSegmentation",
     "ScanReport",
     "load_image",
@@ -48,6 +49,7 @@ __all__ = [
     "pad_collate",
     "is_voc_dataset",
     "is_voc_root",
+    "load_eval_images",
     "read_dataset_info",
     "resolve_data",
     "scan_dataset",
@@ -395,3 +397,30 @@ def pad_collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], ignore_index
         images[i, :, : image.shape[-2], : image.shape[-1]] = image
         masks[i, : mask.shape[-2], : mask.shape[-1]] = mask
     return images, masks
+
+
+@dataclass
+class EvalImages:
+    """Validation images (raw uint8 HWC and normalised CHW) with their ground-truth masks."""
+
+    raw: list[np.ndarray]
+    normalised: list[np.ndarray]
+    masks: list[np.ndarray]
+    paths: list[Path]
+
+
+def load_eval_images(
+    root: str | os.PathLike[str], mean: tuple[float, ...], std: tuple[float, ...], *, split: str = "val", num_images: int = 16
+) -> EvalImages:
+    """The first `num_images` images of a split (all of them when `num_images` <= 0)."""
+    dataset = ImageSegmentation(root, split)
+    samples = dataset.samples if num_images <= 0 else dataset.samples[:num_images]
+    raw, normalised, masks, paths = [], [], [], []
+    for image_path, label_path in samples:
+        image = load_image(image_path)
+        label = load_label(label_path)
+        raw.append(image)
+        normalised.append(preprocess(image, mean, std))
+        masks.append(label.astype(np.int64))
+        paths.append(image_path)
+    return EvalImages(raw, normalised, masks, paths)

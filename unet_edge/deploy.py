@@ -31,7 +31,7 @@ from . import __version__
 from .artifact import MANIFEST_FILE, artifact_bytes, read_manifest
 from .cpuinfo import cpu_bf16_skip_reason, cpu_flags
 from .errors import ArtifactError, UNetEdgeError
-from .formats import FORMATS, CalibMethod, Precision, Provider, default_threads
+from .formats import FORMATS, CalibMethod, Precision, Provider, default_threads, export_formats
 from .io import atomic_path, atomic_write_text, check_writable, sha256_file
 
 __all__ = [
@@ -226,13 +226,14 @@ def plan_candidates(
 ) -> tuple[list[tuple[str, tuple[Precision, ...]]], list[dict[str, Any]]]:
     """([(format, precisions to deploy)], [skipped format/precision with the reason]) from the registry:
     formats whose runtime is installed, precisions each declares and this CPU computes natively."""
-    names = tuple(FORMATS) if formats is None else formats
-    unknown = [name for name in names if name not in FORMATS]
+    exportable = export_formats()
+    names = tuple(exportable) if formats is None else formats
+    unknown = [name for name in names if name not in exportable]
     if unknown:
-        raise UNetEdgeError(f"unknown format {unknown[0]!r}: use {', '.join(FORMATS)}")
+        raise UNetEdgeError(f"unknown format {unknown[0]!r}: use {', '.join(exportable)}")
     plan, skipped = [], []
     for name in names:
-        fmt = FORMATS[name]
+        fmt = exportable[name]
         offered = tuple(p for p in fmt.precisions if precisions is None or p in precisions)
         if not offered:
             continue
@@ -352,7 +353,7 @@ class _Images:
         self._by_norm: dict[tuple[tuple[float, ...], tuple[float, ...]], Any] = {}
 
     def get(self, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
-        from .parity import load_eval_images
+        from .data import load_eval_images
 
         key = (tuple(mean), tuple(std))
         if key not in self._by_norm:
@@ -528,8 +529,8 @@ def _export(
     export_options = ExportOptions(
         checkpoint=checkpoint.path, out=Path(options.out) / "candidates" / f"{checkpoint.name.replace('/', '-')}-{checkpoint.sha256[:8]}",
         name=f"{name}-{key[:8]}", formats=(name,), precisions=tuple(dict.fromkeys((Precision.FP32, *precisions))), data=root,
-        calib_images=options.calib_images, calib_method=options.calib_method, max_miou_drop=checkpoint.export_budget,
-        parity_images=0, image_size=options.image_size, max_batch=options.batch_size, max_size=max_side,
+        calib_images=options.calib_images, max_miou_drop=checkpoint.export_budget, parity_images=0,
+        format_options={"calib_method": options.calib_method, "image_size": options.image_size, "max_batch": options.batch_size, "max_size": max_side},
     )  # fmt: skip
     failed: dict[str, str] = {}
     try:

@@ -29,7 +29,7 @@ from .cpuinfo import cpu_bf16_skip_reason
 from .errors import ArtifactError, OutputError, UNetEdgeError
 from .io import atomic_write_text
 from .quiet import third_party_output
-from .formats import FORMATS, CalibMethod, ExportRequest, Precision, Provider
+from .formats import FORMATS, ExportRequest, Precision, Provider, export_formats, export_options
 
 __all__ = ["ExportOptions", "ExportResult", "find_latest_export", "run_export"]
 
@@ -43,20 +43,14 @@ class ExportOptions:
     name: str | None = None  # export folder name; default: the run's folder name
     formats: tuple[str, ...] | None = None  # None: every registered format whose runtime is installed
     precisions: tuple[Precision, ...] = (Precision.FP32,)  # fp32 is always written; others where a format has them
-    opset: int = 18
-    end_to_end: bool = False
-    probabilities: bool = False
-    fold: bool | None = None  # model.onnx; None: fold conv-bn-relu models, keep the seed's order as trained
-    fold_variants: bool = True  # fp16/int8 sources, whenever the fold is exact
+    # The options formats declare (`FormatOption`: opset, image_size, max_batch, ...), by name; absent: their default.
+    format_options: dict[str, Any] = field(default_factory=dict)
+    fold: bool | None = None  # formats with a conv graph; None: fold conv-bn-relu models, keep the seed's order as trained
     data: Path | None = None  # parity and int8 validation set; default: the checkpoint's
     calib_data: Path | None = None  # int8 calibration set (its train split); default: `data`
     calib_images: int = 32
-    calib_method: CalibMethod = CalibMethod.MINMAX
     max_miou_drop: float = 0.01
     parity_images: int = 8  # 0: skip the parity check
-    image_size: tuple[int, int] | None = None  # H x W of fixed-size formats (LiteRT); None: their default
-    max_batch: int = 8  # bounds of formats with bounded dynamic shapes (ExecuTorch), which plan memory for them
-    max_size: int = 1024
     runs_dir: Path = Path("runs")
 
 
@@ -80,13 +74,21 @@ class ExportResult:
 def _check_options(options: ExportOptions) -> None:
     from .data import resolve_data
 
-    unknown = [name for name in options.formats if name not in FORMATS]
+    formats = export_formats()
+    unknown = [name for name in options.formats if name not in formats]
     if unknown:
-        raise UNetEdgeError(f"unknown format {unknown[0]!r}: use {', '.join(FORMATS)}")
+        raise UNetEdgeError(f"unknown format {unknown[0]!r}: use {', '.join(formats)}")
     for wanted in options.precisions:
-        if not any(wanted in FORMATS[name].precisions for name in options.formats):
-            offering = ", ".join(name for name, fmt in FORMATS.items() if wanted in fmt.precisions)
+        if not any(wanted in formats[name].precisions for name in options.formats):
+            offering = ", ".join(name for name, fmt in formats.items() if wanted in fmt.precisions)
             raise UNetEdgeError(f"{', '.join(options.formats)}: no {wanted.value} variant (formats with {wanted.value}: {offering})")
+    declared = export_options()
+    for name in options.format_options:
+        if name not in declared:
+            raise UNetEdgeError(f"unknown export option {name!r}: the formats declare {', '.join(declared)}")
+    for name in options.formats:
+        if formats[name].check_options is not None:
+            formats[name].check_options(options.format_options)
     for folder in (options.data, options.calib_data):
         if folder is not None:
             resolve_data(folder)  # a missing dataset is an error before anything is written
@@ -101,8 +103,9 @@ def run_export(options: ExportOptions, progress: Callable[[str], None] | None = 
     say = progress or (lambda message: None)
     skipped: dict[str, str] = {}
     if options.formats is None:
-        skipped = {name: why for name, fmt in FORMATS.items() if (why := fmt.unavailable(Provider.CPU)) is not None}
-        options = replace(options, formats=tuple(name for name in FORMATS if name not in skipped))
+        formats = export_formats()
+        skipped = {name: why for name, fmt in formats.items() if (why := fmt.unavailable(Provider.CPU)) is not None}
+        options = replace(options, formats=tuple(name for name in formats if name not in skipped))
     _check_options(options)
     if Precision.BF16 in options.precisions and (reason := cpu_bf16_skip_reason()):
         # Its accuracy budget could not be measured here: OpenVINO runs a bf16 hint as fp32 on such a CPU.
@@ -170,37 +173,29 @@ def _export_staged(
     skipped: dict[str, str],
     say: Callable[[str], None],
 ) -> ExportResult:
-    from .parity import verify
+    from .parity import export_budget, verify
 
+    budget = None
+    if variants and data_root is not None:
+        budget = export_budget(
+            loaded, data_root, calib_data=options.calib_data, calib_images=options.calib_images, max_miou_drop=options.max_miou_drop, progress=say
+        )
     request = ExportRequest(
-        loaded=loaded,
-        folder=staging,
-        opset=options.opset,
-        folded_model=folded_model,
-        end_to_end=options.end_to_end,
-        probabilities=options.probabilities,
-        fold_variants=options.fold_variants,
-        data_root=data_root,
-        calib_data=options.calib_data,
-        calib_images=options.calib_images,
-        calib_method=options.calib_method,
-        max_miou_drop=options.max_miou_drop,
-        image_size=options.image_size,
-        max_batch=options.max_batch,
-        max_size=options.max_size,
-        progress=say,
+        loaded=loaded, folder=staging, folded_model=folded_model, options=options.format_options, budget=budget, progress=say
     )
     artifacts: list[ExportedArtifact] = []
     for name in options.formats:
         fmt = FORMATS[name]
+        # The fold is decided per format: those that read a conv graph get the folded one when folding was asked for.
+        own = replace(request, folded_model=folded_model if fmt.folds_batchnorm else None)
         say(f"exporting {name}")
         with third_party_output(f"{name} export"):  # converters' step logs and warnings
-            artifacts += fmt.export(request)
+            artifacts += fmt.export(own)
         wanted = tuple(p for p in variants if p in fmt.precisions)
         if wanted and fmt.export_variants is not None:
             say(f"exporting {name} {', '.join(p.value for p in wanted)}")
             with third_party_output(f"{name} {'/'.join(p.value for p in wanted)} export"):
-                artifacts += fmt.export_variants(replace(request, precisions=wanted))
+                artifacts += fmt.export_variants(replace(own, precisions=wanted))
     parity = None
     if options.parity_images:
         say(f"parity check on {options.parity_images} validation images")

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "LABEL_SUFFIXES", "check_image", "load_image", "load_label", "max_pixels", "open_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "LABEL_SUFFIXES", "check_image", "load_image", "load_label", "max_pixels", "open_image", "preprocess"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
@@ -106,3 +106,10 @@ def load_label(path: str | os.PathLike[str]) -> np.ndarray:
         raise DataError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: not a readable label image ({exc.__class__.__name__}: {exc})") from None
+
+
+def preprocess(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """H x W x 3 uint8 RGB -> 3 x H x W float32, scaled to [0, 1] then normalised (as at training)."""
+    scaled = image.astype(np.float32) / 255.0
+    normalised = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))

@@ -12,6 +12,7 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Callable
+from functools import cache
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,11 @@ import numpy as np
 import torch
 
 from .artifact import NCHW_FLOAT, NHWC_UINT8, artifacts_or_latest, manifest_checkpoint, manifest_entry
-from .backends import CHECKPOINT, artifact_format, open_backend
+from .backends import artifact_format, open_backend
 from .checkpoint import find_latest_checkpoint
-from .data import ImageSegmentation
+from .data import EvalImages, load_eval_images
 from .errors import ArtifactError
-from .formats import Backend, Precision, Provider, preprocess
-from .formats.onnx import module_name, run_with_outputs
-from .images import load_image, load_label
+from .formats import FORMATS, Backend, Precision, Provider, QuantBudget
 from .metrics import ConfusionMatrix
 
 __all__ = [
@@ -35,6 +34,7 @@ __all__ = [
     "Thresholds",
     "compare",
     "explain_divergence",
+    "export_budget",
     "load_eval_images",
     "reference_checkpoint",
     "run_backend",
@@ -57,33 +57,6 @@ THRESHOLDS = {
     Precision.BF16.value: Thresholds(max_miou_drop=0.01),  # 8 mantissa bits: held to the mIoU budget, as int8
     Precision.INT8.value: Thresholds(max_miou_drop=0.01),
 }
-
-
-@dataclass
-class EvalImages:
-    """Validation images (raw uint8 HWC and normalised CHW) with their ground-truth masks."""
-
-    raw: list[np.ndarray]
-    normalised: list[np.ndarray]
-    masks: list[np.ndarray]
-    paths: list[Path]
-
-
-def load_eval_images(
-    root: str | os.PathLike[str], mean: tuple[float, ...], std: tuple[float, ...], *, split: str = "val", num_images: int = 16
-) -> EvalImages:
-    """The first `num_images` images of a split (all of them when `num_images` <= 0)."""
-    dataset = ImageSegmentation(root, split)
-    samples = dataset.samples if num_images <= 0 else dataset.samples[:num_images]
-    raw, normalised, masks, paths = [], [], [], []
-    for image_path, label_path in samples:
-        image = load_image(image_path)
-        label = load_label(label_path)
-        raw.append(image)
-        normalised.append(preprocess(image, mean, std))
-        masks.append(label.astype(np.int64))
-        paths.append(image_path)
-    return EvalImages(raw, normalised, masks, paths)
 
 
 def _batches(images: EvalImages, batch_size: int = 8) -> list[list[int]]:
@@ -225,7 +198,7 @@ def verify(
         thresholds = thresholds_for(backend.precision, entry, overrides)
         result = {
             "path": str(path),
-            "format": "pytorch" if kind == CHECKPOINT else kind,
+            "format": kind if FORMATS[kind].exportable else FORMATS[kind].runtime,  # a checkpoint: "pytorch"
             "precision": backend.precision,
             "provider": backend.provider,
             **figures,
@@ -266,32 +239,21 @@ def _torch_activations(model: torch.nn.Module, image: np.ndarray) -> dict[str, n
     return captured
 
 
-def _module_outputs(model: Any) -> dict[str, str]:
-    """Module name -> the output of the last graph node exported from that module."""
-    by_module: dict[str, str] = {}
-    for node in model.graph.node:
-        name = module_name(node)
-        if name and node.output:
-            by_module[name] = node.output[0]
-    return by_module
-
-
 def explain_divergence(reference: Backend, candidate: Backend, images: EvalImages, rel_tolerance: float = 1e-3) -> dict[str, Any]:
-    """Compare every layer's output between PyTorch and an ONNX artifact on the first image and name
-    the first layer (in execution order) whose relative difference exceeds `rel_tolerance`."""
-    if artifact_format(candidate.path) != "onnx" or candidate.input_format != NCHW_FLOAT:
-        return {"supported": False, "reason": "layer-wise comparison needs a float-input ONNX model"}
-    import onnx
-
+    """Compare every layer's output between PyTorch and a model file on the first image and name the first
+    layer (in execution order) whose relative difference exceeds `rel_tolerance`, for the formats whose
+    runtime exposes its layers' outputs (`Format.layer_outputs`)."""
+    fmt = FORMATS[artifact_format(candidate.path)]
+    if fmt.layer_outputs is None or candidate.input_format != NCHW_FLOAT:
+        exposing = ", ".join(f.name for f in FORMATS.values() if f.layer_outputs is not None)
+        return {"supported": False, "reason": f"layer-wise comparison needs a float-input model of a format that exposes its layers ({exposing})"}
     activations = _torch_activations(reference.module, images.normalised[0])
-    model = onnx.load(str(candidate.path))
-    by_module = _module_outputs(model)
-    if not by_module:
-        return {"supported": False, "reason": "the ONNX graph carries no module names (not exported by unet-edge?)"}
-    values = run_with_outputs(model, list(by_module.values()), images.normalised[:1])[0]
+    values = fmt.layer_outputs(candidate.path, images.normalised[0])
+    if not values:
+        return {"supported": False, "reason": f"the {fmt.name} model carries no module names (not exported by unet-edge?)"}
     layers = []
     for layer, torch_out in activations.items():
-        onnx_out = values.get(by_module.get(layer, ""))
+        onnx_out = values.get(layer)
         if onnx_out is None or onnx_out.shape != torch_out.shape:
             continue
         scale = float(np.abs(torch_out).max()) or 1.0
@@ -305,3 +267,49 @@ def explain_divergence(reference: Backend, candidate: Backend, images: EvalImage
         "first_divergent_rel_diff": first["rel_diff"] if first else None,
         "worst_layers": sorted(layers, key=lambda layer: -layer["rel_diff"])[:5],
     }
+
+
+def export_budget(
+    loaded: Any,
+    data_root: Path,
+    *,
+    calib_data: Path | None = None,
+    calib_images: int = 32,
+    max_miou_drop: float = 0.01,
+    progress: Callable[[str], None] | None = None,
+) -> QuantBudget:
+    """The `QuantBudget` an export hands to every format: calibration images from the train split of
+    `calib_data` (default `data_root`), and an evaluator of any model file's val mIoU against the checkpoint's
+    on every validation image of `data_root`. Images and the checkpoint's predictions are computed once, on
+    first use, however many variants are checked."""
+    from .formats.torchscript import TorchBackend
+
+    calib_root = Path(calib_data) if calib_data else Path(data_root)
+
+    @cache
+    def calibration() -> list[np.ndarray]:
+        return load_eval_images(calib_root, loaded.mean, loaded.std, split="train", num_images=calib_images).normalised
+
+    @cache
+    def validation() -> tuple[EvalImages, tuple[list[np.ndarray | None], list[np.ndarray]]]:
+        images = load_eval_images(data_root, loaded.mean, loaded.std, split="val", num_images=0)
+        reference = TorchBackend(
+            loaded.model, device="cpu", backend="pytorch", provider="cpu", precision="fp32", path=loaded.path,
+            classes=loaded.classes, mean=loaded.mean, std=loaded.std, ignore_index=loaded.ignore_index,
+        )  # fmt: skip
+        return images, run_backend(reference, images)
+
+    def evaluate(path: Path) -> tuple[float, float, int]:
+        images, reference_out = validation()
+        if progress is not None:
+            progress(f"checking {path.suffix[1:]} model mIoU on {len(images.raw)} validation images")
+        # The file was just written by this export: a manifest.json left in the folder by an earlier export
+        # describes the file it replaces, so it must not be checked against (the new manifest comes at the end).
+        candidate = open_backend(path, entry={})
+        try:
+            figures = compare(reference_out, run_backend(candidate, images), images.masks, len(loaded.classes), loaded.ignore_index)
+        finally:
+            candidate.close()
+        return figures["miou_gt"], figures["miou_gt_reference"], len(images.raw)
+
+    return QuantBudget(max_miou_drop=max_miou_drop, calibration_data=calib_root, calibration=calibration, evaluate=evaluate)

@@ -1,36 +1,76 @@
-"""The deployable formats, one module each, and the registry that export, verify, bench and predict iterate.
+"""The model formats, one module each, and the registry that export, verify, bench and predict iterate.
 
-Adding a format is one module here defining `FORMAT = Format(...)` (its export function, its `Backend`
-and what it supports; heavy imports inside functions) plus one line in `FORMATS` and its tests. The
-registry is a plain dict: nothing registers itself on import.
+Adding a format is one module here defining `FORMAT = Format(...)` (its export function, its `Backend`,
+the export options it reads and what it supports; heavy imports inside functions) plus one line in
+`FORMATS`. Nothing else names a format: the export pipeline, the CLI's options, bench, verify and predict
+all read the registry. The registry is a plain dict: nothing registers itself on import. The training
+checkpoint is registered too, as a read-only format (it has no `export`).
 """
 
 from __future__ import annotations
 
-from enum import Enum
+from collections.abc import Iterator
 from pathlib import Path
 
-from . import executorch, litert, ncnn, onnx, openvino, torchscript
-from .base import Backend, CalibMethod, ExportRequest, Format, Precision, Provider, default_threads, preprocess
+from . import checkpoint, executorch, litert, ncnn, onnx, openvino, torchscript
+from .base import (
+    IMAGE_SIZE,
+    Backend,
+    CalibMethod,
+    ExportRequest,
+    Format,
+    FormatOption,
+    Precision,
+    Provider,
+    QuantBudget,
+    default_threads,
+    preprocess,
+)
 
 __all__ = [
     "FORMATS",
+    "IMAGE_SIZE",
     "Backend",
     "CalibMethod",
-    "ExportFormat",
     "ExportRequest",
     "Format",
+    "FormatOption",
     "Precision",
     "Provider",
+    "QuantBudget",
     "default_threads",
     "detect_format",
+    "export_formats",
+    "export_options",
+    "option_formats",
     "preprocess",
 ]
 
-FORMATS: dict[str, Format] = {f.name: f for f in (onnx.FORMAT, torchscript.FORMAT, openvino.FORMAT, ncnn.FORMAT, executorch.FORMAT, litert.FORMAT)}
+# In detection order: formats recognised by content (TorchScript) before the checkpoint, which takes the other zips.
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (onnx.FORMAT, torchscript.FORMAT, openvino.FORMAT, ncnn.FORMAT, executorch.FORMAT, litert.FORMAT, checkpoint.FORMAT)
+}
 
-# `--format` choices: every registered format, or all of them.
-ExportFormat = Enum("ExportFormat", {**{name.upper(): name for name in FORMATS}, "ALL": "all"}, type=str)  # type: ignore[misc]
+
+def export_formats() -> dict[str, Format]:
+    """The registered formats export writes (the read-only ones left out), in registry order."""
+    return {name: fmt for name, fmt in FORMATS.items() if fmt.exportable}
+
+
+def export_options() -> dict[str, FormatOption]:
+    """Every export option the registered formats declare, by name (one declaration each)."""
+    options: dict[str, FormatOption] = {}
+    for fmt in export_formats().values():
+        for option in fmt.options:
+            if options.setdefault(option.name, option) is not option:
+                raise ValueError(f"format {fmt.name!r} declares option {option.name!r} again: share the one declaration")
+    return options
+
+
+def option_formats(name: str) -> Iterator[str]:
+    """The formats that read the export option `name`."""
+    return (fmt.name for fmt in export_formats().values() if any(option.name == name for option in fmt.options))
 
 
 def detect_format(path: Path) -> Format | None:

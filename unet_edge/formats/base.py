@@ -9,12 +9,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from ..artifact import NCHW_FLOAT, NHWC_UINT8, ExportedArtifact, read_metadata
 from ..errors import ArtifactError
+from ..images import preprocess
 
 if TYPE_CHECKING:
     from ..checkpoint import LoadedModel
@@ -24,12 +25,16 @@ __all__ = [
     "CalibMethod",
     "ExportRequest",
     "Format",
+    "FormatOption",
+    "IMAGE_SIZE",
+    "QuantBudget",
     "Precision",
     "Provider",
     "backend_fields",
     "default_threads",
     "import_runtime",
     "needs_runtime",
+    "parse_size",
     "preprocess",
 ]
 
@@ -96,13 +101,6 @@ def needs_runtime(module: str, extra: str) -> Callable[[Provider], str | None]:
         return None
 
     return unavailable
-
-
-def preprocess(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """H x W x 3 uint8 RGB -> 3 x H x W float32, scaled to [0, 1] then normalised (as at training)."""
-    scaled = image.astype(np.float32) / 255.0
-    normalised = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
 
 
 @dataclass
@@ -172,55 +170,150 @@ def backend_fields(runtime: str, provider: str, path: Path, meta: dict[str, Any]
     }
 
 
+@dataclass(frozen=True)
+class FormatOption:
+    """An export option a format declares (ONNX's opset, ExecuTorch's bounds, ...): declared once, in the format's
+    module, and offered by `unet-edge export` as `--NAME` (dashes for underscores) with this default and help.
+
+    `parse` turns the command line's text into the value (None: the value as typed); it raises ValueError with
+    the reason for text it refuses. Several formats may declare the same option object (one shared declaration).
+    """
+
+    name: str
+    default: Any
+    help: str
+    type: Any = None  # the command line's type (default: the default's type)
+    parse: Callable[[Any], Any] | None = None
+    min: float | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """S or HxW -> (height, width); ValueError for anything else."""
+    parts = str(text).lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"expected S or HxW, got {text!r}") from None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise ValueError(f"expected S or HxW, got {text!r}")
+    return (values[0], values[-1])
+
+
+# Declared here because more than one format reads it: the H x W of formats exported at one size.
+IMAGE_SIZE = FormatOption(
+    "image_size",
+    None,
+    "S or HxW: the fixed input size of formats that need one (default: the checkpoint's training crop size, else 256). "
+    "Other image sizes are padded or tiled to it.",
+    type=Optional[str],
+    parse=parse_size,
+)
+
+
+@dataclass
+class QuantBudget:
+    """What a reduced-precision variant is calibrated on and held to: built once per export by the pipeline, so
+    the checkpoint's own validation predictions are computed once however many variants are checked.
+
+    `evaluate(path)` -> (the file's val mIoU, the checkpoint's, the number of validation images);
+    `calibration()` -> normalised training images (C x H x W float32), loaded on first use.
+    """
+
+    max_miou_drop: float
+    calibration_data: Path
+    calibration: Callable[[], list[np.ndarray]]
+    evaluate: Callable[[Path], tuple[float, float, int]]
+
+    def within(self, miou_drop: float) -> bool:
+        return miou_drop <= self.max_miou_drop + 1e-12
+
+    def calibration_record(self, **details: Any) -> dict[str, Any]:
+        """The manifest's `calibration` entry: how many training images of which dataset (and `details`: the method)."""
+        return {**details, "images": len(self.calibration()), "data": str(self.calibration_data), "split": "train"}
+
+    def record(self, precision: Precision, *, tool: str, miou: float, reference: float, validation_images: int, **details: Any) -> dict[str, Any]:
+        """The manifest's quantization record of one reduced-precision file (the one builder every format uses):
+        the tool and `details` (weights, activations, calibration, attempts, ...) beside its val mIoU against
+        the checkpoint's and the budget."""
+        return {
+            "precision": precision.value,
+            "tool": tool,
+            **details,
+            "max_miou_drop": self.max_miou_drop,
+            "miou_drop": reference - miou,
+            f"miou_{precision.value}": miou,
+            "miou_reference": reference,
+            "validation_images": validation_images,
+            "within_budget": self.within(reference - miou),
+        }
+
+    def check(self, path: Path, precision: Precision, *, tool: str, **details: Any) -> dict[str, Any]:
+        """Measure the file at `path` on the validation images and return its quantization record."""
+        miou, reference, images = self.evaluate(path)
+        return self.record(precision, tool=tool, miou=miou, reference=reference, validation_images=images, **details)
+
+
 @dataclass
 class ExportRequest:
-    """Everything a format's export needs: the loaded checkpoint, the folder, and the export options.
-    A format uses the fields that apply to it and ignores the rest."""
+    """Everything a format's export needs: the loaded checkpoint, the folder, the format options by name (the
+    `FormatOption`s formats declare; `option` gives a declared option's value or its default), and for
+    reduced-precision variants the precisions asked for and the budget they are held to."""
 
     loaded: LoadedModel
     folder: Path
-    opset: int = 18
     # The BatchNorm-folded copy of loaded.model when folding was asked for (formats with a conv graph use it).
     folded_model: Any = None
-    end_to_end: bool = False
-    probabilities: bool = False
-    # Fixed-size formats export at this H x W (dynamic-size formats ignore it).
-    image_size: tuple[int, int] | None = None
-    # Formats with bounded dynamic shapes (ExecuTorch) accept batches up to max_batch and sides up to max_size.
-    max_batch: int = 8
-    max_size: int = 1024
-    # Reduced-precision variants: which ones, and how they are calibrated and held to the accuracy budget.
+    options: Mapping[str, Any] = field(default_factory=dict)
     precisions: tuple[Precision, ...] = ()
-    fold_variants: bool = True
-    data_root: Path | None = None
-    calib_data: Path | None = None
-    calib_images: int = 32
-    calib_method: CalibMethod = CalibMethod.MINMAX
-    max_miou_drop: float = 0.01
+    # None when the export has no dataset: variants that need calibration or a budget check are refused.
+    budget: QuantBudget | None = None
     progress: Callable[[str], None] | None = None
+
+    def option(self, option: FormatOption) -> Any:
+        value = self.options.get(option.name)
+        return option.default if value is None else value
+
+    def say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
+
+    def require_budget(self, precision: Precision) -> QuantBudget:
+        """The budget, or the one-line error of a variant that cannot be made without a dataset."""
+        if self.budget is None:
+            raise ArtifactError(f"{self.loaded.path}: {precision.value} needs a dataset to calibrate on and to check the mIoU budget")
+        return self.budget
 
 
 @dataclass(frozen=True)
 class Format:
     """A deployable format: how to export to it, how to run it, and what it supports.
 
-    `export` writes the fp32 artifact(s); `export_variants`, when the format has reduced precisions,
-    writes those listed in the request. `open` loads a file for one provider (the sha256 check against
-    the manifest is done before it is called). `providers` maps each supported provider to the runtime's
-    own name for it; `unavailable` says why a supported provider cannot run on this machine (None: it can).
+    `export` writes the fp32 artifact(s) (None: a read-only format, such as the training checkpoint, that
+    bench, verify and predict open but export never writes); `export_variants`, when the format has reduced
+    precisions, writes those listed in the request. `open` loads a file for one provider (the sha256 check
+    against the manifest is done before it is called). `providers` maps each supported provider to the
+    runtime's own name for it; `unavailable` says why a supported provider cannot run on this machine
+    (None: it can). `options` are the export options it reads (see `FormatOption`); `check_options` refuses
+    a combination of them before anything is written.
     """
 
     name: str
     runtime: str
     suffixes: tuple[str, ...]
-    file: str
-    export: Callable[[ExportRequest], list[ExportedArtifact]]
     open: Callable[[Path, Provider, int | None, dict[str, Any] | None], Backend]
     providers: Mapping[Provider, str]
     unavailable: Callable[[Provider], str | None]
+    file: str = ""  # the fp32 file an export writes
+    export: Callable[[ExportRequest], list[ExportedArtifact]] | None = None
     precisions: tuple[Precision, ...] = (Precision.FP32,)
     export_variants: Callable[[ExportRequest], list[ExportedArtifact]] | None = None
-    # Any H x W at run time (True), or exported at ExportRequest.image_size and run at that size only.
+    options: tuple[FormatOption, ...] = ()
+    check_options: Callable[[Mapping[str, Any]], None] | None = None
+    # Any H x W at run time (True), or exported at the request's image size and run at that size only.
     dynamic_size: bool = True
     # The pip extra that installs this format's exporter and runtime (None: a core dependency).
     extra: str | None = None
@@ -228,6 +321,15 @@ class Format:
     sniff: Callable[[Path], bool] | None = None
     # Whether its export reads ExportRequest.folded_model (a converted conv graph) when folding is asked for.
     folds_batchnorm: bool = True
+    # Runs on PyTorch, so bench's PyTorch variants (eager, channels-last, compile) and dtypes apply to it.
+    torch_variants: bool = False
+    # Module name -> that layer's output, for the first image (float NCHW); lets parity name the first layer
+    # whose output departs from PyTorch's. None: the format's runtime does not expose its layers.
+    layer_outputs: Callable[[Path, np.ndarray], dict[str, np.ndarray]] | None = None
+
+    @property
+    def exportable(self) -> bool:
+        return self.export is not None
 
     def matches(self, path: Path) -> bool:
         """Whether `path` is a model of this format (by suffix, then by content where a sniff is given)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 from ..artifact import ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
 from ..io import atomic_path
-from .base import Backend, ExportRequest, Format, Precision, Provider, backend_fields, default_threads, import_runtime, needs_runtime
+from .base import Backend, ExportRequest, Format, FormatOption, Precision, Provider, backend_fields, default_threads, import_runtime, needs_runtime
 
 __all__ = ["FORMAT", "ExecuTorchBackend", "export", "export_variants", "open_model"]
 
@@ -36,11 +36,27 @@ MIN_SIDE = 2
 DEFAULT_CONTRACT = {"batch": [1, 8], "height": [MIN_SIDE, 1024], "width": [MIN_SIDE, 1024]}
 
 
+MAX_BATCH = FormatOption("max_batch", 8, "Largest batch of formats with bounded dynamic shapes, which plan memory for it.", min=1)
+MAX_SIZE = FormatOption(
+    "max_size", 1024,
+    "Largest image height and width of formats with bounded dynamic shapes (their memory grows with it: about 4.4 GB "
+    "at 8 x 1024 x 1024 for the default-size model).",
+    min=MIN_SIDE,
+)  # fmt: skip
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """The bounds must be a batch >= 1 and a side >= MIN_SIDE (refused before anything is exported)."""
+    max_batch, max_size = options.get("max_batch") or MAX_BATCH.default, options.get("max_size") or MAX_SIZE.default
+    if max_batch < 1 or max_size < MIN_SIDE:
+        raise ArtifactError(f"ExecuTorch bounds must be a batch >= 1 and a size >= {MIN_SIDE}, got {max_batch} and {max_size}")
+
+
 def size_contract(request: ExportRequest) -> dict[str, list[int]]:
     """The shapes the program accepts: batch 1..max_batch, height and width 2..max_size."""
-    if request.max_batch < 1 or request.max_size < MIN_SIDE:
-        raise ArtifactError(f"ExecuTorch bounds must be a batch >= 1 and a size >= {MIN_SIDE}, got {request.max_batch} and {request.max_size}")
-    return {"batch": [1, request.max_batch], "height": [MIN_SIDE, request.max_size], "width": [MIN_SIDE, request.max_size]}
+    check_options(request.options)
+    max_batch, max_size = request.option(MAX_BATCH), request.option(MAX_SIZE)
+    return {"batch": [1, max_batch], "height": [MIN_SIDE, max_size], "width": [MIN_SIDE, max_size]}
 
 
 def _first_line(exc: Exception) -> str:
@@ -95,8 +111,7 @@ def _artifact(request: ExportRequest, file: str, precision: Precision, extra: di
 def export(request: ExportRequest) -> list[ExportedArtifact]:
     """model.pte: float32, XNNPACK-delegated, batch 1..max_batch, any H x W from 2 to max_size."""
     contract = size_contract(request)
-    if request.progress:
-        request.progress("exporting to ExecuTorch (torch.export, XNNPACK)")
+    request.say("exporting to ExecuTorch (torch.export, XNNPACK)")
     try:
         program = _exported(_source(request), contract)
     except Exception as exc:  # torch.export raises many error types
@@ -109,20 +124,13 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
     """model_int8.pte: XNNPACK quantizer (pt2e), calibrated on training images, checked against the mIoU budget."""
     import torch
 
-    from ..parity import load_eval_images
-    from ..quantize import budget_record
-
-    loaded = request.loaded
-    if request.data_root is None:
-        raise ArtifactError(f"{loaded.path}: int8 needs a dataset to calibrate on and to check the mIoU budget")
+    budget = request.require_budget(Precision.INT8)
     import_runtime("executorch", EXTRA)
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    calib_root = Path(request.calib_data) if request.calib_data else request.data_root
-    calibration = load_eval_images(calib_root, loaded.mean, loaded.std, split="train", num_images=request.calib_images).normalised
-    if request.progress:
-        request.progress(f"quantising to int8 with the XNNPACK quantizer ({len(calibration)} training images)")
+    calibration = budget.calibration()
+    request.say(f"quantising to int8 with the XNNPACK quantizer ({len(calibration)} training images)")
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     contract = size_contract(request)
     prepared = prepare_pt2e(_exported(_source(request), contract).module(), quantizer)
@@ -131,12 +139,12 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
             prepared(torch.from_numpy(image)[None])
     path = request.folder / INT8_EXECUTORCH_FILE
     _write_program(_exported(convert_pt2e(prepared), contract), path, _metadata(request, Precision.INT8))
-    quantization = budget_record(
-        request, path, Precision.INT8.value,
+    quantization = budget.check(
+        path, Precision.INT8,
         tool="ExecuTorch XNNPACKQuantizer (torchao pt2e prepare/convert)",
         weights="int8, per channel, symmetric",
         activations="int8, per tensor",
-        calibration={"images": len(calibration), "data": str(calib_root), "split": "train"},
+        calibration=budget.calibration_record(),
     )  # fmt: skip
     return [_artifact(request, INT8_EXECUTORCH_FILE, Precision.INT8, {"quantization": quantization})]
 
@@ -232,5 +240,7 @@ FORMAT = Format(
     unavailable=needs_runtime("executorch", EXTRA),
     precisions=(Precision.FP32, Precision.INT8),
     export_variants=export_variants,
+    options=(MAX_BATCH, MAX_SIZE),
+    check_options=check_options,
     extra=EXTRA,
 )

@@ -24,7 +24,7 @@ import numpy as np
 from ..artifact import ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
 from ..io import atomic_write_bytes, atomic_write_text
-from .base import Backend, ExportRequest, Format, Precision, Provider, backend_fields, default_threads, import_runtime, needs_runtime
+from .base import IMAGE_SIZE, Backend, ExportRequest, Format, Precision, Provider, backend_fields, default_threads, import_runtime, needs_runtime
 
 __all__ = ["FORMAT", "LiteRtBackend", "export", "export_variants", "open_model", "tiles"]
 
@@ -65,8 +65,8 @@ def _padded(tile: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def _export_size(request: ExportRequest) -> tuple[int, int]:
     """--image-size, else the checkpoint's training crop size (the size its images have), else DEFAULT_SIZE."""
-    if request.image_size:
-        return tuple(request.image_size)  # type: ignore[return-value]
+    if request.option(IMAGE_SIZE):
+        return tuple(request.option(IMAGE_SIZE))  # type: ignore[return-value]
     trained = (request.loaded.state.get("train_config") or {}).get("image_size")
     return (int(trained), int(trained)) if trained else DEFAULT_SIZE
 
@@ -107,8 +107,7 @@ def _artifact(request: ExportRequest, file: str, precision: Precision, size: tup
 def export(request: ExportRequest) -> list[ExportedArtifact]:
     """model.tflite (float32, 1 x 3 x H x W at --image-size) + model.json (metadata)."""
     size = _export_size(request)
-    if request.progress:
-        request.progress(f"converting to LiteRT at {size[0]}x{size[1]}")
+    request.say(f"converting to LiteRT at {size[0]}x{size[1]}")
     request.folder.mkdir(parents=True, exist_ok=True)
     _write(_source(request), size, request.folder / LITERT_FILE, artifact_metadata(request.loaded, Precision.FP32.value))
     return [_artifact(request, LITERT_FILE, Precision.FP32, size, {})]
@@ -118,22 +117,15 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
     """model_int8.tflite: PT2E static int8 (litert_torch's quantizer), calibrated on training-image tiles, within the budget."""
     import torch
 
-    from ..parity import load_eval_images
-    from ..quantize import budget_record
-
-    loaded = request.loaded
-    if request.data_root is None:
-        raise ArtifactError(f"{loaded.path}: int8 needs a dataset to calibrate on and to check the mIoU budget")
+    budget = request.require_budget(Precision.INT8)
     import_runtime("litert_torch", EXTRA)
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     size = _export_size(request)
-    calib_root = Path(request.calib_data) if request.calib_data else request.data_root
-    calibration = load_eval_images(calib_root, loaded.mean, loaded.std, split="train", num_images=request.calib_images).normalised
-    if request.progress:
-        request.progress(f"quantising to int8 with litert_torch's PT2E quantizer ({len(calibration)} training images)")
+    calibration = budget.calibration()
+    request.say(f"quantising to int8 with litert_torch's PT2E quantizer ({len(calibration)} training images)")
     quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -145,13 +137,13 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
                     prepared(torch.from_numpy(_padded(image[:, rows, cols], size)))
         converted = convert_pt2e(prepared, fold_quantize=False)
     path = request.folder / INT8_LITERT_FILE
-    _write(converted, size, path, artifact_metadata(loaded, Precision.INT8.value), QuantConfig(pt2e_quantizer=quantizer))
-    quantization = budget_record(
-        request, path, Precision.INT8.value,
+    _write(converted, size, path, artifact_metadata(request.loaded, Precision.INT8.value), QuantConfig(pt2e_quantizer=quantizer))
+    quantization = budget.check(
+        path, Precision.INT8,
         tool="litert_torch PT2EQuantizer (static, torchao pt2e prepare/convert)",
         weights="int8, per channel, symmetric",
         activations="int8, per tensor; int8 input and output (scale and zero point in the tensor details)",
-        calibration={"images": len(calibration), "data": str(calib_root), "split": "train"},
+        calibration=budget.calibration_record(),
     )  # fmt: skip
     return [_artifact(request, INT8_LITERT_FILE, Precision.INT8, size, {"quantization": quantization})]
 
@@ -235,6 +227,7 @@ FORMAT = Format(
     unavailable=needs_runtime("ai_edge_litert", EXTRA),
     precisions=(Precision.FP32, Precision.INT8),
     export_variants=export_variants,
+    options=(IMAGE_SIZE,),
     dynamic_size=False,
     extra=EXTRA,
 )

@@ -65,8 +65,7 @@ def export(request: ExportRequest) -> list[ExportedArtifact]:
     module = (request.folded_model if request.folded_model is not None else loaded.model).eval()
     target = request.folder / NCNN_FILE
     weights_target, sidecar_target = _paths(target)
-    if request.progress:
-        request.progress("converting to ncnn with pnnx")
+    request.say("converting to ncnn with pnnx")
     request.folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".ncnn-", dir=request.folder) as tmp:
         workdir = Path(tmp).resolve()  # pnnx runs inside it: relative paths would resolve twice

@@ -1,184 +1,72 @@
-"""ONNX: export (float, and the end-to-end uint8-in, mask-out variant), graph helpers, and the ONNX Runtime backend.
+"""ONNX: export (float, and the end-to-end uint8-in, mask-out variant) and the ONNX Runtime backend.
 
-The exporter is torch.export-based (`dynamo=True`), deliberately: it is PyTorch's maintained path, it
-records the padding arithmetic symbolically (so any H x W works, odd sizes included) and yields a graph
-with fewer leftover shape ops than the deprecated TorchScript-based exporter. Its per-node module
-names are kept (`module_name`) so parity and quantisation can name layers. fp16 and int8 variants are
-derived from the float model by `unet_edge.quantize`.
+The graph helpers and the exporter are in `onnx_graph`; fp16 and int8 variants are derived from the float
+model by `onnx_quantize`.
 """
 
 from __future__ import annotations
 
-import ast
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .. import __version__
-from ..artifact import E2E_ONNX_FILE, NHWC_UINT8, ONNX_FILE, ExportedArtifact, artifact_metadata, io_spec
-from ..errors import ArtifactError
-from .base import Backend, ExportRequest, Format, Precision, Provider, backend_fields, default_threads
+from ..artifact import NHWC_UINT8, ExportedArtifact, artifact_metadata, io_spec
+from ..errors import ArtifactError, UNetEdgeError
+from .base import Backend, ExportRequest, Format, FormatOption, Precision, Provider, backend_fields
+from .onnx_graph import (
+    DEFAULT_OPSET,
+    E2E_ONNX_FILE,
+    FP16_ONNX_FILE,
+    INT8_ONNX_FILE,
+    ONNX_FILE,
+    OPSET,
+    ORT_PROVIDERS,
+    export_onnx,
+    module_name,
+    run_with_outputs,
+    save_onnx,
+    session_options,
+    set_metadata,
+    with_outputs,
+)
+from .onnx_quantize import CALIB_METHOD, FOLD_VARIANTS, export_precisions
 
 __all__ = [
     "DEFAULT_OPSET",
+    "E2E_ONNX_FILE",
+    "END_TO_END",
     "FORMAT",
+    "FP16_ONNX_FILE",
+    "INT8_ONNX_FILE",
+    "ONNX_FILE",
     "OnnxRuntimeBackend",
+    "PROBABILITIES",
     "create_session",
     "export",
     "export_end_to_end",
     "export_onnx",
+    "layer_outputs",
     "module_name",
     "ort_provider_status",
     "run_with_outputs",
     "save_onnx",
+    "session_options",
     "set_metadata",
     "tensorrt_options",
     "with_outputs",
 ]
 
-DEFAULT_OPSET = 18
-# ONNX Runtime's execution provider for each provider name users type.
-ORT_PROVIDERS = {
-    Provider.CPU: "CPUExecutionProvider",
-    Provider.CUDA: "CUDAExecutionProvider",
-    Provider.TENSORRT: "TensorrtExecutionProvider",
-}
-# Per-node metadata the exporter adds that would leak local source paths into a shipped model.
-# `pkg.torch.onnx.name_scopes` is kept: it maps graph nodes to module names (`module_name`).
-_DEBUG_KEYS = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "pkg.torch.onnx.class_hierarchy", "namespace")
-_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+END_TO_END = FormatOption("end_to_end", False, "Also write model_e2e.onnx: uint8 RGB N x H x W x 3 in, uint8 class mask N x H x W out.")
+PROBABILITIES = FormatOption("probabilities", False, "Give model_e2e.onnx a second output, softmax probabilities N x K x H x W.")
 
 
-# --- graph helpers ---------------------------------------------------------------------------------
-
-
-def strip_debug_metadata(model: Any) -> None:
-    """Drop exporter debug metadata (stack traces with local file paths) from every node."""
-    for node in model.graph.node:
-        kept = [prop for prop in node.metadata_props if prop.key not in _DEBUG_KEYS]
-        del node.metadata_props[:]
-        node.metadata_props.extend(kept)
-
-
-def set_metadata(model: Any, metadata: dict[str, str]) -> None:
-    """Set (or replace) the model's metadata_props."""
-    existing = {prop.key: prop for prop in model.metadata_props}
-    for key, value in metadata.items():
-        if key in existing:
-            existing[key].value = value
-        else:
-            prop = model.metadata_props.add()
-            prop.key, prop.value = key, value
-
-
-def save_onnx(model: Any, path: Path) -> None:
-    """Check (full check, with shape inference) and write an ONNX model atomically."""
-    import onnx
-
-    from ..io import atomic_path
-
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ArtifactError(f"{path}: exported graph fails onnx.checker ({str(exc).splitlines()[0][:200]})") from None
-    with atomic_path(path) as tmp:
-        onnx.save_model(model, str(tmp))
-
-
-def module_name(node: Any) -> str | None:
-    """The PyTorch module a graph node was exported from (e.g. `decoder.0.3`), from the exporter's name scopes."""
-    scopes = next((p.value for p in node.metadata_props if p.key == _NAME_SCOPES), None)
-    if not scopes:
-        return None
-    names = ast.literal_eval(scopes)
-    return names[-2] if len(names) >= 2 and names[-2] else None
-
-
-def with_outputs(model: Any, names: list[str]) -> Any:
-    """A copy of `model` that also returns the intermediate tensors `names` (to compare layer by layer)."""
-    import onnx
-
-    copy = onnx.ModelProto.FromString(model.SerializeToString())
-    existing = {o.name for o in copy.graph.output}
-    copy.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(names) if name not in existing)
-    return copy
-
-
-def run_with_outputs(model: Any, names: list[str], images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """The tensors `names` of `model` for each C x H x W image, run on CPU without graph optimisation
-    (so intermediate tensors are the exported ones, not fused away)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(
-        with_outputs(model, names).SerializeToString(), session_options(optimize=False), providers=[ORT_PROVIDERS[Provider.CPU]]
-    )
-    input_name = session.get_inputs()[0].name
-    return [dict(zip(names, session.run(names, {input_name: image[None]}))) for image in images]
-
-
-# --- export ----------------------------------------------------------------------------------------
-
-
-def export_onnx(
-    module: Any,
-    path: str | os.PathLike[str],
-    metadata: dict[str, str],
-    *,
-    opset: int = DEFAULT_OPSET,
-    sample: Any = None,
-    input_names: tuple[str, ...] = ("image",),
-    output_names: tuple[str, ...] = ("logits",),
-    output_shapes: list[list[str | int]] | None = None,
-) -> Path:
-    """Export `module` with dynamic batch, height and width (N x 3 x H x W float32 in by default; a uint8
-    N x H x W x 3 `sample` exports an NHWC uint8 input). `output_shapes` names the outputs' dims (the
-    exporter writes the padding arithmetic, e.g. `Min(height, 4*(...))`, where a reader wants `height`)."""
-    import torch
-    from torch.export import Dim
-
-    path = Path(path)
-    module = module.eval()
-    if sample is None:
-        sample = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    batch, height, width = Dim("batch", min=1, max=4096), Dim("height", min=1, max=16384), Dim("width", min=1, max=16384)
-    nhwc = sample.shape[-1] == 3 and sample.dtype == torch.uint8
-    dims = {0: batch, 1: height, 2: width} if nhwc else {0: batch, 2: height, 3: width}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(
-                module,
-                (sample,),
-                dynamo=True,
-                input_names=list(input_names),
-                output_names=list(output_names),
-                dynamic_shapes=(dims,),
-                opset_version=opset,
-                optimize=True,
-                external_data=False,
-                verbose=False,
-                report=False,
-            )
-        except Exception as exc:  # the exporter raises many error types; the first line says what failed
-            raise ArtifactError(f"{path}: ONNX export failed ({str(exc).strip().splitlines()[0][:200]})") from None
-    model = program.model_proto
-    for output, shape in zip(model.graph.output, output_shapes or []):
-        for dim, value in zip(output.type.tensor_type.shape.dim, shape):
-            if isinstance(value, str):
-                dim.dim_param = value
-            else:
-                dim.dim_value = value
-    strip_debug_metadata(model)
-    set_metadata(model, metadata)
-    model.producer_name = "unet-edge"
-    model.producer_version = __version__
-    model.doc_string = "UNetStudent semantic segmentation model exported by unet-edge"
-    save_onnx(model, path)
-    return path
+def check_options(options: Mapping[str, Any]) -> None:
+    if options.get("probabilities") and not options.get("end_to_end"):
+        raise UNetEdgeError("--probabilities only applies to the end-to-end model: add --end-to-end")
 
 
 def export_end_to_end(loaded: Any, folder: Path, *, opset: int = DEFAULT_OPSET, probabilities: bool = False) -> ExportedArtifact:
@@ -208,24 +96,34 @@ def export(request: ExportRequest) -> list[ExportedArtifact]:
     loaded = request.loaded
     inputs, outputs = io_spec(len(loaded.classes))
     folded = request.folded_model is not None
+    opset = request.option(OPSET)
     path = export_onnx(
         request.folded_model if folded else loaded.model,
         request.folder / ONNX_FILE,
         artifact_metadata(loaded, Precision.FP32.value),
-        opset=request.opset,
+        opset=opset,
         output_shapes=[o["shape"] for o in outputs],
     )
-    artifacts = [ExportedArtifact(ONNX_FILE, "onnx", "fp32", path, inputs, outputs, request.opset, {"batchnorm_folded": folded})]
-    if request.end_to_end:
-        artifacts.append(export_end_to_end(loaded, request.folder, opset=request.opset, probabilities=request.probabilities))
+    artifacts = [ExportedArtifact(ONNX_FILE, "onnx", "fp32", path, inputs, outputs, opset, {"batchnorm_folded": folded})]
+    if request.option(END_TO_END):
+        artifacts.append(export_end_to_end(loaded, request.folder, opset=opset, probabilities=request.option(PROBABILITIES)))
     return artifacts
 
 
-def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
-    """model_fp16.onnx and/or model_int8.onnx (calibrated, within the mIoU budget): see unet_edge.quantize."""
-    from ..quantize import export_precisions
+def layer_outputs(path: Path, image: np.ndarray) -> dict[str, np.ndarray]:
+    """Module name -> the output of the last graph node exported from that module, for one C x H x W image."""
+    import onnx
 
-    return export_precisions(request)
+    model = onnx.load(str(path))
+    by_module: dict[str, str] = {}
+    for node in model.graph.node:
+        name = module_name(node)
+        if name and node.output:
+            by_module[name] = node.output[0]
+    if not by_module:
+        return {}
+    values = run_with_outputs(model, list(by_module.values()), [image])[0]
+    return {name: values[output] for name, output in by_module.items()}
 
 
 # --- runtime ---------------------------------------------------------------------------------------
@@ -294,18 +192,6 @@ def ort_provider_status(provider: Provider | str) -> tuple[bool, str]:
     return False, f"{name}: not in this onnxruntime build ({package} not installed or no GPU)"
 
 
-def session_options(threads: int | None = None, optimize: bool = True) -> Any:
-    """Sequential execution with `threads` intra-op threads (default: one per core); full graph
-    optimisation unless `optimize` is off (to keep intermediate tensors as exported)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads or default_threads()
-    options.inter_op_num_threads = 1
-    return options
-
 
 def _metadata(path: Path) -> dict[str, str]:
     import onnx
@@ -319,8 +205,6 @@ def _metadata(path: Path) -> dict[str, str]:
 
 def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[str, Any] | None) -> Backend:
     """An ONNX Runtime session for `path` on `provider` (CPU kept as the fallback for unsupported nodes)."""
-    import onnxruntime as ort
-
     ep = FORMAT.runtime_provider(path, provider)
     ok, reason = ort_provider_status(provider)
     if not ok:
@@ -396,5 +280,8 @@ FORMAT = Format(
     providers=ORT_PROVIDERS,
     unavailable=_unavailable,
     precisions=(Precision.FP32, Precision.FP16, Precision.INT8),
-    export_variants=export_variants,
+    export_variants=export_precisions,
+    options=(OPSET, END_TO_END, PROBABILITIES, FOLD_VARIANTS, CALIB_METHOD),
+    check_options=check_options,
+    layer_outputs=layer_outputs,
 )

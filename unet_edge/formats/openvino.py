@@ -95,8 +95,7 @@ def _source(request: ExportRequest) -> Any:
 
 def export(request: ExportRequest) -> list[ExportedArtifact]:
     """model.xml + model.bin: float32, any H x W."""
-    if request.progress:
-        request.progress("converting to OpenVINO IR")
+    request.say("converting to OpenVINO IR")
     return [_artifact(request, OPENVINO_FILE, Precision.FP32, convert(_source(request)), {})]
 
 
@@ -105,66 +104,49 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
     artifacts = []
     if Precision.BF16 in request.precisions:
         artifact = _artifact(request, BF16_OPENVINO_FILE, Precision.BF16, convert(_source(request)), {})
-        if request.data_root is not None:
-            artifact.extra["quantization"] = _bf16_budget(request, artifact.path)
+        if request.budget is not None:  # its mIoU drop against the budget, as int8's
+            artifact.extra["quantization"] = request.budget.check(
+                artifact.path, Precision.BF16, tool="OpenVINO INFERENCE_PRECISION_HINT bf16 (weights stored in float32)"
+            )
         artifacts.append(artifact)
     if Precision.INT8 in request.precisions:
         artifacts.append(_export_int8(request))
     return artifacts
 
 
-def _bf16_budget(request: ExportRequest, path: Path) -> dict[str, Any]:
-    """The bf16 model's mIoU drop on the validation images against the mIoU budget (as int8's is)."""
-    from ..quantize import budget_record
-
-    return budget_record(request, path, Precision.BF16.value, tool="OpenVINO INFERENCE_PRECISION_HINT bf16 (weights stored in float32)")
-
-
 def _export_int8(request: ExportRequest) -> ExportedArtifact:
     """NNCF post-training quantisation (8-bit weights and activations), performance preset first and the
     mixed preset (asymmetric activations) when that misses the mIoU budget."""
-    from ..parity import load_eval_images
-    from ..quantize import budget_evaluator
-
-    loaded = request.loaded
-    if request.data_root is None:
-        raise ArtifactError(f"{loaded.path}: int8 needs a dataset to calibrate on and to check the mIoU budget")
+    budget = request.require_budget(Precision.INT8)
     nncf = import_runtime("nncf", EXTRA)
-    calib_root = Path(request.calib_data) if request.calib_data else request.data_root
-    calibration = load_eval_images(calib_root, loaded.mean, loaded.std, split="train", num_images=request.calib_images).normalised
-    evaluate, validation_images = budget_evaluator(request, request.data_root)
+    calibration = budget.calibration()
     dataset = nncf.Dataset(calibration, lambda image: image[None])
     attempts: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix=".openvino-int8-", dir=request.folder) as tmp:
         for preset in (nncf.QuantizationPreset.PERFORMANCE, nncf.QuantizationPreset.MIXED):
-            if request.progress:
-                request.progress(f"quantising to int8 with NNCF ({preset.value} preset, {len(calibration)} training images)")
+            request.say(f"quantising to int8 with NNCF ({preset.value} preset, {len(calibration)} training images)")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 quantized = nncf.quantize(convert(_source(request)), dataset, preset=preset, subset_size=len(calibration))
-            staged = save(quantized, Path(tmp) / f"{preset.value}.xml", artifact_metadata(loaded, Precision.INT8.value), Precision.INT8)
-            miou, reference = evaluate(staged)
-            attempts.append({"preset": preset.value, "miou_int8": miou, "miou_drop": reference - miou})
-            if reference - miou <= request.max_miou_drop:
+            staged = save(quantized, Path(tmp) / f"{preset.value}.xml", artifact_metadata(request.loaded, Precision.INT8.value), Precision.INT8)
+            miou, reference, validation_images = budget.evaluate(staged)
+            attempts.append({"preset": preset.value, "miou_int8": miou, "miou_reference": reference, "miou_drop": reference - miou})
+            if budget.within(reference - miou):
                 break
         best = min(attempts, key=lambda attempt: attempt["miou_drop"])
-        quantization = {
-            "precision": Precision.INT8.value,
-            "tool": f"nncf {nncf.__version__} quantize",
-            "preset": best["preset"],
-            "weights": "int8, per channel, symmetric",
-            "activations": "int8 symmetric" if best["preset"] == "performance" else "uint8 asymmetric",
-            "calibration": {"images": len(calibration), "data": str(calib_root), "split": "train"},
-            "max_miou_drop": request.max_miou_drop,
-            "miou_drop": best["miou_drop"],
-            "miou_int8": best["miou_int8"],
-            "miou_reference": best["miou_int8"] + best["miou_drop"],
-            "validation_images": validation_images,
-            "within_budget": best["miou_drop"] <= request.max_miou_drop + 1e-12,
-            "attempts": attempts,
-        }
-        ov = _openvino()
-        model = ov.Core().read_model(str(Path(tmp) / f"{best['preset']}.xml"))
+        quantization = budget.record(
+            Precision.INT8,
+            tool=f"nncf {nncf.__version__} quantize",
+            miou=best["miou_int8"],
+            reference=best["miou_reference"],
+            validation_images=validation_images,
+            preset=best["preset"],
+            weights="int8, per channel, symmetric",
+            activations="int8 symmetric" if best["preset"] == "performance" else "uint8 asymmetric",
+            calibration=budget.calibration_record(),
+            attempts=attempts,
+        )
+        model = _openvino().Core().read_model(str(Path(tmp) / f"{best['preset']}.xml"))
         return _artifact(request, INT8_OPENVINO_FILE, Precision.INT8, model, {"quantization": quantization})
 
 

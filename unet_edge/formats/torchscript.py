@@ -19,13 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from ..artifact import TORCHSCRIPT_FILE, TORCHSCRIPT_METADATA_FILE, ExportedArtifact, artifact_metadata, io_spec
+from ..artifact import ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
 from ..cpuinfo import cpu_bf16_skip_reason
 from .base import Backend, ExportRequest, Format, Precision, Provider, backend_fields
 
-__all__ = ["FORMAT", "TORCH_PROVIDERS", "TorchBackend", "TorchDtype", "TorchVariant", "archive_names", "export", "export_torchscript", "load_torchscript", "torch_unavailable"]
+__all__ = ["FORMAT", "TORCHSCRIPT_FILE", "TORCHSCRIPT_METADATA_FILE", "TORCH_PROVIDERS", "TorchBackend", "TorchDtype", "TorchVariant", "archive_names", "export", "export_torchscript", "load_torchscript", "torch_unavailable"]
 
+TORCHSCRIPT_FILE = "model.ts"
+# TorchScript archives carry the artifact metadata as this extra file (ONNX as metadata_props).
+TORCHSCRIPT_METADATA_FILE = "unet_edge.json"
 # PyTorch runs on CPU and CUDA; TensorRT is an ONNX Runtime provider and does not apply.
 TORCH_PROVIDERS = {Provider.CPU: "cpu", Provider.CUDA: "cuda"}
 
@@ -240,4 +243,5 @@ FORMAT = Format(
     unavailable=torch_unavailable,
     sniff=is_torchscript,
     folds_batchnorm=False,  # the checkpoint's own modules, scripted as trained
+    torch_variants=True,
 )

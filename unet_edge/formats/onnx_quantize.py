@@ -1,4 +1,4 @@
-"""INT8 (static, QDQ, per-channel) and FP16 ONNX variants that keep their IoU.
+"""The ONNX format's reduced-precision variants: INT8 (static, QDQ, per-channel) and FP16 that keep their IoU.
 
 INT8 calibration runs on real training images preprocessed exactly as at evaluation. An accuracy
 budget (maximum mIoU drop against the float checkpoint on the validation images) is enforced:
@@ -18,13 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import FP16_ONNX_FILE, INT8_ONNX_FILE, ExportedArtifact, artifact_metadata, io_spec
-from .errors import ArtifactError
-from .formats import CalibMethod, ExportRequest, Precision
+from ..artifact import ExportedArtifact, artifact_metadata, io_spec
+from ..errors import ArtifactError
+from .base import CalibMethod, ExportRequest, FormatOption, Precision
+from .onnx_graph import FP16_ONNX_FILE, INT8_ONNX_FILE, OPSET, export_onnx, module_name, run_with_outputs, save_onnx, set_metadata
 
 __all__ = [
+    "CALIB_METHOD",
+    "FOLD_VARIANTS",
     "Int8Result",
-    "budget_evaluator",
     "convert_fp16",
     "export_precisions",
     "float_source",
@@ -33,6 +35,12 @@ __all__ = [
     "quantize_with_budget",
     "stamp_precision",
 ]
+
+# The ONNX variants' own options (the other formats' int8 tools have no such choices).
+CALIB_METHOD = FormatOption("calib_method", CalibMethod.MINMAX, "int8 activation-range calibration (ONNX Runtime's methods).")
+FOLD_VARIANTS = FormatOption(
+    "fold_variants", True, "Quantise/convert fp16 and int8 from the BatchNorm-folded graph when the fold is exact (else noted in the manifest)."
+)
 
 
 class _Reader:
@@ -111,8 +119,6 @@ def layer_errors(float_model: Path, int8_model: Path, images: list[np.ndarray]) 
     """Per convolution: relative output error of the int8 model against float, and how much of it
     the layer adds over the worst of its inputs (the sensitivity used to pick float fallbacks)."""
     import onnx
-
-    from .formats.onnx import module_name, run_with_outputs
 
     float_proto = onnx.load(str(float_model))
     int8_proto = onnx.load(str(int8_model))
@@ -219,8 +225,6 @@ def convert_fp16(float_model: Path, output: Path) -> Path:
     model = onnx.load(str(float_model))
     half = convert_float_to_float16(model, keep_io_types=True)
     _topological_sort(half.graph)  # the converter appends its input casts after their consumers
-    from .formats.onnx import save_onnx
-
     save_onnx(half, output)
     return output
 
@@ -250,7 +254,7 @@ def _topological_sort(graph: Any) -> None:
 
 
 def _int8_layout_note() -> str:
-    from .fold import CHANNEL_ALIGNMENT, INPUT_CHANNEL_ALIGNMENT, MIN_OUTPUT_CHANNELS
+    from ..fold import CHANNEL_ALIGNMENT, INPUT_CHANNEL_ALIGNMENT, MIN_OUTPUT_CHANNELS  # torch at import: not on --help's path
 
     return (
         f"channel counts aligned with zero channels (multiples of {CHANNEL_ALIGNMENT}, image to {INPUT_CHANNEL_ALIGNMENT}, "
@@ -258,12 +262,11 @@ def _int8_layout_note() -> str:
     )
 
 
-def float_source(loaded: Any, workdir: Path, fold: bool, opset: int, *, int8_layout: bool = False) -> tuple[Path, bool, str | None]:
+def float_source(loaded: Any, workdir: Path, fold: bool, opset: int = OPSET.default, *, int8_layout: bool = False) -> tuple[Path, bool, str | None]:
     """A float ONNX model to derive variants from, in `workdir`: BatchNorm-folded when asked and exact,
     laid out for int8 kernels with `int8_layout` (see fold.py). Returns (path, folded, why the fold was
     skipped or None)."""
-    from .fold import FoldError, fold_batchnorm
-    from .formats.onnx import export_onnx
+    from ..fold import FoldError, fold_batchnorm
 
     module, folded, reason = loaded.model, False, None
     if fold:
@@ -280,104 +283,62 @@ def stamp_precision(source: Path, target: Path, loaded: Any, precision: Precisio
     """Write `source` to `target` atomically with the artifact metadata for `precision`."""
     import onnx
 
-    from .formats.onnx import save_onnx, set_metadata
-
     model = onnx.load(str(source))
     set_metadata(model, artifact_metadata(loaded, Precision(precision).value))
     save_onnx(model, target)
     return target
 
 
-def budget_record(request: ExportRequest, path: Path, precision: str, **details: Any) -> dict[str, Any]:
-    """The manifest's quantization record of one reduced-precision file: its val mIoU drop against the
-    checkpoint and the budget, beside `details` (tool, weights, activations, calibration, ...)."""
-    evaluate, validation_images = budget_evaluator(request, request.data_root)
-    miou, reference = evaluate(path)
-    return {
-        "precision": precision,
-        **details,
-        "max_miou_drop": request.max_miou_drop,
-        "miou_drop": reference - miou,
-        f"miou_{precision}": miou,
-        "miou_reference": reference,
-        "validation_images": validation_images,
-        "within_budget": reference - miou <= request.max_miou_drop + 1e-12,
-    }
-
-
-def budget_evaluator(request: ExportRequest, data_root: Path) -> tuple[Callable[[Path], tuple[float, float]], int]:
-    """(evaluate, number of validation images): evaluate(path) -> (the model file's val mIoU, the checkpoint's),
-    on every validation image of `data_root`; any format `open_backend` knows can be evaluated."""
-    from .backends import open_backend
-    from .formats.torchscript import TorchBackend
-    from .parity import compare, load_eval_images, run_backend
-
-    loaded = request.loaded
-    val = load_eval_images(data_root, loaded.mean, loaded.std, split="val", num_images=0)
-    reference = TorchBackend(
-        loaded.model, device="cpu", backend="pytorch", provider="cpu", precision="fp32", path=loaded.path,
-        classes=loaded.classes, mean=loaded.mean, std=loaded.std, ignore_index=loaded.ignore_index,
-    )  # fmt: skip
-    reference_out = run_backend(reference, val)
-
-    def evaluate(path: Path) -> tuple[float, float]:
-        if request.progress:
-            request.progress(f"checking {path.suffix[1:]} model mIoU on {len(val.raw)} validation images")
-        # The file was just written by this export: a manifest.json left in the folder by an earlier export
-        # describes the file it replaces, so it must not be checked against (the new manifest comes at the end).
-        candidate = open_backend(path, entry={})
-        figures = compare(reference_out, run_backend(candidate, val), val.masks, len(loaded.classes), loaded.ignore_index)
-        candidate.close()
-        return figures["miou_gt"], figures["miou_gt_reference"]
-
-    return evaluate, len(val.raw)
-
-
 def export_precisions(request: ExportRequest) -> list[ExportedArtifact]:
     """Write model_fp16.onnx and/or model_int8.onnx (calibrated, within the mIoU budget) into the request's
-    folder, from a float model BatchNorm-folded when `request.fold_variants` and the fold is exact."""
-    from .parity import load_eval_images
-
-    loaded, folder, opset = request.loaded, request.folder, request.opset
-    progress = request.progress or (lambda message: None)
+    folder, from a float model BatchNorm-folded when the request's fold_variants option says so and the fold is exact."""
+    loaded, folder, opset = request.loaded, request.folder, request.option(OPSET)
     artifacts = []
     inputs, outputs = io_spec(len(loaded.classes))
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         workdir = Path(tmp)
-        source, folded, fold_reason = float_source(loaded, workdir, request.fold_variants, opset)
+        source, folded, fold_reason = float_source(loaded, workdir, request.option(FOLD_VARIANTS), opset)
         fold_info = {"batchnorm_folded": folded, **({"fold_skipped": fold_reason} if fold_reason else {})}
         if Precision.FP16 in request.precisions:
-            progress("converting to fp16")
+            request.say("converting to fp16")
             half = convert_fp16(source, workdir / FP16_ONNX_FILE)
             path = stamp_precision(half, folder / FP16_ONNX_FILE, loaded, Precision.FP16)
             artifacts.append(ExportedArtifact(FP16_ONNX_FILE, "onnx", "fp16", path, inputs, outputs, opset, dict(fold_info)))
         if Precision.INT8 in request.precisions:
-            if request.data_root is None:
-                raise ArtifactError(f"{loaded.path}: int8 needs a dataset to calibrate on and to check the mIoU budget")
-            calib_root = Path(request.calib_data) if request.calib_data else request.data_root
-            calibration = load_eval_images(calib_root, loaded.mean, loaded.std, split="train", num_images=request.calib_images).normalised
-            evaluate, validation_images = budget_evaluator(request, request.data_root)
-            method = CalibMethod(request.calib_method)
             int8_source = float_source(loaded, workdir, True, opset, int8_layout=True)[0] if folded else source
-            progress(f"calibrating int8 on {len(calibration)} training images ({method.value})")
-            result = quantize_with_budget(
-                int8_source, workdir / INT8_ONNX_FILE, calibration, evaluate, max_miou_drop=request.max_miou_drop, method=method
-            )
-            path = stamp_precision(result.path, folder / INT8_ONNX_FILE, loaded, Precision.INT8)
-            quantization = {
-                "format": "QDQ",
-                "weights": "int8, per channel",
-                "activations": "uint8, per tensor",
-                "layout": _int8_layout_note() if folded else "as exported (not folded)",
-                "calibration": {"method": method.value, "images": len(calibration), "data": str(calib_root), "split": "train"},
-                "max_miou_drop": request.max_miou_drop,
-                "miou_drop": result.miou_drop,
-                "miou_int8": result.miou_int8,
-                "miou_reference": result.miou_reference,
-                "validation_images": validation_images,
-                "within_budget": result.within_budget,
-                "kept_float": result.kept_float,
-                "attempts": result.attempts,
-            }
+            path, quantization = _int8(request, int8_source, workdir, folded)
             artifacts.append(ExportedArtifact(INT8_ONNX_FILE, "onnx", "int8", path, inputs, outputs, opset, {**fold_info, "quantization": quantization}))
     return artifacts
+
+
+def _int8(request: ExportRequest, source: Path, workdir: Path, folded: bool) -> tuple[Path, dict[str, Any]]:
+    """Calibrate and quantise `source` within the request's budget: (model_int8.onnx, its quantization record)."""
+    import onnxruntime
+
+    budget = request.require_budget(Precision.INT8)
+    calibration = budget.calibration()
+    method = CalibMethod(request.option(CALIB_METHOD))
+    validation_images = [0]
+
+    def evaluate(path: Path) -> tuple[float, float]:
+        miou, reference, validation_images[0] = budget.evaluate(path)
+        return miou, reference
+
+    request.say(f"calibrating int8 on {len(calibration)} training images ({method.value})")
+    result = quantize_with_budget(source, workdir / INT8_ONNX_FILE, calibration, evaluate, max_miou_drop=budget.max_miou_drop, method=method)
+    path = stamp_precision(result.path, request.folder / INT8_ONNX_FILE, request.loaded, Precision.INT8)
+    quantization = budget.record(
+        Precision.INT8,
+        tool=f"onnxruntime {onnxruntime.__version__} quantize_static",
+        miou=result.miou_int8,
+        reference=result.miou_reference,
+        validation_images=validation_images[0],
+        format="QDQ",
+        weights="int8, per channel",
+        activations="uint8, per tensor",
+        layout=_int8_layout_note() if folded else "as exported (not folded)",
+        calibration=budget.calibration_record(method=method.value),
+        kept_float=result.kept_float,
+        attempts=result.attempts,
+    )
+    return path, quantization

@@ -1,0 +1,65 @@
+"""The training checkpoint as a read-only format: bench, verify and predict open a `best.pt` like any exported
+model (PyTorch eager, on the CPU or a CUDA GPU); export never writes one (`Format.export` is None).
+
+A checkpoint is a zip archive holding `data.pkl` and no TorchScript code; it is loaded with
+`weights_only=True` and checked by `unet_edge.checkpoint.load_model`, so an untrusted file cannot run code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ArtifactError
+from .base import Backend, Format, Provider
+from .torchscript import TORCH_PROVIDERS, TorchBackend, archive_names, is_torchscript, torch_unavailable
+
+__all__ = ["FORMAT", "is_checkpoint", "open_model"]
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A zip archive with a pickled state (`data.pkl`) and no TorchScript code."""
+    names = archive_names(path)
+    return names is not None and any(name.endswith("data.pkl") for name in names) and not is_torchscript(path)
+
+
+def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[str, Any] | None) -> Backend:
+    """The checkpoint's model in eval mode on `provider`'s device (channels-last on CUDA)."""
+    import torch
+
+    from ..checkpoint import load_model
+
+    device = FORMAT.runtime_provider(path, provider)
+    reason = torch_unavailable(provider)
+    if reason:
+        raise ArtifactError(f"{path}: {reason}")
+    if threads:
+        torch.set_num_threads(threads)
+    loaded = load_model(path)
+    return TorchBackend(
+        loaded.model,
+        device=device,
+        channels_last=device == "cuda",
+        backend=FORMAT.runtime,
+        provider=device,
+        precision="fp32",
+        path=path,
+        classes=loaded.classes,
+        mean=loaded.mean,
+        std=loaded.std,
+        ignore_index=loaded.ignore_index,
+        meta={"checkpoint": loaded.state},
+        model_config=dict(loaded.state["config"]),
+    )
+
+
+FORMAT = Format(
+    name="checkpoint",
+    runtime="pytorch",
+    suffixes=(".pt", ".pth"),
+    open=open_model,
+    providers=TORCH_PROVIDERS,
+    unavailable=torch_unavailable,
+    sniff=is_checkpoint,
+    torch_variants=True,
+)
