@@ -11,7 +11,7 @@ from rich.table import Table
 from unet_edge.formats import Provider
 from unet_edge.formats.torchscript import TorchDtype, TorchVariant
 
-from .common import ExportedOption, JsonOption, comma_separated, console, fmt, handle_errors, parse_size, progress_bar, write_json
+from .common import ExportedOption, JsonOption, comma_separated, console, handle_errors, parse_size, progress_bar, write_json
 
 
 def _int_list(text: str, name: str) -> tuple[int, ...]:
@@ -25,31 +25,17 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
 
 
 def bench_table(report: dict[str, Any]) -> Table:
-    from unet_edge.bench import backend_label
+    """The results on the terminal: the same columns as `to_markdown`'s table, some shorter."""
+    from unet_edge.bench.render import COLUMNS
 
     machine = report["machine"]
     int8_bf16 = ", ".join(machine.get("cpu_int8_bf16") or []) or "none"
     title = f"{machine['cpu']} ({machine['threads']} threads; int8/bf16 instructions: {int8_bf16})"
     table = Table(title=title + (f", {machine['gpu']}" if machine.get("gpu") else ""))
-    for column in ("model", "backend", "provider", "prec", "batch", "H×W", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "img/s", "GFLOP/img", "GFLOP/s", "roofline", "MB", "status"):
-        table.add_column(column, justify="left" if column in ("model", "backend", "provider", "status") else "right")
-    for r in report["results"]:
-        lat = r["latency_ms"] or {}
-        table.add_row(
-            Path(r["path"]).name,
-            backend_label(r),
-            r["provider"].replace("ExecutionProvider", ""),
-            r["precision"] or "-",
-            fmt(r["batch_size"]),
-            f"{r['height']}×{r['width']}",
-            *(fmt(lat.get(k), 1) for k in ("p50", "p90", "p99", "mean", "min")),
-            fmt(r["throughput_ips"], 1),
-            fmt(r["gflops_per_image"], 2),
-            fmt(r["gflops_per_s"], 1),
-            fmt(r["roofline_fraction"], 2),
-            fmt(r["file_mb"], 2),
-            r["status"] if r["status"] == "ok" else "[red]failed[/]" if r["status"].startswith("failed") else "[yellow]unavailable[/]",
-        )
+    for column in COLUMNS:
+        table.add_column(column.terminal_title or column.title, justify="left" if column.text else "right")
+    for row in report["results"]:
+        table.add_row(*(column.terminal(row) for column in COLUMNS))
     return table
 
 
