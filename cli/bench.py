@@ -11,7 +11,7 @@ from rich.table import Table
 from unet_edge.formats import Provider
 from unet_edge.formats.torchscript import TorchDtype, TorchVariant
 
-from .common import ExportedOption, JsonOption, comma_separated, console, fmt, handle_errors, parse_size, progress_bar, write_json
+from .common import MODEL_FILES, ExportedOption, JsonOption, comma_separated, console, handle_errors, parse_size, progress_bar, write_json
 
 
 def _int_list(text: str, name: str) -> tuple[int, ...]:
@@ -25,31 +25,17 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
 
 
 def bench_table(report: dict[str, Any]) -> Table:
-    from unet_edge.bench import backend_label
+    """The results on the terminal: the same columns as `to_markdown`'s table, some shorter."""
+    from unet_edge.bench.render import COLUMNS
 
     machine = report["machine"]
     int8_bf16 = ", ".join(machine.get("cpu_int8_bf16") or []) or "none"
     title = f"{machine['cpu']} ({machine['threads']} threads; int8/bf16 instructions: {int8_bf16})"
     table = Table(title=title + (f", {machine['gpu']}" if machine.get("gpu") else ""))
-    for column in ("model", "backend", "provider", "prec", "batch", "H×W", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "img/s", "GFLOP/img", "GFLOP/s", "roofline", "MB", "status"):
-        table.add_column(column, justify="left" if column in ("model", "backend", "provider", "status") else "right")
-    for r in report["results"]:
-        lat = r["latency_ms"] or {}
-        table.add_row(
-            Path(r["path"]).name,
-            backend_label(r),
-            r["provider"].replace("ExecutionProvider", ""),
-            r["precision"] or "-",
-            fmt(r["batch_size"]),
-            f"{r['height']}×{r['width']}",
-            *(fmt(lat.get(k), 1) for k in ("p50", "p90", "p99", "mean", "min")),
-            fmt(r["throughput_ips"], 1),
-            fmt(r["gflops_per_image"], 2),
-            fmt(r["gflops_per_s"], 1),
-            fmt(r["roofline_fraction"], 2),
-            fmt(r["file_mb"], 2),
-            r["status"] if r["status"] == "ok" else "[red]failed[/]" if r["status"].startswith("failed") else "[yellow]unavailable[/]",
-        )
+    for column in COLUMNS:
+        table.add_column(column.terminal_title or column.title, justify="left" if column.text else "right")
+    for row in report["results"]:
+        table.add_row(*(column.terminal(row) for column in COLUMNS))
     return table
 
 
@@ -67,12 +53,12 @@ def unavailable_notes(report: dict[str, Any]) -> list[str]:
 
 @handle_errors
 def bench(
-    artifacts: Annotated[Optional[list[Path]], typer.Argument(help="Model files (default: the newest export and its checkpoint).")] = None,
+    artifacts: Annotated[Optional[list[Path]], typer.Argument(help=f"Model files, each {MODEL_FILES} (default: the newest export and its checkpoint).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Also measure this checkpoint in PyTorch eager.")] = None,
     providers: Annotated[Any, comma_separated(Provider, "--providers", help="Comma-separated providers; each model runs on those its runtime supports.")] = ",".join(p.value for p in Provider),
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
     image_size: Annotated[str, typer.Option(help="S or HxW.")] = "256",
-    threads: Annotated[Optional[int], typer.Option(min=1, help="Threads for PyTorch and ONNX Runtime alike (default: all cores).")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Threads for every runtime alike (default: all cores).")] = None,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs before timing.")] = 3,
     iters: Annotated[Optional[int], typer.Option(min=1, help="Timed runs (default: as many as fit in --seconds).")] = None,
     seconds: Annotated[float, typer.Option(min=0.0, help="Seconds of timed runs per row (model, provider, batch size) when --iters is not given; a bench takes about this times the number of rows.")] = 2.0,
@@ -89,7 +75,7 @@ def bench(
     ] = TorchVariant.EAGER.value,
     dtypes: Annotated[Any, comma_separated(TorchDtype, "--dtypes", help="PyTorch models: one row per dtype of weights and inputs.")] = TorchDtype.FP32.value,
 ) -> None:
-    """Benchmark artifacts on PyTorch, TorchScript and ONNX Runtime providers (p50/p90/p99, img/s, roofline)."""
+    """Benchmark checkpoints and exported models on each provider their runtime supports (p50/p90/p99, img/s, roofline)."""
     from unet_edge.bench import BenchSpec, bench_paths, plot as draw, run_bench, to_markdown
     from unet_edge.io import atomic_write_text, check_writable
 

@@ -21,6 +21,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from unet_edge.formats import FORMATS
+
 # Piped output (CI logs, files) gets a wide fixed width instead of rich's 80-column default.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140)
@@ -39,6 +41,8 @@ JsonOption = Annotated[Optional[Path], typer.Option("--json", help="Also write t
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 RunsOption = Annotated[Path, typer.Option("--runs", help="Folder holding training runs (to find the newest).")]
 ExportedOption = Annotated[Path, typer.Option("--exported", help="Folder of export folders (to find the newest).")]
+# What a command that runs models takes: the registry's names, read without importing any runtime.
+MODEL_FILES = f"a training checkpoint or an exported model of any registered format ({', '.join(FORMATS)})"
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -10,17 +10,17 @@ from rich.table import Table
 
 from unet_edge.formats import Provider
 
-from .common import console, handle_errors, progress_bar
+from .common import MODEL_FILES, console, handle_errors, progress_bar
 
 
 @handle_errors
 def predict(
-    model: Annotated[Path, typer.Argument(help="Checkpoint, ONNX file (plain or end-to-end) or TorchScript file.")],
+    model: Annotated[Path, typer.Argument(help=f"The model: {MODEL_FILES}; an end-to-end (uint8) ONNX model too.")],
     inputs: Annotated[list[Path], typer.Argument(help="Images, or folders of images.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <name>_mask.png, <name>_overlay.png, <name>_stats.json.")] = Path("predictions"),
     overlay: Annotated[bool, typer.Option("--overlay/--no-overlay", help="Also write the mask blended over the image, with a legend.")] = True,
     stats: Annotated[bool, typer.Option("--stats", help="Also write per-class pixel areas as JSON and print their totals.")] = False,
-    provider: Annotated[Provider, typer.Option(help="Where the model runs (ONNX Runtime provider / PyTorch device).")] = Provider.CPU,
+    provider: Annotated[Provider, typer.Option(help="Where the model runs (its runtime's provider or device).")] = Provider.CPU,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch (consecutive images of one size are batched).")] = 8,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Segment only the first N images (in name order).")] = None,
 ) -> None:

@@ -6,16 +6,19 @@ each running this same command; a worker started by `torchrun` joins the process
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from typer.core import TyperOption
 
-from unet_edge.config import BlockOrder, DistillLoss, Loss, TrainConfig, Upsample
+from unet_edge.config import BlockOrder, DistillLoss, Loss, ModelConfig, TrainConfig, Upsample
 
 from .common import DataOption, DeviceOption, console, err_console, fmt, handle_errors, iou_table, progress_bar
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 DEFAULTS = TrainConfig()
 
@@ -57,6 +60,65 @@ def _command_args(ctx: typer.Context, skip: set[str]) -> list[str]:
         else:
             args.extend([param.opts[0], str(value)])
     return args
+
+
+def _train_config(options: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of the command's options: each field takes the option of its name, the model options fill
+    `model`; --scale-jitter gives two fields, paths are stored as text, and --teacher as an absolute one."""
+    scale_min, scale_max = _scale_range(options["scale_jitter"])
+    model = {f.name: options[f.name] for f in fields(ModelConfig) if f.name in options}
+    same = {f.name: options[f.name] for f in fields(TrainConfig) if f.name in options}
+    teacher = options["teacher"]
+    return TrainConfig(
+        **{
+            **same,
+            "data": _text(options["data"]),
+            "epochs": options["epochs"] or DEFAULTS.epochs,
+            "scale_min": scale_min,
+            "scale_max": scale_max,
+            "teacher": str(teacher.resolve()) if teacher is not None else None,
+            "model": replace(DEFAULTS.model, **model),
+            "out": str(options["out"]),
+            "resume": _text(options["resume"]),
+        }
+    )
+
+
+def _text(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
+
+
+class _ProgressHooks:
+    """Training progress on the terminal: a bar for the data check and one for the steps, a line per epoch. The
+    hooks of `unet_edge.train.TrainHooks`, every one, without subclassing it: that module imports torch."""
+
+    def __init__(self, progress: Progress, processes: str) -> None:
+        self.progress, self.processes = progress, processes
+        self.task: TaskID | None = None
+        self.scan_task: TaskID | None = None
+
+    def on_scan(self, done: int, total: int) -> None:
+        if self.scan_task is None:
+            self.scan_task = self.progress.add_task("check data", total=total, status="")
+        self.progress.update(self.scan_task, completed=done)
+
+    def on_note(self, message: str) -> None:
+        err_console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    def on_start(self, run_dir: Path, epochs: int, steps_per_epoch: int, start_epoch: int, device: str) -> None:
+        err_console.print(f"training on {device}{self.processes}, run folder {run_dir}")
+        self.task = self.progress.add_task("train", total=(epochs - start_epoch) * steps_per_epoch, status="", start=True)
+
+    def on_step(self, epoch: int, step: int, loss: float) -> None:
+        self.progress.update(self.task, advance=1, description=f"epoch {epoch + 1}", status=f"loss {loss:.4f}")
+
+    def on_epoch_end(self, record: dict[str, Any]) -> None:
+        teacher = f", teacher {record['teacher_share']:.0%} of step time" if record.get("teacher_share") is not None else ""
+        self.progress.console.print(
+            f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  val mIoU {fmt(record['miou'])}  "
+            f"{fmt(record['train_images_per_s'], 1)} img/s  {record['epoch_time_s']:.1f} s "
+            f"(waiting for data {record['data_time_s']:.1f} s{teacher})"
+        )
 
 
 @handle_errors
@@ -129,7 +191,7 @@ def train(
 ) -> None:
     """Train a UNetStudent (on the embedded synthetic set unless --data is given)."""
     from unet_edge.distributed import distributed_context, launch_training
-    from unet_edge.train import TrainHooks, fit
+    from unet_edge.train import fit
 
     if nproc_per_node > 1:
         launch_training("unet_edge_cli.main", ["train", *_command_args(ctx, {"nproc_per_node"})], nproc_per_node, data)
@@ -141,68 +203,11 @@ def train(
         raise typer.BadParameter(f"{', '.join(unused)} only apply with --teacher")
     if distill_temperature <= 0:
         raise typer.BadParameter(f"{distill_temperature:g}: must be > 0", param_hint="--distill-temperature")
-    scale_min, scale_max = _scale_range(scale_jitter)
-    config = TrainConfig(
-        data=str(data) if data is not None else None,
-        epochs=epochs or DEFAULTS.epochs,
-        batch_size=batch_size,
-        lr=lr,
-        image_size=image_size,
-        hflip=hflip,
-        scale_min=scale_min,
-        scale_max=scale_max,
-        ema_decay=ema_decay,
-        loss=loss,
-        teacher=str(teacher.resolve()) if teacher is not None else None,
-        distill_loss=distill_loss,
-        distill_weight=distill_weight,
-        distill_temperature=distill_temperature,
-        model=replace(DEFAULTS.model, base_channels=base_channels, depth=depth, num_convs=num_convs, upsample=upsample, block_order=block_order),
-        device=device,
-        amp=amp,
-        compile=compile,
-        workers=workers,
-        cache=cache,
-        seed=seed,
-        out=str(out),
-        name=name,
-        resume=str(resume) if resume is not None else None,
-    )
+    config = _train_config(locals())
     with distributed_context(device) as distributed, progress_bar(enabled=distributed is None or distributed.is_main) as progress:
         processes = f" x {distributed.world_size} processes" if distributed is not None else ""
-
-        class Hooks(TrainHooks):
-            task = None
-            scan_task = None
-
-            def on_scan(self, done: int, total: int) -> None:
-                if self.scan_task is None:
-                    self.scan_task = progress.add_task("check data", total=total, status="")
-                progress.update(self.scan_task, completed=done)
-
-            def on_note(self, message: str) -> None:
-                err_console.print(message, markup=False, highlight=False, soft_wrap=True)
-
-            def on_start(self, run_dir: Path, epochs: int, steps_per_epoch: int, start_epoch: int, device: str) -> None:
-                err_console.print(f"training on {device}{processes}, run folder {run_dir}")
-                self.steps = steps_per_epoch
-                self.task = progress.add_task(
-                    "train", total=(epochs - start_epoch) * steps_per_epoch, status="", start=True
-                )
-
-            def on_step(self, epoch: int, step: int, loss: float) -> None:
-                progress.update(self.task, advance=1, description=f"epoch {epoch + 1}", status=f"loss {loss:.4f}")
-
-            def on_epoch_end(self, record: dict[str, Any]) -> None:
-                teacher = f", teacher {record['teacher_share']:.0%} of step time" if record.get("teacher_share") is not None else ""
-                progress.console.print(
-                    f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  val mIoU {fmt(record['miou'])}  "
-                    f"{fmt(record['train_images_per_s'], 1)} img/s  {record['epoch_time_s']:.1f} s "
-                    f"(waiting for data {record['data_time_s']:.1f} s{teacher})"
-                )
-
         explicit = given | ({"scale_min", "scale_max"} if "scale_jitter" in given else set())
-        result = fit(config, Hooks(), distributed, explicit=explicit)
+        result = fit(config, _ProgressHooks(progress, processes), distributed, explicit=explicit)
     if distributed is not None and not distributed.is_main:
         return
     last = result.history[-1]

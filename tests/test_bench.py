@@ -92,10 +92,10 @@ def test_interleaved_timing_gives_each_runner_its_iterations():
 def test_seconds_is_the_timed_budget_of_each_row_fast_or_slow(monkeypatch):
     """`--seconds` per row: a 1 ms and a 20 ms runner each get at least that much timed work and at most
     one more block of calls, on a virtual clock (so a busy machine cannot change the outcome)."""
-    import unet_edge.bench as bench
+    import unet_edge.bench.timing as timing
 
     clock = {"now": 0.0}
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
 
     def runner(ms):
         def run():
@@ -115,7 +115,7 @@ def test_seconds_is_the_timed_budget_of_each_row_fast_or_slow(monkeypatch):
 def test_bf16_rows_are_skipped_with_the_reason_on_a_cpu_without_bf16_instructions(tiny_checkpoint, monkeypatch):
     """An AVX2-only CPU emulates bf16 hundreds of times slower than fp32: its rows say why they were skipped, and
     no bf16 reference GEMM is measured (one took minutes there)."""
-    from unet_edge.bench import BenchSpec, run_bench
+    from unet_edge.bench import BenchRow, BenchSpec, run_bench
     from unet_edge.cpuinfo import cpu_bf16_skip_reason
 
     monkeypatch.setenv("UNET_EDGE_CPU_FLAGS", "fpu sse avx2 fma")
@@ -129,6 +129,7 @@ def test_bf16_rows_are_skipped_with_the_reason_on_a_cpu_without_bf16_instruction
         ("eager", "bf16"): f"unavailable: {reason}", ("channels-last", "bf16"): f"unavailable: {reason}",
     }  # fmt: skip
     assert list(report["machine"]["matmul_gflops_per_s"]) == ["cpu/fp32"]
+    assert all(BenchRow.from_dict(row).to_dict() == row for row in report["results"])
     assert report["machine"]["cpu_int8_bf16"] == []
 
 

@@ -139,7 +139,7 @@ def test_every_precision_bench_reports_has_a_gemm_reference_on_every_device(devi
 
 def test_the_int8_gemm_reference_pytorch_runs_on_cuda_measures_on_this_cpu():
     """torch._int_mm is the kernel the CUDA int8 reference times (the CUDA path used to raise KeyError)."""
-    from unet_edge.bench import _torch_matmul_gflops
+    from unet_edge.bench.machine import _torch_matmul_gflops
 
     assert _torch_matmul_gflops("cpu", "int8", 128, 0.05) > 0
 
