@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtifactError
 from .base import Backend, Format, Provider
-from .torchscript import TORCH_PROVIDERS, TorchBackend, archive_names, is_torchscript, torch_unavailable
+from .torchscript import TORCH_PROVIDERS, TorchBackend, archive_names, is_torchscript, torch_device, torch_unavailable
 
 __all__ = ["FORMAT", "is_checkpoint", "open_model"]
 
@@ -25,16 +24,9 @@ def is_checkpoint(path: Path) -> bool:
 
 def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[str, Any] | None) -> Backend:
     """The checkpoint's model in eval mode on `provider`'s device (channels-last on CUDA)."""
-    import torch
-
     from ..checkpoint import load_model
 
-    device = FORMAT.runtime_provider(path, provider)
-    reason = torch_unavailable(provider)
-    if reason:
-        raise ArtifactError(f"{path}: {reason}")
-    if threads:
-        torch.set_num_threads(threads)
+    device = torch_device(FORMAT, path, provider, threads)
     loaded = load_model(path)
     return TorchBackend(
         loaded.model,

@@ -24,7 +24,7 @@ from ..errors import ArtifactError
 from ..cpuinfo import cpu_bf16_skip_reason
 from .base import Backend, ExportRequest, Format, Precision, Provider, backend_fields
 
-__all__ = ["FORMAT", "TORCHSCRIPT_FILE", "TORCHSCRIPT_METADATA_FILE", "TORCH_PROVIDERS", "TorchBackend", "TorchDtype", "TorchVariant", "archive_names", "export", "export_torchscript", "load_torchscript", "torch_unavailable"]
+__all__ = ["FORMAT", "TORCHSCRIPT_FILE", "TORCHSCRIPT_METADATA_FILE", "TORCH_PROVIDERS", "TorchBackend", "TorchDtype", "TorchVariant", "archive_names", "export", "export_torchscript", "load_torchscript", "torch_device", "torch_unavailable"]
 
 TORCHSCRIPT_FILE = "model.ts"
 # TorchScript archives carry the artifact metadata as this extra file (ONNX as metadata_props).
@@ -218,16 +218,22 @@ def load_torchscript(path: Path) -> tuple[Any, dict[str, Any]]:
         raise ArtifactError(f"{path}: unreadable {TORCHSCRIPT_METADATA_FILE} metadata in the archive") from None
 
 
-def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[str, Any] | None) -> Backend:
-    """Load a TorchScript file on `provider`'s device, with the metadata stored in it."""
+def torch_device(fmt: Format, path: Path, provider: Provider, threads: int | None) -> str:
+    """The PyTorch device a file of `fmt` runs on for `provider` (one line when it cannot), with `threads` set."""
     import torch
 
-    device = FORMAT.runtime_provider(path, provider)
+    device = fmt.runtime_provider(path, provider)
     reason = torch_unavailable(provider)
     if reason:
         raise ArtifactError(f"{path}: {reason}")
     if threads:
         torch.set_num_threads(threads)
+    return device
+
+
+def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[str, Any] | None) -> Backend:
+    """Load a TorchScript file on `provider`'s device, with the metadata stored in it."""
+    device = torch_device(FORMAT, path, provider, threads)
     module, meta = load_torchscript(path)
     return TorchBackend(module, device=device, **backend_fields(FORMAT.runtime, device, path, meta, entry))
 
