@@ -1,4 +1,5 @@
-"""ncnn: pnnx export, the metadata sidecar, any-size runs through plain ncnn, verify, predict, damaged files."""
+"""ncnn: pnnx export, the metadata sidecar, any-size runs through plain ncnn, loose files without the sidecar or cut
+(verify, predict and damaged files with a manifest: tests/test_formats.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 pytest.importorskip("ncnn", reason="ncnn is an optional extra: pip install 'unet-edge[ncnn]'")
@@ -55,27 +55,6 @@ def test_plain_ncnn_runs_odd_sizes(ncnn_dir, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["0 (4, 97, 131)", "0 (4, 33, 17)"]
-
-
-def test_verify_passes(ncnn_dir, cli):
-    result = cli("verify", str(ncnn_dir / "model.ncnn.param"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "all artifacts pass" in result.stdout
-
-
-def test_predict_masks_agree_with_the_checkpoint(ncnn_dir, tiny_checkpoint, predicted_masks, agreement):
-    reference = predicted_masks(tiny_checkpoint)
-    candidate = predicted_masks(ncnn_dir / "model.ncnn.param")
-    assert candidate.keys() == reference.keys() and len(reference) == 7
-    assert candidate["odd_mask.png"].shape == (97, 131)
-    flat = [np.concatenate([masks[name].ravel() for name in sorted(masks)]) for masks in (candidate, reference)]
-    assert agreement(*flat) >= 0.999
-
-
-def test_tampered_weights_are_refused(ncnn_dir, tmp_path, cli, one_line_error, tampered_copy):
-    copy = tmp_path / "copy"
-    tampered_copy(ncnn_dir, "model.ncnn.bin", copy)
-    one_line_error(cli("verify", str(copy / "model.ncnn.param")), "model.ncnn.bin: sha256", "modified")
 
 
 def test_loose_files_truncated_or_without_sidecar_are_one_line(ncnn_dir, odd_image, tmp_path, cli, one_line_error):
