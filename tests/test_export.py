@@ -44,7 +44,8 @@ def test_export_writes_checked_onnx_with_metadata_and_manifest(export_dir, tiny_
     entries = {e["file"]: e for e in manifest["artifacts"]}
     assert set(entries) == {fmt.file for fmt in FORMATS.values()}  # --format all: one fp32 file per format (test_formats.py checks each)
     assert entries["model.onnx"]["opset"] == 18
-    assert not list(export_dir.glob(".*.tmp"))  # no temporary files left behind
+    listed = {"manifest.json", *entries, *(c["file"] for e in entries.values() for c in e.get("companions", []))}
+    assert sorted(p.name for p in export_dir.iterdir()) == sorted(listed)  # nothing else: no converter leftovers or temporary files
 
 
 def test_torchscript_loads_without_unet_edge(export_dir, tmp_path):
