@@ -199,20 +199,28 @@ def one_line_error():
     return assert_one_line_error
 
 
-def copy_with_flipped_byte(folder: Path, file: str, dest: Path) -> Path:
-    """A copy of export `folder` at `dest` whose `file` has its middle byte flipped (the manifest is the original's)."""
+def copy_damaged(folder: Path, file: str, dest: Path, how: str = "tampered") -> Path:
+    """A copy of export `folder` at `dest` whose `file` is damaged (the manifest is the original's): `tampered` flips
+    its middle byte, `truncated` keeps its first half, `missing` deletes it. Returns the damaged file's path."""
     shutil.copytree(folder, dest)
     target = dest / file
     data = bytearray(target.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    target.write_bytes(bytes(data))
+    if how == "missing":
+        target.unlink()
+    elif how == "truncated":
+        target.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        assert how == "tampered", how
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
     return target
 
 
-@pytest.fixture
-def tampered_copy():
-    """`tampered_copy(folder, file, dest)`: copy `folder` to `dest` and flip a byte of `file`; returns its path."""
-    return copy_with_flipped_byte
+@pytest.fixture(scope="session")
+def damaged_copy():
+    """`damaged_copy(folder, file, dest, how="tampered")`: copy `folder` to `dest` and damage `file` there
+    (`tampered`, `truncated` or `missing`); returns its path."""
+    return copy_damaged
 
 
 @pytest.fixture(scope="session")

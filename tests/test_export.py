@@ -5,11 +5,9 @@ import sys
 import numpy as np
 import onnx
 import pytest
-import torch
 
-from unet_edge.backends import open_backend
 from unet_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
-from unet_edge.formats import FORMATS, detect_format, export_formats
+from unet_edge.formats import FORMATS, export_formats
 from unet_edge.io import sha256_file
 
 pytestmark = pytest.mark.slow
@@ -44,37 +42,10 @@ def test_export_writes_checked_onnx_with_metadata_and_manifest(export_dir, tiny_
     assert manifest["checkpoint"]["sha256"] == sha256_file(tiny_checkpoint)
     assert manifest["classes"] == ["background", "circle", "square", "triangle"]
     entries = {e["file"]: e for e in manifest["artifacts"]}
-    assert set(entries) == {fmt.file for fmt in export_formats().values()}  # --format all: one fp32 file per registered format
-    for name, entry in entries.items():
-        assert entry["sha256"] == sha256_file(export_dir / name)
-        assert entry["size_bytes"] == (export_dir / name).stat().st_size
-        assert entry["precision"] == "fp32" and entry["parity"]["passed"] is True
-        assert entry["inputs"][0]["name"] == "image" and entry["outputs"][0]["name"] == "logits"
+    assert set(entries) == {fmt.file for fmt in export_formats().values()}  # --format all: one fp32 file per format (test_formats.py checks each)
     assert entries["model.onnx"]["opset"] == 18
-    assert not list(export_dir.glob(".*.tmp"))  # no temporary files left behind
-
-
-@pytest.mark.parametrize("size", [(97, 131), (40, 72)])
-@pytest.mark.parametrize("name", list(export_formats()))
-def test_every_registered_format_agrees_with_eager(export_dir, tiny_checkpoint, name, size):
-    """`--format all` writes each format of the registry; each opens through its backend and matches eager
-    (fixed-size formats at their export size, whatever `size` says)."""
-    fmt = FORMATS[name]
-    entries = [e for e in json.loads((export_dir / "manifest.json").read_text())["artifacts"] if e["format"] == name]
-    assert [e["file"] for e in entries] == [fmt.file]
-    if not fmt.dynamic_size:
-        size = tuple(entries[0]["size_contract"]["fixed"])
-    path = export_dir / fmt.file
-    assert detect_format(path) is fmt
-    eager = load_model(tiny_checkpoint).model
-    x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = eager(x)
-    backend = open_backend(path)
-    assert backend.backend == fmt.runtime and backend.precision == "fp32"
-    logits = backend.predict_logits(x.numpy())
-    assert logits.shape == (3, 4, *size)
-    torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-4)
+    listed = {"manifest.json", *entries, *(c["file"] for e in entries.values() for c in e.get("companions", []))}
+    assert sorted(p.name for p in export_dir.iterdir()) == sorted(listed)  # nothing else: no converter leftovers or temporary files
 
 
 def test_torchscript_loads_without_unet_edge(export_dir, tmp_path):
@@ -90,18 +61,13 @@ def test_torchscript_loads_without_unet_edge(export_dir, tmp_path):
     assert out.stdout.strip() == "(2, 4, 97, 131)"
 
 
-def test_verify_passes_fresh_export_with_json(export_dir, tmp_path, cli):
+def test_verify_reports_each_model_it_is_given(export_dir, tmp_path, cli):
+    """Several models in one call: one report row each (each format's own row: test_formats.py)."""
     report_path = tmp_path / "verify.json"
     result = cli("verify", str(export_dir / "model.onnx"), str(export_dir / "model.ts"), "--json", str(report_path))
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(report_path.read_text())
-    assert report["passed"] is True and len(report["artifacts"]) == 2
-    fields = {"path", "format", "precision", "max_abs_diff", "mean_abs_diff", "pixel_agreement", "miou_vs_reference",
-              "miou_gt", "miou_gt_reference", "miou_drop", "passed"}
-    for entry in report["artifacts"]:
-        assert fields <= set(entry)
-        assert entry["pixel_agreement"] >= 0.999 and entry["max_abs_diff"] < 1e-3
-    assert {e["format"] for e in report["artifacts"]} == {"onnx", "torchscript"}
+    assert report["passed"] is True and [e["format"] for e in report["artifacts"]] == ["onnx", "torchscript"]
 
 
 def test_verify_fails_export_of_another_checkpoint(export_dir, other_checkpoint, tmp_path, cli):
@@ -111,21 +77,6 @@ def test_verify_fails_export_of_another_checkpoint(export_dir, other_checkpoint,
     report = json.loads(report_path.read_text())
     assert report["passed"] is False and report["artifacts"][0]["pixel_agreement"] < 0.999
     assert "FAIL" in result.stdout
-
-
-def test_tampered_and_truncated_artifacts_get_one_line_errors(export_dir, tmp_path, cli, tampered_copy):
-    copy = tmp_path / "copy"
-    tampered_copy(export_dir, "model.onnx", copy)
-    result = cli("verify", str(copy / "model.onnx"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "model.onnx: sha256" in result.stderr and "modified" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-
-    ts = (copy / "model.ts").read_bytes()
-    (copy / "model.ts").write_bytes(ts[: len(ts) // 3])
-    result = cli("verify", str(copy / "model.ts"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "model.ts" in result.stderr and "truncated" in result.stderr
 
 
 def test_explain_names_the_perturbed_layer(export_dir, tmp_path, cli):
@@ -241,14 +192,3 @@ def test_all_exports_the_installed_formats_and_names_the_others(tiny_checkpoint,
     assert result.skipped == {name: f"{name} is not installed: pip install 'unet-edge[{name}]'" for name in missing}
     manifest = json.loads((tmp_path / "core" / "manifest.json").read_text())
     assert sorted(entry["file"] for entry in manifest["artifacts"]) == ["model.onnx", "model.ts"]
-
-
-@pytest.mark.parametrize(
-    ("fmt", "module"), [("openvino", "openvino"), ("ncnn", "ncnn"), ("executorch", "executorch"), ("litert", "ai_edge_litert")]
-)
-def test_a_missing_edge_runtime_names_its_extra(fmt, module, monkeypatch):
-    """Runs whether or not the extra is installed: a format whose runtime cannot be imported says which extra to install."""
-    from unet_edge.formats import Provider
-
-    monkeypatch.setitem(sys.modules, module, None)  # what the import finds when the package is not installed
-    assert FORMATS[fmt].unavailable(Provider.CPU) == f"{module} is not installed: pip install 'unet-edge[{fmt}]'"

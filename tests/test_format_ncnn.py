@@ -1,4 +1,5 @@
-"""ncnn: pnnx export, the metadata sidecar, any-size runs through plain ncnn, verify, predict, damaged files."""
+"""ncnn (read from the session's `--format all` export): pnnx export, the metadata sidecar, any-size runs through plain
+ncnn, loose files without the sidecar or cut (verify, predict and damaged files with a manifest: tests/test_formats.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 pytest.importorskip("ncnn", reason="ncnn is an optional extra: pip install 'unet-edge[ncnn]'")
@@ -16,19 +16,16 @@ pytestmark = pytest.mark.slow  # exports and conversions: `make test` runs them,
 
 
 @pytest.fixture(scope="module")
-def ncnn_dir(tiny_checkpoint, tmp_path_factory, cli):
-    out = tmp_path_factory.mktemp("exported-ncnn")
-    result = cli("export", str(tiny_checkpoint), "--format", "ncnn", "--out", str(out), "--name", "tiny")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out / "tiny"
+def ncnn_dir(exported_all):
+    """The session's export of every format: ncnn's fp32 files are the ones `--format ncnn` writes."""
+    return exported_all[0]
 
 
 def test_export_writes_param_bin_and_sidecar(ncnn_dir, tiny_checkpoint):
     from unet_edge.checkpoint import load_model
 
-    assert sorted(p.name for p in ncnn_dir.iterdir()) == ["manifest.json", "model.ncnn.bin", "model.ncnn.json", "model.ncnn.param"]
-    (entry,) = json.loads((ncnn_dir / "manifest.json").read_text())["artifacts"]
-    assert entry["format"] == "ncnn" and entry["precision"] == "fp32"
+    (entry,) = [e for e in json.loads((ncnn_dir / "manifest.json").read_text())["artifacts"] if e["format"] == "ncnn"]
+    assert entry["file"] == "model.ncnn.param" and entry["precision"] == "fp32"
     assert [c["file"] for c in entry["companions"]] == ["model.ncnn.bin", "model.ncnn.json"]
     assert entry["parity"]["passed"] is True and entry["parity"]["pixel_agreement"] == 1.0
     meta = json.loads((ncnn_dir / "model.ncnn.json").read_text())
@@ -55,27 +52,6 @@ def test_plain_ncnn_runs_odd_sizes(ncnn_dir, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["0 (4, 97, 131)", "0 (4, 33, 17)"]
-
-
-def test_verify_passes(ncnn_dir, cli):
-    result = cli("verify", str(ncnn_dir / "model.ncnn.param"))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "all artifacts pass" in result.stdout
-
-
-def test_predict_masks_agree_with_the_checkpoint(ncnn_dir, tiny_checkpoint, predicted_masks, agreement):
-    reference = predicted_masks(tiny_checkpoint)
-    candidate = predicted_masks(ncnn_dir / "model.ncnn.param")
-    assert candidate.keys() == reference.keys() and len(reference) == 7
-    assert candidate["odd_mask.png"].shape == (97, 131)
-    flat = [np.concatenate([masks[name].ravel() for name in sorted(masks)]) for masks in (candidate, reference)]
-    assert agreement(*flat) >= 0.999
-
-
-def test_tampered_weights_are_refused(ncnn_dir, tmp_path, cli, one_line_error, tampered_copy):
-    copy = tmp_path / "copy"
-    tampered_copy(ncnn_dir, "model.ncnn.bin", copy)
-    one_line_error(cli("verify", str(copy / "model.ncnn.param")), "model.ncnn.bin: sha256", "modified")
 
 
 def test_loose_files_truncated_or_without_sidecar_are_one_line(ncnn_dir, odd_image, tmp_path, cli, one_line_error):

@@ -1,4 +1,5 @@
-"""OpenVINO IR: export with bf16 and int8 variants, verify, predict on odd sizes, refusal of damaged files."""
+"""OpenVINO IR: export with bf16 and int8 variants, the weights file, plain-OpenVINO runs, a damaged loose IR, folding
+(export, verify, predict and damaged files of the fp32 IR: tests/test_formats.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 pytest.importorskip("openvino", reason="OpenVINO is an optional extra: pip install 'unet-edge[openvino]'")
@@ -82,28 +82,11 @@ def test_plain_openvino_reads_metadata_and_runs_odd_sizes(ov_dir, tmp_path):
     assert done.stdout.strip() == "4 f32 (2, 4, 97, 131)"
 
 
-def test_verify_passes_every_precision(ov_dir, cli):
-    files = [str(ov_dir / f) for f in FILES]
+def test_verify_passes_the_reduced_precisions(ov_dir, cli):
+    files = [str(ov_dir / f) for f in FILES[1:]]
     result = cli("verify", *files)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all artifacts pass" in result.stdout
-
-
-def test_predict_masks_agree_with_the_checkpoint(ov_dir, tiny_checkpoint, predicted_masks, agreement):
-    reference = predicted_masks(tiny_checkpoint)
-    candidate = predicted_masks(ov_dir / "model.xml")
-    assert candidate.keys() == reference.keys() and len(reference) == 7
-    assert candidate["odd_mask.png"].shape == (97, 131)
-    flat = [np.concatenate([masks[name].ravel() for name in sorted(masks)]) for masks in (candidate, reference)]
-    assert agreement(*flat) >= 0.999
-
-
-def test_truncated_weights_are_refused(ov_dir, tmp_path, cli, one_line_error):
-    copy = tmp_path / "copy"
-    shutil.copytree(ov_dir, copy)
-    weights = copy / "model.bin"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    one_line_error(cli("verify", str(copy / "model.xml")), "model.bin: sha256", "truncated")
 
 
 def test_damaged_ir_without_manifest_is_one_line(ov_dir, odd_image, tmp_path, cli, one_line_error):

@@ -140,18 +140,6 @@ def test_malicious_checkpoint_runs_no_code_in_the_cli(command, malicious, tmp_pa
 
 
 @pytest.mark.slow
-def test_tampered_torchscript_is_refused_by_bench_and_verify(workspace, tmp_path, cli, one_line_error, tampered_copy):
-    copy = tmp_path / "copy"
-    tampered_copy(workspace / "exported" / "tiny", "model.ts", copy)
-    report = tmp_path / "bench.json"
-    result = cli("bench", str(copy / "model.ts"), "--providers", "cpu", "--iters", "1", "--json", str(report))
-    one_line_error(result, "model.ts: sha256", "modified")
-    assert not report.exists()
-    result = cli("verify", str(copy / "model.ts"), "--checkpoint", str(workspace / "best.pt"))
-    one_line_error(result, "model.ts: sha256")
-
-
-@pytest.mark.slow
 def test_onnx_with_other_classes_than_the_checkpoint_is_refused(workspace, tmp_path, cli, one_line_error):
     two_class = tmp_path / "two-class.pt"
     config = ModelConfig(num_classes=2, base_channels=4, depth=2)

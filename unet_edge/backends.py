@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .artifact import check_manifest_sha256
+from .artifact import check_manifest_sha256, manifest_entry
 from .errors import ArtifactError
 from .formats import FORMATS, Backend, Provider, detect_format
 from .formats.onnx import ort_provider_status
@@ -23,13 +23,18 @@ __all__ = ["artifact_format", "open_backend", "ort_provider_status", "provider_u
 
 
 def artifact_format(path: str | os.PathLike[str]) -> str:
-    """The registered format's name ('onnx', 'torchscript', ..., 'checkpoint') of a model file, from its content
-    where the format allows (not only its name)."""
+    """The registered format's name ('onnx', 'torchscript', ..., 'checkpoint') of a model file: the one its manifest
+    entry records, else from its content where the format allows (not only its name)."""
     path = Path(path)
     if path.is_dir():
         raise ArtifactError(f"{path}: is a folder, expected a model file ({_expected()})")
     if not path.is_file():
         raise ArtifactError(f"{path}: file not found")
+    entry = manifest_entry(path)[1]
+    if entry is not None and entry.get("format") in FORMATS:
+        # Listed in a manifest: the format it was exported as (so a damaged file gets the manifest's sha256 verdict
+        # when it is opened, rather than whatever its damaged content looks like).
+        return entry["format"]
     fmt = detect_format(path)
     if fmt is None:
         raise ArtifactError(f"{path}: unsupported model file (expected {_expected()})")

@@ -89,6 +89,9 @@ def _check_options(options: ExportOptions) -> None:
     for name in options.formats:
         if formats[name].check_options is not None:
             formats[name].check_options(options.format_options)
+        why = formats[name].unavailable(Provider.CPU) if options.parity_images else None
+        if why is not None:  # refused before converting: the parity check at the end would need the runtime
+            raise UNetEdgeError(f"{why}; needed to check {name}'s parity (--parity-images 0 exports without the check)")
     for folder in (options.data, options.calib_data):
         if folder is not None:
             resolve_data(folder)  # a missing dataset is an error before anything is written
