@@ -156,3 +156,14 @@ def test_an_undeclared_export_option_is_refused(tiny_checkpoint, tmp_path):
     with pytest.raises(UNetEdgeError, match="unknown export option 'opsett'"):
         run_export(ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, formats=("onnx",), format_options={"opsett": 17}))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("options", "got"), [({"max_batch": 0}, "got 0 and 1024"), ({"max_size": 1}, "got 8 and 1")])
+def test_a_format_refuses_its_options_before_anything_is_written(tiny_checkpoint, tmp_path, options, got):
+    """A format's own check (ExecuTorch's bounds) runs with the pipeline's checks, before the checkpoint is exported."""
+    from unet_edge.errors import UNetEdgeError
+    from unet_edge.export import ExportOptions, run_export
+
+    with pytest.raises(UNetEdgeError, match=f"ExecuTorch bounds must be a batch >= 1 and a size >= 2, {got}"):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, formats=("executorch",), parity_images=0, format_options=options))
+    assert not any(tmp_path.iterdir())

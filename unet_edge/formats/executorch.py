@@ -47,7 +47,7 @@ MAX_SIZE = FormatOption(
 
 def check_options(options: Mapping[str, Any]) -> None:
     """The bounds must be a batch >= 1 and a side >= MIN_SIDE (refused before anything is exported)."""
-    max_batch, max_size = options.get("max_batch") or MAX_BATCH.default, options.get("max_size") or MAX_SIZE.default
+    max_batch, max_size = (options[o.name] if options.get(o.name) is not None else o.default for o in (MAX_BATCH, MAX_SIZE))
     if max_batch < 1 or max_size < MIN_SIDE:
         raise ArtifactError(f"ExecuTorch bounds must be a batch >= 1 and a size >= {MIN_SIDE}, got {max_batch} and {max_size}")
 
