@@ -122,3 +122,22 @@ def test_int8_and_fp16_export_pass_verify(tiny_checkpoint, tmp_path, cli):
     report = {r["precision"]: r for r in json.loads(report_path.read_text())["artifacts"]}
     assert report["fp16"]["pixel_agreement"] >= 0.995 and report["fp16"]["thresholds"]["min_pixel_agreement"] == 0.995
     assert report["int8"]["miou_drop"] <= 0.01 and report["int8"]["thresholds"]["max_miou_drop"] == 0.01
+
+
+def test_the_export_budget_runs_the_checkpoint_once_however_many_files_it_checks(tiny_checkpoint, tiny_data, tmp_path, monkeypatch):
+    """The budget an export hands to every format computes the checkpoint's validation predictions (and loads the
+    images) once; each file checked costs one run of that file only."""
+    from unet_edge import parity
+    from unet_edge.checkpoint import load_model
+    from unet_edge.export import ExportOptions, run_export
+    from unet_edge.formats import Precision
+
+    folder = run_export(ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, name="e", formats=("onnx", "torchscript"), parity_images=0)).folder
+    runs = []
+    real_run_backend = parity.run_backend
+    monkeypatch.setattr(parity, "run_backend", lambda backend, images: runs.append(backend.backend) or real_run_backend(backend, images))
+    budget = parity.export_budget(load_model(tiny_checkpoint), tiny_data, max_miou_drop=0.01)
+    records = [budget.check(folder / name, Precision.INT8, tool="test") for name in ("model.onnx", "model.ts", "model.onnx")]
+    assert runs == ["pytorch", "onnxruntime", "torchscript", "onnxruntime"]
+    assert all(r["miou_drop"] == pytest.approx(0.0, abs=1e-9) and r["within_budget"] and r["validation_images"] > 0 for r in records)
+    assert records[0]["miou_reference"] == records[1]["miou_reference"] and records[0]["precision"] == "int8" and records[0]["tool"] == "test"
