@@ -192,3 +192,11 @@ def test_all_exports_the_installed_formats_and_names_the_others(tiny_checkpoint,
     assert result.skipped == {name: f"{name} is not installed: pip install 'unet-edge[{name}]'" for name in missing}
     manifest = json.loads((tmp_path / "core" / "manifest.json").read_text())
     assert sorted(entry["file"] for entry in manifest["artifacts"]) == ["model.onnx", "model.ts"]
+
+
+def test_the_parity_report_names_the_exported_files_not_the_staging_folder(tiny_checkpoint, tmp_path, exported_all):
+    from unet_edge.export import ExportOptions, run_export
+
+    result = run_export(ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, name="p", formats=("onnx",), parity_images=2))
+    assert [row["path"] for row in result.parity["artifacts"]] == [str(tmp_path / "p" / "model.onnx")]
+    assert ".export-" not in exported_all[1].stdout  # the table printed by `unet-edge export`

@@ -208,6 +208,8 @@ def _export_staged(
         )
     results = {Path(r["path"]).name: {k: v for k, v in r.items() if k != "path"} for r in (parity or {}).get("artifacts", [])}
     artifacts = _move_in(staging, folder, artifacts)
+    for row in (parity or {}).get("artifacts", []):  # the report names the files where they now are
+        row["path"] = str(folder / Path(row["path"]).name)
     manifest = write_manifest(folder, loaded, artifacts, results)
     quantization = [a.extra["quantization"] for a in artifacts if a.extra and "quantization" in a.extra]
     return ExportResult(source, folder, manifest, artifacts, parity, quantization, skipped)
