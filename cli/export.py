@@ -92,21 +92,11 @@ def export(**values: Any) -> None:
     from unet_edge.export import ExportOptions, run_export
 
     common = {name: values.pop(name) for name in _COMMON}
-    format_options = _parsed_format_options(values)
+    chosen = common.pop("format")
     options = ExportOptions(
-        checkpoint=common["checkpoint"],
-        out=common["out"],
-        name=common["name"],
-        formats=None if common["format"] == "all" else (common["format"],),
-        precisions=common["precision"],
-        format_options=format_options,
-        fold=common["fold"],
-        data=common["data"],
-        calib_data=common["calib_data"],
-        calib_images=common["calib_images"],
-        max_miou_drop=common["max_miou_drop"],
-        parity_images=common["parity_images"],
-        runs_dir=common["runs"],
+        **{_RENAMED.get(name, name): value for name, value in common.items()},
+        formats=None if chosen == "all" else (chosen,),
+        format_options=_parsed_format_options(values),
     )
     with err_console.status("exporting") as status:
         result = run_export(options, progress=status.update)
@@ -128,6 +118,8 @@ def _report(result: Any) -> None:
 
 
 _TEMPLATE = inspect.signature(_export_template, eval_str=True)
+# The common options are ExportOptions' fields of the same name, but for these.
+_RENAMED = {"precision": "precisions", "runs": "runs_dir"}
 _COMMON = tuple(_TEMPLATE.parameters)
 # The command's parameters: the common options, then each format's own, as one signature Typer reads.
 export.__signature__ = _TEMPLATE.replace(  # type: ignore[attr-defined]
