@@ -167,3 +167,13 @@ def test_a_format_refuses_its_options_before_anything_is_written(tiny_checkpoint
     with pytest.raises(UNetEdgeError, match=f"ExecuTorch bounds must be a batch >= 1 and a size >= 2, {got}"):
         run_export(ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, formats=("executorch",), parity_images=0, format_options=options))
     assert not any(tmp_path.iterdir())
+
+
+def test_embedding_md_takes_the_snippet_and_its_precision_note_from_the_format():
+    from unet_edge.formats.embedding import embedding_markdown
+
+    litert = FORMATS["litert"]
+    int8 = embedding_markdown(litert, "model_int8.tflite", ["model.json"], "int8")
+    assert litert.embedding.code.rstrip("\n") in int8 and litert.embedding.notes["int8"] in int8
+    assert litert.embedding.notes["int8"] not in embedding_markdown(litert, "model.tflite", ["model.json"])
+    assert "no embedding snippet for the toy format" in embedding_markdown(TOY, TOY_FILE, [])

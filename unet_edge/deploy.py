@@ -685,7 +685,7 @@ def _copy_winner(winner: Candidate, out: Path, result: DeployResult) -> list[Pat
         "cpu_int8_bf16": result.machine.get("cpu_int8_bf16"), "settings": result.settings,
     }  # fmt: skip
     atomic_write_text(out / MANIFEST_FILE, json.dumps({**manifest, "artifacts": [entry], "deploy": deploy_record}, indent=2) + "\n")
-    atomic_write_text(out / EMBEDDING_FILE, embedding_markdown(winner.format, source.name, [Path(f["file"]).name for f in winner.files[1:]], winner.precision))
+    atomic_write_text(out / EMBEDDING_FILE, embedding_markdown(FORMATS[winner.format], source.name, [Path(f["file"]).name for f in winner.files[1:]], winner.precision))
     return [*copied, out / MANIFEST_FILE, out / EMBEDDING_FILE]
 
 

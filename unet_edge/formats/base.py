@@ -28,6 +28,7 @@ __all__ = [
     "FormatOption",
     "IMAGE_SIZE",
     "QuantBudget",
+    "Snippet",
     "Precision",
     "Provider",
     "backend_fields",
@@ -289,6 +290,18 @@ class ExportRequest:
 
 
 @dataclass(frozen=True)
+class Snippet:
+    """How a program loads a format's file and segments one image with its runtime alone: the README's lead-in
+    line, the imports the code assumes, the code (naming the fp32 export's files), and notes by precision for
+    variants whose interface differs (an int8 input, for example)."""
+
+    intro: str
+    imports: str
+    code: str
+    notes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Format:
     """A deployable format: how to export to it, how to run it, and what it supports.
 
@@ -326,6 +339,8 @@ class Format:
     # Module name -> that layer's output, for the first image (float NCHW); lets parity name the first layer
     # whose output departs from PyTorch's. None: the format's runtime does not expose its layers.
     layer_outputs: Callable[[Path, np.ndarray], dict[str, np.ndarray]] | None = None
+    # The embedding snippet deploy writes beside the model it chooses (None: it says there is none).
+    embedding: Snippet | None = None
 
     @property
     def exportable(self) -> bool:

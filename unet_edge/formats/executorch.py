@@ -23,7 +23,7 @@ import numpy as np
 from ..artifact import ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
 from ..io import atomic_path
-from .base import Backend, ExportRequest, Format, FormatOption, Precision, Provider, backend_fields, default_threads, import_runtime, needs_runtime
+from .base import Backend, ExportRequest, Format, FormatOption, Precision, Provider, Snippet, backend_fields, default_threads, import_runtime, needs_runtime
 
 __all__ = ["FORMAT", "ExecuTorchBackend", "export", "export_variants", "open_model"]
 
@@ -229,6 +229,22 @@ def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[
     return ExecuTorchBackend(method, **backend_fields(FORMAT.runtime, device, path, meta, entry))
 
 
+# How a program loads this format with its runtime alone: the README's snippet, which deploy writes into EMBEDDING.md.
+EMBEDDING = Snippet(
+    "ExecuTorch, with only executorch (its Python runtime uses torch tensors), numpy and Pillow",
+    "import json\n\nimport numpy as np\nimport torch\nfrom executorch.runtime import Runtime\nfrom PIL import Image",
+    """\
+program = Runtime.get().load_program("model.pte")  # from executorch.runtime import Runtime
+meta = json.loads(program.load_method("unet_edge_metadata").execute(())[0])
+mean, std = (np.array(json.loads(meta[key]), np.float32) for key in ("mean", "std"))
+forward = program.load_method("forward")
+image = np.asarray(Image.open("image.png").convert("RGB"))  # H x W x 3 uint8, each side 2..the export's --max-size (1024)
+x = np.ascontiguousarray(((image / 255.0 - mean) / std).transpose(2, 0, 1)[None], np.float32)  # 1 x 3 x H x W, contiguous
+mask = forward.execute((torch.from_numpy(x),))[0][0].argmax(0).numpy()  # H x W class indices
+""",
+)
+
+
 FORMAT = Format(
     name="executorch",
     runtime="executorch",
@@ -243,4 +259,5 @@ FORMAT = Format(
     options=(MAX_BATCH, MAX_SIZE),
     check_options=check_options,
     extra=EXTRA,
+    embedding=EMBEDDING,
 )

@@ -24,7 +24,7 @@ import numpy as np
 from ..artifact import ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
 from ..io import atomic_write_bytes, atomic_write_text
-from .base import IMAGE_SIZE, Backend, ExportRequest, Format, Precision, Provider, backend_fields, default_threads, import_runtime, needs_runtime
+from .base import IMAGE_SIZE, Backend, ExportRequest, Format, Precision, Provider, Snippet, backend_fields, default_threads, import_runtime, needs_runtime
 
 __all__ = ["FORMAT", "LiteRtBackend", "export", "export_variants", "open_model", "tiles"]
 
@@ -216,6 +216,26 @@ def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[
     return LiteRtBackend(interpreter, size, **backend_fields(FORMAT.runtime, device, path, meta, entry))
 
 
+# How a program loads this format with its runtime alone: the README's snippet, which deploy writes into EMBEDDING.md.
+EMBEDDING = Snippet(
+    "LiteRT, with only ai-edge-litert, numpy and Pillow (an image of the export size, `model.json`'s `input_size`)",
+    "import json\n\nimport numpy as np\nfrom ai_edge_litert.interpreter import Interpreter\nfrom PIL import Image",
+    """\
+meta = json.load(open("model.json"))
+interpreter = Interpreter(model_path="model.tflite", num_threads=4)  # from ai_edge_litert.interpreter
+interpreter.allocate_tensors()
+mean, std = (np.array(json.loads(meta[key]), np.float32) for key in ("mean", "std"))
+image = np.asarray(Image.open("image.png").convert("RGB"))  # H x W x 3 uint8, H x W = meta["input_size"]
+x = np.ascontiguousarray(((image / 255.0 - mean) / std).transpose(2, 0, 1)[None], np.float32)  # 1 x 3 x H x W, contiguous
+interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+interpreter.invoke()
+mask = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0].argmax(0)  # H x W class indices
+""",
+    notes={"int8": "This file has int8 input and output: quantise `x` with the input's `quantization` (scale, zero point) "
+    "from `get_input_details()` and dequantise the output with the output's before the argmax."},
+)
+
+
 FORMAT = Format(
     name="litert",
     runtime="litert",
@@ -230,4 +250,5 @@ FORMAT = Format(
     options=(IMAGE_SIZE,),
     dynamic_size=False,
     extra=EXTRA,
+    embedding=EMBEDDING,
 )

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..artifact import ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
-from .base import Backend, ExportRequest, Format, Precision, Provider, backend_fields, default_threads, import_runtime, needs_runtime
+from .base import Backend, ExportRequest, Format, Precision, Provider, Snippet, backend_fields, default_threads, import_runtime, needs_runtime
 
 __all__ = ["FORMAT", "NcnnBackend", "export", "open_model"]
 
@@ -140,6 +140,27 @@ def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[
     )
 
 
+# How a program loads this format with its runtime alone: the README's snippet, which deploy writes into EMBEDDING.md.
+EMBEDDING = Snippet(
+    "ncnn, with only ncnn, numpy and Pillow",
+    "import json\n\nimport ncnn\nimport numpy as np\nfrom PIL import Image",
+    """\
+meta = json.load(open("model.ncnn.json"))
+net = ncnn.Net()
+net.opt.num_threads = 4
+net.load_param("model.ncnn.param")
+net.load_model("model.ncnn.bin")
+mean, std = (np.array(json.loads(meta[key]), np.float32) for key in ("mean", "std"))
+image = np.asarray(Image.open("image.png").convert("RGB"))  # H x W x 3 uint8, any size
+x = np.ascontiguousarray(((image / 255.0 - mean) / std).transpose(2, 0, 1), np.float32)  # 3 x H x W
+extractor = net.create_extractor()
+extractor.input(meta["input_blob"], ncnn.Mat(x))
+status, logits = extractor.extract(meta["output_blob"])  # status 0 on success
+mask = np.array(logits).argmax(0)  # H x W class indices
+""",
+)
+
+
 FORMAT = Format(
     name="ncnn",
     runtime="ncnn",
@@ -150,4 +171,5 @@ FORMAT = Format(
     providers={Provider.CPU: "cpu"},
     unavailable=needs_runtime("ncnn", EXTRA),
     extra=EXTRA,
+    embedding=EMBEDDING,
 )

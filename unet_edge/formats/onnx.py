@@ -16,7 +16,7 @@ import numpy as np
 
 from ..artifact import NHWC_UINT8, ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError, UNetEdgeError
-from .base import Backend, ExportRequest, Format, FormatOption, Precision, Provider, backend_fields
+from .base import Backend, ExportRequest, Format, FormatOption, Precision, Provider, Snippet, backend_fields
 from .onnx_graph import (
     DEFAULT_OPSET,
     E2E_ONNX_FILE,
@@ -270,6 +270,24 @@ def _unavailable(provider: Provider) -> str | None:
     return ort_provider_status(provider)[1] or None
 
 
+# How a program loads this format with its runtime alone: the README's snippet, which deploy writes into EMBEDDING.md.
+EMBEDDING = Snippet(
+    "ONNX Runtime, with only onnxruntime, numpy and Pillow (`model.onnx`, `model_fp16.onnx` and `model_int8.onnx` alike: float32 in and out)",
+    "import json\n\nimport numpy as np\nimport onnxruntime as ort\nfrom PIL import Image",
+    """\
+options = ort.SessionOptions()
+options.intra_op_num_threads = 4
+session = ort.InferenceSession("model.onnx", options, providers=["CPUExecutionProvider"])
+meta = session.get_modelmeta().custom_metadata_map
+mean, std = (np.array(json.loads(meta[key]), np.float32) for key in ("mean", "std"))
+image = np.asarray(Image.open("image.png").convert("RGB"))  # H x W x 3 uint8, any size
+x = np.ascontiguousarray(((image / 255.0 - mean) / std).transpose(2, 0, 1)[None], np.float32)  # 1 x 3 x H x W
+(logits,) = session.run(["logits"], {"image": x})
+mask = logits[0].argmax(0)  # H x W class indices
+""",
+)
+
+
 FORMAT = Format(
     name="onnx",
     runtime="onnxruntime",
@@ -284,4 +302,5 @@ FORMAT = Format(
     options=(OPSET, END_TO_END, PROBABILITIES, FOLD_VARIANTS, CALIB_METHOD),
     check_options=check_options,
     layer_outputs=layer_outputs,
+    embedding=EMBEDDING,
 )

@@ -22,7 +22,7 @@ import numpy as np
 from ..artifact import METADATA_KEYS, ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
 from ..io import write_failed
-from .base import Backend, ExportRequest, Format, Precision, Provider, backend_fields, default_threads, import_runtime, needs_runtime
+from .base import Backend, ExportRequest, Format, Precision, Provider, Snippet, backend_fields, default_threads, import_runtime, needs_runtime
 
 __all__ = ["FORMAT", "OpenVinoBackend", "export", "export_variants", "open_model"]
 
@@ -184,6 +184,23 @@ def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[
     return OpenVinoBackend(compiled, **backend_fields(FORMAT.runtime, device, path, meta, entry))
 
 
+# How a program loads this format with its runtime alone: the README's snippet, which deploy writes into EMBEDDING.md.
+EMBEDDING = Snippet(
+    "OpenVINO, with only openvino, numpy and Pillow",
+    "import json\n\nimport numpy as np\nimport openvino as ov\nfrom PIL import Image",
+    """\
+core = ov.Core()
+model = core.read_model("model.xml")  # model.bin beside it
+meta = {key: json.loads(model.get_rt_info(["unet_edge", key]).astype(str)) for key in ("classes", "mean", "std")}
+hint = model.get_rt_info(["unet_edge", "inference_precision_hint"]).astype(str)  # "f32"; "bf16" in model_bf16.xml
+compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": 4})
+image = np.asarray(Image.open("image.png").convert("RGB"))  # H x W x 3 uint8, any size
+x = ((image / 255.0 - meta["mean"]) / meta["std"]).transpose(2, 0, 1)[None].astype(np.float32)  # 1 x 3 x H x W
+mask = compiled(x)[0][0].argmax(0)  # H x W class indices
+""",
+)
+
+
 FORMAT = Format(
     name="openvino",
     runtime="openvino",
@@ -196,4 +213,5 @@ FORMAT = Format(
     precisions=(Precision.FP32, Precision.BF16, Precision.INT8),
     export_variants=export_variants,
     extra=EXTRA,
+    embedding=EMBEDDING,
 )

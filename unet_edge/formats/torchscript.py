@@ -22,7 +22,7 @@ import numpy as np
 from ..artifact import ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
 from ..cpuinfo import cpu_bf16_skip_reason
-from .base import Backend, ExportRequest, Format, Precision, Provider, backend_fields
+from .base import Backend, ExportRequest, Format, Precision, Provider, Snippet, backend_fields
 
 __all__ = ["FORMAT", "TORCHSCRIPT_FILE", "TORCHSCRIPT_METADATA_FILE", "TORCH_PROVIDERS", "TorchBackend", "TorchDtype", "TorchVariant", "archive_names", "export", "export_torchscript", "load_torchscript", "torch_device", "torch_unavailable"]
 
@@ -238,6 +238,24 @@ def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[
     return TorchBackend(module, device=device, **backend_fields(FORMAT.runtime, device, path, meta, entry))
 
 
+# How a program loads this format with its runtime alone: the README's snippet, which deploy writes into EMBEDDING.md.
+EMBEDDING = Snippet(
+    "TorchScript, with only torch, numpy and Pillow (LibTorch's `torch::jit::load` reads the same file in C++)",
+    "import json\n\nimport numpy as np\nimport torch\nfrom PIL import Image",
+    """\
+torch.set_num_threads(4)
+extra = {"unet_edge.json": ""}
+model = torch.jit.load("model.ts", _extra_files=extra)  # the metadata rides in the archive
+meta = json.loads(extra["unet_edge.json"])
+mean, std = (np.array(json.loads(meta[key]), np.float32) for key in ("mean", "std"))
+image = np.asarray(Image.open("image.png").convert("RGB"))  # H x W x 3 uint8, any size
+x = np.ascontiguousarray(((image / 255.0 - mean) / std).transpose(2, 0, 1)[None], np.float32)  # 1 x 3 x H x W
+with torch.inference_mode():
+    mask = model(torch.from_numpy(x))[0].argmax(0).numpy()  # H x W class indices
+""",
+)
+
+
 FORMAT = Format(
     name="torchscript",
     runtime="torchscript",
@@ -250,4 +268,5 @@ FORMAT = Format(
     sniff=is_torchscript,
     folds_batchnorm=False,  # the checkpoint's own modules, scripted as trained
     torch_variants=True,
+    embedding=EMBEDDING,
 )
