@@ -68,7 +68,7 @@ def deploy(
     out: Annotated[Path, typer.Option(help="Folder for deploy.json, deploy.png, the winner and the candidates' exports (and the cache a rerun resumes from).")] = Path("deployed"),
     data: Annotated[Optional[Path], typer.Option(help="Dataset whose val split measures accuracy and whose train split calibrates int8 (default: the checkpoints').")] = None,
     calib_images: Annotated[int, typer.Option(min=1, help="Training images used to calibrate int8.")] = 32,
-    calib_method: Annotated[CalibMethod, typer.Option(help=f"{CALIB_METHOD.help} [onnx]")] = CALIB_METHOD.default,
+    calib_method: Annotated[CalibMethod, typer.Option(help=f"{CALIB_METHOD.help} (read by: onnx)")] = CALIB_METHOD.default,
     runs: RunsOption = Path("runs"),
 ) -> None:
     """Export every checkpoint to every installed format and precision, keep those within the mIoU budget,

@@ -65,7 +65,7 @@ def _format_parameters() -> list[inspect.Parameter]:
         kind = option.type or type(option.default)
         negatable = kind is bool and option.default
         flag = f"{option.flag}/--no-{option.flag[2:]}" if negatable else option.flag
-        info = typer.Option(flag, help=f"{option.help} [{', '.join(option_formats(option.name))}]", min=option.min)
+        info = typer.Option(flag, help=f"{option.help} (read by: {', '.join(option_formats(option.name))})", min=option.min)
         parameters.append(inspect.Parameter(option.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option.default, annotation=Annotated[kind, info]))
     return parameters
 

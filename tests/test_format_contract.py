@@ -53,12 +53,17 @@ def test_the_import_check_catches_a_function_local_import(tmp_path):
     assert (2, "unet_edge.parity") in _imports(module) and (3, "unet_edge.quantize") in _imports(module)
 
 
-def test_every_export_option_is_declared_once_and_reaches_the_cli():
+def test_every_export_option_is_declared_once_and_reaches_the_cli(cli):
     from unet_edge_cli.export import _format_parameters
 
     declared = export_options()
     assert {"opset", "end_to_end", "image_size", "max_batch", "max_size", "calib_method"} <= set(declared)
-    assert [p.name for p in _format_parameters()] == list(declared)
+    parameters = _format_parameters()
+    assert [p.name for p in parameters] == list(declared)
+    helps = {p.name: p.annotation.__metadata__[0].help for p in parameters}
+    assert helps["max_batch"].endswith("(read by: executorch)") and helps["image_size"].endswith("(read by: litert)")
+    shown = cli("export", "--help", env={"COLUMNS": "300"}).stdout
+    assert all(option.flag in shown for option in declared.values())
     assert "checkpoint" in FORMATS and not FORMATS["checkpoint"].exportable and "checkpoint" not in export_formats()
 
 
