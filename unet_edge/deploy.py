@@ -10,7 +10,7 @@ the argmax, as an application pays). The decision (`decide`) is a pure function 
 
 Work is cached by content in OUT/deploy-cache.json (keys: the checkpoint's sha256 and the options), written
 atomically after each export, each measurement and each timing round, so a rerun after Ctrl-C or kill -9
-does only what is missing. This module knows no format: it iterates `FORMATS` and their precisions.
+does only what is missing. This module knows no format: it iterates the registry's export formats and their precisions.
 """
 
 from __future__ import annotations
