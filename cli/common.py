@@ -72,6 +72,17 @@ def comma_separated(enum: type[Enum], *names: str, help: str) -> Any:
     return typer.Option(*names, parser=parse, metavar="[" + "|".join(values) + "],...", help=help)
 
 
+def by_field_name(cls: Any, values: dict[str, Any], renamed: dict[str, str] | None = None, **given: Any) -> dict[str, Any]:
+    """The keyword arguments of dataclass `cls` from a command's parameter values: each value whose name (after
+    `renamed`, parameter -> field) is a field of `cls`, then `given` on top (values the command derives)."""
+    import dataclasses
+
+    renamed = renamed or {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    picked = {renamed.get(name, name): value for name, value in values.items() if renamed.get(name, name) in names}
+    return {**picked, **given}
+
+
 def debug_enabled() -> bool:
     return os.environ.get("UNET_EDGE_DEBUG", "") not in ("", "0")
 

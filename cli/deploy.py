@@ -13,7 +13,7 @@ from enum import Enum
 from unet_edge.formats import CalibMethod, Precision, export_formats
 from unet_edge.formats.onnx_quantize import CALIB_METHOD
 
-from .common import RunsOption, comma_separated, console, fmt, handle_errors, parse_size, progress_bar
+from .common import RunsOption, by_field_name, comma_separated, console, fmt, handle_errors, parse_size, progress_bar
 
 
 # `--formats` choices: every format export writes, or all of them.
@@ -77,21 +77,15 @@ def deploy(
 
     names = tuple(f.value for f in formats)
     options = DeployOptions(
-        checkpoints=tuple(checkpoints or ()),
-        reference=reference,
-        max_miou_drop=max_miou_drop,
-        image_size=parse_size(image_size),
-        batch_size=batch_size,
-        threads=threads,
-        formats=None if "all" in names else names,
-        precisions=tuple(precisions),
-        seconds=seconds,
-        min_calls=min_calls,
-        out=out,
-        data=data,
-        calib_images=calib_images,
-        calib_method=calib_method,
-        runs_dir=runs,
+        **by_field_name(
+            DeployOptions,
+            locals(),
+            {"runs": "runs_dir"},
+            checkpoints=tuple(checkpoints or ()),
+            image_size=parse_size(image_size),
+            formats=None if "all" in names else names,
+            precisions=tuple(precisions),
+        )
     )
     with progress_bar() as progress:
         task = progress.add_task("deploy", total=None, status="planning")

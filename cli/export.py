@@ -10,7 +10,7 @@ import typer
 
 from unet_edge.formats import Precision, export_formats, export_options, option_formats
 
-from .common import RunsOption, comma_separated, console, err_console, handle_errors
+from .common import RunsOption, by_field_name, comma_separated, console, err_console, handle_errors
 from .verify import parity_table
 
 
@@ -94,9 +94,9 @@ def export(**values: Any) -> None:
     common = {name: values.pop(name) for name in _COMMON}
     chosen = common.pop("format")
     options = ExportOptions(
-        **{_RENAMED.get(name, name): value for name, value in common.items()},
-        formats=None if chosen == "all" else (chosen,),
-        format_options=_parsed_format_options(values),
+        **by_field_name(
+            ExportOptions, common, _RENAMED, formats=None if chosen == "all" else (chosen,), format_options=_parsed_format_options(values)
+        )
     )
     with err_console.status("exporting") as status:
         result = run_export(options, progress=status.update)

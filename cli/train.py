@@ -6,7 +6,7 @@ each running this same command; a worker started by `torchrun` joins the process
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
@@ -15,7 +15,7 @@ from typer.core import TyperOption
 
 from unet_edge.config import BlockOrder, DistillLoss, Loss, ModelConfig, TrainConfig, Upsample
 
-from .common import DataOption, DeviceOption, console, err_console, fmt, handle_errors, iou_table, progress_bar
+from .common import DataOption, DeviceOption, by_field_name, console, err_console, fmt, handle_errors, iou_table, progress_bar
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -66,21 +66,20 @@ def _train_config(options: dict[str, Any]) -> TrainConfig:
     """The TrainConfig of the command's options: each field takes the option of its name, the model options fill
     `model`; --scale-jitter gives two fields, paths are stored as text, and --teacher as an absolute one."""
     scale_min, scale_max = _scale_range(options["scale_jitter"])
-    model = {f.name: options[f.name] for f in fields(ModelConfig) if f.name in options}
-    same = {f.name: options[f.name] for f in fields(TrainConfig) if f.name in options}
     teacher = options["teacher"]
     return TrainConfig(
-        **{
-            **same,
-            "data": _text(options["data"]),
-            "epochs": options["epochs"] or DEFAULTS.epochs,
-            "scale_min": scale_min,
-            "scale_max": scale_max,
-            "teacher": str(teacher.resolve()) if teacher is not None else None,
-            "model": replace(DEFAULTS.model, **model),
-            "out": str(options["out"]),
-            "resume": _text(options["resume"]),
-        }
+        **by_field_name(
+            TrainConfig,
+            options,
+            data=_text(options["data"]),
+            epochs=options["epochs"] or DEFAULTS.epochs,
+            scale_min=scale_min,
+            scale_max=scale_max,
+            teacher=str(teacher.resolve()) if teacher is not None else None,
+            model=replace(DEFAULTS.model, **by_field_name(ModelConfig, options)),
+            out=str(options["out"]),
+            resume=_text(options["resume"]),
+        )
     )
 
 
