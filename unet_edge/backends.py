@@ -22,15 +22,17 @@ from .quiet import third_party_output
 __all__ = ["artifact_format", "open_backend", "ort_provider_status", "provider_unavailable", "runtime_of", "supports"]
 
 
-def artifact_format(path: str | os.PathLike[str]) -> str:
+def artifact_format(path: str | os.PathLike[str], entry: dict[str, Any] | None = None) -> str:
     """The registered format's name ('onnx', 'torchscript', ..., 'checkpoint') of a model file: the one its manifest
-    entry records, else from its content where the format allows (not only its name)."""
+    entry records (`entry`, else read from the manifest.json beside it), else from its content where the format
+    allows (not only its name)."""
     path = Path(path)
     if path.is_dir():
         raise ArtifactError(f"{path}: is a folder, expected a model file ({_expected()})")
     if not path.is_file():
         raise ArtifactError(f"{path}: file not found")
-    entry = manifest_entry(path)[1]
+    if entry is None:
+        entry = manifest_entry(path)[1]
     if entry is not None and entry.get("format") in FORMATS:
         # Listed in a manifest: the format it was exported as (so a damaged file gets the manifest's sha256 verdict
         # when it is opened, rather than whatever its damaged content looks like).
@@ -74,7 +76,9 @@ def open_backend(
         provider = Provider(provider)
     except ValueError:
         raise ArtifactError(f"unknown provider {provider!r}: use {', '.join(p.value for p in Provider)}") from None
-    fmt = FORMATS[artifact_format(path)]
+    if entry is None and path.is_file():
+        entry = manifest_entry(path)[1]  # read once: it names the format and holds the sha256
+    fmt = FORMATS[artifact_format(path, entry)]
     entry = check_manifest_sha256(path, entry)
     with third_party_output(f"opening {path.name}"):  # runtimes log their set-up (delegates, CPU probing) on stderr
         return fmt.open(path, provider, threads, entry)
