@@ -35,27 +35,48 @@ sys.path.insert(0, str(HERE))
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", type=Path, help="teacher checkpoint (default: train base 32, depth 4)")
-    parser.add_argument("--students", default="", help="comma-separated student checkpoints (default: train base 8 and base 16, depth 4)")
-    parser.add_argument("--student-widths", default="8,16", help="base channels of the students trained when --students is not given")
+    parser.add_argument(
+        "--students",
+        default="",
+        help="comma-separated student checkpoints (default: train base 8 and base 16, depth 4)",
+    )
+    parser.add_argument(
+        "--student-widths", default="8,16", help="base channels of the students trained when --students is not given"
+    )
     parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--work", type=Path, default=HERE / "out" / "deploy", help="dataset, runs and the deploy output")
+    parser.add_argument(
+        "--work", type=Path, default=HERE / "out" / "deploy", help="dataset, runs and the deploy output"
+    )
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--train-images", type=int, default=240)
     parser.add_argument("--val-images", type=int, default=60)
-    parser.add_argument("--distill", choices=("auto", "yes", "no"), default="auto", help="students distilled from the teacher (auto: when `unet-edge train` has --teacher)")
+    parser.add_argument(
+        "--distill",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="students distilled from the teacher (auto: when `unet-edge train` has --teacher)",
+    )
     parser.add_argument("--image-size", default="256")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--min-calls", type=int, default=30)
     parser.add_argument("--max-miou-drop", type=float, default=0.01)
-    parser.add_argument("--reference", type=Path, help="deploy's --reference (default: the most accurate checkpoint given)")
+    parser.add_argument(
+        "--reference", type=Path, help="deploy's --reference (default: the most accurate checkpoint given)"
+    )
     parser.add_argument("--formats", default="all")
     parser.add_argument("--precisions", default="fp32,fp16,bf16,int8")
-    parser.add_argument("--conditions", default="", help="what else ran on the machine during the run, stated in the section")
+    parser.add_argument(
+        "--conditions", default="", help="what else ran on the machine during the run, stated in the section"
+    )
     parser.add_argument("--readme", type=Path, default=README)
     parser.add_argument("--no-write", action="store_true", help="print the section only")
-    parser.add_argument("--train-only", action="store_true", help="train the missing checkpoints and stop (deploy later, on a quiet machine)")
+    parser.add_argument(
+        "--train-only",
+        action="store_true",
+        help="train the missing checkpoints and stop (deploy later, on a quiet machine)",
+    )
     return parser.parse_args()
 
 
@@ -85,9 +106,23 @@ def train(data: Path, runs: Path, name: str, base: int, args: argparse.Namespace
         say(f"{name}: using {best}")
         return best
     command = unet_edge(
-        "train", "--data", str(data), "--epochs", str(args.epochs), "--base-channels", str(base), "--depth", str(args.depth),
-        "--device", "cpu", "--out", str(runs), "--name", name, *(("--teacher", str(teacher)) if teacher else ()),
-    )  # fmt: skip
+        "train",
+        "--data",
+        str(data),
+        "--epochs",
+        str(args.epochs),
+        "--base-channels",
+        str(base),
+        "--depth",
+        str(args.depth),
+        "--device",
+        "cpu",
+        "--out",
+        str(runs),
+        "--name",
+        name,
+        *(("--teacher", str(teacher)) if teacher else ()),
+    )
     say(f"training {name}: {shlex.join(command[2:])}")
     start = time.perf_counter()
     subprocess.run(command, check=True)
@@ -122,7 +157,9 @@ def num(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def section(report: dict, command: list[str], args: argparse.Namespace, students_how: str, flags: list[str], wall_s: float) -> tuple[str, str]:
+def section(
+    report: dict, command: list[str], args: argparse.Namespace, students_how: str, flags: list[str], wall_s: float
+) -> tuple[str, str]:
     """(the CPU kind, the Markdown section for it)."""
     machine, settings, baseline = report["machine"], report["settings"], report["baseline"]
     kind = f"{machine['cpu']} ({', '.join(flags) or 'no int8/bf16 flags'})"
@@ -145,8 +182,14 @@ def section(report: dict, command: list[str], args: argparse.Namespace, students
         "",
     ]
     for name, info in report["reference"]["checkpoints"].items():
-        lines.append(f"- {name}: {info['architecture']}, val mIoU {info['miou']:.4f} (PyTorch eager), {how_trained(Path(info['path']))}")
-    lines += ["", "| | model | format | precision | val mIoU | drop | agreement | p50 ms | p90 ms | app p50 ms | × eager | MB | status |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines.append(
+            f"- {name}: {info['architecture']}, val mIoU {info['miou']:.4f} (PyTorch eager), {how_trained(Path(info['path']))}"
+        )
+    lines += [
+        "",
+        "| | model | format | precision | val mIoU | drop | agreement | p50 ms | p90 ms | app p50 ms | × eager | MB | status |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     if eager is not None:
         lines.append(
             f"| | {baseline['model']} (reference) | pytorch eager | fp32 | {report['reference']['miou']:.4f} | 0.0000 | 1.0000 | "
@@ -161,11 +204,22 @@ def section(report: dict, command: list[str], args: argparse.Namespace, students
             f"| {mark} | {row['model']} | {row['format']} | {row['precision']} | {num(row['miou'], 4)} | {num(row['miou_drop'], 4)} | "
             f"{num(row['pixel_agreement'], 4)} | {num(lat.get('p50'))} | {num(lat.get('p90'))} | {num(app.get('p50'))} | {ratio} | {num(row['size_mb'])} | {status} |"
         )
-    skipped = "; ".join(f"{s['format']}{' ' + s['precision'] if s['precision'] else ''}: {s['reason']}" for s in report["skipped"])
-    lines += ["", "★ winner, ◆ Pareto front (latency against val mIoU, among the candidates within the budget)." + (f" Skipped: {skipped}." if skipped else ""), ""]
+    skipped = "; ".join(
+        f"{s['format']}{' ' + s['precision'] if s['precision'] else ''}: {s['reason']}" for s in report["skipped"]
+    )
+    lines += [
+        "",
+        "★ winner, ◆ Pareto front (latency against val mIoU, among the candidates within the budget)."
+        + (f" Skipped: {skipped}." if skipped else ""),
+        "",
+    ]
     if winner is None:
         closest = rows.get(report["closest"]) if report["closest"] else None
-        near = f"{closest['model']} {closest['format']} {closest['precision']} (drop {closest['miou_drop']:.4f})" if closest else "none measured"
+        near = (
+            f"{closest['model']} {closest['format']} {closest['precision']} (drop {closest['miou_drop']:.4f})"
+            if closest
+            else "none measured"
+        )
         lines.append(f"**No candidate within the budget on {kind}**; the closest: {near}.")
     else:
         ratio = winner["latency_ms"]["p50"] / eager if eager else None
@@ -198,17 +252,42 @@ def main() -> None:
     else:
         widths = [int(w) for w in args.student_widths.split(",")]
         suffix = "kd" if distill else "alone"
-        students = [train(data, runs, f"student-b{w}d{args.depth}-{suffix}", w, args, teacher if distill else None) for w in widths]
-        students_how = f"base {', '.join(map(str, widths))}, depth {args.depth}, " + ("distilled from the teacher (`--teacher`)" if distill else "trained alone (no distillation)")
+        students = [
+            train(data, runs, f"student-b{w}d{args.depth}-{suffix}", w, args, teacher if distill else None)
+            for w in widths
+        ]
+        students_how = f"base {', '.join(map(str, widths))}, depth {args.depth}, " + (
+            "distilled from the teacher (`--teacher`)" if distill else "trained alone (no distillation)"
+        )
     if args.train_only:
         return
     out = work / "deployed"
     command = unet_edge(
-        "deploy", str(teacher), *map(str, students), "--data", str(data), "--image-size", args.image_size, "--batch-size", str(args.batch_size),
-        "--threads", str(args.threads), "--seconds", str(args.seconds), "--min-calls", str(args.min_calls), "--max-miou-drop", str(args.max_miou_drop),
-        "--formats", args.formats, "--precisions", args.precisions, "--out", str(out),
+        "deploy",
+        str(teacher),
+        *map(str, students),
+        "--data",
+        str(data),
+        "--image-size",
+        args.image_size,
+        "--batch-size",
+        str(args.batch_size),
+        "--threads",
+        str(args.threads),
+        "--seconds",
+        str(args.seconds),
+        "--min-calls",
+        str(args.min_calls),
+        "--max-miou-drop",
+        str(args.max_miou_drop),
+        "--formats",
+        args.formats,
+        "--precisions",
+        args.precisions,
+        "--out",
+        str(out),
         *(("--reference", str(args.reference)) if args.reference else ()),
-    )  # fmt: skip
+    )
     say(f"deploying: {shlex.join(['unet-edge', *command[3:]])}")
     start = time.perf_counter()
     finished = subprocess.run(command)

@@ -63,7 +63,9 @@ SELECT_VARIANTS = (
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", default="shapes,digits,textures", help="comma-separated: shapes, digits, textures")
+    parser.add_argument(
+        "--datasets", default="shapes,digits,textures", help="comma-separated: shapes, digits, textures"
+    )
     parser.add_argument("--seeds", type=int, default=3, help="student and distilled runs per dataset (seeds 0..N-1)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -73,10 +75,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--teacher", default="32,4", metavar="BASE,DEPTH")
     parser.add_argument("--student", default="8,3", metavar="BASE,DEPTH")
     parser.add_argument(
-        "--distill", default="{}", help='JSON of distillation settings beyond the defaults, e.g. \'{"distill_loss": "kl"}\', or a list of them (one row each)'
+        "--distill",
+        default="{}",
+        help='JSON of distillation settings beyond the defaults, e.g. \'{"distill_loss": "kl"}\', or a list of them (one row each)',
     )
-    parser.add_argument("--select", action="store_true", help="distil with each of SELECT_VARIANTS instead (to choose the defaults)")
-    parser.add_argument("--extra-student", default="16,3", metavar="BASE,DEPTH", help="also distil this student on digits, seed 0 (empty: none)")
+    parser.add_argument(
+        "--select", action="store_true", help="distil with each of SELECT_VARIANTS instead (to choose the defaults)"
+    )
+    parser.add_argument(
+        "--extra-student",
+        default="16,3",
+        metavar="BASE,DEPTH",
+        help="also distil this student on digits, seed 0 (empty: none)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="threads of every run and of the latency step")
     parser.add_argument("--latency-seconds", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=HERE / "out" / "distill")
@@ -99,7 +110,12 @@ def tag(settings: dict) -> str:
     from unet_edge.config import TrainConfig
 
     defaults = TrainConfig()
-    full = {"distill_loss": defaults.distill_loss, "distill_temperature": defaults.distill_temperature, "distill_weight": defaults.distill_weight, **settings}
+    full = {
+        "distill_loss": defaults.distill_loss,
+        "distill_temperature": defaults.distill_temperature,
+        "distill_weight": defaults.distill_weight,
+        **settings,
+    }
     return f"{full['distill_loss']}-T{full['distill_temperature']:g}-w{full['distill_weight']:g}"
 
 
@@ -128,30 +144,66 @@ class Runner:
         else:
             shutil.rmtree(folder, ignore_errors=True)
             command = [
-                "train", "--data", str(self.roots[dataset]), "--batch-size", str(args.batch_size), "--image-size", str(args.image_size),
-                "--base-channels", str(base), "--depth", str(depth), "--seed", str(seed), "--out", str(self.runs), "--name", name, *common, *extra,
-            ]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "UNET_EDGE_PROGRESS": "0"}
+                "train",
+                "--data",
+                str(self.roots[dataset]),
+                "--batch-size",
+                str(args.batch_size),
+                "--image-size",
+                str(args.image_size),
+                "--base-channels",
+                str(base),
+                "--depth",
+                str(depth),
+                "--seed",
+                str(seed),
+                "--out",
+                str(self.runs),
+                "--name",
+                name,
+                *common,
+                *extra,
+            ]
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(args.threads),
+            "MKL_NUM_THREADS": str(args.threads),
+            "UNET_EDGE_PROGRESS": "0",
+        }
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "unet_edge_cli.main", *command], env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "unet_edge_cli.main", *command], env=env, capture_output=True, text=True
+        )
         if done.returncode != 0 and not (done.returncode == 1 and "nothing to train" in done.stderr):
-            raise SystemExit(f"error: {name}: unet-edge {shlex.join(command)} exited {done.returncode}:\n{done.stderr[-2000:]}")
+            raise SystemExit(
+                f"error: {name}: unet-edge {shlex.join(command)} exited {done.returncode}:\n{done.stderr[-2000:]}"
+            )
         records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
         shares = [r["teacher_share"] for r in records if r.get("teacher_share") is not None]
         teacher_notes = [line for line in done.stderr.splitlines() if line.startswith(("teacher ", "warning:"))]
         result = {
-            "dataset": dataset, "seed": seed, "base": base, "depth": depth, "extra": extra,
-            "curve": [r["miou"] for r in records], "best": max(r["miou"] for r in records),
-            "train_seconds": sum(r["epoch_time_s"] for r in records), "teacher_share": statistics.mean(shares) if shares else None,
-            "wall_seconds": time.perf_counter() - started, "notes": teacher_notes,
-        }  # fmt: skip
+            "dataset": dataset,
+            "seed": seed,
+            "base": base,
+            "depth": depth,
+            "extra": extra,
+            "curve": [r["miou"] for r in records],
+            "best": max(r["miou"] for r in records),
+            "train_seconds": sum(r["epoch_time_s"] for r in records),
+            "teacher_share": statistics.mean(shares) if shares else None,
+            "wall_seconds": time.perf_counter() - started,
+            "notes": teacher_notes,
+        }
         self.results[name] = result
         self.args.out.mkdir(parents=True, exist_ok=True)
         tmp = self.cache_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.results, indent=1))
         tmp.replace(self.cache_file)
         share = f", teacher {result['teacher_share']:.0%} of step time" if shares else ""
-        print(f"{time.strftime('%H:%M:%S')} {name}: best val mIoU {result['best']:.4f} ({result['train_seconds']:.0f} s of training{share})", flush=True)
+        print(
+            f"{time.strftime('%H:%M:%S')} {name}: best val mIoU {result['best']:.4f} ({result['train_seconds']:.0f} s of training{share})",
+            flush=True,
+        )
         for note in teacher_notes:
             print(f"    {note}", flush=True)
         return result
@@ -183,10 +235,9 @@ def latency_ms(checkpoint: Path, threads: int, seconds: float) -> float:
 def main() -> None:
     args = parse_args()
     sys.path.insert(0, str(HERE))
+    import torch
     from train_quality import write_datasets
     from train_throughput import machine, write_section
-
-    import torch
 
     from unet_edge.bench import count_gflops
     from unet_edge.checkpoint import load_checkpoint
@@ -211,11 +262,22 @@ def main() -> None:
     for dataset in names:
         teacher_name = f"{dataset}-teacher-b{teacher_arch[0]}-d{teacher_arch[1]}-s0"
         teacher = runner.train(teacher_name, dataset, 0, *teacher_arch, [])
-        alone = [runner.train(f"{dataset}-student-b{student_arch[0]}-d{student_arch[1]}-s{seed}", dataset, seed, *student_arch, []) for seed in seeds]
+        alone = [
+            runner.train(
+                f"{dataset}-student-b{student_arch[0]}-d{student_arch[1]}-s{seed}", dataset, seed, *student_arch, []
+            )
+            for seed in seeds
+        ]
         for variant in variants:
             options = ["--teacher", str(runner.checkpoint(teacher_name)), *option_args(variant)]
             distilled = [
-                runner.train(f"{dataset}-distilled-{tag(variant)}-b{student_arch[0]}-d{student_arch[1]}-s{seed}", dataset, seed, *student_arch, options)
+                runner.train(
+                    f"{dataset}-distilled-{tag(variant)}-b{student_arch[0]}-d{student_arch[1]}-s{seed}",
+                    dataset,
+                    seed,
+                    *student_arch,
+                    options,
+                )
                 for seed in seeds
             ]
             rows.append((dataset, tag(variant), teacher, alone, distilled))
@@ -227,7 +289,10 @@ def main() -> None:
         extra_name = f"digits-distilled-{tag(variants[0])}-b{extra_arch[0]}-d{extra_arch[1]}-s0"
         runner.train(f"digits-student-b{extra_arch[0]}-d{extra_arch[1]}-s0", "digits", 0, *extra_arch, [])
         runner.train(extra_name, "digits", 0, *extra_arch, options)
-    print(f"{time.strftime('%H:%M:%S')} training done ({(time.perf_counter() - started) / 60:.1f} min in this invocation); measuring latency", flush=True)
+    print(
+        f"{time.strftime('%H:%M:%S')} training done ({(time.perf_counter() - started) / 60:.1f} min in this invocation); measuring latency",
+        flush=True,
+    )
 
     where = "digits" if "digits" in names else names[0]
     models = {"teacher": (f"{where}-teacher-b{teacher_arch[0]}-d{teacher_arch[1]}-s0", teacher_arch)}
@@ -240,7 +305,10 @@ def main() -> None:
         checkpoint = runner.checkpoint(name)
         gflop = count_gflops(load_checkpoint(checkpoint)["config"], 256, 256)
         costs[label] = (base, depth, gflop, latency_ms(checkpoint, args.threads, args.latency_seconds))
-        print(f"{label}: base {base}, depth {depth}: {gflop:.2f} GFLOP, p50 {costs[label][3]:.1f} ms ({checkpoint})", flush=True)
+        print(
+            f"{label}: base {base}, depth {depth}: {gflop:.2f} GFLOP, p50 {costs[label][3]:.1f} ms ({checkpoint})",
+            flush=True,
+        )
 
     text = section(args, rows, costs, runner, extra_name, machine())
     print(text)
@@ -248,7 +316,9 @@ def main() -> None:
         write_section(args.readme, text, BEGIN, END)
 
 
-def section(args: argparse.Namespace, rows: list, costs: dict, runner: Runner, extra_name: str | None, machine_line: str) -> str:
+def section(
+    args: argparse.Namespace, rows: list, costs: dict, runner: Runner, extra_name: str | None, machine_line: str
+) -> str:
     from unet_edge.config import TrainConfig
 
     defaults = TrainConfig()
@@ -268,10 +338,16 @@ def section(args: argparse.Namespace, rows: list, costs: dict, runner: Runner, e
         "| --- | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for dataset, setting, teacher_run, alone, distilled in rows:
-        t, a, d = teacher_run["best"], statistics.mean(r["best"] for r in alone), statistics.mean(r["best"] for r in distilled)
+        t, a, d = (
+            teacher_run["best"],
+            statistics.mean(r["best"] for r in alone),
+            statistics.mean(r["best"] for r in distilled),
+        )
         closed = f"{(d - a) / (t - a):.0%}" if t > a else "- (teacher not better)"
         seeds = ", ".join(f"{x['best']:.3f} ({y['best']:.3f})" for x, y in zip(distilled, alone))
-        lines.append(f"| {dataset} | {setting} | {t:.3f} | {summary([r['best'] for r in alone])} | {summary([r['best'] for r in distilled])} | {closed} | {seeds} |")
+        lines.append(
+            f"| {dataset} | {setting} | {t:.3f} | {summary([r['best'] for r in alone])} | {summary([r['best'] for r in distilled])} | {closed} | {seeds} |"
+        )
     lines += [
         "",
         "| model | GFLOP / 256² image | CPU latency p50, 256², batch 1 |",
@@ -287,7 +363,11 @@ def section(args: argparse.Namespace, rows: list, costs: dict, runner: Runner, e
     datasets = sorted({row[0] for row in rows})
     teacher_s = seconds(lambda n: "-teacher-" in n and n.split("-")[0] in datasets)
     alone_s = seconds(lambda n: f"-student-b{student[0]}-d{student[1]}-" in n and n.split("-")[0] in datasets)
-    distilled_runs = [r for name, r in runner.results.items() if f"-distilled-{rows[0][1]}-b{student[0]}-d{student[1]}-" in name and r["dataset"] in datasets]
+    distilled_runs = [
+        r
+        for name, r in runner.results.items()
+        if f"-distilled-{rows[0][1]}-b{student[0]}-d{student[1]}-" in name and r["dataset"] in datasets
+    ]
     distilled_s = statistics.mean(r["train_seconds"] for r in distilled_runs) if distilled_runs else float("nan")
     share = statistics.mean(r["teacher_share"] for r in distilled_runs) if distilled_runs else float("nan")
     lines += [
@@ -301,7 +381,10 @@ def section(args: argparse.Namespace, rows: list, costs: dict, runner: Runner, e
         extra = runner.results[extra_name]
         base = extra["base"]
         alone_extra = runner.results.get(f"digits-student-b{base}-d{extra['depth']}-s0")
-        lines += ["", f"Also on digits, seed 0, student base {base}, depth {extra['depth']}: alone {alone_extra['best']:.3f}, distilled {extra['best']:.3f}."]
+        lines += [
+            "",
+            f"Also on digits, seed 0, student base {base}, depth {extra['depth']}: alone {alone_extra['best']:.3f}, distilled {extra['best']:.3f}.",
+        ]
     minutes = sum(r["train_seconds"] for r in runner.results.values()) / 60
     command = shlex.join(["python", "benchmarks/distill.py", *sys.argv[1:]])
     lines += [

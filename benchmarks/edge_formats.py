@@ -34,14 +34,24 @@ def export_everything(checkpoint: Path, formats: tuple[str, ...] | None, max_bat
     from unet_edge.export import ExportOptions, run_export
     from unet_edge.formats import FORMATS, Precision
 
-    precisions = tuple(sorted({p for fmt in FORMATS.values() for p in fmt.precisions if p is not Precision.FP32}, key=lambda p: p.value))
+    precisions = tuple(
+        sorted(
+            {p for fmt in FORMATS.values() for p in fmt.precisions if p is not Precision.FP32}, key=lambda p: p.value
+        )
+    )
     result = run_export(
         ExportOptions(
-            checkpoint=checkpoint, out=OUT, name="edge", precisions=(Precision.FP32, *precisions), max_miou_drop=1.0,
-            calib_images=16, parity_images=0, formats=formats,
+            checkpoint=checkpoint,
+            out=OUT,
+            name="edge",
+            precisions=(Precision.FP32, *precisions),
+            max_miou_drop=1.0,
+            calib_images=16,
+            parity_images=0,
+            formats=formats,
             format_options={"image_size": (size, size), "max_batch": max_batch, "max_size": size},
         )
-    )  # fmt: skip
+    )
     for name, why in result.skipped.items():
         print(f"skipped {name}: {why}")
     return [checkpoint, *(a.path for a in result.artifacts)]
@@ -58,7 +68,14 @@ def ratio_lines(report: dict, batch: int) -> list[str]:
     the fp32 file of the same runtime."""
     rows = [r for r in report["results"] if r["status"] == "ok" and r["batch_size"] == batch]
     p50 = {id(r): r["latency_ms"]["p50"] for r in rows}
-    eager = next((r for r in rows if r["path"].endswith(".pt") and r.get("variant") == "eager" and (r["precision"] or "fp32") == "fp32"), None)
+    eager = next(
+        (
+            r
+            for r in rows
+            if r["path"].endswith(".pt") and r.get("variant") == "eager" and (r["precision"] or "fp32") == "fp32"
+        ),
+        None,
+    )
     ort = next((r for r in rows if r["path"].endswith("/model.onnx") and r["backend"] == "onnxruntime"), None)
     if eager is None or ort is None:
         return [f"- batch {batch}: no PyTorch eager or ONNX Runtime fp32 row to compare with"]
@@ -69,7 +86,11 @@ def ratio_lines(report: dict, batch: int) -> list[str]:
     lines = ["| row | p50 ms | × PyTorch eager | × ONNX Runtime fp32 | × its fp32 |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: p50[id(r)]):
         own = fp32_of.get((r["backend"], r.get("variant"), Path(r["path"]).suffix))
-        versus_own = f"{p50[id(r)] / own['latency_ms']['p50']:.2f}" if own is not None and own is not r and (r["precision"] or "fp32") != "fp32" else "-"
+        versus_own = (
+            f"{p50[id(r)] / own['latency_ms']['p50']:.2f}"
+            if own is not None and own is not r and (r["precision"] or "fp32") != "fp32"
+            else "-"
+        )
         lines.append(
             f"| {label(r)} | {p50[id(r)]:.1f} | {p50[id(r)] / eager['latency_ms']['p50']:.2f} | "
             f"{p50[id(r)] / ort['latency_ms']['p50']:.2f} | {versus_own} |"
@@ -90,8 +111,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: one per core)")
     parser.add_argument("--min-calls", type=int, default=20, help="timed calls per row at least")
-    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (about a minute of compiling per shape)")
-    parser.add_argument("--formats", default=None, help="comma-separated formats to export (default: every installed one)")
+    parser.add_argument(
+        "--compile", action="store_true", help="add torch.compile rows (about a minute of compiling per shape)"
+    )
+    parser.add_argument(
+        "--formats", default=None, help="comma-separated formats to export (default: every installed one)"
+    )
     args = parser.parse_args()
 
     from unet_edge.bench import BenchSpec, print_progress, run_bench, to_markdown
@@ -104,9 +129,15 @@ def main() -> None:
     export_s = time.perf_counter() - started
     variants = ("eager", "channels-last", "compile") if args.compile else ("eager", "channels-last")
     spec = BenchSpec(
-        batch_sizes=batch_sizes, height=args.size, width=args.size, seconds=args.seconds,
-        threads=args.threads, min_iters=args.min_calls, torch_variants=variants, dtypes=("fp32", "bf16"),
-    )  # fmt: skip
+        batch_sizes=batch_sizes,
+        height=args.size,
+        width=args.size,
+        seconds=args.seconds,
+        threads=args.threads,
+        min_iters=args.min_calls,
+        torch_variants=variants,
+        dtypes=("fp32", "bf16"),
+    )
     report = run_bench(paths, spec, ("cpu",), print_progress())
     (OUT / "edge.json").write_text(json.dumps(report, indent=2))
     machine = report["machine"]
@@ -114,10 +145,10 @@ def main() -> None:
     command = "python " + " ".join(["benchmarks/edge_formats.py", *sys.argv[1:]])
     body = f"""## Edge runtimes: every format and precision, default-size UNetStudent (base 32, depth 4), 3×{args.size}×{args.size}
 
-Command: `{command}` ({time.strftime('%Y-%m-%d')}; exports took {export_s:.0f} s)
+Command: `{command}` ({time.strftime("%Y-%m-%d")}; exports took {export_s:.0f} s)
 
-Machine: {machine['cpu']} (int8/bf16 instructions: {', '.join(machine['cpu_int8_bf16']) or 'none'}), {machine['cores']} cores,
-{machine['threads']} threads for every runtime; torch {machine['torch']}, onnxruntime {machine['onnxruntime']}.
+Machine: {machine["cpu"]} (int8/bf16 instructions: {", ".join(machine["cpu_int8_bf16"]) or "none"}), {machine["cores"]} cores,
+{machine["threads"]} threads for every runtime; torch {machine["torch"]}, onnxruntime {machine["onnxruntime"]}.
 Untrained model, reduced precisions written with the mIoU budget off: these rows measure speed only
 (int8 and bf16 need avx512_vnni / avx512_bf16 to be fast; see the inference section).
 

@@ -110,7 +110,10 @@ def _bench_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     baselines = {
         (row["provider"], row["batch"], row["size"]): row["images_per_s"]
         for row in rows
-        if row["backend"] == "pytorch" and row["variant"] == "eager" and row["precision"] == "fp32" and row["images_per_s"]
+        if row["backend"] == "pytorch"
+        and row["variant"] == "eager"
+        and row["precision"] == "fp32"
+        and row["images_per_s"]
     }
     for row in rows:
         base = baselines.get((row["provider"], row["batch"], row["size"]))
@@ -142,7 +145,10 @@ def summary(work: Path, out: Path, mode: str) -> int:
         "steps": steps,
         "train": train.read_text().strip() if train.is_file() else None,
         "verify": {
-            name: [{"artifact": Path(a["path"]).name, "provider": a.get("provider"), "passed": a["passed"]} for a in v["artifacts"]]
+            name: [
+                {"artifact": Path(a["path"]).name, "provider": a.get("provider"), "passed": a["passed"]}
+                for a in v["artifacts"]
+            ]
             for name, v in verify.items()
         },
         "bench": bench,
@@ -158,7 +164,9 @@ def summary(work: Path, out: Path, mode: str) -> int:
     if sweep.is_file():
         lines += ["", sweep.read_text().strip()]
     for name, results in report["verify"].items():
-        lines += ["", f"## {name}", ""] + [f"- {a['artifact']} on {a['provider']}: {'pass' if a['passed'] else 'FAIL'}" for a in results]
+        lines += ["", f"## {name}", ""] + [
+            f"- {a['artifact']} on {a['provider']}: {'pass' if a['passed'] else 'FAIL'}" for a in results
+        ]
     if bench:
         lines += [
             "",

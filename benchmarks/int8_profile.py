@@ -28,7 +28,20 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "int8"
-WATCHED_OPS = ("QLinearConv", "Conv", "FusedConv", "BatchNormalization", "ConvTranspose", "DepthToSpace", "Resize", "Transpose", "QuantizeLinear", "DequantizeLinear", "QLinearConcat", "Concat")
+WATCHED_OPS = (
+    "QLinearConv",
+    "Conv",
+    "FusedConv",
+    "BatchNormalization",
+    "ConvTranspose",
+    "DepthToSpace",
+    "Resize",
+    "Transpose",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearConcat",
+    "Concat",
+)
 
 
 def cpu_facts() -> dict:
@@ -68,8 +81,8 @@ def build_models(threads: int, calib_images: int) -> dict[str, dict[str, Path]]:
 
     from unet_edge.artifact import artifact_metadata
     from unet_edge.checkpoint import load_model
-    from unet_edge.formats.onnx import export_onnx
     from unet_edge.data import load_eval_images
+    from unet_edge.formats.onnx import export_onnx
     from unet_edge.formats.onnx_quantize import float_source, quantize_int8
     from unet_edge.synth import ensure_synth
 
@@ -79,14 +92,24 @@ def build_models(threads: int, calib_images: int) -> dict[str, dict[str, Path]]:
         folder = OUT / order
         folder.mkdir(exist_ok=True)
         loaded = load_model(default_checkpoint(folder / "model.pt", order))
-        calibration = load_eval_images(ensure_synth(), loaded.mean, loaded.std, split="train", num_images=calib_images).normalised
-        files = {"fp32 unfolded": export_onnx(loaded.model, folder / "fp32-unfolded.onnx", artifact_metadata(loaded, "fp32"))}
+        calibration = load_eval_images(
+            ensure_synth(), loaded.mean, loaded.std, split="train", num_images=calib_images
+        ).normalised
+        files = {
+            "fp32 unfolded": export_onnx(loaded.model, folder / "fp32-unfolded.onnx", artifact_metadata(loaded, "fp32"))
+        }
         files["fp32 plain fold"] = float_source(loaded, folder, True, 18)[0].rename(folder / "fp32-fold.onnx")
         layout = float_source(loaded, folder, True, 18, int8_layout=True)[0].rename(folder / "fp32-int8-layout.onnx")
-        files["int8 (export: int8 layout)"] = quantize_int8(layout, folder / "int8-layout.onnx", calibration, workdir=folder)
-        files["int8 plain fold"] = quantize_int8(files["fp32 plain fold"], folder / "int8-fold.onnx", calibration, workdir=folder)
+        files["int8 (export: int8 layout)"] = quantize_int8(
+            layout, folder / "int8-layout.onnx", calibration, workdir=folder
+        )
+        files["int8 plain fold"] = quantize_int8(
+            files["fp32 plain fold"], folder / "int8-fold.onnx", calibration, workdir=folder
+        )
         if order == "conv-relu-bn":
-            files["int8 unfolded"] = quantize_int8(files["fp32 unfolded"], folder / "int8-unfolded.onnx", calibration, workdir=folder)
+            files["int8 unfolded"] = quantize_int8(
+                files["fp32 unfolded"], folder / "int8-unfolded.onnx", calibration, workdir=folder
+            )
         models[order] = files
     return models
 
@@ -136,14 +159,23 @@ def operator_shares(path: Path, threads: int, runs: int, image: np.ndarray) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads for every session and the GEMM reference (default: one per core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for every session and the GEMM reference (default: one per core)",
+    )
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per model and batch size")
-    parser.add_argument("--min-calls", type=int, default=30, help="timed calls per model and batch size at least (p99 needs many)")
+    parser.add_argument(
+        "--min-calls", type=int, default=30, help="timed calls per model and batch size at least (p99 needs many)"
+    )
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--profile-runs", type=int, default=10)
     parser.add_argument("--calib-images", type=int, default=16)
-    parser.add_argument("--fma-units", type=int, default=2, help="vector FMA units per core assumed for the theoretical peak")
+    parser.add_argument(
+        "--fma-units", type=int, default=2, help="vector FMA units per core assumed for the theoretical peak"
+    )
     args = parser.parse_args()
 
     import onnxruntime as ort
@@ -158,18 +190,26 @@ def main() -> None:
     torch.set_num_threads(threads)  # for torch.mm in the fp32 GEMM reference
     facts = cpu_facts()
     peaks = theoretical_peaks(facts, args.fma_units, threads)
-    print(f"## CPU: {facts['cpu']}, {facts['logical_cpus']} logical CPUs, {threads} threads used, reported clock {facts['mhz']:.0f} MHz")
-    print(f"int8/bf16 instruction sets: {', '.join(facts['int8_bf16']) or 'none'}; vector width {facts['vector_bits']} bits\n")
+    print(
+        f"## CPU: {facts['cpu']}, {facts['logical_cpus']} logical CPUs, {threads} threads used, reported clock {facts['mhz']:.0f} MHz"
+    )
+    print(
+        f"int8/bf16 instruction sets: {', '.join(facts['int8_bf16']) or 'none'}; vector width {facts['vector_bits']} bits\n"
+    )
     print("| reference | GEMM 2048² | GEMM 4096² | theoretical peak |\n| --- | ---: | ---: | ---: |")
     best_rate = {}
     for precision, unit in (("fp32", "GFLOP/s"), ("int8", "GOP/s")):
         rates = [measure_matmul_gflops("cpu", precision, size=n, seconds=2.0, threads=threads) for n in (2048, 4096)]
         best_rate[precision] = max(rates)
         peak = peaks[precision]
-        print(f"| {precision} ({unit}), measured {'ONNX Runtime MatMulInteger u8s8' if precision == 'int8' else 'best of ONNX Runtime MatMul and torch.mm'} "
-              f"| {rates[0]:.0f} | {rates[1]:.0f} | {f'{peak:.0f}' if peak else 'n/a (no VNNI)'} |")
-    print(f"\nPeak = {threads} cores x {facts['mhz'] / 1000:.2f} GHz x {args.fma_units} FMA units x {facts['vector_bits'] // 32} 32-bit lanes "
-          "x 2 (fp32) or x 4 x 2 (int8 VNNI); measured rates above it mean the cores run above the reported clock.\n")
+        print(
+            f"| {precision} ({unit}), measured {'ONNX Runtime MatMulInteger u8s8' if precision == 'int8' else 'best of ONNX Runtime MatMul and torch.mm'} "
+            f"| {rates[0]:.0f} | {rates[1]:.0f} | {f'{peak:.0f}' if peak else 'n/a (no VNNI)'} |"
+        )
+    print(
+        f"\nPeak = {threads} cores x {facts['mhz'] / 1000:.2f} GHz x {args.fma_units} FMA units x {facts['vector_bits'] // 32} 32-bit lanes "
+        "x 2 (fp32) or x 4 x 2 (int8 VNNI); measured rates above it mean the cores run above the reported clock.\n"
+    )
 
     models = build_models(threads, args.calib_images)
     rng = np.random.default_rng(0)
@@ -188,10 +228,17 @@ def main() -> None:
             shares, per_call = operator_shares(files[name], threads, args.profile_runs, image)
             conv_ms = shares.get("QLinearConv", 0.0) * per_call
             rate = gflops / (conv_ms / 1000.0) if conv_ms else 0.0
-            print(f"- {name}: " + ", ".join(f"{op} {share:.0%}" for op, share in shares.items() if share >= 0.005)
-                  + f"; kernels {per_call:.1f} ms per call; QLinearConv {rate:.0f} GOP/s of the model's {gflops:.1f} GOP"
-                  f" = {rate / int8_rate:.2f} of the best measured int8 GEMM rate ({int8_rate:.0f} GOP/s)"
-                  + (f", {rate / int8_peak:.2f} of the theoretical int8 peak ({int8_peak:.0f} GOP/s)" if int8_peak else ""))
+            print(
+                f"- {name}: "
+                + ", ".join(f"{op} {share:.0%}" for op, share in shares.items() if share >= 0.005)
+                + f"; kernels {per_call:.1f} ms per call; QLinearConv {rate:.0f} GOP/s of the model's {gflops:.1f} GOP"
+                f" = {rate / int8_rate:.2f} of the best measured int8 GEMM rate ({int8_rate:.0f} GOP/s)"
+                + (
+                    f", {rate / int8_peak:.2f} of the theoretical int8 peak ({int8_peak:.0f} GOP/s)"
+                    if int8_peak
+                    else ""
+                )
+            )
         print()
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             sessions = [session(path, threads) for path in files.values()]
@@ -199,15 +246,21 @@ def main() -> None:
             runners = [lambda s=s: s.run(None, {s.get_inputs()[0].name: x}) for s in sessions]
             show = print_progress()
             latencies = time_interleaved(
-                runners, warmup=2, iters=None, seconds=args.seconds, min_iters=args.min_calls,
+                runners,
+                warmup=2,
+                iters=None,
+                seconds=args.seconds,
+                min_iters=args.min_calls,
                 on_round=lambda fraction, batch=batch: show(f"{order}, batch {batch}: {fraction:.0%} timed", 0, 1),
-            )  # fmt: skip
+            )
             stats = [latency_stats(lat) for lat in latencies]
             base = stats[list(files).index("fp32 unfolded" if order == "conv-relu-bn" else "fp32 plain fold")]["p50"]
             print(f"Batch {batch}, {args.size}x{args.size}, interleaved (ratio = p50 / fp32 as exported):\n")
             print("| model | calls | p50 ms | p90 ms | p99 ms | ratio |\n|---|---:|---:|---:|---:|---:|")
             for name, lat, s in zip(files, latencies, stats):
-                print(f"| {name} | {len(lat)} | {s['p50']:.1f} | {s['p90']:.1f} | {s['p99']:.1f} | {s['p50'] / base:.2f} |")
+                print(
+                    f"| {name} | {len(lat)} | {s['p50']:.1f} | {s['p90']:.1f} | {s['p99']:.1f} | {s['p50'] / base:.2f} |"
+                )
             print()
 
 

@@ -73,7 +73,9 @@ def int8_variants(loaded, folder: Path, calib_images: int, naive: bool = True) -
     from unet_edge.formats.onnx_quantize import convert_fp16, float_source, quantize_int8, stamp_precision
     from unet_edge.synth import ensure_synth
 
-    calibration = load_eval_images(ensure_synth(), loaded.mean, loaded.std, split="train", num_images=calib_images).normalised
+    calibration = load_eval_images(
+        ensure_synth(), loaded.mean, loaded.std, split="train", num_images=calib_images
+    ).normalised
     paths = []
     for fold in (True, False) if naive else (True,):
         source, folded, _ = float_source(loaded, folder, fold, 18)
@@ -85,7 +87,11 @@ def int8_variants(loaded, folder: Path, calib_images: int, naive: bool = True) -
         paths.append(stamp_precision(folder / f"tmp-{name}", folder / name, loaded, "int8"))
         (folder / f"tmp-{name}").unlink()
         if folded:
-            paths.append(stamp_precision(convert_fp16(source, folder / "tmp-fp16.onnx"), folder / "model_fp16.onnx", loaded, "fp16"))
+            paths.append(
+                stamp_precision(
+                    convert_fp16(source, folder / "tmp-fp16.onnx"), folder / "model_fp16.onnx", loaded, "fp16"
+                )
+            )
             (folder / "tmp-fp16.onnx").unlink()
         source.unlink()
     return paths
@@ -109,8 +115,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--no-variants", dest="variants", action="store_false", help="skip the int8/fp16 rows")
     parser.add_argument("--calib-images", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None, help="threads for every runtime and the GEMM reference (default: one per core)")
-    parser.add_argument("--min-calls", type=int, default=30, help="timed calls per row at least, so batch-8 rows have a p90/p99")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for every runtime and the GEMM reference (default: one per core)",
+    )
+    parser.add_argument(
+        "--min-calls", type=int, default=30, help="timed calls per row at least, so batch-8 rows have a p90/p99"
+    )
     args = parser.parse_args()
 
     from unet_edge.bench import BenchSpec, print_progress, run_bench, to_markdown
@@ -119,25 +132,49 @@ def main() -> None:
 
     OUT.mkdir(parents=True, exist_ok=True)
     checkpoint = default_checkpoint(OUT / "seed-order.pt")
-    seed_order = run_export(ExportOptions(checkpoint=checkpoint, out=OUT, name="seed-order", formats=("onnx", "torchscript"), parity_images=0))
+    seed_order = run_export(
+        ExportOptions(
+            checkpoint=checkpoint, out=OUT, name="seed-order", formats=("onnx", "torchscript"), parity_images=0
+        )
+    )
     paths = [checkpoint, *(a.path for a in seed_order.artifacts)]
     if args.variants:
         paths += int8_variants(load_model(checkpoint), seed_order.folder, args.calib_images)
         cbr_checkpoint = default_checkpoint(OUT / "conv-bn-relu.pt", "conv-bn-relu")
-        cbr = run_export(ExportOptions(checkpoint=cbr_checkpoint, out=OUT, name="conv-bn-relu", formats=("onnx",), fold=True, parity_images=0))
-        paths += [a.path for a in cbr.artifacts] + int8_variants(load_model(cbr_checkpoint), cbr.folder, args.calib_images, naive=False)
+        cbr = run_export(
+            ExportOptions(
+                checkpoint=cbr_checkpoint, out=OUT, name="conv-bn-relu", formats=("onnx",), fold=True, parity_images=0
+            )
+        )
+        paths += [a.path for a in cbr.artifacts] + int8_variants(
+            load_model(cbr_checkpoint), cbr.folder, args.calib_images, naive=False
+        )
     spec = BenchSpec(
-        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), height=args.size, width=args.size, seconds=args.seconds,
-        threads=args.threads, min_iters=args.min_calls, torch_variants=("eager", "channels-last"),
-    )  # fmt: skip
+        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+        height=args.size,
+        width=args.size,
+        seconds=args.seconds,
+        threads=args.threads,
+        min_iters=args.min_calls,
+        torch_variants=("eager", "channels-last"),
+    )
     report = run_bench(paths, spec, ("cpu", "cuda", "tensorrt"), print_progress())
     (OUT / "inference.json").write_text(json.dumps(report, indent=2))
 
     ok = [r for r in report["results"] if r["status"] == "ok"]
 
-    def find(name: str, batch: int, backend: str = "onnxruntime", provider: str = "CPUExecutionProvider") -> dict | None:
+    def find(
+        name: str, batch: int, backend: str = "onnxruntime", provider: str = "CPUExecutionProvider"
+    ) -> dict | None:
         return next(
-            (r for r in ok if r["path"].endswith(name) and r["backend"] == backend and r["provider"] == provider and r["batch_size"] == batch),
+            (
+                r
+                for r in ok
+                if r["path"].endswith(name)
+                and r["backend"] == backend
+                and r["provider"] == provider
+                and r["batch_size"] == batch
+            ),
             None,
         )
 
@@ -167,14 +204,14 @@ def main() -> None:
     machine = report["machine"]
     body = f"""## Inference: default-size UNetStudent (base 32, depth 4), 3×{args.size}×{args.size}
 
-Command: `.venv/bin/python benchmarks/run_inference.py --seconds {args.seconds:g} --min-calls {args.min_calls}` ({time.strftime('%Y-%m-%d')})
+Command: `.venv/bin/python benchmarks/run_inference.py --seconds {args.seconds:g} --min-calls {args.min_calls}` ({time.strftime("%Y-%m-%d")})
 
-Machine: {machine['cpu']} (int8/bf16 instructions: {', '.join(machine['cpu_int8_bf16']) or 'none'}), {machine['cores']} cores,
-{machine['threads']} threads for PyTorch and ONNX Runtime alike; GPU: {machine['gpu'] or 'none'};
-torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, Python {machine['python']}.
+Machine: {machine["cpu"]} (int8/bf16 instructions: {", ".join(machine["cpu_int8_bf16"]) or "none"}), {machine["cores"]} cores,
+{machine["threads"]} threads for PyTorch and ONNX Runtime alike; GPU: {machine["gpu"] or "none"};
+torch {machine["torch"]}, onnxruntime {machine["onnxruntime"]}, Python {machine["python"]}.
 Reference rates, measured GEMM at the start of the run with the same threads (fp32: best of torch.mm and
 ONNX Runtime MatMul; int8: ONNX Runtime MatMulInteger u8s8; 2048²), which the "roofline" column divides by:
-{', '.join(f"{k} {v:.1f} {'GOP/s' if k.endswith('int8') else 'GFLOP/s'}" for k, v in machine['matmul_gflops_per_s'].items())}. A measured rate, not a peak
+{", ".join(f"{k} {v:.1f} {'GOP/s' if k.endswith('int8') else 'GFLOP/s'}" for k, v in machine["matmul_gflops_per_s"].items())}. A measured rate, not a peak
 (benchmarks/int8_profile.py prints the theoretical peak beside it): fractions above 1 are possible.
 
 Backends are timed interleaved (blocks of calls, round-robin) so a noisy neighbour affects all alike;

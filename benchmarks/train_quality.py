@@ -52,15 +52,21 @@ IGNORE = 255
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", default="shapes,digits,textures", help="comma-separated: shapes, digits, textures")
+    parser.add_argument(
+        "--datasets", default="shapes,digits,textures", help="comma-separated: shapes, digits, textures"
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--train-images", type=int, default=240)
     parser.add_argument("--val-images", type=int, default=60)
-    parser.add_argument("--fit", default="{}", help='JSON of TrainConfig fields for `fit` beyond its defaults, e.g. \'{"hflip": 0}\'')
-    parser.add_argument("--loops", default="fit,plain", help="comma-separated: fit, plain (e.g. fit alone to try a --fit variant)")
+    parser.add_argument(
+        "--fit", default="{}", help="JSON of TrainConfig fields for `fit` beyond its defaults, e.g. '{\"hflip\": 0}'"
+    )
+    parser.add_argument(
+        "--loops", default="fit,plain", help="comma-separated: fit, plain (e.g. fit alone to try a --fit variant)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     parser.add_argument("--readme", type=Path, default=README, help="README whose train-quality section is rewritten")
     parser.add_argument("--no-write", action="store_true", help="print the section only")
@@ -77,7 +83,9 @@ def _ignore_border(label: np.ndarray) -> np.ndarray:
     return np.where(border, IGNORE, label).astype(np.uint8)
 
 
-def digit_scene(rng: np.random.Generator, digits: np.ndarray, targets: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def digit_scene(
+    rng: np.random.Generator, digits: np.ndarray, targets: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """One RGB scene with up to four digits (one per quadrant, random size and place) and its label.
 
     Ink is blended by the digit's grey level; pixels at half the peak level or more are the digit's
@@ -134,7 +142,9 @@ def write_digits(root: Path, num_train: int, num_val: int, size: int = 64, seed:
     return root
 
 
-def texture_mosaic(rng: np.random.Generator, textures: list[np.ndarray], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def texture_mosaic(
+    rng: np.random.Generator, textures: list[np.ndarray], height: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
     """A Voronoi mosaic of 2-5 cells, each a crop of one texture with random contrast and brightness."""
     centres = rng.uniform(0, 1, size=(int(rng.integers(2, 6)), 2)) * [height, width]
     ys, xs = np.mgrid[0:height, 0:width]
@@ -222,7 +232,9 @@ def run_plain(root: Path, seed: int, epochs: int, batch_size: int, crop: int = 6
     # `fit`'s train loader's). The loaders themselves are not used; their scan gives the dataset's classes.
     random.seed(seed)
     torch.manual_seed(seed)
-    info = training_data(TrainConfig(data=str(root), batch_size=batch_size, device="cpu", seed=seed), torch.device("cpu")).scan.info
+    info = training_data(
+        TrainConfig(data=str(root), batch_size=batch_size, device="cpu", seed=seed), torch.device("cpu")
+    ).scan.info
     ignore = IGNORE if info.ignore_index is None else info.ignore_index
 
     def fixed_crop(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,11 +247,22 @@ def run_plain(root: Path, seed: int, epochs: int, batch_size: int, crop: int = 6
     normalize = BatchNormalize()
     images = normalize(torch.stack([image for image, _ in train]))
     masks = torch.stack([mask for _, mask in train]).long()
-    val_batches = [([image.as_subclass(torch.Tensor)], [mask.as_subclass(torch.Tensor)]) for image, mask in ImageSegmentation(root, "val")]
+    val_batches = [
+        ([image.as_subclass(torch.Tensor)], [mask.as_subclass(torch.Tensor)])
+        for image, mask in ImageSegmentation(root, "val")
+    ]
     model = build_model(replace(defaults.model, num_classes=info.num_classes))
-    order = torch.utils.data.DataLoader(range(len(train)), batch_size=batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(seed))
+    order = torch.utils.data.DataLoader(
+        range(len(train)),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=defaults.lr, weight_decay=defaults.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(len(order) * epochs, defaults.warmup_fraction))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(len(order) * epochs, defaults.warmup_fraction)
+    )
     criterion = torch.nn.CrossEntropyLoss(ignore_index=ignore)
     curve = []
     for _ in range(epochs):
@@ -250,14 +273,22 @@ def run_plain(root: Path, seed: int, epochs: int, batch_size: int, crop: int = 6
             loss.backward()
             optimizer.step()
             scheduler.step()
-        curve.append(evaluate(model, val_batches, info.num_classes, info.ignore_index, torch.device("cpu"), normalize=normalize).miou)
+        curve.append(
+            evaluate(
+                model, val_batches, info.num_classes, info.ignore_index, torch.device("cpu"), normalize=normalize
+            ).miou
+        )
     return curve
 
 
 def run(job: tuple[str, str, Path, int, int, int, dict]) -> tuple[str, str, int, list[float], float]:
     dataset, loop, root, seed, epochs, batch_size, overrides = job
     started = time.perf_counter()
-    curve = run_fit(root, seed, epochs, batch_size, overrides) if loop == "fit" else run_plain(root, seed, epochs, batch_size)
+    curve = (
+        run_fit(root, seed, epochs, batch_size, overrides)
+        if loop == "fit"
+        else run_plain(root, seed, epochs, batch_size)
+    )
     return dataset, loop, seed, curve, time.perf_counter() - started
 
 
@@ -292,10 +323,24 @@ def section(results: list[tuple[str, str, int, list[float], float]], args: argpa
             runs = sorted((r for r in results if r[0] == dataset and r[1] == loop), key=lambda r: r[2])
             best = [max(r[3]) for r in runs]
             last = [r[3][-1] for r in runs]
-            lines.append(f"| {dataset} | {labels[loop]} | {summary(best)} | {summary(last)} | {', '.join(f'{b:.3f}' for b in best)} |")
+            lines.append(
+                f"| {dataset} | {labels[loop]} | {summary(best)} | {summary(last)} | {', '.join(f'{b:.3f}' for b in best)} |"
+            )
     minutes = sum(r[4] for r in results) / 60
     command = shlex.join(["python", "benchmarks/train_quality.py", *sys.argv[1:]])
-    lines += ["", f"{len(results)} runs, {minutes:.0f} CPU-thread minutes in all.", "", f"Machine: {machine()}.", "", "Command:", "", "```", command, "```", END]
+    lines += [
+        "",
+        f"{len(results)} runs, {minutes:.0f} CPU-thread minutes in all.",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "Command:",
+        "",
+        "```",
+        command,
+        "```",
+        END,
+    ]
     return "\n".join(lines)
 
 
@@ -318,7 +363,10 @@ def main() -> None:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             for result in pool.map(run, jobs):
                 dataset, loop, seed, curve, seconds = result
-                print(f"{dataset:9s} {loop:6s} seed {seed}: best {max(curve):.4f} last {curve[-1]:.4f} ({seconds:.0f} s)", flush=True)
+                print(
+                    f"{dataset:9s} {loop:6s} seed {seed}: best {max(curve):.4f} last {curve[-1]:.4f} ({seconds:.0f} s)",
+                    flush=True,
+                )
                 results.append(result)
     text = section(results, args, overrides)
     print(text)

@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 from unet_edge.data import ImageSegmentation
+from unet_edge.device import mixed_precision, place_model, prefers_channels_last, resolve_device
 from unet_edge.io import atomic_write_text
+from unet_edge.loaders import default_workers, make_loader
 from unet_edge.model import ModelConfig, build_model
 from unet_edge.synth import CLASSES, SynthSpec, write_synth
-from unet_edge.device import mixed_precision, place_model, prefers_channels_last, resolve_device
-from unet_edge.loaders import default_workers, make_loader
 from unet_edge.train import EpochStats, train_one_epoch
 from unet_edge.transforms import BatchNormalize, SegmentationPresetTrain
 
@@ -55,10 +55,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--base-channels", type=int, default=16)
     parser.add_argument("--depth", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for unet-edge (fit's CPU default: 0)")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="DataLoader workers for unet-edge (fit's CPU default: 0)"
+    )
     parser.add_argument("--no-cache", action="store_true", help="decode every image every epoch (fit's default caches)")
     parser.add_argument("--rounds", type=int, default=7, help="timed epochs per contender (after one warm-up)")
-    parser.add_argument("--sweep", type=str, default=None, help="comma-separated batch sizes: unet-edge alone, images/s per size")
+    parser.add_argument(
+        "--sweep", type=str, default=None, help="comma-separated batch sizes: unet-edge alone, images/s per size"
+    )
     parser.add_argument("--device", default="auto", help="device of the sweep (auto: as `unet-edge train` picks)")
     parser.add_argument("--readme", type=Path, default=README, help="README whose training section is rewritten")
     parser.add_argument("--no-write", action="store_true", help="print the section only")
@@ -69,7 +73,9 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     return (
         f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} using {torch.get_num_threads()} threads, "
@@ -96,7 +102,9 @@ def preload(dataset: ImageSegmentation, batch_size: int) -> list[tuple[torch.Ten
     ]
 
 
-def plain_epoch(model: nn.Module, batches: list, optimizer: torch.optim.Optimizer, criterion: nn.Module, channels_last: bool) -> int:
+def plain_epoch(
+    model: nn.Module, batches: list, optimizer: torch.optim.Optimizer, criterion: nn.Module, channels_last: bool
+) -> int:
     """The textbook loop: forward, loss, backward, step, over batches already in memory."""
     model.train()
     seen = 0
@@ -126,7 +134,9 @@ def sweep(args: argparse.Namespace) -> str:
     amp = mixed_precision(device, True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_synth(Path(tmp) / "data", SynthSpec(num_train=args.images, num_val=1, size=args.image_size, seed=0))
+        root = write_synth(
+            Path(tmp) / "data", SynthSpec(num_train=args.images, num_val=1, size=args.image_size, seed=0)
+        )
         dataset = ImageSegmentation(
             root, "train", SegmentationPresetTrain(crop_size=args.image_size, normalize=False), cache=not args.no_cache
         )
@@ -135,10 +145,19 @@ def sweep(args: argparse.Namespace) -> str:
         for batch_size in [int(b) for b in args.sweep.split(",")]:
             torch.manual_seed(0)
             loader = make_loader(
-                dataset, batch_size=batch_size, shuffle=True, workers=workers, ignore_index=255,
-                pin_memory=device.type == "cuda", drop_last=True,
-            )  # fmt: skip
-            model = place_model(build_model(ModelConfig(num_classes=len(CLASSES), base_channels=args.base_channels, depth=args.depth)), device, training=True)
+                dataset,
+                batch_size=batch_size,
+                shuffle=True,
+                workers=workers,
+                ignore_index=255,
+                pin_memory=device.type == "cuda",
+                drop_last=True,
+            )
+            model = place_model(
+                build_model(ModelConfig(num_classes=len(CLASSES), base_channels=args.base_channels, depth=args.depth)),
+                device,
+                training=True,
+            )
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
             criterion = nn.CrossEntropyLoss(ignore_index=255)
@@ -146,7 +165,15 @@ def sweep(args: argparse.Namespace) -> str:
 
             def epoch() -> EpochStats:
                 return train_one_epoch(
-                    model, loader, optimizer, scheduler, criterion, device, autocast=amp.autocast, scaler=amp.scaler, normalize=normalize
+                    model,
+                    loader,
+                    optimizer,
+                    scheduler,
+                    criterion,
+                    device,
+                    autocast=amp.autocast,
+                    scaler=amp.scaler,
+                    normalize=normalize,
                 )
 
             if device.type == "cuda":
@@ -159,7 +186,11 @@ def sweep(args: argparse.Namespace) -> str:
                 elapsed = time.perf_counter() - started
                 rates.append(stats.images / elapsed)
                 waits.append(stats.data_time / elapsed)
-            print(f"batch {batch_size}: {statistics.median(rates):.1f} images/s over {args.rounds} timed epochs", file=sys.stderr, flush=True)
+            print(
+                f"batch {batch_size}: {statistics.median(rates):.1f} images/s over {args.rounds} timed epochs",
+                file=sys.stderr,
+                flush=True,
+            )
             peak = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}" if device.type == "cuda" else "-"
             rows.append(
                 f"| {batch_size} | {statistics.median(rates):.1f} | {min(rates):.1f} | {max(rates):.1f} | "
@@ -201,13 +232,19 @@ def main() -> None:
     device = torch.device("cpu")
     channels_last = prefers_channels_last(device, training=True)
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_synth(Path(tmp) / "data", SynthSpec(num_train=args.images, num_val=1, size=args.image_size, seed=0))
+        root = write_synth(
+            Path(tmp) / "data", SynthSpec(num_train=args.images, num_val=1, size=args.image_size, seed=0)
+        )
         dataset = ImageSegmentation(
             root, "train", SegmentationPresetTrain(crop_size=args.image_size, normalize=False), cache=not args.no_cache
         )
-        loader = make_loader(dataset, batch_size=args.batch_size, shuffle=True, workers=args.workers, ignore_index=255, drop_last=True)
+        loader = make_loader(
+            dataset, batch_size=args.batch_size, shuffle=True, workers=args.workers, ignore_index=255, drop_last=True
+        )
         normalize = BatchNormalize(channels_last=channels_last)
-        batches = preload(ImageSegmentation(root, "train", SegmentationPresetTrain(crop_size=args.image_size)), args.batch_size)
+        batches = preload(
+            ImageSegmentation(root, "train", SegmentationPresetTrain(crop_size=args.image_size)), args.batch_size
+        )
 
         initial = build_model(ModelConfig(num_classes=len(CLASSES), base_channels=args.base_channels, depth=args.depth))
         criterion = nn.CrossEntropyLoss(ignore_index=255)
@@ -221,7 +258,9 @@ def main() -> None:
 
         def ours_epoch() -> int:
             started = time.perf_counter()
-            stats = train_one_epoch(ours, loader, optimizers[id(ours)], scheduler, criterion, device, normalize=normalize)
+            stats = train_one_epoch(
+                ours, loader, optimizers[id(ours)], scheduler, criterion, device, normalize=normalize
+            )
             data_share.append(stats.data_time / (time.perf_counter() - started))
             return stats.images
 
@@ -245,7 +284,13 @@ def main() -> None:
         for round_index in range(args.rounds):
             for name, run_epoch in contenders.items():
                 rates[name].append(timed(run_epoch))
-            print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(f"{v[-1]:.1f}" for v in rates.values()) + " images/s", file=sys.stderr, flush=True)
+            print(
+                f"round {round_index + 1}/{args.rounds}: "
+                + ", ".join(f"{v[-1]:.1f}" for v in rates.values())
+                + " images/s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     ours_median, plain_median, ceiling_median = (statistics.median(values) for values in rates.values())
     waiting = statistics.median(data_share)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -11,7 +11,17 @@ from rich.table import Table
 from unet_edge.formats import Provider
 from unet_edge.formats.torchscript import TorchDtype, TorchVariant
 
-from .common import MODEL_FILES, ExportedOption, JsonOption, comma_separated, console, handle_errors, parse_size, progress_bar, write_json
+from .common import (
+    MODEL_FILES,
+    ExportedOption,
+    JsonOption,
+    comma_separated,
+    console,
+    handle_errors,
+    parse_size,
+    progress_bar,
+    write_json,
+)
 
 
 def _int_list(text: str, name: str) -> tuple[int, ...]:
@@ -45,7 +55,9 @@ def unavailable_notes(report: dict[str, Any]) -> list[str]:
     notes = []
     for r in report["results"]:
         if r["status"] != "ok":
-            note = f"{Path(r['path']).name} on {backend_label(r)} [{r['provider']}] {r['precision'] or ''}: {r['status']}"
+            note = (
+                f"{Path(r['path']).name} on {backend_label(r)} [{r['provider']}] {r['precision'] or ''}: {r['status']}"
+            )
             if note not in notes:
                 notes.append(note)
     return notes
@@ -53,30 +65,52 @@ def unavailable_notes(report: dict[str, Any]) -> list[str]:
 
 @handle_errors
 def bench(
-    artifacts: Annotated[Optional[list[Path]], typer.Argument(help=f"Model files, each {MODEL_FILES} (default: the newest export and its checkpoint).")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Also measure this checkpoint in PyTorch eager.")] = None,
-    providers: Annotated[Any, comma_separated(Provider, "--providers", help="Comma-separated providers; each model runs on those its runtime supports.")] = ",".join(p.value for p in Provider),
+    artifacts: Annotated[
+        list[Path] | None,
+        typer.Argument(help=f"Model files, each {MODEL_FILES} (default: the newest export and its checkpoint)."),
+    ] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Also measure this checkpoint in PyTorch eager.")] = None,
+    providers: Annotated[
+        Any,
+        comma_separated(
+            Provider, "--providers", help="Comma-separated providers; each model runs on those its runtime supports."
+        ),
+    ] = ",".join(p.value for p in Provider),
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
     image_size: Annotated[str, typer.Option(help="S or HxW.")] = "256",
-    threads: Annotated[Optional[int], typer.Option(min=1, help="Threads for every runtime alike (default: all cores).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Threads for every runtime alike (default: all cores).")
+    ] = None,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs before timing.")] = 3,
-    iters: Annotated[Optional[int], typer.Option(min=1, help="Timed runs (default: as many as fit in --seconds).")] = None,
-    seconds: Annotated[float, typer.Option(min=0.0, help="Seconds of timed runs per row (model, provider, batch size) when --iters is not given; a bench takes about this times the number of rows.")] = 2.0,
+    iters: Annotated[
+        int | None, typer.Option(min=1, help="Timed runs (default: as many as fit in --seconds).")
+    ] = None,
+    seconds: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Seconds of timed runs per row (model, provider, batch size) when --iters is not given; a bench takes about this times the number of rows.",
+        ),
+    ] = 2.0,
     json_path: JsonOption = None,
-    markdown: Annotated[Optional[Path], typer.Option(help="Also write the table as Markdown.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Also draw latency and throughput as a PNG.")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="Also write the table as Markdown.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also draw latency and throughput as a PNG.")] = None,
     exported: ExportedOption = Path("exported"),
     torch_variants: Annotated[
         Any,
         comma_separated(
-            TorchVariant, "--torch-variants",
+            TorchVariant,
+            "--torch-variants",
             help="PyTorch models (checkpoint, TorchScript): one row per variant; compile is for checkpoints, cudagraphs for CUDA.",
         ),
     ] = TorchVariant.EAGER.value,
-    dtypes: Annotated[Any, comma_separated(TorchDtype, "--dtypes", help="PyTorch models: one row per dtype of weights and inputs.")] = TorchDtype.FP32.value,
+    dtypes: Annotated[
+        Any, comma_separated(TorchDtype, "--dtypes", help="PyTorch models: one row per dtype of weights and inputs.")
+    ] = TorchDtype.FP32.value,
 ) -> None:
     """Benchmark checkpoints and exported models on each provider their runtime supports (p50/p90/p99, img/s, roofline)."""
-    from unet_edge.bench import BenchSpec, bench_paths, plot as draw, run_bench, to_markdown
+    from unet_edge.bench import BenchSpec, bench_paths, run_bench, to_markdown
+    from unet_edge.bench import plot as draw
     from unet_edge.io import atomic_write_text, check_writable
 
     for target in (json_path, markdown, plot):

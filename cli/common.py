@@ -10,11 +10,10 @@ import json
 import math
 import os
 import sys
-
 from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -30,14 +29,14 @@ err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isa
 F = TypeVar("F", bound=Callable[..., Any])
 
 DataOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(
         "--data",
         help="Dataset folder: ROOT/{train,val}/{images,labels}, or Pascal VOC (JPEGImages, SegmentationClass, "
         "ImageSets/Segmentation). Default: the embedded synthetic set.",
     ),
 ]
-JsonOption = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")]
+JsonOption = Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 RunsOption = Annotated[Path, typer.Option("--runs", help="Folder holding training runs (to find the newest).")]
 ExportedOption = Annotated[Path, typer.Option("--exported", help="Folder of export folders (to find the newest).")]
@@ -72,7 +71,9 @@ def comma_separated(enum: type[Enum], *names: str, help: str) -> Any:
     return typer.Option(*names, parser=parse, metavar="[" + "|".join(values) + "],...", help=help)
 
 
-def by_field_name(cls: Any, values: dict[str, Any], renamed: dict[str, str] | None = None, **given: Any) -> dict[str, Any]:
+def by_field_name(
+    cls: Any, values: dict[str, Any], renamed: dict[str, str] | None = None, **given: Any
+) -> dict[str, Any]:
     """The keyword arguments of dataclass `cls` from a command's parameter values: each value whose name (after
     `renamed`, parameter -> field) is a field of `cls`, then `given` on top (values the command derives)."""
     import dataclasses
@@ -147,7 +148,14 @@ def write_json(path: Path | None, payload: Any) -> None:
 
 def progress_bar(enabled: bool = True, **kwargs: Any):
     """A rich progress bar on stderr with ETA; off when not `enabled` (other ranks) or UNET_EDGE_PROGRESS=0."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[progress.description]{task.description}"),

@@ -28,4 +28,6 @@ def synth(
     with progress_bar() as progress:
         task = progress.add_task("synth", total=num_train + num_val, status="")
         root = write_synth(out, spec, lambda done, total: progress.update(task, completed=done))
-    console.print(f"wrote {num_train} train + {num_val} val images ({size}x{size}, classes: {', '.join(CLASSES)}) to {root}")
+    console.print(
+        f"wrote {num_train} train + {num_val} val images ({size}x{size}, classes: {', '.join(CLASSES)}) to {root}"
+    )

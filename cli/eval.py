@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from .common import DataOption, DeviceOption, JsonOption, RunsOption, console, handle_errors, iou_table, progress_bar, write_json
+from .common import (
+    DataOption,
+    DeviceOption,
+    JsonOption,
+    RunsOption,
+    console,
+    handle_errors,
+    iou_table,
+    progress_bar,
+    write_json,
+)
 
 
 @handle_errors
 def evaluate(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint (default: the newest runs/*/best.pt).")] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint (default: the newest runs/*/best.pt).")
+    ] = None,
     data: DataOption = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "val",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 16,
@@ -28,8 +40,20 @@ def evaluate(
     with progress_bar() as progress:
         task = progress.add_task("check data", total=None, status="")
         report = evaluate_checkpoint(
-            checkpoint, data=data, split=split, batch_size=batch_size, device=device, runs_dir=runs,
+            checkpoint,
+            data=data,
+            split=split,
+            batch_size=batch_size,
+            device=device,
+            runs_dir=runs,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    console.print(iou_table(report["classes"], list(report["per_class_iou"].values()), report["miou"], f"{report['split']} IoU of {report['checkpoint']}"))
+    console.print(
+        iou_table(
+            report["classes"],
+            list(report["per_class_iou"].values()),
+            report["miou"],
+            f"{report['split']} IoU of {report['checkpoint']}",
+        )
+    )
     write_json(json_path, report)

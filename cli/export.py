@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -13,10 +13,11 @@ from unet_edge.formats import Precision, export_formats, export_options, option_
 from .common import RunsOption, by_field_name, comma_separated, console, err_console, handle_errors
 from .verify import parity_table
 
-
 FORMAT_CHOICES = "[" + "|".join([*export_formats(), "all"]) + "]"
 PRECISION_FORMATS = "; ".join(
-    f"{p.value}: {', '.join(name for name, fmt in export_formats().items() if p in fmt.precisions)}" for p in Precision if p is not Precision.FP32
+    f"{p.value}: {', '.join(name for name, fmt in export_formats().items() if p in fmt.precisions)}"
+    for p in Precision
+    if p is not Precision.FP32
 )
 
 
@@ -29,7 +30,9 @@ def int8_summary(info: dict[str, Any]) -> str:
         f"{info['max_miou_drop']:.4f}, {verdict})"
     )
     if "kept_float" in info:
-        line += "; layers kept in float: " + (", ".join(f"{k['layer']} ({k['node']})" for k in info["kept_float"]) or "none")
+        line += "; layers kept in float: " + (
+            ", ".join(f"{k['layer']} ({k['node']})" for k in info["kept_float"]) or "none"
+        )
     return line
 
 
@@ -42,17 +45,53 @@ def _check_format(value: str) -> str:
 
 
 def _export_template(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint (default: the newest runs/*/best.pt).")] = None,
-    format: Annotated[str, typer.Option("--format", "-f", metavar=FORMAT_CHOICES, callback=_check_format, help="Format to write, or all (every format whose runtime is installed; the others are named as skipped).")] = "all",
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint (default: the newest runs/*/best.pt).")
+    ] = None,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            "-f",
+            metavar=FORMAT_CHOICES,
+            callback=_check_format,
+            help="Format to write, or all (every format whose runtime is installed; the others are named as skipped).",
+        ),
+    ] = "all",
     out: Annotated[Path, typer.Option(help="Parent folder of export folders.")] = Path("exported"),
-    name: Annotated[Optional[str], typer.Option(help="Export folder name (default: the run's folder name).")] = None,
-    parity_images: Annotated[int, typer.Option(min=0, help="Validation images for the parity check at the end (0: skip).")] = 8,
-    data: Annotated[Optional[Path], typer.Option(help="Dataset for the parity check and the int8 budget (default: the checkpoint's).")] = None,
-    precision: Annotated[Any, comma_separated(Precision, "--precision", help=f"Comma-separated precisions; fp32 is always written, the others as variants of the formats that have them ({PRECISION_FORMATS}).")] = "fp32",
-    fold: Annotated[Optional[bool], typer.Option("--fold/--no-fold", help="Fold BatchNorm into the convolutions of the formats that export a conv graph, exactly (default: for conv-bn-relu models); an error when the fold is impossible.")] = None,
-    calib_data: Annotated[Optional[Path], typer.Option(help="Dataset whose train split calibrates int8 (default: the parity dataset).")] = None,
+    name: Annotated[str | None, typer.Option(help="Export folder name (default: the run's folder name).")] = None,
+    parity_images: Annotated[
+        int, typer.Option(min=0, help="Validation images for the parity check at the end (0: skip).")
+    ] = 8,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Dataset for the parity check and the int8 budget (default: the checkpoint's)."),
+    ] = None,
+    precision: Annotated[
+        Any,
+        comma_separated(
+            Precision,
+            "--precision",
+            help=f"Comma-separated precisions; fp32 is always written, the others as variants of the formats that have them ({PRECISION_FORMATS}).",
+        ),
+    ] = "fp32",
+    fold: Annotated[
+        bool | None,
+        typer.Option(
+            "--fold/--no-fold",
+            help="Fold BatchNorm into the convolutions of the formats that export a conv graph, exactly (default: for conv-bn-relu models); an error when the fold is impossible.",
+        ),
+    ] = None,
+    calib_data: Annotated[
+        Path | None, typer.Option(help="Dataset whose train split calibrates int8 (default: the parity dataset).")
+    ] = None,
     calib_images: Annotated[int, typer.Option(min=1, help="Training images used to calibrate int8.")] = 32,
-    max_miou_drop: Annotated[float, typer.Option(min=0.0, help="Accuracy budget of int8 (and bf16): largest allowed val mIoU drop against the checkpoint.")] = 0.01,
+    max_miou_drop: Annotated[
+        float,
+        typer.Option(
+            min=0.0, help="Accuracy budget of int8 (and bf16): largest allowed val mIoU drop against the checkpoint."
+        ),
+    ] = 0.01,
     runs: RunsOption = Path("runs"),
 ) -> None:
     """Only its signature is used: the options every export has; each format's own options are added to it."""
@@ -65,8 +104,17 @@ def _format_parameters() -> list[inspect.Parameter]:
         kind = option.type or type(option.default)
         negatable = kind is bool and option.default
         flag = f"{option.flag}/--no-{option.flag[2:]}" if negatable else option.flag
-        info = typer.Option(flag, help=f"{option.help} (read by: {', '.join(option_formats(option.name))})", min=option.min)
-        parameters.append(inspect.Parameter(option.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option.default, annotation=Annotated[kind, info]))
+        info = typer.Option(
+            flag, help=f"{option.help} (read by: {', '.join(option_formats(option.name))})", min=option.min
+        )
+        parameters.append(
+            inspect.Parameter(
+                option.name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=option.default,
+                annotation=Annotated[kind, info],
+            )
+        )
     return parameters
 
 
@@ -95,7 +143,11 @@ def export(**values: Any) -> None:
     chosen = common.pop("format")
     options = ExportOptions(
         **by_field_name(
-            ExportOptions, common, _RENAMED, formats=None if chosen == "all" else (chosen,), format_options=_parsed_format_options(values)
+            ExportOptions,
+            common,
+            _RENAMED,
+            formats=None if chosen == "all" else (chosen,),
+            format_options=_parsed_format_options(values),
         )
     )
     with err_console.status("exporting") as status:

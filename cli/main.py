@@ -3,14 +3,37 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from unet_edge import __version__
 from unet_edge.formats import export_formats
 
-from . import bench as bench_cmd, data, deploy as deploy_cmd, eval as eval_cmd, export as export_cmd, predict as predict_cmd, train as train_cmd, verify as verify_cmd
+from . import (
+    bench as bench_cmd,
+)
+from . import (
+    data,
+)
+from . import (
+    deploy as deploy_cmd,
+)
+from . import (
+    eval as eval_cmd,
+)
+from . import (
+    export as export_cmd,
+)
+from . import (
+    predict as predict_cmd,
+)
+from . import (
+    train as train_cmd,
+)
+from . import (
+    verify as verify_cmd,
+)
 
 app = typer.Typer(
     name="unet-edge",
@@ -30,16 +53,25 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", help="Show what converters and runtimes print (step logs, warnings), which is captured otherwise.")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
-    max_pixels: Annotated[
-        Optional[int],
+    verbose: Annotated[
+        bool,
         typer.Option(
-            "--max-pixels", min=1,
+            "--verbose",
+            help="Show what converters and runtimes print (step logs, warnings), which is captured otherwise.",
+        ),
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(
+            "--max-pixels",
+            min=1,
             help="Largest image (width x height) any command decodes; larger ones, such as decompression bombs, are refused "
             "from their header. Default: 8192 x 8192 = 67,108,864.",
         ),
-    ] = None,  # fmt: skip
+    ] = None,
 ) -> None:
     """unet-edge: from training to an edge device, with proof at every step."""
     if debug:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -17,12 +17,24 @@ from .common import MODEL_FILES, console, handle_errors, progress_bar
 def predict(
     model: Annotated[Path, typer.Argument(help=f"The model: {MODEL_FILES}; an end-to-end (uint8) ONNX model too.")],
     inputs: Annotated[list[Path], typer.Argument(help="Images, or folders of images.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <name>_mask.png, <name>_overlay.png, <name>_stats.json.")] = Path("predictions"),
-    overlay: Annotated[bool, typer.Option("--overlay/--no-overlay", help="Also write the mask blended over the image, with a legend.")] = True,
-    stats: Annotated[bool, typer.Option("--stats", help="Also write per-class pixel areas as JSON and print their totals.")] = False,
-    provider: Annotated[Provider, typer.Option(help="Where the model runs (its runtime's provider or device).")] = Provider.CPU,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch (consecutive images of one size are batched).")] = 8,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Segment only the first N images (in name order).")] = None,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for <name>_mask.png, <name>_overlay.png, <name>_stats.json.")
+    ] = Path("predictions"),
+    overlay: Annotated[
+        bool, typer.Option("--overlay/--no-overlay", help="Also write the mask blended over the image, with a legend.")
+    ] = True,
+    stats: Annotated[
+        bool, typer.Option("--stats", help="Also write per-class pixel areas as JSON and print their totals.")
+    ] = False,
+    provider: Annotated[
+        Provider, typer.Option(help="Where the model runs (its runtime's provider or device).")
+    ] = Provider.CPU,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Images per batch (consecutive images of one size are batched).")
+    ] = 8,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Segment only the first N images (in name order).")
+    ] = None,
 ) -> None:
     """Segment images: a palette PNG class mask of each image's own size, an overlay, and optionally areas."""
     from unet_edge.predict import predict as run_predict
@@ -30,7 +42,14 @@ def predict(
     with progress_bar() as progress:
         task = progress.add_task("predict", total=None, status="")
         results = run_predict(
-            model, inputs, out, overlay=overlay, stats=stats, provider=provider, batch_size=batch_size, limit=limit,
+            model,
+            inputs,
+            out,
+            overlay=overlay,
+            stats=stats,
+            provider=provider,
+            batch_size=batch_size,
+            limit=limit,
             progress=lambda done, total: progress.update(task, completed=done, total=total),
         )
     if stats:

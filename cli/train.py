@@ -8,14 +8,24 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperOption
 
 from unet_edge.config import BlockOrder, DistillLoss, Loss, ModelConfig, TrainConfig, Upsample
 
-from .common import DataOption, DeviceOption, by_field_name, console, err_console, fmt, handle_errors, iou_table, progress_bar
+from .common import (
+    DataOption,
+    DeviceOption,
+    by_field_name,
+    console,
+    err_console,
+    fmt,
+    handle_errors,
+    iou_table,
+    progress_bar,
+)
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -43,7 +53,11 @@ def _scale_text(low: float, high: float) -> str:
 def _given(ctx: typer.Context) -> set[str]:
     """The options the user gave (on the command line or through the environment), not left at their defaults."""
     sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
-    return {name for name, source in sources.items() if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")}
+    return {
+        name
+        for name, source in sources.items()
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+    }
 
 
 def _command_args(ctx: typer.Context, skip: set[str]) -> list[str]:
@@ -106,13 +120,17 @@ class _ProgressHooks:
 
     def on_start(self, run_dir: Path, epochs: int, steps_per_epoch: int, start_epoch: int, device: str) -> None:
         err_console.print(f"training on {device}{self.processes}, run folder {run_dir}")
-        self.task = self.progress.add_task("train", total=(epochs - start_epoch) * steps_per_epoch, status="", start=True)
+        self.task = self.progress.add_task(
+            "train", total=(epochs - start_epoch) * steps_per_epoch, status="", start=True
+        )
 
     def on_step(self, epoch: int, step: int, loss: float) -> None:
         self.progress.update(self.task, advance=1, description=f"epoch {epoch + 1}", status=f"loss {loss:.4f}")
 
     def on_epoch_end(self, record: dict[str, Any]) -> None:
-        teacher = f", teacher {record['teacher_share']:.0%} of step time" if record.get("teacher_share") is not None else ""
+        teacher = (
+            f", teacher {record['teacher_share']:.0%} of step time" if record.get("teacher_share") is not None else ""
+        )
         self.progress.console.print(
             f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  val mIoU {fmt(record['miou'])}  "
             f"{fmt(record['train_images_per_s'], 1)} img/s  {record['epoch_time_s']:.1f} s "
@@ -125,41 +143,69 @@ def train(
     ctx: typer.Context,
     data: DataOption = None,
     epochs: Annotated[
-        Optional[int], typer.Option(min=1, help=f"Epochs to train in all (default {DEFAULTS.epochs}; with --resume, the saved run's).")
+        int | None,
+        typer.Option(
+            min=1, help=f"Epochs to train in all (default {DEFAULTS.epochs}; with --resume, the saved run's)."
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step (per process).")] = DEFAULTS.batch_size,
-    lr: Annotated[float, typer.Option(min=0.0, help="Peak AdamW learning rate (warm-up, then cosine decay).")] = DEFAULTS.lr,
+    lr: Annotated[
+        float, typer.Option(min=0.0, help="Peak AdamW learning rate (warm-up, then cosine decay).")
+    ] = DEFAULTS.lr,
     image_size: Annotated[int, typer.Option(min=8, help="Side of the random training crop.")] = DEFAULTS.image_size,
     hflip: Annotated[
         float,
-        typer.Option(min=0.0, max=1.0, help="Probability of a horizontal flip per training image; 0 turns it off (do so for classes that are not mirror-symmetric: characters, text, signs, left/right anatomy)."),
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Probability of a horizontal flip per training image; 0 turns it off (do so for classes that are not mirror-symmetric: characters, text, signs, left/right anatomy).",
+        ),
     ] = DEFAULTS.hflip,
     scale_jitter: Annotated[
-        str, typer.Option(metavar="MIN,MAX", help="Resize each training image by a random factor in MIN..MAX before the crop (e.g. 0.5,2.0), or off.")
+        str,
+        typer.Option(
+            metavar="MIN,MAX",
+            help="Resize each training image by a random factor in MIN..MAX before the crop (e.g. 0.5,2.0), or off.",
+        ),
     ] = _scale_text(DEFAULTS.scale_min, DEFAULTS.scale_max),
     ema_decay: Annotated[
         float,
-        typer.Option(min=0.0, max=0.9999, help="Validate and save an exponential moving average of the weights with this decay per step; 0 turns it off."),
+        typer.Option(
+            min=0.0,
+            max=0.9999,
+            help="Validate and save an exponential moving average of the weights with this decay per step; 0 turns it off.",
+        ),
     ] = DEFAULTS.ema_decay,
     loss: Annotated[
         Loss,
-        typer.Option(help="Training loss: cross-entropy (ce), or cross-entropy plus soft Dice (dice-ce), which weighs small classes like large ones."),
+        typer.Option(
+            help="Training loss: cross-entropy (ce), or cross-entropy plus soft Dice (dice-ce), which weighs small classes like large ones."
+        ),
     ] = Loss(DEFAULTS.loss),
     teacher: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             help="Distil from this model: a larger run's checkpoint (RUN/best.pt) or a TorchScript export, with the same classes and normalisation.",
         ),
     ] = None,
     distill_loss: Annotated[
         DistillLoss,
-        typer.Option(help="With --teacher: pixel-wise KL over the classes (kl), or channel-wise divergence over each class map's pixels (cwd)."),
+        typer.Option(
+            help="With --teacher: pixel-wise KL over the classes (kl), or channel-wise divergence over each class map's pixels (cwd)."
+        ),
     ] = DistillLoss(DEFAULTS.distill_loss),
-    distill_weight: Annotated[float, typer.Option(min=0.0, help="With --teacher: weight of the distillation term in the loss.")] = DEFAULTS.distill_weight,
+    distill_weight: Annotated[
+        float, typer.Option(min=0.0, help="With --teacher: weight of the distillation term in the loss.")
+    ] = DEFAULTS.distill_weight,
     distill_temperature: Annotated[
-        float, typer.Option(help="With --teacher: softmax temperature (> 0) of the distillation term, which is scaled by its square.")
+        float,
+        typer.Option(
+            help="With --teacher: softmax temperature (> 0) of the distillation term, which is scaled by its square."
+        ),
     ] = DEFAULTS.distill_temperature,
-    base_channels: Annotated[int, typer.Option(min=1, help="Channels of the first U-Net level.")] = DEFAULTS.model.base_channels,
+    base_channels: Annotated[
+        int, typer.Option(min=1, help="Channels of the first U-Net level.")
+    ] = DEFAULTS.model.base_channels,
     depth: Annotated[int, typer.Option(min=1, help="Number of down/up-sampling levels.")] = DEFAULTS.model.depth,
     num_convs: Annotated[int, typer.Option(min=1, help="Convolutions per block.")] = DEFAULTS.model.num_convs,
     upsample: Annotated[Upsample, typer.Option(help="How the decoder upsamples.")] = Upsample(DEFAULTS.model.upsample),
@@ -169,9 +215,11 @@ def train(
     device: DeviceOption = "auto",
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16 where supported, else fp16).")] = True,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Data-loading workers (default: 0 on CPU, up to 8 on CUDA).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="Data-loading workers (default: 0 on CPU, up to 8 on CUDA).")
+    ] = None,
     cache: Annotated[
-        Optional[bool],
+        bool | None,
         typer.Option(
             "--cache/--no-cache",
             help="Keep decoded images in memory after their first epoch (default: when they fit in a quarter of free memory and --workers is 0).",
@@ -179,13 +227,19 @@ def train(
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = DEFAULTS.seed,
     out: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path(DEFAULTS.out),
-    name: Annotated[Optional[str], typer.Option(help="Run folder name (default: unet, unet-2, ...).")] = None,
+    name: Annotated[str | None, typer.Option(help="Run folder name (default: unet, unet-2, ...).")] = None,
     resume: Annotated[
-        Optional[Path],
-        typer.Option(help="Continue from this checkpoint (usually RUN/last.pt) with its run's settings; --data and --epochs may change."),
+        Path | None,
+        typer.Option(
+            help="Continue from this checkpoint (usually RUN/last.pt) with its run's settings; --data and --epochs may change."
+        ),
     ] = None,
     nproc_per_node: Annotated[
-        int, typer.Option(min=1, help="Distributed data parallel: start this many worker processes (one per GPU) via torch.distributed.run.")
+        int,
+        typer.Option(
+            min=1,
+            help="Distributed data parallel: start this many worker processes (one per GPU) via torch.distributed.run.",
+        ),
     ] = 1,
 ) -> None:
     """Train a UNetStudent (on the embedded synthetic set unless --data is given)."""
@@ -197,18 +251,29 @@ def train(
         return
 
     given = _given(ctx)
-    unused = [f"--{name.replace('_', '-')}" for name in ("distill_loss", "distill_weight", "distill_temperature") if name in given]
+    unused = [
+        f"--{name.replace('_', '-')}"
+        for name in ("distill_loss", "distill_weight", "distill_temperature")
+        if name in given
+    ]
     if unused and teacher is None and resume is None:
         raise typer.BadParameter(f"{', '.join(unused)} only apply with --teacher")
     if distill_temperature <= 0:
         raise typer.BadParameter(f"{distill_temperature:g}: must be > 0", param_hint="--distill-temperature")
     config = _train_config(locals())
-    with distributed_context(device) as distributed, progress_bar(enabled=distributed is None or distributed.is_main) as progress:
+    with (
+        distributed_context(device) as distributed,
+        progress_bar(enabled=distributed is None or distributed.is_main) as progress,
+    ):
         processes = f" x {distributed.world_size} processes" if distributed is not None else ""
         explicit = given | ({"scale_min", "scale_max"} if "scale_jitter" in given else set())
         result = fit(config, _ProgressHooks(progress, processes), distributed, explicit=explicit)
     if distributed is not None and not distributed.is_main:
         return
     last = result.history[-1]
-    console.print(iou_table(result.classes, list(last["per_class_iou"].values()), last["miou"], f"val IoU, epoch {last['epoch']}"))
-    console.print(f"best val mIoU {fmt(result.best_miou)} at epoch {result.best_epoch}; wrote {result.run_dir}/best.pt, last.pt, metrics.jsonl, curves.png")
+    console.print(
+        iou_table(result.classes, list(last["per_class_iou"].values()), last["miou"], f"val IoU, epoch {last['epoch']}")
+    )
+    console.print(
+        f"best val mIoU {fmt(result.best_miou)} at epoch {result.best_epoch}; wrote {result.run_dir}/best.pt, last.pt, metrics.jsonl, curves.png"
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -17,12 +17,28 @@ LAYERED = ", ".join(name for name, f in FORMATS.items() if f.layer_outputs is no
 
 def parity_table(report: dict[str, Any]) -> Table:
     folders = sorted({str(Path(r["path"]).parent) for r in report["artifacts"]})
-    table = Table(title=f"parity of {', '.join(folders)} vs {report['checkpoint']} on {report['num_images']} validation images")
-    for column in ("artifact", "precision", "max |Δ|", "mean |Δ|", "agreement", "mIoU vs ref", "mIoU gt", "ref mIoU gt", "drop", "result"):
+    table = Table(
+        title=f"parity of {', '.join(folders)} vs {report['checkpoint']} on {report['num_images']} validation images"
+    )
+    for column in (
+        "artifact",
+        "precision",
+        "max |Δ|",
+        "mean |Δ|",
+        "agreement",
+        "mIoU vs ref",
+        "mIoU gt",
+        "ref mIoU gt",
+        "drop",
+        "result",
+    ):
         table.add_column(column, justify="left" if column == "artifact" else "right")
     for r in report["artifacts"]:
         table.add_row(
-            Path(r["path"]).name if len(report["artifacts"]) < 2 or len({Path(a["path"]).name for a in report["artifacts"]}) == len(report["artifacts"]) else r["path"],
+            Path(r["path"]).name
+            if len(report["artifacts"]) < 2
+            or len({Path(a["path"]).name for a in report["artifacts"]}) == len(report["artifacts"])
+            else r["path"],
             r["precision"],
             fmt(r["max_abs_diff"], 2 if (r["max_abs_diff"] or 0) >= 0.01 else 6),
             fmt(r["mean_abs_diff"], 6),
@@ -38,21 +54,39 @@ def parity_table(report: dict[str, Any]) -> Table:
 
 @handle_errors
 def verify(
-    artifacts: Annotated[Optional[list[Path]], typer.Argument(help="Model files (default: every artifact of the newest export).")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Reference checkpoint (default: the one in the manifest).")] = None,
+    artifacts: Annotated[
+        list[Path] | None, typer.Argument(help="Model files (default: every artifact of the newest export).")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Reference checkpoint (default: the one in the manifest).")
+    ] = None,
     data: DataOption = None,
     num_images: Annotated[int, typer.Option(help="Validation images to compare on (0: all).")] = 16,
-    provider: Annotated[Provider, typer.Option(help="Where the artifacts run (an ONNX Runtime provider, a PyTorch device; each format maps it to its runtime's own).")] = Provider.CPU,
-    min_agreement: Annotated[Optional[float], typer.Option(help="Override the minimum pixel agreement (fp32: 0.999, fp16: 0.995).")] = None,
-    max_miou_drop: Annotated[Optional[float], typer.Option(help="Override the maximum mIoU drop (int8: 0.01).")] = None,
-    explain: Annotated[bool, typer.Option("--explain", help=f"For a failing model of a format that exposes its layers ({LAYERED}), name the first layer that diverges.")] = False,
+    provider: Annotated[
+        Provider,
+        typer.Option(
+            help="Where the artifacts run (an ONNX Runtime provider, a PyTorch device; each format maps it to its runtime's own)."
+        ),
+    ] = Provider.CPU,
+    min_agreement: Annotated[
+        float | None, typer.Option(help="Override the minimum pixel agreement (fp32: 0.999, fp16: 0.995).")
+    ] = None,
+    max_miou_drop: Annotated[float | None, typer.Option(help="Override the maximum mIoU drop (int8: 0.01).")] = None,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain",
+            help=f"For a failing model of a format that exposes its layers ({LAYERED}), name the first layer that diverges.",
+        ),
+    ] = False,
     json_path: JsonOption = None,
     exported: ExportedOption = Path("exported"),
     runs: RunsOption = Path("runs"),
 ) -> None:
     """Compare each artifact with its checkpoint on validation images; exit 1 when one fails its thresholds."""
     from unet_edge.io import check_writable
-    from unet_edge.parity import Thresholds, verify as run_verify
+    from unet_edge.parity import Thresholds
+    from unet_edge.parity import verify as run_verify
 
     check_writable(json_path)
     report = run_verify(
@@ -76,7 +110,9 @@ def verify(
                 f"{info['layers_compared']} layers compared)"
             )
         elif info:
-            console.print(f"{r['path']}: {info.get('reason') or 'no layer diverges beyond tolerance; the difference builds up gradually'}")
+            console.print(
+                f"{r['path']}: {info.get('reason') or 'no layer diverges beyond tolerance; the difference builds up gradually'}"
+            )
     write_json(json_path, report)
     if not report["passed"]:
         failed = ", ".join(r["path"] for r in report["artifacts"] if not r["passed"])

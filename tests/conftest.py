@@ -49,8 +49,15 @@ def train_tiny(data: Path, out: Path, *, name: str = "tiny", epochs: int = 2, se
     from unet_edge.train import fit
 
     config = TrainConfig(
-        data=str(data), epochs=epochs, batch_size=8, image_size=32, model=ModelConfig(base_channels=4, depth=2),
-        out=str(out), name=name, seed=seed, **{"device": "cpu", **overrides},
+        data=str(data),
+        epochs=epochs,
+        batch_size=8,
+        image_size=32,
+        model=ModelConfig(base_channels=4, depth=2),
+        out=str(out),
+        name=name,
+        seed=seed,
+        **{"device": "cpu", **overrides},
     )
     return fit(config, hooks)
 
@@ -156,7 +163,19 @@ def exported_all(tiny_checkpoint, tmp_path_factory):
     its output): fixed-size formats (LiteRT) at the tiny validation images' size, so their parity is exact.
     Returns (export folder, the completed process); tests copy the folder before changing anything in it."""
     out = tmp_path_factory.mktemp("exported-all")
-    result = run_cli("export", str(tiny_checkpoint), "--format", "all", "--image-size", "48", "--out", str(out), "--name", "tiny", in_process=False)
+    result = run_cli(
+        "export",
+        str(tiny_checkpoint),
+        "--format",
+        "all",
+        "--image-size",
+        "48",
+        "--out",
+        str(out),
+        "--name",
+        "tiny",
+        in_process=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return out / "tiny", result
 
@@ -165,7 +184,9 @@ def exported_all(tiny_checkpoint, tmp_path_factory):
 def e2e_dir(tiny_checkpoint, tmp_path_factory):
     """An export of the tiny checkpoint with model.onnx and model_e2e.onnx (parity checked by export)."""
     out = tmp_path_factory.mktemp("exported-e2e")
-    result = run_cli("export", str(tiny_checkpoint), "--format", "onnx", "--end-to-end", "--out", str(out), "--name", "tiny")
+    result = run_cli(
+        "export", str(tiny_checkpoint), "--format", "onnx", "--end-to-end", "--out", str(out), "--name", "tiny"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "model_e2e.onnx" in result.stdout
     return out / "tiny"
@@ -230,7 +251,9 @@ def predicted_masks(tiny_data, odd_image, tmp_path_factory):
 
     def predict(model: Path) -> dict[str, np.ndarray]:
         out = tmp_path_factory.mktemp("predicted")
-        result = run_cli("predict", str(model), str(tiny_data / "val" / "images"), str(odd_image), "--out", str(out), "--no-overlay")
+        result = run_cli(
+            "predict", str(model), str(tiny_data / "val" / "images"), str(odd_image), "--out", str(out), "--no-overlay"
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         return {path.name: np.array(Image.open(path)) for path in sorted(out.glob("*_mask.png"))}
 

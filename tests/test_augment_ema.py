@@ -83,9 +83,15 @@ def test_ema_weights_are_validated_saved_and_resumed(tiny_data, tmp_path, traine
     best = load_checkpoint(result.run_dir / "best.pt")
     # best.pt's "model" is the average (what was validated), not the optimiser's last weights.
     assert "online_model" in best and best["ema_updates"] > 0
-    assert any(not torch.equal(best["model"][k], best["online_model"][k]) for k in best["model"] if best["model"][k].is_floating_point())
+    assert any(
+        not torch.equal(best["model"][k], best["online_model"][k])
+        for k in best["model"]
+        if best["model"][k].is_floating_point()
+    )
     report = tmp_path / "eval.json"
-    evaluated = cli("eval", str(result.run_dir / "best.pt"), "--device", "cpu", "--batch-size", "5", "--json", str(report))
+    evaluated = cli(
+        "eval", str(result.run_dir / "best.pt"), "--device", "cpu", "--batch-size", "5", "--json", str(report)
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(report.read_text())["miou"] == pytest.approx(result.best_miou, abs=1e-9)
 
@@ -130,8 +136,23 @@ def test_a_dataset_json_is_used_without_a_note(tiny_data):
 @pytest.mark.slow
 def test_cli_says_which_classes_it_assumed(tiny_data, tmp_path, cli):
     root = voc_copy(tiny_data, tmp_path / "scenes")
-    result = cli("train", "--data", str(root), "--epochs", "1", "--image-size", "32", "--base-channels", "4", "--depth", "2",
-                 "--device", "cpu", "--out", str(tmp_path / "runs"))  # fmt: skip
+    result = cli(
+        "train",
+        "--data",
+        str(root),
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--base-channels",
+        "4",
+        "--depth",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "runs"),
+    )
     assert result.returncode == 0, result.stderr
     notes = [line for line in (result.stdout + result.stderr).splitlines() if "no dataset.json" in line]
     assert len(notes) == 1 and "4 classes" in notes[0]
@@ -165,7 +186,16 @@ def test_eval_is_the_same_at_any_batch_size_on_mixed_sizes(tiny_data, tmp_path, 
     figures = []
     for batch_size in ("1", "4", "16"):
         report = tmp_path / f"eval{batch_size}.json"
-        evaluated = cli("eval", str(result.run_dir / "best.pt"), "--device", "cpu", "--batch-size", batch_size, "--json", str(report))
+        evaluated = cli(
+            "eval",
+            str(result.run_dir / "best.pt"),
+            "--device",
+            "cpu",
+            "--batch-size",
+            batch_size,
+            "--json",
+            str(report),
+        )
         assert evaluated.returncode == 0, evaluated.stderr
         figures.append(json.loads(report.read_text())["miou"])
     assert figures[0] == pytest.approx(figures[1], abs=1e-9) == pytest.approx(figures[2], abs=1e-9)
@@ -207,7 +237,9 @@ def test_dice_ce_loss_matches_its_definition_and_ignores_what_it_should():
     assert loss(logits, masks) > segmentation_loss(255, "ce")(logits, masks)
     # Without an ignore index, crop padding holds -100 and is skipped the same way.
     padded = masks.masked_fill(masks == 255, -100)
-    torch.testing.assert_close(segmentation_loss(None, "dice-ce")(logits, padded), reference_dice_ce(logits, padded, -100))
+    torch.testing.assert_close(
+        segmentation_loss(None, "dice-ce")(logits, padded), reference_dice_ce(logits, padded, -100)
+    )
 
 
 def test_loss_is_a_checked_setting_and_old_checkpoints_trained_with_cross_entropy():

@@ -15,7 +15,9 @@ def bench_export(exported_all):
 
 # What converters and runtimes print when nobody captures it: LiteRT's step log, absl/TFLite INFO lines,
 # cpuinfo's probing, PyTorch's deprecation warnings, glog-style lines.
-THIRD_PARTY = re.compile(r"\[(START| DONE)\]|^INFO:|^WARNING:|^[IWE]\d{4} |cpuinfo|midr|XNNPACK|Warning|deprecated", re.M)
+THIRD_PARTY = re.compile(
+    r"\[(START| DONE)\]|^INFO:|^WARNING:|^[IWE]\d{4} |cpuinfo|midr|XNNPACK|Warning|deprecated", re.M
+)
 
 
 def test_export_all_and_verify_print_only_the_projects_own_lines(exported_all, cli):
@@ -35,20 +37,52 @@ def test_export_all_and_verify_print_only_the_projects_own_lines(exported_all, c
 def test_bench_json_has_every_field_and_lists_unavailable_providers(bench_export, tmp_path, cli):
     report_path, md_path, png_path = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
     result = cli(
-        "bench", "--exported", str(bench_export), "--batch-sizes", "1,2", "--image-size", "40x56", "--iters", "6",
-        "--warmup", "1", "--threads", "1", "--json", str(report_path), "--markdown", str(md_path), "--plot", str(png_path),
+        "bench",
+        "--exported",
+        str(bench_export),
+        "--batch-sizes",
+        "1,2",
+        "--image-size",
+        "40x56",
+        "--iters",
+        "6",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        str(report_path),
+        "--markdown",
+        str(md_path),
+        "--plot",
+        str(png_path),
         in_process=False,  # --threads 1: ExecuTorch's thread pool is fixed once a program is loaded in a process
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(report_path.read_text())
-    assert {"cpu", "cpu_int8_bf16", "cores", "threads", "torch", "onnxruntime", "matmul_gflops_per_s"} <= set(report["machine"])
+    assert {"cpu", "cpu_int8_bf16", "cores", "threads", "torch", "onnxruntime", "matmul_gflops_per_s"} <= set(
+        report["machine"]
+    )
     assert report["machine"]["threads"] == 1
     ok = [r for r in report["results"] if r["status"] == "ok"]
     measured = {(r["backend"], r["provider"], r["batch_size"]) for r in ok}
     for backend, provider in (("pytorch", "cpu"), ("torchscript", "cpu"), ("onnxruntime", "CPUExecutionProvider")):
         assert {(backend, provider, 1), (backend, provider, 2)} <= measured
-    fields = {"backend", "provider", "precision", "batch_size", "height", "width", "latency_ms", "throughput_ips",
-              "gflops_per_image", "gflops_per_s", "roofline_fraction", "file_mb", "status"}
+    fields = {
+        "backend",
+        "provider",
+        "precision",
+        "batch_size",
+        "height",
+        "width",
+        "latency_ms",
+        "throughput_ips",
+        "gflops_per_image",
+        "gflops_per_s",
+        "roofline_fraction",
+        "file_mb",
+        "status",
+    }
     for r in ok:
         assert fields <= set(r)
         lat = r["latency_ms"]
@@ -56,7 +90,9 @@ def test_bench_json_has_every_field_and_lists_unavailable_providers(bench_export
         assert (r["height"], r["width"]) == (40, 56) and r["iterations"] >= 6
         assert r["gflops_per_image"] > 0 and r["throughput_ips"] > 0 and r["roofline_fraction"] > 0
         assert r["gflops_per_s"] == pytest.approx(r["gflops_per_image"] * r["throughput_ips"])
-    assert not any(r["backend"] in ("pytorch", "torchscript") and "Tensorrt" in r["provider"] for r in report["results"])
+    assert not any(
+        r["backend"] in ("pytorch", "torchscript") and "Tensorrt" in r["provider"] for r in report["results"]
+    )
     unavailable = [r for r in report["results"] if r["status"] != "ok"]
     import torch
 
@@ -82,6 +118,7 @@ def test_interleaved_timing_gives_each_runner_its_iterations():
     def make(name):
         def run():
             calls[name] += 1
+
         return run
 
     latencies = time_interleaved([make("a"), make("b")], warmup=2, iters=7, seconds=0.0)
@@ -100,10 +137,13 @@ def test_seconds_is_the_timed_budget_of_each_row_fast_or_slow(monkeypatch):
     def runner(ms):
         def run():
             clock["now"] += ms / 1000.0
+
         return run
 
     rounds = []
-    latencies = time_interleaved([runner(1), runner(20)], warmup=1, iters=None, seconds=0.3, min_iters=5, on_round=rounds.append)
+    latencies = time_interleaved(
+        [runner(1), runner(20)], warmup=1, iters=None, seconds=0.3, min_iters=5, on_round=rounds.append
+    )
     block_s = 0.3 / 4  # time_interleaved's block for a short budget
     for samples, ms in zip(latencies, (1, 20)):
         assert samples == pytest.approx([ms] * len(samples))
@@ -121,13 +161,24 @@ def test_bf16_rows_are_skipped_with_the_reason_on_a_cpu_without_bf16_instruction
     monkeypatch.setenv("UNET_EDGE_CPU_FLAGS", "fpu sse avx2 fma")
     reason = cpu_bf16_skip_reason()
     assert reason is not None and "no bf16 instructions" in reason
-    spec = BenchSpec(batch_sizes=(1,), height=32, width=32, threads=1, warmup=0, iters=2, torch_variants=("eager", "channels-last"), dtypes=("fp32", "bf16"))
+    spec = BenchSpec(
+        batch_sizes=(1,),
+        height=32,
+        width=32,
+        threads=1,
+        warmup=0,
+        iters=2,
+        torch_variants=("eager", "channels-last"),
+        dtypes=("fp32", "bf16"),
+    )
     report = run_bench([tiny_checkpoint], spec, ("cpu",))
     status = {(r["variant"], r["precision"]): r["status"] for r in report["results"]}
     assert status == {
-        ("eager", "fp32"): "ok", ("channels-last", "fp32"): "ok",
-        ("eager", "bf16"): f"unavailable: {reason}", ("channels-last", "bf16"): f"unavailable: {reason}",
-    }  # fmt: skip
+        ("eager", "fp32"): "ok",
+        ("channels-last", "fp32"): "ok",
+        ("eager", "bf16"): f"unavailable: {reason}",
+        ("channels-last", "bf16"): f"unavailable: {reason}",
+    }
     assert list(report["machine"]["matmul_gflops_per_s"]) == ["cpu/fp32"]
     assert all(BenchRow.from_dict(row).to_dict() == row for row in report["results"])
     assert report["machine"]["cpu_int8_bf16"] == []

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from unet_edge.model import build_model
 from unet_edge.config import ModelConfig
+from unet_edge.model import build_model
 from unet_edge.train import segmentation_loss, train_one_epoch
 from unet_edge.transforms import BatchNormalize
 
@@ -24,13 +24,19 @@ def batches(masks_value: int | None = None, count: int = 2) -> list[tuple[torch.
     out = []
     for _ in range(count):
         images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=generator)
-        masks = torch.randint(0, 3, (2, 16, 16), generator=generator) if masks_value is None else torch.full((2, 16, 16), masks_value)
+        masks = (
+            torch.randint(0, 3, (2, 16, 16), generator=generator)
+            if masks_value is None
+            else torch.full((2, 16, 16), masks_value)
+        )
         out.append((images, masks))
     return out
 
 
 def epoch(model, data, optimizer, scheduler, criterion=segmentation_loss(255), **kwargs):
-    return train_one_epoch(model, data, optimizer, scheduler, criterion, torch.device("cpu"), normalize=BatchNormalize(), **kwargs)
+    return train_one_epoch(
+        model, data, optimizer, scheduler, criterion, torch.device("cpu"), normalize=BatchNormalize(), **kwargs
+    )
 
 
 def test_segmentation_loss_equals_mean_cross_entropy_and_is_zero_when_every_pixel_is_ignored():
@@ -100,16 +106,18 @@ def test_an_indexed_cuda_device_under_distributed_training_is_an_error_not_silen
 @pytest.mark.slow
 def test_onnx_runtime_asked_for_cuda_that_it_cannot_start_refuses_instead_of_reporting_cpu_as_cuda(e2e_dir):
     """This machine's onnxruntime has no CUDA provider: the session would silently run on the CPU."""
+    import onnxruntime
+
     from unet_edge.errors import ArtifactError
     from unet_edge.formats import Provider
     from unet_edge.formats.onnx import create_session
 
-    import onnxruntime
-
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime build has the CUDA provider: the fallback cannot be provoked here")
     assert create_session(e2e_dir / "model.onnx", Provider.CPU).get_providers() == ["CPUExecutionProvider"]
-    with pytest.raises(ArtifactError, match="could not start CUDAExecutionProvider and would run on CPUExecutionProvider"):
+    with pytest.raises(
+        ArtifactError, match="could not start CUDAExecutionProvider and would run on CPUExecutionProvider"
+    ):
         create_session(e2e_dir / "model.onnx", Provider.CUDA)
 
 
@@ -121,7 +129,9 @@ def test_tensorrt_gets_a_shape_profile_spanning_bench_sizes_and_an_engine_cache(
     assert (tmp_path / "trt").is_dir()
     assert options["trt_profile_min_shapes"] == "image:1x3x32x32"
     assert options["trt_profile_max_shapes"] == "image:32x3x1024x1024"
-    low, high = (tuple(int(d) for d in options[f"trt_profile_{k}_shapes"].split(":")[1].split("x")) for k in ("min", "max"))
+    low, high = (
+        tuple(int(d) for d in options[f"trt_profile_{k}_shapes"].split(":")[1].split("x")) for k in ("min", "max")
+    )
     for batch, side in ((1, 256), (8, 256), (32, 512)):  # what gpu_check.sh benches
         assert all(lo <= dim <= hi for lo, dim, hi in zip(low, (batch, 3, side, side), high))
     assert tensorrt_options(tmp_path / "trt", nhwc=True)["trt_profile_max_shapes"] == "image:32x1024x1024x3"
@@ -185,4 +195,6 @@ def test_torch_compile_variant_runs_on_the_cpu_and_agrees_with_eager(tiny_checkp
     images = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
     compiled = open_backend(tiny_checkpoint, "cpu")
     assert compiled.use_variant("compile", "fp32") is None
-    np.testing.assert_allclose(compiled.predict_logits(images), open_backend(tiny_checkpoint, "cpu").predict_logits(images), atol=1e-4)
+    np.testing.assert_allclose(
+        compiled.predict_logits(images), open_backend(tiny_checkpoint, "cpu").predict_logits(images), atol=1e-4
+    )

@@ -28,7 +28,9 @@ def rgb(h, w, value=0):
 
 
 def test_pairs_by_stem_and_returns_tv_tensors(tmp_path):
-    make_dataset(tmp_path, {"b": (rgb(5, 6, 10), np.ones((5, 6), np.uint8)), "a": (rgb(5, 6, 20), np.zeros((5, 6), np.uint8))})
+    make_dataset(
+        tmp_path, {"b": (rgb(5, 6, 10), np.ones((5, 6), np.uint8)), "a": (rgb(5, 6, 20), np.zeros((5, 6), np.uint8))}
+    )
     dataset = ImageSegmentation(tmp_path, "train")
     assert len(dataset) == 2
     image, mask = dataset[0]
@@ -139,14 +141,19 @@ def test_eval_preset_normalises_without_changing_size():
 
 
 def test_pad_collate_pads_masks_with_ignore():
-    batch = [(torch.ones(3, 4, 5), torch.zeros(4, 5, dtype=torch.long)), (torch.ones(3, 6, 3), torch.ones(6, 3, dtype=torch.long))]
+    batch = [
+        (torch.ones(3, 4, 5), torch.zeros(4, 5, dtype=torch.long)),
+        (torch.ones(3, 6, 3), torch.ones(6, 3, dtype=torch.long)),
+    ]
     images, masks = pad_collate(batch)
     assert images.shape == (2, 3, 6, 5) and masks.shape == (2, 6, 5)
     assert int((masks[0] == 255).sum()) == 30 - 20 and images[0, :, 4:, :].abs().sum() == 0
 
 
 def test_cache_decodes_each_pair_once(tmp_path):
-    make_dataset(tmp_path, {"a": (rgb(6, 7, 30), np.full((6, 7), 2, np.uint8)), "b": (rgb(6, 7, 40), np.ones((6, 7), np.uint8))})
+    make_dataset(
+        tmp_path, {"a": (rgb(6, 7, 30), np.full((6, 7), 2, np.uint8)), "b": (rgb(6, 7, 40), np.ones((6, 7), np.uint8))}
+    )
     dataset = ImageSegmentation(tmp_path, "train", cache=True)
     uncached = ImageSegmentation(tmp_path, "train")
     first = [dataset[i] for i in range(2)]

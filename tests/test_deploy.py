@@ -9,18 +9,38 @@ import numpy as np
 import pytest
 import torch
 
-from unet_edge.deploy import Candidate, DeployError, DeployOptions, DeployResult, decide, pareto_front, plan_candidates, run_deploy
+from unet_edge.deploy import (
+    Candidate,
+    DeployError,
+    DeployOptions,
+    DeployResult,
+    decide,
+    pareto_front,
+    plan_candidates,
+    run_deploy,
+)
 from unet_edge.formats import FORMATS, Precision, Provider, export_formats
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def candidate(name: str, p50: float | None, miou: float | None, drop: float | None, rejected: str | None = None, mb: float = 1.0) -> Candidate:
+def candidate(
+    name: str, p50: float | None, miou: float | None, drop: float | None, rejected: str | None = None, mb: float = 1.0
+) -> Candidate:
     return Candidate(
-        model=name, checkpoint=f"runs/{name}/best.pt", checkpoint_sha256=name * 8, format="onnx", precision="fp32", path=f"{name}.onnx",
-        size_mb=mb, miou=miou, miou_drop=drop, latency_ms=None if p50 is None else {"p50": p50, "p90": p50, "p99": p50, "mean": p50, "min": p50},
-        rejected=rejected, key=name,
-    )  # fmt: skip
+        model=name,
+        checkpoint=f"runs/{name}/best.pt",
+        checkpoint_sha256=name * 8,
+        format="onnx",
+        precision="fp32",
+        path=f"{name}.onnx",
+        size_mb=mb,
+        miou=miou,
+        miou_drop=drop,
+        latency_ms=None if p50 is None else {"p50": p50, "p90": p50, "p99": p50, "mean": p50, "min": p50},
+        rejected=rejected,
+        key=name,
+    )
 
 
 def test_winner_is_the_lowest_p50_within_the_budget():
@@ -42,7 +62,11 @@ def test_winner_is_the_lowest_p50_within_the_budget():
 
 
 def test_ties_on_p50_go_to_the_more_accurate_then_the_smaller_file():
-    rows = [candidate("a", 5.0, 0.80, 0.0, mb=1.0), candidate("b", 5.0, 0.81, 0.0, mb=2.0), candidate("c", 5.0, 0.81, 0.0, mb=0.5)]
+    rows = [
+        candidate("a", 5.0, 0.80, 0.0, mb=1.0),
+        candidate("b", 5.0, 0.81, 0.0, mb=2.0),
+        candidate("c", 5.0, 0.81, 0.0, mb=0.5),
+    ]
     assert decide(rows, 0.01).winner.key == "c"
 
 
@@ -77,10 +101,17 @@ def test_nothing_within_the_budget_refuses_naming_the_closest():
 def test_cli_exits_1_with_one_line_when_nothing_passes(monkeypatch, tmp_path, cli, one_line_error):
     rows = [candidate("near", None, 0.88, 0.0234, rejected="over budget: val mIoU drop 0.0234 > 0.0100")]
     result = DeployResult(
-        rows, decide(rows, 0.01), {"model": "ref", "miou": 0.9034, "checkpoint": "runs/ref/best.pt"}, {}, [],
-        {"cpu": "test CPU", "cpu_int8_bf16": []}, {"image_size": [256, 256], "threads": 2, "batch_size": 1}, tmp_path,
-        tmp_path / "deploy.json", None,
-    )  # fmt: skip
+        rows,
+        decide(rows, 0.01),
+        {"model": "ref", "miou": 0.9034, "checkpoint": "runs/ref/best.pt"},
+        {},
+        [],
+        {"cpu": "test CPU", "cpu_int8_bf16": []},
+        {"image_size": [256, 256], "threads": 2, "batch_size": 1},
+        tmp_path,
+        tmp_path / "deploy.json",
+        None,
+    )
     monkeypatch.setattr("unet_edge.deploy.run_deploy", lambda options, progress=None: result)
     outcome = cli("deploy", "--out", str(tmp_path))
     one_line_error(outcome, "near.onnx", "near onnx fp32", "0.0234")
@@ -92,7 +123,11 @@ def test_bf16_and_fp16_only_where_the_cpu_computes_them(monkeypatch):
         pytest.skip("needs the openvino extra")
     monkeypatch.setenv("UNET_EDGE_CPU_FLAGS", "avx2 fma")
     plan, skipped = plan_candidates(("onnx", "openvino", "torchscript"), None)
-    assert dict(plan) == {"onnx": (Precision.FP32, Precision.INT8), "openvino": (Precision.FP32, Precision.INT8), "torchscript": (Precision.FP32,)}
+    assert dict(plan) == {
+        "onnx": (Precision.FP32, Precision.INT8),
+        "openvino": (Precision.FP32, Precision.INT8),
+        "torchscript": (Precision.FP32,),
+    }
     reasons = {(s["format"], s["precision"]): s["reason"] for s in skipped}
     assert set(reasons) == {("onnx", "fp16"), ("openvino", "bf16")}
     assert "avx512_bf16" in reasons[("openvino", "bf16")] and "avx512_fp16" in reasons[("onnx", "fp16")]
@@ -117,12 +152,20 @@ def deployed(tiny_data, tiny_checkpoint, trainer, tmp_path_factory, cli):
     import unet_edge.deploy
     import unet_edge.export
 
-    other = trainer(tiny_data, tmp_path_factory.mktemp("deploy-runs"), name="other", seed=7, epochs=1).run_dir / "best.pt"
+    other = (
+        trainer(tiny_data, tmp_path_factory.mktemp("deploy-runs"), name="other", seed=7, epochs=1).run_dir / "best.pt"
+    )
     out = tmp_path_factory.mktemp("deployed")
     options = DeployOptions(
-        checkpoints=(tiny_checkpoint, other), formats=("onnx", "torchscript"), precisions=(Precision.FP32,), image_size=(48, 48),
-        seconds=0.05, min_calls=6, out=out, threads=1,
-    )  # fmt: skip
+        checkpoints=(tiny_checkpoint, other),
+        formats=("onnx", "torchscript"),
+        precisions=(Precision.FP32,),
+        image_size=(48, 48),
+        seconds=0.05,
+        min_calls=6,
+        out=out,
+        threads=1,
+    )
     names = {tiny_checkpoint: tiny_checkpoint.parent.name, other: other.parent.name}
 
     def ctrl_c(done, total, status):
@@ -134,14 +177,41 @@ def deployed(tiny_data, tiny_checkpoint, trainer, tmp_path_factory, cli):
     calls = {"export": [], "measure": []}
     with pytest.MonkeyPatch.context() as patch:
         real_export, real_measure = unet_edge.export.run_export, unet_edge.deploy._measure
-        patch.setattr(unet_edge.export, "run_export", lambda opts, *a, **k: calls["export"].append(opts) or real_export(opts, *a, **k))
-        patch.setattr(unet_edge.deploy, "_measure", lambda c, *a: calls["measure"].append(c.label) or real_measure(c, *a))
+        patch.setattr(
+            unet_edge.export,
+            "run_export",
+            lambda opts, *a, **k: calls["export"].append(opts) or real_export(opts, *a, **k),
+        )
+        patch.setattr(
+            unet_edge.deploy, "_measure", lambda c, *a: calls["measure"].append(c.label) or real_measure(c, *a)
+        )
         result = cli(
-            "deploy", str(tiny_checkpoint), str(other), "--formats", "onnx,torchscript", "--precisions", "fp32", "--image-size", "48",
-            "--seconds", "0.05", "--min-calls", "6", "--threads", "1", "--out", str(out),
-        )  # fmt: skip
+            "deploy",
+            str(tiny_checkpoint),
+            str(other),
+            "--formats",
+            "onnx,torchscript",
+            "--precisions",
+            "fp32",
+            "--image-size",
+            "48",
+            "--seconds",
+            "0.05",
+            "--min-calls",
+            "6",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        )
     assert result.returncode == 0, result.stdout + result.stderr
-    return {"out": out, "stdout": result.stdout, "calls": calls, "checkpoints": (tiny_checkpoint, other), "names": names}
+    return {
+        "out": out,
+        "stdout": result.stdout,
+        "calls": calls,
+        "checkpoints": (tiny_checkpoint, other),
+        "names": names,
+    }
 
 
 @pytest.mark.slow
@@ -149,11 +219,15 @@ def test_a_rerun_after_ctrl_c_does_only_what_was_missing(deployed):
     other = deployed["checkpoints"][1]
     assert sorted(opts.formats[0] for opts in deployed["calls"]["export"]) == ["onnx", "torchscript"]
     assert all(opts.checkpoint == other for opts in deployed["calls"]["export"])
-    assert sorted(deployed["calls"]["measure"]) == sorted(f"{deployed['names'][other]} {f} fp32" for f in ("onnx", "torchscript"))
+    assert sorted(deployed["calls"]["measure"]) == sorted(
+        f"{deployed['names'][other]} {f} fp32" for f in ("onnx", "torchscript")
+    )
 
 
 @pytest.mark.slow
-def test_deploy_writes_report_plot_and_a_winner_that_segments_like_its_checkpoint(deployed, tiny_data, agreement, monkeypatch):
+def test_deploy_writes_report_plot_and_a_winner_that_segments_like_its_checkpoint(
+    deployed, tiny_data, agreement, monkeypatch
+):
     from PIL import Image
 
     from unet_edge.backends import open_backend
@@ -161,10 +235,14 @@ def test_deploy_writes_report_plot_and_a_winner_that_segments_like_its_checkpoin
     out = deployed["out"]
     report = json.loads((out / "deploy.json").read_text())
     rows = report["candidates"]
-    assert len(rows) == 4 and {(r["model"], r["format"]) for r in rows} == {(n, f) for n in deployed["names"].values() for f in ("onnx", "torchscript")}
+    assert len(rows) == 4 and {(r["model"], r["format"]) for r in rows} == {
+        (n, f) for n in deployed["names"].values() for f in ("onnx", "torchscript")
+    }
     assert report["reference"]["miou"] == max(r["miou"] for r in rows)
     for row in rows:
-        assert {"files", "miou", "miou_drop", "pixel_agreement", "latency_ms", "size_mb", "rejected", "pareto"} <= set(row)
+        assert {"files", "miou", "miou_drop", "pixel_agreement", "latency_ms", "size_mb", "rejected", "pareto"} <= set(
+            row
+        )
         assert row["files"][0]["sha256"] and row["files"][0]["file"] == row["path"]
         assert row["miou_drop"] == pytest.approx(report["reference"]["miou"] - row["miou"])
         if row["rejected"] is None:
@@ -182,9 +260,13 @@ def test_deploy_writes_report_plot_and_a_winner_that_segments_like_its_checkpoin
 
     model = out / Path(winner["path"]).name
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [e["file"] for e in manifest["artifacts"]] == [model.name] and manifest["deploy"]["format"] == winner["format"]
+    assert [e["file"] for e in manifest["artifacts"]] == [model.name] and manifest["deploy"]["format"] == winner[
+        "format"
+    ]
     checkpoint = Path(winner["checkpoint"])
-    images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((tiny_data / "val" / "images").glob("*.png"))])
+    images = np.stack(
+        [np.asarray(Image.open(p).convert("RGB")) for p in sorted((tiny_data / "val" / "images").glob("*.png"))]
+    )
     masks = open_backend(model).segment(images)  # sha256-checked against OUT/manifest.json
     expected = open_backend(checkpoint).segment(images)
     assert agreement(masks, expected) >= 0.999
@@ -213,9 +295,24 @@ def test_the_same_command_again_exports_measures_and_times_nothing(deployed, mon
     monkeypatch.setattr("unet_edge.bench.time_interleaved", refuse)
     tiny, other = deployed["checkpoints"]
     result = cli(
-        "deploy", str(tiny), str(other), "--formats", "onnx,torchscript", "--precisions", "fp32", "--image-size", "48",
-        "--seconds", "0.05", "--min-calls", "6", "--threads", "1", "--out", str(deployed["out"]),
-    )  # fmt: skip
+        "deploy",
+        str(tiny),
+        str(other),
+        "--formats",
+        "onnx,torchscript",
+        "--precisions",
+        "fp32",
+        "--image-size",
+        "48",
+        "--seconds",
+        "0.05",
+        "--min-calls",
+        "6",
+        "--threads",
+        "1",
+        "--out",
+        str(deployed["out"]),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     after = json.loads((deployed["out"] / "deploy.json").read_text())
     assert after["winner"] == before["winner"] and after["candidates"] == before["candidates"]
@@ -238,9 +335,15 @@ def test_a_failing_export_is_a_row_with_its_reason_not_an_abort(tiny_checkpoint,
     monkeypatch.setitem(FORMATS, "torchscript", replace(FORMATS["torchscript"], export=no_converter))
     monkeypatch.setitem(FORMATS, "onnx", replace(FORMATS["onnx"], export_variants=no_converter))
     options = DeployOptions(
-        checkpoints=(tiny_checkpoint,), formats=("onnx", "torchscript"), precisions=(Precision.FP32, Precision.INT8), image_size=(48, 48),
-        seconds=0.02, min_calls=3, out=tmp_path, threads=1,
-    )  # fmt: skip
+        checkpoints=(tiny_checkpoint,),
+        formats=("onnx", "torchscript"),
+        precisions=(Precision.FP32, Precision.INT8),
+        image_size=(48, 48),
+        seconds=0.02,
+        min_calls=3,
+        out=tmp_path,
+        threads=1,
+    )
     updates = []
     result = run_deploy(options, lambda done, total, status: updates.append((done, total, status)))
     rows = {(c.format, c.precision): c for c in result.candidates}
@@ -249,7 +352,11 @@ def test_a_failing_export_is_a_row_with_its_reason_not_an_abort(tiny_checkpoint,
     assert all(a[0] <= b[0] for a, b in zip(updates, updates[1:])) and updates[-1][0] == updates[-1][1]
     assert any("timing" in status for _, _, status in updates)
     assert set(rows) == {("onnx", "fp32"), ("onnx", "int8"), ("torchscript", "fp32")}
-    assert rows[("onnx", "int8")].rejected == rows[("torchscript", "fp32")].rejected == "export failed: ArtifactError: converter crashed"
+    assert (
+        rows[("onnx", "int8")].rejected
+        == rows[("torchscript", "fp32")].rejected
+        == "export failed: ArtifactError: converter crashed"
+    )
     assert result.decision.winner is rows[("onnx", "fp32")] and rows[("onnx", "fp32")].p50 is not None
     report = json.loads((tmp_path / "deploy.json").read_text())
     assert sorted(r["rejected"] is None for r in report["candidates"]) == [False, False, True]

@@ -13,20 +13,49 @@ from torch import nn
 from unet_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
 from unet_edge.config import ModelConfig, TrainConfig
 from unet_edge.data import pad_collate
-from unet_edge.distill import ChannelWiseDivergence, Distillation, FrozenTeacher, PixelKLDivergence, Teacher, load_teacher
+from unet_edge.distill import (
+    ChannelWiseDivergence,
+    Distillation,
+    FrozenTeacher,
+    PixelKLDivergence,
+    Teacher,
+    load_teacher,
+)
 from unet_edge.io import read_jsonl, sha256_file
 from unet_edge.loaders import pad_index, training_data
 from unet_edge.model import build_model
-from unet_edge.train import Training, TrainHooks, fit, train_one_epoch
+from unet_edge.train import TrainHooks, Training, fit, train_one_epoch
 
-STUDENT_OPTIONS = ("--epochs", "2", "--batch-size", "8", "--image-size", "32", "--base-channels", "4", "--depth", "2", "--device", "cpu")
+STUDENT_OPTIONS = (
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--image-size",
+    "32",
+    "--base-channels",
+    "4",
+    "--depth",
+    "2",
+    "--device",
+    "cpu",
+)
 
 
 @pytest.fixture(scope="module")
 def teacher_checkpoint(tiny_data, tmp_path_factory) -> Path:
     """A teacher of another shape than the tiny students: wider, deeper, conv-bn-relu, bilinear up-sampling."""
     model = ModelConfig(base_channels=6, depth=3, upsample="bilinear", block_order="conv-bn-relu")
-    config = TrainConfig(data=str(tiny_data), epochs=1, batch_size=8, image_size=32, model=model, device="cpu", out=str(tmp_path_factory.mktemp("teacher")), name="t")
+    config = TrainConfig(
+        data=str(tiny_data),
+        epochs=1,
+        batch_size=8,
+        image_size=32,
+        model=model,
+        device="cpu",
+        out=str(tmp_path_factory.mktemp("teacher")),
+        name="t",
+    )
     return fit(config).run_dir / "best.pt"
 
 
@@ -60,13 +89,20 @@ def fixed_teacher(logits: torch.Tensor) -> Teacher:
 def test_pixel_kl_by_hand_skips_ignored_and_padded_pixels(ignore_index, temperature):
     # A 1x3 sample and a 1x2 one padded to 1x3 by the batch collation; two classes.
     pad = pad_index(ignore_index)
-    first = [0, 255, 1] if ignore_index is not None else [0, 0, 1]  # pixel 1 is ignored only when the set has an ignore index
-    batch = [(torch.zeros(3, 1, 3, dtype=torch.uint8), torch.tensor([first])), (torch.zeros(3, 1, 2, dtype=torch.uint8), torch.tensor([[1, 0]]))]
+    first = (
+        [0, 255, 1] if ignore_index is not None else [0, 0, 1]
+    )  # pixel 1 is ignored only when the set has an ignore index
+    batch = [
+        (torch.zeros(3, 1, 3, dtype=torch.uint8), torch.tensor([first])),
+        (torch.zeros(3, 1, 2, dtype=torch.uint8), torch.tensor([[1, 0]])),
+    ]
     images, masks = pad_collate(batch, ignore_index=pad)
     assert masks[1, 0, 2] == pad
     big = [20.0, -20.0]  # teacher logits where the pixel does not count: a large KL if it were counted
     # N x K x W, then H = 1: pixel (sample 0, x 0) and (1, 0) are informative, (0, 2) and (1, 1) agree with the student
-    teacher = torch.tensor([[[math.log(3), big[0], 0.0], [0.0, big[1], 0.0]], [[0.0, 0.0, big[0]], [math.log(3), 0.0, big[1]]]]).unsqueeze(2)
+    teacher = torch.tensor(
+        [[[math.log(3), big[0], 0.0], [0.0, big[1], 0.0]], [[0.0, 0.0, big[0]], [math.log(3), 0.0, big[1]]]]
+    ).unsqueeze(2)
     student = torch.zeros(2, 2, 1, 3, requires_grad=True)
     distillation = Distillation(fixed_teacher(teacher), PixelKLDivergence(temperature), weight=1.0, pad_value=pad)
     value = distillation(images.float(), student, masks)
@@ -104,7 +140,14 @@ def test_channel_wise_divergence_by_hand_over_the_valid_pixels_of_each_map():
 
 def test_the_teacher_gets_no_gradients_and_stays_in_eval_mode(tiny_data, teacher_checkpoint):
     cpu = torch.device("cpu")
-    config = TrainConfig(data=str(tiny_data), batch_size=8, image_size=32, model=ModelConfig(base_channels=4, depth=2), device="cpu", teacher=str(teacher_checkpoint))
+    config = TrainConfig(
+        data=str(tiny_data),
+        batch_size=8,
+        image_size=32,
+        model=ModelConfig(base_channels=4, depth=2),
+        device="cpu",
+        teacher=str(teacher_checkpoint),
+    )
     data = training_data(config, cpu)
     teacher = load_teacher(teacher_checkpoint, data.classes, data.mean, data.std, cpu)
     before = {name: value.clone() for name, value in teacher.model.state_dict().items()}
@@ -112,9 +155,15 @@ def test_the_teacher_gets_no_gradients_and_stays_in_eval_mode(tiny_data, teacher
     teacher.model.train()  # as any `model.train()` of a training loop would
     assert not any(module.training for module in teacher.model.modules())
     loss, seen, _ = train_one_epoch(
-        training.train_model, data.train_loader, training.optimizer, training.scheduler, training.criterion, cpu,
-        normalize=data.normalize, distillation=training.distillation,
-    )  # fmt: skip
+        training.train_model,
+        data.train_loader,
+        training.optimizer,
+        training.scheduler,
+        training.criterion,
+        cpu,
+        normalize=data.normalize,
+        distillation=training.distillation,
+    )
     assert seen > 0 and math.isfinite(loss)
     assert not any(module.training for module in teacher.model.modules())
     assert all(not p.requires_grad and p.grad is None for p in teacher.model.parameters())
@@ -141,7 +190,11 @@ def _bad_teacher(kind: str, teacher_checkpoint: Path, folder: Path) -> Path:
     elif kind == "output-channels":
         loaded = load_model(teacher_checkpoint)
         path = folder / "three-maps.ts"  # metadata of 4 classes on a model that gives 3 maps
-        export_torchscript(build_model(ModelConfig(num_classes=3, base_channels=4, depth=2)).eval(), path, artifact_metadata(loaded, "fp32"))
+        export_torchscript(
+            build_model(ModelConfig(num_classes=3, base_channels=4, depth=2)).eval(),
+            path,
+            artifact_metadata(loaded, "fp32"),
+        )
         return path
     elif kind == "no-metadata":
         path = folder / "bare.ts"
@@ -161,20 +214,41 @@ def _bad_teacher(kind: str, teacher_checkpoint: Path, folder: Path) -> Path:
         ("no-metadata", "no class names"),
     ],
 )
-def test_a_mismatched_teacher_is_a_one_line_error_before_training(kind, fragment, tiny_data, teacher_checkpoint, tmp_path, cli, one_line_error):
+def test_a_mismatched_teacher_is_a_one_line_error_before_training(
+    kind, fragment, tiny_data, teacher_checkpoint, tmp_path, cli, one_line_error
+):
     bad = _bad_teacher(kind, teacher_checkpoint, tmp_path)
-    result = cli("train", "--data", str(tiny_data), *STUDENT_OPTIONS, "--out", str(tmp_path / "runs"), "--teacher", str(bad))
+    result = cli(
+        "train", "--data", str(tiny_data), *STUDENT_OPTIONS, "--out", str(tmp_path / "runs"), "--teacher", str(bad)
+    )
     one_line_error(result, str(bad), fragment)
     assert not (tmp_path / "runs").exists()  # refused before a run folder was made
 
 
 def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_data, teacher_checkpoint, tmp_path, cli):
     result = cli(
-        "train", "--data", str(tiny_data), *STUDENT_OPTIONS, "--out", str(tmp_path / "runs"), "--name", "d",
-        "--teacher", str(teacher_checkpoint), "--distill-loss", "kl", "--distill-weight", "2", "--distill-temperature", "3",
-    )  # fmt: skip
+        "train",
+        "--data",
+        str(tiny_data),
+        *STUDENT_OPTIONS,
+        "--out",
+        str(tmp_path / "runs"),
+        "--name",
+        "d",
+        "--teacher",
+        str(teacher_checkpoint),
+        "--distill-loss",
+        "kl",
+        "--distill-weight",
+        "2",
+        "--distill-temperature",
+        "3",
+    )
     assert result.returncode == 0, result.stderr
-    assert re.search(rf"teacher {re.escape(str(teacher_checkpoint))} \(UNetStudent base 6, depth 3, conv-bn-relu, bilinear\): val mIoU 0\.\d{{4}}", result.stderr)
+    assert re.search(
+        rf"teacher {re.escape(str(teacher_checkpoint))} \(UNetStudent base 6, depth 3, conv-bn-relu, bilinear\): val mIoU 0\.\d{{4}}",
+        result.stderr,
+    )
     assert len(re.findall(r"teacher \d+% of step time", result.stderr)) == 2
     run = tmp_path / "runs" / "d"
     records = read_jsonl(run / "metrics.jsonl")
@@ -184,22 +258,44 @@ def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_d
     assert recorded["path"] == str(teacher_checkpoint) and recorded["sha256"] == sha256_file(teacher_checkpoint)
     assert 0 <= recorded["val_miou"] <= 1 and recorded["kind"] == "checkpoint"
     settings = state["train_config"]
-    assert (settings["teacher"], settings["distill_loss"], settings["distill_weight"], settings["distill_temperature"]) == (str(teacher_checkpoint), "kl", 2.0, 3.0)
+    assert (
+        settings["teacher"],
+        settings["distill_loss"],
+        settings["distill_weight"],
+        settings["distill_temperature"],
+    ) == (str(teacher_checkpoint), "kl", 2.0, 3.0)
 
     report = tmp_path / "eval.json"
     evaluated = cli("eval", str(run / "best.pt"), "--data", str(tiny_data), "--json", str(report), "--device", "cpu")
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(report.read_text())["miou"] == pytest.approx(state["metrics"]["miou"], abs=1e-9)
     # The distilled student exports like any checkpoint, and its TorchScript file can teach in turn.
-    exported = cli("export", str(run / "best.pt"), "--format", "torchscript", "--out", str(tmp_path / "exported"), "--name", "d")
+    exported = cli(
+        "export", str(run / "best.pt"), "--format", "torchscript", "--out", str(tmp_path / "exported"), "--name", "d"
+    )
     assert exported.returncode == 0, exported.stderr
     script = tmp_path / "exported" / "d" / "model.ts"
-    again = cli("train", "--data", str(tiny_data), *STUDENT_OPTIONS, "--epochs", "1", "--out", str(tmp_path / "runs"), "--name", "s", "--teacher", str(script))
+    again = cli(
+        "train",
+        "--data",
+        str(tiny_data),
+        *STUDENT_OPTIONS,
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "runs"),
+        "--name",
+        "s",
+        "--teacher",
+        str(script),
+    )
     assert again.returncode == 0, again.stderr
     assert load_checkpoint(tmp_path / "runs" / "s" / "last.pt")["teacher"]["kind"] == "torchscript"
 
 
-def test_resume_keeps_the_teacher_and_refuses_another_file(tiny_data, teacher_checkpoint, tiny_run, tmp_path, interrupted_run, cli, one_line_error):
+def test_resume_keeps_the_teacher_and_refuses_another_file(
+    tiny_data, teacher_checkpoint, tiny_run, tmp_path, interrupted_run, cli, one_line_error
+):
     run = interrupted_run(tiny_data, tmp_path, epochs=3, stop_in_epoch=3, teacher=str(teacher_checkpoint))
     last = run / "last.pt"
     before = last.read_bytes()
@@ -208,7 +304,9 @@ def test_resume_keeps_the_teacher_and_refuses_another_file(tiny_data, teacher_ch
     refused = cli("train", "--resume", str(last), "--teacher", str(other), "--device", "cpu")
     one_line_error(refused, str(other), "not the teacher", "a resumed run keeps its teacher")
     assert last.read_bytes() == before
-    plain = cli("train", "--resume", str(tiny_run.run_dir / "last.pt"), "--teacher", str(teacher_checkpoint), "--device", "cpu")
+    plain = cli(
+        "train", "--resume", str(tiny_run.run_dir / "last.pt"), "--teacher", str(teacher_checkpoint), "--device", "cpu"
+    )
     one_line_error(plain, "this run trained without a teacher")
     moved = tmp_path / "moved" / "teacher.pt"  # the same file in a new place is the same teacher
     moved.parent.mkdir()

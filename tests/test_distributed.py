@@ -59,7 +59,13 @@ def _collectives_worker(rank: int, init_file: str, out_dir: str) -> None:
     norm = nn.BatchNorm1d(3)
     norm.running_mean.fill_(float(rank + 10))
     context.broadcast_buffers(norm)
-    result = {"loss": loss, "seen": seen, "summed": confusion.matrix.tolist(), "path": str(path), "mean": norm.running_mean.tolist()}
+    result = {
+        "loss": loss,
+        "seen": seen,
+        "summed": confusion.matrix.tolist(),
+        "path": str(path),
+        "mean": norm.running_mean.tolist(),
+    }
     Path(out_dir, f"{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -77,8 +83,20 @@ def test_collectives_weight_loss_by_images_and_follow_rank_zero(tmp_path):
 @pytest.mark.slow
 def test_two_process_epoch_logs_the_miou_of_single_process_eval(odd_val_data, tmp_path, cli):
     result = cli(
-        "train", "--nproc-per-node", "2", "--data", str(odd_val_data), "--epochs", "1", *TINY, "--no-amp",
-        "--out", str(tmp_path), "--name", "ddp", in_process=False,
+        "train",
+        "--nproc-per-node",
+        "2",
+        "--data",
+        str(odd_val_data),
+        "--epochs",
+        "1",
+        *TINY,
+        "--no-amp",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "ddp",
+        in_process=False,
     )
     assert result.returncode == 0, result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
@@ -99,7 +117,9 @@ def test_two_process_epoch_logs_the_miou_of_single_process_eval(odd_val_data, tm
 @pytest.mark.slow
 def test_distributed_resume_continues_the_same_run(odd_val_data, tmp_path, interrupted_run, cli):
     run = interrupted_run(odd_val_data, tmp_path, epochs=2, stop_in_epoch=2, lr=0.02)  # one process wrote epoch 1
-    resumed = cli("train", "--nproc-per-node", "2", "--device", "cpu", "--resume", str(run / "last.pt"), in_process=False)
+    resumed = cli(
+        "train", "--nproc-per-node", "2", "--device", "cpu", "--resume", str(run / "last.pt"), in_process=False
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
     records = metrics(run)
@@ -110,16 +130,22 @@ def test_distributed_resume_continues_the_same_run(odd_val_data, tmp_path, inter
 
 
 def test_nproc_per_node_inside_torchrun_is_a_clean_error(tmp_path, cli):
-    result = cli("train", "--nproc-per-node", "2", *TINY, env={"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}, cwd=tmp_path)
+    result = cli(
+        "train", "--nproc-per-node", "2", *TINY, env={"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}, cwd=tmp_path
+    )
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: --nproc-per-node starts its own workers: drop it when launching with torchrun"
+    assert (
+        result.stderr.strip() == "error: --nproc-per-node starts its own workers: drop it when launching with torchrun"
+    )
 
 
 @pytest.mark.slow
 def test_failing_workers_end_in_a_one_line_error(tmp_path, cli):
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = cli("train", "--nproc-per-node", "2", "--data", str(empty), *TINY, "--out", str(tmp_path), in_process=False)
+    result = cli(
+        "train", "--nproc-per-node", "2", "--data", str(empty), *TINY, "--out", str(tmp_path), in_process=False
+    )
     assert result.returncode == 1
     assert f"error: {empty / 'train' / 'images'}: folder not found" in result.stderr
     assert "error: distributed worker rank" in result.stderr and "Traceback" not in result.stderr

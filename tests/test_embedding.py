@@ -27,7 +27,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="session")
-def reference_mask(e2e_dir, odd_image):  # noqa: F811
+def reference_mask(e2e_dir, odd_image):
     """Python ONNX Runtime's mask of the odd-size image (from the end-to-end model)."""
     image = np.asarray(Image.open(odd_image).convert("RGB"))
     mask = open_backend(e2e_dir / "model_e2e.onnx").segment(image[None])[0]
@@ -39,14 +39,24 @@ def need_node_modules(folder: Path, package: str) -> None:
     if shutil.which("node") is None:
         pytest.skip("node is not installed (Node.js >= 18 is needed)")
     if not (folder / "node_modules" / package).is_dir():
-        pytest.skip(f"{folder.relative_to(REPO)}/node_modules/{package} missing: run `npm ci` in {folder.relative_to(REPO)} (.ci/run does)")
+        pytest.skip(
+            f"{folder.relative_to(REPO)}/node_modules/{package} missing: run `npm ci` in {folder.relative_to(REPO)} (.ci/run does)"
+        )
 
 
-def test_python_onnxruntime_example(e2e_dir, odd_image, reference_mask, tmp_path, agreement):  # noqa: F811
+def test_python_onnxruntime_example(e2e_dir, odd_image, reference_mask, tmp_path, agreement):
     mask_path = tmp_path / "mask.png"
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "python" / "segment.py"), str(e2e_dir / "model_e2e.onnx"), str(odd_image), str(mask_path)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(EXAMPLES / "python" / "segment.py"),
+            str(e2e_dir / "model_e2e.onnx"),
+            str(odd_image),
+            str(mask_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     counts = json.loads(result.stdout)
@@ -54,13 +64,16 @@ def test_python_onnxruntime_example(e2e_dir, odd_image, reference_mask, tmp_path
     assert agreement(np.asarray(Image.open(mask_path)), reference_mask) >= 0.999
 
 
-def test_node_onnxruntime_node_example(e2e_dir, odd_image, reference_mask, tmp_path, agreement):  # noqa: F811
+def test_node_onnxruntime_node_example(e2e_dir, odd_image, reference_mask, tmp_path, agreement):
     folder = EXAMPLES / "node"
     need_node_modules(folder, "onnxruntime-node")
     mask_path = tmp_path / "mask.png"
     result = subprocess.run(
         ["node", "segment.mjs", str(e2e_dir / "model_e2e.onnx"), str(odd_image), str(mask_path)],
-        cwd=folder, capture_output=True, text=True, timeout=120,
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -76,7 +89,7 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @pytest.fixture
-def web_site(e2e_dir, tmp_path):  # noqa: F811
+def web_site(e2e_dir, tmp_path):
     """examples/web served on a free localhost port, with the exported model and manifest beside the page."""
     site = tmp_path / "site"
     site.mkdir()
@@ -93,14 +106,17 @@ def web_site(e2e_dir, tmp_path):  # noqa: F811
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium; .ci/run does)")
-def test_browser_onnxruntime_web_in_headless_chromium(web_site, odd_image, reference_mask, tmp_path, agreement):  # noqa: F811
+def test_browser_onnxruntime_web_in_headless_chromium(web_site, odd_image, reference_mask, tmp_path, agreement):
     folder = EXAMPLES / "web"
     need_node_modules(folder, "onnxruntime-web")
     need_node_modules(folder, "playwright-core")
     mask_path, screenshot = tmp_path / "mask.bin", tmp_path / "browser.png"
     result = subprocess.run(
         ["node", "headless.mjs", web_site, str(odd_image), str(mask_path), str(screenshot), CHROMIUM],
-        cwd=folder, capture_output=True, text=True, timeout=180,
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -116,12 +132,20 @@ def test_browser_onnxruntime_web_in_headless_chromium(web_site, odd_image, refer
         assert (shot == palette[index]).all(1).sum() > 100, f"class {index} colour not on the page"
 
 
-def test_opencv_dnn_runs_the_float_model(e2e_dir, odd_image, reference_mask, tmp_path, agreement):  # noqa: F811
+def test_opencv_dnn_runs_the_float_model(e2e_dir, odd_image, reference_mask, tmp_path, agreement):
     cv2 = pytest.importorskip("cv2", reason="opencv-python-headless is not installed (pip install -e '.[dev]')")
     mask_path = tmp_path / "mask.png"
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "opencv" / "segment.py"), str(e2e_dir / "model.onnx"), str(odd_image), str(mask_path)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(EXAMPLES / "opencv" / "segment.py"),
+            str(e2e_dir / "model.onnx"),
+            str(odd_image),
+            str(mask_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, f"OpenCV {cv2.__version__}: {result.stderr[-2000:]}"
     mask = np.asarray(Image.open(mask_path))

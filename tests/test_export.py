@@ -42,10 +42,14 @@ def test_export_writes_checked_onnx_with_metadata_and_manifest(export_dir, tiny_
     assert manifest["checkpoint"]["sha256"] == sha256_file(tiny_checkpoint)
     assert manifest["classes"] == ["background", "circle", "square", "triangle"]
     entries = {e["file"]: e for e in manifest["artifacts"]}
-    assert set(entries) == {fmt.file for fmt in export_formats().values()}  # --format all: one fp32 file per format (test_formats.py checks each)
+    assert set(entries) == {
+        fmt.file for fmt in export_formats().values()
+    }  # --format all: one fp32 file per format (test_formats.py checks each)
     assert entries["model.onnx"]["opset"] == 18
     listed = {"manifest.json", *entries, *(c["file"] for e in entries.values() for c in e.get("companions", []))}
-    assert sorted(p.name for p in export_dir.iterdir()) == sorted(listed)  # nothing else: no converter leftovers or temporary files
+    assert sorted(p.name for p in export_dir.iterdir()) == sorted(
+        listed
+    )  # nothing else: no converter leftovers or temporary files
 
 
 def test_torchscript_loads_without_unet_edge(export_dir, tmp_path):
@@ -72,7 +76,9 @@ def test_verify_reports_each_model_it_is_given(export_dir, tmp_path, cli):
 
 def test_verify_fails_export_of_another_checkpoint(export_dir, other_checkpoint, tmp_path, cli):
     report_path = tmp_path / "verify.json"
-    result = cli("verify", str(export_dir / "model.onnx"), "--checkpoint", str(other_checkpoint), "--json", str(report_path))
+    result = cli(
+        "verify", str(export_dir / "model.onnx"), "--checkpoint", str(other_checkpoint), "--json", str(report_path)
+    )
     assert result.returncode == 1
     report = json.loads(report_path.read_text())
     assert report["passed"] is False and report["artifacts"][0]["pixel_agreement"] < 0.999
@@ -83,8 +89,10 @@ def test_explain_names_the_perturbed_layer(export_dir, tmp_path, cli):
     model = onnx.load(str(export_dir / "model.onnx"))
     target = "decoder.0.3"  # second convolution of the first decoder block
     node = next(
-        n for n in model.graph.node
-        if n.op_type == "Conv" and any(p.key == "pkg.torch.onnx.name_scopes" and f"'{target}'" in p.value for p in n.metadata_props)
+        n
+        for n in model.graph.node
+        if n.op_type == "Conv"
+        and any(p.key == "pkg.torch.onnx.name_scopes" and f"'{target}'" in p.value for p in n.metadata_props)
     )
     weights = next(i for i in model.graph.initializer if i.name == node.input[1])
     array = onnx.numpy_helper.to_array(weights)
@@ -92,8 +100,15 @@ def test_explain_names_the_perturbed_layer(export_dir, tmp_path, cli):
     perturbed = tmp_path / "perturbed.onnx"
     onnx.save(model, str(perturbed))
     report_path = tmp_path / "explain.json"
-    result = cli("verify", str(perturbed), "--checkpoint", json.loads((export_dir / "manifest.json").read_text())["checkpoint"]["path"],
-                     "--explain", "--json", str(report_path))
+    result = cli(
+        "verify",
+        str(perturbed),
+        "--checkpoint",
+        json.loads((export_dir / "manifest.json").read_text())["checkpoint"]["path"],
+        "--explain",
+        "--json",
+        str(report_path),
+    )
     assert result.returncode == 1
     explain = json.loads(report_path.read_text())["artifacts"][0]["explain"]
     assert explain["first_divergent_layer"] == target
@@ -123,10 +138,26 @@ def test_fold_refused_by_the_model_is_a_one_line_error_before_writing(tiny_check
 
 def test_no_fold_keeps_model_onnx_unfolded_and_variants_fold_unless_told(tiny_checkpoint, tmp_path, cli):
     def folded(*flags: str) -> dict[str, bool]:
-        result = cli("export", str(tiny_checkpoint), "--format", "onnx", "--precision", "fp16", "--out", str(tmp_path),
-                         "--name", "f", "--parity-images", "0", *flags)  # fmt: skip
+        result = cli(
+            "export",
+            str(tiny_checkpoint),
+            "--format",
+            "onnx",
+            "--precision",
+            "fp16",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "f",
+            "--parity-images",
+            "0",
+            *flags,
+        )
         assert result.returncode == 0, result.stderr
-        return {e["file"]: e["batchnorm_folded"] for e in json.loads((tmp_path / "f" / "manifest.json").read_text())["artifacts"]}
+        return {
+            e["file"]: e["batchnorm_folded"]
+            for e in json.loads((tmp_path / "f" / "manifest.json").read_text())["artifacts"]
+        }
 
     assert folded("--no-fold") == {"model.onnx": False, "model_fp16.onnx": True}
     assert folded("--fold", "--no-fold-variants") == {"model.onnx": True, "model_fp16.onnx": False}
@@ -146,7 +177,9 @@ def test_enum_options_are_validated_by_the_cli(tiny_checkpoint, tmp_path, cli):
 
 
 def test_precision_no_selected_format_has_is_refused(tiny_checkpoint, tmp_path, cli):
-    line = one_line_error(cli("export", str(tiny_checkpoint), "--format", "torchscript", "--precision", "int8", "--out", str(tmp_path)))
+    line = one_line_error(
+        cli("export", str(tiny_checkpoint), "--format", "torchscript", "--precision", "int8", "--out", str(tmp_path))
+    )
     offering = ", ".join(name for name, fmt in export_formats().items() if "int8" in {p.value for p in fmt.precisions})
     assert f"torchscript: no int8 variant (formats with int8: {offering})" in line and offering.startswith("onnx")
     assert not any(tmp_path.iterdir())
@@ -186,7 +219,9 @@ def test_all_exports_the_installed_formats_and_names_the_others(tiny_checkpoint,
     missing = [name for name in export_formats() if name not in ("onnx", "torchscript")]
     for name in missing:
         reason = f"{name} is not installed: pip install 'unet-edge[{name}]'"
-        monkeypatch.setitem(FORMATS, name, dataclasses.replace(FORMATS[name], unavailable=lambda provider, why=reason: why))
+        monkeypatch.setitem(
+            FORMATS, name, dataclasses.replace(FORMATS[name], unavailable=lambda provider, why=reason: why)
+        )
     result = run_export(ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, name="core", parity_images=0))
     assert sorted(a.format for a in result.artifacts) == ["onnx", "torchscript"]
     assert result.skipped == {name: f"{name} is not installed: pip install 'unet-edge[{name}]'" for name in missing}
@@ -197,6 +232,8 @@ def test_all_exports_the_installed_formats_and_names_the_others(tiny_checkpoint,
 def test_the_parity_report_names_the_exported_files_not_the_staging_folder(tiny_checkpoint, tmp_path, exported_all):
     from unet_edge.export import ExportOptions, run_export
 
-    result = run_export(ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, name="p", formats=("onnx",), parity_images=2))
+    result = run_export(
+        ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, name="p", formats=("onnx",), parity_images=2)
+    )
     assert [row["path"] for row in result.parity["artifacts"]] == [str(tmp_path / "p" / "model.onnx")]
     assert ".export-" not in exported_all[1].stdout  # the table printed by `unet-edge export`

@@ -57,7 +57,9 @@ def small_disk(tmp_path):
             pytest.skip("mounting a small tmpfs needs root")
         point = tmp_path / f"disk{len(mounts)}"
         point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kb}k", "tmpfs", str(point)], capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={kb}k", "tmpfs", str(point)], capture_output=True, text=True
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
         mounts.append(point)
@@ -77,24 +79,54 @@ def fill(disk: Path, leave_kb: int) -> None:
 def test_export_on_a_full_disk_is_one_line_and_keeps_the_previous_export(tiny_checkpoint, small_disk, one_line_error):
     disk = small_disk(2048)
     first = subprocess.run(
-        [*CLI, "export", str(tiny_checkpoint), "--format", "onnx", "--out", str(disk), "--name", "e", "--parity-images", "0"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            *CLI,
+            "export",
+            str(tiny_checkpoint),
+            "--format",
+            "onnx",
+            "--out",
+            str(disk),
+            "--name",
+            "e",
+            "--parity-images",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert first.returncode == 0, first.stderr
     before = assert_export_consistent(disk / "e")
     fill(disk, leave_kb=40)
     # A real process: TorchScript's and LiteRT's native writers used to abort it (exit 134) on a full disk.
     result = subprocess.run(
-        [*CLI, "export", str(tiny_checkpoint), "--format", "all", "--out", str(disk), "--name", "e", "--parity-images", "0"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            *CLI,
+            "export",
+            str(tiny_checkpoint),
+            "--format",
+            "all",
+            "--out",
+            str(disk),
+            "--name",
+            "e",
+            "--parity-images",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     line = one_line_error(result, str(disk / "e"), "the previous export, if any, is unchanged")
     assert "No space left on device" in line or "the device is full" in line, line
     assert leftovers(disk) == []
     assert assert_export_consistent(disk / "e") == before
 
 
-def test_checkpoint_write_failing_half_way_stops_training_and_keeps_the_last_epoch(tiny_data, tmp_path, trainer, monkeypatch):
+def test_checkpoint_write_failing_half_way_stops_training_and_keeps_the_last_epoch(
+    tiny_data, tmp_path, trainer, monkeypatch
+):
     """ENOSPC in the middle of epoch 2's best.pt: one error naming the epoch last.pt keeps, and last.pt/best.pt
     still hold epoch 1, whole, with no temporary file beside them."""
     import unet_edge.checkpoint as checkpoint
@@ -131,8 +163,12 @@ def test_training_on_a_full_disk_keeps_last_pt_loadable(tiny_data, small_disk, i
     run = interrupted_run(tiny_data, disk, epochs=5, stop_in_epoch=4)  # last.pt holds epoch 3 of 5
     fill(disk, leave_kb=100)  # room for a metrics line, not for another checkpoint
     last = run / "last.pt"
-    resumed = subprocess.run([*CLI, "train", "--resume", str(last), "--device", "cpu"], capture_output=True, text=True, timeout=300)
-    one_line_error(resumed, "training stopped in epoch 4", "No space left on device", f"{last} (epoch 3) is kept unchanged")
+    resumed = subprocess.run(
+        [*CLI, "train", "--resume", str(last), "--device", "cpu"], capture_output=True, text=True, timeout=300
+    )
+    one_line_error(
+        resumed, "training stopped in epoch 4", "No space left on device", f"{last} (epoch 3) is kept unchanged"
+    )
     assert load_checkpoint(last)["epoch"] == 3
     assert leftovers(disk) == []
 
@@ -141,7 +177,12 @@ def test_predict_and_bench_json_on_a_full_disk(tiny_checkpoint, tiny_data, small
     disk = small_disk(512)
     masks = disk / "masks"
     images = tiny_data / "val" / "images"
-    assert cli("predict", str(tiny_checkpoint), str(images), "--out", str(masks), "--limit", "1", "--no-overlay").returncode == 0
+    assert (
+        cli(
+            "predict", str(tiny_checkpoint), str(images), "--out", str(masks), "--limit", "1", "--no-overlay"
+        ).returncode
+        == 0
+    )
     written = {p.name: p.read_bytes() for p in masks.iterdir()}
     report = disk / "bench.json"
     report.write_text('{"earlier": true}\n')
@@ -149,9 +190,23 @@ def test_predict_and_bench_json_on_a_full_disk(tiny_checkpoint, tiny_data, small
     result = cli("predict", str(tiny_checkpoint), str(images), "--out", str(masks), "--no-overlay")
     one_line_error(result, "cannot write (No space left on device)")
     bench = cli(
-        "bench", str(tiny_checkpoint), "--batch-sizes", "1", "--image-size", "32", "--iters", "2", "--warmup", "0",
-        "--threads", "1", "--providers", "cpu", "--json", str(report),
-    )  # fmt: skip
+        "bench",
+        str(tiny_checkpoint),
+        "--batch-sizes",
+        "1",
+        "--image-size",
+        "32",
+        "--iters",
+        "2",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--providers",
+        "cpu",
+        "--json",
+        str(report),
+    )
     one_line_error(bench, str(report), "No space left on device")
     assert json.loads(report.read_text()) == {"earlier": True}
     assert {p.name: p.read_bytes() for p in masks.iterdir() if p.name in written} == written
@@ -167,7 +222,7 @@ def test_runs_claimed_in_the_same_instant_get_their_own_folders(tmp_path):
         start.wait()
         try:
             claimed.append(RunFolder.create(tmp_path, "same"))
-        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+        except Exception as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=claim) for _ in range(6)]
@@ -183,7 +238,19 @@ def test_runs_claimed_in_the_same_instant_get_their_own_folders(tmp_path):
 
 def test_two_train_commands_with_one_name_started_together_write_two_runs(tiny_data, tmp_path):
     runs = tmp_path / "runs"
-    command = [*CLI, "train", "--data", str(tiny_data), "--epochs", "1", *TINY_TRAIN, "--out", str(runs), "--name", "same"]
+    command = [
+        *CLI,
+        "train",
+        "--data",
+        str(tiny_data),
+        "--epochs",
+        "1",
+        *TINY_TRAIN,
+        "--out",
+        str(runs),
+        "--name",
+        "same",
+    ]
     procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [proc.communicate(timeout=300) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outputs
@@ -193,13 +260,21 @@ def test_two_train_commands_with_one_name_started_together_write_two_runs(tiny_d
         assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
-def test_resume_of_a_run_a_live_process_holds_is_refused_until_it_dies(tiny_data, tmp_path, interrupted_run, cli, one_line_error):
+def test_resume_of_a_run_a_live_process_holds_is_refused_until_it_dies(
+    tiny_data, tmp_path, interrupted_run, cli, one_line_error
+):
     run = interrupted_run(tiny_data, tmp_path / "runs", epochs=2, stop_in_epoch=2)  # last.pt: epoch 1 of 2
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from unet_edge.runs import _lock_existing; from pathlib import Path; "
-         "_lock_existing(Path(sys.argv[1]), sys.argv[1]); print('locked', flush=True); time.sleep(600)", str(run)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from unet_edge.runs import _lock_existing; from pathlib import Path; "
+            "_lock_existing(Path(sys.argv[1]), sys.argv[1]); print('locked', flush=True); time.sleep(600)",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         refused = cli("train", "--resume", str(run / "last.pt"), "--device", "cpu")
@@ -215,39 +290,61 @@ def test_resume_of_a_run_a_live_process_holds_is_refused_until_it_dies(tiny_data
 
 def test_kill_9_during_export_keeps_the_previous_export_and_the_next_export_succeeds(tiny_checkpoint, tmp_path, cli):
     out = tmp_path / "exported"
-    first = cli("export", str(tiny_checkpoint), "--format", "onnx", "--out", str(out), "--name", "e", "--parity-images", "0")
+    first = cli(
+        "export", str(tiny_checkpoint), "--format", "onnx", "--out", str(out), "--name", "e", "--parity-images", "0"
+    )
     assert first.returncode == 0, first.stderr
     before = assert_export_consistent(out / "e")
     proc = subprocess.Popen(
         [*CLI, "export", str(tiny_checkpoint), "--format", "all", "--out", str(out), "--name", "e"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while not any((staging / "model.onnx").is_file() for staging in out.glob(".e.export-*.tmp")):
-        assert proc.poll() is None and time.monotonic() < deadline, "the export finished or stalled before it could be killed"
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            "the export finished or stalled before it could be killed"
+        )
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert assert_export_consistent(out / "e") == before
     assert list(out.glob(".e.export-*.tmp"))  # what the killed process left
-    again = cli("export", str(tiny_checkpoint), "--format", "torchscript", "--out", str(out), "--name", "e", "--parity-images", "0")
+    again = cli(
+        "export",
+        str(tiny_checkpoint),
+        "--format",
+        "torchscript",
+        "--out",
+        str(out),
+        "--name",
+        "e",
+        "--parity-images",
+        "0",
+    )
     assert again.returncode == 0, again.stderr
     manifest = assert_export_consistent(out / "e")
     assert {e["file"] for e in manifest["artifacts"]} == {"model.onnx", "model.ts"}
     assert leftovers(out) == []
 
 
-def test_a_crash_between_two_moves_leaves_a_manifest_that_names_only_what_it_describes(tiny_checkpoint, tmp_path, monkeypatch):
+def test_a_crash_between_two_moves_leaves_a_manifest_that_names_only_what_it_describes(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
     """The export moves its staged files in one by one; the manifest first drops the entries they replace."""
     import unet_edge.export as export
     from unet_edge.export import ExportOptions, run_export
 
-    options = ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, name="e", formats=("onnx", "torchscript"), parity_images=0)
+    options = ExportOptions(
+        checkpoint=tiny_checkpoint, out=tmp_path, name="e", formats=("onnx", "torchscript"), parity_images=0
+    )
     run_export(options)
     real_replace, moves = os.replace, []
 
     def crash_after_one(src, dst):
-        if Path(src).parent.name.startswith(".e.export-") and Path(dst).parent == tmp_path / "e":  # a move out of staging
+        if (
+            Path(src).parent.name.startswith(".e.export-") and Path(dst).parent == tmp_path / "e"
+        ):  # a move out of staging
             if moves:
                 raise KeyboardInterrupt  # the process dies here
             moves.append(Path(dst).name)
@@ -285,23 +382,62 @@ def bomb_data(tiny_data, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("command", ["predict", "eval", "train", "verify", "calibration"])
-def test_an_image_too_large_to_decode_is_one_line_naming_the_file_and_the_limit(command, bomb_data, tiny_checkpoint, tmp_path, cli, one_line_error):
+def test_an_image_too_large_to_decode_is_one_line_naming_the_file_and_the_limit(
+    command, bomb_data, tiny_checkpoint, tmp_path, cli, one_line_error
+):
     val_bomb = sorted((bomb_data / "val" / "images").glob("*.png"))[0]
     train_bomb = sorted((bomb_data / "train" / "images").glob("*.png"))[0]
     args, bomb = {
         "predict": (["predict", str(tiny_checkpoint), str(val_bomb), "--out", str(tmp_path / "p")], val_bomb),
         "eval": (["eval", str(tiny_checkpoint), "--data", str(bomb_data)], val_bomb),
-        "train": (["train", "--data", str(bomb_data), "--epochs", "1", *TINY_TRAIN, "--out", str(tmp_path / "runs")], train_bomb),
-        "verify": (["verify", str(tmp_path / "v" / "model.onnx"), "--data", str(bomb_data), "--num-images", "0"], val_bomb),
-        "calibration": (
-            ["export", str(tiny_checkpoint), "--format", "onnx", "--precision", "int8", "--calib-data", str(bomb_data),
-             "--out", str(tmp_path / "x"), "--parity-images", "0"],
+        "train": (
+            ["train", "--data", str(bomb_data), "--epochs", "1", *TINY_TRAIN, "--out", str(tmp_path / "runs")],
             train_bomb,
         ),
-    }[command]  # fmt: skip
+        "verify": (
+            ["verify", str(tmp_path / "v" / "model.onnx"), "--data", str(bomb_data), "--num-images", "0"],
+            val_bomb,
+        ),
+        "calibration": (
+            [
+                "export",
+                str(tiny_checkpoint),
+                "--format",
+                "onnx",
+                "--precision",
+                "int8",
+                "--calib-data",
+                str(bomb_data),
+                "--out",
+                str(tmp_path / "x"),
+                "--parity-images",
+                "0",
+            ],
+            train_bomb,
+        ),
+    }[command]
     if command == "verify":  # an export to verify, made from clean data
-        assert cli("export", str(tiny_checkpoint), "--format", "onnx", "--out", str(tmp_path), "--name", "v", "--parity-images", "0").returncode == 0
-    one_line_error(cli(*args), str(bomb), "30000 x 30000 = 900,000,000 pixels is over the limit of 67,108,864 pixels", "--max-pixels")
+        assert (
+            cli(
+                "export",
+                str(tiny_checkpoint),
+                "--format",
+                "onnx",
+                "--out",
+                str(tmp_path),
+                "--name",
+                "v",
+                "--parity-images",
+                "0",
+            ).returncode
+            == 0
+        )
+    one_line_error(
+        cli(*args),
+        str(bomb),
+        "30000 x 30000 = 900,000,000 pixels is over the limit of 67,108,864 pixels",
+        "--max-pixels",
+    )
     assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists() and not (tmp_path / "p").exists()
 
 
@@ -315,18 +451,27 @@ def test_max_pixels_sets_the_limit(tiny_checkpoint, tiny_data, tmp_path, cli, on
 
 
 @pytest.mark.parametrize("value", [300, -1, True, "255", 1.5])
-def test_dataset_json_ignore_index_outside_0_255_is_one_line(value, tiny_data, tiny_checkpoint, tmp_path, cli, one_line_error):
+def test_dataset_json_ignore_index_outside_0_255_is_one_line(
+    value, tiny_data, tiny_checkpoint, tmp_path, cli, one_line_error
+):
     root = tmp_path / "data"
     shutil.copytree(tiny_data, root)
     meta = json.loads((root / "dataset.json").read_text())
     (root / "dataset.json").write_text(json.dumps({**meta, "ignore_index": value}))
-    one_line_error(cli("eval", str(tiny_checkpoint), "--data", str(root)), str(root / "dataset.json"), '"ignore_index" must be null or an integer in 0..255', json.dumps(value))
+    one_line_error(
+        cli("eval", str(tiny_checkpoint), "--data", str(root)),
+        str(root / "dataset.json"),
+        '"ignore_index" must be null or an integer in 0..255',
+        json.dumps(value),
+    )
 
 
 def test_write_failed_names_the_file_and_the_free_space(tmp_path):
     from unet_edge.io import write_failed
 
-    error = write_failed(tmp_path / "model.xml", RuntimeError("Exception from serialize.cpp:\nbasic_ios::clear: iostream error"))
+    error = write_failed(
+        tmp_path / "model.xml", RuntimeError("Exception from serialize.cpp:\nbasic_ios::clear: iostream error")
+    )
     assert isinstance(error, OutputError)
     assert str(error).startswith(f"{tmp_path / 'model.xml'}: cannot write (basic_ios::clear: iostream error; ")
     assert "MB free on that device" in str(error) or "the device is full" in str(error)

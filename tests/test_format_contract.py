@@ -121,23 +121,49 @@ def toy_registered(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_format_defined_in_one_place_exports_verifies_benches_and_predicts(toy_registered, tiny_checkpoint, tiny_data, tmp_path, cli, agreement):
+def test_a_format_defined_in_one_place_exports_verifies_benches_and_predicts(
+    toy_registered, tiny_checkpoint, tiny_data, tmp_path, cli, agreement
+):
     from unet_edge.export import ExportOptions, run_export
     from unet_edge_cli.export import _format_parameters
 
     assert "toy_note" in [p.name for p in _format_parameters()]  # its option reaches `unet-edge export`
-    result = cli("export", str(tiny_checkpoint), "--format", "toy", "--out", str(tmp_path), "--name", "t", "--parity-images", "4")
+    result = cli(
+        "export", str(tiny_checkpoint), "--format", "toy", "--out", str(tmp_path), "--name", "t", "--parity-images", "4"
+    )
     assert result.returncode == 0, result.stderr
     model = tmp_path / "t" / TOY_FILE
     (entry,) = json.loads((tmp_path / "t" / "manifest.json").read_text())["artifacts"]
     assert entry["file"] == TOY_FILE and entry["format"] == "toy" and entry["parity"]["passed"] is True
 
-    verify = cli("verify", str(model), "--checkpoint", str(tiny_checkpoint), "--num-images", "4", "--json", str(tmp_path / "v.json"))
+    verify = cli(
+        "verify",
+        str(model),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--num-images",
+        "4",
+        "--json",
+        str(tmp_path / "v.json"),
+    )
     assert verify.returncode == 0, verify.stderr
     (row,) = json.loads((tmp_path / "v.json").read_text())["artifacts"]
     assert row["format"] == "toy" and row["passed"] is True
 
-    bench = cli("bench", str(model), "--providers", "cpu", "--batch-sizes", "1", "--image-size", "32", "--iters", "3", "--json", str(tmp_path / "b.json"))
+    bench = cli(
+        "bench",
+        str(model),
+        "--providers",
+        "cpu",
+        "--batch-sizes",
+        "1",
+        "--image-size",
+        "32",
+        "--iters",
+        "3",
+        "--json",
+        str(tmp_path / "b.json"),
+    )
     assert bench.returncode == 0, bench.stderr
     rows = json.loads((tmp_path / "b.json").read_text())["results"]
     assert [(r["backend"], r["status"], r["latency_ms"]["p50"] > 0) for r in rows] == [("toy-runtime", "ok", True)]
@@ -149,7 +175,16 @@ def test_a_format_defined_in_one_place_exports_verifies_benches_and_predicts(toy
     for mask in sorted((tmp_path / "eager").glob("*_mask.png")):
         assert agreement(np.asarray(Image.open(tmp_path / "toy" / mask.name)), np.asarray(Image.open(mask))) == 1.0
 
-    noted = run_export(ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, name="n", formats=("toy",), parity_images=0, format_options={"toy_note": "hi"}))
+    noted = run_export(
+        ExportOptions(
+            checkpoint=tiny_checkpoint,
+            out=tmp_path,
+            name="n",
+            formats=("toy",),
+            parity_images=0,
+            format_options={"toy_note": "hi"},
+        )
+    )
     with np.load(noted.artifacts[0].path) as archive:
         assert json.loads(str(archive["__metadata__"]))["toy_note"] == "hi"
 
@@ -159,7 +194,9 @@ def test_an_undeclared_export_option_is_refused(tiny_checkpoint, tmp_path):
     from unet_edge.export import ExportOptions, run_export
 
     with pytest.raises(UNetEdgeError, match="unknown export option 'opsett'"):
-        run_export(ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, formats=("onnx",), format_options={"opsett": 17}))
+        run_export(
+            ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, formats=("onnx",), format_options={"opsett": 17})
+        )
     assert not any(tmp_path.iterdir())
 
 
@@ -170,7 +207,15 @@ def test_a_format_refuses_its_options_before_anything_is_written(tiny_checkpoint
     from unet_edge.export import ExportOptions, run_export
 
     with pytest.raises(UNetEdgeError, match=f"ExecuTorch bounds must be a batch >= 1 and a size >= 2, {got}"):
-        run_export(ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, formats=("executorch",), parity_images=0, format_options=options))
+        run_export(
+            ExportOptions(
+                checkpoint=tiny_checkpoint,
+                out=tmp_path,
+                formats=("executorch",),
+                parity_images=0,
+                format_options=options,
+            )
+        )
     assert not any(tmp_path.iterdir())
 
 

@@ -20,7 +20,18 @@ pytestmark = pytest.mark.slow  # exports and conversions: `make test` runs them,
 @pytest.fixture(scope="module")
 def pte_dir(tiny_checkpoint, tmp_path_factory, cli):
     out = tmp_path_factory.mktemp("exported-executorch")
-    result = cli("export", str(tiny_checkpoint), "--format", "executorch", "--precision", "int8", "--out", str(out), "--name", "tiny")
+    result = cli(
+        "export",
+        str(tiny_checkpoint),
+        "--format",
+        "executorch",
+        "--precision",
+        "int8",
+        "--out",
+        str(out),
+        "--name",
+        "tiny",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return out / "tiny"
 
@@ -99,9 +110,21 @@ def test_export_bounds_are_options_stored_in_the_program(pte_dir, tiny_checkpoin
     folder = tmp_path / "small"
     shutil.copytree(pte_dir, folder)
     result = cli(
-        "export", str(tiny_checkpoint), "--format", "executorch", "--max-batch", "1", "--max-size", "96",
-        "--out", str(tmp_path), "--name", "small", "--parity-images", "2",
-    )  # fmt: skip
+        "export",
+        str(tiny_checkpoint),
+        "--format",
+        "executorch",
+        "--max-batch",
+        "1",
+        "--max-size",
+        "96",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "small",
+        "--parity-images",
+        "2",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     contract = {"batch": [1, 1], "height": [2, 96], "width": [2, 96]}
     entries = {e["file"]: e for e in json.loads((folder / "manifest.json").read_text())["artifacts"]}
@@ -124,7 +147,10 @@ def test_truncated_program_without_manifest_is_one_line(pte_dir, odd_image, tmp_
     loose.mkdir()
     truncated = loose / "model.pte"
     truncated.write_bytes((pte_dir / "model.pte").read_bytes()[:4096])
-    one_line_error(cli("predict", str(truncated), str(odd_image), "--out", str(tmp_path / "out")), "model.pte: ExecuTorch cannot load it")
+    one_line_error(
+        cli("predict", str(truncated), str(odd_image), "--out", str(tmp_path / "out")),
+        "model.pte: ExecuTorch cannot load it",
+    )
 
 
 def test_opening_without_a_thread_count_keeps_the_pool_a_loaded_program_uses(pte_dir):
@@ -142,6 +168,8 @@ def test_opening_without_a_thread_count_keeps_the_pool_a_loaded_program_uses(pte
         "except ArtifactError as exc:\n"
         "    print('refused:', exc)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(pte_dir / "model.pte")], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(pte_dir / "model.pte")], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "refused:" in done.stdout and "cannot change to 2" in done.stdout

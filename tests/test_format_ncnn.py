@@ -65,4 +65,6 @@ def test_loose_files_truncated_or_without_sidecar_are_one_line(ncnn_dir, odd_ima
     shutil.copy(ncnn_dir / "model.ncnn.json", loose / "model.ncnn.json")
     weights = loose / "model.ncnn.bin"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    one_line_error(cli("predict", str(param), str(odd_image), "--out", out), "model.ncnn.bin: ncnn cannot load the weights")
+    one_line_error(
+        cli("predict", str(param), str(odd_image), "--out", out), "model.ncnn.bin: ncnn cannot load the weights"
+    )

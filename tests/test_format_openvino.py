@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("openvino", reason="OpenVINO is an optional extra: pip install 'unet-edge[openvino]'")
 
-from unet_edge.cpuinfo import cpu_bf16_skip_reason  # noqa: E402
+from unet_edge.cpuinfo import cpu_bf16_skip_reason
 
 pytestmark = pytest.mark.slow  # exports and conversions: `make test` runs them, `make test-fast` does not
 
@@ -25,7 +25,18 @@ FILES = ("model.xml", "model_int8.xml") if BF16_SKIPPED else ("model.xml", "mode
 @pytest.fixture(scope="module")
 def ov_dir(tiny_checkpoint, tmp_path_factory, cli):
     out = tmp_path_factory.mktemp("exported-openvino")
-    result = cli("export", str(tiny_checkpoint), "--format", "openvino", "--precision", "bf16,int8", "--out", str(out), "--name", "tiny")
+    result = cli(
+        "export",
+        str(tiny_checkpoint),
+        "--format",
+        "openvino",
+        "--precision",
+        "bf16,int8",
+        "--out",
+        str(out),
+        "--name",
+        "tiny",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "int8: val mIoU" in result.stdout
     if BF16_SKIPPED:
@@ -54,7 +65,9 @@ def test_export_writes_three_irs_with_manifest_entries(ov_dir):
         assert entry["compile_config"] == {"INFERENCE_PRECISION_HINT": hints[file]}
         assert entry["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
         assert entry["parity"]["passed"] is True
-    assert [entries[f]["precision"] for f in sorted(entries)] == (["fp32", "int8"] if BF16_SKIPPED else ["fp32", "bf16", "int8"])
+    assert [entries[f]["precision"] for f in sorted(entries)] == (
+        ["fp32", "int8"] if BF16_SKIPPED else ["fp32", "bf16", "int8"]
+    )
     for file in FILES[1:]:
         budget = entries[file]["quantization"]
         assert budget["max_miou_drop"] == 0.01 and budget["validation_images"] == 6
@@ -96,7 +109,9 @@ def test_damaged_ir_without_manifest_is_one_line(ov_dir, odd_image, tmp_path, cl
         shutil.copy(ov_dir / name, loose / name)
     xml = loose / "model.xml"
     xml.write_text(xml.read_text()[:-200])
-    one_line_error(cli("predict", str(xml), str(odd_image), "--out", str(tmp_path / "out")), "model.xml: OpenVINO cannot load it")
+    one_line_error(
+        cli("predict", str(xml), str(odd_image), "--out", str(tmp_path / "out")), "model.xml: OpenVINO cannot load it"
+    )
 
 
 def test_fold_is_decided_per_format_not_by_whether_onnx_is_exported(tiny_checkpoint, tmp_path):
@@ -105,9 +120,19 @@ def test_fold_is_decided_per_format_not_by_whether_onnx_is_exported(tiny_checkpo
     from unet_edge.export import ExportOptions, run_export
 
     def export(name, formats):
-        run_export(ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, name=name, formats=formats, fold=True, parity_images=0))
-        entry = next(e for e in json.loads((tmp_path / name / "manifest.json").read_text())["artifacts"] if e["file"] == "model.xml")
-        graph = re.findall(r'type="(\w+)"', (tmp_path / name / "model.xml").read_text())  # the ops (OpenVINO numbers node names)
+        run_export(
+            ExportOptions(
+                checkpoint=tiny_checkpoint, out=tmp_path, name=name, formats=formats, fold=True, parity_images=0
+            )
+        )
+        entry = next(
+            e
+            for e in json.loads((tmp_path / name / "manifest.json").read_text())["artifacts"]
+            if e["file"] == "model.xml"
+        )
+        graph = re.findall(
+            r'type="(\w+)"', (tmp_path / name / "model.xml").read_text()
+        )  # the ops (OpenVINO numbers node names)
         return entry, graph, (tmp_path / name / "model.bin").read_bytes()
 
     alone, with_onnx = export("alone", ("openvino",)), export("with-onnx", ("onnx", "openvino"))
@@ -115,6 +140,9 @@ def test_fold_is_decided_per_format_not_by_whether_onnx_is_exported(tiny_checkpo
     assert alone[1:] == with_onnx[1:]
     assert alone[1].count("Convolution") == with_onnx[1].count("Convolution") > 0
     # and the folded graph is not the trained one
-    run_export(ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, name="plain", formats=("openvino",), fold=False, parity_images=0))
+    run_export(
+        ExportOptions(
+            checkpoint=tiny_checkpoint, out=tmp_path, name="plain", formats=("openvino",), fold=False, parity_images=0
+        )
+    )
     assert (tmp_path / "plain" / "model.bin").read_bytes() != alone[2]
-

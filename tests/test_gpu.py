@@ -3,8 +3,8 @@
 import json
 
 import numpy as np
-import pytest
 import onnxruntime
+import pytest
 import torch
 from torch import nn
 
@@ -18,7 +18,9 @@ def test_cuda_amp_training_logs_the_miou_of_fp32_eval(tiny_data, tmp_path, cli, 
     """AMP (bf16 or fp16 + grad scaler), channels_last and pinned memory on CUDA; the checkpoint is plain CPU data."""
     run = trainer(tiny_data, tmp_path, name="cuda", epochs=2, device="cuda", amp=True, workers=2)
     assert all(np.isfinite(r["train_loss"]) for r in run.history)
-    state = torch.load(run.run_dir / "best.pt", weights_only=True)  # no map_location: tensors load where they were saved
+    state = torch.load(
+        run.run_dir / "best.pt", weights_only=True
+    )  # no map_location: tensors load where they were saved
     assert all(t.device.type == "cpu" for t in state["model"].values())
     out = tmp_path / "eval.json"
     result = cli("eval", str(run.run_dir / "best.pt"), "--data", str(tiny_data), "--device", "cuda", "--json", str(out))
@@ -35,16 +37,28 @@ def test_fp16_autocast_with_grad_scaler_trains():
 
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = build_model(ModelConfig(num_classes=3, base_channels=4, depth=2)).to(device).to(memory_format=torch.channels_last)
+    model = (
+        build_model(ModelConfig(num_classes=3, base_channels=4, depth=2))
+        .to(device)
+        .to(memory_format=torch.channels_last)
+    )
     before = [p.detach().clone() for p in model.parameters()]
-    batches = [(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (4, 32, 32))) for _ in range(3)]
+    batches = [
+        (torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 3, (4, 32, 32))) for _ in range(3)
+    ]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     stats = train_one_epoch(
-        model, batches, optimizer, scheduler, nn.CrossEntropyLoss(), device,
-        autocast=torch.autocast("cuda", dtype=torch.float16), scaler=torch.amp.GradScaler("cuda"),
+        model,
+        batches,
+        optimizer,
+        scheduler,
+        nn.CrossEntropyLoss(),
+        device,
+        autocast=torch.autocast("cuda", dtype=torch.float16),
+        scaler=torch.amp.GradScaler("cuda"),
         normalize=BatchNormalize(channels_last=True),
-    )  # fmt: skip
+    )
     assert stats.images == 12 and np.isfinite(stats.loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
@@ -79,9 +93,14 @@ def test_every_pytorch_variant_and_dtype_runs_on_cuda(tiny_checkpoint):
     from unet_edge.bench import BenchSpec, run_bench
 
     spec = BenchSpec(
-        batch_sizes=(2,), height=64, width=64, warmup=1, iters=3,
-        torch_variants=("eager", "channels-last", "compile", "cudagraphs"), dtypes=("fp32", "bf16", "fp16"),
-    )  # fmt: skip
+        batch_sizes=(2,),
+        height=64,
+        width=64,
+        warmup=1,
+        iters=3,
+        torch_variants=("eager", "channels-last", "compile", "cudagraphs"),
+        dtypes=("fp32", "bf16", "fp16"),
+    )
     rows = run_bench([tiny_checkpoint], spec, ("cuda",))["results"]
     assert len(rows) == 4 * 3
     assert [r for r in rows if r["status"] != "ok"] == []
@@ -96,12 +115,34 @@ def test_cuda_gemm_reference_is_measured_for_every_precision(precision):
     assert measure_matmul_gflops("cuda", precision, size=2048, seconds=0.2) > 100.0
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fewer than 2 CUDA GPUs: NCCL distributed training is not exercised")
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="fewer than 2 CUDA GPUs: NCCL distributed training is not exercised"
+)
 def test_two_gpu_nccl_epoch_logs_the_miou_of_single_process_eval(tiny_data, tmp_path, cli):
     result = cli(
-        "train", "--nproc-per-node", "2", "--data", str(tiny_data), "--epochs", "1", "--batch-size", "4", "--image-size", "32",
-        "--base-channels", "4", "--depth", "2", "--device", "cuda", "--out", str(tmp_path), "--name", "nccl", in_process=False,
-    )  # fmt: skip
+        "train",
+        "--nproc-per-node",
+        "2",
+        "--data",
+        str(tiny_data),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--image-size",
+        "32",
+        "--base-channels",
+        "4",
+        "--depth",
+        "2",
+        "--device",
+        "cuda",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "nccl",
+        in_process=False,
+    )
     assert result.returncode == 0, result.stderr
     run = tmp_path / "nccl"
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
@@ -134,5 +175,8 @@ def test_cuda_training_layout_gives_float64_gradients(monkeypatch):
     reference = copy.deepcopy(model).double()
     nn.functional.cross_entropy(reference(BatchNormalize()(images).double()), masks).backward()
     got = dict(trained.named_parameters())
-    worst = max(((got[n].grad.double().cpu() - p.grad).norm() / p.grad.norm().clamp_min(1e-12)).item() for n, p in reference.named_parameters())
+    worst = max(
+        ((got[n].grad.double().cpu() - p.grad).norm() / p.grad.norm().clamp_min(1e-12)).item()
+        for n, p in reference.named_parameters()
+    )
     assert worst < 1e-3, worst

@@ -19,23 +19,46 @@ def test_gpu_check_cpu_smoke_runs_every_step_and_writes_its_reports(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(tmp_path)}
     done = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == [
-        "bench_48.json", "bench_64.json", "gpu_check.json", "gpu_check.log", "gpu_check.md", "train_metrics.jsonl",
-    ]  # fmt: skip
+        "bench_48.json",
+        "bench_64.json",
+        "gpu_check.json",
+        "gpu_check.log",
+        "gpu_check.md",
+        "train_metrics.jsonl",
+    ]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["mode"] == "cpu-smoke" and report["passed"] is True
     status = {step["step"]: (step["status"], step["detail"]) for step in report["steps"]}
     expected = [
-        "install", "versions", "gpu-tests", "data", "train", "train-check", "train-sweep", "export-onnx", "export-torchscript", "verify-cpu",
-        "bench-48", "bench-64",
-    ]  # fmt: skip
+        "install",
+        "versions",
+        "gpu-tests",
+        "data",
+        "train",
+        "train-check",
+        "train-sweep",
+        "export-onnx",
+        "export-torchscript",
+        "verify-cpu",
+        "bench-48",
+        "bench-64",
+    ]
     assert all(status[name][0] == "ok" for name in expected), status
     assert status["verify-cuda"] == ("skipped", "CUDA step: --cpu-smoke verifies TorchScript on the CPU instead")
-    assert status["bench-48-compile"][0] == "skipped" and "torch.compile takes about a minute" in status["bench-48-compile"][1]
+    assert (
+        status["bench-48-compile"][0] == "skipped"
+        and "torch.compile takes about a minute" in status["bench-48-compile"][1]
+    )
     assert report["versions"]["cuda_available"] is False
     bench = {(row["model"], row["variant"], row["precision"], row["batch"]): row for row in report["bench"]}
     bf16_skipped = cpu_bf16_skip_reason()  # bf16 is timed only where the CPU computes it natively
@@ -58,7 +81,14 @@ def test_gpu_check_without_a_gpu_and_without_cpu_smoke_fails_at_the_versions_ste
         pytest.skip("this machine has a CUDA GPU: the full check would run")
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(tmp_path), "BUDGET_S": "60"}
-    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1
     report = json.loads((out / "gpu_check.json").read_text())
     status = {step["step"]: (step["status"], step["detail"]) for step in report["steps"]}

@@ -31,7 +31,9 @@ def test_end_to_end_model_interface_metadata_and_manifest(e2e_dir):
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["input_format"] == "nhwc-uint8" and json.loads(meta["classes"]) == CLASSES
 
-    entry = next(e for e in json.loads((e2e_dir / "manifest.json").read_text())["artifacts"] if e["file"] == "model_e2e.onnx")
+    entry = next(
+        e for e in json.loads((e2e_dir / "manifest.json").read_text())["artifacts"] if e["file"] == "model_e2e.onnx"
+    )
     assert entry["input_format"] == "nhwc-uint8" and entry["inputs"][0]["dtype"] == "uint8"
     assert entry["parity"]["passed"] is True and entry["parity"]["pixel_agreement"] >= 0.999
     assert entry["parity"]["max_abs_diff"] is None  # masks only: the model gives no logits to compare
@@ -79,7 +81,9 @@ def read_mask(path) -> np.ndarray:
         return np.asarray(image)
 
 
-def test_predict_checkpoint_and_exported_models_agree(e2e_dir, tiny_checkpoint, tiny_data, odd_image, tmp_path, cli, agreement):
+def test_predict_checkpoint_and_exported_models_agree(
+    e2e_dir, tiny_checkpoint, tiny_data, odd_image, tmp_path, cli, agreement
+):
     val = tiny_data / "val" / "images"
     masks = {}
     for model in (tiny_checkpoint, e2e_dir / "model_e2e.onnx"):  # model.onnx and the other formats: test_formats.py
@@ -128,13 +132,23 @@ def test_predict_options_mixed_sizes_and_limit(tiny_checkpoint, tiny_data, odd_i
     out = tmp_path / "out"
     result = cli("predict", str(tiny_checkpoint), str(folder), "--out", str(out), "--no-overlay", "--batch-size", "2")
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["00000_mask.png", "00001_mask.png", "00002_mask.png", "z_odd_mask.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "00000_mask.png",
+        "00001_mask.png",
+        "00002_mask.png",
+        "z_odd_mask.png",
+    ]
     assert read_mask(out / "z_odd_mask.png").shape == (97, 131)
 
     limited = tmp_path / "limited"
     result = cli("predict", str(tiny_checkpoint), str(folder), "--out", str(limited), "--limit", "2")
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in limited.iterdir()) == ["00000_mask.png", "00000_overlay.png", "00001_mask.png", "00001_overlay.png"]
+    assert sorted(p.name for p in limited.iterdir()) == [
+        "00000_mask.png",
+        "00000_overlay.png",
+        "00001_mask.png",
+        "00001_overlay.png",
+    ]
 
 
 def test_predict_errors_are_one_line(tiny_checkpoint, tmp_path, cli):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from unet_edge.fold import FoldError, fold_batchnorm
-from unet_edge.model import UNetStudent
 from unet_edge.formats.onnx_quantize import quantize_with_budget
+from unet_edge.model import UNetStudent
 
 pytestmark = pytest.mark.slow  # exports and conversions: `make test` runs them, `make test-fast` does not
 
@@ -33,7 +33,11 @@ def _randomise_batchnorm(model, negative_in_decoder=True):
 @pytest.mark.parametrize("upsample", ["transpose", "bilinear"])
 @pytest.mark.parametrize("downsample", ["maxpool", "strided"])
 def test_fold_is_exact_at_every_border_and_size(block_order, upsample, downsample, int8_layout):
-    model = _randomise_batchnorm(UNetStudent(num_classes=3, base_channels=4, depth=3, block_order=block_order, upsample=upsample, downsample=downsample))
+    model = _randomise_batchnorm(
+        UNetStudent(
+            num_classes=3, base_channels=4, depth=3, block_order=block_order, upsample=upsample, downsample=downsample
+        )
+    )
     folded = fold_batchnorm(model, int8_layout=int8_layout)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     for size in [(37, 29), (16, 16), (5, 70)]:
@@ -46,7 +50,9 @@ def test_fold_is_exact_at_every_border_and_size(block_order, upsample, downsampl
 def test_int8_layout_gives_every_convolution_channel_counts_the_int8_kernels_take(block_order):
     from unet_edge.fold import CHANNEL_ALIGNMENT, INPUT_CHANNEL_ALIGNMENT, MIN_OUTPUT_CHANNELS
 
-    model = _randomise_batchnorm(UNetStudent(num_classes=3, base_channels=16, depth=2, block_order=block_order), negative_in_decoder=False)
+    model = _randomise_batchnorm(
+        UNetStudent(num_classes=3, base_channels=16, depth=2, block_order=block_order), negative_in_decoder=False
+    )
     convs = [m for m in fold_batchnorm(model, int8_layout=True).modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(c.in_channels % INPUT_CHANNEL_ALIGNMENT == 0 for c in convs)
     assert all(c.out_channels % CHANNEL_ALIGNMENT == 0 and c.out_channels >= MIN_OUTPUT_CHANNELS for c in convs)
@@ -97,14 +103,30 @@ def test_budget_keeps_just_enough_layers_in_float(tiny_checkpoint, tmp_path):
     assert [a["kept_float"] for a in result.attempts] == [0, 1, 2, 4]
     assert len(result.kept_float) == 4 and len({k["node"] for k in result.kept_float}) == 4
     assert _quantised_convs(result.path)[0] == total - 4
-    impossible = quantize_with_budget(source, tmp_path / "int8b.onnx", calibration, lambda p: (0.5, 0.9), max_miou_drop=0.0)
+    impossible = quantize_with_budget(
+        source, tmp_path / "int8b.onnx", calibration, lambda p: (0.5, 0.9), max_miou_drop=0.0
+    )
     assert not impossible.within_budget and len(impossible.kept_float) == total
 
 
 @pytest.mark.slow
 def test_int8_and_fp16_export_pass_verify(tiny_checkpoint, tmp_path, cli):
-    result = cli("export", str(tiny_checkpoint), "--format", "onnx", "--precision", "fp16,int8", "--out", str(tmp_path), "--name", "q",
-                     "--calib-images", "8", "--parity-images", "6")
+    result = cli(
+        "export",
+        str(tiny_checkpoint),
+        "--format",
+        "onnx",
+        "--precision",
+        "fp16,int8",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "q",
+        "--calib-images",
+        "8",
+        "--parity-images",
+        "6",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     folder = tmp_path / "q"
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -113,7 +135,9 @@ def test_int8_and_fp16_export_pass_verify(tiny_checkpoint, tmp_path, cli):
     quant = entries["model_int8.onnx"]["quantization"]
     assert quant["within_budget"] and quant["miou_drop"] <= 0.01 and quant["calibration"]["images"] == 8
     assert entries["model_int8.onnx"]["batchnorm_folded"] is True
-    assert entries["model_int8.onnx"]["size_bytes"] < entries["model.onnx"]["size_bytes"]  # 4x on real sizes; QDQ scales dominate a 4-channel net
+    assert (
+        entries["model_int8.onnx"]["size_bytes"] < entries["model.onnx"]["size_bytes"]
+    )  # 4x on real sizes; QDQ scales dominate a 4-channel net
     meta = {p.key: p.value for p in onnx.load(str(folder / "model_int8.onnx")).metadata_props}
     assert meta["precision"] == "int8"
     report_path = tmp_path / "verify.json"
@@ -124,7 +148,9 @@ def test_int8_and_fp16_export_pass_verify(tiny_checkpoint, tmp_path, cli):
     assert report["int8"]["miou_drop"] <= 0.01 and report["int8"]["thresholds"]["max_miou_drop"] == 0.01
 
 
-def test_the_export_budget_runs_the_checkpoint_once_however_many_files_it_checks(tiny_checkpoint, tiny_data, tmp_path, monkeypatch):
+def test_the_export_budget_runs_the_checkpoint_once_however_many_files_it_checks(
+    tiny_checkpoint, tiny_data, tmp_path, monkeypatch
+):
     """The budget an export hands to every format computes the checkpoint's validation predictions (and loads the
     images) once; each file checked costs one run of that file only."""
     from unet_edge import parity
@@ -132,12 +158,27 @@ def test_the_export_budget_runs_the_checkpoint_once_however_many_files_it_checks
     from unet_edge.export import ExportOptions, run_export
     from unet_edge.formats import Precision
 
-    folder = run_export(ExportOptions(checkpoint=tiny_checkpoint, out=tmp_path, name="e", formats=("onnx", "torchscript"), parity_images=0)).folder
+    folder = run_export(
+        ExportOptions(
+            checkpoint=tiny_checkpoint, out=tmp_path, name="e", formats=("onnx", "torchscript"), parity_images=0
+        )
+    ).folder
     runs = []
     real_run_backend = parity.run_backend
-    monkeypatch.setattr(parity, "run_backend", lambda backend, images: runs.append(backend.backend) or real_run_backend(backend, images))
+    monkeypatch.setattr(
+        parity, "run_backend", lambda backend, images: runs.append(backend.backend) or real_run_backend(backend, images)
+    )
     budget = parity.export_budget(load_model(tiny_checkpoint), tiny_data, max_miou_drop=0.01)
-    records = [budget.check(folder / name, Precision.INT8, tool="test") for name in ("model.onnx", "model.ts", "model.onnx")]
+    records = [
+        budget.check(folder / name, Precision.INT8, tool="test") for name in ("model.onnx", "model.ts", "model.onnx")
+    ]
     assert runs == ["pytorch", "onnxruntime", "torchscript", "onnxruntime"]
-    assert all(r["miou_drop"] == pytest.approx(0.0, abs=1e-9) and r["within_budget"] and r["validation_images"] > 0 for r in records)
-    assert records[0]["miou_reference"] == records[1]["miou_reference"] and records[0]["precision"] == "int8" and records[0]["tool"] == "test"
+    assert all(
+        r["miou_drop"] == pytest.approx(0.0, abs=1e-9) and r["within_budget"] and r["validation_images"] > 0
+        for r in records
+    )
+    assert (
+        records[0]["miou_reference"] == records[1]["miou_reference"]
+        and records[0]["precision"] == "int8"
+        and records[0]["tool"] == "test"
+    )

@@ -35,7 +35,13 @@ def snapshot(*roots: Path) -> dict[str, tuple[bytes, int]]:
     .lock is left out: each process that takes the lock writes its pid there)."""
     files = {}
     for root in roots:
-        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.name != ".lock") if root.exists() else []
+        paths = (
+            [root]
+            if root.is_file()
+            else sorted(p for p in root.rglob("*") if p.is_file() and p.name != ".lock")
+            if root.exists()
+            else []
+        )
         for path in paths:
             files[str(path)] = (path.read_bytes(), path.stat().st_mtime_ns)
     return files
@@ -65,26 +71,92 @@ def workspace(tmp_path_factory, tiny_checkpoint, exported_all) -> Path:
 
 
 BAD_INPUTS = {
-    "train: missing --data folder": (["train", "--data", "{ws}/missing", *TINY_TRAIN, "--out", "{ws}/runs"], ["missing: dataset folder not found"]),
-    "train: --data is a file": (["train", "--data", "{ws}/notes.txt", *TINY_TRAIN, "--out", "{ws}/runs"], ["notes.txt: dataset folder not found"]),
-    "train: unknown --device": (["train", "--data", "{data}", *TINY_TRAIN, "--device", "tpu9", "--out", "{ws}/runs"], ["unknown device 'tpu9'"]),
-    "train: --resume a text file": (["train", "--resume", "{ws}/notes.txt", "--device", "cpu"], ["notes.txt: not a readable checkpoint"]),
-    "train: --out under a file": (["train", "--data", "{data}", *TINY_TRAIN, "--epochs", "1", "--out", "{ws}/plain-file"], ["plain-file", "Not a directory"]),
-    "eval: a folder as checkpoint": (["eval", "{ws}/exported", "--device", "cpu"], ["exported: is a folder, expected a checkpoint file"]),
+    "train: missing --data folder": (
+        ["train", "--data", "{ws}/missing", *TINY_TRAIN, "--out", "{ws}/runs"],
+        ["missing: dataset folder not found"],
+    ),
+    "train: --data is a file": (
+        ["train", "--data", "{ws}/notes.txt", *TINY_TRAIN, "--out", "{ws}/runs"],
+        ["notes.txt: dataset folder not found"],
+    ),
+    "train: unknown --device": (
+        ["train", "--data", "{data}", *TINY_TRAIN, "--device", "tpu9", "--out", "{ws}/runs"],
+        ["unknown device 'tpu9'"],
+    ),
+    "train: --resume a text file": (
+        ["train", "--resume", "{ws}/notes.txt", "--device", "cpu"],
+        ["notes.txt: not a readable checkpoint"],
+    ),
+    "train: --out under a file": (
+        ["train", "--data", "{data}", *TINY_TRAIN, "--epochs", "1", "--out", "{ws}/plain-file"],
+        ["plain-file", "Not a directory"],
+    ),
+    "eval: a folder as checkpoint": (
+        ["eval", "{ws}/exported", "--device", "cpu"],
+        ["exported: is a folder, expected a checkpoint file"],
+    ),
     "eval: unknown --device": (["eval", "{ws}/best.pt", "--device", "tpu9"], ["unknown device 'tpu9'"]),
-    "eval: missing --data": (["eval", "{ws}/best.pt", "--data", "{ws}/missing", "--device", "cpu"], ["missing: dataset folder not found"]),
-    "eval: --json is a folder": (["eval", "{ws}/best.pt", "--data", "{data}", "--device", "cpu", "--json", "{ws}/exported"], ["exported: is a folder, expected a file path"]),
-    "eval: --json under a file": (["eval", "{ws}/best.pt", "--data", "{data}", "--device", "cpu", "--json", "{ws}/plain-file/r.json"], ["r.json: cannot write here", "plain-file is not a folder"]),
-    "export: a text file": (["export", "{ws}/notes.txt", "--out", "{ws}/new-export"], ["notes.txt: not a readable checkpoint"]),
-    "export: a PNG": (["export", "{ws}/picture.png", "--out", "{ws}/new-export"], ["picture.png: not a readable checkpoint"]),
-    "export: --out under a file": (["export", "{ws}/best.pt", "--out", "{ws}/plain-file", "--parity-images", "0"], ["plain-file", "Not a directory"]),
-    "verify: a text file": (["verify", "{ws}/notes.txt", "--checkpoint", "{ws}/best.pt"], ["notes.txt: unsupported model file"]),
-    "verify: a PNG as model": (["verify", "{ws}/picture.png", "--checkpoint", "{ws}/best.pt"], ["picture.png: unsupported model file"]),
-    "verify: a folder as model": (["verify", "{ws}/exported/tiny", "--checkpoint", "{ws}/best.pt"], ["tiny: is a folder, expected a model file"]),
-    "verify: a PNG as checkpoint": (["verify", "{ws}/exported/tiny/model.onnx", "--checkpoint", "{ws}/picture.png"], ["picture.png: unsupported model file"]),
-    "bench: a text file": (["bench", "{ws}/notes.txt", "--providers", "cpu", "--iters", "1"], ["notes.txt: unsupported model file"]),
-    "bench: --markdown under a file": (["bench", "{ws}/exported/tiny/model.onnx", "--providers", "cpu", "--iters", "1", "--markdown", "{ws}/plain-file/b.md"], ["b.md: cannot write here"]),
-    "data synth: --out under a file": (["data", "synth", "--out", "{ws}/plain-file/data", "--num-train", "2", "--num-val", "1"], ["plain-file", "Not a directory"]),
+    "eval: missing --data": (
+        ["eval", "{ws}/best.pt", "--data", "{ws}/missing", "--device", "cpu"],
+        ["missing: dataset folder not found"],
+    ),
+    "eval: --json is a folder": (
+        ["eval", "{ws}/best.pt", "--data", "{data}", "--device", "cpu", "--json", "{ws}/exported"],
+        ["exported: is a folder, expected a file path"],
+    ),
+    "eval: --json under a file": (
+        ["eval", "{ws}/best.pt", "--data", "{data}", "--device", "cpu", "--json", "{ws}/plain-file/r.json"],
+        ["r.json: cannot write here", "plain-file is not a folder"],
+    ),
+    "export: a text file": (
+        ["export", "{ws}/notes.txt", "--out", "{ws}/new-export"],
+        ["notes.txt: not a readable checkpoint"],
+    ),
+    "export: a PNG": (
+        ["export", "{ws}/picture.png", "--out", "{ws}/new-export"],
+        ["picture.png: not a readable checkpoint"],
+    ),
+    "export: --out under a file": (
+        ["export", "{ws}/best.pt", "--out", "{ws}/plain-file", "--parity-images", "0"],
+        ["plain-file", "Not a directory"],
+    ),
+    "verify: a text file": (
+        ["verify", "{ws}/notes.txt", "--checkpoint", "{ws}/best.pt"],
+        ["notes.txt: unsupported model file"],
+    ),
+    "verify: a PNG as model": (
+        ["verify", "{ws}/picture.png", "--checkpoint", "{ws}/best.pt"],
+        ["picture.png: unsupported model file"],
+    ),
+    "verify: a folder as model": (
+        ["verify", "{ws}/exported/tiny", "--checkpoint", "{ws}/best.pt"],
+        ["tiny: is a folder, expected a model file"],
+    ),
+    "verify: a PNG as checkpoint": (
+        ["verify", "{ws}/exported/tiny/model.onnx", "--checkpoint", "{ws}/picture.png"],
+        ["picture.png: unsupported model file"],
+    ),
+    "bench: a text file": (
+        ["bench", "{ws}/notes.txt", "--providers", "cpu", "--iters", "1"],
+        ["notes.txt: unsupported model file"],
+    ),
+    "bench: --markdown under a file": (
+        [
+            "bench",
+            "{ws}/exported/tiny/model.onnx",
+            "--providers",
+            "cpu",
+            "--iters",
+            "1",
+            "--markdown",
+            "{ws}/plain-file/b.md",
+        ],
+        ["b.md: cannot write here"],
+    ),
+    "data synth: --out under a file": (
+        ["data", "synth", "--out", "{ws}/plain-file/data", "--num-train", "2", "--num-val", "1"],
+        ["plain-file", "Not a directory"],
+    ),
 }
 
 
@@ -121,7 +193,9 @@ def malicious(tmp_path) -> tuple[Path, Path]:
 
 def test_malicious_checkpoint_runs_no_code_in_load_checkpoint(malicious, tmp_path):
     path, marker = malicious
-    with pytest.raises(CheckpointError, match=r"malicious\.pt: refused to load: the file asks to run or build io\.open"):
+    with pytest.raises(
+        CheckpointError, match=r"malicious\.pt: refused to load: the file asks to run or build io\.open"
+    ):
         load_checkpoint(path)
     raw = tmp_path / "raw.pt"  # a bare pickle (the pre-zip torch format) with the same payload
     raw.write_bytes(pickle.dumps({"model": Payload(marker)}, protocol=2))
@@ -143,10 +217,23 @@ def test_malicious_checkpoint_runs_no_code_in_the_cli(command, malicious, tmp_pa
 def test_onnx_with_other_classes_than_the_checkpoint_is_refused(workspace, tmp_path, cli, one_line_error):
     two_class = tmp_path / "two-class.pt"
     config = ModelConfig(num_classes=2, base_channels=4, depth=2)
-    state = {"model": build_model(config).state_dict(), "config": config.to_dict(), "classes": ["bg", "fg"], "mean": [0.5] * 3, "std": [0.25] * 3}
+    state = {
+        "model": build_model(config).state_dict(),
+        "config": config.to_dict(),
+        "classes": ["bg", "fg"],
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+    }
     save_checkpoint(two_class, state)
     data = write_synth(tmp_path / "data", SynthSpec(num_train=2, num_val=2, size=32))
-    result = cli("verify", str(workspace / "exported" / "tiny" / "model.onnx"), "--checkpoint", str(two_class), "--data", str(data))
+    result = cli(
+        "verify",
+        str(workspace / "exported" / "tiny" / "model.onnx"),
+        "--checkpoint",
+        str(two_class),
+        "--data",
+        str(data),
+    )
     one_line_error(result, "model.onnx: classes", "differ from the checkpoint's ['bg', 'fg']")
 
 
@@ -206,13 +293,22 @@ DATA_PROBLEMS = {
     "truncated image": (lambda r: _truncate(r / "train/images/a.png"), r"train/images/a\.png: not a readable image"),
     "non-image file": (lambda r: (r / "train/images/a.png").write_text("hello"), r"a\.png: not a readable image"),
     "truncated jpeg": (
-        lambda r: ((r / "train/images/a.png").unlink(), Image.fromarray(np.random.default_rng(0).integers(0, 255, (10, 12, 3), np.uint8)).save(r / "train/images/a.jpg", quality=95), _truncate(r / "train/images/a.jpg")),
+        lambda r: (
+            (r / "train/images/a.png").unlink(),
+            Image.fromarray(np.random.default_rng(0).integers(0, 255, (10, 12, 3), np.uint8)).save(
+                r / "train/images/a.jpg", quality=95
+            ),
+            _truncate(r / "train/images/a.jpg"),
+        ),
         r"a\.jpg: not a readable image",
     ),
     "truncated label": (lambda r: _truncate(r / "val/labels/c.png"), r"val/labels/c\.png: not a readable label"),
     "image without label": (lambda r: (r / "train/labels/b.png").unlink(), r"train/images/b\.png: image has no label"),
     "label without image": (lambda r: (r / "val/images/c.png").unlink(), r"val/labels/c\.png: label has no image"),
-    "sizes differ": (lambda r: Image.fromarray(np.zeros((10, 13, 3), np.uint8)).save(r / "train/images/b.png"), r"b\.png: label is 12x10 but its image b\.png is 13x10"),
+    "sizes differ": (
+        lambda r: Image.fromarray(np.zeros((10, 13, 3), np.uint8)).save(r / "train/images/b.png"),
+        r"b\.png: label is 12x10 but its image b\.png is 13x10",
+    ),
     "value beyond dataset.json": (
         lambda r: Image.fromarray(np.pad(np.full((2, 3), 7, np.uint8), ((0, 8), (0, 9)))).save(r / "val/labels/c.png"),
         r"val/labels/c\.png: 6 pixels have value 7, neither a class id \(0\.\.2, from .*dataset\.json\) nor the ignore index 255",
@@ -251,7 +347,9 @@ def test_train_and_eval_stop_on_bad_labels_before_any_work(good_data, tiny_check
     assert not runs.exists() and snapshot(good_data, tiny_checkpoint) == before
     (good_data / "dataset.json").unlink()  # eval judges labels by the checkpoint's four classes instead
     before = snapshot(good_data, tiny_checkpoint)
-    result = cli("eval", str(tiny_checkpoint), "--data", str(good_data), "--device", "cpu", "--json", str(tmp_path / "r.json"))
+    result = cli(
+        "eval", str(tiny_checkpoint), "--data", str(good_data), "--device", "cpu", "--json", str(tmp_path / "r.json")
+    )
     one_line_error(result, "c.png: 6 pixels have value 7", "0..3, from", "best.pt")
     assert not (tmp_path / "r.json").exists() and snapshot(good_data, tiny_checkpoint) == before
 
@@ -285,13 +383,28 @@ def tiny_set(root: Path, num_train: int = 16) -> Path:
 
 
 def start_training(data: Path, out: Path, epochs: int, *extra: str) -> subprocess.Popen:
-    args = ["train", "--data", str(data), *TINY_TRAIN, "--epochs", str(epochs), "--out", str(out), "--name", "run", *extra]
+    args = [
+        "train",
+        "--data",
+        str(data),
+        *TINY_TRAIN,
+        "--epochs",
+        str(epochs),
+        "--out",
+        str(out),
+        "--name",
+        "run",
+        *extra,
+    ]
     # A shell without job control starts background jobs with SIGINT ignored, and children inherit that
     # (Python then installs no KeyboardInterrupt handler): give the run the disposition a terminal gives it.
     return subprocess.Popen(
-        [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [*CLI, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+    )
 
 
 def wait_for_epochs(log: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -305,7 +418,9 @@ def wait_for_epochs(log: Path, count: int, process: subprocess.Popen, timeout: f
 @pytest.mark.slow
 def test_sigint_keeps_the_last_finished_epoch_exits_130_and_resume_continues(tmp_path, cli, one_line_error):
     data, out = tiny_set(tmp_path / "data"), tmp_path / "runs"
-    process = start_training(data, out, 1000)  # more epochs than it gets to run: it is still running when the signal comes
+    process = start_training(
+        data, out, 1000
+    )  # more epochs than it gets to run: it is still running when the signal comes
     wait_for_epochs(out / "run" / "metrics.jsonl", 2, process)
     assert process.poll() is None, process.communicate()
     process.send_signal(signal.SIGINT)
@@ -354,13 +469,19 @@ def test_kill_9_at_a_random_moment_then_resume_finishes(tmp_path, seed, cli):
 @pytest.mark.slow
 def test_absurd_lr_stops_with_one_line_and_keeps_the_last_good_epoch(tmp_path, cli, one_line_error):
     data, out = tiny_set(tmp_path / "data", num_train=8), tmp_path / "runs"
-    result = cli("train", "--data", str(data), *TINY_TRAIN, "--epochs", "30", "--lr", "1e6", "--out", str(out), "--name", "run")
+    result = cli(
+        "train", "--data", str(data), *TINY_TRAIN, "--epochs", "30", "--lr", "1e6", "--out", str(out), "--name", "run"
+    )
     line = one_line_error(result, "training stopped in epoch", "loss became", "try a lower --lr")
     stopped = int(line.split("training stopped in epoch ")[1].split(":")[0])
     assert stopped >= 2, line  # the first epochs stay finite, so there is a good checkpoint to keep
     assert f"run/last.pt (epoch {stopped - 1}) is kept unchanged" in line
     assert load_checkpoint(out / "run" / "last.pt")["epoch"] == stopped - 1
-    assert all(torch.isfinite(t).all() for t in load_model(out / "run" / "best.pt").model.state_dict().values() if t.is_floating_point())
+    assert all(
+        torch.isfinite(t).all()
+        for t in load_model(out / "run" / "best.pt").model.state_dict().values()
+        if t.is_floating_point()
+    )
     assert len(read_jsonl(out / "run" / "metrics.jsonl")) == stopped - 1
 
 
@@ -373,5 +494,7 @@ def test_non_finite_loss_on_resume_leaves_checkpoints_untouched(tmp_path, interr
     save_checkpoint(run / "last.pt", state)
     before = snapshot(run)
     result = cli("train", "--resume", str(run / "last.pt"), "--device", "cpu")
-    one_line_error(result, "training stopped in epoch 2: loss became nan at step 1", "last.pt (epoch 1) is kept unchanged")
+    one_line_error(
+        result, "training stopped in epoch 2: loss became nan at step 1", "last.pt (epoch 1) is kept unchanged"
+    )
     assert snapshot(run) == before

@@ -16,8 +16,25 @@ from unet_edge.train import TrainHooks, fit
 @pytest.mark.slow
 def test_one_epoch_train_subprocess_writes_run_folder(tiny_data, tmp_path, cli):
     result = cli(
-        "train", "--data", str(tiny_data), "--epochs", "1", "--batch-size", "8", "--image-size", "32",
-        "--base-channels", "4", "--depth", "2", "--out", str(tmp_path), "--name", "one", "--device", "cpu",
+        "train",
+        "--data",
+        str(tiny_data),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--image-size",
+        "32",
+        "--base-channels",
+        "4",
+        "--depth",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "one",
+        "--device",
+        "cpu",
         in_process=False,
     )
     assert result.returncode == 0, result.stderr
@@ -54,7 +71,9 @@ def test_resume_continues_from_saved_epoch(tiny_data, tmp_path, interrupted_run)
 
 def test_eval_cli_json_matches_training_metric(tiny_run, tiny_data, tmp_path, cli):
     out = tmp_path / "eval.json"
-    result = cli("eval", str(tiny_run.run_dir / "best.pt"), "--data", str(tiny_data), "--json", str(out), "--device", "cpu")
+    result = cli(
+        "eval", str(tiny_run.run_dir / "best.pt"), "--data", str(tiny_data), "--json", str(out), "--device", "cpu"
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert set(report["per_class_iou"]) == {"background", "circle", "square", "triangle"}
@@ -116,7 +135,14 @@ def test_interrupt_mid_epoch_keeps_the_last_finished_epoch(tiny_data, tmp_path, 
 
     hooks = CtrlC()
     config = TrainConfig(
-        data=str(tiny_data), epochs=3, batch_size=4, image_size=32, model=ModelConfig(base_channels=4, depth=2), out=str(tmp_path), name="i", device="cpu"
+        data=str(tiny_data),
+        epochs=3,
+        batch_size=4,
+        image_size=32,
+        model=ModelConfig(base_channels=4, depth=2),
+        out=str(tmp_path),
+        name="i",
+        device="cpu",
     )
     with pytest.raises(TrainingInterrupted) as error:
         fit(config, hooks)
@@ -163,7 +189,11 @@ def test_resume_refuses_explicit_options_that_differ_from_the_saved_run(tiny_dat
     assert result.returncode == 1
     line = result.stderr.strip()
     assert line.startswith(f"error: {last}: a resumed run keeps its saved settings; drop ")
-    assert "--lr 0.001 (saved: 0.01)" in line and "--depth 3 (saved: 2)" in line and "--upsample bilinear (saved: transpose)" in line
+    assert (
+        "--lr 0.001 (saved: 0.01)" in line
+        and "--depth 3 (saved: 2)" in line
+        and "--upsample bilinear (saved: transpose)" in line
+    )
     assert last.read_bytes() == before
     moved = tmp_path / "moved-data"
     shutil.copytree(tiny_data, moved)
@@ -187,7 +217,9 @@ def test_a_checkpoint_of_the_earlier_layout_resumes(tiny_data, tmp_path, interru
     run = interrupted_run(tiny_data, tmp_path, epochs=3, stop_in_epoch=2)
     state = load_checkpoint(run / "last.pt")
     nested = state["train_config"].pop("model")
-    state["train_config"].update({k: nested[k] for k in ("base_channels", "depth", "num_convs", "upsample", "block_order")})
+    state["train_config"].update(
+        {k: nested[k] for k in ("base_channels", "depth", "num_convs", "upsample", "block_order")}
+    )
     state["lr_scheduler"]["lr_lambdas"] = [None]
     save_checkpoint(run / "last.pt", state)
     result = fit(TrainConfig(device="cpu", resume=str(run / "last.pt")))

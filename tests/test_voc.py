@@ -90,6 +90,8 @@ def test_voc_layout_trains_and_evaluates(voc_data, tmp_path, cli, trainer):
     record = json.loads((result.run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert 0.0 <= record["miou"] <= 1.0 and set(record["per_class_iou"]) == set(VOC_CLASSES)
     report_path = tmp_path / "eval.json"
-    evaluated = cli("eval", str(result.run_dir / "best.pt"), "--data", str(voc_data), "--device", "cpu", "--json", str(report_path))
+    evaluated = cli(
+        "eval", str(result.run_dir / "best.pt"), "--data", str(voc_data), "--device", "cpu", "--json", str(report_path)
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(report_path.read_text())["miou"] == pytest.approx(record["miou"], abs=1e-9)

@@ -27,10 +27,10 @@ __all__ = [
     "MANIFEST_FILE",
     "METADATA_KEYS",
     "ExportedArtifact",
-    "artifacts_or_latest",
     "ModelInfo",
     "artifact_bytes",
     "artifact_metadata",
+    "artifacts_or_latest",
     "check_manifest_sha256",
     "export_artifacts",
     "find_latest_export",
@@ -48,8 +48,17 @@ NCHW_FLOAT = "nchw-float32"
 NHWC_UINT8 = "nhwc-uint8"
 # Every key is a string (ONNX metadata_props are string pairs); lists and numbers are JSON-encoded.
 METADATA_KEYS = (
-    "producer", "classes", "num_classes", "mean", "std", "ignore_index", "precision", "input_format", "input_layout", "model_config",
-)  # fmt: skip
+    "producer",
+    "classes",
+    "num_classes",
+    "mean",
+    "std",
+    "ignore_index",
+    "precision",
+    "input_format",
+    "input_layout",
+    "model_config",
+)
 _INPUT_LAYOUTS = {
     NCHW_FLOAT: "NCHW float32, RGB, (pixel / 255 - mean) / std",
     NHWC_UINT8: "NHWC uint8 RGB (0-255, no scaling); output mask N x H x W uint8 class indices",
@@ -124,20 +133,31 @@ def read_metadata(meta: dict[str, Any], path: str | os.PathLike[str]) -> ModelIn
 
 
 def io_spec(
-    num_classes: int, *, input_format: str = NCHW_FLOAT, probabilities: bool = False, size: tuple[int, int] | None = None
+    num_classes: int,
+    *,
+    input_format: str = NCHW_FLOAT,
+    probabilities: bool = False,
+    size: tuple[int, int] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The manifest's input and output spec: names, dtypes, layouts and shapes (symbolic `height`/`width`,
     or the fixed `size` for formats exported at one size)."""
     height, width = size or ("height", "width")
     if input_format == NCHW_FLOAT:
         inputs = [{"name": "image", "dtype": "float32", "shape": ["batch", 3, height, width], "layout": "NCHW"}]
-        outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", num_classes, height, width], "layout": "NCHW"}]
+        outputs = [
+            {"name": "logits", "dtype": "float32", "shape": ["batch", num_classes, height, width], "layout": "NCHW"}
+        ]
         return inputs, outputs
     inputs = [{"name": "image", "dtype": "uint8", "shape": ["batch", height, width, 3], "layout": "NHWC RGB"}]
     outputs = [{"name": "mask", "dtype": "uint8", "shape": ["batch", height, width], "layout": "NHW class index"}]
     if probabilities:
         outputs.append(
-            {"name": "probabilities", "dtype": "float32", "shape": ["batch", num_classes, height, width], "layout": "NCHW softmax"}
+            {
+                "name": "probabilities",
+                "dtype": "float32",
+                "shape": ["batch", num_classes, height, width],
+                "layout": "NCHW softmax",
+            }
         )
     return inputs, outputs
 
@@ -162,7 +182,10 @@ def _entry(artifact: ExportedArtifact) -> dict[str, Any]:
 
 
 def write_manifest(
-    folder: Path, loaded: LoadedModel, artifacts: list[ExportedArtifact], parity: dict[str, dict[str, Any]] | None = None
+    folder: Path,
+    loaded: LoadedModel,
+    artifacts: list[ExportedArtifact],
+    parity: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """Write folder/manifest.json once per export: entries for `artifacts` (with their `parity` results, by
     file name) replace same-named ones; entries of earlier exports of the same checkpoint whose files are
@@ -242,8 +265,12 @@ def _check_file(path: Path, record: dict[str, Any]) -> None:
     actual = sha256_file(path)
     if expected and actual != expected:
         size = path.stat().st_size
-        hint = f"truncated: {size} of {record['size_bytes']} bytes" if size < record.get("size_bytes", 0) else "modified"
-        raise ArtifactError(f"{path}: sha256 {actual[:12]}... does not match {MANIFEST_FILE} ({expected[:12]}...): file was {hint}")
+        hint = (
+            f"truncated: {size} of {record['size_bytes']} bytes" if size < record.get("size_bytes", 0) else "modified"
+        )
+        raise ArtifactError(
+            f"{path}: sha256 {actual[:12]}... does not match {MANIFEST_FILE} ({expected[:12]}...): file was {hint}"
+        )
 
 
 def check_manifest_sha256(path: str | os.PathLike[str], entry: dict[str, Any] | None = None) -> dict[str, Any] | None:

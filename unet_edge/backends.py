@@ -64,7 +64,10 @@ def supports(kind: str, provider: Provider) -> bool:
 
 
 def open_backend(
-    path: str | os.PathLike[str], provider: Provider | str = Provider.CPU, threads: int | None = None, entry: dict[str, Any] | None = None
+    path: str | os.PathLike[str],
+    provider: Provider | str = Provider.CPU,
+    threads: int | None = None,
+    entry: dict[str, Any] | None = None,
 ) -> Backend:
     """Load a model file of any registered format for `provider`.
 

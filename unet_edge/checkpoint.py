@@ -61,7 +61,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
                 f"{path}: refused to load: the file asks to run or build {what}, not plain weights "
                 f"(checkpoints are loaded with weights_only=True)"
             ) from None
-        detail = next((line.strip() for line in reversed(message.splitlines()) if line.strip() and "documentation" not in line), "")
+        detail = next(
+            (line.strip() for line in reversed(message.splitlines()) if line.strip() and "documentation" not in line),
+            "",
+        )
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {detail[:160]})") from None
     if not isinstance(state, dict) or any(key not in state for key in _REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not a unet-edge checkpoint (expected keys: {', '.join(_REQUIRED_KEYS)})")
@@ -109,5 +112,7 @@ def find_latest_checkpoint(runs_dir: str | os.PathLike[str] = "runs", name: str 
     """The newest `runs/*/best.pt` by modification time."""
     found = newest(runs_dir, f"*/{name}")
     if found is None:
-        raise CheckpointError(f"{runs_dir}: no run with a {name} found; train one with `unet-edge train` or pass a checkpoint")
+        raise CheckpointError(
+            f"{runs_dir}: no run with a {name} found; train one with `unet-edge train` or pass a checkpoint"
+        )
     return found

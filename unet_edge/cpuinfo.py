@@ -20,7 +20,9 @@ BF16_NATIVE_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def _first_cpu_flags(cpuinfo: str) -> list[str]:
-    return next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith(("flags", "Features"))), [])
+    return next(
+        (line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith(("flags", "Features"))), []
+    )
 
 
 def cpu_int8_bf16_flags(cpuinfo: str) -> list[str]:
@@ -29,7 +31,7 @@ def cpu_int8_bf16_flags(cpuinfo: str) -> list[str]:
     return [flag for flag in INT8_BF16_FLAGS if flag in flags]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpuinfo_flags() -> tuple[str, ...]:
     try:
         return tuple(_first_cpu_flags(Path("/proc/cpuinfo").read_text()))
@@ -53,4 +55,6 @@ def cpu_bf16_skip_reason() -> str | None:
     """None when this CPU computes bf16 natively (avx512_bf16 or AMX), else why bf16 work is skipped on it."""
     if any(flag in cpu_flags() for flag in BF16_NATIVE_FLAGS):
         return None
-    return "this CPU has no bf16 instructions (avx512_bf16 or amx_bf16), so bf16 would be emulated, far slower than fp32"
+    return (
+        "this CPU has no bf16 instructions (avx512_bf16 or amx_bf16), so bf16 would be emulated, far slower than fp32"
+    )

@@ -44,21 +44,40 @@ __all__ = [
     "EvalImages",
     "ImageSegmentation",
     "ScanReport",
-    "load_image",
-    "load_label",
-    "pad_collate",
     "is_voc_dataset",
     "is_voc_root",
     "load_eval_images",
+    "load_image",
+    "load_label",
+    "pad_collate",
     "read_dataset_info",
     "resolve_data",
     "scan_dataset",
 ]
 
 VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 
 
 VOC_SOURCE = "the Pascal VOC classes"
@@ -89,10 +108,15 @@ def read_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo | None:
         raise DataError(f'{path}: "classes" must be a non-empty list of names')
     ignore_index = meta.get("ignore_index", 255)
     if ignore_index is not None and (
-        isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or not 0 <= ignore_index <= 255 or ignore_index < len(classes)
+        isinstance(ignore_index, bool)
+        or not isinstance(ignore_index, int)
+        or not 0 <= ignore_index <= 255
+        or ignore_index < len(classes)
     ):
         # 0..255: masks are single-channel 8-bit images, and crop padding is filled with the ignore index
-        raise DataError(f'{path}: "ignore_index" must be null or an integer in 0..255 that is not a class id (0..{len(classes) - 1}), got {json.dumps(ignore_index)}')
+        raise DataError(
+            f'{path}: "ignore_index" must be null or an integer in 0..255 that is not a class id (0..{len(classes) - 1}), got {json.dumps(ignore_index)}'
+        )
     return DatasetInfo(tuple(classes), ignore_index)
 
 
@@ -204,7 +228,9 @@ class ImageSegmentation(torch.utils.data.Dataset):
             self.samples = _voc_samples(self.root, split)
         else:
             self.samples = _folder_samples(self.root, split)
-        self.info = read_dataset_info(self.root) or (DatasetInfo(VOC_CLASSES, 255) if is_voc_dataset(self.root) else None)
+        self.info = read_dataset_info(self.root) or (
+            DatasetInfo(VOC_CLASSES, 255) if is_voc_dataset(self.root) else None
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -301,7 +327,9 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 def _bad_values(label_path: Path, values: np.ndarray, counts: np.ndarray, info: DatasetInfo, source: str) -> str | None:
     """A message for label values that are neither a class id nor the ignore index, or None."""
-    bad = [(int(v), int(c)) for v, c in zip(values, counts) if not (0 <= v < info.num_classes or v == info.ignore_index)]
+    bad = [
+        (int(v), int(c)) for v, c in zip(values, counts) if not (0 <= v < info.num_classes or v == info.ignore_index)
+    ]
     if not bad:
         return None
     value, count = max(bad, key=lambda vc: vc[1])
@@ -353,14 +381,20 @@ def scan_dataset(
                 continue
             split_pixels[dataset.split] += width * height
             if label.shape != (height, width):
-                problems.append(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but its image {image_path.name} is {width}x{height}")
+                problems.append(
+                    f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but its image {image_path.name} is {width}x{height}"
+                )
             values, counts = np.unique(label, return_counts=True)
             message = _bad_values(label_path, values, counts, declared, source) if declared is not None else None
             if message:
                 problems.append(message)
             pixels.update(dict(zip(values.tolist(), counts.tolist())))
     if problems:
-        more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''} in this dataset)" if len(problems) > 1 else ""
+        more = (
+            f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''} in this dataset)"
+            if len(problems) > 1
+            else ""
+        )
         raise DataError(problems[0] + more)
     if declared is None:
         values = sorted(value for value in pixels if value != 255)
@@ -380,7 +414,9 @@ def scan_dataset(
     )
 
 
-def pad_collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_collate(
+    batch: Sequence[tuple[torch.Tensor, torch.Tensor]], ignore_index: int = 255
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack samples of different sizes: images padded with 0, masks with `ignore_index` (so ignored).
 
     Images keep their dtype (uint8 from an un-normalised preset, float32 otherwise); masks become int64.
@@ -410,7 +446,12 @@ class EvalImages:
 
 
 def load_eval_images(
-    root: str | os.PathLike[str], mean: tuple[float, ...], std: tuple[float, ...], *, split: str = "val", num_images: int = 16
+    root: str | os.PathLike[str],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    *,
+    split: str = "val",
+    num_images: int = 16,
 ) -> EvalImages:
     """The first `num_images` images of a split (all of them when `num_images` <= 0)."""
     dataset = ImageSegmentation(root, split)

@@ -102,7 +102,9 @@ class Candidate:
     runtime: str = ""
     architecture: str = ""
     path: str | None = None  # the model file
-    files: list[dict[str, Any]] = field(default_factory=list)  # the model file and its companions: file, sha256, size_bytes
+    files: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # the model file and its companions: file, sha256, size_bytes
     size_mb: float | None = None
     miou: float | None = None  # val mIoU against the ground truth
     miou_drop: float | None = None  # the reference checkpoint's val mIoU minus this one's
@@ -285,7 +287,9 @@ class DeployResult:
 
     def to_json(self) -> dict[str, Any]:
         front = {c.key for c in self.decision.front}
-        rows = [{**asdict(c), "pareto": c.key in front, "winner": c is self.decision.winner} for c in self.decision.ranked]
+        rows = [
+            {**asdict(c), "pareto": c.key in front, "winner": c is self.decision.winner} for c in self.decision.ranked
+        ]
         return {
             "producer": f"unet-edge {__version__}",
             "machine": self.machine,
@@ -341,7 +345,9 @@ def _load_checkpoints(options: DeployOptions) -> list[_Checkpoint]:
     first = checkpoints[0]
     for other in checkpoints[1:]:
         if other.loaded.classes != first.loaded.classes:
-            raise DeployError(f"{other.path}: classes {other.loaded.classes} differ from {first.path}'s {first.loaded.classes}: they cannot compete")
+            raise DeployError(
+                f"{other.path}: classes {other.loaded.classes} differ from {first.path}'s {first.loaded.classes}: they cannot compete"
+            )
     return checkpoints
 
 
@@ -386,7 +392,10 @@ def _deploy(options: DeployOptions, progress: Progress | None) -> DeployResult:
     threads = options.threads or default_threads()
     plan, skipped = plan_candidates(options.formats, options.precisions)
     if not plan:
-        why = "; ".join(f"{s['format']} {s['precision'] or ''}: {s['reason']}".replace("  ", " ") for s in skipped) or "no format offers the precisions asked for"
+        why = (
+            "; ".join(f"{s['format']} {s['precision'] or ''}: {s['reason']}".replace("  ", " ") for s in skipped)
+            or "no format offers the precisions asked for"
+        )
         raise DeployError(f"{out}: nothing to deploy ({why})")
     say(0, 1, "loading checkpoints")
     checkpoints = _load_checkpoints(options)
@@ -410,7 +419,13 @@ def _deploy(options: DeployOptions, progress: Progress | None) -> DeployResult:
             val = images.get(backend.mean, backend.std)
             outputs[checkpoint.sha256] = run_backend(backend, val)
             backend.close()
-            figures = compare(outputs[checkpoint.sha256], outputs[checkpoint.sha256], val.masks, backend.num_classes, backend.ignore_index)
+            figures = compare(
+                outputs[checkpoint.sha256],
+                outputs[checkpoint.sha256],
+                val.masks,
+                backend.num_classes,
+                backend.ignore_index,
+            )
             cached = {"miou": figures["miou_gt"], "images": len(val.raw)}
             cache.put(key, cached)
         checkpoint.miou = cached["miou"]
@@ -441,18 +456,31 @@ def _deploy(options: DeployOptions, progress: Progress | None) -> DeployResult:
     for checkpoint in checkpoints:
         for name, precisions in plan:
             export_key = content_key(
-                step="export", checkpoint=checkpoint.sha256, format=name, precisions=[p.value for p in precisions],
-                image_size=list(options.image_size), batch=options.batch_size, max_size=max_side, data=str(root.resolve()),
-                calib_images=options.calib_images, calib_method=CalibMethod(options.calib_method).value,
-                budget=checkpoint.export_budget if precisions != (Precision.FP32,) else None, version=__version__,
-            )  # fmt: skip
+                step="export",
+                checkpoint=checkpoint.sha256,
+                format=name,
+                precisions=[p.value for p in precisions],
+                image_size=list(options.image_size),
+                batch=options.batch_size,
+                max_size=max_side,
+                data=str(root.resolve()),
+                calib_images=options.calib_images,
+                calib_method=CalibMethod(options.calib_method).value,
+                budget=checkpoint.export_budget if precisions != (Precision.FP32,) else None,
+                version=__version__,
+            )
             say(done, total, f"exporting {checkpoint.name} {name} ({', '.join(p.value for p in precisions)})")
             exported = _export(checkpoint, name, precisions, export_key, options, root, max_side, cache)
             for precision in precisions:
                 candidate = Candidate(
-                    model=checkpoint.name, checkpoint=str(checkpoint.path), checkpoint_sha256=checkpoint.sha256, format=name,
-                    precision=precision.value, runtime=FORMATS[name].runtime, architecture=checkpoint.architecture,
-                )  # fmt: skip
+                    model=checkpoint.name,
+                    checkpoint=str(checkpoint.path),
+                    checkpoint_sha256=checkpoint.sha256,
+                    format=name,
+                    precision=precision.value,
+                    runtime=FORMATS[name].runtime,
+                    architecture=checkpoint.architecture,
+                )
                 record = exported["artifacts"].get(precision.value)
                 if record is None:
                     candidate.rejected = f"export failed: {exported['failed'].get(precision.value, 'no file written')}"
@@ -461,7 +489,12 @@ def _deploy(options: DeployOptions, progress: Progress | None) -> DeployResult:
                     done += 2
                     continue
                 candidate.path, candidate.files, candidate.size_mb = record["path"], record["files"], record["size_mb"]
-                candidate.key = content_key(export=export_key, precision=precision.value, files=[f["sha256"] for f in record["files"]], reference=reference.sha256)
+                candidate.key = content_key(
+                    export=export_key,
+                    precision=precision.value,
+                    files=[f["sha256"] for f in record["files"]],
+                    reference=reference.sha256,
+                )
                 say(done, total, f"val mIoU of {candidate.label}")
                 measured = cache.get(f"measure:{candidate.key}")
                 if measured is None:
@@ -471,7 +504,9 @@ def _deploy(options: DeployOptions, progress: Progress | None) -> DeployResult:
                     setattr(candidate, attribute, measured.get(attribute))
                 candidate.rejected = measured.get("failed")
                 if candidate.rejected is None and not within_budget(candidate, options.max_miou_drop):
-                    candidate.rejected = f"over budget: val mIoU drop {candidate.miou_drop:.4f} > {options.max_miou_drop:.4f}"
+                    candidate.rejected = (
+                        f"over budget: val mIoU drop {candidate.miou_drop:.4f} > {options.max_miou_drop:.4f}"
+                    )
                 candidates.append(candidate)
                 done += 1
                 if candidate.rejected is not None:
@@ -500,11 +535,19 @@ def _deploy(options: DeployOptions, progress: Progress | None) -> DeployResult:
     }
     machine = {**machine_info(threads), "cpu_flags_override": os.environ.get("UNET_EDGE_CPU_FLAGS")}
     reference_info = {
-        "checkpoint": str(reference.path), "sha256": reference.sha256, "model": reference.name,
-        "architecture": reference.architecture, "miou": reference.miou, "chosen_by": "--reference" if options.reference else "highest val mIoU",
-        "checkpoints": {c.name: {"path": str(c.path), "miou": c.miou, "architecture": c.architecture} for c in checkpoints},
-    }  # fmt: skip
-    result = DeployResult(candidates, decision, reference_info, baseline, skipped, machine, settings, out, out / REPORT_FILE, None)
+        "checkpoint": str(reference.path),
+        "sha256": reference.sha256,
+        "model": reference.name,
+        "architecture": reference.architecture,
+        "miou": reference.miou,
+        "chosen_by": "--reference" if options.reference else "highest val mIoU",
+        "checkpoints": {
+            c.name: {"path": str(c.path), "miou": c.miou, "architecture": c.architecture} for c in checkpoints
+        },
+    }
+    result = DeployResult(
+        candidates, decision, reference_info, baseline, skipped, machine, settings, out, out / REPORT_FILE, None
+    )
     atomic_write_text(result.report, json.dumps(result.to_json(), indent=2, allow_nan=False) + "\n")
     if any(c.p50 is not None for c in candidates):
         result.plot = plot(result, out / PLOT_FILE)
@@ -515,9 +558,15 @@ def _deploy(options: DeployOptions, progress: Progress | None) -> DeployResult:
 
 
 def _export(
-    checkpoint: _Checkpoint, name: str, precisions: tuple[Precision, ...], key: str, options: DeployOptions,
-    root: Path, max_side: int, cache: DeployCache,
-) -> dict[str, Any]:  # fmt: skip
+    checkpoint: _Checkpoint,
+    name: str,
+    precisions: tuple[Precision, ...],
+    key: str,
+    options: DeployOptions,
+    root: Path,
+    max_side: int,
+    cache: DeployCache,
+) -> dict[str, Any]:
     """{"artifacts": {precision: {path, files, size_mb}}, "failed": {precision: reason}} of one format of one
     checkpoint, from the cache when its files are still there unchanged; an export that fails with the
     variants is tried once more with fp32 alone, so one precision's failure does not cost the others."""
@@ -527,36 +576,53 @@ def _export(
     if cached is not None and all(_files_intact(a["files"]) for a in cached["artifacts"].values()):
         return cached
     export_options = ExportOptions(
-        checkpoint=checkpoint.path, out=Path(options.out) / "candidates" / f"{checkpoint.name.replace('/', '-')}-{checkpoint.sha256[:8]}",
-        name=f"{name}-{key[:8]}", formats=(name,), precisions=tuple(dict.fromkeys((Precision.FP32, *precisions))), data=root,
-        calib_images=options.calib_images, max_miou_drop=checkpoint.export_budget, parity_images=0,
-        format_options={"calib_method": options.calib_method, "image_size": options.image_size, "max_batch": options.batch_size, "max_size": max_side},
-    )  # fmt: skip
+        checkpoint=checkpoint.path,
+        out=Path(options.out) / "candidates" / f"{checkpoint.name.replace('/', '-')}-{checkpoint.sha256[:8]}",
+        name=f"{name}-{key[:8]}",
+        formats=(name,),
+        precisions=tuple(dict.fromkeys((Precision.FP32, *precisions))),
+        data=root,
+        calib_images=options.calib_images,
+        max_miou_drop=checkpoint.export_budget,
+        parity_images=0,
+        format_options={
+            "calib_method": options.calib_method,
+            "image_size": options.image_size,
+            "max_batch": options.batch_size,
+            "max_size": max_side,
+        },
+    )
     failed: dict[str, str] = {}
     try:
         result = run_export(export_options)
-    except Exception as exc:  # noqa: BLE001 - a format that cannot export is a row with its reason, not an abort
+    except Exception as exc:
         failed = {p.value: _one_line(exc) for p in precisions}
         result = None
         if any(p is not Precision.FP32 for p in precisions) and Precision.FP32 in precisions:
             try:
                 result = run_export(replace(export_options, precisions=(Precision.FP32,)))
                 del failed[Precision.FP32.value]
-            except Exception as retry:  # noqa: BLE001
+            except Exception as retry:
                 failed[Precision.FP32.value] = _one_line(retry)
     artifacts = {}
     for artifact in result.artifacts if result is not None else []:
         if artifact.precision in (p.value for p in precisions) and artifact.precision not in artifacts:
             artifacts[artifact.precision] = {
-                "path": str(artifact.path), "files": _files(artifact.path), "size_mb": artifact_bytes(artifact.path) / 1e6,
-            }  # fmt: skip
+                "path": str(artifact.path),
+                "files": _files(artifact.path),
+                "size_mb": artifact_bytes(artifact.path) / 1e6,
+            }
     record = {"artifacts": artifacts, "failed": failed}
-    if artifacts:  # an export that wrote nothing is tried again by the next run (a runtime may have been installed since)
+    if (
+        artifacts
+    ):  # an export that wrote nothing is tried again by the next run (a runtime may have been installed since)
         cache.put(f"export:{key}", record)
     return record
 
 
-def _measure(candidate: Candidate, threads: int, images: _Images, reference_out: Callable[[], Any], reference_miou: float) -> dict[str, Any]:
+def _measure(
+    candidate: Candidate, threads: int, images: _Images, reference_out: Callable[[], Any], reference_miou: float
+) -> dict[str, Any]:
     """The candidate's val mIoU, its drop against the reference checkpoint and its pixel agreement with it."""
     from .backends import open_backend
     from .parity import compare, run_backend
@@ -566,18 +632,28 @@ def _measure(candidate: Candidate, threads: int, images: _Images, reference_out:
         backend = open_backend(candidate.path, Provider.CPU, threads)
         try:
             val = images.get(backend.mean, backend.std)
-            figures = compare(reference, run_backend(backend, val), val.masks, backend.num_classes, backend.ignore_index)
+            figures = compare(
+                reference, run_backend(backend, val), val.masks, backend.num_classes, backend.ignore_index
+            )
         finally:
             backend.close()
-    except Exception as exc:  # noqa: BLE001 - a file its runtime cannot run is a row with the reason
+    except Exception as exc:
         return {"failed": f"measuring failed: {_one_line(exc)}"}
-    return {"miou": figures["miou_gt"], "miou_drop": reference_miou - figures["miou_gt"], "pixel_agreement": figures["pixel_agreement"]}
+    return {
+        "miou": figures["miou_gt"],
+        "miou_drop": reference_miou - figures["miou_gt"],
+        "pixel_agreement": figures["pixel_agreement"],
+    }
 
 
 def _time(
-    timed: list[Candidate], reference: _Checkpoint, options: DeployOptions, threads: int, cache: DeployCache,
+    timed: list[Candidate],
+    reference: _Checkpoint,
+    options: DeployOptions,
+    threads: int,
+    cache: DeployCache,
     progress: Callable[[float, str], None],
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Time the candidates and the reference checkpoint's PyTorch eager with one protocol (bench's
     `time_interleaved`): per round, each gets `seconds / rounds` of timed calls (and its share of
     `min_calls`) on its model call and on the application path; samples are cached after each round.
@@ -595,9 +671,15 @@ def _time(
     baseline_key = f"eager:{reference.sha256}"
     names = [baseline_key, *(c.key for c in timed)]
     key = "timing:" + content_key(
-        runners=names, image_size=list(options.image_size), batch=options.batch_size, threads=threads, seconds=options.seconds,
-        min_calls=options.min_calls, warmup=options.warmup, rounds=options.rounds,
-    )  # fmt: skip
+        runners=names,
+        image_size=list(options.image_size),
+        batch=options.batch_size,
+        threads=threads,
+        seconds=options.seconds,
+        min_calls=options.min_calls,
+        warmup=options.warmup,
+        rounds=options.rounds,
+    )
     state = cache.get(key) or {"rounds": 0, "samples": {name: {"model": [], "app": []} for name in names}, "failed": {}}
     backends: dict[str, Any] = {}
     runners: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
@@ -610,19 +692,25 @@ def _time(
                 backends[name] = backend
                 runners[name] = (backend.device_runner(normalised), lambda b=backend: b.segment(raw))
                 runners[name][0]()
-            except Exception as exc:  # noqa: BLE001 - reported in the candidate's row
+            except Exception as exc:
                 state["failed"][name] = f"timing failed: {_one_line(exc)}"
                 runners.pop(name, None)
     per_round_calls = max(1, math.ceil(options.min_calls / options.rounds))
     try:
         while state["rounds"] < options.rounds:
-            progress(len(timed) * state["rounds"] / options.rounds, f"timing {len(runners)} models, round {state['rounds'] + 1} of {options.rounds}")
+            progress(
+                len(timed) * state["rounds"] / options.rounds,
+                f"timing {len(runners)} models, round {state['rounds'] + 1} of {options.rounds}",
+            )
             order = list(runners)
             flat = [run for name in order for run in runners[name]]
             latencies = time_interleaved(
-                flat, warmup=options.warmup if state["rounds"] == 0 else 1, iters=None,
-                seconds=options.seconds / options.rounds, min_iters=per_round_calls,
-            )  # fmt: skip
+                flat,
+                warmup=options.warmup if state["rounds"] == 0 else 1,
+                iters=None,
+                seconds=options.seconds / options.rounds,
+                min_iters=per_round_calls,
+            )
             for index, name in enumerate(order):
                 state["samples"][name]["model"] += latencies[2 * index]
                 state["samples"][name]["app"] += latencies[2 * index + 1]
@@ -642,9 +730,14 @@ def _time(
         return {"model": reference.name, "runtime": "pytorch eager", "failed": state["failed"][baseline_key]}
     samples = state["samples"][baseline_key]
     return {
-        "model": reference.name, "checkpoint": str(reference.path), "runtime": "pytorch eager", "precision": "fp32",
-        "latency_ms": latency_stats(samples["model"]), "app_latency_ms": latency_stats(samples["app"]), "calls": len(samples["model"]),
-    }  # fmt: skip
+        "model": reference.name,
+        "checkpoint": str(reference.path),
+        "runtime": "pytorch eager",
+        "precision": "fp32",
+        "latency_ms": latency_stats(samples["model"]),
+        "app_latency_ms": latency_stats(samples["app"]),
+        "calls": len(samples["model"]),
+    }
 
 
 # --- outputs -----------------------------------------------------------------------------------------
@@ -678,14 +771,31 @@ def _copy_winner(winner: Candidate, out: Path, result: DeployResult) -> list[Pat
     if result.baseline.get("latency_ms") and winner.p50 is not None:
         ratio = winner.p50 / result.baseline["latency_ms"]["p50"]
     deploy_record = {
-        "model": winner.model, "format": winner.format, "precision": winner.precision, "runtime": winner.runtime,
-        "miou": winner.miou, "miou_drop": winner.miou_drop, "max_miou_drop": result.decision.max_miou_drop,
-        "pixel_agreement": winner.pixel_agreement, "latency_ms": winner.latency_ms, "app_latency_ms": winner.app_latency_ms,
-        "eager_ratio": ratio, "reference": result.reference["checkpoint"], "machine": result.machine["cpu"],
-        "cpu_int8_bf16": result.machine.get("cpu_int8_bf16"), "settings": result.settings,
-    }  # fmt: skip
-    atomic_write_text(out / MANIFEST_FILE, json.dumps({**manifest, "artifacts": [entry], "deploy": deploy_record}, indent=2) + "\n")
-    atomic_write_text(out / EMBEDDING_FILE, embedding_markdown(FORMATS[winner.format], source.name, [Path(f["file"]).name for f in winner.files[1:]], winner.precision))
+        "model": winner.model,
+        "format": winner.format,
+        "precision": winner.precision,
+        "runtime": winner.runtime,
+        "miou": winner.miou,
+        "miou_drop": winner.miou_drop,
+        "max_miou_drop": result.decision.max_miou_drop,
+        "pixel_agreement": winner.pixel_agreement,
+        "latency_ms": winner.latency_ms,
+        "app_latency_ms": winner.app_latency_ms,
+        "eager_ratio": ratio,
+        "reference": result.reference["checkpoint"],
+        "machine": result.machine["cpu"],
+        "cpu_int8_bf16": result.machine.get("cpu_int8_bf16"),
+        "settings": result.settings,
+    }
+    atomic_write_text(
+        out / MANIFEST_FILE, json.dumps({**manifest, "artifacts": [entry], "deploy": deploy_record}, indent=2) + "\n"
+    )
+    atomic_write_text(
+        out / EMBEDDING_FILE,
+        embedding_markdown(
+            FORMATS[winner.format], source.name, [Path(f["file"]).name for f in winner.files[1:]], winner.precision
+        ),
+    )
     return [*copied, out / MANIFEST_FILE, out / EMBEDDING_FILE]
 
 
@@ -700,19 +810,55 @@ def plot(result: DeployResult, path: Path) -> Path:
     models = sorted({c.model for c in timed})
     for index, model in enumerate(models):
         points = [c for c in timed if c.model == model]
-        ax.scatter([c.p50 for c in points], [c.miou for c in points], color=f"C{index}", label=model, alpha=0.7, zorder=2)
+        ax.scatter(
+            [c.p50 for c in points], [c.miou for c in points], color=f"C{index}", label=model, alpha=0.7, zorder=2
+        )
     front = decision.front
     if front:
-        ax.step([c.p50 for c in front], [c.miou for c in front], where="post", color="black", linewidth=1, label="Pareto front", zorder=1)
+        ax.step(
+            [c.p50 for c in front],
+            [c.miou for c in front],
+            where="post",
+            color="black",
+            linewidth=1,
+            label="Pareto front",
+            zorder=1,
+        )
         for c in front:
-            ax.annotate(f"{c.format} {c.precision}", (c.p50, c.miou), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(
+                f"{c.format} {c.precision}", (c.p50, c.miou), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
     if decision.winner is not None:
-        ax.scatter([decision.winner.p50], [decision.winner.miou], marker="*", s=260, color="gold", edgecolor="black", label="winner", zorder=3)
+        ax.scatter(
+            [decision.winner.p50],
+            [decision.winner.miou],
+            marker="*",
+            s=260,
+            color="gold",
+            edgecolor="black",
+            label="winner",
+            zorder=3,
+        )
     reference_miou = result.reference["miou"]
-    ax.axhline(reference_miou, color="grey", linestyle=":", linewidth=1, label=f"reference mIoU ({result.reference['model']})")
-    ax.axhline(reference_miou - decision.max_miou_drop, color="red", linestyle="--", linewidth=1, label=f"budget (drop {decision.max_miou_drop:g})")
+    ax.axhline(
+        reference_miou, color="grey", linestyle=":", linewidth=1, label=f"reference mIoU ({result.reference['model']})"
+    )
+    ax.axhline(
+        reference_miou - decision.max_miou_drop,
+        color="red",
+        linestyle="--",
+        linewidth=1,
+        label=f"budget (drop {decision.max_miou_drop:g})",
+    )
     if result.baseline.get("latency_ms"):
-        ax.scatter([result.baseline["latency_ms"]["p50"]], [reference_miou], marker="s", color="grey", label="reference, PyTorch eager", zorder=3)
+        ax.scatter(
+            [result.baseline["latency_ms"]["p50"]],
+            [reference_miou],
+            marker="s",
+            color="grey",
+            label="reference, PyTorch eager",
+            zorder=3,
+        )
     ax.set_xscale("log")
     size = "×".join(str(v) for v in result.settings["image_size"])
     ax.set(

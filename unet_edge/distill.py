@@ -67,7 +67,9 @@ class PixelKLDivergence(nn.Module):
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid_mask: torch.Tensor
+    ) -> torch.Tensor:
         t = self.temperature
         log_student = (student_logits.float() / t).log_softmax(1)
         log_teacher = (teacher_logits.float() / t).log_softmax(1)
@@ -85,7 +87,9 @@ class ChannelWiseDivergence(nn.Module):
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid_mask: torch.Tensor
+    ) -> torch.Tensor:
         t = self.temperature
         valid = valid_mask.flatten(1).unsqueeze(1)  # N x 1 x HW, broadcast over the class maps
         # A pixel that does not count gets the lowest logit there is: zero probability in both distributions.
@@ -118,16 +122,28 @@ class Teacher:
 
     def record(self, val_miou: float | None) -> dict[str, Any]:
         """What a checkpoint keeps about the teacher (plain data)."""
-        return {"path": str(self.path), "sha256": self.sha256, "kind": self.kind, "description": self.description, "val_miou": val_miou}
+        return {
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "kind": self.kind,
+            "description": self.description,
+            "val_miou": val_miou,
+        }
 
 
 def _load_torchscript(path: Path) -> tuple[nn.Module, list[str], tuple[float, ...], tuple[float, ...], str]:
     module, meta = load_torchscript(path)
     info = read_metadata(meta, path)
     if info.input_format != NCHW_FLOAT:
-        raise ArtifactError(f"{path}: takes {info.input_format} input; a teacher must take the normalised {NCHW_FLOAT} batch")
+        raise ArtifactError(
+            f"{path}: takes {info.input_format} input; a teacher must take the normalised {NCHW_FLOAT} batch"
+        )
     config = info.model_config
-    description = f"TorchScript, base {config['base_channels']}, depth {config['depth']}" if {"base_channels", "depth"} <= set(config) else "TorchScript"
+    description = (
+        f"TorchScript, base {config['base_channels']}, depth {config['depth']}"
+        if {"base_channels", "depth"} <= set(config)
+        else "TorchScript"
+    )
     return module, info.classes, info.mean, info.std, description
 
 
@@ -138,11 +154,15 @@ def _check_shapes(module: nn.Module, num_classes: int, path: Path) -> None:
         with torch.no_grad():
             logits = module(probe)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: does not take a 3-channel image batch ({str(exc).splitlines()[0][:160]})") from None
+        raise CheckpointError(
+            f"{path}: does not take a 3-channel image batch ({str(exc).splitlines()[0][:160]})"
+        ) from None
     expected = (1, num_classes, _PROBE_SIZE, _PROBE_SIZE)
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise CheckpointError(f"{path}: gives {got} for a 1x3x{_PROBE_SIZE}x{_PROBE_SIZE} input; a teacher must give logits of shape {expected}")
+        raise CheckpointError(
+            f"{path}: gives {got} for a 1x3x{_PROBE_SIZE}x{_PROBE_SIZE} input; a teacher must give logits of shape {expected}"
+        )
 
 
 def load_teacher(
@@ -158,7 +178,11 @@ def load_teacher(
     predicts `classes` from images normalised with `mean`/`std`, and place it frozen on `device`."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: teacher not found" if not path.is_dir() else f"{path}: is a folder; a teacher is a checkpoint or TorchScript file")
+        raise CheckpointError(
+            f"{path}: teacher not found"
+            if not path.is_dir()
+            else f"{path}: is a folder; a teacher is a checkpoint or TorchScript file"
+        )
     if is_torchscript(path):
         module, teacher_classes, teacher_mean, teacher_std, description = _load_torchscript(path)
         kind = "torchscript"
@@ -166,13 +190,21 @@ def load_teacher(
         loaded = load_model(path)
         module, teacher_classes, teacher_mean, teacher_std = loaded.model, loaded.classes, loaded.mean, loaded.std
         config = loaded.config
-        description = f"UNetStudent base {config.base_channels}, depth {config.depth}, {config.block_order}, {config.upsample}"
+        description = (
+            f"UNetStudent base {config.base_channels}, depth {config.depth}, {config.block_order}, {config.upsample}"
+        )
         kind = "checkpoint"
     if list(teacher_classes) != list(classes):
-        raise CheckpointError(f"{path}: the teacher predicts classes {list(teacher_classes)}, the student {list(classes)}")
+        raise CheckpointError(
+            f"{path}: the teacher predicts classes {list(teacher_classes)}, the student {list(classes)}"
+        )
     for name, theirs, ours in (("mean", teacher_mean, mean), ("std", teacher_std, std)):
-        if len(theirs) != len(ours) or not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6) for a, b in zip(theirs, ours)):
-            raise CheckpointError(f"{path}: the teacher normalises with {name} {list(theirs)}, the student with {list(ours)}")
+        if len(theirs) != len(ours) or not all(
+            math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6) for a, b in zip(theirs, ours)
+        ):
+            raise CheckpointError(
+                f"{path}: the teacher normalises with {name} {list(theirs)}, the student with {list(ours)}"
+            )
     _check_shapes(module, len(classes), path)
     module = module.to(device)
     if channels_last:
@@ -188,7 +220,9 @@ def check_same_teacher(recorded: dict[str, Any] | None, path: str | os.PathLike[
         return
     if path is None or not Path(path).is_file():
         where = path if path is not None else recorded["path"]
-        raise CheckpointError(f"{where}: teacher not found; {source} was distilled from {recorded['path']}: pass its new location with --teacher")
+        raise CheckpointError(
+            f"{where}: teacher not found; {source} was distilled from {recorded['path']}: pass its new location with --teacher"
+        )
     digest = sha256_file(path)
     if digest != recorded["sha256"]:
         raise TrainingError(

@@ -115,7 +115,9 @@ def _worker_device(device: str, local_rank: int) -> torch.device:
             )
         return torch.device("cuda", local_rank)
     if chosen.type != "cpu":
-        raise TrainingError(f"distributed training runs on CUDA (NCCL) or the CPU (gloo), not {chosen.type}: pass --device cpu")
+        raise TrainingError(
+            f"distributed training runs on CUDA (NCCL) or the CPU (gloo), not {chosen.type}: pass --device cpu"
+        )
     return chosen
 
 

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["UNetEdgeError", "DataError", "CheckpointError", "ArtifactError", "OutputError", "TrainingError", "TrainingInterrupted"]
+__all__ = [
+    "ArtifactError",
+    "CheckpointError",
+    "DataError",
+    "OutputError",
+    "TrainingError",
+    "TrainingInterrupted",
+    "UNetEdgeError",
+]
 
 
 class UNetEdgeError(Exception):

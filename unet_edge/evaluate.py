@@ -90,7 +90,10 @@ def _same_size_groups(
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, image in enumerate(images):
         groups.setdefault(tuple(image.shape), []).append(index)
-    return [(torch.stack([images[i] for i in group]), torch.stack([masks[i] for i in group]).long()) for group in groups.values()]
+    return [
+        (torch.stack([images[i] for i in group]), torch.stack([masks[i] for i in group]).long())
+        for group in groups.values()
+    ]
 
 
 def checkpoint_data_root(state: dict[str, Any], data: str | os.PathLike[str] | None) -> Path:
@@ -131,8 +134,16 @@ def evaluate_checkpoint(
         raise DataError(
             f"{root / 'dataset.json'}: {len(dataset.info.classes)} classes, but {path} was trained on {len(loaded.classes)}"
         )
-    scan_dataset(root, (split,), DatasetInfo(tuple(loaded.classes), loaded.ignore_index), info_source=str(path), progress=progress)
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, ignore_index=loaded.ignore_index, pad=False)
+    scan_dataset(
+        root,
+        (split,),
+        DatasetInfo(tuple(loaded.classes), loaded.ignore_index),
+        info_source=str(path),
+        progress=progress,
+    )
+    loader = make_loader(
+        dataset, batch_size=batch_size, shuffle=False, workers=workers, ignore_index=loaded.ignore_index, pad=False
+    )
     normalize = BatchNormalize(loaded.mean, loaded.std, channels_last=prefers_channels_last(torch_device))
     result = evaluate(loaded.model, loader, len(loaded.classes), loaded.ignore_index, torch_device, normalize=normalize)
     return {

@@ -27,9 +27,9 @@ from typing import Any
 from .artifact import MANIFEST_FILE, ExportedArtifact, find_latest_export, read_manifest, write_manifest
 from .cpuinfo import cpu_bf16_skip_reason
 from .errors import ArtifactError, OutputError, UNetEdgeError
+from .formats import FORMATS, ExportRequest, Precision, Provider, export_formats, export_options
 from .io import atomic_write_text
 from .quiet import third_party_output
-from .formats import FORMATS, ExportRequest, Precision, Provider, export_formats, export_options
 
 __all__ = ["ExportOptions", "ExportResult", "find_latest_export", "run_export"]
 
@@ -45,7 +45,9 @@ class ExportOptions:
     precisions: tuple[Precision, ...] = (Precision.FP32,)  # fp32 is always written; others where a format has them
     # The options formats declare (`FormatOption`: opset, image_size, max_batch, ...), by name; absent: their default.
     format_options: dict[str, Any] = field(default_factory=dict)
-    fold: bool | None = None  # formats with a conv graph; None: fold conv-bn-relu models, keep the seed's order as trained
+    fold: bool | None = (
+        None  # formats with a conv graph; None: fold conv-bn-relu models, keep the seed's order as trained
+    )
     data: Path | None = None  # parity and int8 validation set; default: the checkpoint's
     calib_data: Path | None = None  # int8 calibration set (its train split); default: `data`
     calib_images: int = 32
@@ -81,7 +83,9 @@ def _check_options(options: ExportOptions) -> None:
     for wanted in options.precisions:
         if not any(wanted in formats[name].precisions for name in options.formats):
             offering = ", ".join(name for name, fmt in formats.items() if wanted in fmt.precisions)
-            raise UNetEdgeError(f"{', '.join(options.formats)}: no {wanted.value} variant (formats with {wanted.value}: {offering})")
+            raise UNetEdgeError(
+                f"{', '.join(options.formats)}: no {wanted.value} variant (formats with {wanted.value}: {offering})"
+            )
     declared = export_options()
     for name in options.format_options:
         if name not in declared:
@@ -160,7 +164,10 @@ def _named_for(exc: UNetEdgeError | OSError, staging: Path, folder: Path) -> UNe
         full = False
     if full and "device is full" not in message and "No space left" not in message:
         message += "; the device is full"
-    error.args = (message.replace("; the previous file, if any, is unchanged", "") + "; the previous export, if any, is unchanged",)
+    error.args = (
+        message.replace("; the previous file, if any, is unchanged", "")
+        + "; the previous export, if any, is unchanged",
+    )
     return error
 
 
@@ -181,10 +188,20 @@ def _export_staged(
     budget = None
     if variants and data_root is not None:
         budget = export_budget(
-            loaded, data_root, calib_data=options.calib_data, calib_images=options.calib_images, max_miou_drop=options.max_miou_drop, progress=say
+            loaded,
+            data_root,
+            calib_data=options.calib_data,
+            calib_images=options.calib_images,
+            max_miou_drop=options.max_miou_drop,
+            progress=say,
         )
     request = ExportRequest(
-        loaded=loaded, folder=staging, folded_model=folded_model, options=options.format_options, budget=budget, progress=say
+        loaded=loaded,
+        folder=staging,
+        folded_model=folded_model,
+        options=options.format_options,
+        budget=budget,
+        progress=say,
     )
     artifacts: list[ExportedArtifact] = []
     for name in options.formats:
@@ -204,9 +221,15 @@ def _export_staged(
         say(f"parity check on {options.parity_images} validation images")
         entries = {a.file: {"precision": a.precision, **(a.extra or {})} for a in artifacts}
         parity = verify(
-            [a.path for a in artifacts], checkpoint=source, data=data_root, num_images=options.parity_images, entries=entries
+            [a.path for a in artifacts],
+            checkpoint=source,
+            data=data_root,
+            num_images=options.parity_images,
+            entries=entries,
         )
-    results = {Path(r["path"]).name: {k: v for k, v in r.items() if k != "path"} for r in (parity or {}).get("artifacts", [])}
+    results = {
+        Path(r["path"]).name: {k: v for k, v in r.items() if k != "path"} for r in (parity or {}).get("artifacts", [])
+    }
     artifacts = _move_in(staging, folder, artifacts)
     for row in (parity or {}).get("artifacts", []):  # the report names the files where they now are
         row["path"] = str(folder / Path(row["path"]).name)
@@ -254,8 +277,11 @@ def _move_in(staging: Path, folder: Path, artifacts: list[ExportedArtifact]) -> 
     except ArtifactError:
         manifest = None  # unreadable: write_manifest starts it afresh
     if manifest is not None:
+
         def replaced(entry: dict[str, Any]) -> bool:
-            return any(name in incoming for name in (entry.get("file"), *(c.get("file") for c in entry.get("companions", []))))
+            return any(
+                name in incoming for name in (entry.get("file"), *(c.get("file") for c in entry.get("companions", [])))
+            )
 
         kept = [entry for entry in manifest.get("artifacts", []) if not replaced(entry)]
         if len(kept) != len(manifest.get("artifacts", [])):
@@ -265,4 +291,6 @@ def _move_in(staging: Path, folder: Path, artifacts: list[ExportedArtifact]) -> 
             stale.unlink(missing_ok=True)
     for name in incoming:
         os.replace(staging / name, folder / name)
-    return [replace(a, path=folder / a.path.name, companions=[folder / c.name for c in a.companions]) for a in artifacts]
+    return [
+        replace(a, path=folder / a.path.name, companions=[folder / c.name for c in a.companions]) for a in artifacts
+    ]

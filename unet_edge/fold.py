@@ -60,7 +60,7 @@ class Pending:
     extra: int
 
     @classmethod
-    def identity(cls, channels: int) -> "Pending":
+    def identity(cls, channels: int) -> Pending:
         return cls(torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64), 0)
 
     @property
@@ -97,7 +97,9 @@ def _extra_channels(channels: int, alignment: int) -> int:
     return 1 + (-(channels + 1)) % alignment
 
 
-def _folded_conv(conv: nn.Conv2d, pending: Pending, weight_scale: torch.Tensor, bias: torch.Tensor, extra: int = 0) -> nn.Conv2d:
+def _folded_conv(
+    conv: nn.Conv2d, pending: Pending, weight_scale: torch.Tensor, bias: torch.Tensor, extra: int = 0
+) -> nn.Conv2d:
     """A Conv2d computing weight_scale * conv(pending-corrected input) + bias, plus `extra` trailing
     output channels: a ones channel (zero weights, bias 1) and zero channels after it."""
     weight = _absorb_input(conv.weight.double(), pending, 1) * weight_scale.view(-1, 1, 1, 1)
@@ -116,7 +118,9 @@ def _fold_block(block: ConvBlockStudent, pending: Pending, name: str, alignment:
     index = 0
     if isinstance(modules[0], nn.MaxPool2d):
         if bool((pending.sign < 0).any()):
-            raise FoldError(f"{name}: a BatchNorm with a negative scale feeds this max-pool; it cannot be folded exactly")
+            raise FoldError(
+                f"{name}: a BatchNorm with a negative scale feeds this max-pool; it cannot be folded exactly"
+            )
         layers.append(nn.MaxPool2d(2))
         index = 1
     while index < len(modules):
@@ -152,7 +156,10 @@ def _fold_up(up: _Up, pending: Pending, pixel_shuffle: bool) -> nn.Module:
         return folded
     upsample, conv = up.up  # bilinear resize commutes with a per-channel affine map (and keeps ones at 1)
     one = torch.ones(conv.out_channels, dtype=torch.float64)
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), _folded_conv(conv, pending, one, conv.bias.double()))
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+        _folded_conv(conv, pending, one, conv.bias.double()),
+    )
 
 
 def _concat(left_channels: int, skip: Pending) -> Pending:
@@ -185,7 +192,9 @@ class FoldedUNet(nn.Module):
         alignment = CHANNEL_ALIGNMENT if int8_layout else 1
         source = source.eval()
         with torch.no_grad():
-            self.stem, pending = _fold_block(source.stem, Pending.identity(source.config.in_channels), "stem", alignment)
+            self.stem, pending = _fold_block(
+                source.stem, Pending.identity(source.config.in_channels), "stem", alignment
+            )
             skips = [pending]
             encoder = []
             for i, block in enumerate(source.encoder):

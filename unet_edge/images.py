@@ -18,7 +18,17 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "LABEL_SUFFIXES", "check_image", "load_image", "load_label", "max_pixels", "open_image", "preprocess"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_SUFFIXES",
+    "LABEL_SUFFIXES",
+    "check_image",
+    "load_image",
+    "load_label",
+    "max_pixels",
+    "open_image",
+    "preprocess",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")

@@ -20,7 +20,16 @@ from .data import ImageSegmentation, ScanReport, pad_collate, resolve_data, scan
 from .device import prefers_channels_last
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, BatchNormalize, SegmentationPresetEval, SegmentationPresetTrain
 
-__all__ = ["PAD_INDEX", "TrainingData", "cache_budget", "default_workers", "list_collate", "make_loader", "pad_index", "training_data"]
+__all__ = [
+    "PAD_INDEX",
+    "TrainingData",
+    "cache_budget",
+    "default_workers",
+    "list_collate",
+    "make_loader",
+    "pad_index",
+    "training_data",
+]
 
 # What padded mask pixels hold when the dataset has no ignore index: CrossEntropyLoss's default
 # ignore_index, outside every class id, so padding never counts as a class.
@@ -34,7 +43,9 @@ def pad_index(ignore_index: int | None) -> int:
 
 def list_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Keep each sample at its own size (no padding): evaluation then does not depend on batch composition."""
-    return [image.as_subclass(torch.Tensor) for image, _ in batch], [mask.as_subclass(torch.Tensor) for _, mask in batch]
+    return [image.as_subclass(torch.Tensor) for image, _ in batch], [
+        mask.as_subclass(torch.Tensor) for _, mask in batch
+    ]
 
 
 def cache_budget() -> int:
@@ -113,7 +124,13 @@ class TrainingData:
 
     def checkpoint_fields(self) -> dict[str, Any]:
         """What a checkpoint records about the data: classes, ignore index, normalisation and where it was."""
-        return {"classes": self.classes, "ignore_index": self.ignore_index, "mean": list(self.mean), "std": list(self.std), "data_root": str(self.root)}
+        return {
+            "classes": self.classes,
+            "ignore_index": self.ignore_index,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "data_root": str(self.root),
+        }
 
 
 def training_data(
@@ -131,7 +148,9 @@ def training_data(
     scan = scan_dataset(root, ("train", "val"), progress=progress)
     ignore_index = scan.info.ignore_index
     on_node = distributed.local_world_size if distributed is not None else 1
-    workers, val_workers = (config.workers, config.workers) if config.workers is not None else default_workers(device, on_node)
+    workers, val_workers = (
+        (config.workers, config.workers) if config.workers is not None else default_workers(device, on_node)
+    )
     processes = distributed.world_size if distributed is not None else 1
     cache_bytes = scan.decoded_bytes("train") + scan.decoded_bytes("val")
     cache = config.cache if config.cache is not None else workers == 0 and cache_bytes * processes <= cache_budget()
@@ -165,7 +184,13 @@ def training_data(
         drop_last=train_count > config.batch_size,
     )
     val_loader = make_loader(
-        val_set, batch_size=config.batch_size, shuffle=False, workers=val_workers, ignore_index=ignore_index, sampler=val_sampler, pad=False
+        val_set,
+        batch_size=config.batch_size,
+        shuffle=False,
+        workers=val_workers,
+        ignore_index=ignore_index,
+        sampler=val_sampler,
+        pad=False,
     )
     normalize = BatchNormalize(mean, std, channels_last=prefers_channels_last(device, training=True))
     return TrainingData(root, scan, train_loader, val_loader, train_sampler, normalize, tuple(mean), tuple(std))

@@ -61,7 +61,9 @@ class ConfusionMatrix:
     evaluation copies nothing per batch; `reduce_from_all_processes` sums it over a process group.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int | None = None, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, num_classes: int, ignore_index: int | None = None, device: torch.device | str | None = None
+    ) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)

@@ -12,8 +12,8 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Callable
-from functools import cache
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +130,9 @@ def passes(result: dict[str, Any], thresholds: Thresholds) -> bool:
     return bool(ok)
 
 
-def reference_checkpoint(artifacts: list[Path], checkpoint: str | os.PathLike[str] | None, runs_dir: str | os.PathLike[str] = "runs") -> Path:
+def reference_checkpoint(
+    artifacts: list[Path], checkpoint: str | os.PathLike[str] | None, runs_dir: str | os.PathLike[str] = "runs"
+) -> Path:
     """The checkpoint to compare against: the one given, else the one the manifest names, else the newest run."""
     if checkpoint is not None:
         return Path(checkpoint)
@@ -150,7 +152,9 @@ def thresholds_for(precision: str, entry: dict[str, Any] | None, overrides: Thre
         base = Thresholds(base.min_pixel_agreement, float(budget))
     overrides = overrides or Thresholds()
     return Thresholds(
-        min_pixel_agreement=base.min_pixel_agreement if overrides.min_pixel_agreement is None else overrides.min_pixel_agreement,
+        min_pixel_agreement=base.min_pixel_agreement
+        if overrides.min_pixel_agreement is None
+        else overrides.min_pixel_agreement,
         max_miou_drop=base.max_miou_drop if overrides.max_miou_drop is None else overrides.max_miou_drop,
     )
 
@@ -194,7 +198,9 @@ def verify(
             raise ArtifactError(
                 f"{path}: classes {backend.classes} differ from the checkpoint's {reference.classes} ({reference_path})"
             )
-        figures = compare(reference_out, run_backend(backend, images), images.masks, reference.num_classes, reference.ignore_index)
+        figures = compare(
+            reference_out, run_backend(backend, images), images.masks, reference.num_classes, reference.ignore_index
+        )
         thresholds = thresholds_for(backend.precision, entry, overrides)
         result = {
             "path": str(path),
@@ -202,7 +208,10 @@ def verify(
             "precision": backend.precision,
             "provider": backend.provider,
             **figures,
-            "thresholds": {"min_pixel_agreement": thresholds.min_pixel_agreement, "max_miou_drop": thresholds.max_miou_drop},
+            "thresholds": {
+                "min_pixel_agreement": thresholds.min_pixel_agreement,
+                "max_miou_drop": thresholds.max_miou_drop,
+            },
             "passed": passes(figures, thresholds),
         }
         if explain and not result["passed"]:
@@ -220,7 +229,14 @@ def verify(
     }
 
 
-_TRACED_TYPES = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.MaxPool2d, torch.nn.Upsample)
+_TRACED_TYPES = (
+    torch.nn.Conv2d,
+    torch.nn.ConvTranspose2d,
+    torch.nn.BatchNorm2d,
+    torch.nn.ReLU,
+    torch.nn.MaxPool2d,
+    torch.nn.Upsample,
+)
 
 
 def _torch_activations(model: torch.nn.Module, image: np.ndarray) -> dict[str, np.ndarray]:
@@ -229,7 +245,11 @@ def _torch_activations(model: torch.nn.Module, image: np.ndarray) -> dict[str, n
     hooks = []
     for name, module in model.named_modules():
         if isinstance(module, _TRACED_TYPES):
-            hooks.append(module.register_forward_hook(lambda m, i, o, n=name: captured.__setitem__(n, o.detach().float().cpu().numpy().copy())))
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, i, o, n=name: captured.__setitem__(n, o.detach().float().cpu().numpy().copy())
+                )
+            )
     try:
         with torch.inference_mode():
             model(torch.from_numpy(image[None]))
@@ -239,25 +259,35 @@ def _torch_activations(model: torch.nn.Module, image: np.ndarray) -> dict[str, n
     return captured
 
 
-def explain_divergence(reference: Backend, candidate: Backend, images: EvalImages, rel_tolerance: float = 1e-3) -> dict[str, Any]:
+def explain_divergence(
+    reference: Backend, candidate: Backend, images: EvalImages, rel_tolerance: float = 1e-3
+) -> dict[str, Any]:
     """Compare every layer's output between PyTorch and a model file on the first image and name the first
     layer (in execution order) whose relative difference exceeds `rel_tolerance`, for the formats whose
     runtime exposes its layers' outputs (`Format.layer_outputs`)."""
     fmt = FORMATS[artifact_format(candidate.path)]
     if fmt.layer_outputs is None or candidate.input_format != NCHW_FLOAT:
         exposing = ", ".join(f.name for f in FORMATS.values() if f.layer_outputs is not None)
-        return {"supported": False, "reason": f"layer-wise comparison needs a float-input model of a format that exposes its layers ({exposing})"}
+        return {
+            "supported": False,
+            "reason": f"layer-wise comparison needs a float-input model of a format that exposes its layers ({exposing})",
+        }
     activations = _torch_activations(reference.module, images.normalised[0])
     values = fmt.layer_outputs(candidate.path, images.normalised[0])
     if not values:
-        return {"supported": False, "reason": f"the {fmt.name} model carries no module names (not exported by unet-edge?)"}
+        return {
+            "supported": False,
+            "reason": f"the {fmt.name} model carries no module names (not exported by unet-edge?)",
+        }
     layers = []
     for layer, torch_out in activations.items():
         onnx_out = values.get(layer)
         if onnx_out is None or onnx_out.shape != torch_out.shape:
             continue
         scale = float(np.abs(torch_out).max()) or 1.0
-        layers.append({"layer": layer, "rel_diff": float(np.abs(onnx_out.astype(np.float64) - torch_out).max()) / scale})
+        layers.append(
+            {"layer": layer, "rel_diff": float(np.abs(onnx_out.astype(np.float64) - torch_out).max()) / scale}
+        )
     first = next((layer for layer in layers if layer["rel_diff"] > rel_tolerance), None)
     return {
         "supported": True,
@@ -294,9 +324,17 @@ def export_budget(
     def validation() -> tuple[EvalImages, tuple[list[np.ndarray | None], list[np.ndarray]]]:
         images = load_eval_images(data_root, loaded.mean, loaded.std, split="val", num_images=0)
         reference = TorchBackend(
-            loaded.model, device="cpu", backend="pytorch", provider="cpu", precision="fp32", path=loaded.path,
-            classes=loaded.classes, mean=loaded.mean, std=loaded.std, ignore_index=loaded.ignore_index,
-        )  # fmt: skip
+            loaded.model,
+            device="cpu",
+            backend="pytorch",
+            provider="cpu",
+            precision="fp32",
+            path=loaded.path,
+            classes=loaded.classes,
+            mean=loaded.mean,
+            std=loaded.std,
+            ignore_index=loaded.ignore_index,
+        )
         return images, run_backend(reference, images)
 
     def evaluate(path: Path) -> tuple[float, float, int]:
@@ -307,9 +345,13 @@ def export_budget(
         # describes the file it replaces, so it must not be checked against (the new manifest comes at the end).
         candidate = open_backend(path, entry={})
         try:
-            figures = compare(reference_out, run_backend(candidate, images), images.masks, len(loaded.classes), loaded.ignore_index)
+            figures = compare(
+                reference_out, run_backend(candidate, images), images.masks, len(loaded.classes), loaded.ignore_index
+            )
         finally:
             candidate.close()
         return figures["miou_gt"], figures["miou_gt_reference"], len(images.raw)
 
-    return QuantBudget(max_miou_drop=max_miou_drop, calibration_data=calib_root, calibration=calibration, evaluate=evaluate)
+    return QuantBudget(
+        max_miou_drop=max_miou_drop, calibration_data=calib_root, calibration=calibration, evaluate=evaluate
+    )

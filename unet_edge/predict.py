@@ -62,7 +62,11 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     images: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+            found = sorted(
+                p
+                for p in item.iterdir()
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            )
             if not found:
                 raise DataError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
             images += found
@@ -73,7 +77,9 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     seen: dict[str, Path] = {}
     for path in images:
         if path.stem in seen and seen[path.stem] != path:
-            raise DataError(f"{path}: same name as {seen[path.stem]}; their outputs would overwrite each other (predict them into separate --out folders)")
+            raise DataError(
+                f"{path}: same name as {seen[path.stem]}; their outputs would overwrite each other (predict them into separate --out folders)"
+            )
         seen[path.stem] = path
     return list(dict.fromkeys(images))
 
@@ -92,9 +98,13 @@ def class_areas(mask: np.ndarray, classes: Sequence[str]) -> dict[str, int]:
     return {name: int(count) for name, count in zip(classes, counts)}
 
 
-def overlay_image(image: np.ndarray, mask: np.ndarray, classes: Sequence[str], palette: np.ndarray, alpha: float = OVERLAY_ALPHA) -> Image.Image:
+def overlay_image(
+    image: np.ndarray, mask: np.ndarray, classes: Sequence[str], palette: np.ndarray, alpha: float = OVERLAY_ALPHA
+) -> Image.Image:
     """The mask's colours blended over the image, with a legend (colour, class name, share of pixels) on the right."""
-    blended = (image.astype(np.float32) * (1 - alpha) + palette[mask].astype(np.float32) * alpha).round().astype(np.uint8)
+    blended = (
+        (image.astype(np.float32) * (1 - alpha) + palette[mask].astype(np.float32) * alpha).round().astype(np.uint8)
+    )
     height, width = mask.shape
     scale = max(1, math.ceil(MIN_OVERLAY_SIDE / max(height, width)))
     picture = Image.fromarray(blended).resize((width * scale, height * scale), Image.Resampling.NEAREST)
@@ -143,7 +153,9 @@ def predict(
     and, with `stats`, `<stem>_stats.json` into `out`. `limit` keeps the first images only."""
     paths = collect_images(inputs)[:limit]
     backend = model if isinstance(model, Backend) else open_backend(model, provider)
-    for path in paths:  # headers only: an unreadable image, or one too large to decode, is refused before anything is written
+    for (
+        path
+    ) in paths:  # headers only: an unreadable image, or one too large to decode, is refused before anything is written
         check_image(path)
     palette = class_palette(backend.num_classes)
     folder = Path(out)
@@ -153,7 +165,9 @@ def predict(
         masks = backend.segment(np.stack([image for _, image in batch]))
         for (path, image), mask in zip(batch, masks):
             if mask.shape != image.shape[:2]:
-                raise ArtifactError(f"{backend.path}: returned a {mask.shape[1]}x{mask.shape[0]} mask for the {image.shape[1]}x{image.shape[0]} image {path}")
+                raise ArtifactError(
+                    f"{backend.path}: returned a {mask.shape[1]}x{mask.shape[0]} mask for the {image.shape[1]}x{image.shape[0]} image {path}"
+                )
             result = Prediction(path, folder / f"{path.stem}_mask.png", None, None, class_areas(mask, backend.classes))
             save_mask(result.mask, mask, palette)
             if overlay:
@@ -167,7 +181,9 @@ def predict(
                     "model": str(backend.path),
                     "width": int(mask.shape[1]),
                     "height": int(mask.shape[0]),
-                    "classes": {name: {"pixels": count, "fraction": count / mask.size} for name, count in result.areas.items()},
+                    "classes": {
+                        name: {"pixels": count, "fraction": count / mask.size} for name, count in result.areas.items()
+                    },
                 }
                 atomic_write_text(result.stats, json.dumps(report, indent=2) + "\n")
             results.append(result)

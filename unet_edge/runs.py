@@ -44,7 +44,9 @@ def write_curves(run_dir: str | os.PathLike[str]) -> Path | None:
     fig, (ax_loss, ax_miou) = pyplot().subplots(1, 2, figsize=(9, 3.5))
     ax_loss.plot(epochs, [r["train_loss"] for r in records], marker="o")
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="Training loss")
-    ax_miou.plot(epochs, [r["miou"] if r["miou"] is not None else float("nan") for r in records], marker="o", color="C1")
+    ax_miou.plot(
+        epochs, [r["miou"] if r["miou"] is not None else float("nan") for r in records], marker="o", color="C1"
+    )
     ax_miou.set(xlabel="epoch", ylabel="val mIoU", title="Validation mIoU", ylim=(0, 1))
     for ax in (ax_loss, ax_miou):
         ax.grid(alpha=0.3)
@@ -200,7 +202,13 @@ class RunFolder:
             if improved:
                 self.best_metric, self.best_epoch = metric, epoch
             if self.writer:
-                checkpoint = {**state, "epoch": epoch, "metrics": record, "best_miou": self.best_metric, "best_epoch": self.best_epoch}
+                checkpoint = {
+                    **state,
+                    "epoch": epoch,
+                    "metrics": record,
+                    "best_miou": self.best_metric,
+                    "best_epoch": self.best_epoch,
+                }
                 if improved:
                     save_checkpoint(self.path / "best.pt", checkpoint)
                 save_checkpoint(self.path / "last.pt", checkpoint)
@@ -226,16 +234,22 @@ class RunFolder:
         learning-rate schedule, so the partial epoch is dropped rather than saved.
         """
         if self.saved_epoch is None:
-            return TrainingInterrupted(f"interrupted in epoch {epoch + 1}, before any epoch finished: nothing was saved")
+            return TrainingInterrupted(
+                f"interrupted in epoch {epoch + 1}, before any epoch finished: nothing was saved"
+            )
         last = self.path / "last.pt"
-        return TrainingInterrupted(f"interrupted in epoch {epoch + 1}: {last} holds epoch {self.saved_epoch}; continue with --resume {last}")
+        return TrainingInterrupted(
+            f"interrupted in epoch {epoch + 1}: {last} holds epoch {self.saved_epoch}; continue with --resume {last}"
+        )
 
     def _forget_after(self, epoch: int) -> None:
         """Drop records after `epoch` (written before a crash that lost their checkpoint) and temporary
         files that a killed writer left behind."""
         log = self.path / "metrics.jsonl"
         if log.is_file():
-            kept = "".join(json.dumps(record) + "\n" for record in read_metrics(self.path) if record.get("epoch", 0) <= epoch)
+            kept = "".join(
+                json.dumps(record) + "\n" for record in read_metrics(self.path) if record.get("epoch", 0) <= epoch
+            )
             if kept.encode("utf-8") != log.read_bytes():
                 atomic_write_text(log, kept)
         for stale in self.path.glob(".*.tmp"):

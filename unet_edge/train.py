@@ -47,9 +47,24 @@ __all__ = [
 
 # Settings that shape a run: resuming keeps the saved values, and an explicitly different one is an error.
 RUN_SETTINGS = (
-    "batch_size", "lr", "weight_decay", "warmup_fraction", "image_size", "hflip", "scale_min", "scale_max", "ema_decay", "loss",
-    "distill_loss", "distill_weight", "distill_temperature", "seed", "out", "name", *(f.name for f in fields(ModelConfig)),
-)  # fmt: skip
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_fraction",
+    "image_size",
+    "hflip",
+    "scale_min",
+    "scale_max",
+    "ema_decay",
+    "loss",
+    "distill_loss",
+    "distill_weight",
+    "distill_temperature",
+    "seed",
+    "out",
+    "name",
+    *(f.name for f in fields(ModelConfig)),
+)
 # Settings whose saved values a resumed run uses unless given: where the data and the teacher are now (the
 # teacher file must be the same one, by sha256), and how many epochs in all.
 RESUME_OVERRIDES = ("data", "teacher", "epochs")
@@ -182,7 +197,9 @@ class Training:
         with a `teacher`, the loss gains the configured distillation term."""
         num_classes = len(data.classes)
         if config.model.num_classes not in (None, num_classes):
-            raise DataError(f"{data.root}: {num_classes} classes, but the model settings ask for {config.model.num_classes}")
+            raise DataError(
+                f"{data.root}: {num_classes} classes, but the model settings ask for {config.model.num_classes}"
+            )
         model_config = replace(config.model, num_classes=num_classes)
         model = place_model(build_model(model_config), device, training=True)
         train_model = distributed.wrap(model) if distributed is not None else model
@@ -198,7 +215,9 @@ class Training:
             term = distill_term(config.distill_loss, config.distill_temperature)
             distillation = Distillation(teacher, term, config.distill_weight, pad_index(data.ignore_index))
         criterion = segmentation_loss(data.ignore_index, config.loss)
-        return cls(model, train_model, model_config, optimizer, scheduler, precision, criterion, device, ema, distillation)
+        return cls(
+            model, train_model, model_config, optimizer, scheduler, precision, criterion, device, ema, distillation
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Weights, model settings and the optimiser, schedule and scaler states, as a checkpoint holds them.
@@ -240,7 +259,9 @@ class Training:
             schedule.retarget(step, total_steps)
 
 
-def segmentation_loss(ignore_index: int | None, kind: str = "ce") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def segmentation_loss(
+    ignore_index: int | None, kind: str = "ce"
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The training loss: "ce", cross-entropy averaged over the pixels that count, or "dice-ce", that
     plus a soft Dice loss (nnU-Net's default pairing, smp's `DiceLoss` in multiclass mode).
 
@@ -357,12 +378,18 @@ def train_one_epoch(
         step += 1
     mean_loss = float(total_loss) / max(seen, 1)
     if not math.isfinite(mean_loss):
-        raise TrainingError(f"loss became {mean_loss} in steps {step - step % check_every + 1}-{step}; try a lower --lr")
+        raise TrainingError(
+            f"loss became {mean_loss} in steps {step - step % check_every + 1}-{step}; try a lower --lr"
+        )
     return EpochStats(mean_loss, seen, data_time)
 
 
 def run_epoch(
-    training: Training, data: TrainingData, epoch: int, distributed: Any | None, on_step: Callable[[int, float], None] | None
+    training: Training,
+    data: TrainingData,
+    epoch: int,
+    distributed: Any | None,
+    on_step: Callable[[int, float], None] | None,
 ) -> tuple[dict[str, Any], EvalResult]:
     """Train 0-based `epoch`, validate, and return the epoch's record (as metrics.jsonl holds it) and the validation."""
     if data.train_sampler is not None:
@@ -370,10 +397,19 @@ def run_epoch(
     started = time.perf_counter()
     precision = training.precision
     loss, seen, data_time = train_one_epoch(
-        training.train_model, data.train_loader, training.optimizer, training.scheduler, training.criterion, training.device,
-        autocast=precision.autocast, scaler=precision.scaler, on_step=on_step, normalize=data.normalize, ema=training.ema,
+        training.train_model,
+        data.train_loader,
+        training.optimizer,
+        training.scheduler,
+        training.criterion,
+        training.device,
+        autocast=precision.autocast,
+        scaler=precision.scaler,
+        on_step=on_step,
+        normalize=data.normalize,
+        ema=training.ema,
         distillation=training.distillation,
-    )  # fmt: skip
+    )
     if distributed is not None:
         loss, seen = distributed.reduce_loss(loss, seen)
         distributed.broadcast_buffers(training.model)
@@ -384,10 +420,21 @@ def run_epoch(
     if training.distillation is not None:
         teacher_time, mean_term = training.distillation.take_epoch_stats()
         step_time = train_time - data_time
-        distill_record = {"distill_loss": mean_term, "teacher_time_s": teacher_time, "teacher_share": teacher_time / step_time if step_time > 0 else None}
+        distill_record = {
+            "distill_loss": mean_term,
+            "teacher_time_s": teacher_time,
+            "teacher_share": teacher_time / step_time if step_time > 0 else None,
+        }
     # Validation runs in fp32, as `unet-edge eval` and the exported models do, so the logged mIoU is
     # that of the saved weights whatever precision trained them.
-    result = evaluate(training.validated_model, data.val_loader, len(data.classes), data.ignore_index, training.device, normalize=data.normalize)
+    result = evaluate(
+        training.validated_model,
+        data.val_loader,
+        len(data.classes),
+        data.ignore_index,
+        training.device,
+        normalize=data.normalize,
+    )
     record = {
         "epoch": epoch + 1,
         "train_loss": loss,
@@ -401,7 +448,9 @@ def run_epoch(
     return record, result
 
 
-def resume_config(config: TrainConfig, state: dict[str, Any], explicit: Collection[str] | None = None) -> tuple[TrainConfig, int]:
+def resume_config(
+    config: TrainConfig, state: dict[str, Any], explicit: Collection[str] | None = None
+) -> tuple[TrainConfig, int]:
     """The settings to continue `state` (a checkpoint) with, and the epochs its schedule was planned for.
 
     The run's saved settings are kept; of `config`, only how to run (device, workers, ...) and, when
@@ -409,9 +458,17 @@ def resume_config(config: TrainConfig, state: dict[str, Any], explicit: Collecti
     differ from `TrainConfig()`); one of them that differs from the saved run is an error, never ignored.
     """
     saved = TrainConfig.from_dict(state.get("train_config", {}))
-    given = set(explicit) if explicit is not None else {k for k, v in config.settings().items() if TrainConfig().settings()[k] != v}
+    given = (
+        set(explicit)
+        if explicit is not None
+        else {k for k, v in config.settings().items() if TrainConfig().settings()[k] != v}
+    )
     current, stored = config.settings(), saved.settings()
-    conflicts = [f"--{k.replace('_', '-')} {current[k]} (saved: {stored[k]})" for k in RUN_SETTINGS if k in given and current[k] != stored[k]]
+    conflicts = [
+        f"--{k.replace('_', '-')} {current[k]} (saved: {stored[k]})"
+        for k in RUN_SETTINGS
+        if k in given and current[k] != stored[k]
+    ]
     if conflicts:
         raise TrainingError(f"{config.resume}: a resumed run keeps its saved settings; drop {', '.join(conflicts)}")
     keep = [*SESSION_SETTINGS, *(k for k in RESUME_OVERRIDES if k in given)]
@@ -425,11 +482,17 @@ def resume_config(config: TrainConfig, state: dict[str, Any], explicit: Collecti
 
 def _check_same_classes(config: TrainConfig, state: dict[str, Any], data: TrainingData) -> None:
     if data.classes != list(state["classes"]):
-        raise DataError(f"{data.root}: classes {data.classes} (from {data.scan.info_source}) differ from those of {config.resume}: {list(state['classes'])}")
+        raise DataError(
+            f"{data.root}: classes {data.classes} (from {data.scan.info_source}) differ from those of {config.resume}: {list(state['classes'])}"
+        )
 
 
 def fit(
-    config: TrainConfig, hooks: TrainHooks | None = None, distributed: Any | None = None, *, explicit: Collection[str] | None = None
+    config: TrainConfig,
+    hooks: TrainHooks | None = None,
+    distributed: Any | None = None,
+    *,
+    explicit: Collection[str] | None = None,
 ) -> FitResult:
     """Train `UNetStudent` on `config.data` (or the embedded set) and write the run folder.
 
@@ -454,7 +517,14 @@ def fit(
         hooks.on_note(data.scan.classes_note)
     teacher = None
     if config.teacher is not None:
-        teacher = load_teacher(config.teacher, data.classes, data.mean, data.std, device, channels_last=prefers_channels_last(device, training=True))
+        teacher = load_teacher(
+            config.teacher,
+            data.classes,
+            data.mean,
+            data.std,
+            device,
+            channels_last=prefers_channels_last(device, training=True),
+        )
     training = Training.build(config, data, device, distributed, planned_epochs, teacher)
     if resumed is not None:
         _check_same_classes(config, resumed, data)
@@ -469,7 +539,13 @@ def fit(
     if teacher is not None:
         # Measured once per run, in fp32 as validation is; a resumed run keeps the figure its teacher got.
         recorded = resumed.get("teacher") if resumed is not None else None
-        teacher_miou = recorded["val_miou"] if recorded else evaluate(teacher.model, data.val_loader, len(data.classes), data.ignore_index, device, normalize=data.normalize).miou
+        teacher_miou = (
+            recorded["val_miou"]
+            if recorded
+            else evaluate(
+                teacher.model, data.val_loader, len(data.classes), data.ignore_index, device, normalize=data.normalize
+            ).miou
+        )
         about["teacher"] = teacher.record(teacher_miou)
         if is_main:
             hooks.on_note(f"teacher {teacher.path} ({teacher.description}): val mIoU {teacher_miou:.4f}")

@@ -18,7 +18,14 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "BatchNormalize", "RandomScale", "SegmentationPresetEval", "SegmentationPresetTrain"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BatchNormalize",
+    "RandomScale",
+    "SegmentationPresetEval",
+    "SegmentationPresetTrain",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -112,7 +119,9 @@ class BatchNormalize:
     fed by either kind of preset. ``channels_last`` returns the NHWC memory layout.
     """
 
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *, channels_last: bool = False):
+    def __init__(
+        self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, *, channels_last: bool = False
+    ):
         self.mean = torch.tensor([float(m) for m in mean]).view(1, -1, 1, 1)
         self.std = torch.tensor([float(s) for s in std]).view(1, -1, 1, 1)
         self.channels_last = channels_last

@@ -101,7 +101,10 @@ def run_bench(
     torch.set_num_threads(threads)
     references = _References(spec, threads, progress)
     # One slot per target, in plan order: its row when it cannot be measured, else the opened target.
-    slots = [_open(target, spec, threads, references) for target in plan_targets(paths, providers, spec.torch_variants, spec.dtypes)]
+    slots = [
+        _open(target, spec, threads, references)
+        for target in plan_targets(paths, providers, spec.torch_variants, spec.dtypes)
+    ]
     opened = [slot for slot in slots if isinstance(slot, _Opened)]
     rng = np.random.default_rng(0)
     for step, batch in enumerate(spec.batch_sizes):
@@ -113,7 +116,10 @@ def run_bench(
         slot.backend.close()
     rows = [row for slot in slots for row in (slot.rows if isinstance(slot, _Opened) else [slot])]
     return {
-        "machine": {**machine_info(threads), "matmul_gflops_per_s": {f"{d}/{p}": v for (d, p), v in references.rates.items()}},
+        "machine": {
+            **machine_info(threads),
+            "matmul_gflops_per_s": {f"{d}/{p}": v for (d, p), v in references.rates.items()},
+        },
         "settings": _settings(spec, threads),
         "results": [row.to_dict() for row in rows],
     }
@@ -130,7 +136,9 @@ def _open(target: Target, spec: BenchSpec, threads: int, references: _References
         backend.close()
         return not_measured(target, spec.height, spec.width, f"unavailable: {reason}")
     device = target.provider.torch_device
-    precision = reference_kernel(device, backend.precision if backend.precision in ("fp16", "bf16", "int8") else "fp32")[1]
+    precision = reference_kernel(
+        device, backend.precision if backend.precision in ("fp16", "bf16", "int8") else "fp32"
+    )[1]
     return _Opened(target, backend, references.gflops(backend.model_config), references.peak(device, precision))
 
 
@@ -163,7 +171,14 @@ def _time_batch(opened: list[_Opened], spec: BenchSpec, images: np.ndarray, prog
         progress(f"batch {batch}: {len(runners)} backends interleaved, {fraction:.0%} timed")
 
     latencies = iter(
-        time_interleaved(runners, warmup=spec.warmup, iters=spec.iters, seconds=spec.seconds, min_iters=spec.min_iters, on_round=on_round)
+        time_interleaved(
+            runners,
+            warmup=spec.warmup,
+            iters=spec.iters,
+            seconds=spec.seconds,
+            min_iters=spec.min_iters,
+            on_round=on_round,
+        )
     )
     for slot, run in zip(opened, first_runs):
         if isinstance(run, str):
@@ -179,7 +194,7 @@ def _first_run(backend: Backend, images: np.ndarray) -> Callable[[], Any] | str:
         run = backend.device_runner(images)
         run()
         return run
-    except Exception as exc:  # noqa: BLE001 - reported in the row, as for an unavailable provider
+    except Exception as exc:
         return f"failed: {exc.__class__.__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
 
 
@@ -189,7 +204,13 @@ def _measured_row(slot: _Opened, spec: BenchSpec, images: np.ndarray, latencies:
     e2e = None
     if slot.target.provider is not Provider.CPU:
         e2e = latency_stats(
-            time_runner(lambda: slot.backend.predict_logits(images), warmup=spec.warmup, iters=spec.iters, seconds=spec.seconds, min_iters=spec.min_iters)
+            time_runner(
+                lambda: slot.backend.predict_logits(images),
+                warmup=spec.warmup,
+                iters=spec.iters,
+                seconds=spec.seconds,
+                min_iters=spec.min_iters,
+            )
         )
     batch = len(images)
     throughput = batch / (stats["p50"] / 1000.0)  # median-based: robust to noisy neighbours

@@ -20,7 +20,11 @@ __all__ = ["count_gflops", "cuda_fp32_matmul", "machine_info", "measure_matmul_g
 
 
 def measure_matmul_gflops(
-    device: str = "cpu", precision: str = "fp32", size: int | None = None, seconds: float = 1.0, threads: int | None = None
+    device: str = "cpu",
+    precision: str = "fp32",
+    size: int | None = None,
+    seconds: float = 1.0,
+    threads: int | None = None,
 ) -> float:
     """This machine's measured dense matmul (GEMM) rate, GFLOP/s, for a device and precision, with
     `threads` CPU threads (default: one per core): the reference the "roofline" fraction divides by.
@@ -58,7 +62,9 @@ def _torch_matmul_gflops(device: str, precision: str, size: int, seconds: float)
 
     generator = torch.Generator().manual_seed(0)
     if precision == "int8":
-        a, b = (torch.randint(-127, 127, (size, size), dtype=torch.int8, generator=generator).to(device) for _ in range(2))
+        a, b = (
+            torch.randint(-127, 127, (size, size), dtype=torch.int8, generator=generator).to(device) for _ in range(2)
+        )
         matmul = torch._int_mm  # int8 x int8 -> int32, the tensor-core path quantised layers use
     else:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -111,14 +117,23 @@ def _ort_matmul_gflops(size: int, seconds: float, precision: str, threads: int |
     rng = np.random.default_rng(0)
     if precision == "int8":
         op, a_type, b_type, c_type = "MatMulInteger", TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32
-        feed = {"a": rng.integers(0, 255, (size, size), dtype=np.uint8), "b": rng.integers(-127, 127, (size, size), dtype=np.int8)}
+        feed = {
+            "a": rng.integers(0, 255, (size, size), dtype=np.uint8),
+            "b": rng.integers(-127, 127, (size, size), dtype=np.int8),
+        }
     else:
         op, a_type, b_type, c_type = "MatMul", TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.FLOAT
-        feed = {"a": rng.standard_normal((size, size), dtype=np.float32), "b": rng.standard_normal((size, size), dtype=np.float32)}
+        feed = {
+            "a": rng.standard_normal((size, size), dtype=np.float32),
+            "b": rng.standard_normal((size, size), dtype=np.float32),
+        }
     graph = helper.make_graph(
         [helper.make_node(op, ["a", "b"], ["c"])],
         f"{precision}_matmul",
-        [helper.make_tensor_value_info("a", a_type, [size, size]), helper.make_tensor_value_info("b", b_type, [size, size])],
+        [
+            helper.make_tensor_value_info("a", a_type, [size, size]),
+            helper.make_tensor_value_info("b", b_type, [size, size]),
+        ],
         [helper.make_tensor_value_info("c", c_type, [size, size])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])

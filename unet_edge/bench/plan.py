@@ -116,11 +116,17 @@ def plan_targets(
         kind = artifact_format(path)
         for provider in (p for p in wanted if supports(kind, p)):
             # Formats run by PyTorch get a row per variant x dtype; the others one row.
-            targets += [Target(path, kind, provider, v, d) for v, d in variants] if FORMATS[kind].torch_variants else [Target(path, kind, provider)]
+            targets += (
+                [Target(path, kind, provider, v, d) for v, d in variants]
+                if FORMATS[kind].torch_variants
+                else [Target(path, kind, provider)]
+            )
     return targets
 
 
-def bench_paths(artifacts: list[Path] | None, checkpoint: Path | None = None, exported_dir: str | os.PathLike[str] = "exported") -> list[Path]:
+def bench_paths(
+    artifacts: list[Path] | None, checkpoint: Path | None = None, exported_dir: str | os.PathLike[str] = "exported"
+) -> list[Path]:
     """The model files to measure: those given, else every artifact of the newest export and the checkpoint
     its manifest names; `checkpoint` (PyTorch eager) first when given."""
     paths = list(artifacts or [])

@@ -54,9 +54,19 @@ def _short_status(row: Row) -> str:
 
 
 COLUMNS: tuple[Column, ...] = (
-    Column("model", lambda row: "/".join(Path(row["path"]).parts[-2:]), text=True, terminal_cell=lambda row: Path(row["path"]).name),
+    Column(
+        "model",
+        lambda row: "/".join(Path(row["path"]).parts[-2:]),
+        text=True,
+        terminal_cell=lambda row: Path(row["path"]).name,
+    ),
     Column("backend", backend_label, text=True),
-    Column("provider", lambda row: row["provider"], text=True, terminal_cell=lambda row: row["provider"].replace("ExecutionProvider", "")),
+    Column(
+        "provider",
+        lambda row: row["provider"],
+        text=True,
+        terminal_cell=lambda row: row["provider"].replace("ExecutionProvider", ""),
+    ),
     Column("precision", lambda row: row["precision"] or "-", terminal_title="prec"),
     Column("batch", lambda row: str(row["batch_size"] or "-")),
     Column("H×W", lambda row: f"{row['height']}×{row['width']}"),
@@ -98,12 +108,15 @@ def plot(report: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         capsize=3,
     )
     ax_lat.set_xticks(range(len(first)), labels, fontsize=8)
-    ax_lat.set(ylabel="latency ms (p50, bar to p90)", title=f"Latency, batch {smallest}, {rows[0]['height']}×{rows[0]['width']}")
+    ax_lat.set(
+        ylabel="latency ms (p50, bar to p90)",
+        title=f"Latency, batch {smallest}, {rows[0]['height']}×{rows[0]['width']}",
+    )
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
-        series.setdefault(f"{backend_label(r)} {r['provider'].replace('ExecutionProvider', '')} {r['precision']}", []).append(
-            (r["batch_size"], r["throughput_ips"])
-        )
+        series.setdefault(
+            f"{backend_label(r)} {r['provider'].replace('ExecutionProvider', '')} {r['precision']}", []
+        ).append((r["batch_size"], r["throughput_ips"]))
     for name, points in series.items():
         points.sort()
         ax_tp.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)

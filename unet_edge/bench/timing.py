@@ -24,7 +24,9 @@ def latency_stats(latencies_ms: list[float]) -> dict[str, float]:
     }
 
 
-def time_runner(run: Callable[[], Any], *, warmup: int, iters: int | None, seconds: float, min_iters: int = 5) -> list[float]:
+def time_runner(
+    run: Callable[[], Any], *, warmup: int, iters: int | None, seconds: float, min_iters: int = 5
+) -> list[float]:
     """Per-call latencies in ms after `warmup` untimed calls: `iters` calls, or as many as fit in
     `seconds` (at least `min_iters`)."""
     for _ in range(warmup):

@@ -49,7 +49,15 @@ __all__ = [
 # In detection order: formats recognised by content (TorchScript) before the checkpoint, which takes the other zips.
 FORMATS: dict[str, Format] = {
     f.name: f
-    for f in (onnx.FORMAT, torchscript.FORMAT, openvino.FORMAT, ncnn.FORMAT, executorch.FORMAT, litert.FORMAT, checkpoint.FORMAT)
+    for f in (
+        onnx.FORMAT,
+        torchscript.FORMAT,
+        openvino.FORMAT,
+        ncnn.FORMAT,
+        executorch.FORMAT,
+        litert.FORMAT,
+        checkpoint.FORMAT,
+    )
 }
 
 
@@ -64,7 +72,9 @@ def export_options() -> dict[str, FormatOption]:
     for fmt in export_formats().values():
         for option in fmt.options:
             if options.setdefault(option.name, option) is not option:
-                raise ValueError(f"format {fmt.name!r} declares option {option.name!r} again: share the one declaration")
+                raise ValueError(
+                    f"format {fmt.name!r} declares option {option.name!r} again: share the one declaration"
+                )
     return options
 
 

@@ -21,16 +21,16 @@ if TYPE_CHECKING:
     from ..checkpoint import LoadedModel
 
 __all__ = [
+    "IMAGE_SIZE",
     "Backend",
     "CalibMethod",
     "ExportRequest",
     "Format",
     "FormatOption",
-    "IMAGE_SIZE",
-    "QuantBudget",
-    "Snippet",
     "Precision",
     "Provider",
+    "QuantBudget",
+    "Snippet",
     "backend_fields",
     "default_threads",
     "import_runtime",
@@ -152,7 +152,9 @@ class Backend:
         """Release what the backend holds (sessions, GPU memory)."""
 
 
-def backend_fields(runtime: str, provider: str, path: Path, meta: dict[str, Any], entry: dict[str, Any] | None) -> dict[str, Any]:
+def backend_fields(
+    runtime: str, provider: str, path: Path, meta: dict[str, Any], entry: dict[str, Any] | None
+) -> dict[str, Any]:
     """A `Backend`'s fields from the metadata stored in a model file (`artifact_metadata`'s keys) and its
     manifest entry (whose precision wins: it is what the export recorded)."""
     info = read_metadata(meta, path)
@@ -236,7 +238,9 @@ class QuantBudget:
         """The manifest's `calibration` entry: how many training images of which dataset (and `details`: the method)."""
         return {**details, "images": len(self.calibration()), "data": str(self.calibration_data), "split": "train"}
 
-    def record(self, precision: Precision, *, tool: str, miou: float, reference: float, validation_images: int, **details: Any) -> dict[str, Any]:
+    def record(
+        self, precision: Precision, *, tool: str, miou: float, reference: float, validation_images: int, **details: Any
+    ) -> dict[str, Any]:
         """The manifest's quantization record of one reduced-precision file (the one builder every format uses):
         the tool and `details` (weights, activations, calibration, attempts, ...) beside its val mIoU against
         the checkpoint's and the budget."""
@@ -285,7 +289,9 @@ class ExportRequest:
     def require_budget(self, precision: Precision) -> QuantBudget:
         """The budget, or the one-line error of a variant that cannot be made without a dataset."""
         if self.budget is None:
-            raise ArtifactError(f"{self.loaded.path}: {precision.value} needs a dataset to calibrate on and to check the mIoU budget")
+            raise ArtifactError(
+                f"{self.loaded.path}: {precision.value} needs a dataset to calibrate on and to check the mIoU budget"
+            )
         return self.budget
 
 
@@ -356,5 +362,7 @@ class Format:
         """The runtime's name for `provider`, or a one-line error when this format does not run there."""
         if provider not in self.providers:
             supported = ", ".join(p.value for p in self.providers)
-            raise ArtifactError(f"{path}: {self.name} models do not run on provider {provider.value!r} (supported: {supported})")
+            raise ArtifactError(
+                f"{path}: {self.name} models do not run on provider {provider.value!r} (supported: {supported})"
+            )
         return self.providers[provider]

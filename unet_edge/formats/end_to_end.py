@@ -13,7 +13,9 @@ class EndToEndSegmenter(nn.Module):
     """uint8 RGB N x H x W x 3 in, uint8 class mask N x H x W out (and optionally softmax probabilities
     N x K x H x W): the scaling, normalisation and argmax a host program would otherwise rewrite."""
 
-    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], probabilities: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], probabilities: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))

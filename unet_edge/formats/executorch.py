@@ -23,7 +23,19 @@ import numpy as np
 from ..artifact import ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
 from ..io import atomic_path
-from .base import Backend, ExportRequest, Format, FormatOption, Precision, Provider, Snippet, backend_fields, default_threads, import_runtime, needs_runtime
+from .base import (
+    Backend,
+    ExportRequest,
+    Format,
+    FormatOption,
+    Precision,
+    Provider,
+    Snippet,
+    backend_fields,
+    default_threads,
+    import_runtime,
+    needs_runtime,
+)
 
 __all__ = ["FORMAT", "ExecuTorchBackend", "export", "export_variants", "open_model"]
 
@@ -36,20 +48,27 @@ MIN_SIDE = 2
 DEFAULT_CONTRACT = {"batch": [1, 8], "height": [MIN_SIDE, 1024], "width": [MIN_SIDE, 1024]}
 
 
-MAX_BATCH = FormatOption("max_batch", 8, "Largest batch of formats with bounded dynamic shapes, which plan memory for it.", min=1)
+MAX_BATCH = FormatOption(
+    "max_batch", 8, "Largest batch of formats with bounded dynamic shapes, which plan memory for it.", min=1
+)
 MAX_SIZE = FormatOption(
-    "max_size", 1024,
+    "max_size",
+    1024,
     "Largest image height and width of formats with bounded dynamic shapes (their memory grows with it: about 4.4 GB "
     "at 8 x 1024 x 1024 for the default-size model).",
     min=MIN_SIDE,
-)  # fmt: skip
+)
 
 
 def check_options(options: Mapping[str, Any]) -> None:
     """The bounds must be a batch >= 1 and a side >= MIN_SIDE (refused before anything is exported)."""
-    max_batch, max_size = (options[o.name] if options.get(o.name) is not None else o.default for o in (MAX_BATCH, MAX_SIZE))
+    max_batch, max_size = (
+        options[o.name] if options.get(o.name) is not None else o.default for o in (MAX_BATCH, MAX_SIZE)
+    )
     if max_batch < 1 or max_size < MIN_SIDE:
-        raise ArtifactError(f"ExecuTorch bounds must be a batch >= 1 and a size >= {MIN_SIDE}, got {max_batch} and {max_size}")
+        raise ArtifactError(
+            f"ExecuTorch bounds must be a batch >= 1 and a size >= {MIN_SIDE}, got {max_batch} and {max_size}"
+        )
 
 
 def size_contract(request: ExportRequest) -> dict[str, list[int]]:
@@ -85,7 +104,9 @@ def _write_program(program: Any, path: Path, metadata: dict[str, str]) -> None:
     from executorch.exir import to_edge_transform_and_lower
 
     try:
-        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods={METADATA_METHOD: json.dumps(metadata)})
+        lowered = to_edge_transform_and_lower(
+            program, partitioner=[XnnpackPartitioner()], constant_methods={METADATA_METHOD: json.dumps(metadata)}
+        )
         buffer = lowered.to_executorch().buffer
     except Exception as exc:  # the lowering passes raise many error types
         raise ArtifactError(f"{path}: ExecuTorch could not lower the model to XNNPACK ({_first_line(exc)})") from None
@@ -104,8 +125,14 @@ def _metadata(request: ExportRequest, precision: Precision) -> dict[str, str]:
 
 def _artifact(request: ExportRequest, file: str, precision: Precision, extra: dict[str, Any]) -> ExportedArtifact:
     inputs, outputs = io_spec(len(request.loaded.classes))
-    info = {"batchnorm_folded": request.folded_model is not None, "size_contract": size_contract(request), "delegate": "XNNPACK"}
-    return ExportedArtifact(file, "executorch", precision.value, request.folder / file, inputs, outputs, None, {**info, **extra})
+    info = {
+        "batchnorm_folded": request.folded_model is not None,
+        "size_contract": size_contract(request),
+        "delegate": "XNNPACK",
+    }
+    return ExportedArtifact(
+        file, "executorch", precision.value, request.folder / file, inputs, outputs, None, {**info, **extra}
+    )
 
 
 def export(request: ExportRequest) -> list[ExportedArtifact]:
@@ -126,7 +153,10 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
 
     budget = request.require_budget(Precision.INT8)
     import_runtime("executorch", EXTRA)
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     calibration = budget.calibration()
@@ -140,12 +170,13 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
     path = request.folder / INT8_EXECUTORCH_FILE
     _write_program(_exported(convert_pt2e(prepared), contract), path, _metadata(request, Precision.INT8))
     quantization = budget.check(
-        path, Precision.INT8,
+        path,
+        Precision.INT8,
         tool="ExecuTorch XNNPACKQuantizer (torchao pt2e prepare/convert)",
         weights="int8, per channel, symmetric",
         activations="int8, per tensor",
         calibration=budget.calibration_record(),
-    )  # fmt: skip
+    )
     return [_artifact(request, INT8_EXECUTORCH_FILE, Precision.INT8, {"quantization": quantization})]
 
 
@@ -157,7 +188,10 @@ class ExecuTorchBackend(Backend):
         self.method = method
         try:
             contract = json.loads(self.meta.get("size_contract", "null")) or DEFAULT_CONTRACT
-            self.bounds = (int(contract["batch"][1]), *(tuple(int(v) for v in contract[axis]) for axis in ("height", "width")))
+            self.bounds = (
+                int(contract["batch"][1]),
+                *(tuple(int(v) for v in contract[axis]) for axis in ("height", "width")),
+            )
         except (ValueError, KeyError, TypeError, IndexError):
             raise ArtifactError(f"{self.path}: the program's size_contract metadata is not readable") from None
 
@@ -177,7 +211,9 @@ class ExecuTorchBackend(Backend):
         """Logits of any number of images, run in batches of at most the program's bound (timing through
         `device_runner` refuses a larger batch instead: it would time another batch size)."""
         step = self.bounds[0]
-        chunks = [self.method.execute(self._inputs(images[i : i + step]))[0].numpy() for i in range(0, len(images), step)]
+        chunks = [
+            self.method.execute(self._inputs(images[i : i + step]))[0].numpy() for i in range(0, len(images), step)
+        ]
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
     def device_runner(self, images: np.ndarray) -> Callable[[], None]:
@@ -203,7 +239,9 @@ def _set_threads(threads: int | None, path: Path) -> None:
     if current == threads:
         return
     if _loaded_methods:
-        raise ArtifactError(f"{path}: ExecuTorch already runs with {current} threads in this process; it cannot change to {threads}")
+        raise ArtifactError(
+            f"{path}: ExecuTorch already runs with {current} threads in this process; it cannot change to {threads}"
+        )
     portable_lib._unsafe_reset_threadpool(threads)
 
 

@@ -24,7 +24,19 @@ import numpy as np
 from ..artifact import ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
 from ..io import atomic_write_bytes, atomic_write_text
-from .base import IMAGE_SIZE, Backend, ExportRequest, Format, Precision, Provider, Snippet, backend_fields, default_threads, import_runtime, needs_runtime
+from .base import (
+    IMAGE_SIZE,
+    Backend,
+    ExportRequest,
+    Format,
+    Precision,
+    Provider,
+    Snippet,
+    backend_fields,
+    default_threads,
+    import_runtime,
+    needs_runtime,
+)
 
 __all__ = ["FORMAT", "LiteRtBackend", "export", "export_variants", "open_model", "tiles"]
 
@@ -92,7 +104,9 @@ def _write(module: Any, size: tuple[int, int], path: Path, metadata: dict[str, s
     atomic_write_bytes(path, content)
 
 
-def _artifact(request: ExportRequest, file: str, precision: Precision, size: tuple[int, int], extra: dict[str, Any]) -> ExportedArtifact:
+def _artifact(
+    request: ExportRequest, file: str, precision: Precision, size: tuple[int, int], extra: dict[str, Any]
+) -> ExportedArtifact:
     path = request.folder / file
     inputs, outputs = io_spec(len(request.loaded.classes), size=size)
     for spec in (*inputs, *outputs):
@@ -101,7 +115,9 @@ def _artifact(request: ExportRequest, file: str, precision: Precision, size: tup
         "batchnorm_folded": request.folded_model is not None,
         "size_contract": {"fixed": list(size), "batch": 1, "other_sizes": SIZE_RULE},
     }
-    return ExportedArtifact(file, "litert", precision.value, path, inputs, outputs, None, {**info, **extra}, [path.with_suffix(".json")])
+    return ExportedArtifact(
+        file, "litert", precision.value, path, inputs, outputs, None, {**info, **extra}, [path.with_suffix(".json")]
+    )
 
 
 def export(request: ExportRequest) -> list[ExportedArtifact]:
@@ -109,7 +125,9 @@ def export(request: ExportRequest) -> list[ExportedArtifact]:
     size = _export_size(request)
     request.say(f"converting to LiteRT at {size[0]}x{size[1]}")
     request.folder.mkdir(parents=True, exist_ok=True)
-    _write(_source(request), size, request.folder / LITERT_FILE, artifact_metadata(request.loaded, Precision.FP32.value))
+    _write(
+        _source(request), size, request.folder / LITERT_FILE, artifact_metadata(request.loaded, Precision.FP32.value)
+    )
     return [_artifact(request, LITERT_FILE, Precision.FP32, size, {})]
 
 
@@ -137,14 +155,21 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
                     prepared(torch.from_numpy(_padded(image[:, rows, cols], size)))
         converted = convert_pt2e(prepared, fold_quantize=False)
     path = request.folder / INT8_LITERT_FILE
-    _write(converted, size, path, artifact_metadata(request.loaded, Precision.INT8.value), QuantConfig(pt2e_quantizer=quantizer))
+    _write(
+        converted,
+        size,
+        path,
+        artifact_metadata(request.loaded, Precision.INT8.value),
+        QuantConfig(pt2e_quantizer=quantizer),
+    )
     quantization = budget.check(
-        path, Precision.INT8,
+        path,
+        Precision.INT8,
         tool="litert_torch PT2EQuantizer (static, torchao pt2e prepare/convert)",
         weights="int8, per channel, symmetric",
         activations="int8, per tensor; int8 input and output (scale and zero point in the tensor details)",
         calibration=budget.calibration_record(),
-    )  # fmt: skip
+    )
     return [_artifact(request, INT8_LITERT_FILE, Precision.INT8, size, {"quantization": quantization})]
 
 
@@ -182,8 +207,11 @@ class LiteRtBackend(Backend):
         return logits
 
     def device_runner(self, images: np.ndarray) -> Callable[[], None]:
-        feeds = [_padded(image[:, rows, cols], self.size) for image in np.asarray(images, np.float32)
-                 for rows, cols, _, _ in tiles(images.shape[2], images.shape[3], self.size)]  # fmt: skip
+        feeds = [
+            _padded(image[:, rows, cols], self.size)
+            for image in np.asarray(images, np.float32)
+            for rows, cols, _, _ in tiles(images.shape[2], images.shape[3], self.size)
+        ]
 
         def run() -> None:
             for feed in feeds:
@@ -231,8 +259,10 @@ interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
 interpreter.invoke()
 mask = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0].argmax(0)  # H x W class indices
 """,
-    notes={"int8": "This file has int8 input and output: quantise `x` with the input's `quantization` (scale, zero point) "
-    "from `get_input_details()` and dequantise the output with the output's before the argmax."},
+    notes={
+        "int8": "This file has int8 input and output: quantise `x` with the input's `quantization` (scale, zero point) "
+        "from `get_input_details()` and dequantise the output with the output's before the argmax."
+    },
 )
 
 

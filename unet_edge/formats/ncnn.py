@@ -22,7 +22,18 @@ import numpy as np
 
 from ..artifact import ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
-from .base import Backend, ExportRequest, Format, Precision, Provider, Snippet, backend_fields, default_threads, import_runtime, needs_runtime
+from .base import (
+    Backend,
+    ExportRequest,
+    Format,
+    Precision,
+    Provider,
+    Snippet,
+    backend_fields,
+    default_threads,
+    import_runtime,
+    needs_runtime,
+)
 
 __all__ = ["FORMAT", "NcnnBackend", "export", "open_model"]
 
@@ -46,8 +57,15 @@ def _pnnx(traced: Path, workdir: Path) -> tuple[Path, Path]:
     def shape(dims: tuple[int, ...]) -> str:
         return "[" + ",".join(str(d) for d in dims) + "]f32"
 
-    command = [pnnx.EXEC_PATH, str(traced), f"inputshape={shape(TRACE_SHAPES[0])}", f"inputshape2={shape(TRACE_SHAPES[1])}",
-               "fp16=0", f"ncnnparam={param}", f"ncnnbin={weights}"]  # fmt: skip
+    command = [
+        pnnx.EXEC_PATH,
+        str(traced),
+        f"inputshape={shape(TRACE_SHAPES[0])}",
+        f"inputshape2={shape(TRACE_SHAPES[1])}",
+        "fp16=0",
+        f"ncnnparam={param}",
+        f"ncnnbin={weights}",
+    ]
     done = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
     if done.returncode != 0 or not param.is_file() or not weights.is_file():
         last = (done.stderr.strip() or done.stdout.strip() or f"exit code {done.returncode}").splitlines()[-1]
@@ -76,17 +94,39 @@ def export(request: ExportRequest) -> list[ExportedArtifact]:
             try:
                 torch.jit.save(torch.jit.trace(module, sample), buffer)
             except Exception as exc:  # the tracer raises many error types; the first line says what failed
-                raise ArtifactError(f"{target}: tracing the model for pnnx failed ({str(exc).strip().splitlines()[0][:200]})") from None
+                raise ArtifactError(
+                    f"{target}: tracing the model for pnnx failed ({str(exc).strip().splitlines()[0][:200]})"
+                ) from None
         (workdir / "model.pt").write_bytes(buffer.getvalue())
         param, weights = _pnnx(workdir / "model.pt", workdir)
-        metadata = {**artifact_metadata(loaded, Precision.FP32.value), "input_blob": INPUT_BLOB, "output_blob": OUTPUT_BLOB}
+        metadata = {
+            **artifact_metadata(loaded, Precision.FP32.value),
+            "input_blob": INPUT_BLOB,
+            "output_blob": OUTPUT_BLOB,
+        }
         sidecar = workdir / "model.ncnn.json"
         sidecar.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         for staged, final in ((weights, weights_target), (sidecar, sidecar_target), (param, target)):
             os.replace(staged, final)
     inputs, outputs = io_spec(len(loaded.classes))
-    extra = {"batchnorm_folded": request.folded_model is not None, "blobs": {"input": INPUT_BLOB, "output": OUTPUT_BLOB}, "batch": "one image per extraction"}
-    return [ExportedArtifact(NCNN_FILE, "ncnn", Precision.FP32.value, target, inputs, outputs, None, extra, [weights_target, sidecar_target])]
+    extra = {
+        "batchnorm_folded": request.folded_model is not None,
+        "blobs": {"input": INPUT_BLOB, "output": OUTPUT_BLOB},
+        "batch": "one image per extraction",
+    }
+    return [
+        ExportedArtifact(
+            NCNN_FILE,
+            "ncnn",
+            Precision.FP32.value,
+            target,
+            inputs,
+            outputs,
+            None,
+            extra,
+            [weights_target, sidecar_target],
+        )
+    ]
 
 
 class NcnnBackend(Backend):
@@ -102,7 +142,9 @@ class NcnnBackend(Backend):
         extractor.input(self.input_blob, self._ncnn.Mat(image))
         status, out = extractor.extract(self.output_blob)
         if status != 0:
-            raise ArtifactError(f"{self.path}: ncnn failed on a {image.shape[1]}x{image.shape[2]} image (status {status})")
+            raise ArtifactError(
+                f"{self.path}: ncnn failed on a {image.shape[1]}x{image.shape[2]} image (status {status})"
+            )
         return out
 
     def predict_logits(self, images: np.ndarray) -> np.ndarray:
@@ -136,7 +178,11 @@ def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[
     if net.load_model(str(weights)) != 0:
         raise ArtifactError(f"{weights}: ncnn cannot load the weights (truncated or not this model's)")
     return NcnnBackend(
-        net, ncnn, meta.get("input_blob", INPUT_BLOB), meta.get("output_blob", OUTPUT_BLOB), **backend_fields(FORMAT.runtime, device, path, meta, entry)
+        net,
+        ncnn,
+        meta.get("input_blob", INPUT_BLOB),
+        meta.get("output_blob", OUTPUT_BLOB),
+        **backend_fields(FORMAT.runtime, device, path, meta, entry),
     )
 
 

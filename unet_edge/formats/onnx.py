@@ -43,8 +43,8 @@ __all__ = [
     "FP16_ONNX_FILE",
     "INT8_ONNX_FILE",
     "ONNX_FILE",
-    "OnnxRuntimeBackend",
     "PROBABILITIES",
+    "OnnxRuntimeBackend",
     "create_session",
     "export",
     "export_end_to_end",
@@ -60,8 +60,12 @@ __all__ = [
     "with_outputs",
 ]
 
-END_TO_END = FormatOption("end_to_end", False, "Also write model_e2e.onnx: uint8 RGB N x H x W x 3 in, uint8 class mask N x H x W out.")
-PROBABILITIES = FormatOption("probabilities", False, "Give model_e2e.onnx a second output, softmax probabilities N x K x H x W.")
+END_TO_END = FormatOption(
+    "end_to_end", False, "Also write model_e2e.onnx: uint8 RGB N x H x W x 3 in, uint8 class mask N x H x W out."
+)
+PROBABILITIES = FormatOption(
+    "probabilities", False, "Give model_e2e.onnx a second output, softmax probabilities N x K x H x W."
+)
 
 
 def check_options(options: Mapping[str, Any]) -> None:
@@ -69,7 +73,9 @@ def check_options(options: Mapping[str, Any]) -> None:
         raise UNetEdgeError("--probabilities only applies to the end-to-end model: add --end-to-end")
 
 
-def export_end_to_end(loaded: Any, folder: Path, *, opset: int = DEFAULT_OPSET, probabilities: bool = False) -> ExportedArtifact:
+def export_end_to_end(
+    loaded: Any, folder: Path, *, opset: int = DEFAULT_OPSET, probabilities: bool = False
+) -> ExportedArtifact:
     """Export `folder/model_e2e.onnx`: uint8 RGB N x H x W x 3 in, uint8 class mask N x H x W out (and
     softmax probabilities N x K x H x W with `probabilities`), dynamic N, H, W."""
     import torch
@@ -104,9 +110,13 @@ def export(request: ExportRequest) -> list[ExportedArtifact]:
         opset=opset,
         output_shapes=[o["shape"] for o in outputs],
     )
-    artifacts = [ExportedArtifact(ONNX_FILE, "onnx", "fp32", path, inputs, outputs, opset, {"batchnorm_folded": folded})]
+    artifacts = [
+        ExportedArtifact(ONNX_FILE, "onnx", "fp32", path, inputs, outputs, opset, {"batchnorm_folded": folded})
+    ]
     if request.option(END_TO_END):
-        artifacts.append(export_end_to_end(loaded, request.folder, opset=opset, probabilities=request.option(PROBABILITIES)))
+        artifacts.append(
+            export_end_to_end(loaded, request.folder, opset=opset, probabilities=request.option(PROBABILITIES))
+        )
     return artifacts
 
 
@@ -192,7 +202,6 @@ def ort_provider_status(provider: Provider | str) -> tuple[bool, str]:
     return False, f"{name}: not in this onnxruntime build ({package} not installed or no GPU)"
 
 
-
 def _metadata(path: Path) -> dict[str, str]:
     import onnx
 
@@ -210,7 +219,9 @@ def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[
     if not ok:
         raise ArtifactError(f"{path}: {reason}")
     fields = backend_fields(FORMAT.runtime, ep, path, _metadata(path), entry)
-    return OnnxRuntimeBackend(create_session(path, provider, threads, nhwc=fields["input_format"] == NHWC_UINT8), **fields)
+    return OnnxRuntimeBackend(
+        create_session(path, provider, threads, nhwc=fields["input_format"] == NHWC_UINT8), **fields
+    )
 
 
 def create_session(path: Path, provider: Provider, threads: int | None = None, *, nhwc: bool = False) -> Any:

@@ -117,7 +117,9 @@ def run_with_outputs(model: Any, names: list[str], images: list[np.ndarray]) -> 
     import onnxruntime as ort
 
     session = ort.InferenceSession(
-        with_outputs(model, names).SerializeToString(), session_options(optimize=False), providers=[ORT_PROVIDERS[Provider.CPU]]
+        with_outputs(model, names).SerializeToString(),
+        session_options(optimize=False),
+        providers=[ORT_PROVIDERS[Provider.CPU]],
     )
     input_name = session.get_inputs()[0].name
     return [dict(zip(names, session.run(names, {input_name: image[None]}))) for image in images]
@@ -147,7 +149,11 @@ def export_onnx(
     module = module.eval()
     if sample is None:
         sample = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    batch, height, width = Dim("batch", min=1, max=4096), Dim("height", min=1, max=16384), Dim("width", min=1, max=16384)
+    batch, height, width = (
+        Dim("batch", min=1, max=4096),
+        Dim("height", min=1, max=16384),
+        Dim("width", min=1, max=16384),
+    )
     nhwc = sample.shape[-1] == 3 and sample.dtype == torch.uint8
     dims = {0: batch, 1: height, 2: width} if nhwc else {0: batch, 2: height, 3: width}
     with warnings.catch_warnings():
@@ -190,7 +196,9 @@ def session_options(threads: int | None = None, optimize: bool = True) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1

@@ -21,7 +21,16 @@ import numpy as np
 from ..artifact import ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
 from .base import CalibMethod, ExportRequest, FormatOption, Precision
-from .onnx_graph import FP16_ONNX_FILE, INT8_ONNX_FILE, OPSET, export_onnx, module_name, run_with_outputs, save_onnx, set_metadata
+from .onnx_graph import (
+    FP16_ONNX_FILE,
+    INT8_ONNX_FILE,
+    OPSET,
+    export_onnx,
+    module_name,
+    run_with_outputs,
+    save_onnx,
+    set_metadata,
+)
 
 __all__ = [
     "CALIB_METHOD",
@@ -37,9 +46,13 @@ __all__ = [
 ]
 
 # The ONNX variants' own options (the other formats' int8 tools have no such choices).
-CALIB_METHOD = FormatOption("calib_method", CalibMethod.MINMAX, "int8 activation-range calibration (ONNX Runtime's methods).")
+CALIB_METHOD = FormatOption(
+    "calib_method", CalibMethod.MINMAX, "int8 activation-range calibration (ONNX Runtime's methods)."
+)
 FOLD_VARIANTS = FormatOption(
-    "fold_variants", True, "Quantise/convert fp16 and int8 from the BatchNorm-folded graph when the fold is exact (else noted in the manifest)."
+    "fold_variants",
+    True,
+    "Quantise/convert fp16 and int8 from the BatchNorm-folded graph when the fold is exact (else noted in the manifest).",
 )
 
 
@@ -87,7 +100,9 @@ def quantize_int8(
     try:
         method = CalibMethod(method)
     except ValueError:
-        raise ArtifactError(f"unknown calibration method {method!r}: use {', '.join(m.value for m in CalibMethod)}") from None
+        raise ArtifactError(
+            f"unknown calibration method {method!r}: use {', '.join(m.value for m in CalibMethod)}"
+        ) from None
     calibrate_method = {
         CalibMethod.MINMAX: CalibrationMethod.MinMax,
         CalibMethod.ENTROPY: CalibrationMethod.Entropy,
@@ -190,7 +205,10 @@ def quantize_with_budget(
         attempts = [{"kept_float": 0, "miou_drop": reference - miou}]
         kept: list[dict[str, Any]] = []
         if reference - miou > max_miou_drop:
-            ranking = sorted(layer_errors(float_model, attempt_path, calibration[:sensitivity_images]), key=lambda r: -r["added_error"])
+            ranking = sorted(
+                layer_errors(float_model, attempt_path, calibration[:sensitivity_images]),
+                key=lambda r: -r["added_error"],
+            )
             counts, count = [], 1
             while count < len(ranking):
                 counts.append(count)
@@ -200,7 +218,14 @@ def quantize_with_budget(
                 if reference - miou <= max_miou_drop:
                     break
                 kept = ranking[:count]
-                quantize_int8(float_model, attempt_path, calibration, method=method, exclude=tuple(r["node"] for r in kept), workdir=workdir)
+                quantize_int8(
+                    float_model,
+                    attempt_path,
+                    calibration,
+                    method=method,
+                    exclude=tuple(r["node"] for r in kept),
+                    workdir=workdir,
+                )
                 miou, reference = evaluate(attempt_path)
                 attempts.append({"kept_float": count, "miou_drop": reference - miou})
         os.replace(attempt_path, output)
@@ -254,7 +279,11 @@ def _topological_sort(graph: Any) -> None:
 
 
 def _int8_layout_note() -> str:
-    from ..fold import CHANNEL_ALIGNMENT, INPUT_CHANNEL_ALIGNMENT, MIN_OUTPUT_CHANNELS  # torch at import: not on --help's path
+    from ..fold import (
+        CHANNEL_ALIGNMENT,
+        INPUT_CHANNEL_ALIGNMENT,
+        MIN_OUTPUT_CHANNELS,
+    )  # torch at import: not on --help's path
 
     return (
         f"channel counts aligned with zero channels (multiples of {CHANNEL_ALIGNMENT}, image to {INPUT_CHANNEL_ALIGNMENT}, "
@@ -262,7 +291,9 @@ def _int8_layout_note() -> str:
     )
 
 
-def float_source(loaded: Any, workdir: Path, fold: bool, opset: int = OPSET.default, *, int8_layout: bool = False) -> tuple[Path, bool, str | None]:
+def float_source(
+    loaded: Any, workdir: Path, fold: bool, opset: int = OPSET.default, *, int8_layout: bool = False
+) -> tuple[Path, bool, str | None]:
     """A float ONNX model to derive variants from, in `workdir`: BatchNorm-folded when asked and exact,
     laid out for int8 kernels with `int8_layout` (see fold.py). Returns (path, folded, why the fold was
     skipped or None)."""
@@ -303,11 +334,24 @@ def export_precisions(request: ExportRequest) -> list[ExportedArtifact]:
             request.say("converting to fp16")
             half = convert_fp16(source, workdir / FP16_ONNX_FILE)
             path = stamp_precision(half, folder / FP16_ONNX_FILE, loaded, Precision.FP16)
-            artifacts.append(ExportedArtifact(FP16_ONNX_FILE, "onnx", "fp16", path, inputs, outputs, opset, dict(fold_info)))
+            artifacts.append(
+                ExportedArtifact(FP16_ONNX_FILE, "onnx", "fp16", path, inputs, outputs, opset, dict(fold_info))
+            )
         if Precision.INT8 in request.precisions:
             int8_source = float_source(loaded, workdir, True, opset, int8_layout=True)[0] if folded else source
             path, quantization = _int8(request, int8_source, workdir, folded)
-            artifacts.append(ExportedArtifact(INT8_ONNX_FILE, "onnx", "int8", path, inputs, outputs, opset, {**fold_info, "quantization": quantization}))
+            artifacts.append(
+                ExportedArtifact(
+                    INT8_ONNX_FILE,
+                    "onnx",
+                    "int8",
+                    path,
+                    inputs,
+                    outputs,
+                    opset,
+                    {**fold_info, "quantization": quantization},
+                )
+            )
     return artifacts
 
 
@@ -325,7 +369,9 @@ def _int8(request: ExportRequest, source: Path, workdir: Path, folded: bool) -> 
         return miou, reference
 
     request.say(f"calibrating int8 on {len(calibration)} training images ({method.value})")
-    result = quantize_with_budget(source, workdir / INT8_ONNX_FILE, calibration, evaluate, max_miou_drop=budget.max_miou_drop, method=method)
+    result = quantize_with_budget(
+        source, workdir / INT8_ONNX_FILE, calibration, evaluate, max_miou_drop=budget.max_miou_drop, method=method
+    )
     path = stamp_precision(result.path, request.folder / INT8_ONNX_FILE, request.loaded, Precision.INT8)
     quantization = budget.record(
         Precision.INT8,

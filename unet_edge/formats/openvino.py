@@ -22,7 +22,18 @@ import numpy as np
 from ..artifact import METADATA_KEYS, ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
 from ..io import write_failed
-from .base import Backend, ExportRequest, Format, Precision, Provider, Snippet, backend_fields, default_threads, import_runtime, needs_runtime
+from .base import (
+    Backend,
+    ExportRequest,
+    Format,
+    Precision,
+    Provider,
+    Snippet,
+    backend_fields,
+    default_threads,
+    import_runtime,
+    needs_runtime,
+)
 
 __all__ = ["FORMAT", "OpenVinoBackend", "export", "export_variants", "open_model"]
 
@@ -82,11 +93,18 @@ def save(model: Any, path: Path, metadata: dict[str, str], precision: Precision)
     return path
 
 
-def _artifact(request: ExportRequest, file: str, precision: Precision, model: Any, extra: dict[str, Any]) -> ExportedArtifact:
+def _artifact(
+    request: ExportRequest, file: str, precision: Precision, model: Any, extra: dict[str, Any]
+) -> ExportedArtifact:
     path = save(model, request.folder / file, artifact_metadata(request.loaded, precision.value), precision)
     inputs, outputs = io_spec(len(request.loaded.classes))
-    info = {"batchnorm_folded": request.folded_model is not None, "compile_config": {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}}
-    return ExportedArtifact(file, "openvino", precision.value, path, inputs, outputs, None, {**info, **extra}, [path.with_suffix(".bin")])
+    info = {
+        "batchnorm_folded": request.folded_model is not None,
+        "compile_config": {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]},
+    }
+    return ExportedArtifact(
+        file, "openvino", precision.value, path, inputs, outputs, None, {**info, **extra}, [path.with_suffix(".bin")]
+    )
 
 
 def _source(request: ExportRequest) -> Any:
@@ -127,10 +145,19 @@ def _export_int8(request: ExportRequest) -> ExportedArtifact:
             request.say(f"quantising to int8 with NNCF ({preset.value} preset, {len(calibration)} training images)")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                quantized = nncf.quantize(convert(_source(request)), dataset, preset=preset, subset_size=len(calibration))
-            staged = save(quantized, Path(tmp) / f"{preset.value}.xml", artifact_metadata(request.loaded, Precision.INT8.value), Precision.INT8)
+                quantized = nncf.quantize(
+                    convert(_source(request)), dataset, preset=preset, subset_size=len(calibration)
+                )
+            staged = save(
+                quantized,
+                Path(tmp) / f"{preset.value}.xml",
+                artifact_metadata(request.loaded, Precision.INT8.value),
+                Precision.INT8,
+            )
             miou, reference, validation_images = budget.evaluate(staged)
-            attempts.append({"preset": preset.value, "miou_int8": miou, "miou_reference": reference, "miou_drop": reference - miou})
+            attempts.append(
+                {"preset": preset.value, "miou_int8": miou, "miou_reference": reference, "miou_drop": reference - miou}
+            )
             if budget.within(reference - miou):
                 break
         best = min(attempts, key=lambda attempt: attempt["miou_drop"])
@@ -176,8 +203,15 @@ def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[
     core = ov.Core()
     try:
         model = core.read_model(str(path))
-        meta = {key: model.get_rt_info([METADATA_SECTION, key]).astype(str) for key in (*METADATA_KEYS, HINT_KEY) if model.has_rt_info([METADATA_SECTION, key])}
-        config = {"INFERENCE_NUM_THREADS": threads or default_threads(), "INFERENCE_PRECISION_HINT": meta.get(HINT_KEY, "f32")}
+        meta = {
+            key: model.get_rt_info([METADATA_SECTION, key]).astype(str)
+            for key in (*METADATA_KEYS, HINT_KEY)
+            if model.has_rt_info([METADATA_SECTION, key])
+        }
+        config = {
+            "INFERENCE_NUM_THREADS": threads or default_threads(),
+            "INFERENCE_PRECISION_HINT": meta.get(HINT_KEY, "f32"),
+        }
         compiled = core.compile_model(model, device, config)
     except RuntimeError as exc:
         raise ArtifactError(f"{path}: OpenVINO cannot load it ({_last_line(exc)})") from None

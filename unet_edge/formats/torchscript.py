@@ -20,11 +20,25 @@ from typing import Any
 import numpy as np
 
 from ..artifact import ExportedArtifact, artifact_metadata, io_spec
-from ..errors import ArtifactError
 from ..cpuinfo import cpu_bf16_skip_reason
+from ..errors import ArtifactError
 from .base import Backend, ExportRequest, Format, Precision, Provider, Snippet, backend_fields
 
-__all__ = ["FORMAT", "TORCHSCRIPT_FILE", "TORCHSCRIPT_METADATA_FILE", "TORCH_PROVIDERS", "TorchBackend", "TorchDtype", "TorchVariant", "archive_names", "export", "export_torchscript", "load_torchscript", "torch_device", "torch_unavailable"]
+__all__ = [
+    "FORMAT",
+    "TORCHSCRIPT_FILE",
+    "TORCHSCRIPT_METADATA_FILE",
+    "TORCH_PROVIDERS",
+    "TorchBackend",
+    "TorchDtype",
+    "TorchVariant",
+    "archive_names",
+    "export",
+    "export_torchscript",
+    "load_torchscript",
+    "torch_device",
+    "torch_unavailable",
+]
 
 TORCHSCRIPT_FILE = "model.ts"
 # TorchScript archives carry the artifact metadata as this extra file (ONNX as metadata_props).
@@ -42,7 +56,9 @@ def export_torchscript(module: Any, path: str | os.PathLike[str], metadata: dict
     path = Path(path)
     buffer = io.BytesIO()  # in memory first: TorchScript's C++ archive writer aborts the process on a full disk
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still the format C++ (LibTorch) loads
+        warnings.simplefilter(
+            "ignore", FutureWarning
+        )  # torch.jit is deprecated but still the format C++ (LibTorch) loads
         scripted = torch.jit.script(module.eval())
         torch.jit.save(scripted, buffer, _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(metadata)})
     atomic_write_bytes(path, buffer.getvalue())
@@ -52,7 +68,9 @@ def export_torchscript(module: Any, path: str | os.PathLike[str], metadata: dict
 def export(request: ExportRequest) -> list[ExportedArtifact]:
     """model.ts: the checkpoint's model, scripted."""
     loaded = request.loaded
-    path = export_torchscript(loaded.model, request.folder / TORCHSCRIPT_FILE, artifact_metadata(loaded, Precision.FP32.value))
+    path = export_torchscript(
+        loaded.model, request.folder / TORCHSCRIPT_FILE, artifact_metadata(loaded, Precision.FP32.value)
+    )
     inputs, outputs = io_spec(len(loaded.classes))
     return [ExportedArtifact(TORCHSCRIPT_FILE, "torchscript", "fp32", path, inputs, outputs)]
 
@@ -108,7 +126,9 @@ class TorchBackend(Backend):
             return "torch.compile takes eager modules, not TorchScript"
         if dtype is TorchDtype.BF16 and self.device.type == "cpu" and (reason := cpu_bf16_skip_reason()):
             return reason
-        self.dtype = {TorchDtype.FP32: torch.float32, TorchDtype.BF16: torch.bfloat16, TorchDtype.FP16: torch.float16}[dtype]
+        self.dtype = {TorchDtype.FP32: torch.float32, TorchDtype.BF16: torch.bfloat16, TorchDtype.FP16: torch.float16}[
+            dtype
+        ]
         self.module = self.module.to(self.dtype)
         self.precision = dtype.value
         if variant is TorchVariant.EAGER:  # plain NCHW, whatever layout the backend was opened with
