@@ -18,7 +18,7 @@ DEMO_EPOCHS ?= 20
 # built once); TEST_WORKERS=0 runs it in this process, e.g. to debug with pdb.
 TEST_WORKERS ?= auto
 
-.PHONY: install demo test test-fast test-tools clean
+.PHONY: install demo test test-fast test-tools lint clean
 
 install: $(STAMP)
 
@@ -37,8 +37,14 @@ demo: $(STAMP)
 	$(CLI) predict "$$($(PY) -c 'from unet_edge.export import find_latest_export; print(find_latest_export() / "model.onnx")')" \
 		"$$($(PY) -c 'from unet_edge.synth import default_data_dir; print(default_data_dir() / "val" / "images")')" --limit 4 --out runs/demo-predict
 
-test: $(STAMP) test-tools
+test: $(STAMP) test-tools lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# The lint and type gate `make test` runs first: ruff (lint, and the format at 120 columns) and mypy.
+lint: $(STAMP)
+	$(PY) -m ruff check unet_edge cli benchmarks tests
+	$(PY) -m ruff format --check --quiet unet_edge cli benchmarks tests
+	$(PY) -m mypy
 
 # The inner loop: everything not marked slow (no training runs, exports or benchmarks), a minute or two.
 test-fast: $(STAMP)

@@ -2,10 +2,12 @@
 PyTorch loop over the same model and data pre-loaded as tensors, in one process.
 
 unet-edge runs as `fit` sets it up on the CPU: no loader workers, decoded images cached after the first
-epoch, random flip and crop per image on uint8, normalisation once per batch (`BatchNormalize`), and a
-channels_last model. The plain loops never touch a file or a transform: the textbook one (NCHW) is the
-bar to clear, and the same loop with unet-edge's channels_last model is the ceiling for its step time,
-so the gap to it is what data loading still costs. The contenders alternate epoch by epoch so that load
+epoch, random flip and crop per image on uint8, normalisation once per batch (`BatchNormalize`), and the
+model in the layout `prefers_channels_last(device, training=True)` picks (NCHW for CPU training, whose
+channels_last BatchNorm is inaccurate; channels_last on CUDA). The plain loops never touch a file or a
+transform: the textbook one (NCHW) is the bar to clear, and the same loop in channels_last shows what that
+layout would give, so the gap to the faster plain loop is what data loading and the layout still cost. The
+contenders alternate epoch by epoch so that load
 from other processes hits them alike, and each reports the median.
 
     python benchmarks/train_throughput.py            # writes the `training` section of benchmarks/README.md

@@ -82,9 +82,7 @@ def bench(
         int | None, typer.Option(min=1, help="Threads for every runtime alike (default: all cores).")
     ] = None,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs before timing.")] = 3,
-    iters: Annotated[
-        int | None, typer.Option(min=1, help="Timed runs (default: as many as fit in --seconds).")
-    ] = None,
+    iters: Annotated[int | None, typer.Option(min=1, help="Timed runs (default: as many as fit in --seconds).")] = None,
     seconds: Annotated[
         float,
         typer.Option(

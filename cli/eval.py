@@ -22,9 +22,7 @@ from .common import (
 
 @handle_errors
 def evaluate(
-    checkpoint: Annotated[
-        Path | None, typer.Argument(help="Checkpoint (default: the newest runs/*/best.pt).")
-    ] = None,
+    checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint (default: the newest runs/*/best.pt).")] = None,
     data: DataOption = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "val",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 16,

@@ -45,9 +45,7 @@ def _check_format(value: str) -> str:
 
 
 def _export_template(
-    checkpoint: Annotated[
-        Path | None, typer.Argument(help="Checkpoint (default: the newest runs/*/best.pt).")
-    ] = None,
+    checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint (default: the newest runs/*/best.pt).")] = None,
     format: Annotated[
         str,
         typer.Option(

@@ -32,9 +32,7 @@ def predict(
     batch_size: Annotated[
         int, typer.Option(min=1, help="Images per batch (consecutive images of one size are batched).")
     ] = 8,
-    limit: Annotated[
-        int | None, typer.Option(min=1, help="Segment only the first N images (in name order).")
-    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Segment only the first N images (in name order).")] = None,
 ) -> None:
     """Segment images: a palette PNG class mask of each image's own size, an overlay, and optionally areas."""
     from unet_edge.predict import predict as run_predict

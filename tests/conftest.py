@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import markers
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,6 +21,48 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # worker, 22.6 s with one, on 2 cores). Tests that ask for a thread count still get it.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 CLI = [sys.executable, "-m", "unet_edge_cli.main"]
+
+
+NO_CUDA = "no CUDA GPU on this machine: the CUDA training and inference paths are not exercised"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    markers.install()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in items:
+            if item.get_closest_marker("gpu") is not None:
+                item.add_marker(pytest.mark.skip(reason=NO_CUDA))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
+    markers.take()
+    yield
+    if markers.take():
+        markers.heavy_fixtures.add(fixturedef.argname)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    markers.take()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if call.when != "call" or not report.passed:
+        return
+    problem = markers.mismatch(item.get_closest_marker("slow") is not None, markers.take(), set(item.fixturenames))
+    if problem is not None:
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid}: {problem}"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -110,7 +153,11 @@ def run_cli(
         in_process = os.environ.get("UNET_EDGE_TEST_SUBPROCESS") != "1"
     if not in_process:
         full_env = {**os.environ, **(env or {})}
-        return subprocess.run([*CLI, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run([*CLI, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+        command = next((arg for arg in args if not arg.startswith("-")), None)
+        if done.returncode == 0 and command in markers.HEAVY_COMMANDS:  # in this process the hooks see the work
+            markers.note(f"runs `unet-edge {command}` in a subprocess")
+        return done
     return _run_in_process(list(args), cwd, env)
 
 

@@ -48,6 +48,7 @@ def test_segmentation_loss_equals_mean_cross_entropy_and_is_zero_when_every_pixe
     assert segmentation_loss(255)(logits, torch.full_like(masks, 255)).item() == 0.0
 
 
+@pytest.mark.slow
 def test_a_batch_whose_pixels_are_all_ignored_does_not_stop_training():
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -56,6 +57,7 @@ def test_a_batch_whose_pixels_are_all_ignored_does_not_stop_training():
     assert stats.images == 8 and math.isfinite(stats.loss) and stats.loss > 0
 
 
+@pytest.mark.slow
 def test_a_step_the_grad_scaler_skips_does_not_advance_the_schedule():
     model = tiny_model()
     before = [p.detach().clone() for p in model.parameters()]
@@ -176,6 +178,7 @@ def test_channels_last_variant_converts_the_weights_not_only_the_input(tiny_chec
     nhwc.device_runner(images)()
 
 
+@pytest.mark.slow
 def test_variants_that_do_not_apply_say_why(tiny_checkpoint, tmp_path):
     from unet_edge.backends import open_backend
 

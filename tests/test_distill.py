@@ -138,6 +138,7 @@ def test_channel_wise_divergence_by_hand_over_the_valid_pixels_of_each_map():
     assert ChannelWiseDivergence(1.0)(student, teacher, everything).item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_the_teacher_gets_no_gradients_and_stays_in_eval_mode(tiny_data, teacher_checkpoint):
     cpu = torch.device("cpu")
     config = TrainConfig(
@@ -214,6 +215,7 @@ def _bad_teacher(kind: str, teacher_checkpoint: Path, folder: Path) -> Path:
         ("no-metadata", "no class names"),
     ],
 )
+@pytest.mark.slow
 def test_a_mismatched_teacher_is_a_one_line_error_before_training(
     kind, fragment, tiny_data, teacher_checkpoint, tmp_path, cli, one_line_error
 ):
@@ -225,6 +227,7 @@ def test_a_mismatched_teacher_is_a_one_line_error_before_training(
     assert not (tmp_path / "runs").exists()  # refused before a run folder was made
 
 
+@pytest.mark.slow
 def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_data, teacher_checkpoint, tmp_path, cli):
     result = cli(
         "train",
@@ -293,6 +296,7 @@ def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_d
     assert load_checkpoint(tmp_path / "runs" / "s" / "last.pt")["teacher"]["kind"] == "torchscript"
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_teacher_and_refuses_another_file(
     tiny_data, teacher_checkpoint, tiny_run, tmp_path, interrupted_run, cli, one_line_error
 ):
@@ -323,6 +327,7 @@ def test_resume_keeps_the_teacher_and_refuses_another_file(
     assert state["teacher"]["sha256"] == recorded["sha256"] and state["teacher"]["val_miou"] == recorded["val_miou"]
 
 
+@pytest.mark.slow
 def test_a_teacher_worse_than_the_student_is_a_warning(tiny_data, teacher_checkpoint, tmp_path, trainer):
     loaded = load_model(teacher_checkpoint)
     head = [m for m in loaded.model.modules() if isinstance(m, nn.Conv2d)][-1]

@@ -8,12 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-NO_CUDA = "no CUDA GPU on this machine: the CUDA training and inference paths are not exercised"
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+pytestmark = pytest.mark.gpu  # skipped with the reason on a machine without CUDA (conftest.py)
 ORT_CUDA = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
-@requires_cuda
+@pytest.mark.slow
 def test_cuda_amp_training_logs_the_miou_of_fp32_eval(tiny_data, tmp_path, cli, trainer):
     """AMP (bf16 or fp16 + grad scaler), channels_last and pinned memory on CUDA; the checkpoint is plain CPU data."""
     run = trainer(tiny_data, tmp_path, name="cuda", epochs=2, device="cuda", amp=True, workers=2)
@@ -28,7 +27,7 @@ def test_cuda_amp_training_logs_the_miou_of_fp32_eval(tiny_data, tmp_path, cli, 
     assert json.loads(out.read_text())["miou"] == pytest.approx(run.history[run.best_epoch - 1]["miou"], abs=1e-4)
 
 
-@requires_cuda
+@pytest.mark.slow
 def test_fp16_autocast_with_grad_scaler_trains():
     """The fp16 branch (GPUs without bf16): the scaler steps and the weights move, with finite loss."""
     from unet_edge.model import ModelConfig, build_model
@@ -63,7 +62,6 @@ def test_fp16_autocast_with_grad_scaler_trains():
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@requires_cuda
 def test_confusion_matrix_stays_on_the_gpu_of_its_inputs():
     from unet_edge.metrics import ConfusionMatrix
 
@@ -73,7 +71,7 @@ def test_confusion_matrix_stays_on_the_gpu_of_its_inputs():
     assert confusion.matrix.device.type == "cuda" and int(confusion.matrix.trace()) == 3
 
 
-@requires_cuda
+@pytest.mark.slow
 @pytest.mark.skipif(not ORT_CUDA, reason="this onnxruntime build has no CUDA provider (onnxruntime-gpu not installed)")
 def test_onnx_runtime_cuda_provider_matches_cpu(e2e_dir, odd_image):
     from unet_edge.backends import open_backend
@@ -87,7 +85,7 @@ def test_onnx_runtime_cuda_provider_matches_cpu(e2e_dir, odd_image):
     assert (cpu == backend.segment(image)).mean() >= 0.999
 
 
-@requires_cuda
+@pytest.mark.slow
 def test_every_pytorch_variant_and_dtype_runs_on_cuda(tiny_checkpoint):
     """eager, channels-last, torch.compile and CUDA graphs in fp32, bf16 and fp16: each row measured."""
     from unet_edge.bench import BenchSpec, run_bench
@@ -107,7 +105,7 @@ def test_every_pytorch_variant_and_dtype_runs_on_cuda(tiny_checkpoint):
     assert {(r["variant"], r["precision"]) for r in rows} == {(v, d) for v in spec.torch_variants for d in spec.dtypes}
 
 
-@requires_cuda
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "int8"])
 def test_cuda_gemm_reference_is_measured_for_every_precision(precision):
     from unet_edge.bench import measure_matmul_gflops
@@ -118,6 +116,7 @@ def test_cuda_gemm_reference_is_measured_for_every_precision(precision):
 @pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="fewer than 2 CUDA GPUs: NCCL distributed training is not exercised"
 )
+@pytest.mark.slow
 def test_two_gpu_nccl_epoch_logs_the_miou_of_single_process_eval(tiny_data, tmp_path, cli):
     result = cli(
         "train",
@@ -152,7 +151,6 @@ def test_two_gpu_nccl_epoch_logs_the_miou_of_single_process_eval(tiny_data, tmp_
     assert json.loads(out.read_text())["miou"] == pytest.approx(record["miou"], abs=1e-4)
 
 
-@requires_cuda
 def test_cuda_training_layout_gives_float64_gradients(monkeypatch):
     """The layout `fit` trains in on CUDA (channels_last) gives the gradients float64 gives on the CPU, as
     the CPU test does for NCHW (CPU channels_last BatchNorm did not: see `prefers_channels_last`)."""

@@ -61,6 +61,7 @@ def test_checkpoint_is_plain_data_and_round_trips(tiny_checkpoint, tmp_path):
         assert torch.equal(first.model(x), second.model(x))
 
 
+@pytest.mark.slow
 def test_resume_continues_from_saved_epoch(tiny_data, tmp_path, interrupted_run):
     run = interrupted_run(tiny_data, tmp_path, epochs=3, stop_in_epoch=2)
     resumed = fit(TrainConfig(epochs=3, device="cpu", resume=str(run / "last.pt")))
@@ -111,6 +112,7 @@ def test_installed_entry_point_runs():
     assert out.returncode == 0 and "train" in out.stdout and "eval" in out.stdout
 
 
+@pytest.mark.slow
 def test_cached_and_uncached_training_agree(tiny_data, tmp_path, trainer):
     """The decode cache changes where pixels come from, never which: same seed, same run."""
     cached = trainer(tiny_data, tmp_path, name="cached", epochs=1, cache=True)
@@ -123,6 +125,7 @@ def test_cached_and_uncached_training_agree(tiny_data, tmp_path, trainer):
         assert torch.equal(weights[name], value), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_epoch", [1, 2])
 def test_interrupt_mid_epoch_keeps_the_last_finished_epoch(tiny_data, tmp_path, stop_epoch):
     class CtrlC(TrainHooks):
@@ -153,6 +156,7 @@ def test_interrupt_mid_epoch_keeps_the_last_finished_epoch(tiny_data, tmp_path, 
         assert (tmp_path / "i" / "last.pt").read_bytes() == hooks.last_bytes  # untouched by the interrupt
 
 
+@pytest.mark.slow
 def test_resume_without_epochs_finishes_the_saved_run(tiny_data, tmp_path, interrupted_run, cli):
     run = interrupted_run(tiny_data, tmp_path, epochs=3, stop_in_epoch=3)
     result = cli("train", "--resume", str(run / "last.pt"), "--device", "cpu")
@@ -163,6 +167,7 @@ def test_resume_without_epochs_finishes_the_saved_run(tiny_data, tmp_path, inter
     assert again.stderr.strip() == f"error: nothing to train: {run / 'last.pt'} is already at epoch 3 of 3"
 
 
+@pytest.mark.slow
 def test_extending_a_run_keeps_the_learning_rate_decaying(tiny_data, tmp_path, interrupted_run):
     run = interrupted_run(tiny_data, tmp_path, epochs=4, stop_in_epoch=3)
     before = [r["lr"] for r in read_jsonl(run / "metrics.jsonl")]
@@ -180,6 +185,7 @@ def test_extending_a_finished_run_is_refused(tiny_run, tmp_path, cli):
     assert "finished its learning-rate decay (lr 0)" in result.stderr and "start a new run" in result.stderr
 
 
+@pytest.mark.slow
 def test_resume_refuses_explicit_options_that_differ_from_the_saved_run(tiny_data, tmp_path, interrupted_run, cli):
     run = interrupted_run(tiny_data, tmp_path, epochs=3, stop_in_epoch=2, lr=0.01)
     last = run / "last.pt"
@@ -212,6 +218,7 @@ def test_a_typo_in_a_choice_is_rejected_before_any_data_is_read(option, tmp_path
         ModelConfig(upsample="bilinaer")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_earlier_layout_resumes(tiny_data, tmp_path, interrupted_run):
     """Earlier checkpoints kept the model settings flat in train_config and no schedule fields."""
     run = interrupted_run(tiny_data, tmp_path, epochs=3, stop_in_epoch=2)
@@ -227,6 +234,7 @@ def test_a_checkpoint_of_the_earlier_layout_resumes(tiny_data, tmp_path, interru
     assert load_checkpoint(run / "last.pt")["config"]["base_channels"] == 4
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_checkpoint_write_names_the_epoch_last_pt_holds(tiny_data, tmp_path, monkeypatch, trainer):
     """SIGINT that arrives while last.pt is written is held until the epoch's bookkeeping is done."""
     import signal

@@ -205,7 +205,9 @@ def write_manifest(
     }
     if manifest.get("checkpoint", {}).get("sha256") not in (None, checkpoint["sha256"]):
         manifest["artifacts"] = []
-    entries = {e["file"]: e for e in manifest.get("artifacts", []) if (folder / e["file"]).is_file()}
+    entries: dict[str, dict[str, Any]] = {
+        e["file"]: e for e in manifest.get("artifacts", []) if (folder / e["file"]).is_file()
+    }
     for artifact in artifacts:
         entries[artifact.file] = _entry(artifact)
     for file, result in (parity or {}).items():

@@ -397,11 +397,11 @@ def scan_dataset(
         )
         raise DataError(problems[0] + more)
     if declared is None:
-        values = sorted(value for value in pixels if value != 255)
-        if datasets[0].layout == "voc" and values == list(range(len(VOC_CLASSES))):
+        seen = sorted(value for value in pixels if value != 255)
+        if datasets[0].layout == "voc" and seen == list(range(len(VOC_CLASSES))):
             declared, source = DatasetInfo(VOC_CLASSES, 255), VOC_SOURCE
         else:
-            largest = values[-1] if values else 0
+            largest = seen[-1] if seen else 0
             declared, source = DatasetInfo(tuple(f"class_{i}" for i in range(largest + 1)), 255), LABEL_VALUES
     return ScanReport(
         root,

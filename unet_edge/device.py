@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -91,7 +92,10 @@ def prefers_channels_last(device: torch.device, training: bool = False) -> bool:
     return device.type == "cpu" and not training
 
 
-def place_model(model: nn.Module, device: torch.device, training: bool = False) -> nn.Module:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def place_model(model: ModuleT, device: torch.device, training: bool = False) -> ModuleT:
     """Move `model` to `device`, in the memory layout that device runs best for `training` or inference
     (and on CUDA let cuDNN pick the fastest convolution algorithm per shape, which it does only when asked)."""
     if device.type == "cuda":

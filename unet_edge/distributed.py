@@ -13,12 +13,13 @@ from collections.abc import Iterator, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from .data import resolve_data
 from .device import resolve_device
@@ -64,7 +65,7 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def sampler(self, dataset: Sized, shuffle: bool, seed: int) -> DistributedSampler:
+    def sampler(self, dataset: Dataset[Any], shuffle: bool, seed: int) -> DistributedSampler:
         """Training sampler: a different shard per rank, reshuffled each epoch by `set_epoch`."""
         return DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=shuffle, seed=seed)
 

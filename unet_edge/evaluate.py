@@ -85,7 +85,7 @@ def _same_size_groups(
     images: torch.Tensor | list[torch.Tensor], masks: torch.Tensor | list[torch.Tensor]
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A tensor batch as it is; a list of samples as stacked batches of equal-size images."""
-    if isinstance(images, torch.Tensor):
+    if isinstance(images, torch.Tensor) and isinstance(masks, torch.Tensor):
         return [(images, masks)]
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, image in enumerate(images):

@@ -29,6 +29,7 @@ it is exact: zero channels add zeros, and the shuffle only moves values.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +69,28 @@ class Pending:
         return self.sign.numel()
 
 
+def _present(tensor: torch.Tensor | None) -> torch.Tensor:
+    """A parameter or buffer the model's layers always create (torch types them as optional)."""
+    if tensor is None:
+        raise FoldError("a layer lacks a parameter or running statistic that folding needs")
+    return tensor
+
+
+def _conv_bias(conv: nn.Conv2d | nn.ConvTranspose2d) -> torch.Tensor:
+    return _present(conv.bias).data
+
+
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    return scale, bn.bias.double() - scale * bn.running_mean.double()
+    scale = _present(bn.weight).double() / torch.sqrt(_present(bn.running_var).double() + bn.eps)
+    return scale, _present(bn.bias).double() - scale * _present(bn.running_mean).double()
+
+
+def _new_conv(weight: torch.Tensor, like: nn.Conv2d) -> nn.Conv2d:
+    """A Conv2d with `like`'s kernel, stride and padding, shaped for `weight` (out, in, kh, kw), with a bias."""
+    kernel = cast(tuple[int, int], like.kernel_size)
+    stride = cast(tuple[int, int], like.stride)
+    padding = cast("str | tuple[int, int]", like.padding)
+    return nn.Conv2d(weight.shape[1], weight.shape[0], kernel, stride, padding, bias=True)
 
 
 def _zero_pad(tensor: torch.Tensor, count: int, dim: int) -> torch.Tensor:
@@ -106,9 +126,9 @@ def _folded_conv(
     if extra:
         weight = _zero_pad(weight, extra, 0)
         bias = torch.cat([bias, torch.ones(1, dtype=bias.dtype), bias.new_zeros(extra - 1)])
-    folded = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride, conv.padding, bias=True)
+    folded = _new_conv(weight, conv)
     folded.weight.data.copy_(weight.float())
-    folded.bias.data.copy_(bias.float())
+    _conv_bias(folded).copy_(bias.float())
     return folded
 
 
@@ -124,14 +144,15 @@ def _fold_block(block: ConvBlockStudent, pending: Pending, name: str, alignment:
         layers.append(nn.MaxPool2d(2))
         index = 1
     while index < len(modules):
-        conv, second, third = modules[index : index + 3]
+        conv = cast(nn.Conv2d, modules[index])
+        second, third = modules[index + 1 : index + 3]
         bias = conv.bias.double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64)
         if isinstance(second, nn.BatchNorm2d):  # conv -> BN -> ReLU
             scale, shift = _bn_affine(second)
             layers += [_folded_conv(conv, pending, scale, scale * bias + shift), nn.ReLU(inplace=True)]
             pending = Pending.identity(conv.out_channels)
         else:  # conv -> ReLU -> BN
-            scale, shift = _bn_affine(third)
+            scale, shift = _bn_affine(cast(nn.BatchNorm2d, third))
             magnitude = scale.abs()
             extra = _extra_channels(conv.out_channels, alignment)
             layers += [_folded_conv(conv, pending, magnitude, magnitude * bias, extra), nn.ReLU(inplace=True)]
@@ -148,17 +169,21 @@ def _fold_up(up: _Up, pending: Pending, pixel_shuffle: bool) -> nn.Module:
             inputs, outputs = weight.shape[:2]
             conv = nn.Conv2d(inputs, outputs * 4, 1)
             conv.weight.data.copy_(weight.permute(1, 2, 3, 0).reshape(outputs * 4, inputs, 1, 1).float())
-            conv.bias.data.copy_(convt.bias.data.repeat_interleave(4))
+            _conv_bias(conv).copy_(_conv_bias(convt).repeat_interleave(4))
             return nn.Sequential(conv, nn.PixelShuffle(2))
-        folded = nn.ConvTranspose2d(weight.shape[0], weight.shape[1], convt.kernel_size, convt.stride, bias=True)
+        kernel = cast(tuple[int, int], convt.kernel_size)
+        stride = cast(tuple[int, int], convt.stride)
+        folded = nn.ConvTranspose2d(weight.shape[0], weight.shape[1], kernel, stride, bias=True)
         folded.weight.data.copy_(weight.float())
-        folded.bias.data.copy_(convt.bias.data)
+        _conv_bias(folded).copy_(_conv_bias(convt))
         return folded
-    upsample, conv = up.up  # bilinear resize commutes with a per-channel affine map (and keeps ones at 1)
+    conv = cast(
+        nn.Conv2d, cast(nn.Sequential, up.up)[1]
+    )  # bilinear resize commutes with a per-channel affine map (and keeps ones at 1)
     one = torch.ones(conv.out_channels, dtype=torch.float64)
     return nn.Sequential(
         nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-        _folded_conv(conv, pending, one, conv.bias.double()),
+        _folded_conv(conv, pending, one, _conv_bias(conv).double()),
     )
 
 
@@ -173,9 +198,9 @@ def _concat(left_channels: int, skip: Pending) -> Pending:
 def _pad_conv(conv: nn.Conv2d, inputs: int = 0, outputs: int = 0) -> nn.Conv2d:
     """`conv` with `inputs` zero input channels and `outputs` zero output channels appended."""
     weight = _zero_pad(_zero_pad(conv.weight.data, inputs, 1), outputs, 0)
-    padded = nn.Conv2d(weight.shape[1], weight.shape[0], conv.kernel_size, conv.stride, conv.padding, bias=True)
+    padded = _new_conv(weight, conv)
     padded.weight.data.copy_(weight)
-    padded.bias.data.copy_(_zero_pad(conv.bias.data, outputs, 0))
+    _conv_bias(padded).copy_(_zero_pad(_conv_bias(conv), outputs, 0))
     return padded
 
 
@@ -198,32 +223,35 @@ class FoldedUNet(nn.Module):
             skips = [pending]
             encoder = []
             for i, block in enumerate(source.encoder):
-                folded, pending = _fold_block(block, pending, f"encoder.{i}", alignment)
+                folded, pending = _fold_block(cast(ConvBlockStudent, block), pending, f"encoder.{i}", alignment)
                 encoder.append(folded)
                 skips.append(pending)
             skips.pop()
             self.encoder = nn.ModuleList(encoder)
             ups, decoder = [], []
-            for i, (up, block) in enumerate(zip(source.up, source.decoder)):
+            for i, (up, block) in enumerate(zip(source.up, source.decoder, strict=True)):
+                up = cast(_Up, up)
                 ups.append(_fold_up(up, pending, pixel_shuffle=int8_layout))
-                out_channels = up.up.out_channels if isinstance(up.up, nn.ConvTranspose2d) else up.up[1].out_channels
-                folded, pending = _fold_block(block, _concat(out_channels, skips.pop()), f"decoder.{i}", alignment)
+                up_conv = up.up if isinstance(up.up, nn.ConvTranspose2d) else cast(nn.Sequential, up.up)[1]
+                skip = _concat(cast(nn.Conv2d, up_conv).out_channels, skips.pop())
+                folded, pending = _fold_block(cast(ConvBlockStudent, block), skip, f"decoder.{i}", alignment)
                 decoder.append(folded)
             self.up = nn.ModuleList(ups)
             self.decoder = nn.ModuleList(decoder)
             head = source.head
             one = torch.ones(head.out_channels, dtype=torch.float64)
-            self.head = _folded_conv(head, pending, one, head.bias.double())
+            self.head = _folded_conv(head, pending, one, _conv_bias(head).double())
             # Zero image channels (fed by the size padding below) and zero logits (sliced off).
             self.input_padding = (-source.config.in_channels) % INPUT_CHANNEL_ALIGNMENT if int8_layout else 0
             if int8_layout:
-                self.stem[0] = _pad_conv(self.stem[0], inputs=self.input_padding)
+                self.stem[0] = _pad_conv(cast(nn.Conv2d, self.stem[0]), inputs=self.input_padding)
                 self.head = _pad_conv(self.head, outputs=max(MIN_OUTPUT_CHANNELS, self.num_classes) - self.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_padding:
             x = F.pad(x, (0, 0, 0, 0, 0, self.input_padding))
-        logits = UNetStudent.forward(self, x)
+        # The folded layers keep UNetStudent's attribute names, so its forward runs them unchanged.
+        logits = UNetStudent.forward(self, x)  # type: ignore[arg-type]  # duck-typed: same attributes, not a subclass
         return logits[:, : self.num_classes] if logits.shape[1] != self.num_classes else logits
 
 

@@ -93,7 +93,10 @@ def _atomic_write(target: str | os.PathLike[str], write: Callable[[IO[bytes]], N
 
 
 def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
-    _atomic_write(target, lambda handle: handle.write(data))
+    def write(handle: IO[bytes]) -> None:
+        handle.write(data)
+
+    _atomic_write(target, write)
 
 
 def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:

@@ -77,7 +77,7 @@ class _Up(nn.Module):
         super().__init__()
         _check_choice("upsample", mode, UPSAMPLE_MODES)
         if mode == "transpose":
-            self.up = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
+            self.up: nn.Module = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
         else:
             self.up = nn.Sequential(
                 nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -103,7 +103,9 @@ def compare(
     cand_logits, cand_masks = candidate
     max_abs = mean_abs = None
     if all(item is not None for item in cand_logits) and all(item is not None for item in ref_logits):
-        diffs = [np.abs(c.astype(np.float64) - r) for c, r in zip(cand_logits, ref_logits)]
+        diffs = [
+            np.abs(c.astype(np.float64) - r) for c, r in zip(cand_logits, ref_logits) if c is not None and r is not None
+        ]
         max_abs = float(max(d.max() for d in diffs))
         mean_abs = float(sum(d.sum() for d in diffs) / sum(d.size for d in diffs))
     agree = sum(int((c == r).sum()) for c, r in zip(cand_masks, ref_masks))
@@ -160,7 +162,7 @@ def thresholds_for(precision: str, entry: dict[str, Any] | None, overrides: Thre
 
 
 def verify(
-    artifacts: list[str | os.PathLike[str]] | None = None,
+    artifacts: Sequence[str | os.PathLike[str]] | None = None,
     *,
     checkpoint: str | os.PathLike[str] | None = None,
     data: str | os.PathLike[str] | None = None,
@@ -270,16 +272,20 @@ def explain_divergence(
         exposing = ", ".join(f.name for f in FORMATS.values() if f.layer_outputs is not None)
         return {
             "supported": False,
-            "reason": f"layer-wise comparison needs a float-input model of a format that exposes its layers ({exposing})",
+            "reason": "layer-wise comparison needs a float-input model of a format that exposes its layers "
+            f"({exposing})",
         }
-    activations = _torch_activations(reference.module, images.normalised[0])
+    module = getattr(reference, "module", None)  # the checkpoint's PyTorch module (a TorchBackend's)
+    if module is None:
+        return {"supported": False, "reason": f"the reference {reference.path} is not a PyTorch model"}
+    activations = _torch_activations(module, images.normalised[0])
     values = fmt.layer_outputs(candidate.path, images.normalised[0])
     if not values:
         return {
             "supported": False,
             "reason": f"the {fmt.name} model carries no module names (not exported by unet-edge?)",
         }
-    layers = []
+    layers: list[dict[str, Any]] = []
     for layer, torch_out in activations.items():
         onnx_out = values.get(layer)
         if onnx_out is None or onnx_out.shape != torch_out.shape:

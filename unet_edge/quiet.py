@@ -15,6 +15,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import IO
 
 __all__ = ["VERBOSE_ENV", "third_party_output", "verbose"]
 
@@ -48,7 +49,7 @@ def third_party_output(step: str) -> Iterator[None]:
     Nested uses capture once. On an exception the captured text is saved to a log file and one `note:` line
     names it; on success it is dropped.
     """
-    if verbose() or getattr(_state, "depth", 0):
+    if verbose() or _state.depth:
         yield
         return
     _flush()
@@ -81,7 +82,7 @@ def third_party_output(step: str) -> Iterator[None]:
         sink.close()
 
 
-def _keep(sink: tempfile._TemporaryFileWrapper, step: str) -> None:  # type: ignore[type-arg]
+def _keep(sink: IO[bytes], step: str) -> None:
     sink.seek(0)
     text = sink.read()
     if not text.strip():

@@ -117,7 +117,7 @@ def _ort_matmul_gflops(size: int, seconds: float, precision: str, threads: int |
     rng = np.random.default_rng(0)
     if precision == "int8":
         op, a_type, b_type, c_type = "MatMulInteger", TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32
-        feed = {
+        feed: dict[str, np.ndarray] = {
             "a": rng.integers(0, 255, (size, size), dtype=np.uint8),
             "b": rng.integers(-127, 127, (size, size), dtype=np.int8),
         }

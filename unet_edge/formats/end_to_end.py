@@ -18,6 +18,8 @@ class EndToEndSegmenter(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.probabilities = probabilities

@@ -240,7 +240,8 @@ def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[
         interpreter.allocate_tensors()
     except (RuntimeError, ValueError) as exc:
         raise ArtifactError(f"{path}: LiteRT cannot load it ({_first_line(exc)})") from None
-    size = tuple(int(v) for v in interpreter.get_input_details()[0]["shape"][2:])
+    height, width = (int(v) for v in interpreter.get_input_details()[0]["shape"][2:])
+    size = (height, width)
     return LiteRtBackend(interpreter, size, **backend_fields(FORMAT.runtime, device, path, meta, entry))
 
 

@@ -153,7 +153,12 @@ class NcnnBackend(Backend):
 
     def device_runner(self, images: np.ndarray) -> Callable[[], None]:
         feed = [np.ascontiguousarray(image, dtype=np.float32) for image in images]
-        return lambda: [self._run(image) for image in feed]
+
+        def run() -> None:
+            for image in feed:
+                self._run(image)
+
+        return run
 
     def close(self) -> None:
         self.net.clear()

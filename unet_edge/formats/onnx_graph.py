@@ -174,6 +174,8 @@ def export_onnx(
             )
         except Exception as exc:  # the exporter raises many error types; the first line says what failed
             raise ArtifactError(f"{path}: ONNX export failed ({str(exc).strip().splitlines()[0][:200]})") from None
+    if program is None:  # torch.onnx.export returns None only when writing to a file itself
+        raise ArtifactError(f"{path}: ONNX export returned no program")
     model = program.model_proto
     for output, shape in zip(model.graph.output, output_shapes or []):
         for dim, value in zip(output.type.tensor_type.shape.dim, shape):

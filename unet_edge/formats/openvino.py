@@ -123,9 +123,9 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
     if Precision.BF16 in request.precisions:
         artifact = _artifact(request, BF16_OPENVINO_FILE, Precision.BF16, convert(_source(request)), {})
         if request.budget is not None:  # its mIoU drop against the budget, as int8's
-            artifact.extra["quantization"] = request.budget.check(
-                artifact.path, Precision.BF16, tool="OpenVINO INFERENCE_PRECISION_HINT bf16 (weights stored in float32)"
-            )
+            tool = "OpenVINO INFERENCE_PRECISION_HINT bf16 (weights stored in float32)"
+            quantization = request.budget.check(artifact.path, Precision.BF16, tool=tool)
+            artifact.extra = {**(artifact.extra or {}), "quantization": quantization}
         artifacts.append(artifact)
     if Precision.INT8 in request.precisions:
         artifacts.append(_export_int8(request))

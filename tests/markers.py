@@ -1,0 +1,77 @@
+"""Markers that tell the truth: a test that trains, exports or times must be marked `slow`, and only such a test.
+
+The work is seen where every path goes through it: an optimizer step (training), torch's exporters (every
+format's conversion), the bench timing functions, and a CLI subprocess of a command that does one of these. A
+fixture whose set-up did such work makes every test using it slow too (the session's trained checkpoint and
+export). `pytest_runtest_makereport` in conftest.py turns a mismatch into a test failure naming the work seen.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+HEAVY_COMMANDS = {"train", "export", "bench", "deploy", "search"}
+
+_seen: list[str] = []
+heavy_fixtures: set[str] = set()
+
+
+def note(what: str) -> None:
+    _seen.append(what)
+
+
+def take() -> list[str]:
+    """The work seen since the last call, and forget it."""
+    seen = sorted(set(_seen))
+    _seen.clear()
+    return seen
+
+
+def _watch(owner: Any, name: str, what: str) -> None:
+    """Replace `owner.name`, and every unet_edge module's reference to the same function, by a watched copy."""
+    original: Callable[..., Any] = getattr(owner, name)
+
+    @functools.wraps(original)
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        note(what)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, watched)
+    for module_name, module in list(sys.modules.items()):
+        if module_name.startswith("unet_edge") and module is not None:
+            for attr, value in list(vars(module).items()):
+                if value is original:
+                    setattr(module, attr, watched)
+
+
+def install() -> None:
+    """Watch the heavy entry points (once per process, before any test imports them)."""
+    import torch
+    import torch.export
+    import torch.onnx
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    import unet_edge.bench.timing as timing
+
+    register_optimizer_step_pre_hook(lambda *_: note("trains (an optimizer step)"))
+    _watch(torch.onnx, "export", "exports (torch.onnx.export)")
+    _watch(torch.export, "export", "exports (torch.export.export)")
+    _watch(torch.jit, "trace", "exports (torch.jit.trace)")
+    _watch(torch.jit, "script", "exports (torch.jit.script)")
+    for name in dir(timing):
+        if name.startswith("time_") and callable(getattr(timing, name)):
+            _watch(timing, name, f"times (bench.timing.{name})")
+
+
+def mismatch(marked_slow: bool, seen: list[str], fixtures: set[str]) -> str | None:
+    """Why the test's `slow` marker is wrong, or None when it tells the truth."""
+    heavy_via = sorted(fixtures & heavy_fixtures)
+    if not marked_slow and (seen or heavy_via):
+        work = ", ".join(seen + [f"uses fixture {name!r} that trains or exports" for name in heavy_via])
+        return f"this test {work} but is not marked slow: add @pytest.mark.slow"
+    if marked_slow and not seen and not heavy_via:
+        return "this test is marked slow but neither trains, exports nor times: remove the slow marker"
+    return None
