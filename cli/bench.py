@@ -87,7 +87,8 @@ def bench(
         float,
         typer.Option(
             min=0.0,
-            help="Seconds of timed runs per row (model, provider, batch size) when --iters is not given; a bench takes about this times the number of rows.",
+            help="Seconds of timed runs per row (model, provider, batch size) when --iters is not given; a bench takes "
+            "about this times the number of rows.",
         ),
     ] = 2.0,
     json_path: JsonOption = None,
@@ -99,14 +100,16 @@ def bench(
         comma_separated(
             TorchVariant,
             "--torch-variants",
-            help="PyTorch models (checkpoint, TorchScript): one row per variant; compile is for checkpoints, cudagraphs for CUDA.",
+            help="PyTorch models (checkpoint, TorchScript): one row per variant; compile is for checkpoints, "
+            "cudagraphs for CUDA.",
         ),
     ] = TorchVariant.EAGER.value,
     dtypes: Annotated[
         Any, comma_separated(TorchDtype, "--dtypes", help="PyTorch models: one row per dtype of weights and inputs.")
     ] = TorchDtype.FP32.value,
 ) -> None:
-    """Benchmark checkpoints and exported models on each provider their runtime supports (p50/p90/p99, img/s, roofline)."""
+    """Benchmark checkpoints and exported models on each provider their runtime supports (p50/p90/p99, img/s,
+    roofline)."""
     from unet_edge.bench import BenchSpec, bench_paths, run_bench, to_markdown
     from unet_edge.bench import plot as draw
     from unet_edge.io import atomic_write_text, check_writable

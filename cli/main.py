@@ -37,7 +37,10 @@ from . import (
 
 app = typer.Typer(
     name="unet-edge",
-    help=f"Train a U-Net segmentation model, export it to the formats edge runtimes run ({', '.join(export_formats())}), prove parity and benchmark it for the edge.",
+    help=(
+        "Train a U-Net segmentation model, export it to the formats edge runtimes run "
+        f"({', '.join(export_formats())}), prove parity and benchmark it for the edge."
+    ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -68,7 +71,8 @@ def main(
         typer.Option(
             "--max-pixels",
             min=1,
-            help="Largest image (width x height) any command decodes; larger ones, such as decompression bombs, are refused "
+            help="Largest image (width x height) any command decodes; larger ones, such as decompression bombs, are "
+            "refused "
             "from their header. Default: 8192 x 8192 = 67,108,864.",
         ),
     ] = None,

@@ -65,7 +65,8 @@ def verify(
     provider: Annotated[
         Provider,
         typer.Option(
-            help="Where the artifacts run (an ONNX Runtime provider, a PyTorch device; each format maps it to its runtime's own)."
+            help="Where the artifacts run (an ONNX Runtime provider, a PyTorch device; each format maps it to its "
+            "runtime's own)."
         ),
     ] = Provider.CPU,
     min_agreement: Annotated[
@@ -76,7 +77,8 @@ def verify(
         bool,
         typer.Option(
             "--explain",
-            help=f"For a failing model of a format that exposes its layers ({LAYERED}), name the first layer that diverges.",
+            help=f"For a failing model of a format that exposes its layers ({LAYERED}), name the first layer that "
+            f"diverges.",
         ),
     ] = False,
     json_path: JsonOption = None,
@@ -110,9 +112,8 @@ def verify(
                 f"{info['layers_compared']} layers compared)"
             )
         elif info:
-            console.print(
-                f"{r['path']}: {info.get('reason') or 'no layer diverges beyond tolerance; the difference builds up gradually'}"
-            )
+            reason = info.get("reason") or "no layer diverges beyond tolerance; the difference builds up gradually"
+            console.print(f"{r['path']}: {reason}")
     write_json(json_path, report)
     if not report["passed"]:
         failed = ", ".join(r["path"] for r in report["artifacts"] if not r["passed"])

@@ -263,7 +263,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str, 
 
 @pytest.fixture(scope="session")
 def one_line_error():
-    """`one_line_error(result, *fragments)`: the command failed with one `error:` line holding the fragments, no traceback."""
+    """`one_line_error(result, *fragments)`: the command failed with one `error:` line holding the fragments, no
+    traceback."""
     return assert_one_line_error
 
 

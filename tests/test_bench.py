@@ -195,7 +195,10 @@ def test_flop_count_of_default_model_matches_hand_count():
 def test_machine_block_names_the_int8_and_bf16_instruction_sets_of_the_cpu():
     from unet_edge.bench import cpu_int8_bf16_flags
 
-    cpuinfo = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16 amx_int8\n\nprocessor\t: 1\n"
+    cpuinfo = (
+        "processor\t: 0\nmodel name\t: Some CPU\n"
+        "flags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16 amx_int8\n\nprocessor\t: 1\n"
+    )
     assert cpu_int8_bf16_flags(cpuinfo) == ["avx512_vnni", "amx_int8", "avx512_bf16"]
     assert cpu_int8_bf16_flags("flags\t: fpu sse avx2 fma\n") == []
     assert cpu_int8_bf16_flags("") == []

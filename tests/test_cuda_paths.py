@@ -101,7 +101,7 @@ def test_an_indexed_cuda_device_under_distributed_training_is_an_error_not_silen
     from unet_edge.distributed import _worker_device
     from unet_edge.errors import TrainingError
 
-    with pytest.raises(TrainingError, match="--device cuda:1 names one GPU.*pass --device cuda"):
+    with pytest.raises(TrainingError, match=r"--device cuda:1 names one GPU.*pass --device cuda"):
         _worker_device("cuda:1", 0)
 
 

@@ -126,7 +126,7 @@ def test_flip_and_crop_keep_image_and_mask_aligned(seed):
 def test_crop_pads_masks_with_ignore_index():
     torch.manual_seed(0)
     image, mask = _pattern(10, 12)
-    out_image, out_mask = SegmentationPresetTrain(crop_size=16, hflip_prob=0.0)(image, mask)
+    _out_image, out_mask = SegmentationPresetTrain(crop_size=16, hflip_prob=0.0)(image, mask)
     assert out_mask.shape == (16, 16)
     assert (out_mask == 255).sum() == 16 * 16 - 10 * 12
     assert set(torch.unique(out_mask).tolist()) - {255} <= set(range(12))

@@ -1,6 +1,7 @@
 """`unet-edge deploy`: the decision over measured records (no timing asserted), the resumable cache, and a
 tiny end-to-end run over two checkpoints and two formats whose winner loads and segments like its checkpoint."""
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -349,7 +350,7 @@ def test_a_failing_export_is_a_row_with_its_reason_not_an_abort(tiny_checkpoint,
     rows = {(c.format, c.precision): c for c in result.candidates}
     # one bar over all candidates: it only moves forward, against one total, and ends full
     assert len({total for _, total, _ in updates[1:]}) == 1
-    assert all(a[0] <= b[0] for a, b in zip(updates, updates[1:])) and updates[-1][0] == updates[-1][1]
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(updates)) and updates[-1][0] == updates[-1][1]
     assert any("timing" in status for _, _, status in updates)
     assert set(rows) == {("onnx", "fp32"), ("onnx", "int8"), ("torchscript", "fp32")}
     assert (

@@ -249,7 +249,8 @@ def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_d
     )
     assert result.returncode == 0, result.stderr
     assert re.search(
-        rf"teacher {re.escape(str(teacher_checkpoint))} \(UNetStudent base 6, depth 3, conv-bn-relu, bilinear\): val mIoU 0\.\d{{4}}",
+        rf"teacher {re.escape(str(teacher_checkpoint))} "
+        r"\(UNetStudent base 6, depth 3, conv-bn-relu, bilinear\): val mIoU 0\.\d{4}",
         result.stderr,
     )
     assert len(re.findall(r"teacher \d+% of step time", result.stderr)) == 2

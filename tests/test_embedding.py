@@ -40,7 +40,8 @@ def need_node_modules(folder: Path, package: str) -> None:
         pytest.skip("node is not installed (Node.js >= 18 is needed)")
     if not (folder / "node_modules" / package).is_dir():
         pytest.skip(
-            f"{folder.relative_to(REPO)}/node_modules/{package} missing: run `npm ci` in {folder.relative_to(REPO)} (.ci/run does)"
+            f"{folder.relative_to(REPO)}/node_modules/{package} missing: run `npm ci` in {folder.relative_to(REPO)} "
+            f"(.ci/run does)"
         )
 
 

@@ -23,7 +23,8 @@ HIGHER = {"parity", "quantize", "bench", "backends", "export", "deploy", "predic
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
-    """(line, absolute module) of every import in a module under unet_edge/formats, at any depth (function-local too)."""
+    """(line, absolute module) of every import in a module under unet_edge/formats, at any depth (function-local
+    too)."""
     package = ["unet_edge", "formats"]
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):

@@ -1,5 +1,6 @@
 """ncnn (read from the session's `--format all` export): pnnx export, the metadata sidecar, any-size runs through plain
-ncnn, loose files without the sidecar or cut (verify, predict and damaged files with a manifest: tests/test_formats.py)."""
+ncnn, loose files without the sidecar or cut (verify, predict and damaged files with a manifest:
+tests/test_formats.py)."""
 
 from __future__ import annotations
 

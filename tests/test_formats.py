@@ -1,6 +1,7 @@
 """One test base for every registered format: the session's `--format all` export of the tiny checkpoint, checked
 format by format (its file and manifest entry, eager parity, verify, predict agreement, refusal of damaged and
-missing files, the message when its extra is not installed). The test_format_*.py files keep what one format alone has."""
+missing files, the message when its extra is not installed). The test_format_*.py files keep what one format alone
+has."""
 
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def test_export_writes_the_file_and_its_manifest_entry(fmt, export_dir):
 
 @pytest.mark.parametrize("size", [(97, 131), (40, 72)])
 def test_logits_agree_with_eager(fmt, export_dir, tiny_checkpoint, size):
-    """Each format opens through its backend and matches eager (fixed-size formats at their export size, whatever `size` says)."""
+    """Each format opens through its backend and matches eager (fixed-size formats at their export size, whatever
+    `size` says)."""
     if not fmt.dynamic_size:
         size = tuple(manifest_entry(export_dir, fmt)["size_contract"]["fixed"])
     x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(1))
@@ -170,7 +172,8 @@ def block_runtime(fmt: Format, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 @pytest.mark.parametrize("name", list(export_formats()))
 def test_a_missing_runtime_names_its_extra(name, monkeypatch):
-    """Whether or not the extra is installed here: a format whose runtime cannot be imported says which extra to install."""
+    """Whether or not the extra is installed here: a format whose runtime cannot be imported says which extra to
+    install."""
     fmt = FORMATS[name]
     if fmt.extra is None:
         pytest.skip(f"{name} is a core dependency (no extra)")
@@ -181,7 +184,8 @@ def test_a_missing_runtime_names_its_extra(name, monkeypatch):
 def test_opening_or_exporting_without_the_runtime_names_its_extra(
     fmt, export_dir, tiny_checkpoint, odd_image, tmp_path, monkeypatch, cli, one_line_error
 ):
-    """verify and predict of its file and an export to it each stop at the missing runtime with one line, writing nothing."""
+    """verify and predict of its file and an export to it each stop at the missing runtime with one line, writing
+    nothing."""
     if fmt.extra is None:
         pytest.skip(f"{fmt.name} is a core dependency (no extra)")
     block_runtime(fmt, monkeypatch)

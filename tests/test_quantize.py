@@ -66,7 +66,7 @@ def test_int8_layout_gives_every_convolution_channel_counts_the_int8_kernels_tak
 def test_fold_refuses_negative_scale_before_max_pool():
     model = _randomise_batchnorm(UNetStudent(num_classes=2, base_channels=4, depth=2), negative_in_decoder=False)
     model.stem[5].weight.data[1] = -0.5  # the stem's last BatchNorm feeds the first max-pool
-    with pytest.raises(FoldError, match="encoder.0"):
+    with pytest.raises(FoldError, match=r"encoder\.0"):
         fold_batchnorm(model)
     model.stem[2].weight.data[1] = -0.5  # feeds a convolution: the sign moves into its weights
     model.stem[5].weight.data[1] = 0.5

@@ -1,4 +1,5 @@
-"""Reliability: bad input gets one line and exit 1, nothing is written; crashes lose nothing; untrusted files run no code.
+"""Reliability: bad input gets one line and exit 1, nothing is written; crashes lose nothing; untrusted files run no
+code.
 
 Every CLI case runs the real command (the `cli` fixture; signals and crashes in real subprocesses) and compares the
 files around it before and after.
@@ -311,7 +312,8 @@ DATA_PROBLEMS = {
     ),
     "value beyond dataset.json": (
         lambda r: Image.fromarray(np.pad(np.full((2, 3), 7, np.uint8), ((0, 8), (0, 9)))).save(r / "val/labels/c.png"),
-        r"val/labels/c\.png: 6 pixels have value 7, neither a class id \(0\.\.2, from .*dataset\.json\) nor the ignore index 255",
+        r"val/labels/c\.png: 6 pixels have value 7, neither a class id \(0\.\.2, from .*dataset\.json\) "
+        r"nor the ignore index 255",
     ),
     "empty split": (lambda r: [p.unlink() for p in (r / "val").rglob("*.png")], r"val/images: split 'val' is empty"),
     "missing folder": (lambda r: shutil.rmtree(r / "val" / "labels"), r"val/labels: folder not found"),

@@ -1,3 +1,4 @@
+import itertools
 import json
 import shutil
 import subprocess
@@ -92,7 +93,7 @@ def test_eval_without_runs_is_a_clean_error(tmp_path, cli):
 def test_not_a_checkpoint_is_a_clean_error(tmp_path, cli):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="bad.pt: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"bad\.pt: not a readable checkpoint"):
         load_checkpoint(bad)
     result = cli("eval", str(bad))
     assert result.returncode == 1 and "bad.pt" in result.stderr and "Traceback" not in result.stderr
@@ -175,7 +176,7 @@ def test_extending_a_run_keeps_the_learning_rate_decaying(tiny_data, tmp_path, i
     after = [r["lr"] for r in result.history]
     assert len(before) == 2 and len(after) == 6
     assert after[0] <= before[-1]  # no jump back up at the resume
-    assert all(later <= earlier for earlier, later in zip(after, after[1:]))
+    assert all(later <= earlier for earlier, later in itertools.pairwise(after))
     assert after[-1] == pytest.approx(0.0, abs=1e-12)  # and it still decays to zero at the new end
 
 

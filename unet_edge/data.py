@@ -115,7 +115,8 @@ def read_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo | None:
     ):
         # 0..255: masks are single-channel 8-bit images, and crop padding is filled with the ignore index
         raise DataError(
-            f'{path}: "ignore_index" must be null or an integer in 0..255 that is not a class id (0..{len(classes) - 1}), got {json.dumps(ignore_index)}'
+            f'{path}: "ignore_index" must be null or an integer in 0..255 that is not a class id '
+            f"(0..{len(classes) - 1}), got {json.dumps(ignore_index)}"
         )
     return DatasetInfo(tuple(classes), ignore_index)
 
@@ -297,8 +298,9 @@ class ScanReport:
             assumed = f"the {count} Pascal VOC classes ({self.info.classes[0]} .. {self.info.classes[-1]})"
         else:
             assumed = f"{count} classes (class_0 .. class_{count - 1}), one per label value up to the largest found"
-        example = json.dumps({"classes": list(self.info.classes[:2]) + ["..."], "ignore_index": self.info.ignore_index})
-        return f"{self.root}: no dataset.json, so assuming {assumed}; to set the classes, write {self.root / 'dataset.json'} like {example}"
+        example = json.dumps({"classes": [*list(self.info.classes[:2]), "..."], "ignore_index": self.info.ignore_index})
+        target = self.root / "dataset.json"
+        return f"{self.root}: no dataset.json, so assuming {assumed}; to set the classes, write {target} like {example}"
 
     def decoded_bytes(self, split: str) -> int:
         """Memory that `ImageSegmentation(cache=True)` needs for `split`: 3 bytes of image + 1 of label per pixel."""
@@ -382,7 +384,8 @@ def scan_dataset(
             split_pixels[dataset.split] += width * height
             if label.shape != (height, width):
                 problems.append(
-                    f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but its image {image_path.name} is {width}x{height}"
+                    f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but its image {image_path.name} is "
+                    f"{width}x{height}"
                 )
             values, counts = np.unique(label, return_counts=True)
             message = _bad_values(label_path, values, counts, declared, source) if declared is not None else None

@@ -132,7 +132,8 @@ def evaluate_checkpoint(
     loaded.model = place_model(loaded.model, torch_device)
     if dataset.info is not None and len(dataset.info.classes) != len(loaded.classes):
         raise DataError(
-            f"{root / 'dataset.json'}: {len(dataset.info.classes)} classes, but {path} was trained on {len(loaded.classes)}"
+            f"{root / 'dataset.json'}: {len(dataset.info.classes)} classes, but {path} was trained on "
+            f"{len(loaded.classes)}"
         )
     scan_dataset(
         root,

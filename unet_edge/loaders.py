@@ -37,7 +37,8 @@ PAD_INDEX = -100
 
 
 def pad_index(ignore_index: int | None) -> int:
-    """The mask value of crop and batch padding, which the loss ignores: the dataset's ignore index, else `PAD_INDEX`."""
+    """The mask value of crop and batch padding, which the loss ignores: the dataset's ignore index, else
+    `PAD_INDEX`."""
     return PAD_INDEX if ignore_index is None else ignore_index
 
 

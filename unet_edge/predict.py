@@ -78,7 +78,8 @@ def collect_images(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     for path in images:
         if path.stem in seen and seen[path.stem] != path:
             raise DataError(
-                f"{path}: same name as {seen[path.stem]}; their outputs would overwrite each other (predict them into separate --out folders)"
+                f"{path}: same name as {seen[path.stem]}; their outputs would overwrite each other (predict them into "
+                f"separate --out folders)"
             )
         seen[path.stem] = path
     return list(dict.fromkeys(images))
@@ -166,7 +167,8 @@ def predict(
         for (path, image), mask in zip(batch, masks):
             if mask.shape != image.shape[:2]:
                 raise ArtifactError(
-                    f"{backend.path}: returned a {mask.shape[1]}x{mask.shape[0]} mask for the {image.shape[1]}x{image.shape[0]} image {path}"
+                    f"{backend.path}: returned a {mask.shape[1]}x{mask.shape[0]} mask for the "
+                    f"{image.shape[1]}x{image.shape[0]} image {path}"
                 )
             result = Prediction(path, folder / f"{path.stem}_mask.png", None, None, class_areas(mask, backend.classes))
             save_mask(result.mask, mask, palette)

@@ -58,7 +58,7 @@ def third_party_output(step: str) -> Iterator[None]:
     except OSError:  # no file descriptors 1/2 to redirect (an embedding host): nothing to capture
         yield
         return
-    sink = tempfile.TemporaryFile()
+    sink = tempfile.TemporaryFile()  # noqa: SIM115  # closed in the finally below, after a failure's copy is kept
     _state.depth = 1
     failed = False
     try:

@@ -190,7 +190,8 @@ class RunFolder:
         return self.saved_epoch or 0
 
     def save(self, epoch: int, record: dict[str, Any], metric: float, state: dict[str, Any]) -> tuple[float, int]:
-        """Record finished `epoch` (1-based) with its `metric` (higher is better); returns ``(best_metric, best_epoch)``.
+        """Record finished `epoch` (1-based) with its `metric` (higher is better); returns ``(best_metric,
+        best_epoch)``.
 
         The record goes first: after a crash before last.pt is renamed, resuming drops it again. Ctrl-C
         waits until last.pt and `saved_epoch` agree.

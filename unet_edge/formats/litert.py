@@ -1,18 +1,21 @@
 """LiteRT (TFLite) flatbuffer (model.tflite): converted with litert_torch, run with the ai_edge_litert Interpreter.
 
 The converter cannot keep height and width (or batch) dynamic: the model's pad lowers with the shape baked
-in. So the model is exported at one size, 1 x 3 x H x W NCHW float32 (`--image-size`, default: the training crop size), and
+in. So the model is exported at one size, 1 x 3 x H x W NCHW float32 (`--image-size`, default: the training crop size),
+and
 other images follow one rule: an image smaller than H x W is zero-padded (in normalised space, as the model
 pads) at the bottom/right, a larger one is cut into overlapping H x W tiles, each pixel taken from the tile
 whose centre is nearest (at least a quarter tile from any inner tile edge); the mask comes back at the
 image's own size. The rule is approximate (pad and tile borders see zeros where the checkpoint sees image), so
-export at the size the images have: verify on images of another size reports the agreement it costs. Metadata sits in the sidecar model.json. model_int8.tflite is litert_torch's PT2E
+export at the size the images have: verify on images of another size reports the agreement it costs. Metadata sits in
+the sidecar model.json. model_int8.tflite is litert_torch's PT2E
 static quantisation (int8 weights per channel, int8 activations, int8 input and output with the scale and
 zero point in the tensor details), calibrated on training images and held to the mIoU budget.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from collections.abc import Callable, Iterator
@@ -56,8 +59,8 @@ def _spans(length: int, size: int) -> list[tuple[int, int, int]]:
     pixel is kept from the tile whose centre is nearest, so it is at least size/4 away from an inner tile edge."""
     if length <= size:
         return [(0, 0, length)]
-    starts = list(range(0, length - size, size // 2)) + [length - size]
-    bounds = [0] + [(a + b + size) // 2 for a, b in zip(starts, starts[1:])] + [length]
+    starts = [*list(range(0, length - size, size // 2)), length - size]
+    bounds = [0] + [(a + b + size) // 2 for a, b in itertools.pairwise(starts)] + [length]
     return [(start, bounds[i], bounds[i + 1]) for i, start in enumerate(starts)]
 
 
@@ -132,7 +135,8 @@ def export(request: ExportRequest) -> list[ExportedArtifact]:
 
 
 def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
-    """model_int8.tflite: PT2E static int8 (litert_torch's quantizer), calibrated on training-image tiles, within the budget."""
+    """model_int8.tflite: PT2E static int8 (litert_torch's quantizer), calibrated on training-image tiles, within the
+    budget."""
     import torch
 
     budget = request.require_budget(Precision.INT8)
@@ -255,7 +259,8 @@ interpreter = Interpreter(model_path="model.tflite", num_threads=4)  # from ai_e
 interpreter.allocate_tensors()
 mean, std = (np.array(json.loads(meta[key]), np.float32) for key in ("mean", "std"))
 image = np.asarray(Image.open("image.png").convert("RGB"))  # H x W x 3 uint8, H x W = meta["input_size"]
-x = np.ascontiguousarray(((image / 255.0 - mean) / std).transpose(2, 0, 1)[None], np.float32)  # 1 x 3 x H x W, contiguous
+x = np.ascontiguousarray(((image / 255.0 - mean) / std).transpose(2, 0, 1)[None], np.float32)  # 1 x 3 x H x W,
+contiguous
 interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
 interpreter.invoke()
 mask = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0].argmax(0)  # H x W class indices

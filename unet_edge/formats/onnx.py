@@ -283,7 +283,8 @@ def _unavailable(provider: Provider) -> str | None:
 
 # How a program loads this format with its runtime alone: the README's snippet, which deploy writes into EMBEDDING.md.
 EMBEDDING = Snippet(
-    "ONNX Runtime, with only onnxruntime, numpy and Pillow (`model.onnx`, `model_fp16.onnx` and `model_int8.onnx` alike: float32 in and out)",
+    "ONNX Runtime, with only onnxruntime, numpy and Pillow (`model.onnx`, `model_fp16.onnx` and `model_int8.onnx` "
+    "alike: float32 in and out)",
     "import json\n\nimport numpy as np\nimport onnxruntime as ort\nfrom PIL import Image",
     """\
 options = ort.SessionOptions()

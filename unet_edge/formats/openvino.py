@@ -197,7 +197,8 @@ class OpenVinoBackend(Backend):
 
 
 def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[str, Any] | None) -> Backend:
-    """Read the IR (and the .bin beside it) and compile it for `provider`'s OpenVINO device, in the precision it asks for."""
+    """Read the IR (and the .bin beside it) and compile it for `provider`'s OpenVINO device, in the precision it asks
+    for."""
     ov = _openvino()
     device = FORMAT.runtime_provider(path, provider)
     core = ov.Core()
