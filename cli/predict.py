@@ -15,7 +15,13 @@ from .common import MODEL_FILES, console, handle_errors, progress_bar
 
 @handle_errors
 def predict(
-    model: Annotated[Path, typer.Argument(help=f"The model: {MODEL_FILES}; an end-to-end (uint8) ONNX model too.")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help=f"The model: {MODEL_FILES}; an end-to-end (uint8) ONNX model too; or a folder whose manifest.json "
+            "lists one model file, such as deploy's output (its winner)."
+        ),
+    ],
     inputs: Annotated[list[Path], typer.Argument(help="Images, or folders of images.")],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for <name>_mask.png, <name>_overlay.png, <name>_stats.json.")

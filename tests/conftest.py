@@ -28,6 +28,9 @@ NO_CUDA = "no CUDA GPU on this machine: the CUDA training and inference paths ar
 
 def pytest_configure(config: pytest.Config) -> None:
     markers.install()
+    # Registered as a plugin, not as conftest hooks: a conftest below the rootdir does not see session-scoped
+    # fixtures being set up.
+    config.pluginmanager.register(markers.MarkerCheck(), "unet-edge-marker-check")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -37,32 +40,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if item.get_closest_marker("gpu") is not None:
                 item.add_marker(pytest.mark.skip(reason=NO_CUDA))
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
-    markers.take()
-    yield
-    if markers.take():
-        markers.heavy_fixtures.add(fixturedef.argname)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item: pytest.Item):
-    markers.take()
-    yield
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    outcome = yield
-    report = outcome.get_result()
-    if call.when != "call" or not report.passed:
-        return
-    problem = markers.mismatch(item.get_closest_marker("slow") is not None, markers.take(), set(item.fixturenames))
-    if problem is not None:
-        report.outcome = "failed"
-        report.longrepr = f"{item.nodeid}: {problem}"
 
 
 @pytest.fixture(scope="session", autouse=True)

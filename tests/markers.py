@@ -3,7 +3,7 @@
 The work is seen where every path goes through it: an optimizer step (training), torch's exporters (every
 format's conversion), the bench timing functions, and a CLI subprocess of a command that does one of these. A
 fixture whose set-up did such work makes every test using it slow too (the session's trained checkpoint and
-export). `pytest_runtest_makereport` in conftest.py turns a mismatch into a test failure naming the work seen.
+export). `MarkerCheck` (registered by conftest.py) turns a mismatch into a test failure naming the work seen.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import functools
 import sys
 from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 HEAVY_COMMANDS = {"train", "export", "bench", "deploy", "search"}
 
@@ -75,3 +77,31 @@ def mismatch(marked_slow: bool, seen: list[str], fixtures: set[str]) -> str | No
     if marked_slow and not seen and not heavy_via:
         return "this test is marked slow but neither trains, exports nor times: remove the slow marker"
     return None
+
+
+class MarkerCheck:
+    """Attributes the work seen to fixtures while they are set up and to tests while they run, and fails a passing
+    test whose `slow` marker does not match."""
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest):
+        take()
+        yield
+        if take():
+            heavy_fixtures.add(fixturedef.argname)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item):
+        take()
+        yield
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        outcome = yield
+        report = outcome.get_result()
+        if call.when != "call" or not report.passed:
+            return
+        problem = mismatch(item.get_closest_marker("slow") is not None, take(), set(item.fixturenames))
+        if problem is not None:
+            report.outcome = "failed"
+            report.longrepr = f"{item.nodeid}: {problem}"

@@ -149,6 +149,7 @@ def test_every_precision_bench_reports_has_a_gemm_reference_on_every_device(devi
     assert dtype == ("fp32" if device == "cpu" and precision == "fp16" else precision)
 
 
+@pytest.mark.slow
 def test_the_int8_gemm_reference_pytorch_runs_on_cuda_measures_on_this_cpu():
     """torch._int_mm is the kernel the CUDA int8 reference times (the CUDA path used to raise KeyError)."""
     from unet_edge.bench.machine import _torch_matmul_gflops
@@ -156,6 +157,7 @@ def test_the_int8_gemm_reference_pytorch_runs_on_cuda_measures_on_this_cpu():
     assert _torch_matmul_gflops("cpu", "int8", 128, 0.05) > 0
 
 
+@pytest.mark.slow
 def test_channels_last_variant_converts_the_weights_not_only_the_input(tiny_checkpoint):
     from unet_edge.backends import open_backend
 

@@ -190,6 +190,7 @@ def test_a_format_defined_in_one_place_exports_verifies_benches_and_predicts(
         assert json.loads(str(archive["__metadata__"]))["toy_note"] == "hi"
 
 
+@pytest.mark.slow
 def test_an_undeclared_export_option_is_refused(tiny_checkpoint, tmp_path):
     from unet_edge.errors import UNetEdgeError
     from unet_edge.export import ExportOptions, run_export
@@ -201,6 +202,7 @@ def test_an_undeclared_export_option_is_refused(tiny_checkpoint, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("options", "got"), [({"max_batch": 0}, "got 0 and 1024"), ({"max_size": 1}, "got 8 and 1")])
 def test_a_format_refuses_its_options_before_anything_is_written(tiny_checkpoint, tmp_path, options, got):
     """A format's own check (ExecuTorch's bounds) runs with the pipeline's checks, before the checkpoint is exported."""

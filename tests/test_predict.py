@@ -193,3 +193,32 @@ def test_predicting_with_onnx_needs_no_torch(e2e_dir, odd_image, tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert any((tmp_path / "out").iterdir())
+
+
+def test_predict_takes_a_folder_whose_manifest_lists_one_model(e2e_dir, odd_image, tmp_path, cli, one_line_error):
+    """deploy leaves its winner alone in a folder with its manifest: predict takes the folder itself."""
+    import shutil
+
+    listed = json.loads((e2e_dir / "manifest.json").read_text())["artifacts"]
+    assert len(listed) > 1
+    one_line_error(
+        cli("predict", str(e2e_dir), str(odd_image), "--out", str(tmp_path / "many")),
+        f"lists {len(listed)} model files",
+        "pass one of them",
+    )
+    assert not (tmp_path / "many").exists()
+
+    single = tmp_path / "single"
+    shutil.copytree(e2e_dir, single)
+    manifest = json.loads((single / "manifest.json").read_text())
+    manifest["artifacts"] = [entry for entry in manifest["artifacts"] if entry["file"] == "model.onnx"]
+    (single / "manifest.json").write_text(json.dumps(manifest))
+    by_folder = cli("predict", str(single), str(odd_image), "--out", str(tmp_path / "folder"), "--no-overlay")
+    assert by_folder.returncode == 0, by_folder.stderr
+    by_file = cli(
+        "predict", str(single / "model.onnx"), str(odd_image), "--out", str(tmp_path / "file"), "--no-overlay"
+    )
+    assert by_file.returncode == 0, by_file.stderr
+    assert np.array_equal(
+        read_mask(tmp_path / "folder" / "odd_mask.png"), read_mask(tmp_path / "file" / "odd_mask.png")
+    )

@@ -48,6 +48,7 @@ def test_one_epoch_train_subprocess_writes_run_folder(tiny_data, tmp_path, cli):
     assert "best val mIoU" in result.stdout and "circle" in result.stdout
 
 
+@pytest.mark.slow
 def test_checkpoint_is_plain_data_and_round_trips(tiny_checkpoint, tmp_path):
     state = torch.load(tiny_checkpoint, weights_only=True)
     assert state["classes"] == ["background", "circle", "square", "triangle"]
@@ -71,6 +72,7 @@ def test_resume_continues_from_saved_epoch(tiny_data, tmp_path, interrupted_run)
     assert load_checkpoint(run / "last.pt")["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_eval_cli_json_matches_training_metric(tiny_run, tiny_data, tmp_path, cli):
     out = tmp_path / "eval.json"
     result = cli(
@@ -180,6 +182,7 @@ def test_extending_a_run_keeps_the_learning_rate_decaying(tiny_data, tmp_path, i
     assert after[-1] == pytest.approx(0.0, abs=1e-12)  # and it still decays to zero at the new end
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_is_refused(tiny_run, tmp_path, cli):
     result = cli("train", "--resume", str(tiny_run.run_dir / "last.pt"), "--epochs", "5", "--device", "cpu")
     assert result.returncode == 1 and "Traceback" not in result.stderr

@@ -306,6 +306,15 @@ def export_artifacts(folder: str | os.PathLike[str]) -> list[Path]:
     return [folder / entry["file"] for entry in manifest.get("artifacts", [])]
 
 
+def single_artifact(folder: str | os.PathLike[str]) -> Path:
+    """The model file of a folder whose manifest lists exactly one (as `deploy` leaves its winner)."""
+    files = export_artifacts(folder)
+    if len(files) != 1:
+        names = ", ".join(path.name for path in files) or "none"
+        raise ArtifactError(f"{folder}: its {MANIFEST_FILE} lists {len(files)} model files ({names}); pass one of them")
+    return files[0]
+
+
 def artifacts_or_latest(paths: list[Path] | None, exported_dir: str | os.PathLike[str] = "exported") -> list[Path]:
     """The model files given, else every artifact of the newest export under `exported_dir`."""
     return list(paths) if paths else export_artifacts(find_latest_export(exported_dir))

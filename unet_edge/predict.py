@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .artifact import single_artifact
 from .backends import open_backend
 from .errors import ArtifactError, DataError
 from .formats import Backend, Provider
@@ -153,6 +154,8 @@ def predict(
     """Segment every image in `inputs` (files or folders) and write `<stem>_mask.png`, `<stem>_overlay.png`
     and, with `stats`, `<stem>_stats.json` into `out`. `limit` keeps the first images only."""
     paths = collect_images(inputs)[:limit]
+    if not isinstance(model, Backend) and Path(model).is_dir():
+        model = single_artifact(model)
     backend = model if isinstance(model, Backend) else open_backend(model, provider)
     for (
         path
