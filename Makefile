@@ -28,14 +28,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,edge]"
 	@touch $(STAMP)
 
+# The main job, end to end: train on the embedded synthetic set, let `deploy` export every format and precision this
+# CPU runs natively, verify and time each, and keep the fastest within the accuracy budget; then segment with it.
 demo: $(STAMP)
 	$(CLI) train --epochs $(DEMO_EPOCHS) --name demo
-	$(CLI) eval --json runs/demo-eval.json
-	$(CLI) export --format all
-	$(CLI) verify --json runs/demo-verify.json
-	$(CLI) bench --batch-sizes 1,8 --seconds 1.5 --json runs/demo-bench.json
-	$(CLI) predict "$$($(PY) -c 'from unet_edge.export import find_latest_export; print(find_latest_export() / "model.onnx")')" \
-		"$$($(PY) -c 'from unet_edge.synth import default_data_dir; print(default_data_dir() / "val" / "images")')" --limit 4 --out runs/demo-predict
+	$(CLI) deploy runs/demo/best.pt --out deployed
+	$(CLI) predict deployed \
+		"$$($(PY) -c 'from unet_edge.synth import default_data_dir; print(default_data_dir() / "val" / "images")')" \
+		--limit 4 --out runs/demo-predict
 
 test: $(STAMP) test-tools lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
@@ -71,4 +71,4 @@ test-tools:
 	else miss "npm not found" "Node.js and browser tests"; fi
 
 clean:
-	rm -rf runs exported/*/ .pytest_cache
+	rm -rf runs deployed exported/*/ .pytest_cache
