@@ -130,11 +130,7 @@ def run_cli(
         in_process = os.environ.get("UNET_EDGE_TEST_SUBPROCESS") != "1"
     if not in_process:
         full_env = {**os.environ, **(env or {})}
-        done = subprocess.run([*CLI, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
-        command = next((arg for arg in args if not arg.startswith("-")), None)
-        if done.returncode == 0 and command in markers.HEAVY_COMMANDS:  # in this process the hooks see the work
-            markers.note(f"runs `unet-edge {command}` in a subprocess")
-        return done
+        return subprocess.run([*CLI, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     return _run_in_process(list(args), cwd, env)
 
 

@@ -1,7 +1,8 @@
 """Markers that tell the truth: a test that trains, exports or times must be marked `slow`, and only such a test.
 
 The work is seen where every path goes through it: an optimizer step (training), torch's exporters (every
-format's conversion), the bench timing functions, and a CLI subprocess of a command that does one of these. A
+format's conversion), the bench timing functions, and a subprocess that starts a command doing one of these
+(`unet-edge train|export|bench|deploy|search`, or a script under benchmarks/), which the hooks cannot see into. A
 fixture whose set-up did such work makes every test using it slow too (the session's trained checkpoint and
 export). `MarkerCheck` (registered by conftest.py) turns a mismatch into a test failure naming the work seen.
 """
@@ -9,6 +10,7 @@ export). `MarkerCheck` (registered by conftest.py) turns a mismatch into a test 
 from __future__ import annotations
 
 import functools
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +51,21 @@ def _watch(owner: Any, name: str, what: str) -> None:
                     setattr(module, attr, watched)
 
 
+def _command_work(argv: Any) -> str | None:
+    """What a subprocess's command line starts, when it is heavy work."""
+    if isinstance(argv, (str, bytes)):
+        return None
+    words = [str(word) for word in argv]
+    for index, word in enumerate(words):
+        if word.endswith(("unet_edge_cli.main", "unet-edge")):
+            command = next((w for w in words[index + 1 :] if not w.startswith("-")), None)
+            if command in HEAVY_COMMANDS:
+                return f"starts `unet-edge {command}` in a subprocess"
+        if "benchmarks/" in word and word.endswith((".py", ".sh")):
+            return f"starts {word.split('benchmarks/', 1)[1]} (a benchmark script) in a subprocess"
+    return None
+
+
 def install() -> None:
     """Watch the heavy entry points (once per process, before any test imports them)."""
     import torch
@@ -59,6 +76,15 @@ def install() -> None:
     import unet_edge.bench.timing as timing
 
     register_optimizer_step_pre_hook(lambda *_: note("trains (an optimizer step)"))
+    popen_init = subprocess.Popen.__init__
+
+    def watched_popen(self: subprocess.Popen, args: Any, *rest: Any, **kwargs: Any) -> None:
+        work = _command_work(args)
+        if work is not None:
+            note(work)
+        popen_init(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = watched_popen  # type: ignore[method-assign]
     _watch(torch.onnx, "export", "exports (torch.onnx.export)")
     _watch(torch.export, "export", "exports (torch.export.export)")
     _watch(torch.jit, "trace", "exports (torch.jit.trace)")

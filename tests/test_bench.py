@@ -5,8 +5,6 @@ import pytest
 
 from unet_edge.bench import count_gflops, latency_stats, time_interleaved
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="session")
 def bench_export(exported_all):
@@ -20,6 +18,7 @@ THIRD_PARTY = re.compile(
 )
 
 
+@pytest.mark.slow
 def test_export_all_and_verify_print_only_the_projects_own_lines(exported_all, cli):
     folder, export = exported_all
     assert export.stderr == ""
@@ -34,6 +33,7 @@ def test_export_all_and_verify_print_only_the_projects_own_lines(exported_all, c
         assert loud.returncode == 0 and "XNNPACK" in loud.stderr, loud.stderr
 
 
+@pytest.mark.slow
 def test_bench_json_has_every_field_and_lists_unavailable_providers(bench_export, tmp_path, cli):
     report_path, md_path, png_path = tmp_path / "bench.json", tmp_path / "bench.md", tmp_path / "bench.png"
     result = cli(
@@ -112,6 +112,7 @@ def test_latency_stats_are_ordered_percentiles():
     assert stats["mean"] == pytest.approx(115 / 6)
 
 
+@pytest.mark.slow
 def test_interleaved_timing_gives_each_runner_its_iterations():
     calls = {"a": 0, "b": 0}
 
@@ -126,6 +127,7 @@ def test_interleaved_timing_gives_each_runner_its_iterations():
     assert calls["a"] >= 7 + 2 and calls["b"] >= 7 + 2
 
 
+@pytest.mark.slow
 def test_seconds_is_the_timed_budget_of_each_row_fast_or_slow(monkeypatch):
     """`--seconds` per row: a 1 ms and a 20 ms runner each get at least that much timed work and at most
     one more block of calls, on a virtual clock (so a busy machine cannot change the outcome)."""
@@ -152,6 +154,7 @@ def test_seconds_is_the_timed_budget_of_each_row_fast_or_slow(monkeypatch):
     assert rounds == sorted(rounds) and rounds[-1] == pytest.approx(1.0) and 0 < rounds[0] < 1
 
 
+@pytest.mark.slow
 def test_bf16_rows_are_skipped_with_the_reason_on_a_cpu_without_bf16_instructions(tiny_checkpoint, monkeypatch):
     """An AVX2-only CPU emulates bf16 hundreds of times slower than fp32: its rows say why they were skipped, and
     no bf16 reference GEMM is measured (one took minutes there)."""

@@ -19,7 +19,6 @@ from PIL import Image
 
 from unet_edge.backends import open_backend
 
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -45,6 +44,7 @@ def need_node_modules(folder: Path, package: str) -> None:
         )
 
 
+@pytest.mark.slow
 def test_python_onnxruntime_example(e2e_dir, odd_image, reference_mask, tmp_path, agreement):
     mask_path = tmp_path / "mask.png"
     result = subprocess.run(
@@ -65,6 +65,7 @@ def test_python_onnxruntime_example(e2e_dir, odd_image, reference_mask, tmp_path
     assert agreement(np.asarray(Image.open(mask_path)), reference_mask) >= 0.999
 
 
+@pytest.mark.slow
 def test_node_onnxruntime_node_example(e2e_dir, odd_image, reference_mask, tmp_path, agreement):
     folder = EXAMPLES / "node"
     need_node_modules(folder, "onnxruntime-node")
@@ -106,6 +107,7 @@ def web_site(e2e_dir, tmp_path):
     server.server_close()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium; .ci/run does)")
 def test_browser_onnxruntime_web_in_headless_chromium(web_site, odd_image, reference_mask, tmp_path, agreement):
     folder = EXAMPLES / "web"
@@ -133,6 +135,7 @@ def test_browser_onnxruntime_web_in_headless_chromium(web_site, odd_image, refer
         assert (shot == palette[index]).all(1).sum() > 100, f"class {index} colour not on the page"
 
 
+@pytest.mark.slow
 def test_opencv_dnn_runs_the_float_model(e2e_dir, odd_image, reference_mask, tmp_path, agreement):
     cv2 = pytest.importorskip("cv2", reason="opencv-python-headless is not installed (pip install -e '.[dev]')")
     mask_path = tmp_path / "mask.png"

@@ -27,7 +27,6 @@ from unet_edge.artifact import check_manifest_sha256, read_manifest
 from unet_edge.checkpoint import load_checkpoint
 from unet_edge.errors import OutputError
 
-pytestmark = pytest.mark.slow  # exports and conversions: `make test` runs them, `make test-fast` does not
 
 CLI = [sys.executable, "-m", "unet_edge_cli.main"]
 TINY_TRAIN = ["--batch-size", "8", "--image-size", "32", "--base-channels", "4", "--depth", "2", "--device", "cpu"]
@@ -76,6 +75,7 @@ def fill(disk: Path, leave_kb: int) -> None:
     (disk / "filler").write_bytes(b"\0" * max(0, free - leave_kb * 1024))
 
 
+@pytest.mark.slow
 def test_export_on_a_full_disk_is_one_line_and_keeps_the_previous_export(tiny_checkpoint, small_disk, one_line_error):
     disk = small_disk(2048)
     first = subprocess.run(
@@ -124,6 +124,7 @@ def test_export_on_a_full_disk_is_one_line_and_keeps_the_previous_export(tiny_ch
     assert assert_export_consistent(disk / "e") == before
 
 
+@pytest.mark.slow
 def test_checkpoint_write_failing_half_way_stops_training_and_keeps_the_last_epoch(
     tiny_data, tmp_path, trainer, monkeypatch
 ):
@@ -158,6 +159,7 @@ def test_checkpoint_write_failing_half_way_stops_training_and_keeps_the_last_epo
     assert leftovers(run) == []
 
 
+@pytest.mark.slow
 def test_training_on_a_full_disk_keeps_last_pt_loadable(tiny_data, small_disk, interrupted_run, one_line_error):
     disk = small_disk(1024)
     run = interrupted_run(tiny_data, disk, epochs=5, stop_in_epoch=4)  # last.pt holds epoch 3 of 5
@@ -173,6 +175,7 @@ def test_training_on_a_full_disk_keeps_last_pt_loadable(tiny_data, small_disk, i
     assert leftovers(disk) == []
 
 
+@pytest.mark.slow
 def test_predict_and_bench_json_on_a_full_disk(tiny_checkpoint, tiny_data, small_disk, cli, one_line_error):
     disk = small_disk(512)
     masks = disk / "masks"
@@ -236,6 +239,7 @@ def test_runs_claimed_in_the_same_instant_get_their_own_folders(tmp_path):
         run.release()
 
 
+@pytest.mark.slow
 def test_two_train_commands_with_one_name_started_together_write_two_runs(tiny_data, tmp_path):
     runs = tmp_path / "runs"
     command = [
@@ -260,6 +264,7 @@ def test_two_train_commands_with_one_name_started_together_write_two_runs(tiny_d
         assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_a_live_process_holds_is_refused_until_it_dies(
     tiny_data, tmp_path, interrupted_run, cli, one_line_error
 ):
@@ -288,6 +293,7 @@ def test_resume_of_a_run_a_live_process_holds_is_refused_until_it_dies(
     assert load_checkpoint(run / "last.pt")["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_kill_9_during_export_keeps_the_previous_export_and_the_next_export_succeeds(tiny_checkpoint, tmp_path, cli):
     out = tmp_path / "exported"
     first = cli(
@@ -328,6 +334,7 @@ def test_kill_9_during_export_keeps_the_previous_export_and_the_next_export_succ
     assert leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_a_crash_between_two_moves_leaves_a_manifest_that_names_only_what_it_describes(
     tiny_checkpoint, tmp_path, monkeypatch
 ):
@@ -381,6 +388,7 @@ def bomb_data(tiny_data, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["predict", "eval", "train", "verify", "calibration"])
 def test_an_image_too_large_to_decode_is_one_line_naming_the_file_and_the_limit(
     command, bomb_data, tiny_checkpoint, tmp_path, cli, one_line_error
@@ -441,6 +449,7 @@ def test_an_image_too_large_to_decode_is_one_line_naming_the_file_and_the_limit(
     assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists() and not (tmp_path / "p").exists()
 
 
+@pytest.mark.slow
 def test_max_pixels_sets_the_limit(tiny_checkpoint, tiny_data, tmp_path, cli, one_line_error):
     image = sorted((tiny_data / "val" / "images").glob("*.png"))[0]
     refused = cli("--max-pixels", "1000", "predict", str(tiny_checkpoint), str(image), "--out", str(tmp_path / "a"))
@@ -450,6 +459,7 @@ def test_max_pixels_sets_the_limit(tiny_checkpoint, tiny_data, tmp_path, cli, on
     assert np.array(Image.open(tmp_path / "b" / f"{image.stem}_mask.png")).shape == (48, 48)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", [300, -1, True, "255", 1.5])
 def test_dataset_json_ignore_index_outside_0_255_is_one_line(
     value, tiny_data, tiny_checkpoint, tmp_path, cli, one_line_error

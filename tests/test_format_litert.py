@@ -14,7 +14,6 @@ import pytest
 
 pytest.importorskip("ai_edge_litert", reason="LiteRT is an optional extra: pip install 'unet-edge[litert]'")
 
-pytestmark = pytest.mark.slow  # exports and conversions: `make test` runs them, `make test-fast` does not
 
 SIZE = (48, 48)  # the tiny validation images' size; the odd image (97 x 131) is tiled
 
@@ -40,6 +39,7 @@ def tflite_dir(tiny_checkpoint, tmp_path_factory, cli):
     return out / "tiny"
 
 
+@pytest.mark.slow
 def test_export_writes_fixed_size_models_sidecars_and_budget(tflite_dir):
     manifest = json.loads((tflite_dir / "manifest.json").read_text())
     entries = {e["file"]: e for e in manifest["artifacts"]}
@@ -54,6 +54,7 @@ def test_export_writes_fixed_size_models_sidecars_and_budget(tflite_dir):
     assert json.loads((tflite_dir / "model.json").read_text())["input_size"] == list(SIZE)
 
 
+@pytest.mark.slow
 def test_plain_interpreter_matches_eager_at_the_export_size(tflite_dir, tiny_checkpoint, tmp_path):
     """What an embedding app does: the LiteRT Interpreter alone on one 1 x 3 x 48 x 48 image."""
     import torch
@@ -89,12 +90,14 @@ def test_tiles_cover_every_pixel_once():
         assert (covered == 1).all()
 
 
+@pytest.mark.slow
 def test_verify_passes_the_int8_model(tflite_dir, cli):
     result = cli("verify", str(tflite_dir / "model_int8.tflite"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all artifacts pass" in result.stdout
 
 
+@pytest.mark.slow
 def test_loose_files_truncated_or_without_sidecar_are_one_line(tflite_dir, odd_image, tmp_path, cli, one_line_error):
     loose = tmp_path / "loose"
     loose.mkdir()
@@ -107,6 +110,7 @@ def test_loose_files_truncated_or_without_sidecar_are_one_line(tflite_dir, odd_i
     one_line_error(cli("predict", str(truncated), str(odd_image), "--out", out), "model.tflite: LiteRT cannot load it")
 
 
+@pytest.mark.slow
 def test_export_size_defaults_to_the_training_crop_size(tiny_checkpoint, tmp_path, cli):
     """Without --image-size the fixed size is the one the model was trained at, so a checkpoint's own
     validation images run unpadded and untiled (a 256 default failed parity on 64 x 64 data)."""

@@ -20,7 +20,6 @@ from unet_edge.checkpoint import load_model
 from unet_edge.formats import FORMATS, Format, Provider, detect_format, export_formats
 from unet_edge.io import sha256_file
 
-pytestmark = pytest.mark.slow  # reads the session's export of every format
 
 ODD = "odd_mask.png"  # the 97 x 131 image among the tiny validation images (48 x 48)
 VERIFY_FIELDS = {
@@ -68,6 +67,7 @@ def reference_masks(tiny_checkpoint, predicted_masks) -> dict[str, np.ndarray]:
     return masks
 
 
+@pytest.mark.slow
 def test_export_writes_the_file_and_its_manifest_entry(fmt, export_dir):
     entry = manifest_entry(export_dir, fmt)
     path = export_dir / fmt.file
@@ -79,6 +79,7 @@ def test_export_writes_the_file_and_its_manifest_entry(fmt, export_dir):
     assert entry["inputs"][0]["name"] == "image" and entry["outputs"][0]["name"] == "logits"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(97, 131), (40, 72)])
 def test_logits_agree_with_eager(fmt, export_dir, tiny_checkpoint, size):
     """Each format opens through its backend and matches eager (fixed-size formats at their export size, whatever
@@ -95,6 +96,7 @@ def test_logits_agree_with_eager(fmt, export_dir, tiny_checkpoint, size):
     torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_verify_passes(fmt, export_dir, tmp_path, cli):
     report_path = tmp_path / "verify.json"
     result = cli("verify", str(export_dir / fmt.file), "--json", str(report_path))
@@ -106,6 +108,7 @@ def test_verify_passes(fmt, export_dir, tmp_path, cli):
     assert entry["pixel_agreement"] >= 0.999 and entry["max_abs_diff"] < 1e-3
 
 
+@pytest.mark.slow
 def test_predict_masks_agree_with_the_checkpoint(fmt, export_dir, reference_masks, predicted_masks, agreement):
     candidate = predicted_masks(export_dir / fmt.file)
     assert candidate.keys() == reference_masks.keys() and len(candidate) == 7
@@ -127,6 +130,7 @@ def refusing_commands(model: Path, image: Path, out: Path) -> dict[str, list[str
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["tampered", "truncated", "missing"])
 def test_a_damaged_or_missing_file_is_refused_in_one_line(
     how, fmt, export_dir, odd_image, tmp_path, cli, one_line_error, damaged_copy
@@ -181,6 +185,7 @@ def test_a_missing_runtime_names_its_extra(name, monkeypatch):
     assert fmt.unavailable(Provider.CPU) == f"{first} is not installed: pip install 'unet-edge[{fmt.extra}]'"
 
 
+@pytest.mark.slow
 def test_opening_or_exporting_without_the_runtime_names_its_extra(
     fmt, export_dir, tiny_checkpoint, odd_image, tmp_path, monkeypatch, cli, one_line_error
 ):

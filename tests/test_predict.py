@@ -14,11 +14,11 @@ from unet_edge.errors import ArtifactError
 from unet_edge.predict import class_palette, overlay_image
 from unet_edge.synth import render_sample
 
-pytestmark = pytest.mark.slow
 
 CLASSES = ["background", "circle", "square", "triangle"]
 
 
+@pytest.mark.slow
 def test_end_to_end_model_interface_metadata_and_manifest(e2e_dir):
     model = onnx.load(str(e2e_dir / "model_e2e.onnx"))
     onnx.checker.check_model(model, full_check=True)
@@ -39,6 +39,7 @@ def test_end_to_end_model_interface_metadata_and_manifest(e2e_dir):
     assert entry["parity"]["max_abs_diff"] is None  # masks only: the model gives no logits to compare
 
 
+@pytest.mark.slow
 def test_end_to_end_model_segments_like_the_checkpoint(e2e_dir, tiny_checkpoint, agreement):
     images = np.stack([render_sample(5, i, 160)[0][:97, :131] for i in range(3)])
     e2e = open_backend(e2e_dir / "model_e2e.onnx")
@@ -51,6 +52,7 @@ def test_end_to_end_model_segments_like_the_checkpoint(e2e_dir, tiny_checkpoint,
         e2e.predict_logits(images)
 
 
+@pytest.mark.slow
 def test_probabilities_output(tiny_checkpoint, tmp_path):
     from unet_edge.checkpoint import load_model
     from unet_edge.formats.onnx import export_end_to_end
@@ -67,6 +69,7 @@ def test_probabilities_output(tiny_checkpoint, tmp_path):
     assert np.array_equal(probabilities.argmax(1), mask)
 
 
+@pytest.mark.slow
 def test_verify_checks_the_end_to_end_model(e2e_dir, tmp_path, cli):
     report_path = tmp_path / "verify.json"
     result = cli("verify", str(e2e_dir / "model_e2e.onnx"), "--json", str(report_path))
@@ -81,6 +84,7 @@ def read_mask(path) -> np.ndarray:
         return np.asarray(image)
 
 
+@pytest.mark.slow
 def test_predict_checkpoint_and_exported_models_agree(
     e2e_dir, tiny_checkpoint, tiny_data, odd_image, tmp_path, cli, agreement
 ):
@@ -123,6 +127,7 @@ def test_overlay_blends_the_mask_and_draws_a_legend():
         assert (legend == colour).all(1).any()
 
 
+@pytest.mark.slow
 def test_predict_options_mixed_sizes_and_limit(tiny_checkpoint, tiny_data, odd_image, tmp_path, cli):
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -151,6 +156,7 @@ def test_predict_options_mixed_sizes_and_limit(tiny_checkpoint, tiny_data, odd_i
     ]
 
 
+@pytest.mark.slow
 def test_predict_errors_are_one_line(tiny_checkpoint, tmp_path, cli):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -172,6 +178,7 @@ def test_predict_errors_are_one_line(tiny_checkpoint, tmp_path, cli):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
 
 
+@pytest.mark.slow
 def test_a_provider_the_runtime_lacks_is_refused_not_replaced(tiny_checkpoint, odd_image, tmp_path, cli):
     """TensorRT is an ONNX Runtime provider: a checkpoint asked to run there says so instead of running on CUDA."""
     out = tmp_path / "out"
@@ -182,6 +189,7 @@ def test_a_provider_the_runtime_lacks_is_refused_not_replaced(tiny_checkpoint, o
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_predicting_with_onnx_needs_no_torch(e2e_dir, odd_image, tmp_path):
     """`unet-edge predict model.onnx` runs on numpy, Pillow and ONNX Runtime alone (fast start, edge-friendly)."""
     code = (
@@ -195,6 +203,7 @@ def test_predicting_with_onnx_needs_no_torch(e2e_dir, odd_image, tmp_path):
     assert any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_predict_takes_a_folder_whose_manifest_lists_one_model(e2e_dir, odd_image, tmp_path, cli, one_line_error):
     """deploy leaves its winner alone in a folder with its manifest: predict takes the folder itself."""
     import shutil

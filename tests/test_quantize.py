@@ -9,8 +9,6 @@ from unet_edge.fold import FoldError, fold_batchnorm
 from unet_edge.formats.onnx_quantize import quantize_with_budget
 from unet_edge.model import UNetStudent
 
-pytestmark = pytest.mark.slow  # exports and conversions: `make test` runs them, `make test-fast` does not
-
 
 def _randomise_batchnorm(model, negative_in_decoder=True):
     generator = torch.Generator().manual_seed(0)
@@ -82,6 +80,7 @@ def _quantised_convs(path):
     return sum(1 for n in convs if n.input[1] in dq_outputs), len(convs)
 
 
+@pytest.mark.slow
 def test_budget_keeps_just_enough_layers_in_float(tiny_checkpoint, tmp_path):
     from unet_edge.checkpoint import load_model
     from unet_edge.formats.onnx_quantize import float_source
@@ -148,6 +147,7 @@ def test_int8_and_fp16_export_pass_verify(tiny_checkpoint, tmp_path, cli):
     assert report["int8"]["miou_drop"] <= 0.01 and report["int8"]["thresholds"]["max_miou_drop"] == 0.01
 
 
+@pytest.mark.slow
 def test_the_export_budget_runs_the_checkpoint_once_however_many_files_it_checks(
     tiny_checkpoint, tiny_data, tmp_path, monkeypatch
 ):

@@ -1,9 +1,8 @@
 """LiteRT (TFLite) flatbuffer (model.tflite): converted with litert_torch, run with the ai_edge_litert Interpreter.
 
 The converter cannot keep height and width (or batch) dynamic: the model's pad lowers with the shape baked
-in. So the model is exported at one size, 1 x 3 x H x W NCHW float32 (`--image-size`, default: the training crop size),
-and
-other images follow one rule: an image smaller than H x W is zero-padded (in normalised space, as the model
+in. So the model is exported at one size, 1 x 3 x H x W NCHW float32 (`--image-size`, default: the training crop
+size), and other images follow one rule: an image smaller than H x W is zero-padded (in normalised space, as the model
 pads) at the bottom/right, a larger one is cut into overlapping H x W tiles, each pixel taken from the tile
 whose centre is nearest (at least a quarter tile from any inner tile edge); the mask comes back at the
 image's own size. The rule is approximate (pad and tile borders see zeros where the checkpoint sees image), so
@@ -259,8 +258,8 @@ interpreter = Interpreter(model_path="model.tflite", num_threads=4)  # from ai_e
 interpreter.allocate_tensors()
 mean, std = (np.array(json.loads(meta[key]), np.float32) for key in ("mean", "std"))
 image = np.asarray(Image.open("image.png").convert("RGB"))  # H x W x 3 uint8, H x W = meta["input_size"]
-x = np.ascontiguousarray(((image / 255.0 - mean) / std).transpose(2, 0, 1)[None], np.float32)  # 1 x 3 x H x W,
-contiguous
+# 1 x 3 x H x W float32, contiguous
+x = np.ascontiguousarray(((image / 255.0 - mean) / std).transpose(2, 0, 1)[None], np.float32)
 interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
 interpreter.invoke()
 mask = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0].argmax(0)  # H x W class indices
