@@ -19,7 +19,6 @@ from PIL import Image
 
 from unet_edge.backends import open_backend
 
-
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -27,7 +27,6 @@ from unet_edge.artifact import check_manifest_sha256, read_manifest
 from unet_edge.checkpoint import load_checkpoint
 from unet_edge.errors import OutputError
 
-
 CLI = [sys.executable, "-m", "unet_edge_cli.main"]
 TINY_TRAIN = ["--batch-size", "8", "--image-size", "32", "--base-channels", "4", "--depth", "2", "--device", "cpu"]
 

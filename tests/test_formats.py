@@ -20,7 +20,6 @@ from unet_edge.checkpoint import load_model
 from unet_edge.formats import FORMATS, Format, Provider, detect_format, export_formats
 from unet_edge.io import sha256_file
 
-
 ODD = "odd_mask.png"  # the 97 x 131 image among the tiny validation images (48 x 48)
 VERIFY_FIELDS = {
     "path",

@@ -14,7 +14,6 @@ from unet_edge.errors import ArtifactError
 from unet_edge.predict import class_palette, overlay_image
 from unet_edge.synth import render_sample
 
-
 CLASSES = ["background", "circle", "square", "triangle"]
 
 
