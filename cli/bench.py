@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from unet_edge.formats import Provider
-from unet_edge.formats.torchscript import TorchDtype, TorchVariant
+from unet_edge.formats.torch_backend import TorchDtype, TorchVariant
 
 from .common import (
     MODEL_FILES,
@@ -19,7 +19,7 @@ from .common import (
     console,
     handle_errors,
     parse_size,
-    progress_bar,
+    progress_display,
     write_json,
 )
 
@@ -82,9 +82,7 @@ def bench(
         int | None, typer.Option(min=1, help="Threads for every runtime alike (default: all cores).")
     ] = None,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs before timing.")] = 3,
-    iters: Annotated[
-        int | None, typer.Option(min=1, help="Timed runs (default: as many as fit in --seconds).")
-    ] = None,
+    iters: Annotated[int | None, typer.Option(min=1, help="Timed runs (default: as many as fit in --seconds).")] = None,
     seconds: Annotated[
         float,
         typer.Option(
@@ -127,13 +125,8 @@ def bench(
         torch_variants=tuple(v.value for v in torch_variants),
         dtypes=tuple(d.value for d in dtypes),
     )
-    with progress_bar() as progress:
-        task = progress.add_task("bench", total=None, status="measuring matmul roofline")
-
-        def update(label: str, done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total, status=label)
-
-        report = run_bench(bench_paths(artifacts, checkpoint, exported), spec, providers, update)
+    with progress_display("bench", "measuring matmul roofline") as progress:
+        report = run_bench(bench_paths(artifacts, checkpoint, exported), spec, providers, progress)
     console.print(bench_table(report))
     for note in unavailable_notes(report):
         console.print(f"[yellow]{note}[/]", soft_wrap=True)

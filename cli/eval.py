@@ -15,16 +15,14 @@ from .common import (
     console,
     handle_errors,
     iou_table,
-    progress_bar,
+    progress_display,
     write_json,
 )
 
 
 @handle_errors
 def evaluate(
-    checkpoint: Annotated[
-        Path | None, typer.Argument(help="Checkpoint (default: the newest runs/*/best.pt).")
-    ] = None,
+    checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint (default: the newest runs/*/best.pt).")] = None,
     data: DataOption = None,
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "val",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 16,
@@ -37,8 +35,7 @@ def evaluate(
     from unet_edge.io import check_writable
 
     check_writable(json_path)
-    with progress_bar() as progress:
-        task = progress.add_task("check data", total=None, status="")
+    with progress_display("evaluate") as progress:
         report = evaluate_checkpoint(
             checkpoint,
             data=data,
@@ -46,7 +43,7 @@ def evaluate(
             batch_size=batch_size,
             device=device,
             runs_dir=runs,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            progress=progress,
         )
     console.print(
         iou_table(

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from unet_edge.formats import Provider
 
-from .common import MODEL_FILES, console, handle_errors, progress_bar
+from .common import MODEL_FILES, console, handle_errors, progress_display
 
 
 @handle_errors
@@ -32,15 +32,12 @@ def predict(
     batch_size: Annotated[
         int, typer.Option(min=1, help="Images per batch (consecutive images of one size are batched).")
     ] = 8,
-    limit: Annotated[
-        int | None, typer.Option(min=1, help="Segment only the first N images (in name order).")
-    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Segment only the first N images (in name order).")] = None,
 ) -> None:
     """Segment images: a palette PNG class mask of each image's own size, an overlay, and optionally areas."""
     from unet_edge.predict import predict as run_predict
 
-    with progress_bar() as progress:
-        task = progress.add_task("predict", total=None, status="")
+    with progress_display("predict") as progress:
         results = run_predict(
             model,
             inputs,
@@ -50,7 +47,7 @@ def predict(
             provider=provider,
             batch_size=batch_size,
             limit=limit,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            progress=progress,
         )
     if stats:
         totals: dict[str, int] = {}

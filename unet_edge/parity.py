@@ -25,8 +25,9 @@ from .backends import artifact_format, open_backend
 from .checkpoint import find_latest_checkpoint
 from .data import EvalImages, load_eval_images
 from .errors import ArtifactError
-from .formats import FORMATS, Backend, Precision, Provider, QuantBudget
+from .formats import FORMATS, Backend, Precision, Provider, QuantBudget, within_budget
 from .metrics import ConfusionMatrix
+from .progress import Progress, tell
 
 __all__ = [
     "THRESHOLDS",
@@ -126,7 +127,7 @@ def passes(result: dict[str, Any], thresholds: Thresholds) -> bool:
     if thresholds.min_pixel_agreement is not None:
         ok &= result["pixel_agreement"] >= thresholds.min_pixel_agreement
     if thresholds.max_miou_drop is not None:
-        ok &= result["miou_drop"] <= thresholds.max_miou_drop + 1e-12
+        ok &= within_budget(result["miou_drop"], thresholds.max_miou_drop)
     return bool(ok)
 
 
@@ -171,7 +172,7 @@ def verify(
     runs_dir: str | os.PathLike[str] = "runs",
     exported_dir: str | os.PathLike[str] = "exported",
     entries: dict[str, dict[str, Any]] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run the checkpoint and each artifact (default: every artifact of the newest export) on the same
     validation images and judge each artifact.
@@ -218,8 +219,7 @@ def verify(
             result["explain"] = explain_divergence(reference, backend, images)
         backend.close()
         results.append(result)
-        if progress is not None:
-            progress(index + 1, len(paths))
+        tell(progress, index + 1, len(paths), f"checked {path.name}")
     return {
         "checkpoint": str(reference_path),
         "data": str(root),
@@ -312,7 +312,7 @@ def export_budget(
     `calib_data` (default `data_root`), and an evaluator of any model file's val mIoU against the checkpoint's
     on every validation image of `data_root`. Images and the checkpoint's predictions are computed once, on
     first use, however many variants are checked."""
-    from .formats.torchscript import TorchBackend
+    from .formats.torch_backend import TorchBackend
 
     calib_root = Path(calib_data) if calib_data else Path(data_root)
 
@@ -323,19 +323,7 @@ def export_budget(
     @cache
     def validation() -> tuple[EvalImages, tuple[list[np.ndarray | None], list[np.ndarray]]]:
         images = load_eval_images(data_root, loaded.mean, loaded.std, split="val", num_images=0)
-        reference = TorchBackend(
-            loaded.model,
-            device="cpu",
-            backend="pytorch",
-            provider="cpu",
-            precision="fp32",
-            path=loaded.path,
-            classes=loaded.classes,
-            mean=loaded.mean,
-            std=loaded.std,
-            ignore_index=loaded.ignore_index,
-        )
-        return images, run_backend(reference, images)
+        return images, run_backend(TorchBackend.of_loaded(loaded), images)
 
     def evaluate(path: Path) -> tuple[float, float, int]:
         images, reference_out = validation()

@@ -278,6 +278,7 @@ FORMAT = Format(
     precisions=(Precision.FP32, Precision.INT8),
     export_variants=export_variants,
     options=(IMAGE_SIZE,),
+    target_options=lambda target: {IMAGE_SIZE.name: target.image_size},  # exported at the size it runs at
     dynamic_size=False,
     extra=EXTRA,
     embedding=EMBEDDING,
