@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from unet_edge.bench.plan import BenchSpec
 from unet_edge.formats import Provider
 from unet_edge.formats.torch_backend import TorchDtype, TorchVariant
 
@@ -63,6 +64,9 @@ def unavailable_notes(report: dict[str, Any]) -> list[str]:
     return notes
 
 
+DEFAULTS = BenchSpec()
+
+
 @handle_errors
 def bench(
     artifacts: Annotated[
@@ -76,20 +80,25 @@ def bench(
             Provider, "--providers", help="Comma-separated providers; each model runs on those its runtime supports."
         ),
     ] = ",".join(p.value for p in Provider),
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
-    image_size: Annotated[str, typer.Option(help="S or HxW.")] = "256",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(
+        str(b) for b in DEFAULTS.batch_sizes
+    ),
+    image_size: Annotated[str, typer.Option(help="S or HxW.")] = f"{DEFAULTS.height}x{DEFAULTS.width}",
     threads: Annotated[
         int | None, typer.Option(min=1, help="Threads for every runtime alike (default: all cores).")
-    ] = None,
-    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs before timing.")] = 3,
-    iters: Annotated[int | None, typer.Option(min=1, help="Timed runs (default: as many as fit in --seconds).")] = None,
+    ] = DEFAULTS.threads,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs before timing.")] = DEFAULTS.warmup,
+    iters: Annotated[
+        int | None, typer.Option(min=1, help="Timed runs (default: as many as fit in --seconds).")
+    ] = DEFAULTS.iters,
     seconds: Annotated[
         float,
         typer.Option(
             min=0.0,
-            help="Seconds of timed runs per row (model, provider, batch size) when --iters is not given; a bench takes about this times the number of rows.",
+            help="Seconds of timed runs per row (model, provider, batch size) when --iters is not given; a bench "
+            "takes about this times the number of rows.",
         ),
-    ] = 2.0,
+    ] = DEFAULTS.seconds,
     json_path: JsonOption = None,
     markdown: Annotated[Path | None, typer.Option(help="Also write the table as Markdown.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Also draw latency and throughput as a PNG.")] = None,
@@ -101,13 +110,14 @@ def bench(
             "--torch-variants",
             help="PyTorch models (checkpoint, TorchScript): one row per variant; compile is for checkpoints, cudagraphs for CUDA.",
         ),
-    ] = TorchVariant.EAGER.value,
+    ] = ",".join(DEFAULTS.torch_variants),
     dtypes: Annotated[
         Any, comma_separated(TorchDtype, "--dtypes", help="PyTorch models: one row per dtype of weights and inputs.")
-    ] = TorchDtype.FP32.value,
+    ] = ",".join(DEFAULTS.dtypes),
 ) -> None:
-    """Benchmark checkpoints and exported models on each provider their runtime supports (p50/p90/p99, img/s, roofline)."""
-    from unet_edge.bench import BenchSpec, bench_paths, run_bench, to_markdown
+    """Benchmark checkpoints and exported models on each provider their runtime supports (p50/p90/p99, img/s,
+    roofline)."""
+    from unet_edge.bench import bench_paths, run_bench, to_markdown
     from unet_edge.bench import plot as draw
     from unet_edge.io import atomic_write_text, check_writable
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ def time_interleaved(
     *,
     warmup: int,
     iters: int | None,
-    seconds: float,
+    seconds: float | Sequence[float],
     min_iters: int = 5,
     block_s: float = 0.5,
     progress: Progress | None = None,
@@ -41,32 +41,36 @@ def time_interleaved(
     its budget a block of calls about `block_s` long (after one untimed call that lets the other
     runtime's thread pool go idle), so a noisy neighbour slows every backend alike and their ratios stay
     meaningful. The budget is per runner: `iters` timed calls, or `seconds` of timed calls (and at least
-    `min_iters`), so measuring N runners takes about N x `seconds`. `progress(fraction, 1, "timed")` hears
-    after each round how much of the whole budget is done."""
-    if iters is None:
-        block_s = min(block_s, seconds / 4)  # several rounds even for a short budget
+    `min_iters`), so measuring N runners takes about N x `seconds`; `seconds` may also be one budget per
+    runner. `progress(fraction, 1, "timed")` hears after each round how much of the whole budget is done."""
+    budgets = [float(seconds)] * len(runners) if isinstance(seconds, (int, float)) else [float(s) for s in seconds]
     block_calls = []
-    for run in runners:
+    for run, budget in zip(runners, budgets, strict=True):
         for _ in range(max(warmup - 1, 0)):
             run()
         start = time.perf_counter()
         run()
-        block_calls.append(max(1, int(block_s / max(time.perf_counter() - start, 1e-6))))
+        block = block_s if iters is not None else min(block_s, budget / 4)  # several rounds even for a short budget
+        block_calls.append(max(1, int(block / max(time.perf_counter() - start, 1e-6))))
     latencies: list[list[float]] = [[] for _ in runners]
 
-    def calls_left(samples: list[float], block: int) -> int:
+    def calls_left(samples: list[float], block: int, budget: float) -> int:
         if iters is not None:
             return min(block, iters - len(samples))
-        return block if len(samples) < min_iters or sum(samples) < seconds * 1000.0 else 0
+        return block if len(samples) < min_iters or sum(samples) < budget * 1000.0 else 0
 
-    def done(samples: list[float]) -> float:
+    def done(samples: list[float], budget: float) -> float:
         if iters is not None:
             return min(1.0, len(samples) / max(iters, 1))
-        return min(1.0, len(samples) / max(min_iters, 1), sum(samples) / max(seconds * 1000.0, 1e-9))
+        return min(1.0, len(samples) / max(min_iters, 1), sum(samples) / max(budget * 1000.0, 1e-9))
 
-    while any(calls_left(samples, block) for samples, block in zip(latencies, block_calls)):
-        for run, samples, block in zip(runners, latencies, block_calls):
-            count = calls_left(samples, block)
+    def left(index: int) -> int:
+        return calls_left(latencies[index], block_calls[index], budgets[index])
+
+    while any(left(index) for index in range(len(runners))):
+        for index, run in enumerate(runners):
+            count = left(index)
+            samples = latencies[index]
             if not count:
                 continue
             run()
@@ -75,5 +79,6 @@ def time_interleaved(
                 run()
                 samples.append((time.perf_counter() - start) * 1000.0)
         if progress is not None and latencies:
-            progress(sum(done(samples) for samples in latencies) / len(latencies), 1.0, "timed")
+            fractions = [done(samples, budget) for samples, budget in zip(latencies, budgets, strict=True)]
+            progress(sum(fractions) / len(fractions), 1.0, "timed")
     return latencies

@@ -16,7 +16,21 @@ from .cache import DeployCache, content_key
 from .measure import Checkpoint, one_line
 from .records import Baseline, Candidate, DeployOptions
 
-__all__ = ["time_candidates"]
+__all__ = ["CONTENTION_MARGIN", "contenders", "time_candidates"]
+
+# After the first round, a candidate whose 25th-percentile call is slower than this factor times the leader's
+# 75th percentile cannot win: later rounds give it its share of `min_calls` only, not of `seconds`.
+CONTENTION_MARGIN = 1.2
+
+
+def contenders(samples: dict[str, list[float]]) -> set[str]:
+    """The names (of those with samples) still in contention for the lowest p50, by their model-call samples."""
+    timed = {name: np.asarray(values) for name, values in samples.items() if values}
+    if not timed:
+        return set(samples)
+    leader = min(timed, key=lambda name: float(np.percentile(timed[name], 50)))
+    bar = CONTENTION_MARGIN * float(np.percentile(timed[leader], 75))
+    return {name for name, values in timed.items() if float(np.percentile(values, 25)) <= bar}
 
 
 def time_candidates(
@@ -77,11 +91,17 @@ def time_candidates(
             label = f"timing {len(runners)} models, round {done + 1} of {options.rounds}"
             progress(done, options.rounds, label)
             order = list(runners)
+            # From the second round on, what cannot win is timed to its share of min_calls only.
+            racing = contenders({n: state["samples"][n]["model"] for n in order if n != baseline_key}) if done else None
+            seconds = [
+                options.seconds / options.rounds if racing is None or name == baseline_key or name in racing else 0.0
+                for name in order
+            ]
             latencies = time_interleaved(
                 [run for name in order for run in runners[name]],
                 warmup=options.warmup if done == 0 else 1,
                 iters=None,
-                seconds=options.seconds / options.rounds,
+                seconds=[budget for budget in seconds for _ in range(2)],
                 min_iters=per_round_calls,
                 progress=lambda fraction, total, _, done=done, label=label: progress(
                     done + fraction, options.rounds, label

@@ -173,7 +173,9 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from .pt2e import convert_pt2e
 
     calibration = budget.calibration()
     request.say(f"quantising to int8 with the XNNPACK quantizer ({len(calibration)} training images)")
