@@ -201,10 +201,11 @@ def deploy(
         )
     console.print(f"wrote {result.report}" + (f", {result.plot}" if result.plot else ""))
     winner = result.decision.require_winner()
+    p50 = winner.p50 or 0.0  # the winner is timed
     eager = None if result.baseline is None else result.baseline.p50
-    ratio = f" = {winner.p50 / eager:.3f}× the reference's PyTorch eager ({eager:.2f} ms)" if eager else ""
+    ratio = f" = {p50 / eager:.3f}× the reference's PyTorch eager ({eager:.2f} ms)" if eager else ""
     console.print(
-        f"[bold]winner[/]: {winner.label}: p50 {winner.p50:.2f} ms{ratio}, val mIoU {winner.miou:.4f} "
+        f"[bold]winner[/]: {winner.label}: p50 {p50:.2f} ms{ratio}, val mIoU {winner.miou:.4f} "
         f"(drop {winner.miou_drop:.4f}), pixel agreement {winner.pixel_agreement:.4f}",
         soft_wrap=True,
     )

@@ -141,6 +141,31 @@ def test_bf16_and_fp16_only_where_the_cpu_computes_them(monkeypatch):
     assert plan.formats == (("openvino", (Precision.BF16,)),) and plan.skipped == ()
 
 
+def test_each_format_maps_the_deploy_target_onto_options_it_declares():
+    from unet_edge.formats import DeployTarget
+
+    target = DeployTarget(image_size=(64, 48), batch_size=2, max_side=96, calibration="entropy")
+    mapped = {name: fmt.options_for(target) for name, fmt in export_formats().items()}
+    assert mapped["executorch"] == {"max_batch": 2, "max_size": 96}
+    assert mapped["litert"] == {"image_size": (64, 48)}
+    assert mapped["onnx"] == {"calib_method": "entropy"} and mapped["torchscript"] == {}
+    for name, options in mapped.items():  # a format maps the target onto its own options only
+        assert set(options) <= {option.name for option in export_formats()[name].options}, name
+    assert FORMATS["onnx"].options_for(DeployTarget((64, 64))) == {}  # no calibration asked: the format's default
+
+
+def test_what_the_first_round_shows_cannot_win_leaves_the_race():
+    from unet_edge.deploy.timing import contenders
+
+    samples = {
+        "leader": [1.0, 1.1, 1.2, 1.0],
+        "close": [1.1, 1.2, 1.3, 1.2],
+        "slow": [3.0, 3.1, 2.9, 3.2],
+        "untimed": [],
+    }
+    assert contenders(samples) == {"leader", "close"}
+
+
 def test_readme_holds_each_embedding_snippet_deploy_writes():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     for name, fmt in export_formats().items():

@@ -65,13 +65,13 @@ def print_progress(what: str, min_interval_s: float = 5.0) -> Progress:
     """A `Progress` for scripts: one line on stderr with the elapsed time, at most every `min_interval_s`
     seconds (and whenever the label changes), so a long run shows it is alive."""
     started = time.perf_counter()
-    last = {"at": -math.inf, "label": ""}
+    last_at, last_label = [-math.inf], [""]
 
     def show(done: float, total: float | None, label: str) -> None:
         now = time.perf_counter()
-        if label == last["label"] and now - float(last["at"]) < min_interval_s:
+        if label == last_label[0] and now - last_at[0] < min_interval_s:
             return
-        last.update(at=now, label=label)
+        last_at[0], last_label[0] = now, label
         count = f"{done:g}/{total:g}" if total else f"{done:g}"
         print(f"[{now - started:6.0f} s] {what} {count}: {label}", file=sys.stderr, flush=True)
 

@@ -168,7 +168,7 @@ class Exported:
 def _files(path: Path) -> list[dict[str, Any]]:
     """The model file and the companions its manifest entry lists, each with its sha256 and size."""
     manifest = read_manifest(path.parent) or {}
-    entry = next((e for e in manifest.get("artifacts", []) if e.get("file") == path.name), {})
+    entry: dict[str, Any] = next((e for e in manifest.get("artifacts", []) if e.get("file") == path.name), {})
     paths = [path, *(path.parent / c["file"] for c in entry.get("companions", []))]
     return [{"file": str(p), "sha256": sha256_file(p), "size_bytes": p.stat().st_size} for p in paths]
 
@@ -320,6 +320,8 @@ def measure_accuracy(candidate: Candidate, threads: int, validation: Validation,
     from ..parity import compare, run_backend
 
     reference_out = validation.outputs(reference)
+    if candidate.path is None:
+        return replace(candidate, rejected="measuring failed: no file")
     try:
         backend = open_backend(candidate.path, Provider.CPU, threads)
         try:

@@ -3,6 +3,7 @@ warm-up excluded, at least `min_calls` timed calls), in rounds cached one by one
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -17,6 +18,16 @@ from .measure import Checkpoint, one_line
 from .records import Baseline, Candidate, DeployOptions
 
 __all__ = ["CONTENTION_MARGIN", "contenders", "time_candidates"]
+
+
+def _in_round(progress: Progress, done: int, rounds: int, label: str) -> Progress:
+    """`progress` told how far round `done` is, out of `rounds`."""
+
+    def report(fraction: float, total: float | None, _: str) -> None:
+        progress(done + fraction, rounds, label)
+
+    return report
+
 
 # After the first round, a candidate whose 25th-percentile call is slower than this factor times the leader's
 # 75th percentile cannot win: later rounds give it its share of `min_calls` only, not of `seconds`.
@@ -72,14 +83,15 @@ def time_candidates(
     backends: dict[str, Any] = {}
     runners: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
     if state["rounds"] < options.rounds:
-        for index, (name, path) in enumerate([(baseline_key, reference.path), *((c.key, c.path) for c in timed)]):
+        paths = [(baseline_key, str(reference.path)), *((c.key, c.path or "") for c in timed)]
+        for index, (name, path) in enumerate(paths):
             if name in state["failed"]:
                 continue
             progress(0, options.rounds, f"opening {index + 1} of {len(names)} models for timing")
             try:
                 backend = open_backend(path, Provider.CPU, threads)
                 backends[name] = backend
-                runners[name] = (backend.device_runner(normalised), lambda b=backend: b.segment(raw))
+                runners[name] = (backend.device_runner(normalised), functools.partial(backend.segment, raw))
                 runners[name][0]()
             except Exception as exc:
                 state["failed"][name] = f"timing failed: {one_line(exc)}"
@@ -103,9 +115,7 @@ def time_candidates(
                 iters=None,
                 seconds=[budget for budget in seconds for _ in range(2)],
                 min_iters=per_round_calls,
-                progress=lambda fraction, total, _, done=done, label=label: progress(
-                    done + fraction, options.rounds, label
-                ),
+                progress=_in_round(progress, done, options.rounds, label),
             )
             for index, name in enumerate(order):
                 state["samples"][name]["model"] += latencies[2 * index]
