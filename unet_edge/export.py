@@ -89,12 +89,16 @@ class ExportSource:
 
 
 def export_source(
-    options: ExportOptions, progress: Callable[[str], None] | None = None, loaded: Any = None
+    options: ExportOptions,
+    progress: Callable[[str], None] | None = None,
+    loaded: Any = None,
+    predictions: Any = None,
 ) -> ExportSource:
     """Load `options.checkpoint` (default: the newest run; `loaded`: already loaded from it), fold it when asked
     and exact, and build the budget when `options.precisions` has variants (its calibration images and the
     checkpoint's validation predictions are computed on first use); `options.formats` must be set (it decides
-    whether to fold). `progress` hears the budget's steps by label."""
+    whether to fold). `progress` hears the budget's steps by label; `predictions` (`parity.Predictions`) gives
+    the budget predictions its caller already holds."""
     from .checkpoint import find_latest_checkpoint, load_model
     from .evaluate import checkpoint_data_root
     from .fold import FoldError, fold_batchnorm
@@ -120,6 +124,7 @@ def export_source(
             calib_images=options.calib_images,
             max_miou_drop=options.max_miou_drop,
             progress=progress,
+            predictions=predictions,
         )
     return ExportSource(source, loaded, folded_model, data_root, budget)
 

@@ -299,6 +299,17 @@ def explain_divergence(
     }
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """Where a budget gets the validation images and the predictions it compares, when its caller already
+    holds them (deploy measures every file on the same images): the images, the checkpoint's predictions on
+    them, and a file's predictions (by content, so a file measured twice runs once)."""
+
+    images: Callable[[], EvalImages]
+    checkpoint: Callable[[], tuple[list[np.ndarray | None], list[np.ndarray]]]
+    file: Callable[[Path], tuple[list[np.ndarray | None], list[np.ndarray]]]
+
+
 def export_budget(
     loaded: Any,
     data_root: Path,
@@ -307,6 +318,7 @@ def export_budget(
     calib_images: int = 32,
     max_miou_drop: float = 0.01,
     progress: Callable[[str], None] | None = None,
+    predictions: Predictions | None = None,
 ) -> QuantBudget:
     """The `QuantBudget` an export hands to every format: calibration images from the train split of
     `calib_data` (default `data_root`), and an evaluator of any model file's val mIoU against the checkpoint's
@@ -322,22 +334,27 @@ def export_budget(
 
     @cache
     def validation() -> tuple[EvalImages, tuple[list[np.ndarray | None], list[np.ndarray]]]:
+        if predictions is not None:
+            return predictions.images(), predictions.checkpoint()
         images = load_eval_images(data_root, loaded.mean, loaded.std, split="val", num_images=0)
         return images, run_backend(TorchBackend.of_loaded(loaded), images)
+
+    def run_file(path: Path, images: EvalImages) -> tuple[list[np.ndarray | None], list[np.ndarray]]:
+        if predictions is not None:
+            return predictions.file(path)
+        # The file was just written by this export: a manifest.json left in the folder by an earlier export
+        # describes the file it replaces, so it must not be checked against (the new manifest comes at the end).
+        candidate = open_backend(path, entry={})
+        try:
+            return run_backend(candidate, images)
+        finally:
+            candidate.close()
 
     def evaluate(path: Path) -> tuple[float, float, int]:
         images, reference_out = validation()
         if progress is not None:
             progress(f"checking {path.suffix[1:]} model mIoU on {len(images.raw)} validation images")
-        # The file was just written by this export: a manifest.json left in the folder by an earlier export
-        # describes the file it replaces, so it must not be checked against (the new manifest comes at the end).
-        candidate = open_backend(path, entry={})
-        try:
-            figures = compare(
-                reference_out, run_backend(candidate, images), images.masks, len(loaded.classes), loaded.ignore_index
-            )
-        finally:
-            candidate.close()
+        figures = compare(reference_out, run_file(path, images), images.masks, len(loaded.classes), loaded.ignore_index)
         return figures["miou_gt"], figures["miou_gt_reference"], len(images.raw)
 
     return QuantBudget(

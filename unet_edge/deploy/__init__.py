@@ -156,7 +156,7 @@ def _export_and_measure(
         max_side=max([*options.image_size, *(max(image.shape[:2]) for image in val.raw)]),
         calibration=options.calibration,
     )
-    sources = measure.Sources(options, validation.root, tuple(name for name, _ in plan.formats))
+    sources = measure.Sources(options, validation, tuple(name for name, _ in plan.formats))
     candidates: list[Candidate] = []
     for checkpoint in checkpoints:
         budget = measure.export_budget(checkpoint, reference, options.max_miou_drop)

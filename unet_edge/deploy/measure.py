@@ -86,6 +86,35 @@ class Validation:
         self.root, self.threads = root, threads
         self._by_norm: dict[tuple[tuple[float, ...], tuple[float, ...]], Any] = {}
         self._outputs: dict[str, Any] = {}
+        self._masks: dict[str, list[Any]] = {}
+
+    def file_outputs(self, path: str | Path) -> tuple[list[Any], list[Any]]:
+        """A model file's masks on the validation set (no logits: deploy compares masks), by its content: a file
+        the export's budget already measured is not run again."""
+        from ..backends import open_backend
+        from ..parity import run_backend
+
+        digest = sha256_file(path)
+        if digest not in self._masks:
+            # entry={}: a file just written by an export is measured before its manifest entry exists.
+            backend = open_backend(path, Provider.CPU, self.threads, entry={})
+            try:
+                self._masks[digest] = run_backend(backend, self.images(backend.mean, backend.std))[1]
+            finally:
+                backend.close()
+        masks = self._masks[digest]
+        return [None] * len(masks), masks
+
+    def predictions(self, checkpoint: Checkpoint) -> Any:
+        """What an export budget of `checkpoint` compares, from this validation set (`parity.Predictions`)."""
+        from ..parity import Predictions
+
+        loaded = checkpoint.loaded
+        return Predictions(
+            images=lambda: self.images(loaded.mean, loaded.std),
+            checkpoint=lambda: self.outputs(checkpoint),
+            file=self.file_outputs,
+        )
 
     def images(self, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
         from ..data import load_eval_images
@@ -181,8 +210,8 @@ class Sources:
     """Each checkpoint's export source (the model loaded once, its fold and its budget), built on first use
     and shared by every format of that checkpoint."""
 
-    def __init__(self, options: DeployOptions, root: Path, formats: tuple[str, ...]) -> None:
-        self.options, self.root, self.formats = options, root, formats
+    def __init__(self, options: DeployOptions, validation: Validation, formats: tuple[str, ...]) -> None:
+        self.options, self.validation, self.root, self.formats = options, validation, validation.root, formats
         self._sources: dict[str, Any] = {}
 
     def get(self, checkpoint: Checkpoint, budget: float, progress: Progress) -> Any:
@@ -199,7 +228,10 @@ class Sources:
                 parity_images=0,
             )
             self._sources[checkpoint.sha256] = export_source(
-                options, lambda label: progress(0, None, label), loaded=checkpoint.loaded
+                options,
+                lambda label: progress(0, None, label),
+                loaded=checkpoint.loaded,
+                predictions=self.validation.predictions(checkpoint),
             )
         return self._sources[checkpoint.sha256]
 
@@ -316,21 +348,17 @@ def candidates_of(
 def measure_accuracy(candidate: Candidate, threads: int, validation: Validation, reference: Checkpoint) -> Candidate:
     """The candidate with its val mIoU, its drop against the reference checkpoint and its pixel agreement with
     it, or with the one-line reason measuring failed."""
-    from ..backends import open_backend
-    from ..parity import compare, run_backend
+    from ..parity import compare
 
     reference_out = validation.outputs(reference)
     if candidate.path is None:
         return replace(candidate, rejected="measuring failed: no file")
+    loaded = reference.loaded
     try:
-        backend = open_backend(candidate.path, Provider.CPU, threads)
-        try:
-            val = validation.images(backend.mean, backend.std)
-            figures = compare(
-                reference_out, run_backend(backend, val), val.masks, backend.num_classes, backend.ignore_index
-            )
-        finally:
-            backend.close()
+        val = validation.images(loaded.mean, loaded.std)  # its ground truth; the file runs on its own normalisation
+        figures = compare(
+            reference_out, validation.file_outputs(candidate.path), val.masks, len(loaded.classes), loaded.ignore_index
+        )
     except Exception as exc:
         return replace(candidate, rejected=f"measuring failed: {one_line(exc)}")
     return replace(
