@@ -26,10 +26,10 @@ import time
 from datetime import date
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-README = HERE / "README.md"
+from common import OUT, README, write_section
+from train_quality import write_digits
+
 TARGET_RATIO = 0.10
-sys.path.insert(0, str(HERE))
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,9 +44,7 @@ def parse_args() -> argparse.Namespace:
         "--student-widths", default="8,16", help="base channels of the students trained when --students is not given"
     )
     parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument(
-        "--work", type=Path, default=HERE / "out" / "deploy", help="dataset, runs and the deploy output"
-    )
+    parser.add_argument("--work", type=Path, default=OUT / "deploy", help="dataset, runs and the deploy output")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--train-images", type=int, default=240)
     parser.add_argument("--val-images", type=int, default=60)
@@ -168,7 +166,6 @@ def section(
     winner = rows.get(report["winner"]) if report["winner"] else None
     size = "×".join(str(v) for v in settings["image_size"])
     lines = [
-        f"<!-- BEGIN deploy {kind} -->",
         f"## Deploy on {kind}",
         "",
         f"Command (`benchmarks/deploy.py`, {date.today().isoformat()}, deploy took {wall_s:.0f} s): `{shlex.join(['unet-edge', *command[3:]])}`",
@@ -229,14 +226,11 @@ def section(
             f"{winner['latency_ms']['p50']:.2f} ms = **{num(ratio, 3)}× the reference's PyTorch eager p50** ({num(eager)} ms, same run), "
             f"val mIoU {winner['miou']:.4f} (drop {winner['miou_drop']:.4f} ≤ {settings['max_miou_drop']}); the ≤ {TARGET_RATIO:.2f}× target: {reached}."
         )
-    lines.append(f"<!-- END deploy {kind} -->")
     return kind, "\n".join(lines)
 
 
 def main() -> None:
     args = parse_args()
-    from train_quality import write_digits
-    from train_throughput import write_section
 
     work = args.work.resolve()
     data = work / "digits"
@@ -299,7 +293,7 @@ def main() -> None:
     kind, text = section(report, command, args, students_how, cpu_flags(), wall_s)
     print(text)
     if not args.no_write:
-        write_section(args.readme, text, f"<!-- BEGIN deploy {kind} -->", f"<!-- END deploy {kind} -->")
+        write_section(args.readme, f"deploy {kind}", text)
         say(f"wrote the section for {kind} into {args.readme}")
 
 

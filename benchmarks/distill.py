@@ -38,9 +38,10 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-README = HERE / "README.md"
-BEGIN, END = "<!-- BEGIN distill -->", "<!-- END distill -->"
+from common import HERE, README, machine, median_ms, write_section
+from train_quality import write_datasets
+
+SECTION = "distill"
 # The settings --select compares (each a set of `unet-edge train` options for the distilled runs).
 SELECT_VARIANTS = (
     {"distill_loss": "kl", "distill_temperature": 1.0, "distill_weight": 1.0},
@@ -218,7 +219,6 @@ def latency_ms(checkpoint: Path, threads: int, seconds: float) -> float:
     """p50 ms of one 256x256 image through the checkpoint's model: PyTorch fp32, channels-last, `threads` threads."""
     import torch
 
-    from unet_edge.bench import time_runner
     from unet_edge.checkpoint import load_model
 
     torch.set_num_threads(threads)
@@ -229,15 +229,12 @@ def latency_ms(checkpoint: Path, threads: int, seconds: float) -> float:
         with torch.inference_mode():
             model(image)
 
-    return statistics.median(time_runner(run, warmup=3, iters=None, seconds=seconds, min_iters=10))
+    return median_ms([run], seconds=seconds)[0]
 
 
 def main() -> None:
     args = parse_args()
-    sys.path.insert(0, str(HERE))
     import torch
-    from train_quality import write_datasets
-    from train_throughput import machine, write_section
 
     from unet_edge.bench import count_gflops
     from unet_edge.checkpoint import load_checkpoint
@@ -313,7 +310,7 @@ def main() -> None:
     text = section(args, rows, costs, runner, extra_name, machine())
     print(text)
     if not args.no_write:
-        write_section(args.readme, text, BEGIN, END)
+        write_section(args.readme, SECTION, text)
 
 
 def section(
@@ -324,7 +321,6 @@ def section(
     defaults = TrainConfig()
     student, teacher = costs["student"], costs["teacher"]
     lines = [
-        BEGIN,
         "## Distillation: a small student taught by a large model",
         "",
         f"Teacher UNetStudent base {teacher[0]}, depth {teacher[1]} (one per dataset, seed 0); student base {student[0]}, depth {student[1]}, "
@@ -398,7 +394,6 @@ def section(
         "```",
         command,
         "```",
-        END,
     ]
     return "\n".join(lines)
 

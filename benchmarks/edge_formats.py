@@ -21,10 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from run_inference import OUT, README, default_checkpoint, replace_section  # noqa: E402
+from common import OUT, README, print_progress, write_section
+from run_inference import default_checkpoint
 
 
 def export_everything(checkpoint: Path, formats: tuple[str, ...] | None, max_batch: int, size: int) -> list[Path]:
@@ -119,7 +117,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from unet_edge.bench import BenchSpec, print_progress, run_bench, to_markdown
+    from unet_edge.bench import BenchSpec, run_bench, to_markdown
 
     OUT.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -138,7 +136,7 @@ def main() -> None:
         torch_variants=variants,
         dtypes=("fp32", "bf16"),
     )
-    report = run_bench(paths, spec, ("cpu",), print_progress())
+    report = run_bench(paths, spec, ("cpu",), print_progress("bench"))
     (OUT / "edge.json").write_text(json.dumps(report, indent=2))
     machine = report["machine"]
     ratios = "\n\n".join("\n".join(ratio_lines(report, batch)) for batch in spec.batch_sizes)
@@ -157,7 +155,7 @@ Ratios (same run, CPU rows, sorted by p50):
 
 {ratios}
 """
-    replace_section(README, "edge", body)
+    write_section(README, "edge", body)
     print(body)
 
 

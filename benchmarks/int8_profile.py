@@ -180,8 +180,9 @@ def main() -> None:
 
     import onnxruntime as ort
     import torch
+    from common import WARMUP, latency_stats, print_progress, time_interleaved
 
-    from unet_edge.bench import count_gflops, latency_stats, measure_matmul_gflops, print_progress, time_interleaved
+    from unet_edge.bench import count_gflops, measure_matmul_gflops
     from unet_edge.formats.base import default_threads
 
     ort.set_default_logger_severity(3)  # saving an optimised graph warns that it is hardware-specific: known
@@ -244,14 +245,13 @@ def main() -> None:
             sessions = [session(path, threads) for path in files.values()]
             x = rng.standard_normal((batch, 3, args.size, args.size), dtype=np.float32)
             runners = [lambda s=s: s.run(None, {s.get_inputs()[0].name: x}) for s in sessions]
-            show = print_progress()
             latencies = time_interleaved(
                 runners,
-                warmup=2,
+                warmup=WARMUP,
                 iters=None,
                 seconds=args.seconds,
                 min_iters=args.min_calls,
-                on_round=lambda fraction, batch=batch: show(f"{order}, batch {batch}: {fraction:.0%} timed", 0, 1),
+                progress=print_progress(f"{order}, batch {batch}"),
             )
             stats = [latency_stats(lat) for lat in latencies]
             base = stats[list(files).index("fp32 unfolded" if order == "conv-relu-bn" else "fp32 plain fold")]["p50"]

@@ -11,29 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-HERE = Path(__file__).resolve().parent
-README = HERE / "README.md"
-OUT = HERE / "out"
-
-
-def replace_section(path: Path, name: str, body: str) -> None:
-    """Rewrite only the text between `<!-- BEGIN name -->` and `<!-- END name -->` (appended if absent)."""
-    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
+from common import OUT, README, median_ms, print_progress, write_section
 
 
 def default_checkpoint(path: Path, block_order: str = "conv-relu-bn") -> Path:
@@ -97,15 +81,14 @@ def int8_variants(loaded, folder: Path, calib_images: int, naive: bool = True) -
     return paths
 
 
-def time_command(command: list[str], runs: int = 5) -> float:
-    """Median wall time in ms of a command (after one untimed run to warm the file cache)."""
-    subprocess.run(command, capture_output=True, check=True)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(command, capture_output=True, check=True)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+def command_ms(*commands: list[str], runs: int = 5) -> list[float]:
+    """Median wall time in ms of each command, interleaved (after one untimed run that warms the file cache)."""
+    return median_ms(
+        [lambda command=command: subprocess.run(command, capture_output=True, check=True) for command in commands],
+        seconds=0.0,
+        warmup=1,
+        iters=runs,
+    )
 
 
 def main() -> None:
@@ -126,7 +109,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from unet_edge.bench import BenchSpec, print_progress, run_bench, to_markdown
+    from unet_edge.bench import BenchSpec, run_bench, to_markdown
     from unet_edge.checkpoint import load_model
     from unet_edge.export import ExportOptions, run_export
 
@@ -158,7 +141,7 @@ def main() -> None:
         min_iters=args.min_calls,
         torch_variants=("eager", "channels-last"),
     )
-    report = run_bench(paths, spec, ("cpu", "cuda", "tensorrt"), print_progress())
+    report = run_bench(paths, spec, ("cpu", "cuda", "tensorrt"), print_progress("bench"))
     (OUT / "inference.json").write_text(json.dumps(report, indent=2))
 
     ok = [r for r in report["results"] if r["status"] == "ok"]
@@ -199,8 +182,9 @@ def main() -> None:
                         f"**{row['latency_ms']['p50'] / base['latency_ms']['p50']:.2f}×** its fp32 ONNX; file "
                         f"{base['file_mb']:.2f} → {row['file_mb']:.2f} MB (**{base['file_mb'] / row['file_mb']:.2f}×** smaller)"
                     )
-    help_ms = time_command([str(Path(sys.executable).with_name("unet-edge")), "--help"])
-    torch_ms = time_command([sys.executable, "-c", "import torch"])
+    help_ms, torch_ms = command_ms(
+        [str(Path(sys.executable).with_name("unet-edge")), "--help"], [sys.executable, "-c", "import torch"]
+    )
     machine = report["machine"]
     body = f"""## Inference: default-size UNetStudent (base 32, depth 4), 3×{args.size}×{args.size}
 
@@ -224,7 +208,7 @@ Ratios that matter (same run):
 
 Start-up: `unet-edge --help` {help_ms:.0f} ms against `python -c "import torch"` {torch_ms:.0f} ms (median of 5; the CLI imports torch only inside commands).
 """
-    replace_section(README, "inference", body)
+    write_section(README, "inference", body)
     print(body)
 
 

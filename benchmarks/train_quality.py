@@ -41,10 +41,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from common import README, machine, write_section
 from PIL import Image
 
-README = Path(__file__).with_name("README.md")
-BEGIN, END = "<!-- BEGIN train-quality -->", "<!-- END train-quality -->"
+SECTION = "train-quality"
 DIGIT_CLASSES = ("background", *(f"digit_{d}" for d in range(10)))
 TEXTURES = ("moon", "brick", "grass", "gravel")
 IGNORE = 255
@@ -298,15 +298,12 @@ def summary(values: list[float]) -> str:
 
 
 def section(results: list[tuple[str, str, int, list[float], float]], args: argparse.Namespace, overrides: dict) -> str:
-    from train_throughput import machine
-
     from unet_edge.config import TrainConfig
 
     defaults = TrainConfig()
     fit_label = "unet-edge `fit`, defaults" + (f" + {json.dumps(overrides)}" if overrides else "")
     labels = {"fit": fit_label, "plain": "plain loop, pre-loaded tensors, no augmentation, cross-entropy"}
     lines = [
-        BEGIN,
         "## Training quality: `fit` vs a plain PyTorch loop",
         "",
         f"UNetStudent base 16, depth 3; {args.epochs} epochs, batch {args.batch_size}, 64x64 crops, AdamW lr {defaults.lr:g} "
@@ -339,7 +336,6 @@ def section(results: list[tuple[str, str, int, list[float], float]], args: argpa
         "```",
         command,
         "```",
-        END,
     ]
     return "\n".join(lines)
 
@@ -371,9 +367,7 @@ def main() -> None:
     text = section(results, args, overrides)
     print(text)
     if not args.no_write:
-        from train_throughput import write_section
-
-        write_section(args.readme, text, BEGIN, END)
+        write_section(args.readme, SECTION, text)
 
 
 if __name__ == "__main__":

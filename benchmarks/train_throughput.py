@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -34,11 +32,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import machine, write_section
 from torch import nn
 
 from unet_edge.data import ImageSegmentation
 from unet_edge.device import mixed_precision, place_model, prefers_channels_last, resolve_device
-from unet_edge.io import atomic_write_text
 from unet_edge.loaders import default_workers, make_loader
 from unet_edge.model import ModelConfig, build_model
 from unet_edge.synth import CLASSES, SynthSpec, write_synth
@@ -46,8 +44,7 @@ from unet_edge.train import EpochStats, train_one_epoch
 from unet_edge.transforms import BatchNormalize, SegmentationPresetTrain
 
 README = Path(__file__).with_name("README.md")
-BEGIN, END = "<!-- BEGIN training -->", "<!-- END training -->"
-SWEEP_BEGIN, SWEEP_END = "<!-- BEGIN training-sweep -->", "<!-- END training-sweep -->"
+SECTION, SWEEP_SECTION = "training", "training-sweep"
 
 
 def parse_args() -> argparse.Namespace:
@@ -69,20 +66,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--readme", type=Path, default=README, help="README whose training section is rewritten")
     parser.add_argument("--no-write", action="store_true", help="print the section only")
     return parser.parse_args()
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    return (
-        f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} using {torch.get_num_threads()} threads, "
-        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
-    )
 
 
 def footer() -> list[str]:
@@ -203,7 +186,6 @@ def sweep(args: argparse.Namespace) -> str:
     precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + grad scaler"}.get(amp.dtype, "fp32")
     return "\n".join(
         [
-            SWEEP_BEGIN,
             f"## Training throughput vs batch size ({device.type}: {name})",
             "",
             f"unet-edge `train_one_epoch` as `fit` runs it on {device.type}: {precision}, "
@@ -217,7 +199,6 @@ def sweep(args: argparse.Namespace) -> str:
             "| ---: | ---: | ---: | ---: | ---: | ---: |",
             *rows,
             *footer(),
-            SWEEP_END,
         ]
     )
 
@@ -229,7 +210,7 @@ def main() -> None:
         section = sweep(args)
         print(section)
         if not args.no_write:
-            write_section(args.readme, section, SWEEP_BEGIN, SWEEP_END)
+            write_section(args.readme, SWEEP_SECTION, section)
         return
     device = torch.device("cpu")
     channels_last = prefers_channels_last(device, training=True)
@@ -297,7 +278,6 @@ def main() -> None:
     ours_median, plain_median, ceiling_median = (statistics.median(values) for values in rates.values())
     waiting = statistics.median(data_share)
     lines = [
-        BEGIN,
         "## Training throughput (CPU): unet-edge vs a plain PyTorch loop",
         "",
         f"UNetStudent base_channels {args.base_channels}, depth {args.depth}, batch {args.batch_size}, "
@@ -313,24 +293,11 @@ def main() -> None:
         f"unet-edge / plain loop with the same model layout: {ours_median / ceiling_median:.3f}; "
         f"unet-edge waited for data {100 * waiting:.1f}% of its epoch time (median).",
         *footer(),
-        END,
     ]
     section = "\n".join(lines)
     print(section)
     if not args.no_write:
-        write_section(args.readme, section)
-
-
-def write_section(readme: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replace only the text between the markers (appending the section when it is absent)."""
-    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        tail = rest.split(end, 1)[1]
-        text = head + section + tail
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section + "\n"
-    atomic_write_text(readme, text)
+        write_section(args.readme, SECTION, section)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from unet_edge.bench.plan import BenchSpec
 from unet_edge.formats import Provider
-from unet_edge.formats.torchscript import TorchDtype, TorchVariant
+from unet_edge.formats.torch_backend import TorchDtype, TorchVariant
 
 from .common import (
     MODEL_FILES,
@@ -19,7 +20,7 @@ from .common import (
     console,
     handle_errors,
     parse_size,
-    progress_bar,
+    progress_display,
     write_json,
 )
 
@@ -63,6 +64,9 @@ def unavailable_notes(report: dict[str, Any]) -> list[str]:
     return notes
 
 
+DEFAULTS = BenchSpec()
+
+
 @handle_errors
 def bench(
     artifacts: Annotated[
@@ -76,21 +80,25 @@ def bench(
             Provider, "--providers", help="Comma-separated providers; each model runs on those its runtime supports."
         ),
     ] = ",".join(p.value for p in Provider),
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
-    image_size: Annotated[str, typer.Option(help="S or HxW.")] = "256",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = ",".join(
+        str(b) for b in DEFAULTS.batch_sizes
+    ),
+    image_size: Annotated[str, typer.Option(help="S or HxW.")] = f"{DEFAULTS.height}x{DEFAULTS.width}",
     threads: Annotated[
         int | None, typer.Option(min=1, help="Threads for every runtime alike (default: all cores).")
-    ] = None,
-    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs before timing.")] = 3,
-    iters: Annotated[int | None, typer.Option(min=1, help="Timed runs (default: as many as fit in --seconds).")] = None,
+    ] = DEFAULTS.threads,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs before timing.")] = DEFAULTS.warmup,
+    iters: Annotated[
+        int | None, typer.Option(min=1, help="Timed runs (default: as many as fit in --seconds).")
+    ] = DEFAULTS.iters,
     seconds: Annotated[
         float,
         typer.Option(
             min=0.0,
-            help="Seconds of timed runs per row (model, provider, batch size) when --iters is not given; a bench takes "
-            "about this times the number of rows.",
+            help="Seconds of timed runs per row (model, provider, batch size) when --iters is not given; a bench "
+            "takes about this times the number of rows.",
         ),
-    ] = 2.0,
+    ] = DEFAULTS.seconds,
     json_path: JsonOption = None,
     markdown: Annotated[Path | None, typer.Option(help="Also write the table as Markdown.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Also draw latency and throughput as a PNG.")] = None,
@@ -100,17 +108,16 @@ def bench(
         comma_separated(
             TorchVariant,
             "--torch-variants",
-            help="PyTorch models (checkpoint, TorchScript): one row per variant; compile is for checkpoints, "
-            "cudagraphs for CUDA.",
+            help="PyTorch models (checkpoint, TorchScript): one row per variant; compile is for checkpoints, cudagraphs for CUDA.",
         ),
-    ] = TorchVariant.EAGER.value,
+    ] = ",".join(DEFAULTS.torch_variants),
     dtypes: Annotated[
         Any, comma_separated(TorchDtype, "--dtypes", help="PyTorch models: one row per dtype of weights and inputs.")
-    ] = TorchDtype.FP32.value,
+    ] = ",".join(DEFAULTS.dtypes),
 ) -> None:
     """Benchmark checkpoints and exported models on each provider their runtime supports (p50/p90/p99, img/s,
     roofline)."""
-    from unet_edge.bench import BenchSpec, bench_paths, run_bench, to_markdown
+    from unet_edge.bench import bench_paths, run_bench, to_markdown
     from unet_edge.bench import plot as draw
     from unet_edge.io import atomic_write_text, check_writable
 
@@ -128,13 +135,8 @@ def bench(
         torch_variants=tuple(v.value for v in torch_variants),
         dtypes=tuple(d.value for d in dtypes),
     )
-    with progress_bar() as progress:
-        task = progress.add_task("bench", total=None, status="measuring matmul roofline")
-
-        def update(label: str, done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total, status=label)
-
-        report = run_bench(bench_paths(artifacts, checkpoint, exported), spec, providers, update)
+    with progress_display("bench", "measuring matmul roofline") as progress:
+        report = run_bench(bench_paths(artifacts, checkpoint, exported), spec, providers, progress)
     console.print(bench_table(report))
     for note in unavailable_notes(report):
         console.print(f"[yellow]{note}[/]", soft_wrap=True)

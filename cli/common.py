@@ -5,12 +5,13 @@ Nothing here imports torch, so `unet-edge --help` stays instant.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -21,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from unet_edge.formats import FORMATS
+from unet_edge.progress import Progress
 
 # Piped output (CI logs, files) gets a wide fixed width instead of rich's 80-column default.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -54,34 +56,77 @@ def parse_size(text: str) -> tuple[int, int]:
         raise typer.BadParameter(str(exc), param_hint="--image-size") from None
 
 
-def comma_separated(enum: type[Enum], *names: str, help: str) -> Any:
-    """A typer.Option taking comma-separated values of a str Enum ("fp16,int8"): each is checked, the choices
-    are listed in --help, and the command gets a tuple of Enum members (duplicates dropped, order kept)."""
+def enum_list(enum: type[Enum], text: Any) -> tuple[Any, ...]:
+    """Comma-separated values of a str Enum ("fp16,int8") -> a tuple of members (duplicates dropped, order kept);
+    a value that is not one is a usage error naming the choices."""
+    if isinstance(text, tuple):
+        return text
     values = [member.value for member in enum]
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    unknown = [item for item in items if item not in values] or ([] if items else [text])
+    if unknown:
+        raise typer.BadParameter(f"{unknown[0]!r} is not one of {', '.join(values)}")
+    return tuple(enum(item) for item in dict.fromkeys(items))
 
-    def parse(text: Any) -> tuple[Enum, ...]:
-        if isinstance(text, tuple):
-            return text
-        items = [item.strip() for item in str(text).split(",") if item.strip()]
-        unknown = [item for item in items if item not in values] or ([] if items else [text])
-        if unknown:
-            raise typer.BadParameter(f"{unknown[0]!r} is not one of {', '.join(values)}")
-        return tuple(enum(item) for item in dict.fromkeys(items))
 
-    return typer.Option(*names, parser=parse, metavar="[" + "|".join(values) + "],...", help=help)
+def comma_separated(enum: type[Enum], *names: str, help: str) -> Any:
+    """A typer.Option taking comma-separated values of a str Enum: each is checked, the choices are listed in
+    --help, and the command gets a tuple of Enum members."""
+    values = [member.value for member in enum]
+    return typer.Option(
+        *names, parser=functools.partial(enum_list, enum), metavar="[" + "|".join(values) + "],...", help=help
+    )
+
+
+def parse_precisions(text: Any) -> tuple[Any, ...]:
+    """`--precisions` (or its old spelling `--precision`): comma-separated precisions."""
+    from unet_edge.formats import Precision
+
+    return enum_list(Precision, text)
 
 
 def by_field_name(
     cls: Any, values: dict[str, Any], renamed: dict[str, str] | None = None, **given: Any
 ) -> dict[str, Any]:
-    """The keyword arguments of dataclass `cls` from a command's parameter values: each value whose name (after
-    `renamed`, parameter -> field) is a field of `cls`, then `given` on top (values the command derives)."""
+    """The keyword arguments of dataclass `cls` from a command's parameter values (a dict of the parameters by
+    name, never `locals()`): each value whose name (after `renamed`, parameter -> field) is a field of `cls`,
+    then `given` on top (values the command derives)."""
     import dataclasses
 
     renamed = renamed or {}
     names = {f.name for f in dataclasses.fields(cls)}
     picked = {renamed.get(name, name): value for name, value in values.items() if renamed.get(name, name) in names}
     return {**picked, **given}
+
+
+def parse_formats(text: Any) -> tuple[str, ...] | None:
+    """`--formats`: comma-separated names of export formats, or all (None), checked against the registry as it is
+    when the command runs (a format registered at run time is accepted)."""
+    from unet_edge.formats import export_formats
+
+    if text is None or isinstance(text, tuple):
+        return text
+    names = [item.strip() for item in str(text).split(",") if item.strip()]
+    if "all" in names:
+        return None
+    choices = [*export_formats(), "all"]
+    unknown = [name for name in names if name not in choices] or ([] if names else [str(text)])
+    if unknown:
+        raise typer.BadParameter(f"{unknown[0]!r} is not one of {', '.join(choices)}", param_hint="--formats")
+    return tuple(dict.fromkeys(names))
+
+
+def formats_option(help: str) -> Any:
+    """`--formats NAME,...|all` (the spelling of every command; `--format` and `-f` are kept as hidden aliases by
+    `FormatAlias`)."""
+    from unet_edge.formats import export_formats
+
+    return typer.Option("--formats", metavar="[" + "|".join([*export_formats(), "all"]) + "],...", help=help)
+
+
+# The spellings of earlier versions, hidden from --help: `--format/-f` and `--precision` (export's).
+FormatAlias = Annotated[str | None, typer.Option("--format", "-f", hidden=True)]
+PrecisionAlias = Annotated[str | None, typer.Option("--precision", hidden=True)]
 
 
 def debug_enabled() -> bool:
@@ -144,6 +189,19 @@ def write_json(path: Path | None, payload: Any) -> None:
 
     atomic_write_text(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
     err_console.print(f"wrote {path}")
+
+
+@contextlib.contextmanager
+def progress_display(description: str, status: str = "") -> Iterator[Progress]:
+    """A rich bar for one command, rendering the library's progress protocol: `(done, total, label)`, the label
+    shown beside the bar (what is being done now), `total` None while unknown."""
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=None, status=status)
+
+        def update(done: float, total: float | None, label: str) -> None:
+            bar.update(task, completed=done, total=total, status=label)
+
+        yield update
 
 
 def progress_bar(enabled: bool = True, **kwargs: Any):

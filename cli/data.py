@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import console, handle_errors, progress_bar
+from .common import console, handle_errors, progress_display
 
 app = typer.Typer(help="Datasets: write the embedded synthetic set.", no_args_is_help=True)
 
@@ -25,9 +25,8 @@ def synth(
     from unet_edge.synth import CLASSES, SynthSpec, write_synth
 
     spec = SynthSpec(num_train=num_train, num_val=num_val, size=size, seed=seed)
-    with progress_bar() as progress:
-        task = progress.add_task("synth", total=num_train + num_val, status="")
-        root = write_synth(out, spec, lambda done, total: progress.update(task, completed=done))
+    with progress_display("synth") as progress:
+        root = write_synth(out, spec, progress)
     console.print(
         f"wrote {num_train} train + {num_val} val images ({size}x{size}, classes: {', '.join(CLASSES)}) to {root}"
     )

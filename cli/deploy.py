@@ -2,58 +2,58 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from unet_edge.formats import CalibMethod, Precision, export_formats
-from unet_edge.formats.onnx_quantize import CALIB_METHOD
+from unet_edge.deploy.records import DeployOptions
+from unet_edge.formats import Precision, export_formats
 
-from .common import RunsOption, by_field_name, comma_separated, console, fmt, handle_errors, parse_size, progress_bar
+from .common import (
+    FormatAlias,
+    RunsOption,
+    by_field_name,
+    comma_separated,
+    console,
+    fmt,
+    formats_option,
+    handle_errors,
+    parse_formats,
+    parse_size,
+    progress_display,
+)
 
-# `--formats` choices: every format export writes, or all of them.
-FormatChoice = Enum("FormatChoice", {name: name for name in [*export_formats(), "all"]}, type=str)  # type: ignore[misc]
+DEFAULTS = DeployOptions()
+# The int8 calibration methods the formats offer, and which formats read the choice (from the registry).
+CALIBRATIONS = tuple(dict.fromkeys(m for f in export_formats().values() for m in f.calibrations))
+CALIBRATING = ", ".join(name for name, f in export_formats().items() if f.calibrations)
 
 
 def deploy_table(result: Any) -> Table:
     """One row per candidate, fastest first: accuracy against the reference, latency, and why a row was rejected."""
-    decision = result.decision
-    machine, settings = result.machine, result.settings
-    flags = ", ".join(machine.get("cpu_int8_bf16") or []) or "none"
-    size = "×".join(str(v) for v in settings["image_size"])
+    decision, machine, settings, reference = result.decision, result.machine, result.settings, result.reference
+    flags = ", ".join(machine.cpu_int8_bf16) or "none"
+    size = "×".join(str(v) for v in settings.image_size)
     table = Table(
-        title=f"deploy: {machine['cpu']} (int8/bf16 instructions: {flags}), {settings['threads']} threads, batch {settings['batch_size']}, "
-        f"{size}; reference {result.reference['model']} val mIoU {result.reference['miou']:.4f}, budget {decision.max_miou_drop:g}"
+        title=f"deploy: {machine.cpu} (int8/bf16 instructions: {flags}), {settings.threads} threads, batch "
+        f"{settings.batch_size}, {size}; reference {reference.model} val mIoU {reference.miou:.4f}, budget "
+        f"{decision.max_miou_drop:g}"
     )
-    for column in (
-        "",
-        "model",
-        "format",
-        "prec",
-        "val mIoU",
-        "drop",
-        "agreement",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "app p50 ms",
-        "× eager",
-        "MB",
-        "status",
-    ):
+    columns = ("", "model", "format", "prec", "val mIoU", "drop", "agreement", "p50 ms", "p90 ms", "p99 ms")
+    for column in (*columns, "app p50 ms", "× eager", "MB", "status"):
         table.add_column(column, justify="left" if column in ("", "model", "format", "prec", "status") else "right")
-    eager = (result.baseline.get("latency_ms") or {}).get("p50")
+    baseline = result.baseline
+    eager = None if baseline is None else baseline.p50
     if eager is not None:
-        lat, app = result.baseline["latency_ms"], result.baseline["app_latency_ms"]
+        lat, app = baseline.latency_ms, baseline.app_latency_ms
         table.add_row(
             "",
-            f"{result.baseline['model']} (reference)",
+            f"{baseline.model} (reference)",
             "pytorch eager",
             "fp32",
-            fmt(result.reference["miou"]),
+            fmt(reference.miou),
             fmt(0.0),
             fmt(1.0, 5),
             *(fmt(lat[k], 2) for k in ("p50", "p90", "p99")),
@@ -63,16 +63,12 @@ def deploy_table(result: Any) -> Table:
             "baseline",
         )
         table.add_section()
-    front = {c.key for c in decision.front}
-    for c in decision.ranked:
+    for verdict in decision.verdicts:
+        c = verdict.candidate
         lat, app = c.latency_ms or {}, c.app_latency_ms or {}
-        mark = "★" if c is decision.winner else ("◆" if c.key in front else "")
-        status = (
-            "[bold green]winner[/]"
-            if c is decision.winner
-            else "[green]ok[/]"
-            if c.rejected is None
-            else f"[red]{c.rejected}[/]"
+        mark = "★" if verdict.winner else ("◆" if verdict.pareto else "")
+        status = {"winner": "[bold green]winner[/]", "ok": "[green]ok[/]"}.get(
+            verdict.status, f"[red]{verdict.reason}[/]"
         )
         table.add_row(
             mark,
@@ -91,6 +87,12 @@ def deploy_table(result: Any) -> Table:
     return table
 
 
+def _check_calibration(value: str | None) -> str | None:
+    if value is not None and value not in CALIBRATIONS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(CALIBRATIONS)}")
+    return value
+
+
 @handle_errors
 def deploy(
     checkpoints: Annotated[
@@ -99,92 +101,112 @@ def deploy(
     ] = None,
     max_miou_drop: Annotated[
         float, typer.Option(min=0.0, help="Largest val mIoU drop allowed against the reference checkpoint.")
-    ] = 0.01,
+    ] = DEFAULTS.max_miou_drop,
     reference: Annotated[
         Path | None,
         typer.Option(
-            help="The checkpoint the budget is measured against (default: the most accurate one given; it competes too)."
+            help="The checkpoint the budget is measured against (default: the most accurate one given; "
+            "it competes too)."
         ),
-    ] = None,
+    ] = DEFAULTS.reference,
     image_size: Annotated[
         str, typer.Option(help="S or HxW you deploy at: timing runs at it and fixed-size formats are exported at it.")
-    ] = "256",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per call you deploy with.")] = 1,
+    ] = "x".join(str(v) for v in DEFAULTS.image_size),
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per call you deploy with.")] = DEFAULTS.batch_size,
     threads: Annotated[
         int | None, typer.Option(min=1, help="Threads for every runtime alike (default: all cores).")
-    ] = None,
+    ] = DEFAULTS.threads,
     formats: Annotated[
-        Any,
-        comma_separated(
-            FormatChoice, "--formats", help="Comma-separated formats to consider (default: every installed one)."
-        ),
+        str, formats_option("Comma-separated formats to consider, or all (every installed one).")
     ] = "all",
     precisions: Annotated[
         Any,
         comma_separated(
             Precision,
             "--precisions",
-            help="Comma-separated precisions to consider (default: each that a format offers and this CPU computes natively).",
+            "--precision",
+            help="Comma-separated precisions to consider (default: each that a format offers and this CPU "
+            "computes natively).",
         ),
     ] = ",".join(p.value for p in Precision),
     seconds: Annotated[
         float, typer.Option(min=0.0, help="Timed seconds per candidate, for each of its two latency columns.")
-    ] = 2.0,
-    min_calls: Annotated[int, typer.Option(min=1, help="Timed calls per candidate and column, at least.")] = 30,
+    ] = DEFAULTS.seconds,
+    min_calls: Annotated[
+        int, typer.Option(min=1, help="Timed calls per candidate and column, at least.")
+    ] = DEFAULTS.min_calls,
     out: Annotated[
         Path,
         typer.Option(
-            help="Folder for deploy.json, deploy.png, the winner and the candidates' exports (and the cache a rerun resumes from)."
+            help="Folder for deploy.json, deploy.png, the winner and the candidates' exports (and the cache a "
+            "rerun resumes from)."
         ),
-    ] = Path("deployed"),
+    ] = DEFAULTS.out,
     data: Annotated[
         Path | None,
         typer.Option(
-            help="Dataset whose val split measures accuracy and whose train split calibrates int8 (default: the checkpoints')."
+            help="Dataset whose val split measures accuracy and whose train split calibrates int8 (default: the "
+            "checkpoints')."
         ),
-    ] = None,
-    calib_images: Annotated[int, typer.Option(min=1, help="Training images used to calibrate int8.")] = 32,
+    ] = DEFAULTS.data,
+    calib_images: Annotated[
+        int, typer.Option(min=1, help="Training images used to calibrate int8.")
+    ] = DEFAULTS.calib_images,
     calib_method: Annotated[
-        CalibMethod, typer.Option(help=f"{CALIB_METHOD.help} (read by: onnx)")
-    ] = CALIB_METHOD.default,
-    runs: RunsOption = Path("runs"),
+        str | None,
+        typer.Option(
+            metavar="[" + "|".join(CALIBRATIONS) + "]",
+            callback=_check_calibration,
+            help=f"int8 activation-range calibration (default: each format's own; read by: {CALIBRATING or 'none'}).",
+        ),
+    ] = DEFAULTS.calibration,
+    runs: RunsOption = DEFAULTS.runs_dir,
+    format_alias: FormatAlias = None,
 ) -> None:
     """Export every checkpoint to every installed format and precision, keep those within the mIoU budget,
     time them with one protocol and copy the fastest into --out, ready to embed."""
-    from unet_edge.deploy import DeployOptions, run_deploy
+    from unet_edge.deploy import run_deploy
 
-    names = tuple(f.value for f in formats)
+    parameters = {
+        "max_miou_drop": max_miou_drop,
+        "reference": reference,
+        "batch_size": batch_size,
+        "threads": threads,
+        "seconds": seconds,
+        "min_calls": min_calls,
+        "out": out,
+        "data": data,
+        "calib_images": calib_images,
+        "calib_method": calib_method,
+        "runs": runs,
+    }
     options = DeployOptions(
         **by_field_name(
             DeployOptions,
-            locals(),
-            {"runs": "runs_dir"},
+            parameters,
+            {"runs": "runs_dir", "calib_method": "calibration"},
             checkpoints=tuple(checkpoints or ()),
             image_size=parse_size(image_size),
-            formats=None if "all" in names else names,
+            formats=parse_formats(format_alias if format_alias is not None else formats),
             precisions=tuple(precisions),
         )
     )
-    with progress_bar() as progress:
-        task = progress.add_task("deploy", total=None, status="planning")
-
-        def update(done: float, total: float, status: str) -> None:
-            progress.update(task, completed=done, total=total, status=status)
-
-        result = run_deploy(options, update)
+    with progress_display("deploy", "planning") as progress:
+        result = run_deploy(options, progress)
     console.print(deploy_table(result))
     for skip in result.skipped:
         console.print(
-            f"[yellow]skipped {skip['format']}{' ' + skip['precision'] if skip['precision'] else ''}: {skip['reason']}[/]",
+            f"[yellow]skipped {skip.format}{' ' + skip.precision if skip.precision else ''}: {skip.reason}[/]",
             soft_wrap=True,
         )
     console.print(f"wrote {result.report}" + (f", {result.plot}" if result.plot else ""))
     winner = result.decision.require_winner()
-    eager = (result.baseline.get("latency_ms") or {}).get("p50")
-    ratio = f" = {winner.p50 / eager:.3f}× the reference's PyTorch eager ({eager:.2f} ms)" if eager else ""
+    p50 = winner.p50 or 0.0  # the winner is timed
+    eager = None if result.baseline is None else result.baseline.p50
+    ratio = f" = {p50 / eager:.3f}× the reference's PyTorch eager ({eager:.2f} ms)" if eager else ""
     console.print(
-        f"[bold]winner[/]: {winner.label}: p50 {winner.p50:.2f} ms{ratio}, val mIoU {winner.miou:.4f} (drop {winner.miou_drop:.4f}), "
-        f"pixel agreement {winner.pixel_agreement:.4f}",
+        f"[bold]winner[/]: {winner.label}: p50 {p50:.2f} ms{ratio}, val mIoU {winner.miou:.4f} "
+        f"(drop {winner.miou_drop:.4f}), pixel agreement {winner.pixel_agreement:.4f}",
         soft_wrap=True,
     )
     console.print(f"copied to {result.out}: {', '.join(p.name for p in result.winner_files)}", soft_wrap=True)

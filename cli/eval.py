@@ -15,7 +15,7 @@ from .common import (
     console,
     handle_errors,
     iou_table,
-    progress_bar,
+    progress_display,
     write_json,
 )
 
@@ -35,8 +35,7 @@ def evaluate(
     from unet_edge.io import check_writable
 
     check_writable(json_path)
-    with progress_bar() as progress:
-        task = progress.add_task("check data", total=None, status="")
+    with progress_display("evaluate") as progress:
         report = evaluate_checkpoint(
             checkpoint,
             data=data,
@@ -44,7 +43,7 @@ def evaluate(
             batch_size=batch_size,
             device=device,
             runs_dir=runs,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            progress=progress,
         )
     console.print(
         iou_table(

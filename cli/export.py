@@ -8,12 +8,25 @@ from typing import Annotated, Any
 
 import typer
 
+from unet_edge.export import ExportOptions
 from unet_edge.formats import Precision, export_formats, export_options, option_formats
 
-from .common import RunsOption, by_field_name, comma_separated, console, err_console, handle_errors
+from .common import (
+    FormatAlias,
+    PrecisionAlias,
+    RunsOption,
+    by_field_name,
+    comma_separated,
+    console,
+    formats_option,
+    handle_errors,
+    parse_formats,
+    parse_precisions,
+    progress_display,
+)
 from .verify import parity_table
 
-FORMAT_CHOICES = "[" + "|".join([*export_formats(), "all"]) + "]"
+DEFAULTS = ExportOptions()
 PRECISION_FORMATS = "; ".join(
     f"{p.value}: {', '.join(name for name, fmt in export_formats().items() if p in fmt.precisions)}"
     for p in Precision
@@ -22,12 +35,13 @@ PRECISION_FORMATS = "; ".join(
 
 
 def int8_summary(info: dict[str, Any]) -> str:
-    """One line: a reduced-precision model's val mIoU against the checkpoint's, the budget, and the layers kept in float."""
+    """One line: a reduced-precision model's val mIoU against the checkpoint's, the budget, and the layers kept in
+    float."""
     precision = info["precision"]
     verdict = "within" if info["within_budget"] else "OVER"
     line = (
-        f"{precision}: val mIoU {info[f'miou_{precision}']:.4f} vs {info['miou_reference']:.4f} (drop {info['miou_drop']:.4f}, budget "
-        f"{info['max_miou_drop']:.4f}, {verdict})"
+        f"{precision}: val mIoU {info[f'miou_{precision}']:.4f} vs {info['miou_reference']:.4f} "
+        f"(drop {info['miou_drop']:.4f}, budget {info['max_miou_drop']:.4f}, {verdict})"
     )
     if "kept_float" in info:
         line += "; layers kept in float: " + (
@@ -36,61 +50,58 @@ def int8_summary(info: dict[str, Any]) -> str:
     return line
 
 
-def _check_format(value: str) -> str:
-    """--format against the registry as it is when the command runs (not a list copied at import)."""
-    choices = [*export_formats(), "all"]
-    if value not in choices:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
-    return value
-
-
 def _export_template(
-    checkpoint: Annotated[Path | None, typer.Argument(help="Checkpoint (default: the newest runs/*/best.pt).")] = None,
-    format: Annotated[
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="Checkpoint (default: the newest runs/*/best.pt).")
+    ] = DEFAULTS.checkpoint,
+    formats: Annotated[
         str,
-        typer.Option(
-            "--format",
-            "-f",
-            metavar=FORMAT_CHOICES,
-            callback=_check_format,
-            help="Format to write, or all (every format whose runtime is installed; the others are named as skipped).",
+        formats_option(
+            "Comma-separated formats to write, or all (every format whose runtime is installed; the others are "
+            "named as skipped)."
         ),
     ] = "all",
-    out: Annotated[Path, typer.Option(help="Parent folder of export folders.")] = Path("exported"),
+    out: Annotated[Path, typer.Option(help="Parent folder of export folders.")] = DEFAULTS.out,
     name: Annotated[str | None, typer.Option(help="Export folder name (default: the run's folder name).")] = None,
     parity_images: Annotated[
         int, typer.Option(min=0, help="Validation images for the parity check at the end (0: skip).")
-    ] = 8,
+    ] = DEFAULTS.parity_images,
     data: Annotated[
         Path | None,
         typer.Option(help="Dataset for the parity check and the int8 budget (default: the checkpoint's)."),
-    ] = None,
-    precision: Annotated[
+    ] = DEFAULTS.data,
+    precisions: Annotated[
         Any,
         comma_separated(
             Precision,
-            "--precision",
-            help=f"Comma-separated precisions; fp32 is always written, the others as variants of the formats that have them ({PRECISION_FORMATS}).",
+            "--precisions",
+            help="Comma-separated precisions; fp32 is always written, the others as variants of the formats that "
+            f"have them ({PRECISION_FORMATS}).",
         ),
-    ] = "fp32",
+    ] = ",".join(p.value for p in DEFAULTS.precisions),
     fold: Annotated[
         bool | None,
         typer.Option(
             "--fold/--no-fold",
-            help="Fold BatchNorm into the convolutions of the formats that export a conv graph, exactly (default: for conv-bn-relu models); an error when the fold is impossible.",
+            help="Fold BatchNorm into the convolutions of the formats that export a conv graph, exactly (default: "
+            "for conv-bn-relu models); an error when the fold is impossible.",
         ),
-    ] = None,
+    ] = DEFAULTS.fold,
     calib_data: Annotated[
         Path | None, typer.Option(help="Dataset whose train split calibrates int8 (default: the parity dataset).")
-    ] = None,
-    calib_images: Annotated[int, typer.Option(min=1, help="Training images used to calibrate int8.")] = 32,
+    ] = DEFAULTS.calib_data,
+    calib_images: Annotated[
+        int, typer.Option(min=1, help="Training images used to calibrate int8.")
+    ] = DEFAULTS.calib_images,
     max_miou_drop: Annotated[
         float,
         typer.Option(
             min=0.0, help="Accuracy budget of int8 (and bf16): largest allowed val mIoU drop against the checkpoint."
         ),
-    ] = 0.01,
-    runs: RunsOption = Path("runs"),
+    ] = DEFAULTS.max_miou_drop,
+    format_alias: FormatAlias = None,
+    precision_alias: PrecisionAlias = None,
+    runs: RunsOption = DEFAULTS.runs_dir,
 ) -> None:
     """Only its signature is used: the options every export has; each format's own options are added to it."""
 
@@ -132,24 +143,25 @@ def _parsed_format_options(values: dict[str, Any]) -> dict[str, Any]:
 
 @handle_errors
 def export(**values: Any) -> None:
-    """Export a checkpoint to every registered format (or the one --format names) and its precision variants, write
+    """Export a checkpoint to every registered format (or those --formats names) and its precision variants, write
     manifest.json and check parity on validation images."""
     from unet_edge.errors import UNetEdgeError
-    from unet_edge.export import ExportOptions, run_export
+    from unet_edge.export import run_export
 
     common = {name: values.pop(name) for name in _COMMON}
-    chosen = common.pop("format")
+    chosen, precision_alias = common.pop("format_alias"), common.pop("precision_alias")
     options = ExportOptions(
         **by_field_name(
             ExportOptions,
             common,
             _RENAMED,
-            formats=None if chosen == "all" else (chosen,),
+            formats=parse_formats(chosen if chosen is not None else common["formats"]),
+            precisions=parse_precisions(precision_alias) if precision_alias is not None else common["precisions"],
             format_options=_parsed_format_options(values),
         )
     )
-    with err_console.status("exporting") as status:
-        result = run_export(options, progress=status.update)
+    with progress_display("export", "checking the options") as progress:
+        result = run_export(options, progress)
     _report(result)
     if not result.passed:
         raise UNetEdgeError(f"{result.folder}: an exported artifact failed the parity check (see the table)")
@@ -169,7 +181,7 @@ def _report(result: Any) -> None:
 
 _TEMPLATE = inspect.signature(_export_template, eval_str=True)
 # The common options are ExportOptions' fields of the same name, but for these.
-_RENAMED = {"precision": "precisions", "runs": "runs_dir"}
+_RENAMED = {"runs": "runs_dir"}
 _COMMON = tuple(_TEMPLATE.parameters)
 # The command's parameters: the common options, then each format's own, as one signature Typer reads.
 export.__signature__ = _TEMPLATE.replace(  # type: ignore[attr-defined]

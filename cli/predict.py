@@ -10,7 +10,7 @@ from rich.table import Table
 
 from unet_edge.formats import Provider
 
-from .common import MODEL_FILES, console, handle_errors, progress_bar
+from .common import MODEL_FILES, console, handle_errors, progress_display
 
 
 @handle_errors
@@ -43,8 +43,7 @@ def predict(
     """Segment images: a palette PNG class mask of each image's own size, an overlay, and optionally areas."""
     from unet_edge.predict import predict as run_predict
 
-    with progress_bar() as progress:
-        task = progress.add_task("predict", total=None, status="")
+    with progress_display("predict") as progress:
         results = run_predict(
             model,
             inputs,
@@ -54,7 +53,7 @@ def predict(
             provider=provider,
             batch_size=batch_size,
             limit=limit,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            progress=progress,
         )
     if stats:
         totals: dict[str, int] = {}

@@ -159,10 +159,10 @@ def test_bf16_rows_are_skipped_with_the_reason_on_a_cpu_without_bf16_instruction
     """An AVX2-only CPU emulates bf16 hundreds of times slower than fp32: its rows say why they were skipped, and
     no bf16 reference GEMM is measured (one took minutes there)."""
     from unet_edge.bench import BenchRow, BenchSpec, run_bench
-    from unet_edge.cpuinfo import cpu_bf16_skip_reason
+    from unet_edge.cpuinfo import precision_skip_reason
 
     monkeypatch.setenv("UNET_EDGE_CPU_FLAGS", "fpu sse avx2 fma")
-    reason = cpu_bf16_skip_reason()
+    reason = precision_skip_reason("bf16")
     assert reason is not None and "no bf16 instructions" in reason
     spec = BenchSpec(
         batch_sizes=(1,),

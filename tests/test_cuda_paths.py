@@ -169,9 +169,9 @@ def test_channels_last_variant_converts_the_weights_not_only_the_input(tiny_chec
     assert eager.use_variant("eager", "fp32") is None and not eager.channels_last
     assert all(w.is_contiguous() for w in conv_weights(eager))
     nhwc = open_backend(tiny_checkpoint, "cpu")
-    from unet_edge.cpuinfo import cpu_bf16_skip_reason
+    from unet_edge.cpuinfo import precision_skip_reason
 
-    dtype = "fp32" if cpu_bf16_skip_reason() else "bf16"  # bf16 only where the CPU computes it natively
+    dtype = "fp32" if precision_skip_reason("bf16") else "bf16"  # bf16 only where the CPU computes it natively
     assert nhwc.use_variant("channels-last", dtype) is None
     expected = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     assert all(w.is_contiguous(memory_format=torch.channels_last) and w.dtype == expected for w in conv_weights(nhwc))

@@ -15,6 +15,9 @@ from unet_edge.deploy import (
     DeployError,
     DeployOptions,
     DeployResult,
+    Machine,
+    Reference,
+    Settings,
     decide,
     pareto_front,
     plan_candidates,
@@ -47,7 +50,7 @@ def candidate(
 def test_winner_is_the_lowest_p50_within_the_budget():
     rows = [
         candidate("slow", 9.0, 0.90, 0.0),
-        candidate("fast-over", None, 0.85, 0.05, rejected="over budget: val mIoU drop 0.0500 > 0.0100"),
+        candidate("fast-over", None, 0.85, 0.05),  # the budget's verdict is decide's: no field says it
         candidate("fastest-failed", 1.0, 0.90, 0.0, rejected="timing failed: RuntimeError: boom"),
         candidate("edge", 4.0, 0.89, 0.01),  # exactly at the budget: passes
         candidate("mid", 6.0, 0.895, 0.005),
@@ -58,6 +61,9 @@ def test_winner_is_the_lowest_p50_within_the_budget():
     assert decision.require_winner() is decision.winner
     assert [c.key for c in decision.ranked[:5]] == ["fastest-failed", "just-over", "edge", "mid", "slow"]
     assert decision.ranked[-1].key == "fast-over"  # untimed rows follow, every candidate keeps its row
+    reasons = {v.candidate.key: v.reason for v in decision.verdicts}
+    assert reasons["fast-over"] == "over budget: val mIoU drop 0.0500 > 0.0100"
+    assert reasons["fastest-failed"] == "timing failed: RuntimeError: boom" and reasons["edge"] is None
     assert decide(rows, 0.02).winner.key == "just-over"
     assert decide(rows, 0.0).winner.key == "slow"
 
@@ -87,12 +93,12 @@ def test_pareto_front_keeps_only_points_nothing_beats_on_both_axes():
 
 def test_nothing_within_the_budget_refuses_naming_the_closest():
     rows = [
-        candidate("far", None, 0.70, 0.20, rejected="over budget: val mIoU drop 0.2000 > 0.0100"),
-        candidate("near", None, 0.88, 0.0234, rejected="over budget: val mIoU drop 0.0234 > 0.0100"),
+        candidate("far", None, 0.70, 0.20),
+        candidate("near", None, 0.88, 0.0234),
         candidate("broken", None, None, None, rejected="export failed: ArtifactError: no converter"),
     ]
     decision = decide(rows, 0.01)
-    assert decision.winner is None and decision.front == [] and decision.closest.key == "near"
+    assert decision.winner is None and decision.front == () and decision.closest.key == "near"
     with pytest.raises(DeployError, match=r"near onnx fp32, drops val mIoU by 0\.0234 \(budget 0\.0100\)"):
         decision.require_winner()
     with pytest.raises(DeployError, match="no candidate could be exported and measured"):
@@ -100,18 +106,17 @@ def test_nothing_within_the_budget_refuses_naming_the_closest():
 
 
 def test_cli_exits_1_with_one_line_when_nothing_passes(monkeypatch, tmp_path, cli, one_line_error):
-    rows = [candidate("near", None, 0.88, 0.0234, rejected="over budget: val mIoU drop 0.0234 > 0.0100")]
+    rows = [candidate("near", None, 0.88, 0.0234)]
     result = DeployResult(
         rows,
         decide(rows, 0.01),
-        {"model": "ref", "miou": 0.9034, "checkpoint": "runs/ref/best.pt"},
-        {},
-        [],
-        {"cpu": "test CPU", "cpu_int8_bf16": []},
-        {"image_size": [256, 256], "threads": 2, "batch_size": 1},
+        Reference("runs/ref/best.pt", "ab" * 32, "ref", "base 8, depth 2", 0.9034, "highest val mIoU"),
+        None,
+        (),
+        Machine("test CPU"),
+        Settings(("runs/ref/best.pt",), 0.01, (256, 256), 1, 2, 2.0, 30, 3, 3),
         tmp_path,
         tmp_path / "deploy.json",
-        None,
     )
     monkeypatch.setattr("unet_edge.deploy.run_deploy", lambda options, progress=None: result)
     outcome = cli("deploy", "--out", str(tmp_path))
@@ -123,18 +128,43 @@ def test_bf16_and_fp16_only_where_the_cpu_computes_them(monkeypatch):
     if FORMATS["openvino"].unavailable(Provider.CPU) or FORMATS["onnx"].unavailable(Provider.CPU):
         pytest.skip("needs the openvino extra")
     monkeypatch.setenv("UNET_EDGE_CPU_FLAGS", "avx2 fma")
-    plan, skipped = plan_candidates(("onnx", "openvino", "torchscript"), None)
-    assert dict(plan) == {
+    plan = plan_candidates(("onnx", "openvino", "torchscript"), None)
+    assert dict(plan.formats) == {
         "onnx": (Precision.FP32, Precision.INT8),
         "openvino": (Precision.FP32, Precision.INT8),
         "torchscript": (Precision.FP32,),
     }
-    reasons = {(s["format"], s["precision"]): s["reason"] for s in skipped}
+    reasons = {(s.format, s.precision): s.reason for s in plan.skipped}
     assert set(reasons) == {("onnx", "fp16"), ("openvino", "bf16")}
     assert "avx512_bf16" in reasons[("openvino", "bf16")] and "avx512_fp16" in reasons[("onnx", "fp16")]
     monkeypatch.setenv("UNET_EDGE_CPU_FLAGS", "avx2 avx512_bf16")
-    plan, skipped = plan_candidates(("openvino",), (Precision.BF16,))
-    assert plan == [("openvino", (Precision.BF16,))] and skipped == []
+    plan = plan_candidates(("openvino",), (Precision.BF16,))
+    assert plan.formats == (("openvino", (Precision.BF16,)),) and plan.skipped == ()
+
+
+def test_each_format_maps_the_deploy_target_onto_options_it_declares():
+    from unet_edge.formats import DeployTarget
+
+    target = DeployTarget(image_size=(64, 48), batch_size=2, max_side=96, calibration="entropy")
+    mapped = {name: fmt.options_for(target) for name, fmt in export_formats().items()}
+    assert mapped["executorch"] == {"max_batch": 2, "max_size": 96}
+    assert mapped["litert"] == {"image_size": (64, 48)}
+    assert mapped["onnx"] == {"calib_method": "entropy"} and mapped["torchscript"] == {}
+    for name, options in mapped.items():  # a format maps the target onto its own options only
+        assert set(options) <= {option.name for option in export_formats()[name].options}, name
+    assert FORMATS["onnx"].options_for(DeployTarget((64, 64))) == {}  # no calibration asked: the format's default
+
+
+def test_what_the_first_round_shows_cannot_win_leaves_the_race():
+    from unet_edge.deploy.timing import contenders
+
+    samples = {
+        "leader": [1.0, 1.1, 1.2, 1.0],
+        "close": [1.1, 1.2, 1.3, 1.2],
+        "slow": [3.0, 3.1, 2.9, 3.2],
+        "untimed": [],
+    }
+    assert contenders(samples) == {"leader", "close"}
 
 
 def test_readme_holds_each_embedding_snippet_deploy_writes():
@@ -150,7 +180,7 @@ def deployed(tiny_data, tiny_checkpoint, trainer, tmp_path_factory, cli):
     """Two checkpoints x (onnx, torchscript) fp32, deployed at 48x48: first stopped by Ctrl-C after the first
     checkpoint's two formats were measured, then the same deploy from the command line, counting the
     exports and measurements the second run does."""
-    import unet_edge.deploy
+    import unet_edge.deploy.measure
     import unet_edge.export
 
     other = (
@@ -177,14 +207,16 @@ def deployed(tiny_data, tiny_checkpoint, trainer, tmp_path_factory, cli):
         run_deploy(options, ctrl_c)
     calls = {"export": [], "measure": []}
     with pytest.MonkeyPatch.context() as patch:
-        real_export, real_measure = unet_edge.export.run_export, unet_edge.deploy._measure
+        real_export, real_measure = unet_edge.export.run_export, unet_edge.deploy.measure.measure_accuracy
         patch.setattr(
             unet_edge.export,
             "run_export",
             lambda opts, *a, **k: calls["export"].append(opts) or real_export(opts, *a, **k),
         )
         patch.setattr(
-            unet_edge.deploy, "_measure", lambda c, *a: calls["measure"].append(c.label) or real_measure(c, *a)
+            unet_edge.deploy.measure,
+            "measure_accuracy",
+            lambda c, *a: calls["measure"].append(c.label) or real_measure(c, *a),
         )
         result = cli(
             "deploy",
@@ -292,7 +324,7 @@ def test_the_same_command_again_exports_measures_and_times_nothing(deployed, mon
 
     before = json.loads((deployed["out"] / "deploy.json").read_text())
     monkeypatch.setattr("unet_edge.export.run_export", refuse)
-    monkeypatch.setattr("unet_edge.deploy._measure", refuse)
+    monkeypatch.setattr("unet_edge.deploy.measure.measure_accuracy", refuse)
     monkeypatch.setattr("unet_edge.bench.time_interleaved", refuse)
     tiny, other = deployed["checkpoints"]
     result = cli(

@@ -165,15 +165,27 @@ def test_no_fold_keeps_model_onnx_unfolded_and_variants_fold_unless_told(tiny_ch
 
 def test_enum_options_are_validated_by_the_cli(tiny_checkpoint, tmp_path, cli):
     cases = [
-        (["export", "--format", "onxx"], "'onxx' is not one of"),
+        (["export", "--formats", "onnx,onxx"], "'onxx' is not one of"),
+        (["export", "--format", "onxx"], "'onxx' is not one of"),  # the old spelling, a hidden alias
+        (["export", "--precisions", "fp16,int4"], "'int4' is not one of fp32, fp16, "),
         (["export", "--precision", "fp16,int4"], "'int4' is not one of fp32, fp16, "),
+        (["deploy", "--formats", "onxx"], "'onxx' is not one of"),
+        (["deploy", "--calib-method", "median"], "'median' is not one of"),
         (["export", "--calib-method", "median"], "'median' is not one of"),
         (["verify", "--provider", "tpu"], "'tpu' is not one of"),
     ]
     for args, message in cases:
-        result = cli(*args, str(tiny_checkpoint) if args[0] == "export" else str(tmp_path / "x.onnx"), cwd=tmp_path)
+        target = str(tiny_checkpoint) if args[0] in ("export", "deploy") else str(tmp_path / "x.onnx")
+        result = cli(*args, target, cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_export_and_deploy_spell_their_flags_alike(cli):
+    for command in ("export", "deploy"):
+        shown = cli(command, "--help").stdout
+        assert "--formats" in shown and "--precisions" in shown, command
+        assert "--format " not in shown and "--precision " not in shown, command  # hidden aliases
 
 
 def test_precision_no_selected_format_has_is_refused(tiny_checkpoint, tmp_path, cli):

@@ -89,7 +89,7 @@ def _toy_export(request: ExportRequest) -> list[ExportedArtifact]:
 def _toy_open(path: Path, provider: Provider, threads: int | None, entry: dict | None):
     import torch
 
-    from unet_edge.formats.torchscript import TorchBackend
+    from unet_edge.formats.torch_backend import TorchBackend
     from unet_edge.model import build_model
 
     with np.load(path) as archive:

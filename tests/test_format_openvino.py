@@ -13,12 +13,12 @@ import pytest
 
 pytest.importorskip("openvino", reason="OpenVINO is an optional extra: pip install 'unet-edge[openvino]'")
 
-from unet_edge.cpuinfo import cpu_bf16_skip_reason
+from unet_edge.cpuinfo import precision_skip_reason
 
 pytestmark = pytest.mark.slow  # exports and conversions: `make test` runs them, `make test-fast` does not
 
 # bf16 is exported only where this CPU computes it natively (its accuracy budget is measured here).
-BF16_SKIPPED = cpu_bf16_skip_reason()
+BF16_SKIPPED = precision_skip_reason("bf16")
 FILES = ("model.xml", "model_int8.xml") if BF16_SKIPPED else ("model.xml", "model_bf16.xml", "model_int8.xml")
 
 

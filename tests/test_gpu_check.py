@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from unet_edge.cpuinfo import cpu_bf16_skip_reason
+from unet_edge.cpuinfo import precision_skip_reason
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def test_gpu_check_cpu_smoke_runs_every_step_and_writes_its_reports(tmp_path):
     )
     assert report["versions"]["cuda_available"] is False
     bench = {(row["model"], row["variant"], row["precision"], row["batch"]): row for row in report["bench"]}
-    bf16_skipped = cpu_bf16_skip_reason()  # bf16 is timed only where the CPU computes it natively
+    bf16_skipped = precision_skip_reason("bf16")  # bf16 is timed only where the CPU computes it natively
     if bf16_skipped is None:
         assert bench[("best.pt", "channels-last", "bf16", 2)]["status"] == "ok"
     else:

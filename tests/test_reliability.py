@@ -265,10 +265,10 @@ def good_data(tmp_path) -> Path:
 
 def test_scan_accepts_good_data_and_counts_pixels(good_data):
     calls = []
-    report = scan_dataset(good_data, progress=lambda done, total: calls.append((done, total)))
+    report = scan_dataset(good_data, progress=lambda done, total, label: calls.append((done, total, label)))
     assert report.images == {"train": 2, "val": 1} and report.info.classes == ("bg", "one", "two")
     assert report.label_pixels == {0: 3 * (120 - 12 - 12 - 6), 1: 3 * 12, 2: 3 * 6, 255: 3 * 12}
-    assert calls[-1] == (3, 3)
+    assert calls[-1] == (3, 3, "checking data")
 
 
 def test_scan_reads_16bit_and_palette_labels(tmp_path):

@@ -10,13 +10,22 @@ import functools
 import os
 from pathlib import Path
 
-__all__ = ["BF16_NATIVE_FLAGS", "INT8_BF16_FLAGS", "cpu_bf16_skip_reason", "cpu_flags", "cpu_int8_bf16_flags"]
+__all__ = [
+    "BF16_NATIVE_FLAGS",
+    "FP16_NATIVE_FLAGS",
+    "INT8_BF16_FLAGS",
+    "cpu_flags",
+    "cpu_int8_bf16_flags",
+    "precision_skip_reason",
+]
 
 # CPU flags (as /proc/cpuinfo names them) that decide int8 and bf16 speed: dot-product and matrix units.
 INT8_BF16_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16", "amx_tile")
 # Instruction sets that compute bf16 arithmetic natively; without one, PyTorch and oneDNN emulate bf16
 # (measured on an AVX2-only EPYC: one bf16-autocast forward of the default model 61.6 s against 301 ms in fp32).
 BF16_NATIVE_FLAGS = ("avx512_bf16", "amx_bf16")
+# CPU flags of fp16 arithmetic units (x86 AVX512-FP16 and AMX-FP16, ARM half-precision SIMD).
+FP16_NATIVE_FLAGS = ("avx512_fp16", "amx_fp16", "asimdhp", "fphp")
 
 
 def _first_cpu_flags(cpuinfo: str) -> list[str]:
@@ -51,10 +60,19 @@ def cpu_flags() -> tuple[str, ...]:
     return _cpuinfo_flags()
 
 
-def cpu_bf16_skip_reason() -> str | None:
-    """None when this CPU computes bf16 natively (avx512_bf16 or AMX), else why bf16 work is skipped on it."""
-    if any(flag in cpu_flags() for flag in BF16_NATIVE_FLAGS):
-        return None
-    return (
-        "this CPU has no bf16 instructions (avx512_bf16 or amx_bf16), so bf16 would be emulated, far slower than fp32"
-    )
+def precision_skip_reason(precision: str) -> str | None:
+    """Why this CPU does not compute `precision` ("fp32", "fp16", "bf16", "int8") natively, or None when it does:
+    the one rule every command applies. fp32 and int8 always run; bf16 needs avx512_bf16 or AMX (elsewhere
+    PyTorch and oneDNN emulate it, far slower than fp32); fp16 needs fp16 arithmetic units."""
+    flags = cpu_flags()
+    if precision == "bf16" and not any(flag in flags for flag in BF16_NATIVE_FLAGS):
+        return (
+            "this CPU has no bf16 instructions (avx512_bf16 or amx_bf16), so bf16 would be emulated, far slower "
+            "than fp32"
+        )
+    if precision == "fp16" and not any(flag in flags for flag in FP16_NATIVE_FLAGS):
+        return (
+            "this CPU has no fp16 arithmetic (avx512_fp16, amx_fp16 or ARM fp16 SIMD): an fp16 model would compute "
+            "through conversions to fp32"
+        )
+    return None

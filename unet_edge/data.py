@@ -35,6 +35,7 @@ from PIL import UnidentifiedImageError
 
 from .errors import DataError
 from .images import IMAGE_SUFFIXES, LABEL_SUFFIXES, load_image, load_label, open_image, preprocess
+from .progress import Progress, tell
 from .synth import SynthSpec, ensure_synth
 
 __all__ = [
@@ -121,7 +122,7 @@ def read_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo | None:
     return DatasetInfo(tuple(classes), ignore_index)
 
 
-def resolve_data(data: str | os.PathLike[str] | None, progress: Callable[[int, int], None] | None = None) -> Path:
+def resolve_data(data: str | os.PathLike[str] | None, progress: Progress | None = None) -> Path:
     """The user's dataset folder, or the embedded synthetic set generated once into the cache."""
     if data is None:
         return ensure_synth(SynthSpec(), progress)
@@ -349,7 +350,7 @@ def scan_dataset(
     info: DatasetInfo | None = None,
     *,
     info_source: str = "the given classes",
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> ScanReport:
     """Check every image/label pair of `splits` before any time is spent training or evaluating.
 
@@ -373,8 +374,7 @@ def scan_dataset(
     for dataset in datasets:
         for image_path, label_path in dataset.samples:
             done += 1
-            if progress is not None:
-                progress(done, total)
+            tell(progress, done, total, "checking data")
             try:
                 width, height = _image_size(image_path)
                 label = load_label(label_path)

@@ -12,7 +12,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .cpuinfo import cpu_bf16_skip_reason
+from .cpuinfo import precision_skip_reason
 from .errors import TrainingError
 
 __all__ = [
@@ -56,7 +56,7 @@ def native_bf16(device: torch.device) -> bool:
     emulation, under which a V100 or T4 would train in slow emulated bf16 instead of fp16 with a scaler); on
     the CPU avx512_bf16 or AMX (elsewhere bf16 is emulated, hundreds of times slower than fp32)."""
     if device.type == "cpu":
-        return cpu_bf16_skip_reason() is None
+        return precision_skip_reason("bf16") is None
     if device.type != "cuda":
         return False
     with torch.cuda.device(device):

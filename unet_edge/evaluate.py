@@ -20,6 +20,7 @@ from .device import place_model, prefers_channels_last, resolve_device
 from .errors import DataError
 from .loaders import make_loader
 from .metrics import ConfusionMatrix
+from .progress import Progress
 from .transforms import BatchNormalize, SegmentationPresetEval
 
 __all__ = ["EvalResult", "checkpoint_data_root", "evaluate", "evaluate_checkpoint"]
@@ -115,11 +116,11 @@ def evaluate_checkpoint(
     device: str = "auto",
     runs_dir: str | os.PathLike[str] = "runs",
     workers: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Per-class IoU and mIoU of a checkpoint over every pixel of a split, as a JSON-able dict.
 
-    The split is scanned first (`scan_dataset`, reporting `progress(done, total)`): label values
+    The split is scanned first (`scan_dataset`, reporting to `progress`): label values
     must be the checkpoint's class ids or its ignore index.
     """
     path = Path(checkpoint) if checkpoint is not None else find_latest_checkpoint(runs_dir)

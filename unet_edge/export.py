@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from .artifact import MANIFEST_FILE, ExportedArtifact, find_latest_export, read_manifest, write_manifest
-from .cpuinfo import cpu_bf16_skip_reason
+from .cpuinfo import precision_skip_reason
 from .errors import ArtifactError, OutputError, UNetEdgeError
-from .formats import FORMATS, ExportRequest, Precision, Provider, export_formats, export_options
+from .formats import FORMATS, ExportRequest, Precision, Provider, QuantBudget, export_formats, export_options
 from .io import atomic_write_text
+from .progress import Progress, Steps
 from .quiet import third_party_output
 
-__all__ = ["ExportOptions", "ExportResult", "find_latest_export", "run_export"]
+__all__ = ["ExportOptions", "ExportResult", "ExportSource", "export_source", "find_latest_export", "run_export"]
 
 
 @dataclass
@@ -73,6 +74,61 @@ class ExportResult:
         return self.parity is None or bool(self.parity["passed"])
 
 
+@dataclass(frozen=True)
+class ExportSource:
+    """A checkpoint loaded for export: the model, its BatchNorm-folded copy (None: not folded), the dataset of
+    the parity check, and the budget its variants are calibrated on and held to (None: no variants). Built
+    once, it serves any number of exports of the same checkpoint with the same data and budget: the
+    checkpoint's own validation predictions are then computed once for all of them."""
+
+    path: Path
+    loaded: Any
+    folded_model: Any
+    data_root: Path | None
+    budget: QuantBudget | None
+
+
+def export_source(
+    options: ExportOptions,
+    progress: Callable[[str], None] | None = None,
+    loaded: Any = None,
+    predictions: Any = None,
+) -> ExportSource:
+    """Load `options.checkpoint` (default: the newest run; `loaded`: already loaded from it), fold it when asked
+    and exact, and build the budget when `options.precisions` has variants (its calibration images and the
+    checkpoint's validation predictions are computed on first use); `options.formats` must be set (it decides
+    whether to fold). `progress` hears the budget's steps by label; `predictions` (`parity.Predictions`) gives
+    the budget predictions its caller already holds."""
+    from .checkpoint import find_latest_checkpoint, load_model
+    from .evaluate import checkpoint_data_root
+    from .fold import FoldError, fold_batchnorm
+    from .parity import export_budget
+
+    source = Path(options.checkpoint) if options.checkpoint is not None else find_latest_checkpoint(options.runs_dir)
+    loaded = loaded if loaded is not None else load_model(source)
+    fold = options.fold if options.fold is not None else loaded.config.block_order == "conv-bn-relu"
+    folded_model = None
+    if fold and any(FORMATS[name].folds_batchnorm for name in options.formats or ()):
+        try:
+            folded_model = fold_batchnorm(loaded.model)
+        except FoldError as exc:
+            raise ArtifactError(f"{source}: cannot fold BatchNorm exactly ({exc}); export without --fold") from None
+    variants = any(p is not Precision.FP32 for p in options.precisions)
+    data_root = checkpoint_data_root(loaded.state, options.data) if variants or options.parity_images else None
+    budget = None
+    if variants and data_root is not None:
+        budget = export_budget(
+            loaded,
+            data_root,
+            calib_data=options.calib_data,
+            calib_images=options.calib_images,
+            max_miou_drop=options.max_miou_drop,
+            progress=progress,
+            predictions=predictions,
+        )
+    return ExportSource(source, loaded, folded_model, data_root, budget)
+
+
 def _check_options(options: ExportOptions) -> None:
     from .data import resolve_data
 
@@ -101,39 +157,32 @@ def _check_options(options: ExportOptions) -> None:
             resolve_data(folder)  # a missing dataset is an error before anything is written
 
 
-def run_export(options: ExportOptions, progress: Callable[[str], None] | None = None) -> ExportResult:
-    """Export a checkpoint as `options` say; see the module docstring for the order of the steps."""
-    from .checkpoint import find_latest_checkpoint, load_model
-    from .evaluate import checkpoint_data_root
-    from .fold import FoldError, fold_batchnorm
-
-    say = progress or (lambda message: None)
+def run_export(
+    options: ExportOptions, progress: Progress | None = None, source: ExportSource | None = None
+) -> ExportResult:
+    """Export a checkpoint as `options` say; see the module docstring for the order of the steps. `source`, when
+    given, is the checkpoint already loaded (with its fold and budget) by `export_source`: several exports of
+    one checkpoint then share one load and one budget."""
     skipped: dict[str, str] = {}
     if options.formats is None:
         formats = export_formats()
         skipped = {name: why for name, fmt in formats.items() if (why := fmt.unavailable(Provider.CPU)) is not None}
         options = replace(options, formats=tuple(name for name in formats if name not in skipped))
     _check_options(options)
-    if Precision.BF16 in options.precisions and (reason := cpu_bf16_skip_reason()):
+    if Precision.BF16 in options.precisions and (reason := precision_skip_reason("bf16")):
         # Its accuracy budget could not be measured here: OpenVINO runs a bf16 hint as fp32 on such a CPU.
         skipped["bf16"] = reason
         options = replace(options, precisions=tuple(p for p in options.precisions if p is not Precision.BF16))
-    source = Path(options.checkpoint) if options.checkpoint is not None else find_latest_checkpoint(options.runs_dir)
-    loaded = load_model(source)
-    fold = options.fold if options.fold is not None else loaded.config.block_order == "conv-bn-relu"
-    folded_model = None
-    if fold and any(FORMATS[name].folds_batchnorm for name in options.formats):
-        try:
-            folded_model = fold_batchnorm(loaded.model)
-        except FoldError as exc:
-            raise ArtifactError(f"{source}: cannot fold BatchNorm exactly ({exc}); export without --fold") from None
-    variants = tuple(p for p in options.precisions if p is not Precision.FP32)
-    data_root = checkpoint_data_root(loaded.state, options.data) if variants or options.parity_images else None
-    folder = Path(options.out) / (options.name or source.resolve().parent.name)
+    steps = Steps(progress, total=len(options.formats) + 2)
+    if source is None:
+        steps.say("loading the checkpoint")
+        source = export_source(options, steps.label)
+    steps.advance()
+    folder = Path(options.out) / (options.name or source.path.resolve().parent.name)
     new_parents = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]
     staging = _staging_folder(folder)
     try:
-        return _export_staged(options, source, loaded, folded_model, variants, data_root, folder, staging, skipped, say)
+        return _export_staged(options, source, folder, staging, skipped, steps)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         for parent in new_parents:  # folders this export created, when it leaves nothing in them
@@ -173,56 +222,45 @@ def _named_for(exc: UNetEdgeError | OSError, staging: Path, folder: Path) -> UNe
 
 def _export_staged(
     options: ExportOptions,
-    source: Path,
-    loaded: Any,
-    folded_model: Any,
-    variants: tuple[Precision, ...],
-    data_root: Path | None,
+    source: ExportSource,
     folder: Path,
     staging: Path,
     skipped: dict[str, str],
-    say: Callable[[str], None],
+    steps: Steps,
 ) -> ExportResult:
-    from .parity import export_budget, verify
+    from .parity import verify
 
-    budget = None
-    if variants and data_root is not None:
-        budget = export_budget(
-            loaded,
-            data_root,
-            calib_data=options.calib_data,
-            calib_images=options.calib_images,
-            max_miou_drop=options.max_miou_drop,
-            progress=say,
-        )
+    loaded, data_root = source.loaded, source.data_root
+    variants = tuple(p for p in options.precisions if p is not Precision.FP32)
     request = ExportRequest(
         loaded=loaded,
         folder=staging,
-        folded_model=folded_model,
+        folded_model=source.folded_model,
         options=options.format_options,
-        budget=budget,
-        progress=say,
+        budget=source.budget,
+        progress=steps.label,
     )
     artifacts: list[ExportedArtifact] = []
     for name in options.formats:
         fmt = FORMATS[name]
+        steps.say(f"exporting {name}")
         # The fold is decided per format: those that read a conv graph get the folded one when folding was asked for.
-        own = replace(request, folded_model=folded_model if fmt.folds_batchnorm else None)
-        say(f"exporting {name}")
+        own = replace(request, folded_model=source.folded_model if fmt.folds_batchnorm else None)
         with third_party_output(f"{name} export"):  # converters' step logs and warnings
             artifacts += fmt.export(own)
         wanted = tuple(p for p in variants if p in fmt.precisions)
         if wanted and fmt.export_variants is not None:
-            say(f"exporting {name} {', '.join(p.value for p in wanted)}")
+            steps.say(f"exporting {name} {', '.join(p.value for p in wanted)}")
             with third_party_output(f"{name} {'/'.join(p.value for p in wanted)} export"):
                 artifacts += fmt.export_variants(replace(own, precisions=wanted))
+        steps.advance()
     parity = None
     if options.parity_images:
-        say(f"parity check on {options.parity_images} validation images")
+        steps.say(f"parity check on {options.parity_images} validation images")
         entries = {a.file: {"precision": a.precision, **(a.extra or {})} for a in artifacts}
         parity = verify(
             [a.path for a in artifacts],
-            checkpoint=source,
+            checkpoint=source.path,
             data=data_root,
             num_images=options.parity_images,
             entries=entries,
@@ -235,7 +273,8 @@ def _export_staged(
         row["path"] = str(folder / Path(row["path"]).name)
     manifest = write_manifest(folder, loaded, artifacts, results)
     quantization = [a.extra["quantization"] for a in artifacts if a.extra and "quantization" in a.extra]
-    return ExportResult(source, folder, manifest, artifacts, parity, quantization, skipped)
+    steps.done("exported")
+    return ExportResult(source.path, folder, manifest, artifacts, parity, quantization, skipped)
 
 
 _STAGING = re.compile(r"\.export-(\d+)-\w+\.tmp$")

@@ -146,7 +146,8 @@ def training_data(
     each hold a copy). `distributed` (a `DistContext`) shards both splits across processes.
     """
     root = resolve_data(config.data)
-    scan = scan_dataset(root, ("train", "val"), progress=progress)
+    # Training's hooks hear (done, total) (`TrainHooks.on_scan`); the scan speaks the progress protocol.
+    scan = scan_dataset(root, ("train", "val"), progress=None if progress is None else lambda d, t, _: progress(d, t))
     ignore_index = scan.info.ignore_index
     on_node = distributed.local_world_size if distributed is not None else 1
     workers, val_workers = (

@@ -25,8 +25,9 @@ from .backends import artifact_format, open_backend
 from .checkpoint import find_latest_checkpoint
 from .data import EvalImages, load_eval_images
 from .errors import ArtifactError
-from .formats import FORMATS, Backend, Precision, Provider, QuantBudget
+from .formats import FORMATS, Backend, Precision, Provider, QuantBudget, within_budget
 from .metrics import ConfusionMatrix
+from .progress import Progress, tell
 
 __all__ = [
     "THRESHOLDS",
@@ -128,7 +129,7 @@ def passes(result: dict[str, Any], thresholds: Thresholds) -> bool:
     if thresholds.min_pixel_agreement is not None:
         ok &= result["pixel_agreement"] >= thresholds.min_pixel_agreement
     if thresholds.max_miou_drop is not None:
-        ok &= result["miou_drop"] <= thresholds.max_miou_drop + 1e-12
+        ok &= within_budget(result["miou_drop"], thresholds.max_miou_drop)
     return bool(ok)
 
 
@@ -173,7 +174,7 @@ def verify(
     runs_dir: str | os.PathLike[str] = "runs",
     exported_dir: str | os.PathLike[str] = "exported",
     entries: dict[str, dict[str, Any]] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run the checkpoint and each artifact (default: every artifact of the newest export) on the same
     validation images and judge each artifact.
@@ -220,8 +221,7 @@ def verify(
             result["explain"] = explain_divergence(reference, backend, images)
         backend.close()
         results.append(result)
-        if progress is not None:
-            progress(index + 1, len(paths))
+        tell(progress, index + 1, len(paths), f"checked {path.name}")
     return {
         "checkpoint": str(reference_path),
         "data": str(root),
@@ -305,6 +305,17 @@ def explain_divergence(
     }
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """Where a budget gets the validation images and the predictions it compares, when its caller already
+    holds them (deploy measures every file on the same images): the images, the checkpoint's predictions on
+    them, and a file's predictions (by content, so a file measured twice runs once)."""
+
+    images: Callable[[], EvalImages]
+    checkpoint: Callable[[], tuple[list[np.ndarray | None], list[np.ndarray]]]
+    file: Callable[[Path], tuple[list[np.ndarray | None], list[np.ndarray]]]
+
+
 def export_budget(
     loaded: Any,
     data_root: Path,
@@ -313,12 +324,13 @@ def export_budget(
     calib_images: int = 32,
     max_miou_drop: float = 0.01,
     progress: Callable[[str], None] | None = None,
+    predictions: Predictions | None = None,
 ) -> QuantBudget:
     """The `QuantBudget` an export hands to every format: calibration images from the train split of
     `calib_data` (default `data_root`), and an evaluator of any model file's val mIoU against the checkpoint's
     on every validation image of `data_root`. Images and the checkpoint's predictions are computed once, on
     first use, however many variants are checked."""
-    from .formats.torchscript import TorchBackend
+    from .formats.torch_backend import TorchBackend
 
     calib_root = Path(calib_data) if calib_data else Path(data_root)
 
@@ -328,34 +340,27 @@ def export_budget(
 
     @cache
     def validation() -> tuple[EvalImages, tuple[list[np.ndarray | None], list[np.ndarray]]]:
+        if predictions is not None:
+            return predictions.images(), predictions.checkpoint()
         images = load_eval_images(data_root, loaded.mean, loaded.std, split="val", num_images=0)
-        reference = TorchBackend(
-            loaded.model,
-            device="cpu",
-            backend="pytorch",
-            provider="cpu",
-            precision="fp32",
-            path=loaded.path,
-            classes=loaded.classes,
-            mean=loaded.mean,
-            std=loaded.std,
-            ignore_index=loaded.ignore_index,
-        )
-        return images, run_backend(reference, images)
+        return images, run_backend(TorchBackend.of_loaded(loaded), images)
+
+    def run_file(path: Path, images: EvalImages) -> tuple[list[np.ndarray | None], list[np.ndarray]]:
+        if predictions is not None:
+            return predictions.file(path)
+        # The file was just written by this export: a manifest.json left in the folder by an earlier export
+        # describes the file it replaces, so it must not be checked against (the new manifest comes at the end).
+        candidate = open_backend(path, entry={})
+        try:
+            return run_backend(candidate, images)
+        finally:
+            candidate.close()
 
     def evaluate(path: Path) -> tuple[float, float, int]:
         images, reference_out = validation()
         if progress is not None:
             progress(f"checking {path.suffix[1:]} model mIoU on {len(images.raw)} validation images")
-        # The file was just written by this export: a manifest.json left in the folder by an earlier export
-        # describes the file it replaces, so it must not be checked against (the new manifest comes at the end).
-        candidate = open_backend(path, entry={})
-        try:
-            figures = compare(
-                reference_out, run_backend(candidate, images), images.masks, len(loaded.classes), loaded.ignore_index
-            )
-        finally:
-            candidate.close()
+        figures = compare(reference_out, run_file(path, images), images.masks, len(loaded.classes), loaded.ignore_index)
         return figures["miou_gt"], figures["miou_gt_reference"], len(images.raw)
 
     return QuantBudget(

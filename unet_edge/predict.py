@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from .errors import ArtifactError, DataError
 from .formats import Backend, Provider
 from .images import IMAGE_SUFFIXES, check_image, load_image
 from .io import atomic_path, atomic_write_text
+from .progress import Progress, tell
 
 __all__ = ["Prediction", "class_areas", "class_palette", "collect_images", "overlay_image", "predict", "save_mask"]
 
@@ -149,7 +150,7 @@ def predict(
     provider: Provider | str = Provider.CPU,
     batch_size: int = 8,
     limit: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[Prediction]:
     """Segment every image in `inputs` (files or folders) and write `<stem>_mask.png`, `<stem>_overlay.png`
     and, with `stats`, `<stem>_stats.json` into `out`. `limit` keeps the first images only."""
@@ -192,6 +193,5 @@ def predict(
                 }
                 atomic_write_text(result.stats, json.dumps(report, indent=2) + "\n")
             results.append(result)
-            if progress is not None:
-                progress(len(results), len(paths))
+            tell(progress, len(results), len(paths), f"predicted {path.name}")
     return results

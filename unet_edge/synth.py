@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .io import atomic_write_bytes, atomic_write_text
+from .progress import Progress, tell
 
 __all__ = ["CLASSES", "IGNORE_INDEX", "SynthSpec", "default_data_dir", "ensure_synth", "write_synth"]
 
@@ -107,10 +108,10 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_synth(out: str | os.PathLike[str], spec: SynthSpec = SynthSpec(), progress=None) -> Path:
+def write_synth(out: str | os.PathLike[str], spec: SynthSpec = SynthSpec(), progress: Progress | None = None) -> Path:
     """Write the dataset under `out` ({train,val}/{images,labels}, dataset.json) and return the root.
 
-    `progress`, when given, is called as ``progress(done, total)`` after every sample.
+    `progress` hears `(done, total, "writing samples")` after every sample.
     """
     root = Path(out)
     total = spec.num_train + spec.num_val
@@ -123,8 +124,7 @@ def write_synth(out: str | os.PathLike[str], spec: SynthSpec = SynthSpec(), prog
             atomic_write_bytes(root / split / "images" / f"{i:05d}.png", _png_bytes(image))
             atomic_write_bytes(root / split / "labels" / f"{i:05d}.png", _png_bytes(label))
             done += 1
-            if progress is not None:
-                progress(done, total)
+            tell(progress, done, total, "writing samples")
     meta = {"classes": list(CLASSES), "ignore_index": IGNORE_INDEX, "synth": asdict(spec), "version": _FORMAT_VERSION}
     atomic_write_text(root / "dataset.json", json.dumps(meta, indent=2) + "\n")
     return root
@@ -137,7 +137,7 @@ def default_data_dir(spec: SynthSpec = SynthSpec()) -> Path:
     return cache / "unet-edge" / name
 
 
-def ensure_synth(spec: SynthSpec = SynthSpec(), progress=None) -> Path:
+def ensure_synth(spec: SynthSpec = SynthSpec(), progress: Progress | None = None) -> Path:
     """Generate the embedded dataset once into the cache folder and return its root."""
     root = default_data_dir(spec)
     if (root / "dataset.json").is_file():

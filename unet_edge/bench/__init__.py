@@ -20,13 +20,14 @@ import numpy as np
 
 from ..artifact import artifact_bytes
 from ..backends import open_backend, provider_unavailable
-from ..cpuinfo import cpu_bf16_skip_reason, cpu_int8_bf16_flags
+from ..cpuinfo import cpu_int8_bf16_flags, precision_skip_reason
 from ..formats import Backend, Provider, default_threads
-from ..formats.torchscript import TorchBackend, TorchDtype
+from ..formats.torch_backend import TorchBackend, TorchDtype
+from ..progress import Progress, Steps, tell
 from .machine import count_gflops, cuda_fp32_matmul, machine_info, measure_matmul_gflops, reference_kernel
 from .plan import BenchRow, BenchSpec, Target, bench_paths, not_measured, plan_targets
 from .render import COLUMNS, backend_label, plot, to_markdown
-from .timing import latency_stats, print_progress, time_interleaved, time_runner
+from .timing import latency_stats, time_interleaved
 
 __all__ = [
     "COLUMNS",
@@ -42,15 +43,11 @@ __all__ = [
     "measure_matmul_gflops",
     "plan_targets",
     "plot",
-    "print_progress",
     "reference_kernel",
     "run_bench",
     "time_interleaved",
-    "time_runner",
     "to_markdown",
 ]
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -82,7 +79,7 @@ class _References:
     def peak(self, device: str, precision: str) -> float:
         if (device, precision) not in self.rates:
             if self.progress:
-                self.progress(f"measuring {device} {precision} matmul rate", 0, len(self.spec.batch_sizes))
+                tell(self.progress, 0, len(self.spec.batch_sizes), f"measuring {device} {precision} matmul rate")
             self.rates[(device, precision)] = measure_matmul_gflops(device, precision, threads=self.threads)
         return self.rates[(device, precision)]
 
@@ -107,11 +104,12 @@ def run_bench(
     ]
     opened = [slot for slot in slots if isinstance(slot, _Opened)]
     rng = np.random.default_rng(0)
-    for step, batch in enumerate(spec.batch_sizes):
+    steps = Steps(progress, len(spec.batch_sizes))
+    for batch in spec.batch_sizes:
         images = rng.standard_normal((batch, 3, spec.height, spec.width), dtype=np.float32)
-        _time_batch(opened, spec, images, _step_progress(progress, step, len(spec.batch_sizes)))
-    if progress:
-        progress("done", len(spec.batch_sizes), len(spec.batch_sizes))
+        _time_batch(opened, spec, images, steps.part(1, f"batch {batch}: "))
+        steps.advance()
+    steps.done()
     for slot in opened:
         slot.backend.close()
     rows = [row for slot in slots for row in (slot.rows if isinstance(slot, _Opened) else [slot])]
@@ -151,24 +149,19 @@ def _cannot_time(backend: Backend, target: Target) -> str | None:
         if reason:
             return reason
     if backend.precision == "bf16" and target.provider is Provider.CPU:
-        return cpu_bf16_skip_reason()
+        return precision_skip_reason("bf16")
     return None
 
 
-def _step_progress(progress: Progress | None, step: int, steps: int) -> Callable[[str], None]:
-    """`progress` bound to one step (one batch size), for callers that only have a label to tell."""
-    return lambda label: progress(label, step, steps) if progress else None
-
-
-def _time_batch(opened: list[_Opened], spec: BenchSpec, images: np.ndarray, progress: Callable[[str], None]) -> None:
+def _time_batch(opened: list[_Opened], spec: BenchSpec, images: np.ndarray, progress: Progress) -> None:
     """Time every opened target on `images` (one batch), interleaved, appending each one's row."""
     batch = len(images)
-    progress(f"batch {batch}: {len(opened)} backends interleaved")
+    progress(0, 1, f"{len(opened)} backends interleaved")
     first_runs = [_first_run(slot.backend, images) for slot in opened]
     runners = [run for run in first_runs if not isinstance(run, str)]
 
-    def on_round(fraction: float) -> None:
-        progress(f"batch {batch}: {len(runners)} backends interleaved, {fraction:.0%} timed")
+    def on_round(fraction: float, total: float | None, label: str) -> None:
+        progress(fraction, 1, f"{len(runners)} backends interleaved, {fraction:.0%} timed")
 
     latencies = iter(
         time_interleaved(
@@ -177,7 +170,7 @@ def _time_batch(opened: list[_Opened], spec: BenchSpec, images: np.ndarray, prog
             iters=spec.iters,
             seconds=spec.seconds,
             min_iters=spec.min_iters,
-            on_round=on_round,
+            progress=on_round,
         )
     )
     for slot, run in zip(opened, first_runs):
@@ -204,13 +197,13 @@ def _measured_row(slot: _Opened, spec: BenchSpec, images: np.ndarray, latencies:
     e2e = None
     if slot.target.provider is not Provider.CPU:
         e2e = latency_stats(
-            time_runner(
-                lambda: slot.backend.predict_logits(images),
+            time_interleaved(
+                [lambda: slot.backend.predict_logits(images)],
                 warmup=spec.warmup,
                 iters=spec.iters,
                 seconds=spec.seconds,
                 min_iters=spec.min_iters,
-            )
+            )[0]
         )
     batch = len(images)
     throughput = batch / (stats["p50"] / 1000.0)  # median-based: robust to noisy neighbours

@@ -14,7 +14,7 @@ import numpy as np
 from ..cpuinfo import INT8_BF16_FLAGS, cpu_flags
 from ..errors import UNetEdgeError
 from ..formats import default_threads
-from .timing import time_runner
+from .timing import time_interleaved
 
 __all__ = ["count_gflops", "cuda_fp32_matmul", "machine_info", "measure_matmul_gflops", "reference_kernel"]
 
@@ -73,7 +73,7 @@ def _torch_matmul_gflops(device: str, precision: str, size: int, seconds: float)
     flop = 2.0 * size**3
     if device.startswith("cuda"):
         return _cuda_rate(lambda: matmul(a, b), flop, seconds)
-    latencies = time_runner(lambda: matmul(a, b), warmup=2, iters=None, seconds=seconds, min_iters=3)
+    latencies = time_interleaved([lambda: matmul(a, b)], warmup=2, iters=None, seconds=seconds, min_iters=3)[0]
     return flop / (min(latencies) / 1000.0) / 1e9
 
 
@@ -140,7 +140,9 @@ def _ort_matmul_gflops(size: int, seconds: float, precision: str, threads: int |
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    latencies = time_runner(lambda: session.run(None, feed), warmup=2, iters=None, seconds=seconds, min_iters=3)
+    latencies = time_interleaved([lambda: session.run(None, feed)], warmup=2, iters=None, seconds=seconds, min_iters=3)[
+        0
+    ]
     return 2.0 * size**3 / (min(latencies) / 1000.0) / 1e9
 
 

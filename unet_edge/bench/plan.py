@@ -13,7 +13,8 @@ from ..artifact import artifact_bytes, export_artifacts, find_latest_export, man
 from ..backends import artifact_format, runtime_of, supports
 from ..errors import UNetEdgeError
 from ..formats import FORMATS, Provider
-from ..formats.torchscript import TorchDtype, TorchVariant
+from ..formats.torch_backend import TorchDtype, TorchVariant
+from .timing import WARMUP
 
 __all__ = ["BenchRow", "BenchSpec", "Target", "bench_paths", "not_measured", "plan_targets"]
 
@@ -24,7 +25,7 @@ class BenchSpec:
     height: int = 256
     width: int = 256
     threads: int | None = None
-    warmup: int = 3
+    warmup: int = WARMUP
     iters: int | None = None
     seconds: float = 2.0  # of timed calls per row (model, provider, batch size) when iters is None
     min_iters: int = 5

@@ -1,16 +1,19 @@
-"""Timing: latency statistics, one runner timed alone, several timed interleaved, and a progress line."""
+"""Timing: the one protocol every command and benchmark script times with (`time_interleaved`), and its statistics."""
 
 from __future__ import annotations
 
-import math
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["latency_stats", "print_progress", "time_interleaved", "time_runner"]
+from ..progress import Progress
+
+__all__ = ["WARMUP", "latency_stats", "time_interleaved"]
+
+# Untimed calls before timing (first-call allocations, kernel selection, thread-pool start): every command's default.
+WARMUP = 3
 
 
 def latency_stats(latencies_ms: list[float]) -> dict[str, float]:
@@ -24,67 +27,50 @@ def latency_stats(latencies_ms: list[float]) -> dict[str, float]:
     }
 
 
-def time_runner(
-    run: Callable[[], Any], *, warmup: int, iters: int | None, seconds: float, min_iters: int = 5
-) -> list[float]:
-    """Per-call latencies in ms after `warmup` untimed calls: `iters` calls, or as many as fit in
-    `seconds` (at least `min_iters`)."""
-    for _ in range(warmup):
-        run()
-    latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while True:
-        start = time.perf_counter()
-        run()
-        latencies.append((time.perf_counter() - start) * 1000.0)
-        if iters is not None:
-            if len(latencies) >= iters:
-                break
-        elif len(latencies) >= min_iters and time.perf_counter() >= deadline:
-            break
-    return latencies
-
-
 def time_interleaved(
     runners: list[Callable[[], Any]],
     *,
     warmup: int,
     iters: int | None,
-    seconds: float,
+    seconds: float | Sequence[float],
     min_iters: int = 5,
     block_s: float = 0.5,
-    on_round: Callable[[float], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[list[float]]:
     """Latencies (ms) of several runners measured in rounds: each round gives every runner still short of
     its budget a block of calls about `block_s` long (after one untimed call that lets the other
     runtime's thread pool go idle), so a noisy neighbour slows every backend alike and their ratios stay
     meaningful. The budget is per runner: `iters` timed calls, or `seconds` of timed calls (and at least
-    `min_iters`), so measuring N runners takes about N x `seconds`. `on_round(fraction)` hears after each
-    round how much of the whole budget is done (0..1), for a progress display."""
-    if iters is None:
-        block_s = min(block_s, seconds / 4)  # several rounds even for a short budget
+    `min_iters`), so measuring N runners takes about N x `seconds`; `seconds` may also be one budget per
+    runner. `progress(fraction, 1, "timed")` hears after each round how much of the whole budget is done."""
+    budgets = [float(seconds)] * len(runners) if isinstance(seconds, (int, float)) else [float(s) for s in seconds]
     block_calls = []
-    for run in runners:
+    for run, budget in zip(runners, budgets, strict=True):
         for _ in range(max(warmup - 1, 0)):
             run()
         start = time.perf_counter()
         run()
-        block_calls.append(max(1, int(block_s / max(time.perf_counter() - start, 1e-6))))
+        block = block_s if iters is not None else min(block_s, budget / 4)  # several rounds even for a short budget
+        block_calls.append(max(1, int(block / max(time.perf_counter() - start, 1e-6))))
     latencies: list[list[float]] = [[] for _ in runners]
 
-    def calls_left(samples: list[float], block: int) -> int:
+    def calls_left(samples: list[float], block: int, budget: float) -> int:
         if iters is not None:
             return min(block, iters - len(samples))
-        return block if len(samples) < min_iters or sum(samples) < seconds * 1000.0 else 0
+        return block if len(samples) < min_iters or sum(samples) < budget * 1000.0 else 0
 
-    def done(samples: list[float]) -> float:
+    def done(samples: list[float], budget: float) -> float:
         if iters is not None:
             return min(1.0, len(samples) / max(iters, 1))
-        return min(1.0, len(samples) / max(min_iters, 1), sum(samples) / max(seconds * 1000.0, 1e-9))
+        return min(1.0, len(samples) / max(min_iters, 1), sum(samples) / max(budget * 1000.0, 1e-9))
 
-    while any(calls_left(samples, block) for samples, block in zip(latencies, block_calls)):
-        for run, samples, block in zip(runners, latencies, block_calls):
-            count = calls_left(samples, block)
+    def left(index: int) -> int:
+        return calls_left(latencies[index], block_calls[index], budgets[index])
+
+    while any(left(index) for index in range(len(runners))):
+        for index, run in enumerate(runners):
+            count = left(index)
+            samples = latencies[index]
             if not count:
                 continue
             run()
@@ -92,22 +78,7 @@ def time_interleaved(
                 start = time.perf_counter()
                 run()
                 samples.append((time.perf_counter() - start) * 1000.0)
-        if on_round is not None and latencies:
-            on_round(sum(done(samples) for samples in latencies) / len(latencies))
+        if progress is not None and latencies:
+            fractions = [done(samples, budget) for samples, budget in zip(latencies, budgets, strict=True)]
+            progress(sum(fractions) / len(fractions), 1.0, "timed")
     return latencies
-
-
-def print_progress(min_interval_s: float = 5.0) -> Callable[[str, int, int], None]:
-    """A `run_bench` progress callback for scripts: one line on stderr with the elapsed time, at most every
-    `min_interval_s` seconds (and whenever the step changes), so a long timing run shows it is alive."""
-    started = time.perf_counter()
-    last = {"at": -math.inf, "step": -1}
-
-    def show(label: str, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if done == last["step"] and now - last["at"] < min_interval_s:
-            return
-        last.update(at=now, step=done)
-        print(f"[{now - started:6.0f} s] bench {done}/{total}: {label}", file=sys.stderr, flush=True)
-
-    return show

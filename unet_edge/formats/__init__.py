@@ -14,9 +14,10 @@ from pathlib import Path
 
 from . import checkpoint, executorch, litert, ncnn, onnx, openvino, torchscript
 from .base import (
+    BUDGET_TOLERANCE,
     IMAGE_SIZE,
     Backend,
-    CalibMethod,
+    DeployTarget,
     ExportRequest,
     Format,
     FormatOption,
@@ -25,13 +26,15 @@ from .base import (
     QuantBudget,
     default_threads,
     preprocess,
+    within_budget,
 )
 
 __all__ = [
+    "BUDGET_TOLERANCE",
     "FORMATS",
     "IMAGE_SIZE",
     "Backend",
-    "CalibMethod",
+    "DeployTarget",
     "ExportRequest",
     "Format",
     "FormatOption",
@@ -44,6 +47,7 @@ __all__ = [
     "export_options",
     "option_formats",
     "preprocess",
+    "within_budget",
 ]
 
 # In detection order: formats recognised by content (TorchScript) before the checkpoint, which takes the other zips.

@@ -1,5 +1,5 @@
-"""What every deployable format provides: the `Format` record, the `Backend` it opens, and the choices
-(providers, precisions, calibration methods) the CLI offers. Torch-free, so `unet-edge --help` stays fast.
+"""What every deployable format provides: the `Format` record, the `Backend` it opens, the choices (providers,
+precisions) the CLI offers, and the deploy target each format maps onto its own export options. Torch-free, so `unet-edge --help` stays fast.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ if TYPE_CHECKING:
     from ..checkpoint import LoadedModel
 
 __all__ = [
+    "BUDGET_TOLERANCE",
     "IMAGE_SIZE",
     "Backend",
-    "CalibMethod",
+    "DeployTarget",
     "ExportRequest",
     "Format",
     "FormatOption",
@@ -37,6 +38,7 @@ __all__ = [
     "needs_runtime",
     "parse_size",
     "preprocess",
+    "within_budget",
 ]
 
 
@@ -60,14 +62,6 @@ class Precision(str, Enum):
     FP16 = "fp16"
     BF16 = "bf16"
     INT8 = "int8"
-
-
-class CalibMethod(str, Enum):
-    """How int8 activation ranges are calibrated (ONNX Runtime's methods)."""
-
-    MINMAX = "minmax"
-    ENTROPY = "entropy"
-    PERCENTILE = "percentile"
 
 
 def default_threads() -> int:
@@ -217,6 +211,28 @@ IMAGE_SIZE = FormatOption(
 )
 
 
+# A drop equal to the budget passes; float noise in the last bits must not turn it into a failure.
+BUDGET_TOLERANCE = 1e-12
+
+
+def within_budget(miou_drop: float, max_miou_drop: float) -> bool:
+    """Whether an mIoU drop keeps to the budget: the one comparison export, verify and deploy make."""
+    return miou_drop <= max_miou_drop + BUDGET_TOLERANCE
+
+
+@dataclass(frozen=True)
+class DeployTarget:
+    """What an artifact is deployed at, in the terms of the deployment rather than of any format: the image
+    size and batch it runs at, the longest image side it must accept (validation images included), and the
+    int8 calibration method (None: each format's default). `Format.options_for` maps it onto a format's own
+    export options."""
+
+    image_size: tuple[int, int]
+    batch_size: int = 1
+    max_side: int | None = None
+    calibration: str | None = None
+
+
 @dataclass
 class QuantBudget:
     """What a reduced-precision variant is calibrated on and held to: built once per export by the pipeline, so
@@ -232,7 +248,7 @@ class QuantBudget:
     evaluate: Callable[[Path], tuple[float, float, int]]
 
     def within(self, miou_drop: float) -> bool:
-        return miou_drop <= self.max_miou_drop + 1e-12
+        return within_budget(miou_drop, self.max_miou_drop)
 
     def calibration_record(self, **details: Any) -> dict[str, Any]:
         """The manifest's `calibration` entry: how many training images of which dataset (and `details`: the method)."""
@@ -347,10 +363,18 @@ class Format:
     layer_outputs: Callable[[Path, np.ndarray], dict[str, np.ndarray]] | None = None
     # The embedding snippet deploy writes beside the model it chooses (None: it says there is none).
     embedding: Snippet | None = None
+    # A deploy target -> this format's export options (None: it reads none of the target).
+    target_options: Callable[[DeployTarget], Mapping[str, Any]] | None = None
+    # The int8 calibration methods its export offers, the default first (empty: no choice).
+    calibrations: tuple[str, ...] = ()
 
     @property
     def exportable(self) -> bool:
         return self.export is not None
+
+    def options_for(self, target: DeployTarget) -> dict[str, Any]:
+        """The export options that make this format's artifact fit `target` (empty: its defaults do)."""
+        return dict(self.target_options(target)) if self.target_options is not None else {}
 
     def matches(self, path: Path) -> bool:
         """Whether `path` is a model of this format (by suffix, then by content where a sniff is given)."""

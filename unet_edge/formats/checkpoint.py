@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .base import Backend, Format, Provider
-from .torchscript import TORCH_PROVIDERS, TorchBackend, archive_names, is_torchscript, torch_device, torch_unavailable
+from .torch_backend import TORCH_PROVIDERS, TorchBackend, torch_device, torch_unavailable
+from .torchscript import archive_names, is_torchscript
 
 __all__ = ["FORMAT", "is_checkpoint", "open_model"]
 
@@ -27,22 +28,7 @@ def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[
     from ..checkpoint import load_model
 
     device = torch_device(FORMAT, path, provider, threads)
-    loaded = load_model(path)
-    return TorchBackend(
-        loaded.model,
-        device=device,
-        channels_last=device == "cuda",
-        backend=FORMAT.runtime,
-        provider=device,
-        precision="fp32",
-        path=path,
-        classes=loaded.classes,
-        mean=loaded.mean,
-        std=loaded.std,
-        ignore_index=loaded.ignore_index,
-        meta={"checkpoint": loaded.state},
-        model_config=dict(loaded.state["config"]),
-    )
+    return TorchBackend.of_loaded(load_model(path), device=device)
 
 
 FORMAT = Format(

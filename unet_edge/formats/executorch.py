@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ..errors import ArtifactError
 from ..io import atomic_path
 from .base import (
     Backend,
+    DeployTarget,
     ExportRequest,
     Format,
     FormatOption,
@@ -80,6 +82,20 @@ def size_contract(request: ExportRequest) -> dict[str, list[int]]:
 
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+
+
+# torch.export of a module within a contract, kept for the fp32 export and the int8 variant's prepare step of the
+# same export (one trace instead of two): by module, which the request holds for the whole export.
+_PROGRAMS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _exported_once(module: Any, contract: dict[str, list[int]]) -> Any:
+    """`_exported`, traced once per module and contract."""
+    programs = _PROGRAMS.setdefault(module, {})
+    key = json.dumps(contract, sort_keys=True)
+    if key not in programs:
+        programs[key] = _exported(module, contract)
+    return programs[key]
 
 
 def _exported(module: Any, contract: dict[str, list[int]]) -> Any:
@@ -140,7 +156,7 @@ def export(request: ExportRequest) -> list[ExportedArtifact]:
     contract = size_contract(request)
     request.say("exporting to ExecuTorch (torch.export, XNNPACK)")
     try:
-        program = _exported(_source(request), contract)
+        program = _exported_once(_source(request), contract)
     except Exception as exc:  # torch.export raises many error types
         raise ArtifactError(f"{request.loaded.path}: torch.export failed for ExecuTorch ({_first_line(exc)})") from None
     _write_program(program, request.folder / EXECUTORCH_FILE, _metadata(request, Precision.FP32))
@@ -157,13 +173,15 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from .pt2e import convert_pt2e
 
     calibration = budget.calibration()
     request.say(f"quantising to int8 with the XNNPACK quantizer ({len(calibration)} training images)")
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     contract = size_contract(request)
-    prepared = prepare_pt2e(_exported(_source(request), contract).module(), quantizer)
+    prepared = prepare_pt2e(_exported_once(_source(request), contract).module(), quantizer)
     with torch.no_grad():
         for image in calibration:
             prepared(torch.from_numpy(image)[None])
@@ -267,6 +285,11 @@ def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[
     return ExecuTorchBackend(method, **backend_fields(FORMAT.runtime, device, path, meta, entry))
 
 
+def deploy_options(target: DeployTarget) -> dict[str, Any]:
+    """Bounds that hold the deploy batch and every side the program must accept (its memory grows with them)."""
+    return {MAX_BATCH.name: target.batch_size, MAX_SIZE.name: target.max_side or max(target.image_size)}
+
+
 # How a program loads this format with its runtime alone: the README's snippet, which deploy writes into EMBEDDING.md.
 EMBEDDING = Snippet(
     "ExecuTorch, with only executorch (its Python runtime uses torch tensors), numpy and Pillow",
@@ -296,6 +319,7 @@ FORMAT = Format(
     export_variants=export_variants,
     options=(MAX_BATCH, MAX_SIZE),
     check_options=check_options,
+    target_options=deploy_options,
     extra=EXTRA,
     embedding=EMBEDDING,
 )

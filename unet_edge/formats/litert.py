@@ -142,7 +142,9 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
     import_runtime("litert_torch", EXTRA)
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from litert_torch.quantize.quant_config import QuantConfig
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from .pt2e import convert_pt2e
 
     size = _export_size(request)
     calibration = budget.calibration()
@@ -283,6 +285,7 @@ FORMAT = Format(
     precisions=(Precision.FP32, Precision.INT8),
     export_variants=export_variants,
     options=(IMAGE_SIZE,),
+    target_options=lambda target: {IMAGE_SIZE.name: target.image_size},  # exported at the size it runs at
     dynamic_size=False,
     extra=EXTRA,
     embedding=EMBEDDING,

@@ -16,7 +16,17 @@ import numpy as np
 
 from ..artifact import NHWC_UINT8, ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError, UNetEdgeError
-from .base import Backend, ExportRequest, Format, FormatOption, Precision, Provider, Snippet, backend_fields
+from .base import (
+    Backend,
+    DeployTarget,
+    ExportRequest,
+    Format,
+    FormatOption,
+    Precision,
+    Provider,
+    Snippet,
+    backend_fields,
+)
 from .onnx_graph import (
     DEFAULT_OPSET,
     E2E_ONNX_FILE,
@@ -33,7 +43,7 @@ from .onnx_graph import (
     set_metadata,
     with_outputs,
 )
-from .onnx_quantize import CALIB_METHOD, FOLD_VARIANTS, export_precisions
+from .onnx_quantize import CALIB_METHOD, FOLD_VARIANTS, CalibMethod, export_precisions
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -300,6 +310,11 @@ mask = logits[0].argmax(0)  # H x W class indices
 )
 
 
+def deploy_options(target: DeployTarget) -> dict[str, Any]:
+    """A deploy target's calibration method (any size and batch run: the graph is dynamic)."""
+    return {} if target.calibration is None else {CALIB_METHOD.name: CalibMethod(target.calibration)}
+
+
 FORMAT = Format(
     name="onnx",
     runtime="onnxruntime",
@@ -313,6 +328,8 @@ FORMAT = Format(
     export_variants=export_precisions,
     options=(OPSET, END_TO_END, PROBABILITIES, FOLD_VARIANTS, CALIB_METHOD),
     check_options=check_options,
+    target_options=deploy_options,
+    calibrations=tuple(method.value for method in CalibMethod),
     layer_outputs=layer_outputs,
     embedding=EMBEDDING,
 )

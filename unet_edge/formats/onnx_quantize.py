@@ -9,10 +9,12 @@ more at a time, until the budget holds.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from ..artifact import ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
-from .base import CalibMethod, ExportRequest, FormatOption, Precision
+from .base import ExportRequest, FormatOption, Precision, within_budget
 from .onnx_graph import (
     FP16_ONNX_FILE,
     INT8_ONNX_FILE,
@@ -35,6 +37,7 @@ from .onnx_graph import (
 __all__ = [
     "CALIB_METHOD",
     "FOLD_VARIANTS",
+    "CalibMethod",
     "Int8Result",
     "convert_fp16",
     "export_precisions",
@@ -44,6 +47,15 @@ __all__ = [
     "quantize_with_budget",
     "stamp_precision",
 ]
+
+
+class CalibMethod(str, Enum):
+    """How int8 activation ranges are calibrated (ONNX Runtime's methods)."""
+
+    MINMAX = "minmax"
+    ENTROPY = "entropy"
+    PERCENTILE = "percentile"
+
 
 # The ONNX variants' own options (the other formats' int8 tools have no such choices).
 CALIB_METHOD = FormatOption(
@@ -238,7 +250,7 @@ def quantize_with_budget(
         miou_reference=reference,
         kept_float=kept,
         attempts=attempts,
-        within_budget=reference - miou <= max_miou_drop + 1e-12,
+        within_budget=within_budget(reference - miou, max_miou_drop),
     )
 
 
@@ -310,6 +322,20 @@ def float_source(
     return path, folded, reason
 
 
+def _exact_fold(loaded: Any, fold: bool) -> tuple[bool, str | None]:
+    """Whether the variants start from the BatchNorm-folded graph, and why not when the fold was asked for but is
+    not exact."""
+    from ..fold import FoldError, fold_batchnorm
+
+    if not fold:
+        return False, None
+    try:
+        fold_batchnorm(loaded.model)
+    except FoldError as exc:
+        return False, str(exc)
+    return True, None
+
+
 def stamp_precision(source: Path, target: Path, loaded: Any, precision: Precision | str) -> Path:
     """Write `source` to `target` atomically with the artifact metadata for `precision`."""
     import onnx
@@ -328,17 +354,20 @@ def export_precisions(request: ExportRequest) -> list[ExportedArtifact]:
     inputs, outputs = io_spec(len(loaded.classes))
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         workdir = Path(tmp)
-        source, folded, fold_reason = float_source(loaded, workdir, request.option(FOLD_VARIANTS), opset)
+        folded, fold_reason = _exact_fold(loaded, request.option(FOLD_VARIANTS))
         fold_info = {"batchnorm_folded": folded, **({"fold_skipped": fold_reason} if fold_reason else {})}
+        # The plain float graph is exported only where a variant reads it: fp16, and int8 when it is not folded.
+        plain = functools.cache(lambda: float_source(loaded, workdir, folded, opset)[0])
         if Precision.FP16 in request.precisions:
             request.say("converting to fp16")
-            half = convert_fp16(source, workdir / FP16_ONNX_FILE)
+            half = convert_fp16(plain(), workdir / FP16_ONNX_FILE)
             path = stamp_precision(half, folder / FP16_ONNX_FILE, loaded, Precision.FP16)
             artifacts.append(
                 ExportedArtifact(FP16_ONNX_FILE, "onnx", "fp16", path, inputs, outputs, opset, dict(fold_info))
             )
         if Precision.INT8 in request.precisions:
-            int8_source = float_source(loaded, workdir, True, opset, int8_layout=True)[0] if folded else source
+            request.say("exporting the int8 source graph")
+            int8_source = float_source(loaded, workdir, True, opset, int8_layout=True)[0] if folded else plain()
             path, quantization = _int8(request, int8_source, workdir, folded)
             artifacts.append(
                 ExportedArtifact(

@@ -1,0 +1,204 @@
+"""Deploy: the fastest artifact that keeps the accuracy, chosen by measurement on this machine.
+
+Every checkpoint given x every installed format of the registry x each precision the format offers and
+this CPU computes natively is a candidate. Each checkpoint is loaded once, and its accuracy budget (the
+validation set and its own predictions) built once, for all its formats; each format maps the deploy target
+(size, batch, longest side, calibration method) onto its own export options. Each candidate is measured on
+the whole validation set against the reference checkpoint (the most accurate one given): val mIoU, its
+drop and pixel agreement; those within the mIoU budget are then timed with bench's one protocol
+(interleaved, same threads, warm-up excluded, at least `min_calls` timed calls, at the deploy size and
+batch; a second figure from uint8 images through preprocessing and the argmax, as an application pays).
+The decision (`decide`) is a pure function of the records.
+
+The package by job: `records` (the typed, frozen records), `plan` (what competes), `measure` (checkpoints,
+exports, accuracy), `timing`, `decide` (the verdicts, the front, the winner), `cache` (finished work by
+content, so a rerun after Ctrl-C or kill -9 does only what is missing) and `report` (deploy.json,
+deploy.png, the winner copied out); `run_deploy` here calls them in order. No module here names a format.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from ..formats import DeployTarget, default_threads
+from ..io import check_writable
+from ..progress import Progress, Steps, tell
+from . import measure, timing
+from .cache import CACHE_FILE, DeployCache, content_key
+from .decide import Decision, Verdict, decide, pareto_front, verdict
+from .plan import Plan, plan_candidates
+from .records import (
+    Baseline,
+    Candidate,
+    DeployError,
+    DeployOptions,
+    Machine,
+    Reference,
+    Settings,
+    Skipped,
+)
+from .report import REPORT_FILE, DeployResult, write_outputs
+
+__all__ = [
+    "CACHE_FILE",
+    "Baseline",
+    "Candidate",
+    "Decision",
+    "DeployCache",
+    "DeployError",
+    "DeployOptions",
+    "DeployResult",
+    "Machine",
+    "Plan",
+    "Reference",
+    "Settings",
+    "Skipped",
+    "Verdict",
+    "content_key",
+    "decide",
+    "pareto_front",
+    "plan_candidates",
+    "run_deploy",
+    "verdict",
+]
+
+
+def run_deploy(options: DeployOptions, progress: Progress | None = None) -> DeployResult:
+    """Export, measure and time every candidate (what the cache holds is not done again), decide, and
+    write deploy.json, deploy.png and the winner into `options.out`. Nothing passing is not an error
+    here: the result's decision has no winner (`Decision.require_winner` raises). PyTorch's thread
+    count, which the runtimes set while measuring, is restored at the end."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _deploy(options, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _deploy(options: DeployOptions, progress: Progress | None) -> DeployResult:
+    from ..evaluate import checkpoint_data_root
+
+    out = Path(options.out)
+    check_writable(out / REPORT_FILE)
+    threads = options.threads or default_threads()
+    plan = plan_candidates(options.formats, options.precisions)
+    if not plan.formats:
+        why = "; ".join(f"{s.format} {s.precision or ''}: {s.reason}".replace("  ", " ") for s in plan.skipped)
+        raise DeployError(f"{out}: nothing to deploy ({why or 'no format offers the precisions asked for'})")
+    tell(progress, 0, None, "loading checkpoints")
+    checkpoints = measure.load_checkpoints(options)
+    root = checkpoint_data_root(checkpoints[0].loaded.state, options.data)
+    validation = measure.Validation(root, threads)
+    cache = DeployCache(out / CACHE_FILE)
+    count = len(checkpoints) * plan.pairs
+    steps = Steps(progress, total=len(checkpoints) + 3 * count)  # per candidate: export, accuracy, timing
+
+    checkpoints = measure.measure_checkpoints(checkpoints, validation, cache, steps.part(len(checkpoints)))
+    steps.advance(len(checkpoints))
+    reference, reference_record = measure.choose_reference(checkpoints, options)
+    candidates = _export_and_measure(checkpoints, reference, plan, options, threads, validation, cache, steps)
+
+    shortlist = [c for c in candidates if verdict(c, options.max_miou_drop) is None]
+    timed, baseline = timing.time_candidates(shortlist, reference, options, threads, cache, steps.part(count))
+    steps.advance(count, "deciding")
+    by_key = {c.key: c for c in timed}
+    candidates = [by_key.get(c.key, c) for c in candidates]
+    settings = Settings(
+        checkpoints=tuple(str(c.path) for c in checkpoints),
+        max_miou_drop=options.max_miou_drop,
+        image_size=options.image_size,
+        batch_size=options.batch_size,
+        threads=threads,
+        seconds=options.seconds,
+        min_calls=options.min_calls,
+        warmup=options.warmup,
+        rounds=options.rounds,
+        data=str(root),
+        validation_images=len(validation.images(reference.loaded.mean, reference.loaded.std).raw),
+    )
+    result = write_outputs(
+        DeployResult(
+            candidates,
+            decide(candidates, options.max_miou_drop),
+            reference_record,
+            baseline,
+            plan.skipped,
+            _machine(threads),
+            settings,
+            out,
+            out / REPORT_FILE,
+        )
+    )
+    steps.done()
+    return result
+
+
+def _export_and_measure(
+    checkpoints: list[measure.Checkpoint],
+    reference: measure.Checkpoint,
+    plan: Plan,
+    options: DeployOptions,
+    threads: int,
+    validation: measure.Validation,
+    cache: DeployCache,
+    steps: Steps,
+) -> list[Candidate]:
+    """Each checkpoint's formats exported (one load and one budget per checkpoint), each candidate measured
+    against the reference as soon as its format is written; both cached, so Ctrl-C loses at most one step."""
+    val = validation.images(reference.loaded.mean, reference.loaded.std)
+    target = DeployTarget(
+        image_size=options.image_size,
+        batch_size=options.batch_size,
+        max_side=max([*options.image_size, *(max(image.shape[:2]) for image in val.raw)]),
+        calibration=options.calibration,
+    )
+    sources = measure.Sources(options, validation, tuple(name for name, _ in plan.formats))
+    candidates: list[Candidate] = []
+    for checkpoint in checkpoints:
+        budget = measure.export_budget(checkpoint, reference, options.max_miou_drop)
+        for name, precisions in plan.formats:
+            prefix = f"exporting {checkpoint.name} {name} ({', '.join(p.value for p in precisions)}): "
+            steps.say(prefix.rstrip(": "))
+            part = steps.part(len(precisions), prefix)
+            exported = measure.export_format(checkpoint, name, precisions, budget, target, sources, cache, part)
+            steps.advance(len(precisions))
+            for candidate in measure.candidates_of(checkpoint, name, precisions, exported, reference):
+                if candidate.rejected is None:
+                    steps.say(f"val mIoU of {candidate.label}")
+                    candidate = _measured(candidate, threads, validation, reference, cache)
+                candidates.append(candidate)
+                steps.advance()
+    return candidates
+
+
+def _measured(
+    candidate: Candidate,
+    threads: int,
+    validation: measure.Validation,
+    reference: measure.Checkpoint,
+    cache: DeployCache,
+) -> Candidate:
+    """The candidate's accuracy, from the cache or measured (and cached)."""
+    fields = ("miou", "miou_drop", "pixel_agreement", "rejected")
+    cached = cache.get(f"measure:{candidate.key}")
+    if cached is None:
+        measured = measure.measure_accuracy(candidate, threads, validation, reference)
+        cached = {name: getattr(measured, name) for name in fields}
+        cache.put(f"measure:{candidate.key}", cached)
+    return replace(candidate, **{name: cached.get(name) for name in fields})
+
+
+def _machine(threads: int) -> Machine:
+    from ..bench import machine_info
+
+    facts = machine_info(threads)
+    return Machine(
+        cpu=facts.pop("cpu"),
+        cpu_int8_bf16=tuple(facts.pop("cpu_int8_bf16")),
+        facts=facts,
+        cpu_flags_override=os.environ.get("UNET_EDGE_CPU_FLAGS"),
+    )

@@ -1,0 +1,42 @@
+"""Finished work by content key (the checkpoint's sha256 and the options that change a result), so a rerun after
+Ctrl-C or kill -9 does only what is missing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write_text
+
+__all__ = ["CACHE_FILE", "DeployCache", "content_key"]
+
+CACHE_FILE = "deploy-cache.json"
+
+
+def content_key(**parts: Any) -> str:
+    """A short stable digest of JSON-able parts."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+class DeployCache:
+    """OUT/deploy-cache.json: finished work by content key, rewritten atomically after each step. A file that
+    cannot be read (a crash cannot leave half of one, but a person can) is started afresh."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.entries: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            self.entries = {}
+        if not isinstance(self.entries, dict):
+            self.entries = {}
+
+    def get(self, key: str) -> Any:
+        return self.entries.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        self.entries[key] = value
+        atomic_write_text(self.path, json.dumps(self.entries, indent=1, allow_nan=False) + "\n")

@@ -1,0 +1,152 @@
+"""Timing: the candidates and the reference checkpoint's PyTorch eager, with bench's one protocol (interleaved,
+warm-up excluded, at least `min_calls` timed calls), in rounds cached one by one."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from ..formats import Provider
+from ..progress import Progress
+from .cache import DeployCache, content_key
+from .measure import Checkpoint, one_line
+from .records import Baseline, Candidate, DeployOptions
+
+__all__ = ["CONTENTION_MARGIN", "contenders", "time_candidates"]
+
+
+def _in_round(progress: Progress, done: int, rounds: int, label: str) -> Progress:
+    """`progress` told how far round `done` is, out of `rounds`."""
+
+    def report(fraction: float, total: float | None, _: str) -> None:
+        progress(done + fraction, rounds, label)
+
+    return report
+
+
+# After the first round, a candidate whose 25th-percentile call is slower than this factor times the leader's
+# 75th percentile cannot win: later rounds give it its share of `min_calls` only, not of `seconds`.
+CONTENTION_MARGIN = 1.2
+
+
+def contenders(samples: dict[str, list[float]]) -> set[str]:
+    """The names (of those with samples) still in contention for the lowest p50, by their model-call samples."""
+    timed = {name: np.asarray(values) for name, values in samples.items() if values}
+    if not timed:
+        return set(samples)
+    leader = min(timed, key=lambda name: float(np.percentile(timed[name], 50)))
+    bar = CONTENTION_MARGIN * float(np.percentile(timed[leader], 75))
+    return {name for name, values in timed.items() if float(np.percentile(values, 25)) <= bar}
+
+
+def time_candidates(
+    timed: list[Candidate],
+    reference: Checkpoint,
+    options: DeployOptions,
+    threads: int,
+    cache: DeployCache,
+    progress: Progress,
+) -> tuple[list[Candidate], Baseline]:
+    """The candidates with their latency figures (or the reason timing failed), and the eager baseline's.
+
+    Per round, each gets `seconds / rounds` of timed calls (and its share of `min_calls`) on its model call and
+    on the application path (uint8 images, preprocessing, the call and the argmax); the samples are cached
+    after each round, so an interrupted run resumes between rounds."""
+    import torch
+
+    from ..backends import open_backend
+    from ..bench import latency_stats, time_interleaved
+
+    torch.set_num_threads(threads)
+    height, width = options.image_size
+    rng = np.random.default_rng(0)
+    normalised = rng.standard_normal((options.batch_size, 3, height, width), dtype=np.float32)
+    raw = rng.integers(0, 256, (options.batch_size, height, width, 3), dtype=np.uint8)
+    baseline_key = f"eager:{reference.sha256}"
+    names = [baseline_key, *(c.key for c in timed)]
+    key = "timing:" + content_key(
+        runners=names,
+        image_size=list(options.image_size),
+        batch=options.batch_size,
+        threads=threads,
+        seconds=options.seconds,
+        min_calls=options.min_calls,
+        warmup=options.warmup,
+        rounds=options.rounds,
+    )
+    state = cache.get(key) or {"rounds": 0, "samples": {name: {"model": [], "app": []} for name in names}, "failed": {}}
+    backends: dict[str, Any] = {}
+    runners: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
+    if state["rounds"] < options.rounds:
+        paths = [(baseline_key, str(reference.path)), *((c.key, c.path or "") for c in timed)]
+        for index, (name, path) in enumerate(paths):
+            if name in state["failed"]:
+                continue
+            progress(0, options.rounds, f"opening {index + 1} of {len(names)} models for timing")
+            try:
+                backend = open_backend(path, Provider.CPU, threads)
+                backends[name] = backend
+                runners[name] = (backend.device_runner(normalised), functools.partial(backend.segment, raw))
+                runners[name][0]()
+            except Exception as exc:
+                state["failed"][name] = f"timing failed: {one_line(exc)}"
+                runners.pop(name, None)
+    per_round_calls = max(1, math.ceil(options.min_calls / options.rounds))
+    try:
+        while state["rounds"] < options.rounds:
+            done = state["rounds"]
+            label = f"timing {len(runners)} models, round {done + 1} of {options.rounds}"
+            progress(done, options.rounds, label)
+            order = list(runners)
+            # From the second round on, what cannot win is timed to its share of min_calls only.
+            racing = contenders({n: state["samples"][n]["model"] for n in order if n != baseline_key}) if done else None
+            seconds = [
+                options.seconds / options.rounds if racing is None or name == baseline_key or name in racing else 0.0
+                for name in order
+            ]
+            latencies = time_interleaved(
+                [run for name in order for run in runners[name]],
+                warmup=options.warmup if done == 0 else 1,
+                iters=None,
+                seconds=[budget for budget in seconds for _ in range(2)],
+                min_iters=per_round_calls,
+                progress=_in_round(progress, done, options.rounds, label),
+            )
+            for index, name in enumerate(order):
+                state["samples"][name]["model"] += latencies[2 * index]
+                state["samples"][name]["app"] += latencies[2 * index + 1]
+            state["rounds"] += 1
+            cache.put(key, state)
+    finally:
+        for backend in backends.values():
+            backend.close()
+    figures = []
+    for candidate in timed:
+        if candidate.key in state["failed"]:
+            figures.append(replace(candidate, rejected=state["failed"][candidate.key]))
+            continue
+        samples = state["samples"][candidate.key]
+        figures.append(
+            replace(
+                candidate,
+                latency_ms=latency_stats(samples["model"]),
+                app_latency_ms=latency_stats(samples["app"]),
+                calls=len(samples["model"]),
+            )
+        )
+    if baseline_key in state["failed"]:
+        return figures, Baseline(reference.name, str(reference.path), failed=state["failed"][baseline_key])
+    samples = state["samples"][baseline_key]
+    baseline = Baseline(
+        model=reference.name,
+        checkpoint=str(reference.path),
+        latency_ms=latency_stats(samples["model"]),
+        app_latency_ms=latency_stats(samples["app"]),
+        calls=len(samples["model"]),
+    )
+    return figures, baseline
