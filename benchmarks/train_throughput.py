@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import shlex
 import statistics
 import sys
@@ -40,7 +41,7 @@ from unet_edge.device import mixed_precision, place_model, prefers_channels_last
 from unet_edge.loaders import default_workers, make_loader
 from unet_edge.model import ModelConfig, build_model
 from unet_edge.synth import CLASSES, SynthSpec, write_synth
-from unet_edge.train import EpochStats, train_one_epoch
+from unet_edge.train import train_one_epoch
 from unet_edge.transforms import BatchNormalize, SegmentationPresetTrain
 
 README = Path(__file__).with_name("README.md")
@@ -148,18 +149,18 @@ def sweep(args: argparse.Namespace) -> str:
             criterion = nn.CrossEntropyLoss(ignore_index=255)
             normalize = BatchNormalize(channels_last=channels_last)
 
-            def epoch() -> EpochStats:
-                return train_one_epoch(
-                    model,
-                    loader,
-                    optimizer,
-                    scheduler,
-                    criterion,
-                    device,
-                    autocast=amp.autocast,
-                    scaler=amp.scaler,
-                    normalize=normalize,
-                )
+            epoch = functools.partial(
+                train_one_epoch,
+                model,
+                loader,
+                optimizer,
+                scheduler,
+                criterion,
+                device,
+                autocast=amp.autocast,
+                scaler=amp.scaler,
+                normalize=normalize,
+            )
 
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
