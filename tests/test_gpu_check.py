@@ -74,6 +74,7 @@ def test_gpu_check_cpu_smoke_runs_every_step_and_writes_its_reports(tmp_path):
     assert not list(tmp_path.glob("unet-edge-gpu-check.*")), "the work folder is removed"
 
 
+@pytest.mark.slow
 def test_gpu_check_without_a_gpu_and_without_cpu_smoke_fails_at_the_versions_step(tmp_path):
     import torch
 
