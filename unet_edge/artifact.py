@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -217,7 +217,7 @@ def write_manifest(
         {
             "producer": f"unet-edge {__version__}",
             "torch_version": torch.__version__,
-            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "updated": datetime.now(UTC).isoformat(timespec="seconds"),
             "checkpoint": checkpoint,
             "classes": loaded.classes,
             "ignore_index": loaded.ignore_index,
