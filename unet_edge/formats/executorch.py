@@ -67,7 +67,7 @@ def check_options(options: Mapping[str, Any]) -> None:
     )
     if max_batch < 1 or max_size < MIN_SIDE:
         raise ArtifactError(
-            f"ExecuTorch bounds must be a batch >= 1 and a size >= {MIN_SIDE}, got {max_batch} and {max_size}"
+            f"--max-batch and --max-size must be a batch >= 1 and a size >= {MIN_SIDE}, got {max_batch} and {max_size}"
         )
 
 

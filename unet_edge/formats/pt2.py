@@ -1,0 +1,198 @@
+"""torch.export + AOTInductor package (model.pt2): the model compiled ahead of time to a shared library for the CPU,
+what PyTorch offers in place of TorchScript for running a model without Python (libtorch's
+`torch::inductor::AOTIModelPackageLoader` in C++, `torch._inductor.aoti_load_package` in Python).
+
+Exported with dynamic batch (1..`--max-batch`) and any height and width from 2 to `--max-size` (`Dim.DYNAMIC`
+bounds, as the ExecuTorch program has: named dims fail on the model's pad-to-a-multiple-of-2^depth arithmetic);
+the package checks the bounds itself. Compiled with Inductor's freezing (BatchNorm folded into the convolutions,
+weights pre-packed) for the instruction set of the exporting CPU, which the package records
+(`AOTI_CPU_ISA`): a package built where AVX-512 exists needs it to run. The artifact metadata rides in the package
+as AOTInductor metadata (`get_metadata()` in Python and C++). Exporting needs a C++ compiler (g++ or clang++,
+or $CXX); loading does not.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifact import ExportedArtifact, artifact_metadata, io_spec
+from ..errors import ArtifactError
+from ..io import atomic_write_bytes
+from .base import Backend, ExportRequest, Format, Precision, Provider, Snippet, backend_fields
+from .executorch import MAX_BATCH, MAX_SIZE, check_options, size_contract
+from .torchscript import torch_device
+
+__all__ = ["FORMAT", "AotiBackend", "export", "open_model"]
+
+PT2_FILE = "model.pt2"
+# Inductor settings of the compiled package: freezing folds BatchNorm and pre-packs the weights; one compile
+# worker, because a U-Net has few kernels and a pool of compile processes costs more to start than it saves.
+INDUCTOR_CONFIGS = {"freezing": True, "compile_threads": 1}
+# AOTInductor's own metadata key for the instruction set the kernels were compiled for.
+ISA_KEY = "AOTI_CPU_ISA"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+
+
+def compiler_unavailable(provider: Provider) -> str | None:
+    """Why pt2 cannot be made or run here (None: it can): it runs on the CPU and compiling needs a C++ compiler."""
+    if provider is not Provider.CPU:
+        return f"{provider.value}: unet-edge compiles pt2 packages for the CPU only"
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as exc:  # Inductor raises its own error when no compiler is found
+        return f"pt2 needs a C++ compiler to compile the model (g++ or clang++, or $CXX): {_first_line(exc)}"
+    return None
+
+
+def _exported(module: Any, contract: dict[str, list[int]]) -> Any:
+    """torch.export of `module` with batch 1..max_batch and height and width 2..max_size."""
+    import torch
+
+    max_batch, (min_side, max_side) = contract["batch"][1], contract["height"]
+    sample = torch.randn(min(2, max_batch), 3, min(64, max_side), min(96, max_side))
+    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=max_batch)} if max_batch > 1 else {}
+    dims.update({axis: torch.export.Dim.DYNAMIC(min=min_side, max=max_side) for axis in (2, 3)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(module, (sample,), dynamic_shapes={"x": dims})
+
+
+def export(request: ExportRequest) -> list[ExportedArtifact]:
+    """model.pt2: float32, batch 1..max_batch, any H x W from 2 to max_size, compiled by AOTInductor for this CPU."""
+    import torch
+
+    contract = size_contract(request)
+    module = (request.folded_model if request.folded_model is not None else request.loaded.model).eval()
+    request.say("exporting to a pt2 package (torch.export, AOTInductor)")
+    try:
+        program = _exported(module, contract)
+    except Exception as exc:  # torch.export raises many error types
+        raise ArtifactError(f"{request.loaded.path}: torch.export failed for pt2 ({_first_line(exc)})") from None
+    metadata = artifact_metadata(request.loaded, Precision.FP32.value)
+    buffer = io.BytesIO()  # in memory first, then written atomically
+    configs = {**INDUCTOR_CONFIGS, "aot_inductor.metadata": metadata}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch._inductor.aoti_compile_and_package(program, package_path=buffer, inductor_configs=configs)
+    except Exception as exc:  # compiler failures surface as several error types
+        raise ArtifactError(
+            f"{request.loaded.path}: AOTInductor could not compile the model ({_first_line(exc)})"
+        ) from None
+    path = request.folder / PT2_FILE
+    atomic_write_bytes(path, buffer.getvalue())
+    inputs, outputs = io_spec(len(request.loaded.classes))
+    isa = torch._inductor.aoti_load_package(str(path)).get_metadata().get(ISA_KEY, "")
+    info = {
+        "batchnorm_folded": request.folded_model is not None,
+        "size_contract": contract,
+        "compile_config": {"freezing": True, "cpu_isa": isa},
+    }
+    return [ExportedArtifact(PT2_FILE, "pt2", "fp32", path, inputs, outputs, None, info)]
+
+
+class AotiBackend(Backend):
+    """A pt2 package's compiled model (AOTInductor's runner) on the CPU."""
+
+    def __init__(self, runner: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        import torch
+
+        self._torch = torch
+        self.runner = runner
+
+    def _input(self, images: np.ndarray) -> Any:
+        return self._torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+
+    def _run(self, x: Any) -> Any:
+        try:
+            with self._torch.inference_mode():
+                return self.runner(x)
+        except RuntimeError as exc:  # the package's own shape checks
+            raise ArtifactError(f"{self.path}: the pt2 package refused the input ({_first_line(exc)})") from None
+
+    def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        return self._run(self._input(images)).numpy()
+
+    def device_runner(self, images: np.ndarray) -> Callable[[], None]:
+        x = self._input(images)
+        return lambda: self._run(x)
+
+    def close(self) -> None:
+        del self.runner
+
+
+def _missing_isa(isa: str) -> str | None:
+    """The first instruction set the package was compiled for that this CPU lacks (None: it has them all)."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    if "AVX512" in isa.split() and capability != "AVX512":
+        return "AVX512"
+    if "AVX2" in isa.split() and capability not in ("AVX2", "AVX512"):
+        return "AVX2"
+    return None
+
+
+def open_model(path: Path, provider: Provider, threads: int | None, entry: dict[str, Any] | None) -> Backend:
+    """Load the package (its compiled library and the metadata stored in it) on the CPU with `threads` threads."""
+    import torch
+
+    device = torch_device(FORMAT, path, provider, threads)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runner = torch._inductor.aoti_load_package(str(path))
+        meta = dict(runner.get_metadata())
+    except Exception as exc:  # a damaged archive surfaces as RuntimeError or ValueError from the loader
+        raise ArtifactError(f"{path}: not a loadable pt2 package ({_first_line(exc)})") from None
+    if "classes" not in meta:
+        raise ArtifactError(f"{path}: not a unet-edge pt2 package (no classes in its metadata)")
+    missing = _missing_isa(meta.get(ISA_KEY, ""))
+    if missing:
+        raise ArtifactError(f"{path}: compiled for {meta[ISA_KEY]}, and this CPU has no {missing}: export it here")
+    return AotiBackend(runner, **backend_fields(FORMAT.runtime, device, path, meta, entry))
+
+
+# How a program loads this format with its runtime alone: the README's snippet, which deploy writes into EMBEDDING.md.
+EMBEDDING = Snippet(
+    "A pt2 package (AOTInductor), with only torch, numpy and Pillow (libtorch's `AOTIModelPackageLoader` reads "
+    "the same file in C++: examples/cpp)",
+    "import json\n\nimport numpy as np\nimport torch\nfrom PIL import Image",
+    """\
+torch.set_num_threads(4)
+model = torch._inductor.aoti_load_package("model.pt2")  # compiled for the CPU it was exported on
+meta = model.get_metadata()  # the metadata rides in the package
+mean, std = (np.array(json.loads(meta[key]), np.float32) for key in ("mean", "std"))
+image = np.asarray(Image.open("image.png").convert("RGB"))  # H x W x 3 uint8, sides 2..--max-size (1024)
+x = np.ascontiguousarray(((image / 255.0 - mean) / std).transpose(2, 0, 1)[None], np.float32)  # 1 x 3 x H x W
+with torch.inference_mode():
+    mask = model(torch.from_numpy(x))[0].argmax(0).numpy()  # H x W class indices
+""",
+)
+
+
+FORMAT = Format(
+    name="pt2",
+    runtime="aotinductor",
+    suffixes=(".pt2",),
+    file=PT2_FILE,
+    export=export,
+    open=open_model,
+    providers={Provider.CPU: "cpu"},
+    unavailable=compiler_unavailable,
+    options=(MAX_BATCH, MAX_SIZE),
+    check_options=check_options,
+    embedding=EMBEDDING,
+)
