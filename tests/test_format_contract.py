@@ -206,7 +206,7 @@ def test_a_format_refuses_its_options_before_anything_is_written(tiny_checkpoint
     from unet_edge.errors import UNetEdgeError
     from unet_edge.export import ExportOptions, run_export
 
-    with pytest.raises(UNetEdgeError, match=f"--max-batch and --max-size must be a batch >= 1 and a size >= 2, {got}"):
+    with pytest.raises(UNetEdgeError, match=f"ExecuTorch bounds must be a batch >= 1 and a size >= 2, {got}"):
         run_export(
             ExportOptions(
                 checkpoint=tiny_checkpoint,

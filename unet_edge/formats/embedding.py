@@ -21,4 +21,14 @@ def embedding_markdown(fmt: Format, file: str, companions: list[str], precision:
     if note:
         lines += [note, ""]
     lines += ["```python", snippet.imports, "", snippet.code.rstrip("\n"), "```", ""]
+    if snippet.cpp:
+        lines += [
+            "In C++, the host program of unet-edge's `examples/cpp` (a CMake project built against the runtime's "
+            "own package) segments a PNG and writes the palette mask:",
+            "",
+            "```sh",
+            snippet.cpp.format(model=file).rstrip("\n"),
+            "```",
+            "",
+        ]
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from .base import (
     Provider,
     Snippet,
     backend_fields,
+    cpp_host,
     default_threads,
     import_runtime,
     needs_runtime,
@@ -67,7 +68,7 @@ def check_options(options: Mapping[str, Any]) -> None:
     )
     if max_batch < 1 or max_size < MIN_SIDE:
         raise ArtifactError(
-            f"--max-batch and --max-size must be a batch >= 1 and a size >= {MIN_SIDE}, got {max_batch} and {max_size}"
+            f"ExecuTorch bounds must be a batch >= 1 and a size >= {MIN_SIDE}, got {max_batch} and {max_size}"
         )
 
 
@@ -280,6 +281,7 @@ image = np.asarray(Image.open("image.png").convert("RGB"))  # H x W x 3 uint8, e
 x = np.ascontiguousarray(((image / 255.0 - mean) / std).transpose(2, 0, 1)[None], np.float32)  # 1 x 3 x H x W, contiguous
 mask = forward.execute((torch.from_numpy(x),))[0][0].argmax(0).numpy()  # H x W class indices
 """,
+    cpp=cpp_host("unet_executorch"),
 )
 
 

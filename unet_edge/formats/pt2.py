@@ -2,13 +2,12 @@
 what PyTorch offers in place of TorchScript for running a model without Python (libtorch's
 `torch::inductor::AOTIModelPackageLoader` in C++, `torch._inductor.aoti_load_package` in Python).
 
-Exported with dynamic batch (1..`--max-batch`) and any height and width from 2 to `--max-size` (`Dim.DYNAMIC`
-bounds, as the ExecuTorch program has: named dims fail on the model's pad-to-a-multiple-of-2^depth arithmetic);
-the package checks the bounds itself. Compiled with Inductor's freezing (BatchNorm folded into the convolutions,
-weights pre-packed) for the instruction set of the exporting CPU, which the package records
-(`AOTI_CPU_ISA`): a package built where AVX-512 exists needs it to run. The artifact metadata rides in the package
-as AOTInductor metadata (`get_metadata()` in Python and C++). Exporting needs a C++ compiler (g++ or clang++,
-or $CXX); loading does not.
+Exported with dynamic batch, height and width, unbounded as in the ONNX file (`Dim.DYNAMIC`: named dims fail on
+the model's pad-to-a-multiple-of-2^depth arithmetic, and AOTInductor plans no memory for an upper bound).
+Compiled with Inductor's freezing (BatchNorm folded into the convolutions, weights pre-packed) for the
+instruction set of the exporting CPU, which the package records (`AOTI_CPU_ISA`): a package built where
+AVX-512 exists needs it to run. The artifact metadata rides in the package as AOTInductor metadata
+(`get_metadata()` in Python and C++). Exporting needs a C++ compiler (g++ or clang++, or $CXX); loading does not.
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ import numpy as np
 from ..artifact import ExportedArtifact, artifact_metadata, io_spec
 from ..errors import ArtifactError
 from ..io import atomic_write_bytes
-from .base import Backend, ExportRequest, Format, Precision, Provider, Snippet, backend_fields
-from .executorch import MAX_BATCH, MAX_SIZE, check_options, size_contract
+from .base import Backend, ExportRequest, Format, Precision, Provider, Snippet, backend_fields, cpp_host
 from .torchscript import torch_device
 
 __all__ = ["FORMAT", "AotiBackend", "export", "open_model"]
@@ -55,28 +53,26 @@ def compiler_unavailable(provider: Provider) -> str | None:
     return None
 
 
-def _exported(module: Any, contract: dict[str, list[int]]) -> Any:
-    """torch.export of `module` with batch 1..max_batch and height and width 2..max_size."""
+def _exported(module: Any) -> Any:
+    """torch.export of `module` with dynamic batch, height and width (a sample batch of 2: one would specialise it)."""
     import torch
 
-    max_batch, (min_side, max_side) = contract["batch"][1], contract["height"]
-    sample = torch.randn(min(2, max_batch), 3, min(64, max_side), min(96, max_side))
-    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=max_batch)} if max_batch > 1 else {}
-    dims.update({axis: torch.export.Dim.DYNAMIC(min=min_side, max=max_side) for axis in (2, 3)})
+    sample = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.export.export(module, (sample,), dynamic_shapes={"x": dims})
+        return torch.export.export(
+            module, (sample,), dynamic_shapes={"x": {axis: torch.export.Dim.DYNAMIC for axis in (0, 2, 3)}}
+        )
 
 
 def export(request: ExportRequest) -> list[ExportedArtifact]:
-    """model.pt2: float32, batch 1..max_batch, any H x W from 2 to max_size, compiled by AOTInductor for this CPU."""
+    """model.pt2: float32, any batch and H x W, compiled by AOTInductor for this CPU."""
     import torch
 
-    contract = size_contract(request)
     module = (request.folded_model if request.folded_model is not None else request.loaded.model).eval()
     request.say("exporting to a pt2 package (torch.export, AOTInductor)")
     try:
-        program = _exported(module, contract)
+        program = _exported(module)
     except Exception as exc:  # torch.export raises many error types
         raise ArtifactError(f"{request.loaded.path}: torch.export failed for pt2 ({_first_line(exc)})") from None
     metadata = artifact_metadata(request.loaded, Precision.FP32.value)
@@ -96,7 +92,6 @@ def export(request: ExportRequest) -> list[ExportedArtifact]:
     isa = torch._inductor.aoti_load_package(str(path)).get_metadata().get(ISA_KEY, "")
     info = {
         "batchnorm_folded": request.folded_model is not None,
-        "size_contract": contract,
         "compile_config": {"freezing": True, "cpu_isa": isa},
     }
     return [ExportedArtifact(PT2_FILE, "pt2", "fp32", path, inputs, outputs, None, info)]
@@ -119,7 +114,7 @@ class AotiBackend(Backend):
         try:
             with self._torch.inference_mode():
                 return self.runner(x)
-        except RuntimeError as exc:  # the package's own shape checks
+        except RuntimeError as exc:  # an input the compiled model cannot take (a wrong channel count, ...)
             raise ArtifactError(f"{self.path}: the pt2 package refused the input ({_first_line(exc)})") from None
 
     def predict_logits(self, images: np.ndarray) -> np.ndarray:
@@ -175,11 +170,12 @@ torch.set_num_threads(4)
 model = torch._inductor.aoti_load_package("model.pt2")  # compiled for the CPU it was exported on
 meta = model.get_metadata()  # the metadata rides in the package
 mean, std = (np.array(json.loads(meta[key]), np.float32) for key in ("mean", "std"))
-image = np.asarray(Image.open("image.png").convert("RGB"))  # H x W x 3 uint8, sides 2..--max-size (1024)
+image = np.asarray(Image.open("image.png").convert("RGB"))  # H x W x 3 uint8, any size
 x = np.ascontiguousarray(((image / 255.0 - mean) / std).transpose(2, 0, 1)[None], np.float32)  # 1 x 3 x H x W
 with torch.inference_mode():
     mask = model(torch.from_numpy(x))[0].argmax(0).numpy()  # H x W class indices
 """,
+    cpp=cpp_host("unet_aoti"),
 )
 
 
@@ -192,7 +188,5 @@ FORMAT = Format(
     open=open_model,
     providers={Provider.CPU: "cpu"},
     unavailable=compiler_unavailable,
-    options=(MAX_BATCH, MAX_SIZE),
-    check_options=check_options,
     embedding=EMBEDDING,
 )

@@ -1,0 +1,125 @@
+"""The C++ hosts of examples/cpp, built once per session against the runtimes' own packages (OpenVINO, ExecuTorch,
+libtorch's AOTInductor loader): each program's masks agree with `unet-edge predict` on the same file, and a damaged
+or missing model file gets one error line and a non-zero exit. Without a compiler, CMake or the Debian libraries
+(`make test-tools` installs them) the tests skip with the reason."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+SOURCE = Path(__file__).resolve().parents[1] / "examples" / "cpp"
+# program -> the file of the session's export it runs
+HOSTS = {"unet_openvino": "model.xml", "unet_executorch": "model.pte", "unet_aoti": "model.pt2"}
+HEADERS = {"libpng-dev": "png.h", "libssl-dev": "openssl/evp.h", "nlohmann-json3-dev": "nlohmann/json.hpp"}
+
+
+def missing_tools() -> str | None:
+    """What the build lacks here (None: nothing)."""
+    missing = [tool for tool in ("cmake", "g++", "make") if shutil.which(tool) is None]
+    missing += [package for package, header in HEADERS.items() if not (Path("/usr/include") / header).is_file()]
+    return f"{', '.join(missing)} missing: `make test-tools` installs them" if missing else None
+
+
+@pytest.fixture(scope="session")
+def hosts(tmp_path_factory) -> dict[str, Path | str]:
+    """Configure and build examples/cpp once (two jobs): program name -> its path, or the reason it was not built."""
+    reason = missing_tools()
+    if reason:
+        pytest.skip(reason)
+    build = tmp_path_factory.mktemp("cpp-build")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    start = time.perf_counter()
+    configure = subprocess.run(
+        ["cmake", "-S", str(SOURCE), "-B", str(build), f"-DPython3_EXECUTABLE={sys.executable}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
+    compiled = subprocess.run(
+        ["cmake", "--build", str(build), "-j2"], capture_output=True, text=True, timeout=900, env=env
+    )
+    assert compiled.returncode == 0, compiled.stdout[-3000:] + compiled.stderr[-3000:]
+    print(f"examples/cpp configured and built in {time.perf_counter() - start:.0f} s")
+    built: dict[str, Path | str] = {}
+    for name in HOSTS:
+        skipped = re.search(rf"{name} skipped: (.*)", configure.stdout)
+        built[name] = skipped.group(1) if skipped else build / name
+    return built
+
+
+@pytest.fixture(params=list(HOSTS))
+def host(request, hosts) -> tuple[Path, str]:
+    """(program, the model file it runs); a program whose runtime package is missing is skipped with the reason."""
+    program = hosts[request.param]
+    if isinstance(program, str):
+        pytest.skip(f"{request.param}: {program}")
+    return program, HOSTS[request.param]
+
+
+def run(program: Path, *args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([str(program), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_masks_agree_with_predict(host, exported_all, tiny_data, odd_image, predicted_masks, tmp_path, agreement):
+    program, file = host
+    model = exported_all[0] / file
+    expected = predicted_masks(model)
+    images = [*sorted((tiny_data / "val" / "images").iterdir()), odd_image]
+    masks = {}
+    for image in images:
+        mask_path = tmp_path / f"{image.stem}_mask.png"
+        result = run(program, model, image, mask_path)
+        assert result.returncode == 0, result.stderr
+        masks[mask_path.name] = np.array(Image.open(mask_path))
+        assert Image.open(mask_path).getpalette()[:12] == [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0]
+    assert masks.keys() == expected.keys() and masks["odd_mask.png"].shape == (97, 131)
+    flat = [np.concatenate([m[name].ravel() for name in sorted(expected)]) for m in (masks, expected)]
+    assert len(np.unique(flat[1])) >= 2  # agreement with a one-class mask would prove little
+    assert agreement(*flat) >= 0.999
+    assert agreement(masks["odd_mask.png"], expected["odd_mask.png"]) >= 0.999
+
+
+def test_timings_are_printed_as_json(host, exported_all, odd_image, tmp_path):
+    import json
+
+    program, file = host
+    result = run(program, exported_all[0] / file, odd_image, tmp_path / "mask.png", "--repeat", "3")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["calls"] == 3 and len(report["latency_ms"]) == 3 and 0 < report["min_ms"] <= report["p50_ms"]
+
+
+@pytest.mark.parametrize("how", ["tampered", "truncated", "missing"])
+def test_a_damaged_or_missing_model_gets_one_error_line(how, host, exported_all, odd_image, tmp_path, damaged_copy):
+    program, file = host
+    damaged = damaged_copy(exported_all[0], file, tmp_path / "copy", how)
+    mask_path = tmp_path / "mask.png"
+    result = run(program, damaged, odd_image, mask_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {damaged}: "), result.stderr
+    expected = {"tampered": "file was modified", "truncated": "file was truncated", "missing": "file not found"}[how]
+    assert expected in lines[0] and not mask_path.exists()
+
+
+def test_a_bad_command_line_gets_one_error_line(hosts, odd_image, tmp_path):
+    program = next((p for p in hosts.values() if isinstance(p, Path)), None)
+    if program is None:
+        pytest.skip("no C++ host was built")
+    result = run(program, odd_image, "--repeat", "0")
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
+    assert "--repeat takes a positive integer" in result.stderr
