@@ -17,8 +17,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.slow
-
 SOURCE = Path(__file__).resolve().parents[1] / "examples" / "cpp"
 # program -> the file of the session's export it runs
 HOSTS = {"unet_openvino": "model.xml", "unet_executorch": "model.pte", "unet_aoti": "model.pt2"}
@@ -74,6 +72,7 @@ def run(program: Path, *args: object) -> subprocess.CompletedProcess:
     return subprocess.run([str(program), *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_masks_agree_with_predict(host, exported_all, tiny_data, odd_image, predicted_masks, tmp_path, agreement):
     program, file = host
     model = exported_all[0] / file
@@ -93,6 +92,7 @@ def test_masks_agree_with_predict(host, exported_all, tiny_data, odd_image, pred
     assert agreement(masks["odd_mask.png"], expected["odd_mask.png"]) >= 0.999
 
 
+@pytest.mark.slow
 def test_timings_are_printed_as_json(host, exported_all, odd_image, tmp_path):
     import json
 
@@ -103,6 +103,7 @@ def test_timings_are_printed_as_json(host, exported_all, odd_image, tmp_path):
     assert report["calls"] == 3 and len(report["latency_ms"]) == 3 and 0 < report["min_ms"] <= report["p50_ms"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["tampered", "truncated", "missing"])
 def test_a_damaged_or_missing_model_gets_one_error_line(how, host, exported_all, odd_image, tmp_path, damaged_copy):
     program, file = host
@@ -116,6 +117,7 @@ def test_a_damaged_or_missing_model_gets_one_error_line(how, host, exported_all,
     assert expected in lines[0] and not mask_path.exists()
 
 
+@pytest.mark.slow
 def test_a_bad_command_line_gets_one_error_line(hosts, odd_image, tmp_path):
     program = next((p for p in hosts.values() if isinstance(p, Path)), None)
     if program is None:
@@ -123,3 +125,38 @@ def test_a_bad_command_line_gets_one_error_line(hosts, odd_image, tmp_path):
     result = run(program, odd_image, "--repeat", "0")
     assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
     assert "--repeat takes a positive integer" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_executorch_host_refuses_an_image_beyond_the_program_bounds(hosts, exported_all, tmp_path):
+    """The runtime does not check the bounds its memory was planned for (--max-size, 1024 here): the host does."""
+    program = hosts["unet_executorch"]
+    if isinstance(program, str):
+        pytest.skip(f"unet_executorch: {program}")
+    image = tmp_path / "tall.png"
+    Image.fromarray(np.zeros((1025, 3, 3), np.uint8)).save(image)
+    result = run(program, exported_all[0] / "model.pte", image, tmp_path / "mask.png")
+    assert result.returncode != 0 and not (tmp_path / "mask.png").exists()
+    assert result.stderr.strip().splitlines() == [
+        f"error: {image}: a 1025x3 image is outside the program's bounds (height 2..1024, width 2..1024; "
+        "export with a larger --max-size)"
+    ]
+
+
+@pytest.mark.slow
+def test_the_export_folder_says_how_to_build_and_run_each_host(exported_all):
+    text = (exported_all[0] / "EMBEDDING.md").read_text()
+    for program, file in HOSTS.items():
+        assert f"build/{program} {file} image.png mask.png" in text
+        assert f"## Embedding `{file}`" in text
+
+
+def test_the_readme_shows_the_cpp_lines_each_format_gives():
+    from unet_edge.formats import FORMATS
+
+    readme = (SOURCE.parents[1] / "README.md").read_text(encoding="utf-8")
+    programs = {fmt.file: fmt.embedding.cpp for fmt in FORMATS.values() if fmt.embedding and fmt.embedding.cpp}
+    assert set(programs) == set(HOSTS.values())
+    assert programs["model.pt2"].format(model="model.pt2").rstrip() in readme
+    for program in HOSTS:
+        assert f"`{program}`" in readme

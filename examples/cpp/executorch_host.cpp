@@ -2,12 +2,32 @@
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
 
+#include <nlohmann/json.hpp>
+
 #include "host.h"
 
 using namespace unet_edge;
 using executorch::extension::Module;
 
 namespace {
+
+struct Bounds {
+  int min_height = 2, max_height = 1024, min_width = 2, max_width = 1024;  // programs that predate the metadata
+};
+
+// The height and width the program accepts: its `size_contract` metadata.
+Bounds side_bounds(const Metadata& meta, const std::string& path) {
+  Bounds bounds;
+  if (!meta.count("size_contract")) return bounds;
+  try {
+    const auto contract = nlohmann::json::parse(meta.at("size_contract"));
+    contract.at("height").at(0).get_to(bounds.min_height), contract.at("height").at(1).get_to(bounds.max_height);
+    contract.at("width").at(0).get_to(bounds.min_width), contract.at("width").at(1).get_to(bounds.max_width);
+  } catch (const nlohmann::json::exception&) {
+    throw Error(path + ": the program's size_contract metadata is not readable");
+  }
+  return bounds;
+}
 
 std::string describe(executorch::runtime::Error error) {
   return "ExecuTorch error " + std::to_string(static_cast<int>(error));
@@ -29,12 +49,21 @@ int main(int argc, char** argv) {
       throw Error(options.model + ": not a loadable unet-edge ExecuTorch program (" + describe(meta_result.error()) +
                   ")");
     }
-    const ModelInfo info = model_info(parse_metadata(std::string(meta_result->at(0).toString()), options.model),
-                                      options.model);
+    const Metadata meta = parse_metadata(std::string(meta_result->at(0).toString()), options.model);
+    const ModelInfo info = model_info(meta, options.model);
     const Image image = read_png(options.image);
+    // The program's memory is planned for the bounds it was exported with (--max-size), and the runtime does not
+    // refuse a larger input: the host does, as unet-edge's Python backend does.
+    const Bounds bounds = side_bounds(meta, options.model);
+    if (image.height < bounds.min_height || image.height > bounds.max_height || image.width < bounds.min_width ||
+        image.width > bounds.max_width) {
+      throw Error(options.image + ": a " + std::to_string(image.height) + "x" + std::to_string(image.width) +
+                  " image is outside the program's bounds (height " + std::to_string(bounds.min_height) + ".." +
+                  std::to_string(bounds.max_height) + ", width " + std::to_string(bounds.min_width) + ".." +
+                  std::to_string(bounds.max_width) + "; export with a larger --max-size)");
+    }
     std::vector<float> input = normalise(image, info);
 
-    // The program's shape bounds (--max-size at export) are checked by the runtime: an error, not a crash.
     auto tensor = executorch::extension::from_blob(input.data(), {1, 3, image.height, image.width});
     const auto run = [&] {
       auto outputs = module.forward(tensor);
