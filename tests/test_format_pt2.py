@@ -71,3 +71,20 @@ def test_export_without_a_compiler_stops_in_one_line(tiny_checkpoint, tmp_path, 
     result = cli("export", str(tiny_checkpoint), "--format", "pt2", "--out", str(out))
     one_line_error(result, "pt2 needs a C++ compiler")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_int8_is_quantised_and_held_to_the_budget(tiny_checkpoint, tmp_path, cli):
+    """model_int8.pt2 (X86 Inductor quantizer, calibrated on training images): within the mIoU budget, really int8."""
+    import json
+
+    result = cli(
+        "export", str(tiny_checkpoint), "--format", "pt2", "--precision", "int8", "--out", str(tmp_path), "--name", "q"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    entries = {e["file"]: e for e in json.loads((tmp_path / "q" / "manifest.json").read_text())["artifacts"]}
+    assert sorted(entries) == ["model.pt2", "model_int8.pt2"]
+    int8 = entries["model_int8.pt2"]
+    assert int8["precision"] == "int8" and int8["quantization"]["within_budget"] is True
+    assert int8["parity"]["passed"] is True and int8["parity"]["max_abs_diff"] > 1e-3  # not the float model again
+    assert open_backend(tmp_path / "q" / "model_int8.pt2").precision == "int8"

@@ -21,14 +21,16 @@ from typing import Any
 import numpy as np
 
 from ..artifact import ExportedArtifact, artifact_metadata, io_spec
+from ..cpuinfo import cpu_flags
 from ..errors import ArtifactError
 from ..io import atomic_write_bytes
 from .base import Backend, ExportRequest, Format, Precision, Provider, Snippet, backend_fields, cpp_host
 from .torchscript import torch_device
 
-__all__ = ["FORMAT", "AotiBackend", "export", "open_model"]
+__all__ = ["FORMAT", "AotiBackend", "export", "export_variants", "open_model"]
 
 PT2_FILE = "model.pt2"
+INT8_PT2_FILE = "model_int8.pt2"
 # Inductor settings of the compiled package: freezing folds BatchNorm and pre-packs the weights; one compile
 # worker, because a U-Net has few kernels and a pool of compile processes costs more to start than it saves.
 INDUCTOR_CONFIGS = {"freezing": True, "compile_threads": 1}
@@ -65,19 +67,25 @@ def _exported(module: Any) -> Any:
         )
 
 
-def export(request: ExportRequest) -> list[ExportedArtifact]:
-    """model.pt2: float32, any batch and H x W, compiled by AOTInductor for this CPU."""
-    import torch
+def _source(request: ExportRequest) -> Any:
+    return (request.folded_model if request.folded_model is not None else request.loaded.model).eval()
 
-    module = (request.folded_model if request.folded_model is not None else request.loaded.model).eval()
-    request.say("exporting to a pt2 package (torch.export, AOTInductor)")
+
+def _program(request: ExportRequest, module: Any) -> Any:
     try:
-        program = _exported(module)
+        return _exported(module)
     except Exception as exc:  # torch.export raises many error types
         raise ArtifactError(f"{request.loaded.path}: torch.export failed for pt2 ({_first_line(exc)})") from None
-    metadata = artifact_metadata(request.loaded, Precision.FP32.value)
+
+
+def _package(
+    request: ExportRequest, program: Any, file: str, precision: Precision, extra: dict[str, Any]
+) -> ExportedArtifact:
+    """Compile `program` with AOTInductor into `file` (written atomically), the artifact metadata inside."""
+    import torch
+
+    configs = {**INDUCTOR_CONFIGS, "aot_inductor.metadata": artifact_metadata(request.loaded, precision.value)}
     buffer = io.BytesIO()  # in memory first, then written atomically
-    configs = {**INDUCTOR_CONFIGS, "aot_inductor.metadata": metadata}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -86,7 +94,7 @@ def export(request: ExportRequest) -> list[ExportedArtifact]:
         raise ArtifactError(
             f"{request.loaded.path}: AOTInductor could not compile the model ({_first_line(exc)})"
         ) from None
-    path = request.folder / PT2_FILE
+    path = request.folder / file
     atomic_write_bytes(path, buffer.getvalue())
     inputs, outputs = io_spec(len(request.loaded.classes))
     isa = torch._inductor.aoti_load_package(str(path)).get_metadata().get(ISA_KEY, "")
@@ -94,7 +102,53 @@ def export(request: ExportRequest) -> list[ExportedArtifact]:
         "batchnorm_folded": request.folded_model is not None,
         "compile_config": {"freezing": True, "cpu_isa": isa},
     }
-    return [ExportedArtifact(PT2_FILE, "pt2", "fp32", path, inputs, outputs, None, info)]
+    return ExportedArtifact(file, "pt2", precision.value, path, inputs, outputs, None, {**info, **extra})
+
+
+def export(request: ExportRequest) -> list[ExportedArtifact]:
+    """model.pt2: float32, any batch and H x W, compiled by AOTInductor for this CPU."""
+    request.say("exporting to a pt2 package (torch.export, AOTInductor)")
+    return [_package(request, _program(request, _source(request)), PT2_FILE, Precision.FP32, {})]
+
+
+def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
+    """model_int8.pt2: PT2E static int8 with the X86 Inductor quantizer (per-channel int8 weights, uint8
+    activations calibrated on training images), compiled by AOTInductor and checked against the mIoU budget."""
+    import torch
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    budget = request.require_budget(Precision.INT8)
+    calibration = budget.calibration()
+    request.say(f"quantising to int8 with the X86 Inductor quantizer ({len(calibration)} training images)")
+    # uint8 activations use 0..127 on CPUs without VNNI, whose int8 dot products can saturate (the quantizer's advice).
+    reduce_range = not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags())
+    quantizer = X86InductorQuantizer().set_global(
+        get_default_x86_inductor_quantization_config(reduce_range=reduce_range)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_pt2e(_program(request, _source(request)).module(), quantizer)
+        with torch.no_grad():
+            for image in calibration:
+                prepared(torch.from_numpy(image)[None])
+        converted = convert_pt2e(prepared)
+    artifact = _package(request, _program(request, converted), INT8_PT2_FILE, Precision.INT8, {})
+    artifact.extra = {
+        **(artifact.extra or {}),
+        "quantization": budget.check(
+            artifact.path,
+            Precision.INT8,
+            tool="torchao X86InductorQuantizer (pt2e prepare/convert), AOTInductor",
+            weights="int8, per channel, symmetric",
+            activations="uint8, per tensor, asymmetric" + (", 0..127 (no VNNI)" if reduce_range else ""),
+            calibration=budget.calibration_record(),
+        ),
+    }
+    return [artifact]
 
 
 class AotiBackend(Backend):
@@ -188,5 +242,7 @@ FORMAT = Format(
     open=open_model,
     providers={Provider.CPU: "cpu"},
     unavailable=compiler_unavailable,
+    precisions=(Precision.FP32, Precision.INT8),
+    export_variants=export_variants,
     embedding=EMBEDDING,
 )
