@@ -50,11 +50,20 @@ lint: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
-# What the embedding tests need beside Python: Chromium (where apt-get and root allow) and the examples' npm packages
-# (where npm is). Elsewhere those tests skip with the reason; under CI (CI=true) a failed install fails the run instead.
+# What the embedding tests need beside Python: Chromium and the C++ hosts' build tools and libraries (where apt-get
+# and root allow) and the examples' npm packages (where npm is). Elsewhere those tests skip with the reason; under CI
+# (CI=true) a failed install fails the run instead.
 NPM_CI := npm ci --no-audit --no-fund --onnxruntime-node-install=skip
+CPP_DEBS := g++ make cmake libpng-dev libssl-dev nlohmann-json3-dev
 test-tools:
 	@miss() { if [ "$${CI:-}" = true ]; then echo "error: $$1" >&2; exit 1; fi; echo "warning: $$1: the $$2 will skip"; }; \
+	debs=$$(for deb in $(CPP_DEBS); do dpkg -s $$deb >/dev/null 2>&1 || echo $$deb; done); \
+	if [ -n "$$debs" ]; then \
+	    if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$debs >/dev/null; } \
+	            || miss "could not install $$(echo $$debs)" "C++ host tests"; \
+	    else miss "no apt-get as root to install $$(echo $$debs)" "C++ host tests"; fi; \
+	fi; \
 	if ! command -v chromium >/dev/null; then \
 	    if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \

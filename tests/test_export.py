@@ -46,7 +46,12 @@ def test_export_writes_checked_onnx_with_metadata_and_manifest(export_dir, tiny_
         fmt.file for fmt in export_formats().values()
     }  # --format all: one fp32 file per format (test_formats.py checks each)
     assert entries["model.onnx"]["opset"] == 18
-    listed = {"manifest.json", *entries, *(c["file"] for e in entries.values() for c in e.get("companions", []))}
+    listed = {
+        "manifest.json",
+        "EMBEDDING.md",
+        *entries,
+        *(c["file"] for e in entries.values() for c in e.get("companions", [])),
+    }
     assert sorted(p.name for p in export_dir.iterdir()) == sorted(
         listed
     )  # nothing else: no converter leftovers or temporary files

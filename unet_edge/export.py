@@ -4,7 +4,7 @@
 the BatchNorm fold is exact when asked for), lets each format of the registry write its artifacts
 into a staging folder beside the export folder, derives the reduced-precision variants, measures parity
 on validation images, then moves the files into the export folder and writes manifest.json once, with
-each file's sha256 and its parity result.
+each file's sha256 and its parity result, and EMBEDDING.md (how to embed each model, from the formats' snippets).
 
 A failure (a full disk, a converter error) or a kill at any point leaves the previous export as it was,
 and no manifest ever names a file that is missing or differs from its sha256: before the new files move
@@ -28,6 +28,7 @@ from .artifact import MANIFEST_FILE, ExportedArtifact, find_latest_export, read_
 from .cpuinfo import precision_skip_reason
 from .errors import ArtifactError, OutputError, UNetEdgeError
 from .formats import FORMATS, ExportRequest, Precision, Provider, QuantBudget, export_formats, export_options
+from .formats.embedding import EMBEDDING_FILE, folder_embedding_markdown
 from .io import atomic_write_text
 from .progress import Progress, Steps
 from .quiet import third_party_output
@@ -272,6 +273,9 @@ def _export_staged(
     for row in (parity or {}).get("artifacts", []):  # the report names the files where they now are
         row["path"] = str(folder / Path(row["path"]).name)
     manifest = write_manifest(folder, loaded, artifacts, results)
+    atomic_write_text(
+        folder / EMBEDDING_FILE, folder_embedding_markdown((read_manifest(folder) or {}).get("artifacts", []))
+    )
     quantization = [a.extra["quantization"] for a in artifacts if a.extra and "quantization" in a.extra]
     steps.done("exported")
     return ExportResult(source.path, folder, manifest, artifacts, parity, quantization, skipped)

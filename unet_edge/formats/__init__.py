@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import checkpoint, executorch, litert, ncnn, onnx, openvino, torchscript
+from . import checkpoint, executorch, litert, ncnn, onnx, openvino, pt2, torchscript
 from .base import (
     BUDGET_TOLERANCE,
     IMAGE_SIZE,
@@ -59,6 +59,7 @@ FORMATS: dict[str, Format] = {
         openvino.FORMAT,
         ncnn.FORMAT,
         executorch.FORMAT,
+        pt2.FORMAT,
         litert.FORMAT,
         checkpoint.FORMAT,
     )

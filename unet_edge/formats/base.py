@@ -33,6 +33,7 @@ __all__ = [
     "QuantBudget",
     "Snippet",
     "backend_fields",
+    "cpp_host",
     "default_threads",
     "import_runtime",
     "needs_runtime",
@@ -315,12 +316,34 @@ class ExportRequest:
 class Snippet:
     """How a program loads a format's file and segments one image with its runtime alone: the README's lead-in
     line, the imports the code assumes, the code (naming the fp32 export's files), and notes by precision for
-    variants whose interface differs (an int8 input, for example)."""
+    variants whose interface differs (an int8 input, for example). `cpp`: the shell lines that build and run the
+    format's C++ host from examples/cpp (`cpp_host`), with `{model}` for the model file; empty when it has none."""
 
     intro: str
     imports: str
     code: str
     notes: Mapping[str, str] = field(default_factory=dict)
+    cpp: str = ""
+
+
+# examples/cpp's CMake option of each C++ host program.
+CPP_HOSTS = {
+    "unet_openvino": "UNET_EDGE_OPENVINO",
+    "unet_executorch": "UNET_EDGE_EXECUTORCH",
+    "unet_aoti": "UNET_EDGE_AOTI",
+}
+
+
+def cpp_host(program: str) -> str:
+    """Build examples/cpp's `program` alone (the other runtimes switched off) and run it on `{model}`."""
+    others = " ".join(f"-D{option}=OFF" for name, option in CPP_HOSTS.items() if name != program)
+    return (
+        "# in a clone of unet-edge; python3 has unet-edge and its extras installed (CMake finds the runtimes there)\n"
+        f'cmake -S examples/cpp -B build -DPython3_EXECUTABLE="$(command -v python3)" {others}\n'
+        "cmake --build build -j2\n"
+        f"build/{program} {{model}} image.png mask.png  # manifest.json beside the model: its sha256 is checked\n"
+        f"build/{program} {{model}} image.png mask.png --repeat 30  # also prints the inference latency as JSON\n"
+    )
 
 
 @dataclass(frozen=True)

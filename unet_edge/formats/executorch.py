@@ -34,6 +34,7 @@ from .base import (
     Provider,
     Snippet,
     backend_fields,
+    cpp_host,
     default_threads,
     import_runtime,
     needs_runtime,
@@ -303,6 +304,7 @@ image = np.asarray(Image.open("image.png").convert("RGB"))  # H x W x 3 uint8, e
 x = np.ascontiguousarray(((image / 255.0 - mean) / std).transpose(2, 0, 1)[None], np.float32)  # 1 x 3 x H x W, contiguous
 mask = forward.execute((torch.from_numpy(x),))[0][0].argmax(0).numpy()  # H x W class indices
 """,
+    cpp=cpp_host("unet_executorch"),
 )
 
 

@@ -30,6 +30,7 @@ from .base import (
     Provider,
     Snippet,
     backend_fields,
+    cpp_host,
     default_threads,
     import_runtime,
     needs_runtime,
@@ -233,6 +234,7 @@ image = np.asarray(Image.open("image.png").convert("RGB"))  # H x W x 3 uint8, a
 x = ((image / 255.0 - meta["mean"]) / meta["std"]).transpose(2, 0, 1)[None].astype(np.float32)  # 1 x 3 x H x W
 mask = compiled(x)[0][0].argmax(0)  # H x W class indices
 """,
+    cpp=cpp_host("unet_openvino"),
 )
 
 
