@@ -60,6 +60,7 @@ def test_without_a_compiler_the_format_is_unavailable_in_one_line(monkeypatch):
     assert PT2.unavailable(Provider.CUDA) is not None
 
 
+@pytest.mark.slow
 def test_export_without_a_compiler_stops_in_one_line(tiny_checkpoint, tmp_path, monkeypatch, cli, one_line_error):
     from torch._inductor import cpp_builder
 
