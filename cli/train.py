@@ -191,7 +191,8 @@ def train(
     distill_loss: Annotated[
         DistillLoss,
         typer.Option(
-            help="With --teacher: pixel-wise KL over the classes (kl), or channel-wise divergence over each class map's pixels (cwd)."
+            help="With --teacher: pixel-wise KL over the classes (kl), channel-wise divergence over each class map's "
+            "pixels (cwd), or DIST's inter- and intra-class correlation (dist)."
         ),
     ] = DistillLoss(DEFAULTS.distill_loss),
     distill_weight: Annotated[
@@ -203,6 +204,22 @@ def train(
             help="With --teacher: softmax temperature (> 0) of the distillation term, which is scaled by its square."
         ),
     ] = DEFAULTS.distill_temperature,
+    distill_warmup: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="With --teacher: fraction of the run over which the term's weight rises linearly from 0.",
+        ),
+    ] = DEFAULTS.distill_warmup,
+    distill_cache: Annotated[
+        bool | None,
+        typer.Option(
+            "--distill-cache/--no-distill-cache",
+            help="With --teacher: compute the teacher's logits once per training image and crop them with it "
+            "(default: when they fit in memory), or run the teacher in every step.",
+        ),
+    ] = DEFAULTS.distill_cache,
     base_channels: Annotated[
         int, typer.Option(min=1, help="Channels of the first U-Net level.")
     ] = DEFAULTS.model.base_channels,
@@ -253,7 +270,7 @@ def train(
     given = _given(ctx)
     unused = [
         f"--{name.replace('_', '-')}"
-        for name in ("distill_loss", "distill_weight", "distill_temperature")
+        for name in ("distill_loss", "distill_weight", "distill_temperature", "distill_warmup", "distill_cache")
         if name in given
     ]
     if unused and teacher is None and resume is None:

@@ -151,7 +151,8 @@ def test_the_teacher_gets_no_gradients_and_stays_in_eval_mode(tiny_data, teacher
     data = training_data(config, cpu)
     teacher = load_teacher(teacher_checkpoint, data.classes, data.mean, data.std, cpu)
     before = {name: value.clone() for name, value in teacher.model.state_dict().items()}
-    training = Training.build(config, data, cpu, None, 1, teacher)
+    distillation = Distillation(teacher, ChannelWiseDivergence(4.0), 0.1, pad_index(data.ignore_index))
+    training = Training.build(config, data, cpu, None, 1, distillation)
     teacher.model.train()  # as any `model.train()` of a training loop would
     assert not any(module.training for module in teacher.model.modules())
     loss, seen, _ = train_one_epoch(
@@ -162,14 +163,14 @@ def test_the_teacher_gets_no_gradients_and_stays_in_eval_mode(tiny_data, teacher
         training.criterion,
         cpu,
         normalize=data.normalize,
-        distillation=training.distillation,
+        auxiliary=training.auxiliary,
     )
     assert seen > 0 and math.isfinite(loss)
     assert not any(module.training for module in teacher.model.modules())
     assert all(not p.requires_grad and p.grad is None for p in teacher.model.parameters())
     after = teacher.model.state_dict()
     assert all(torch.equal(after[name], value) for name, value in before.items())  # BatchNorm statistics included
-    teacher_seconds, mean_term = training.distillation.take_epoch_stats()
+    teacher_seconds, mean_term = distillation.take_epoch_stats()
     assert teacher_seconds > 0 and mean_term > 0
     assert all(p.grad is not None for p in training.model.parameters())
 
@@ -252,7 +253,10 @@ def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_d
     assert len(re.findall(r"teacher \d+% of step time", result.stderr)) == 2
     run = tmp_path / "runs" / "d"
     records = read_jsonl(run / "metrics.jsonl")
-    assert all(0 < r["teacher_share"] < 1 and r["teacher_time_s"] > 0 and r["distill_loss"] > 0 for r in records)
+    # The teacher's logits were computed once, before the first epoch: no teacher time in the steps after.
+    assert "logits computed once per training image" in result.stderr
+    assert records[0]["teacher_time_s"] > 0 and all(r["teacher_time_s"] == 0 for r in records[1:])
+    assert all(r["distill_loss"] > 0 for r in records)
     state = load_checkpoint(run / "best.pt")
     recorded = state["teacher"]
     assert recorded["path"] == str(teacher_checkpoint) and recorded["sha256"] == sha256_file(teacher_checkpoint)
@@ -288,8 +292,12 @@ def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_d
         "s",
         "--teacher",
         str(script),
+        "--no-distill-cache",
     )
     assert again.returncode == 0, again.stderr
+    assert "run on every batch" in again.stderr
+    online = read_jsonl(tmp_path / "runs" / "s" / "metrics.jsonl")
+    assert all(0 < r["teacher_share"] < 1 and r["teacher_time_s"] > 0 for r in online)
     assert load_checkpoint(tmp_path / "runs" / "s" / "last.pt")["teacher"]["kind"] == "torchscript"
 
 
@@ -342,7 +350,7 @@ def test_a_teacher_worse_than_the_student_is_a_warning(tiny_data, teacher_checkp
     hooks = Notes()
     result = trainer(tiny_data, tmp_path, name="w", epochs=2, hooks=hooks, teacher=str(weak))
     teacher_miou = load_checkpoint(result.run_dir / "last.pt")["teacher"]["val_miou"]
-    assert hooks.notes[0] == f"teacher {weak} ({load_teacher_description(weak)}): val mIoU {teacher_miou:.4f}"
+    assert hooks.notes[0].startswith(f"teacher {weak} ({load_teacher_description(weak)}): val mIoU {teacher_miou:.4f};")
     warnings = [note for note in hooks.notes if note.startswith("warning:")]
     passed = [r["epoch"] for r in result.history if r["miou"] > teacher_miou]
     assert passed, "the student never passed the weak teacher: the warning went untested"

@@ -42,11 +42,12 @@ class Loss(StrEnum):
 
 
 class DistillLoss(StrEnum):
-    """The distillation term on the logits (see `unet_edge.distill`): pixel-wise KL over the classes, or
-    channel-wise divergence over each class map's pixels."""
+    """The distillation term on the logits (see `unet_edge.distill`): pixel-wise KL over the classes,
+    channel-wise divergence over each class map's pixels, or DIST's inter- and intra-class correlation."""
 
     KL = "kl"
     CWD = "cwd"
+    DIST = "dist"
 
 
 def _choice(enum: type[StrEnum], name: str, value: str) -> str:
@@ -99,7 +100,9 @@ class TrainConfig:
     `ema_decay` > 0 keeps an exponential moving average of the weights, which is what validation
     measures and best.pt holds. `loss` is "dice-ce" (cross-entropy plus soft Dice) or "ce"; checkpoints
     saved before the setting existed trained with "ce". `teacher` (a checkpoint or TorchScript file) adds
-    `distill_weight` times the `distill_loss` term at `distill_temperature` to the loss.
+    `distill_weight` times the `distill_loss` term at `distill_temperature` to the loss, its weight rising
+    linearly from 0 over the first `distill_warmup` fraction of the steps; `distill_cache` computes the
+    teacher's logits once per training image instead of in every step (None: when they fit in memory).
     """
 
     data: str | None = None
@@ -118,6 +121,8 @@ class TrainConfig:
     distill_loss: str = "cwd"
     distill_weight: float = 0.1
     distill_temperature: float = 4.0
+    distill_warmup: float = 0.0
+    distill_cache: bool | None = None
     model: ModelConfig = field(default_factory=lambda: ModelConfig(base_channels=16, depth=3))
     device: str = "auto"
     amp: bool = True
@@ -142,6 +147,8 @@ class TrainConfig:
             raise ValueError(f"distill weight must be >= 0, got {self.distill_weight}")
         if self.distill_temperature <= 0:
             raise ValueError(f"distill temperature must be > 0, got {self.distill_temperature}")
+        if not 0.0 <= self.distill_warmup <= 1.0:
+            raise ValueError(f"distill warm-up must be a fraction of the run in 0..1, got {self.distill_warmup}")
 
     @property
     def scale_range(self) -> tuple[float, float] | None:
