@@ -80,7 +80,7 @@ class PixelKLDivergence(nn.Module):
     ) -> torch.Tensor:
         t = self.temperature
         log_student = (student_logits.float() / t).log_softmax(1)
-        log_teacher = (teacher_logits.float() / t).log_softmax(1)
+        log_teacher = (teacher_logits.detach().float() / t).log_softmax(1)
         per_pixel = (log_teacher.exp() * (log_teacher - log_student)).sum(1)
         valid = valid_mask.to(per_pixel.dtype)
         return (per_pixel * valid).sum() / valid.sum().clamp_min(1) * t * t
@@ -106,7 +106,7 @@ class ChannelWiseDivergence(nn.Module):
         def log_spatial(logits: torch.Tensor) -> torch.Tensor:
             return (logits.float().flatten(2) / t).masked_fill(~valid, lowest).log_softmax(-1)
 
-        log_student, log_teacher = log_spatial(student_logits), log_spatial(teacher_logits)
+        log_student, log_teacher = log_spatial(student_logits), log_spatial(teacher_logits.detach())
         per_map = torch.where(valid, log_teacher.exp() * (log_teacher - log_student), 0.0).sum(-1)
         counted = valid.any(-1).expand_as(per_map)
         return (per_map * counted).sum() / counted.sum().clamp_min(1) * t * t
