@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperOption
 
-from unet_edge.config import BlockOrder, DistillLoss, Loss, ModelConfig, TrainConfig, Upsample
+from unet_edge.config import (
+    LR_AT_REFERENCE_WIDTH,
+    LR_REFERENCE_WIDTH,
+    BlockOrder,
+    DistillLoss,
+    Loss,
+    ModelConfig,
+    TrainConfig,
+    Upsample,
+)
 
 from .common import (
     DataOption,
@@ -150,7 +159,12 @@ def train(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step (per process).")] = DEFAULTS.batch_size,
     lr: Annotated[
-        float, typer.Option(min=0.0, help="Peak AdamW learning rate (warm-up, then cosine decay).")
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Peak AdamW learning rate (warm-up, then cosine decay); default: "
+            f"{LR_AT_REFERENCE_WIDTH:g} x {LR_REFERENCE_WIDTH} / --base-channels (narrow models need larger steps).",
+        ),
     ] = DEFAULTS.lr,
     image_size: Annotated[int, typer.Option(min=8, help="Side of the random training crop.")] = DEFAULTS.image_size,
     hflip: Annotated[

@@ -10,7 +10,32 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["BlockOrder", "DistillLoss", "Downsample", "Loss", "ModelConfig", "TrainConfig", "Upsample"]
+__all__ = [
+    "BlockOrder",
+    "DistillLoss",
+    "Downsample",
+    "Loss",
+    "ModelConfig",
+    "TrainConfig",
+    "Upsample",
+    "width_lr",
+]
+
+# The peak learning rate `train` picks for a model of base width `LR_REFERENCE_WIDTH`; other widths scale it by
+# LR_REFERENCE_WIDTH / base_channels (see `width_lr`).
+LR_AT_REFERENCE_WIDTH = 2e-3
+LR_REFERENCE_WIDTH = 16
+
+
+def width_lr(base_channels: int) -> float:
+    """The default peak AdamW learning rate for a U-Net of `base_channels`: 1e-3 at base 32, scaled as 1 / width
+    (muP's rule for Adam's hidden layers), so 2e-3 at base 16 and 4e-3 at base 8.
+
+    At 1e-3, narrow students spend a seed-dependent part of a short schedule before they tell their classes apart
+    (the background is fitted within 3 epochs; the other classes come one by one, late): see the "Training
+    quality" section of benchmarks/README.md. Larger steps for narrower models shorten that.
+    """
+    return LR_AT_REFERENCE_WIDTH * LR_REFERENCE_WIDTH / base_channels
 
 
 class Upsample(StrEnum):
@@ -98,7 +123,7 @@ class TrainConfig:
     comes from the dataset unless set. Augmentation: `hflip` is the probability of a horizontal flip
     (0: none), `scale_min`..`scale_max` the range of the random resize before the crop (1..1: none).
     `ema_decay` > 0 keeps an exponential moving average of the weights, which is what validation
-    measures and best.pt holds. `loss` is "dice-ce" (cross-entropy plus soft Dice) or "ce"; checkpoints
+    measures and best.pt holds. `lr` None picks the peak learning rate from the model's width (`width_lr`). `loss` is "dice-ce" (cross-entropy plus soft Dice) or "ce"; checkpoints
     saved before the setting existed trained with "ce". `teacher` (a checkpoint or TorchScript file) adds
     `distill_weight` times the `distill_loss` term at `distill_temperature` to the loss, its weight rising
     linearly from 0 over the first `distill_warmup` fraction of the steps; `distill_cache` computes the
@@ -108,7 +133,7 @@ class TrainConfig:
     data: str | None = None
     epochs: int = 20
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float | None = None
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
     image_size: int = 64
@@ -149,6 +174,11 @@ class TrainConfig:
             raise ValueError(f"distill temperature must be > 0, got {self.distill_temperature}")
         if not 0.0 <= self.distill_warmup <= 1.0:
             raise ValueError(f"distill warm-up must be a fraction of the run in 0..1, got {self.distill_warmup}")
+
+    @property
+    def peak_lr(self) -> float:
+        """The peak learning rate of the run: `lr`, or when None the one `width_lr` picks for the model."""
+        return self.lr if self.lr is not None else width_lr(self.model.base_channels)
 
     @property
     def scale_range(self) -> tuple[float, float] | None:

@@ -214,7 +214,7 @@ class Training:
         train_model = distributed.wrap(model) if distributed is not None else model
         if config.compile:
             train_model = torch.compile(train_model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.peak_lr, weight_decay=config.weight_decay)
         schedule = WarmupCosine(len(data.train_loader) * planned_epochs, config.warmup_fraction)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         precision = mixed_precision(device, config.amp)
