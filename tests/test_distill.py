@@ -258,7 +258,8 @@ def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_d
     records = read_jsonl(run / "metrics.jsonl")
     # The teacher's logits were computed once, before the first epoch: no teacher time in the steps after.
     assert "logits computed once per training image" in result.stderr
-    assert records[0]["teacher_time_s"] > 0 and all(r["teacher_time_s"] == 0 for r in records[1:])
+    assert records[0]["soft_labels_s"] > 0 and all("soft_labels_s" not in r for r in records[1:])
+    assert all(r["teacher_time_s"] == 0 and r["teacher_share"] == 0 for r in records)
     assert all(r["distill_loss"] > 0 for r in records)
     state = load_checkpoint(run / "best.pt")
     recorded = state["teacher"]

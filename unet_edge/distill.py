@@ -345,6 +345,7 @@ class Distillation:
         self.step = 0
         self.teacher_miou: float | None = None
         self.soft_labels = False
+        self._soft_label_seconds: float | None = None
         self._passed = False
         self._seconds = 0.0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -415,7 +416,7 @@ class Distillation:
             return data
         started = time.perf_counter()
         soft = SoftLabels.compute(dataset, self.teacher.model, data.normalize, device)
-        self._seconds += time.perf_counter() - started
+        self._soft_label_seconds = time.perf_counter() - started
         self.soft_labels = True
         train_loader = make_loader(
             soft,
@@ -483,13 +484,17 @@ class Distillation:
         return seconds, mean_term
 
     def epoch_record(self, step_time: float) -> dict[str, Any]:
-        """The epoch's fields of metrics.jsonl: the term's mean, the teacher's seconds (with soft labels: their
-        one computation, in the run's first epoch) and their share of the step time."""
+        """The epoch's fields of metrics.jsonl: the term's mean, the teacher's seconds in the steps and their share
+        of the step time (0 with soft labels), and in the first epoch with soft labels the seconds they took."""
         teacher_time, mean_term = self.take_epoch_stats()
+        once = {}
+        if self._soft_label_seconds is not None:
+            once, self._soft_label_seconds = {"soft_labels_s": self._soft_label_seconds}, None
         return {
             "distill_loss": mean_term,
             "teacher_time_s": teacher_time,
             "teacher_share": teacher_time / step_time if step_time > 0 else None,
+            **once,
         }
 
     def after_validation(self, epoch: int, miou: float) -> str | None:
