@@ -90,10 +90,15 @@ def parse_args() -> argparse.Namespace:
         "--select", action="store_true", help="distil with each of SELECT_VARIANTS instead (to choose the defaults)"
     )
     parser.add_argument("--threads", type=int, default=1, help="threads of every run and of the latency step")
-    parser.add_argument("--latency-seconds", type=float, default=3.0)
+    parser.add_argument("--latency-seconds", type=float, default=3.0, help="0: no latency step")
     parser.add_argument("--out", type=Path, default=HERE / "out" / "distill")
     parser.add_argument("--readme", type=Path, default=README)
     parser.add_argument("--no-write", action="store_true", help="print the section only")
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="train nothing: report the runs already finished under OUT/runs (pairs with a missing side are left out)",
+    )
     return parser.parse_args()
 
 
@@ -135,9 +140,10 @@ class Runner:
 
     def train(
         self, name: str, dataset: str, seed: int, base: int, depth: int, extra: list[str], keep_epoch: int | None = None
-    ) -> dict:
-        """The run's figures, training it first unless cached; `keep_epoch` also keeps RUN/epochN.pt (a copy of
-        last.pt when the run has finished that epoch), so an earlier checkpoint of a teacher can teach."""
+    ) -> dict | None:
+        """The run's figures, training it first unless cached (with --finished-only: None for a run not finished);
+        `keep_epoch` also keeps RUN/epochN.pt (a copy of last.pt when the run has finished that epoch), so an
+        earlier checkpoint of a teacher can teach."""
         kept = self.runs / name / f"epoch{keep_epoch}.pt" if keep_epoch else None
         if name in self.results and (kept is None or kept.is_file()):
             return self.results[name]
@@ -145,6 +151,10 @@ class Runner:
         folder = self.runs / name
         common = ["--device", "cpu", "--epochs", str(args.epochs)]
         last = folder / "last.pt"
+        metrics = folder / "metrics.jsonl"
+        finished = metrics.is_file() and len(metrics.read_text().splitlines()) >= args.epochs
+        if args.finished_only and not finished:
+            return None
         if last.is_file():
             command = ["train", "--resume", str(last), *common]
         else:
@@ -181,20 +191,10 @@ class Runner:
                 f"error: {name}: its epoch {keep_epoch} checkpoint was not kept; delete {folder} to retrain"
             )
         started = time.perf_counter()
-        with tempfile.TemporaryFile("w+") as stderr:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "unet_edge_cli.main", *command],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                text=True,
-            )
-            while process.poll() is None:
-                time.sleep(0.5)
-                if kept is not None and not kept.is_file():
-                    _keep_epoch(folder, keep_epoch, kept)
-            stderr.seek(0)
-            done = subprocess.CompletedProcess(process.args, process.returncode, "", stderr.read())
+        if finished and (kept is None or kept.is_file()):  # trained before (by this script or by hand): read it
+            done = subprocess.CompletedProcess(command, 0, "", "")
+        else:
+            done = self._run(command, env, folder, keep_epoch, kept)
         if done.returncode != 0 and not (done.returncode == 1 and "nothing to train" in done.stderr):
             raise SystemExit(
                 f"error: {name}: unet-edge {shlex.join(command)} exited {done.returncode}:\n{done.stderr[-2000:]}"
@@ -228,6 +228,23 @@ class Runner:
         for note in teacher_notes:
             print(f"    {note}", flush=True)
         return result
+
+    @staticmethod
+    def _run(command: list[str], env: dict, folder: Path, keep_epoch: int | None, kept: Path | None):
+        with tempfile.TemporaryFile("w+") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "unet_edge_cli.main", *command],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                text=True,
+            )
+            while process.poll() is None:
+                time.sleep(0.5)
+                if kept is not None and keep_epoch is not None and not kept.is_file():
+                    _keep_epoch(folder, keep_epoch, kept)
+            stderr.seek(0)
+            return subprocess.CompletedProcess(process.args, process.returncode, "", stderr.read())
 
 
 def _keep_epoch(folder: Path, epoch: int, kept: Path) -> None:
@@ -297,16 +314,21 @@ def main() -> None:
     seeds = range(args.seeds)
     rows = []
     teacher_file = f"epoch{args.teacher_epoch}.pt" if args.teacher_epoch else "best.pt"
+    alone_rows = []
     for dataset in names:
         teacher_name = f"{dataset}-teacher-b{teacher_arch[0]}-d{teacher_arch[1]}-s0"
         teacher = runner.train(teacher_name, dataset, 0, *teacher_arch, [], keep_epoch=args.teacher_epoch)
-        if args.teacher_epoch:
+        if teacher is not None and args.teacher_epoch:
             teacher = {**teacher, "best": teacher["curve"][args.teacher_epoch - 1]}
         for base, depth in students:
             alone = [
                 runner.train(f"{dataset}-student-b{base}-d{depth}-s{seed}", dataset, seed, base, depth, [])
                 for seed in seeds
             ]
+            if any(run is not None for run in alone):
+                alone_rows.append((dataset, (base, depth), [run for run in alone if run is not None]))
+            if teacher is None:
+                continue
             for variant in variants:
                 options = ["--teacher", str(runner.runs / teacher_name / teacher_file), *option_args(variant)]
                 label = tag(variant) + (f"-e{args.teacher_epoch}" if args.teacher_epoch else "")
@@ -316,7 +338,9 @@ def main() -> None:
                     )
                     for seed in seeds
                 ]
-                rows.append((dataset, (base, depth), label, teacher, alone, distilled))
+                pairs = [(x, y) for x, y in zip(distilled, alone, strict=True) if x is not None and y is not None]
+                if pairs:
+                    rows.append((dataset, (base, depth), label, teacher, [y for _, y in pairs], [x for x, _ in pairs]))
     print(
         f"{time.strftime('%H:%M:%S')} training done ({(time.perf_counter() - started) / 60:.1f} min in this "
         "invocation); measuring latency",
@@ -330,20 +354,25 @@ def main() -> None:
     costs = {}
     for label, (name, (base, depth)) in models.items():
         checkpoint = runner.checkpoint(name)
+        if not checkpoint.is_file():
+            continue
         gflop = count_gflops(load_checkpoint(checkpoint)["config"], 256, 256)
-        costs[label] = (base, depth, gflop, latency_ms(checkpoint, args.threads, args.latency_seconds))
+        latency = latency_ms(checkpoint, args.threads, args.latency_seconds) if args.latency_seconds > 0 else None
+        costs[label] = (base, depth, gflop, latency)
         print(
-            f"{label}: base {base}, depth {depth}: {gflop:.2f} GFLOP, p50 {costs[label][3]:.1f} ms ({checkpoint})",
+            f"{label}: base {base}, depth {depth}: {gflop:.2f} GFLOP ({checkpoint})",
             flush=True,
         )
 
-    text = section(args, rows, costs, runner, machine())
+    text = section(args, alone_rows, rows, costs, runner, machine())
     print(text)
     if not args.no_write:
         write_section(args.readme, text, BEGIN, END)
 
 
-def section(args: argparse.Namespace, rows: list, costs: dict, runner: Runner, machine_line: str) -> str:
+def section(
+    args: argparse.Namespace, alone_rows: list, rows: list, costs: dict, runner: Runner, machine_line: str
+) -> str:
     from unet_edge.config import TrainConfig
 
     defaults = TrainConfig()
@@ -382,11 +411,26 @@ def section(args: argparse.Namespace, rows: list, costs: dict, runner: Runner, m
         )
     lines += [
         "",
+        "Students alone (the same runs; seeds as listed), best val mIoU:",
+        "",
+        "| dataset | student | alone | worst seed below the mean | per seed | s/run |",
+        "| --- | --- | ---: | ---: | --- | ---: |",
+    ]
+    for dataset, (base, depth), alone in alone_rows:
+        values = [r["best"] for r in alone]
+        per_seed = ", ".join(f"s{r['seed']} {r['best']:.3f}" for r in alone)
+        lines.append(
+            f"| {dataset} | b{base}-d{depth} | {summary(values)} | {statistics.mean(values) - min(values):.3f} | "
+            f"{per_seed} | {statistics.mean(r['train_seconds'] for r in alone):.0f} |"
+        )
+    lines += [
+        "",
         "| model | GFLOP / 256² image | CPU latency p50, 256², batch 1 |",
         "| --- | ---: | ---: |",
     ]
     for label, (base, depth, gflop, latency) in costs.items():
-        lines.append(f"| {label} (base {base}, depth {depth}) | {gflop:.2f} | {latency:.1f} ms |")
+        shown = f"{latency:.1f} ms" if latency is not None else "not measured"
+        lines.append(f"| {label} (base {base}, depth {depth}) | {gflop:.2f} | {shown} |")
     teachers = [r for name, r in runner.results.items() if "-teacher-" in name]
     minutes = sum(r["train_seconds"] for r in runner.results.values()) / 60
     command = shlex.join(["python", "benchmarks/distill.py", *sys.argv[1:]])

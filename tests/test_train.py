@@ -184,7 +184,7 @@ def test_resume_refuses_explicit_options_that_differ_from_the_saved_run(tiny_dat
     run = interrupted_run(tiny_data, tmp_path, epochs=3, stop_in_epoch=2, lr=0.01)
     last = run / "last.pt"
     before = last.read_bytes()
-    # --lr 0.001 is the default value, given explicitly: it still differs from the run's 0.01
+    # an explicit --lr that differs from the run's 0.01
     result = cli("train", "--resume", str(last), "--lr", "0.001", "--depth", "3", "--upsample", "bilinear")
     assert result.returncode == 1
     line = result.stderr.strip()
