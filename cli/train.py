@@ -163,7 +163,8 @@ def train(
         typer.Option(
             min=0.0,
             help="Peak AdamW learning rate (warm-up, then cosine decay); default: "
-            f"{LR_AT_REFERENCE_WIDTH:g} x {LR_REFERENCE_WIDTH} / --base-channels (narrow models need larger steps).",
+            f"{LR_AT_REFERENCE_WIDTH:g}, times ({LR_REFERENCE_WIDTH} / --base-channels)² below base "
+            f"{LR_REFERENCE_WIDTH} (narrow models need larger steps).",
         ),
     ] = DEFAULTS.lr,
     image_size: Annotated[int, typer.Option(min=8, help="Side of the random training crop.")] = DEFAULTS.image_size,

@@ -21,21 +21,22 @@ __all__ = [
     "width_lr",
 ]
 
-# The peak learning rate `train` picks for a model of base width `LR_REFERENCE_WIDTH`; other widths scale it by
-# LR_REFERENCE_WIDTH / base_channels (see `width_lr`).
-LR_AT_REFERENCE_WIDTH = 2e-3
+# The peak learning rate `train` picks for models of base width `LR_REFERENCE_WIDTH` and wider; narrower ones get
+# more (see `width_lr`).
+LR_AT_REFERENCE_WIDTH = 1e-3
 LR_REFERENCE_WIDTH = 16
 
 
 def width_lr(base_channels: int) -> float:
-    """The default peak AdamW learning rate for a U-Net of `base_channels`: 1e-3 at base 32, scaled as 1 / width
-    (muP's rule for Adam's hidden layers), so 2e-3 at base 16 and 4e-3 at base 8.
+    """The default peak AdamW learning rate for a U-Net of `base_channels`: 1e-3 from base 16 up, and
+    1e-3 x (16 / base)² below (4e-3 at base 8).
 
-    At 1e-3, narrow students spend a seed-dependent part of a short schedule before they tell their classes apart
-    (the background is fitted within 3 epochs; the other classes come one by one, late): see the "Training
-    quality" section of benchmarks/README.md. Larger steps for narrower models shorten that.
+    At 1e-3, base-8 students spend a seed-dependent part of a short schedule before they tell their classes apart
+    (the background is fitted within 3 epochs; the other classes come one by one, late); at 4e-3 they leave that
+    earlier (benchmarks/README.md, "Distillation"). Base 16 and wider keep the 1e-3 measured best for them ("Training
+    quality"; 3e-3 sat on a plateau there).
     """
-    return LR_AT_REFERENCE_WIDTH * LR_REFERENCE_WIDTH / base_channels
+    return LR_AT_REFERENCE_WIDTH * max(1.0, LR_REFERENCE_WIDTH / base_channels) ** 2
 
 
 class Upsample(StrEnum):
