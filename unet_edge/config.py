@@ -145,8 +145,8 @@ class TrainConfig:
     loss: str = "dice-ce"
     teacher: str | None = None
     distill_loss: str = "cwd"
-    distill_weight: float = 0.1
-    distill_temperature: float = 4.0
+    distill_weight: float = 3.0
+    distill_temperature: float = 1.0
     distill_warmup: float = 0.0
     distill_cache: bool | None = None
     model: ModelConfig = field(default_factory=lambda: ModelConfig(base_channels=16, depth=3))
