@@ -42,23 +42,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
 BEGIN, END = "<!-- BEGIN distill -->", "<!-- END distill -->"
-# The settings --select compares (each a set of `unet-edge train` options for the distilled runs).
+# The settings --select compares (each a set of `unet-edge train` options for the distilled runs); the earlier
+# teacher checkpoint is compared with --teacher-epoch.
 SELECT_VARIANTS = (
     {"distill_loss": "kl", "distill_temperature": 1.0, "distill_weight": 1.0},
-    {"distill_loss": "kl", "distill_temperature": 2.0, "distill_weight": 1.0},
-    {"distill_loss": "kl", "distill_temperature": 4.0, "distill_weight": 1.0},
+    {"distill_loss": "dist", "distill_temperature": 1.0, "distill_weight": 1.0},
     {"distill_loss": "cwd", "distill_temperature": 1.0, "distill_weight": 3.0},
-    {"distill_loss": "cwd", "distill_temperature": 4.0, "distill_weight": 3.0},
-    {"distill_loss": "cwd", "distill_temperature": 4.0, "distill_weight": 1.0},
-    {"distill_loss": "cwd", "distill_temperature": 4.0, "distill_weight": 10.0},
-    {"distill_loss": "cwd", "distill_temperature": 8.0, "distill_weight": 3.0},
-    {"distill_loss": "cwd", "distill_temperature": 4.0, "distill_weight": 0.3},
-    {"distill_loss": "cwd", "distill_temperature": 8.0, "distill_weight": 1.0},
-    {"distill_loss": "cwd", "distill_temperature": 4.0, "distill_weight": 0.1},
-    {"distill_loss": "kl", "distill_temperature": 1.0, "distill_weight": 0.3},
-    {"distill_loss": "kl", "distill_temperature": 4.0, "distill_weight": 0.3},
-    {"distill_loss": "cwd", "distill_temperature": 4.0, "distill_weight": 0.03},
-    {"distill_loss": "kl", "distill_temperature": 1.0, "distill_weight": 0.1},
+    {"distill_loss": "cwd", "distill_temperature": 1.0, "distill_weight": 3.0, "distill_warmup": 0.25},
 )
 
 
@@ -122,7 +112,8 @@ def tag(settings: dict) -> str:
         "distill_weight": defaults.distill_weight,
         **settings,
     }
-    return f"{full['distill_loss']}-T{full['distill_temperature']:g}-w{full['distill_weight']:g}"
+    warmup = f"-warm{full['distill_warmup']:g}" if full.get("distill_warmup") else ""
+    return f"{full['distill_loss']}-T{full['distill_temperature']:g}-w{full['distill_weight']:g}{warmup}"
 
 
 class Runner:
