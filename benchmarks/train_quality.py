@@ -67,6 +67,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--loops", default="fit,plain", help="comma-separated: fit, plain (e.g. fit alone to try a --fit variant)"
     )
+    parser.add_argument("--base-channels", type=int, default=16, help="width of the UNetStudent both loops train")
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate of both loops (default: the one `fit` picks)"
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     parser.add_argument("--readme", type=Path, default=README, help="README whose train-quality section is rewritten")
     parser.add_argument("--no-write", action="store_true", help="print the section only")
@@ -211,7 +216,7 @@ def run_fit(root: Path, seed: int, epochs: int, batch_size: int, overrides: dict
     return [record["miou"] for record in result.history]
 
 
-def run_plain(root: Path, seed: int, epochs: int, batch_size: int, crop: int = 64) -> list[float]:
+def run_plain(root: Path, seed: int, epochs: int, batch_size: int, overrides: dict, crop: int = 64) -> list[float]:
     """Val mIoU per epoch of the textbook loop over pre-loaded tensors, same model, optimiser and schedule."""
     import torch
     import torch.nn.functional as F
@@ -225,7 +230,7 @@ def run_plain(root: Path, seed: int, epochs: int, batch_size: int, crop: int = 6
     from unet_edge.transforms import BatchNormalize
 
     torch.set_num_threads(1)
-    defaults = TrainConfig()
+    defaults = replace(TrainConfig(), **{k: v for k, v in overrides.items() if k in ("model", "lr")})
     # The random draws `fit` makes for this seed, so that the two loops differ in their recipe and not in luck:
     # the initial weights (seeded as `fit` seeds, drawn after building its loaders, as `fit` draws them; loading
     # the tensors below draws nothing) and the batch order (a loader over indices whose generator is seeded as
@@ -259,7 +264,7 @@ def run_plain(root: Path, seed: int, epochs: int, batch_size: int, crop: int = 6
         drop_last=True,
         generator=torch.Generator().manual_seed(seed),
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=defaults.lr, weight_decay=defaults.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=defaults.peak_lr, weight_decay=defaults.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(len(order) * epochs, defaults.warmup_fraction)
     )
@@ -287,7 +292,7 @@ def run(job: tuple[str, str, Path, int, int, int, dict]) -> tuple[str, str, int,
     curve = (
         run_fit(root, seed, epochs, batch_size, overrides)
         if loop == "fit"
-        else run_plain(root, seed, epochs, batch_size)
+        else run_plain(root, seed, epochs, batch_size, overrides)
     )
     return dataset, loop, seed, curve, time.perf_counter() - started
 
@@ -300,13 +305,15 @@ def summary(values: list[float]) -> str:
 def section(results: list[tuple[str, str, int, list[float], float]], args: argparse.Namespace, overrides: dict) -> str:
     from unet_edge.config import TrainConfig
 
-    defaults = TrainConfig()
-    fit_label = "unet-edge `fit`, defaults" + (f" + {json.dumps(overrides)}" if overrides else "")
+    defaults = replace(TrainConfig(), model=overrides["model"], lr=overrides["lr"])
+    extra = {k: v for k, v in overrides.items() if k not in ("model", "lr")}
+    fit_label = "unet-edge `fit`, defaults" + (f" + {json.dumps(extra)}" if extra else "")
     labels = {"fit": fit_label, "plain": "plain loop, pre-loaded tensors, no augmentation, cross-entropy"}
     lines = [
         "## Training quality: `fit` vs a plain PyTorch loop",
         "",
-        f"UNetStudent base 16, depth 3; {args.epochs} epochs, batch {args.batch_size}, 64x64 crops, AdamW lr {defaults.lr:g} "
+        f"UNetStudent base {defaults.model.base_channels}, depth {defaults.model.depth}; {args.epochs} epochs, batch "
+        f"{args.batch_size}, 64x64 crops, AdamW lr {defaults.peak_lr:g} "
         f"wd {defaults.weight_decay:g}, {defaults.warmup_fraction:.0%} warm-up + cosine per step, for both; `fit` with its default "
         f"loss ({defaults.loss}), the plain loop with cross-entropy; {args.train_images} train / {args.val_images} val images per dataset; "
         f"seeds {args.first_seed}..{args.first_seed + args.seeds - 1}. Best val mIoU over the epochs (mean ± standard deviation over seeds), "
@@ -345,7 +352,12 @@ def main() -> None:
 
     torch.set_num_threads(1)  # as in every run, so the machine line below says what the runs used
     args = parse_args()
-    overrides = json.loads(args.fit)
+    from dataclasses import replace as replaced
+
+    from unet_edge.config import TrainConfig
+
+    model = replaced(TrainConfig().model, base_channels=args.base_channels, depth=args.depth)
+    overrides = {"model": model, "lr": args.lr, **json.loads(args.fit)}
     names = args.datasets.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         roots = write_datasets(names, Path(tmp), args.train_images, args.val_images)

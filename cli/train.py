@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperOption
 
-from unet_edge.config import BlockOrder, DistillLoss, Loss, ModelConfig, TrainConfig, Upsample
+from unet_edge.config import (
+    LR_AT_REFERENCE_WIDTH,
+    LR_REFERENCE_WIDTH,
+    BlockOrder,
+    DistillLoss,
+    Loss,
+    ModelConfig,
+    TrainConfig,
+    Upsample,
+)
 
 from .common import (
     DataOption,
@@ -150,7 +159,13 @@ def train(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step (per process).")] = DEFAULTS.batch_size,
     lr: Annotated[
-        float, typer.Option(min=0.0, help="Peak AdamW learning rate (warm-up, then cosine decay).")
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Peak AdamW learning rate (warm-up, then cosine decay); default: "
+            f"{LR_AT_REFERENCE_WIDTH:g}, times ({LR_REFERENCE_WIDTH} / --base-channels)² below base "
+            f"{LR_REFERENCE_WIDTH} (narrow models need larger steps).",
+        ),
     ] = DEFAULTS.lr,
     image_size: Annotated[int, typer.Option(min=8, help="Side of the random training crop.")] = DEFAULTS.image_size,
     hflip: Annotated[
@@ -191,7 +206,8 @@ def train(
     distill_loss: Annotated[
         DistillLoss,
         typer.Option(
-            help="With --teacher: pixel-wise KL over the classes (kl), or channel-wise divergence over each class map's pixels (cwd)."
+            help="With --teacher: pixel-wise KL over the classes (kl), channel-wise divergence over each class map's "
+            "pixels (cwd), or DIST's inter- and intra-class correlation (dist)."
         ),
     ] = DistillLoss(DEFAULTS.distill_loss),
     distill_weight: Annotated[
@@ -203,6 +219,22 @@ def train(
             help="With --teacher: softmax temperature (> 0) of the distillation term, which is scaled by its square."
         ),
     ] = DEFAULTS.distill_temperature,
+    distill_warmup: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="With --teacher: fraction of the run over which the term's weight rises linearly from 0.",
+        ),
+    ] = DEFAULTS.distill_warmup,
+    distill_cache: Annotated[
+        bool | None,
+        typer.Option(
+            "--distill-cache/--no-distill-cache",
+            help="With --teacher: compute the teacher's logits once per training image and crop them with it "
+            "(default: when they fit in memory), or run the teacher in every step.",
+        ),
+    ] = DEFAULTS.distill_cache,
     base_channels: Annotated[
         int, typer.Option(min=1, help="Channels of the first U-Net level.")
     ] = DEFAULTS.model.base_channels,
@@ -253,7 +285,7 @@ def train(
     given = _given(ctx)
     unused = [
         f"--{name.replace('_', '-')}"
-        for name in ("distill_loss", "distill_weight", "distill_temperature")
+        for name in ("distill_loss", "distill_weight", "distill_temperature", "distill_warmup", "distill_cache")
         if name in given
     ]
     if unused and teacher is None and resume is None:

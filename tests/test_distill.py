@@ -15,10 +15,13 @@ from unet_edge.config import ModelConfig, TrainConfig
 from unet_edge.data import pad_collate
 from unet_edge.distill import (
     ChannelWiseDivergence,
+    CorrelationDistillation,
     Distillation,
     FrozenTeacher,
     PixelKLDivergence,
+    SoftLabels,
     Teacher,
+    distill_term,
     load_teacher,
 )
 from unet_edge.io import read_jsonl, sha256_file
@@ -152,7 +155,8 @@ def test_the_teacher_gets_no_gradients_and_stays_in_eval_mode(tiny_data, teacher
     data = training_data(config, cpu)
     teacher = load_teacher(teacher_checkpoint, data.classes, data.mean, data.std, cpu)
     before = {name: value.clone() for name, value in teacher.model.state_dict().items()}
-    training = Training.build(config, data, cpu, None, 1, teacher)
+    distillation = Distillation(teacher, ChannelWiseDivergence(4.0), 0.1, pad_index(data.ignore_index))
+    training = Training.build(config, data, cpu, None, 1, distillation)
     teacher.model.train()  # as any `model.train()` of a training loop would
     assert not any(module.training for module in teacher.model.modules())
     loss, seen, _ = train_one_epoch(
@@ -163,14 +167,14 @@ def test_the_teacher_gets_no_gradients_and_stays_in_eval_mode(tiny_data, teacher
         training.criterion,
         cpu,
         normalize=data.normalize,
-        distillation=training.distillation,
+        auxiliary=training.auxiliary,
     )
     assert seen > 0 and math.isfinite(loss)
     assert not any(module.training for module in teacher.model.modules())
     assert all(not p.requires_grad and p.grad is None for p in teacher.model.parameters())
     after = teacher.model.state_dict()
     assert all(torch.equal(after[name], value) for name, value in before.items())  # BatchNorm statistics included
-    teacher_seconds, mean_term = training.distillation.take_epoch_stats()
+    teacher_seconds, mean_term = distillation.take_epoch_stats()
     assert teacher_seconds > 0 and mean_term > 0
     assert all(p.grad is not None for p in training.model.parameters())
 
@@ -256,7 +260,11 @@ def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_d
     assert len(re.findall(r"teacher \d+% of step time", result.stderr)) == 2
     run = tmp_path / "runs" / "d"
     records = read_jsonl(run / "metrics.jsonl")
-    assert all(0 < r["teacher_share"] < 1 and r["teacher_time_s"] > 0 and r["distill_loss"] > 0 for r in records)
+    # The teacher's logits were computed once, before the first epoch: no teacher time in the steps after.
+    assert "logits computed once per training image" in result.stderr
+    assert records[0]["soft_labels_s"] > 0 and all("soft_labels_s" not in r for r in records[1:])
+    assert all(r["teacher_time_s"] == 0 and r["teacher_share"] == 0 for r in records)
+    assert all(r["distill_loss"] > 0 for r in records)
     state = load_checkpoint(run / "best.pt")
     recorded = state["teacher"]
     assert recorded["path"] == str(teacher_checkpoint) and recorded["sha256"] == sha256_file(teacher_checkpoint)
@@ -292,8 +300,12 @@ def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_d
         "s",
         "--teacher",
         str(script),
+        "--no-distill-cache",
     )
     assert again.returncode == 0, again.stderr
+    assert "run on every batch" in again.stderr
+    online = read_jsonl(tmp_path / "runs" / "s" / "metrics.jsonl")
+    assert all(0 < r["teacher_share"] < 1 and r["teacher_time_s"] > 0 for r in online)
     assert load_checkpoint(tmp_path / "runs" / "s" / "last.pt")["teacher"]["kind"] == "torchscript"
 
 
@@ -348,7 +360,7 @@ def test_a_teacher_worse_than_the_student_is_a_warning(tiny_data, teacher_checkp
     hooks = Notes()
     result = trainer(tiny_data, tmp_path, name="w", epochs=2, hooks=hooks, teacher=str(weak))
     teacher_miou = load_checkpoint(result.run_dir / "last.pt")["teacher"]["val_miou"]
-    assert hooks.notes[0] == f"teacher {weak} ({load_teacher_description(weak)}): val mIoU {teacher_miou:.4f}"
+    assert hooks.notes[0].startswith(f"teacher {weak} ({load_teacher_description(weak)}): val mIoU {teacher_miou:.4f};")
     warnings = [note for note in hooks.notes if note.startswith("warning:")]
     passed = [r["epoch"] for r in result.history if r["miou"] > teacher_miou]
     assert passed, "the student never passed the weak teacher: the warning went untested"
@@ -367,3 +379,54 @@ def test_distillation_settings_are_checked(tiny_data, cli):
         TrainConfig(distill_loss="mse")
     result = cli("train", "--data", str(tiny_data), "--distill-weight", "2")
     assert result.returncode == 2 and "only apply with --teacher" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["kl", "cwd", "dist"])
+def test_every_term_is_zero_for_the_teacher_ignores_masked_pixels_and_trains_the_student_only(kind):
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 4, 5, 6, requires_grad=True)
+    valid = torch.rand(2, 5, 6) > 0.3
+    term = distill_term(kind, 2.0)
+    assert term(teacher.detach().clone(), teacher, valid).item() == pytest.approx(0.0, abs=1e-5)
+    student = torch.randn(2, 4, 5, 6, requires_grad=True)
+    value = term(student, teacher, valid)
+    assert value.item() > 1e-3
+    # What the pixels that do not count hold, in either model, changes nothing.
+    noisy_student = torch.where(valid.unsqueeze(1), student.detach(), torch.randn(2, 4, 5, 6) * 9)
+    noisy_teacher = torch.where(valid.unsqueeze(1), teacher.detach(), torch.randn(2, 4, 5, 6) * 9)
+    assert term(noisy_student, noisy_teacher, valid).item() == pytest.approx(value.item(), rel=1e-5)
+    value.backward()
+    assert teacher.grad is None  # the gradient reaches the student only
+    assert student.grad[valid.unsqueeze(1).expand_as(student)].abs().sum() > 0
+    assert student.grad[~valid.unsqueeze(1).expand_as(student)].abs().sum() == 0
+    assert isinstance(distill_term("dist", 1.0), CorrelationDistillation)
+
+
+def test_the_term_ramps_in_linearly_over_its_warm_up_and_restarts_where_a_resumed_epoch_stands():
+    teacher = torch.randn(1, 2, 3, 3)
+    student = torch.zeros(1, 2, 3, 3)
+    masks = torch.zeros(1, 3, 3, dtype=torch.int64)
+    distillation = Distillation(fixed_teacher(teacher), PixelKLDivergence(1.0), 2.0, pad_value=255, warmup_steps=4)
+    full = 2.0 * PixelKLDivergence(1.0)(student, teacher, masks != 255).item()
+    values = [distillation(student, student, masks).item() for _ in range(6)]
+    assert values == pytest.approx([full * k / 4 for k in (1, 2, 3, 4, 4, 4)], rel=1e-6)
+    distillation.begin_epoch(1, 2)  # epoch 1 of a run of 2 steps per epoch: the third step
+    assert distillation(student, student, masks).item() == pytest.approx(full * 3 / 4, rel=1e-6)
+
+
+def test_soft_labels_are_the_teachers_logits_of_the_crop_moved_with_the_image(tiny_data):
+    """A point-wise teacher (1x1 convolution) has no border effect: the stored logits, cropped and flipped with the
+    image by the training transforms, equal the teacher run on the augmented crop itself, wherever the mask counts."""
+    cpu = torch.device("cpu")
+    config = TrainConfig(data=str(tiny_data), batch_size=4, image_size=40, hflip=0.5, device="cpu")
+    data = training_data(config, cpu)
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(nn.Conv2d(3, len(data.classes), 1))
+    soft = SoftLabels.compute(data.train_loader.dataset, teacher, data.normalize, cpu)
+    assert all(t.dtype == torch.float16 for t in soft.logits)
+    for index in range(len(soft)):
+        image, mask, logits = soft[index]
+        expected = teacher(data.normalize(image.unsqueeze(0)))[0]
+        counted = (mask != pad_index(data.ignore_index)).unsqueeze(0).expand_as(expected)
+        assert counted.any()
+        torch.testing.assert_close(logits.float()[counted], expected[counted], atol=2e-2, rtol=1e-2)

@@ -194,7 +194,7 @@ def test_resume_refuses_explicit_options_that_differ_from_the_saved_run(tiny_dat
     run = interrupted_run(tiny_data, tmp_path, epochs=3, stop_in_epoch=2, lr=0.01)
     last = run / "last.pt"
     before = last.read_bytes()
-    # --lr 0.001 is the default value, given explicitly: it still differs from the run's 0.01
+    # an explicit --lr that differs from the run's 0.01
     result = cli("train", "--resume", str(last), "--lr", "0.001", "--depth", "3", "--upsample", "bilinear")
     assert result.returncode == 1
     line = result.stderr.strip()
@@ -296,3 +296,29 @@ def test_every_training_setting_says_how_resuming_treats_it():
     groups = [set(RUN_SETTINGS), set(RESUME_OVERRIDES), set(SESSION_SETTINGS)]
     assert set.union(*groups) == set(TrainConfig().settings())
     assert sum(len(g) for g in groups) == len(set.union(*groups))  # and only one way
+
+
+@pytest.mark.slow
+def test_a_narrow_model_leaves_the_plateau_early_at_the_learning_rate_train_picks_for_its_width(tiny_data, tmp_path):
+    """A base-4 U-Net at the learning rate that suits wide ones (1e-3) still predicts next to nothing right after 3
+    epochs on every seed; at the one `train` picks for its width, every seed has left that plateau by then."""
+
+    def first_epochs(seed: int, lr: float | None) -> list[float]:
+        config = TrainConfig(
+            data=str(tiny_data),
+            epochs=3,
+            batch_size=8,
+            image_size=32,
+            lr=lr,
+            seed=seed,
+            device="cpu",
+            model=ModelConfig(base_channels=4, depth=2),
+            out=str(tmp_path),
+            name=f"s{seed}-{lr}",
+        )
+        return [record["miou"] for record in fit(config).history]
+
+    assert TrainConfig(model=ModelConfig(base_channels=4, depth=2)).peak_lr > 1e-3
+    for seed in (0, 1):
+        assert max(first_epochs(seed, 1e-3)) < 0.1
+        assert max(first_epochs(seed, None)) > 0.15

@@ -10,7 +10,33 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
 
-__all__ = ["BlockOrder", "DistillLoss", "Downsample", "Loss", "ModelConfig", "TrainConfig", "Upsample"]
+__all__ = [
+    "BlockOrder",
+    "DistillLoss",
+    "Downsample",
+    "Loss",
+    "ModelConfig",
+    "TrainConfig",
+    "Upsample",
+    "width_lr",
+]
+
+# The peak learning rate `train` picks for models of base width `LR_REFERENCE_WIDTH` and wider; narrower ones get
+# more (see `width_lr`).
+LR_AT_REFERENCE_WIDTH = 1e-3
+LR_REFERENCE_WIDTH = 16
+
+
+def width_lr(base_channels: int) -> float:
+    """The default peak AdamW learning rate for a U-Net of `base_channels`: 1e-3 from base 16 up, and
+    1e-3 x (16 / base)² below (4e-3 at base 8).
+
+    At 1e-3, base-8 students spend a seed-dependent part of a short schedule before they tell their classes apart
+    (the background is fitted within 3 epochs; the other classes come one by one, late); at 4e-3 they leave that
+    earlier (benchmarks/README.md, "Distillation"). Base 16 and wider keep the 1e-3 measured best for them ("Training
+    quality"; 3e-3 sat on a plateau there).
+    """
+    return LR_AT_REFERENCE_WIDTH * max(1.0, LR_REFERENCE_WIDTH / base_channels) ** 2
 
 
 class Upsample(StrEnum):
@@ -42,11 +68,12 @@ class Loss(StrEnum):
 
 
 class DistillLoss(StrEnum):
-    """The distillation term on the logits (see `unet_edge.distill`): pixel-wise KL over the classes, or
-    channel-wise divergence over each class map's pixels."""
+    """The distillation term on the logits (see `unet_edge.distill`): pixel-wise KL over the classes,
+    channel-wise divergence over each class map's pixels, or DIST's inter- and intra-class correlation."""
 
     KL = "kl"
     CWD = "cwd"
+    DIST = "dist"
 
 
 def _choice(enum: type[StrEnum], name: str, value: str) -> str:
@@ -97,15 +124,17 @@ class TrainConfig:
     comes from the dataset unless set. Augmentation: `hflip` is the probability of a horizontal flip
     (0: none), `scale_min`..`scale_max` the range of the random resize before the crop (1..1: none).
     `ema_decay` > 0 keeps an exponential moving average of the weights, which is what validation
-    measures and best.pt holds. `loss` is "dice-ce" (cross-entropy plus soft Dice) or "ce"; checkpoints
+    measures and best.pt holds. `lr` None picks the peak learning rate from the model's width (`width_lr`). `loss` is "dice-ce" (cross-entropy plus soft Dice) or "ce"; checkpoints
     saved before the setting existed trained with "ce". `teacher` (a checkpoint or TorchScript file) adds
-    `distill_weight` times the `distill_loss` term at `distill_temperature` to the loss.
+    `distill_weight` times the `distill_loss` term at `distill_temperature` to the loss, its weight rising
+    linearly from 0 over the first `distill_warmup` fraction of the steps; `distill_cache` computes the
+    teacher's logits once per training image instead of in every step (None: when they fit in memory).
     """
 
     data: str | None = None
     epochs: int = 20
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float | None = None
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
     image_size: int = 64
@@ -116,8 +145,10 @@ class TrainConfig:
     loss: str = "dice-ce"
     teacher: str | None = None
     distill_loss: str = "cwd"
-    distill_weight: float = 0.1
-    distill_temperature: float = 4.0
+    distill_weight: float = 3.0
+    distill_temperature: float = 1.0
+    distill_warmup: float = 0.0
+    distill_cache: bool | None = None
     model: ModelConfig = field(default_factory=lambda: ModelConfig(base_channels=16, depth=3))
     device: str = "auto"
     amp: bool = True
@@ -142,6 +173,13 @@ class TrainConfig:
             raise ValueError(f"distill weight must be >= 0, got {self.distill_weight}")
         if self.distill_temperature <= 0:
             raise ValueError(f"distill temperature must be > 0, got {self.distill_temperature}")
+        if not 0.0 <= self.distill_warmup <= 1.0:
+            raise ValueError(f"distill warm-up must be a fraction of the run in 0..1, got {self.distill_warmup}")
+
+    @property
+    def peak_lr(self) -> float:
+        """The peak learning rate of the run: `lr`, or when None the one `width_lr` picks for the model."""
+        return self.lr if self.lr is not None else width_lr(self.model.base_channels)
 
     @property
     def scale_range(self) -> tuple[float, float] | None:

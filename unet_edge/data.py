@@ -417,25 +417,29 @@ def scan_dataset(
     )
 
 
-def pad_collate(
-    batch: Sequence[tuple[torch.Tensor, torch.Tensor]], ignore_index: int = 255
-) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_collate(batch: Sequence[tuple[torch.Tensor, ...]], ignore_index: int = 255) -> tuple[torch.Tensor, ...]:
     """Stack samples of different sizes: images padded with 0, masks with `ignore_index` (so ignored).
 
     Images keep their dtype (uint8 from an un-normalised preset, float32 otherwise); masks become int64.
+    Samples may carry more per-pixel maps after the mask (C x H x W, such as a teacher's logits): each is
+    stacked the same way, padded with 0.
 
     The batch is plain tensors: copying into tv_tensors would dispatch every copy through their
     `__torch_function__`, which made collation cost twice the decoding and augmentation.
     """
-    plain = [(image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor)) for image, mask in batch]
-    height = max(image.shape[-2] for image, _ in plain)
-    width = max(image.shape[-1] for image, _ in plain)
-    images = plain[0][0].new_zeros((len(plain), plain[0][0].shape[0], height, width))
+    plain = [tuple(part.as_subclass(torch.Tensor) for part in sample) for sample in batch]
+    height = max(sample[0].shape[-2] for sample in plain)
+    width = max(sample[0].shape[-1] for sample in plain)
+    first = plain[0]
+    images = first[0].new_zeros((len(plain), first[0].shape[0], height, width))
     masks = torch.full((len(plain), height, width), ignore_index, dtype=torch.int64)
-    for i, (image, mask) in enumerate(plain):
+    extras = [part.new_zeros((len(plain), part.shape[0], height, width)) for part in first[2:]]
+    for i, (image, mask, *rest) in enumerate(plain):
         images[i, :, : image.shape[-2], : image.shape[-1]] = image
         masks[i, : mask.shape[-2], : mask.shape[-1]] = mask
-    return images, masks
+        for stacked, part in zip(extras, rest, strict=True):
+            stacked[i, :, : part.shape[-2], : part.shape[-1]] = part
+    return (images, masks, *extras)
 
 
 @dataclass

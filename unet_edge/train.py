@@ -13,9 +13,9 @@ import random
 import time
 from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -23,14 +23,15 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .config import Loss, ModelConfig, TrainConfig
 from .device import Precision, mixed_precision, place_model, prefers_channels_last, resolve_device
-from .distill import Distillation, Teacher, check_same_teacher, distill_term, load_teacher
+from .distill import Distillation
 from .errors import DataError, OutputError, TrainingError
 from .evaluate import EvalResult, evaluate
-from .loaders import TrainingData, pad_index, training_data
+from .loaders import TrainingData, cache_budget, pad_index, training_data
 from .model import build_model
 from .runs import RunFolder
 
 __all__ = [
+    "AuxiliaryLoss",
     "EpochStats",
     "FitResult",
     "ModelEma",
@@ -46,30 +47,12 @@ __all__ = [
 ]
 
 # Settings that shape a run: resuming keeps the saved values, and an explicitly different one is an error.
-RUN_SETTINGS = (
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "warmup_fraction",
-    "image_size",
-    "hflip",
-    "scale_min",
-    "scale_max",
-    "ema_decay",
-    "loss",
-    "distill_loss",
-    "distill_weight",
-    "distill_temperature",
-    "seed",
-    "out",
-    "name",
-    *(f.name for f in fields(ModelConfig)),
-)
 # Settings whose saved values a resumed run uses unless given: where the data and the teacher are now (the
 # teacher file must be the same one, by sha256), and how many epochs in all.
 RESUME_OVERRIDES = ("data", "teacher", "epochs")
 # Settings of this invocation only (how to run, not what to train).
-SESSION_SETTINGS = ("device", "amp", "compile", "workers", "cache", "resume")
+SESSION_SETTINGS = ("device", "amp", "compile", "workers", "cache", "distill_cache", "resume")
+RUN_SETTINGS = tuple(k for k in TrainConfig().settings() if k not in (*RESUME_OVERRIDES, *SESSION_SETTINGS))
 # Steps between two reads of the loss on the host (each read waits for the GPU to finish its queue).
 LOSS_CHECK_EVERY = 25
 
@@ -87,6 +70,32 @@ class TrainHooks:
     def on_step(self, epoch: int, step: int, loss: float) -> None: ...
 
     def on_epoch_end(self, record: dict[str, Any]) -> None: ...
+
+
+class AuxiliaryLoss(Protocol):
+    """A term `fit` adds to the segmentation loss, with what it needs around the loop (distillation is one).
+
+    `prepare` may hand back other training data (such as batches that carry per-pixel targets: they reach
+    the term as `extras`, the batch's tensors after the mask); `note` is shown once training data is ready;
+    `record` goes into every checkpoint; `epoch_record` adds fields to each epoch's record (given the seconds
+    of the epoch's steps); `after_validation` may return a warning for the user.
+    """
+
+    note: str
+
+    def prepare(self, data: TrainingData, device: torch.device, *, cache: bool | None, budget: int) -> TrainingData: ...
+
+    def record(self) -> dict[str, Any]: ...
+
+    def begin_epoch(self, epoch: int, steps_per_epoch: int) -> None: ...
+
+    def __call__(
+        self, images: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor, extras: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor: ...
+
+    def epoch_record(self, step_time: float) -> dict[str, Any]: ...
+
+    def after_validation(self, epoch: int, miou: float) -> str | None: ...
 
 
 class EpochStats(NamedTuple):
@@ -176,7 +185,7 @@ class Training:
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     device: torch.device
     ema: ModelEma | None = None
-    distillation: Distillation | None = None
+    auxiliary: AuxiliaryLoss | None = None
 
     @property
     def validated_model(self) -> nn.Module:
@@ -191,10 +200,10 @@ class Training:
         device: torch.device,
         distributed: Any | None,
         planned_epochs: int,
-        teacher: Teacher | None = None,
+        auxiliary: AuxiliaryLoss | None = None,
     ) -> Training:
         """A new model for `data`'s classes, AdamW, and a warm-up + cosine schedule over `planned_epochs`;
-        with a `teacher`, the loss gains the configured distillation term."""
+        with `auxiliary`, the loss gains its term."""
         num_classes = len(data.classes)
         if config.model.num_classes not in (None, num_classes):
             raise DataError(
@@ -205,19 +214,13 @@ class Training:
         train_model = distributed.wrap(model) if distributed is not None else model
         if config.compile:
             train_model = torch.compile(train_model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.peak_lr, weight_decay=config.weight_decay)
         schedule = WarmupCosine(len(data.train_loader) * planned_epochs, config.warmup_fraction)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         precision = mixed_precision(device, config.amp)
         ema = ModelEma(model, config.ema_decay) if config.ema_decay > 0 else None
-        distillation = None
-        if teacher is not None:
-            term = distill_term(config.distill_loss, config.distill_temperature)
-            distillation = Distillation(teacher, term, config.distill_weight, pad_index(data.ignore_index))
         criterion = segmentation_loss(data.ignore_index, config.loss)
-        return cls(
-            model, train_model, model_config, optimizer, scheduler, precision, criterion, device, ema, distillation
-        )
+        return cls(model, train_model, model_config, optimizer, scheduler, precision, criterion, device, ema, auxiliary)
 
     def state_dict(self) -> dict[str, Any]:
         """Weights, model settings and the optimiser, schedule and scaler states, as a checkpoint holds them.
@@ -316,14 +319,14 @@ def train_one_epoch(
     on_step: Callable[[int, float], None] | None = None,
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ema: ModelEma | None = None,
-    distillation: Distillation | None = None,
+    auxiliary: AuxiliaryLoss | None = None,
 ) -> EpochStats:
     """One pass over `loader`. A non-finite loss stops training (checked every `LOSS_CHECK_EVERY` steps on
     a GPU, every step on the CPU, and at the end); `on_step` gets the loss last read.
 
     With a grad `scaler`, a step it skips (inf/NaN gradients) does not advance the schedule.
-    `ema`, when given, moves its average after every optimiser step. `distillation`, when given, adds its
-    term (the teacher run on the same batch, in the same autocast) to the loss.
+    `ema`, when given, moves its average after every optimiser step. `auxiliary`, when given, adds its
+    term (computed in the same autocast, from the batch's images, logits, mask and any further tensors) to the loss.
 
     `normalize` turns each batch, once on `device`, into the model's input (see `BatchNormalize`).
     `EpochStats.data_time` is the time spent waiting for the loader: near zero when data loading
@@ -346,13 +349,14 @@ def train_one_epoch(
             break
         images = batch[0].to(device, non_blocking=non_blocking)
         masks = batch[1].to(device, non_blocking=non_blocking)
+        extras = tuple(part.to(device, non_blocking=non_blocking) for part in batch[2:])
         if normalize is not None:
             images = normalize(images)
         with autocast or nullcontext():
             logits = model(images)
             loss = criterion(logits, masks)
-            if distillation is not None:
-                loss = loss + distillation(images, logits, masks)
+            if auxiliary is not None:
+                loss = loss + auxiliary(images, logits, masks, extras)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaled = scaler.scale(loss)
@@ -396,6 +400,8 @@ def run_epoch(
         data.train_sampler.set_epoch(epoch)
     started = time.perf_counter()
     precision = training.precision
+    if training.auxiliary is not None:
+        training.auxiliary.begin_epoch(epoch, len(data.train_loader))
     loss, seen, data_time = train_one_epoch(
         training.train_model,
         data.train_loader,
@@ -408,7 +414,7 @@ def run_epoch(
         on_step=on_step,
         normalize=data.normalize,
         ema=training.ema,
-        distillation=training.distillation,
+        auxiliary=training.auxiliary,
     )
     if distributed is not None:
         loss, seen = distributed.reduce_loss(loss, seen)
@@ -416,15 +422,7 @@ def run_epoch(
         if training.ema is not None:
             distributed.broadcast_buffers(training.ema.module)
     train_time = time.perf_counter() - started
-    distill_record = {}
-    if training.distillation is not None:
-        teacher_time, mean_term = training.distillation.take_epoch_stats()
-        step_time = train_time - data_time
-        distill_record = {
-            "distill_loss": mean_term,
-            "teacher_time_s": teacher_time,
-            "teacher_share": teacher_time / step_time if step_time > 0 else None,
-        }
+    auxiliary_record = training.auxiliary.epoch_record(train_time - data_time) if training.auxiliary else {}
     # Validation runs in fp32, as `unet-edge eval` and the exported models do, so the logged mIoU is
     # that of the saved weights whatever precision trained them.
     result = evaluate(
@@ -442,7 +440,7 @@ def run_epoch(
         "train_images_per_s": seen / train_time if train_time > 0 else None,
         "data_time_s": data_time,
         "epoch_time_s": time.perf_counter() - started,
-        **distill_record,
+        **auxiliary_record,
         **result.to_dict(data.classes),
     }
     return record, result
@@ -473,10 +471,6 @@ def resume_config(
         raise TrainingError(f"{config.resume}: a resumed run keeps its saved settings; drop {', '.join(conflicts)}")
     keep = [*SESSION_SETTINGS, *(k for k in RESUME_OVERRIDES if k in given)]
     resumed = replace(saved, **{k: getattr(config, k) for k in keep})
-    check_same_teacher(state.get("teacher"), resumed.teacher, config.resume)
-    done = int(state.get("epoch", 0))
-    if done >= resumed.epochs:
-        raise TrainingError(f"nothing to train: {config.resume} is already at epoch {done} of {resumed.epochs}")
     return resumed, saved.epochs
 
 
@@ -515,17 +509,24 @@ def fit(
     data = training_data(config, device, distributed, progress=hooks.on_scan if is_main else None)
     if is_main and data.scan.classes_note is not None:
         hooks.on_note(data.scan.classes_note)
-    teacher = None
-    if config.teacher is not None:
-        teacher = load_teacher(
-            config.teacher,
-            data.classes,
-            data.mean,
-            data.std,
-            device,
-            channels_last=prefers_channels_last(device, training=True),
-        )
-    training = Training.build(config, data, device, distributed, planned_epochs, teacher)
+    # The one place training names distillation: after the model is built, so that the student's initial
+    # weights and crops are those of the same seed alone.
+    planned_steps = len(data.train_loader) * planned_epochs
+    training = Training.build(config, data, device, distributed, planned_epochs)
+    auxiliary: AuxiliaryLoss | None = Distillation.for_run(
+        config,
+        data,
+        device,
+        planned_steps,
+        resumed=resumed,
+        channels_last=prefers_channels_last(device, training=True),
+    )
+    if resumed is not None and int(resumed.get("epoch", 0)) >= config.epochs:
+        done = int(resumed.get("epoch", 0))
+        raise TrainingError(f"nothing to train: {config.resume} is already at epoch {done} of {config.epochs}")
+    if auxiliary is not None:
+        data = auxiliary.prepare(data, device, cache=config.distill_cache, budget=cache_budget())
+        training.auxiliary = auxiliary
     if resumed is not None:
         _check_same_classes(config, resumed, data)
         training.restore(resumed, len(data.train_loader) * config.epochs, config.resume)
@@ -535,25 +536,16 @@ def fit(
     if distributed is not None:
         run.path = distributed.broadcast_path(run.path)
     about = {**data.checkpoint_fields(), "train_config": config.to_dict()}
-    teacher_miou = None
-    if teacher is not None:
-        # Measured once per run, in fp32 as validation is; a resumed run keeps the figure its teacher got.
-        recorded = resumed.get("teacher") if resumed is not None else None
-        teacher_miou = (
-            recorded["val_miou"]
-            if recorded
-            else evaluate(
-                teacher.model, data.val_loader, len(data.classes), data.ignore_index, device, normalize=data.normalize
-            ).miou
-        )
-        about["teacher"] = teacher.record(teacher_miou)
+    if auxiliary is not None:
+        about.update(auxiliary.record())
         if is_main:
-            hooks.on_note(f"teacher {teacher.path} ({teacher.description}): val mIoU {teacher_miou:.4f}")
+            hooks.on_note(auxiliary.note)
     if is_main:
         hooks.on_start(run.path, config.epochs, len(data.train_loader), run.start_epoch, str(device))
     history: list[dict[str, Any]] = []
     epoch = run.start_epoch
-    teacher_passed = teacher_miou is not None and run.best_metric > teacher_miou
+    if auxiliary is not None and run.start_epoch > 0:
+        auxiliary.after_validation(run.start_epoch - 1, run.best_metric)  # no second warning for what it passed
     try:
         for epoch in range(run.start_epoch, config.epochs):
             on_step = (lambda step, loss, e=epoch: hooks.on_step(e, step, loss)) if is_main else None
@@ -568,13 +560,9 @@ def fit(
                 raise run.stopped(epoch, exc) from None
             if is_main:
                 hooks.on_epoch_end(record)
-            if teacher_miou is not None and not teacher_passed and result.miou > teacher_miou:
-                teacher_passed = True
-                if is_main:
-                    hooks.on_note(
-                        f"warning: the student's val mIoU {result.miou:.4f} passed the teacher's {teacher_miou:.4f} at epoch {epoch + 1}; "
-                        "the distillation term now pulls it towards a worse model (a better teacher, or a lower --distill-weight, avoids that)"
-                    )
+            warning = auxiliary.after_validation(epoch, result.miou) if auxiliary is not None else None
+            if warning is not None and is_main:
+                hooks.on_note(warning)
     except KeyboardInterrupt:
         if not is_main:
             raise

@@ -93,8 +93,9 @@ class SegmentationPresetTrain:
         steps.append(v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Mask: ignore_index, "others": 0}))
         self.transforms = v2.Compose([*steps, *_finish(mean, std, normalize)])
 
-    def __call__(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transforms(image, mask)
+    def __call__(self, image: tv_tensors.Image, mask: tv_tensors.Mask, *extras: Any) -> tuple[torch.Tensor, ...]:
+        """The transformed pair; `extras` (tv_tensors such as per-pixel soft labels) move with it."""
+        return self.transforms(image, mask, *extras)
 
 
 class SegmentationPresetEval:
