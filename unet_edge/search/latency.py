@@ -218,10 +218,10 @@ def measure_table(
     for arch in todo:
         steps.say(f"latency of {arch.name}")
         missing = {(name, precision) for a, name, precision in wanted if a == arch}
-        for (name, precision), row in _measure_architecture(
+        for (fmt, precision_name), row in _measure_architecture(
             arch, missing, classes, ignore_index, settings, data_root, steps.part(1, f"{arch.name}: ")
         ).items():
-            table.rows[row_key(arch, name, precision, len(classes), settings)] = row
+            table.rows[row_key(arch, fmt, precision_name, len(classes), settings)] = row
             table.measured += 1
         table.save()
         steps.advance()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..deploy.decide import pareto_front
 from ..io import atomic_write_text
@@ -64,7 +64,7 @@ class SearchResult:
     def front(self) -> list[TrialRecord]:
         """The finished trials (each trained once) no other beats on both val mIoU and latency, fastest first."""
         trained = [t for t in self.trials if t.state == "complete" and t.checkpoint and "same as" not in (t.note or "")]
-        return pareto_front(trained)  # type: ignore[arg-type]  # it reads .p50 and .miou only
+        return cast(list[TrialRecord], pareto_front(cast(list[Any], trained)))  # it reads .p50 and .miou only
 
 
 def collect_trials(study: Any) -> tuple[TrialRecord, ...]:
@@ -180,7 +180,7 @@ def search_json(result: SearchResult) -> dict[str, Any]:
 
 
 def _plot(result: SearchResult, path: Path) -> Path | None:
-    points = [t for t in result.trials if t.miou is not None and t.latency_ms is not None]
+    points = [(t.state, t.latency_ms, t.miou) for t in result.trials if t.miou is not None and t.latency_ms is not None]
     if not points:
         return None
     import matplotlib
@@ -190,14 +190,14 @@ def _plot(result: SearchResult, path: Path) -> Path | None:
 
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for state, marker in (("complete", "o"), ("pruned", "x")):
-        chosen = [t for t in points if t.state == state]
+        chosen = [(latency, miou) for kind, latency, miou in points if kind == state]
         if chosen:
-            axes.scatter(
-                [t.latency_ms for t in chosen], [t.miou for t in chosen], marker=marker, label=state, alpha=0.7
-            )
+            axes.scatter(*zip(*chosen, strict=True), marker=marker, label=state, alpha=0.7)
     front = result.front
     if front:
-        axes.plot([t.p50 for t in front], [t.miou for t in front], "r-", marker="D", label="Pareto front")
+        axes.plot(
+            [t.latency_ms or 0.0 for t in front], [t.miou or 0.0 for t in front], "r-", marker="D", label="Pareto front"
+        )
     if result.budget_ms is not None:
         axes.axvline(result.budget_ms, color="grey", linestyle="--", label=f"budget {result.budget_ms:.2f} ms")
     size = "x".join(map(str, result.settings.image_size))
