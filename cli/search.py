@@ -133,6 +133,13 @@ def search(
             "sqlite:///RUNS/search/NAME/study.db."
         ),
     ] = None,
+    heartbeat: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Seconds between a running trial's heartbeats; one silent for three is failed and queued again.",
+        ),
+    ] = 20,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs per trial.")] = 10,
     train_batch_size: Annotated[int, typer.Option(min=1, help="Training batch size of each trial.")] = 16,
     train_image_size: Annotated[int, typer.Option(min=8, help="Training crop size of each trial.")] = 64,
@@ -167,6 +174,7 @@ def search(
         "timeout": timeout,
         "workers": workers,
         "storage": storage,
+        "heartbeat": heartbeat,
         "epochs": epochs,
         "train_batch_size": train_batch_size,
         "train_image_size": train_image_size,
@@ -181,7 +189,7 @@ def search(
         **by_field_name(
             SearchOptions,
             parameters,
-            {"runs": "runs_dir", "timeout": "timeout_s"},
+            {"runs": "runs_dir", "timeout": "timeout_s", "heartbeat": "heartbeat_s"},
             base_channels=_ints(base_channels, "--base-channels"),
             depths=_ints(depths, "--depths"),
             block_orders=tuple(b.value for b in enum_list(BlockOrder, block_orders)),
