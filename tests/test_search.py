@@ -231,3 +231,33 @@ def test_two_workers_on_a_postgresql_study(tiny_data, tmp_path, cli):
     assert not (tmp_path / "search" / name / "study.db").exists()  # the study lives on the server
     report = json.loads((tmp_path / "search" / name / "search.json").read_text())
     assert report["study"]["storage"] == url and len(report["trials"]) == 3
+
+
+def test_the_space_names_each_architecture_once():
+    from unet_edge.search.space import architectures
+
+    space = architectures((8, 4, 8), (3,), ("conv-bn-relu", "conv-relu-bn"), ("bilinear",))
+    assert [a.name for a in space] == [
+        "b4-d3-conv-bn-relu-bilinear",
+        "b4-d3-conv-relu-bn-bilinear",
+        "b8-d3-conv-bn-relu-bilinear",
+        "b8-d3-conv-relu-bn-bilinear",
+    ]
+    assert space[0].model_config(5).to_dict()["num_classes"] == 5
+    with pytest.raises(ValueError, match="empty"):
+        architectures((), (3,))
+
+
+def test_a_table_from_another_machine_is_read_not_measured(tiny_data, tmp_path, cli, one_line_error):
+    path = write_table(tmp_path, tiny_data, {SMALL: 1.5})
+    data = json.loads(path.read_text())
+    data["machine"]["cpu"] = "Target Board"
+    data["machine_key"] = "another machine"
+    path.write_text(json.dumps(data))
+    args = ["search", "--data", str(tiny_data), "--runs", str(tmp_path), *SPACE, "--latency-table", str(path)]
+    result = cli(*args, "--base-channels", "4", "--latency-only")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "measured on Target Board" in result.stdout and "b4-d2-conv-bn-relu-transpose: 1.500 ms" in result.stdout
+    line = one_line_error(cli(*args, "--latency-only"), "measured on Target Board, it has no row for b8-d2")
+    assert "--latency-only" in line
+    assert json.loads(path.read_text())["machine_key"] == "another machine"  # never rewritten
