@@ -175,7 +175,7 @@ def test_kill_9_then_the_same_command_resumes(tiny_data, tmp_path, cli):
                 trials = load_trials(storage, "search")
             except Exception:  # the study is not created yet
                 continue
-            running = [t for t in trials if t.state.name == "RUNNING"]
+            running = [t for t in trials if t.state.name == "RUNNING" and "run_dir" in t.user_attrs]  # training
             if any(t.state.name == "COMPLETE" for t in trials) and running:
                 killed = running[0].number
                 break
