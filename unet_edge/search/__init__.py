@@ -201,6 +201,7 @@ def run_search(options: SearchOptions, progress: Progress | None = None) -> Sear
             _watch(progress, steps, study, options.trials, lambda: run_workers(spec, options.workers))
             steps.advance(1, "the front")
             result = replace(result, trials=collect_trials(study), study_name=spec.study_name, storage=spec.storage)
+        result = write_report(replace(result, wall_s=time.time() - started))  # the front, whatever deploy does
         if options.deploy and result.front:
             steps.say("deploying the front")
             result = replace(result, deploy=_deploy(options, result, data_root, threads, steps.part(1, "deploy: ")))
