@@ -67,6 +67,10 @@ def write_table(runs: Path, data: Path, p50s: dict[Architecture, float]) -> Path
     return table.path
 
 
+def table_path(runs: Path) -> Path:
+    return runs / "search" / "latency-table.json"
+
+
 def load_trials(storage: str, name: str):
     import optuna
 
@@ -157,13 +161,15 @@ def test_two_workers_share_one_sqlite_study_within_the_budget_and_deploy_the_fro
 
 
 @pytest.mark.slow
-def test_kill_9_then_the_same_command_resumes(tiny_data, tmp_path, cli):
+def test_kill_9_then_the_same_command_resumes(tiny_data, tiny_checkpoint, tmp_path, cli):
+    """With a teacher: its eager latency is timed once (the budget is a ratio of it) and trials may distil."""
     write_table(tmp_path, tiny_data, {SMALL: 1.5, LARGE: 3.0})
     folder = tmp_path / "search" / "search"
     storage = f"sqlite:///{folder / 'study.db'}"
     command = [
         sys.executable, "-m", "unet_edge_cli.main", "search", "--data", str(tiny_data), "--runs", str(tmp_path),
-        *SPACE, "--epochs", "2", "--trials", "2", "--no-deploy",
+        *SPACE, "--epochs", "2", "--trials", "2", "--no-deploy", "--teacher", str(tiny_checkpoint),
+        "--max-latency-ratio", "1000",
     ]  # fmt: skip
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 180
@@ -196,6 +202,16 @@ def test_kill_9_then_the_same_command_resumes(tiny_data, tmp_path, cli):
     assert retried[0].state.name in ("COMPLETE", "PRUNED")
     assert len(trained(trials)) == 2
     check_trained_once(trained(trials), epochs=2)
+
+    from unet_edge.checkpoint import load_checkpoint
+
+    for trial in trained(trials):  # a distilled trial's run records its teacher, as `unet-edge train` does
+        state = load_checkpoint(Path(trial.user_attrs["run_dir"]) / "last.pt")
+        assert ("teacher" in state) == trial.params["distill"]
+    report = json.loads((folder / "search.json").read_text())
+    assert report["teacher_eager_p50_ms"] > 0
+    assert report["budget_ms"] == pytest.approx(1000 * report["teacher_eager_p50_ms"])
+    assert sum(key.startswith("teacher:") for key in json.loads(table_path(tmp_path).read_text())["rows"]) == 1
 
 
 def postgres_url() -> str:
