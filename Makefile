@@ -50,9 +50,11 @@ lint: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
-# What the embedding tests need beside Python: Chromium and the C++ hosts' build tools and libraries (where apt-get
-# and root allow) and the examples' npm packages (where npm is). Elsewhere those tests skip with the reason; under CI
+# What the embedding and search tests need beside Python: Chromium, the C++ hosts' build tools and libraries, and a
+# PostgreSQL server with a role and database PG_USER for the search test on a shared study (where apt-get and root
+# allow), and the examples' npm packages (where npm is). Elsewhere those tests skip with the reason; under CI
 # (CI=true) a failed install fails the run instead.
+PG_USER := unet_edge
 NPM_CI := npm ci --no-audit --no-fund --onnxruntime-node-install=skip
 CPP_DEBS := g++ make cmake libpng-dev libssl-dev nlohmann-json3-dev
 test-tools:
@@ -70,6 +72,21 @@ test-tools:
 	            || miss "could not install chromium" "browser test"; \
 	    else miss "no apt-get as root to install chromium" "browser test"; fi; \
 	fi; \
+	if ! command -v pg_ctlcluster >/dev/null; then \
+	    if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql >/dev/null; } \
+	            || miss "could not install postgresql" "PostgreSQL search test"; \
+	    else miss "no apt-get as root to install postgresql" "PostgreSQL search test"; fi; \
+	fi; \
+	if command -v pg_ctlcluster >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    { cluster=$$(pg_lsclusters -h | head -1 | awk '{print $$1" "$$2}'); \
+	      [ -n "$$cluster" ] && { pg_ctlcluster $$cluster status >/dev/null || pg_ctlcluster $$cluster start; } \
+	      && su postgres -c "psql -qtc \"SELECT 1 FROM pg_roles WHERE rolname='$(PG_USER)'\" | grep -q 1 \
+	          || psql -qc \"CREATE ROLE $(PG_USER) LOGIN PASSWORD '$(PG_USER)'\"" >/dev/null \
+	      && su postgres -c "psql -qtc \"SELECT 1 FROM pg_database WHERE datname='$(PG_USER)'\" | grep -q 1 \
+	          || createdb -O $(PG_USER) $(PG_USER)" >/dev/null; } \
+	        || miss "could not start PostgreSQL or create its $(PG_USER) role and database" "PostgreSQL search test"; \
+	elif command -v pg_ctlcluster >/dev/null; then miss "PostgreSQL needs root to start here" "PostgreSQL search test"; fi; \
 	if command -v npm >/dev/null; then \
 	    for app in node web; do \
 	        lock=examples/$$app/package-lock.json; done_=examples/$$app/node_modules/.package-lock.json; \

@@ -29,6 +29,9 @@ from . import (
     predict as predict_cmd,
 )
 from . import (
+    search as search_cmd,
+)
+from . import (
     train as train_cmd,
 )
 from . import (
@@ -93,6 +96,7 @@ app.command("verify")(verify_cmd.verify)
 app.command("predict")(predict_cmd.predict)
 app.command("bench")(bench_cmd.bench)
 app.command("deploy")(deploy_cmd.deploy)
+app.command("search")(search_cmd.search)
 app.add_typer(data.app, name="data")
 
 

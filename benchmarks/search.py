@@ -1,0 +1,222 @@
+"""Search benchmark: on each of train_quality's datasets, `unet-edge search` within the latency budget of the
+hand-made student (base 8, depth 3: the default block order and up-sampling) x 1.2, against that student
+trained alone and distilled from the teacher, with the same seed and epochs (paired), and the teacher itself.
+
+The budget comes from the search's own latency table (the student's architecture timed with random weights,
+fastest artifact p50 at 1x3xSIZE, `--threads` threads): latency does not depend on the weights. The section
+reports per dataset the val mIoU of the teacher, the student alone and distilled, and the searched model (the
+most accurate trial of the front, and what deploy ships of it), the searched model's p50 against the teacher's
+eager p50, the trials and the search's wall time, with the front as a picture (benchmarks/search-DATASET.png).
+
+Goal: the searched model >= the best hand-made student within the same budget on every dataset, and within
+0.01 mIoU of the teacher at <= 0.15x the teacher's eager latency on at least two.
+
+    python benchmarks/search.py                                    # all datasets, writes the `search` section
+    python benchmarks/search.py --datasets shapes --epochs 3 --trials 4 --no-write     # a quick look
+
+Training runs with one thread and a fixed seed, so accuracy figures do not depend on the load; latency figures
+do: `--conditions` states what else ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from common import OUT, README, machine, print_progress, write_section
+from train_quality import write_datasets
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="shapes,digits,textures")
+    parser.add_argument("--work", type=Path, default=OUT / "search")
+    parser.add_argument("--train-images", type=int, default=240)
+    parser.add_argument("--val-images", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=30, help="epochs of every run: teacher, students, trials")
+    parser.add_argument("--teacher", default="32,4", help="base channels, depth of the teacher")
+    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per search")
+    parser.add_argument("--base-channels", default="4,8,12,16,24,32")
+    parser.add_argument("--depths", default="2,3,4")
+    parser.add_argument("--block-orders", default="conv-relu-bn,conv-bn-relu")
+    parser.add_argument("--upsample", default="transpose,bilinear")
+    parser.add_argument("--formats", default="onnx,openvino")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--conditions", default="", help="what else ran on the machine, stated in the section")
+    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--no-write", action="store_true", help="print the section only")
+    return parser.parse_args()
+
+
+def ints(text: str) -> tuple[int, ...]:
+    return tuple(int(item) for item in text.split(",") if item.strip())
+
+
+def train(data: Path, runs: Path, name: str, base: int, depth: int, args: argparse.Namespace, teacher=None) -> dict:
+    """A seeded, single-threaded `fit` (reused when its best.pt is there); its best val mIoU."""
+    import torch
+
+    from unet_edge.checkpoint import load_checkpoint
+    from unet_edge.config import ModelConfig, TrainConfig
+    from unet_edge.train import fit
+
+    best = runs / name / "best.pt"
+    if not best.is_file():
+        torch.set_num_threads(1)
+        fit(
+            TrainConfig(
+                data=str(data),
+                epochs=args.epochs,
+                model=ModelConfig(base_channels=base, depth=depth),
+                teacher=str(teacher) if teacher else None,
+                device="cpu",
+                workers=0,
+                seed=args.seed,
+                out=str(runs),
+                name=name,
+            )
+        )
+    return {"checkpoint": best, "miou": float(load_checkpoint(best)["best_miou"])}
+
+
+def run_dataset(name: str, data: Path, args: argparse.Namespace) -> dict:
+    from unet_edge.search import Architecture, SearchOptions, run_search
+
+    work = args.work / name
+    runs = work / "runs"
+    teacher_base, teacher_depth = ints(args.teacher)
+    teacher = train(data, runs, "teacher", teacher_base, teacher_depth, args)
+    alone = train(data, runs, "student-b8-d3", 8, 3, args)
+    distilled = train(data, runs, "student-b8-d3-distilled", 8, 3, args, teacher["checkpoint"])
+    options = SearchOptions(
+        name=name,
+        runs_dir=runs,
+        data=data,
+        teacher=teacher["checkpoint"],
+        base_channels=ints(args.base_channels),
+        depths=ints(args.depths),
+        block_orders=tuple(args.block_orders.split(",")),
+        upsamples=tuple(args.upsample.split(",")),
+        image_size=(args.image_size, args.image_size),
+        threads=args.threads,
+        formats=tuple(args.formats.split(",")),
+        latency_table=args.work / "latency-table.json",
+        trials=args.trials,
+        workers=args.workers,
+        timeout_s=args.timeout,
+        epochs=args.epochs,
+        seed=args.seed,
+        device="cpu",
+    )
+    student = Architecture(8, 3, "conv-relu-bn", "transpose")
+    table = run_search(
+        replace(
+            options,
+            latency_only=True,
+            base_channels=(8,),
+            depths=(3,),
+            block_orders=("conv-relu-bn",),
+            upsamples=("transpose",),
+        ),
+        print_progress(f"{name} latency of the hand-made student"),
+    )
+    budget = 1.2 * table.best_rows[student.name]["latency_ms"]["p50"]
+    started = time.perf_counter()
+    result = run_search(replace(options, max_latency_ms=budget), print_progress(f"{name} search"))
+    wall = time.perf_counter() - started
+    best = max(result.front, key=lambda t: t.miou or 0.0)
+    winner = result.deploy.decision.winner if result.deploy is not None else None
+    picture = args.readme.with_name(f"search-{name}.png")
+    if result.plot is not None and not args.no_write:
+        shutil.copyfile(result.plot, picture)
+    return {
+        "dataset": name,
+        "teacher": teacher["miou"],
+        "teacher_ms": result.teacher_ms,
+        "budget_ms": budget,
+        "student_ms": table.best_rows[student.name]["latency_ms"]["p50"],
+        "alone": alone["miou"],
+        "distilled": distilled["miou"],
+        "searched": best.miou,
+        "searched_arch": best.architecture,
+        "searched_params": best.params,
+        "searched_ms": best.latency_ms,
+        "shipped": None if winner is None else f"{winner.format} {winner.precision}",
+        "shipped_ms": None if winner is None else winner.p50,
+        "shipped_miou": None if winner is None else winner.miou,
+        "trials": len(result.trials),
+        "feasible": len(result.feasible),
+        "space": len(result.space),
+        "wall_s": wall,
+        "picture": picture.name,
+    }
+
+
+def section(rows: list[dict], args: argparse.Namespace) -> str:
+    def f(value, digits=3):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        f"`python benchmarks/search.py` ({time.strftime('%Y-%m-%d')}, {machine()}, {args.threads} threads, "
+        f"1x3x{args.image_size}x{args.image_size}; {args.epochs} epochs per run, seed {args.seed}, single-threaded "
+        f"training; teacher base {args.teacher.replace(',', ', depth ')}; {args.trials} trials; "
+        f"{args.conditions or 'conditions not stated'}).",
+        "",
+        "| dataset | teacher mIoU | b8-d3 alone | b8-d3 distilled | searched mIoU | searched model | budget ms "
+        "| searched p50 ms | × teacher eager | shipped (deploy) | trials (feasible/space) | search wall s |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for r in rows:
+        params = r["searched_params"]
+        how = f"{r['searched_arch']}, lr {params.get('lr', 0):.2g}" + (
+            f", distilled w {params['distill_weight']:.2g}" if params.get("distill") else ""
+        )
+        ratio = r["searched_ms"] / r["teacher_ms"] if r["teacher_ms"] and r["searched_ms"] else None
+        shipped = f"{r['shipped']} {f(r['shipped_ms'], 2)} ms, mIoU {f(r['shipped_miou'])}" if r["shipped"] else "-"
+        lines.append(
+            f"| {r['dataset']} | {f(r['teacher'])} | {f(r['alone'])} | {f(r['distilled'])} | {f(r['searched'])} | "
+            f"{how} | {f(r['budget_ms'], 2)} | {f(r['searched_ms'], 2)} | {f(ratio, 3)} | {shipped} | "
+            f"{r['trials']} ({r['feasible']}/{r['space']}) | {r['wall_s']:.0f} |"
+        )
+    beats = all((r["searched"] or 0) >= max(r["alone"], r["distilled"]) for r in rows)
+    close = sum(
+        1
+        for r in rows
+        if (r["searched"] or 0) >= r["teacher"] - 0.01
+        and r["teacher_ms"]
+        and (r["searched_ms"] or 1e9) <= 0.15 * r["teacher_ms"]
+    )
+    lines += [
+        "",
+        f"Goal 1 (searched ≥ the best hand-made b8-d3 within the same budget on every dataset): "
+        f"{'met' if beats else 'not met'}. Goal 2 (within 0.01 mIoU of the teacher at ≤ 0.15× its eager p50 on at "
+        f"least two datasets): {close} of {len(rows)}.",
+        "",
+        *(f"![{r['dataset']} front]({r['picture']})" for r in rows),
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    names = args.datasets.split(",")
+    args.work.mkdir(parents=True, exist_ok=True)
+    roots = write_datasets(names, args.work / "data", args.train_images, args.val_images)
+    rows = [run_dataset(name, roots[name], args) for name in names]
+    (args.work / "search-benchmark.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    body = section(rows, args)
+    print(body)
+    if not args.no_write:
+        write_section(args.readme, "search", body)
+
+
+if __name__ == "__main__":
+    main()

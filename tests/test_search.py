@@ -1,0 +1,279 @@
+"""`unet-edge search`: the latency table (measured, cached, keyed by the machine), the budget, the Optuna study on
+SQLite and PostgreSQL with several workers, kill -9 then resume, and the front handed to deploy.
+
+Tests that do not time anything read a latency table written here for this machine's key (the figures are
+inputs of the budget, not results); the table's own test measures one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from unet_edge.formats import Precision, default_threads
+from unet_edge.search.latency import (
+    LatencyTable,
+    SearchError,
+    TableSettings,
+    machine_facts,
+    measure_table,
+    row_key,
+)
+from unet_edge.search.space import Architecture
+
+SMALL, LARGE = Architecture(4, 2), Architecture(8, 2)
+SPACE = [
+    "--base-channels", "4,8", "--depths", "2", "--block-orders", "conv-bn-relu", "--upsample", "transpose",
+    "--formats", "torchscript", "--precisions", "fp32", "--image-size", "32", "--table-seconds", "0.05",
+    "--table-min-calls", "3", "--train-image-size", "32", "--train-batch-size", "8", "--device", "cpu",
+]  # fmt: skip
+SETTINGS = TableSettings(
+    image_size=(32, 32), formats=("torchscript",), precisions=(Precision.FP32,), seconds=0.05, min_calls=3
+)
+
+
+def num_classes(data: Path) -> int:
+    from unet_edge.data import scan_dataset
+
+    return scan_dataset(data, splits=("val",)).info.num_classes
+
+
+def write_table(runs: Path, data: Path, p50s: dict[Architecture, float]) -> Path:
+    """A latency table for this machine (the key the CLI computes) with the given torchscript fp32 p50s."""
+    threads = default_threads()
+    table = LatencyTable(runs / "search" / "latency-table.json", machine_facts(threads))
+    classes = num_classes(data)
+    settings = TableSettings(**{**SETTINGS.__dict__, "threads": threads})
+    for arch, p50 in p50s.items():
+        table.rows[row_key(arch, "torchscript", "fp32", classes, settings)] = {
+            "architecture": arch.name,
+            "num_classes": classes,
+            "image_size": [32, 32],
+            "batch_size": 1,
+            "format": "torchscript",
+            "precision": "fp32",
+            "latency_ms": {"p50": p50, "p90": p50, "p99": p50, "mean": p50, "min": p50},
+            "calls": 3,
+        }
+    table.path.parent.mkdir(parents=True)
+    table.save()
+    return table.path
+
+
+def table_path(runs: Path) -> Path:
+    return runs / "search" / "latency-table.json"
+
+
+def load_trials(storage: str, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def trained(trials):
+    """The trials that trained (finished or pruned, not sharing another's result)."""
+    return [t for t in trials if t.state.name in ("COMPLETE", "PRUNED") and "same_as" not in t.user_attrs]
+
+
+def check_trained_once(trials, epochs: int) -> None:
+    """Each trained trial has its own run folder with one metrics line per epoch it ran, and its own parameters."""
+    runs = [t.user_attrs["run_dir"] for t in trials]
+    assert len(set(runs)) == len(runs), runs
+    for trial in trials:
+        lines = (Path(trial.user_attrs["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == (epochs if trial.state.name == "COMPLETE" else len(trial.intermediate_values))
+        assert Path(trial.user_attrs["run_dir"]).name == f"{trial.number:03d}"
+    params = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(params)) == len(params), params
+
+
+@pytest.mark.slow
+def test_latency_table_is_measured_once_per_machine(tiny_data, tmp_path, monkeypatch):
+    path = tmp_path / "table.json"
+    settings = TableSettings(**{**SETTINGS.__dict__, "threads": 1})
+    table, classes = measure_table(
+        (SMALL,), LatencyTable.open(path, machine_facts(1), given=False), settings, tiny_data
+    )
+    assert table.measured == 1
+    row = table.best(SMALL, classes, settings)
+    assert row is not None and row["latency_ms"]["p50"] > 0 and row["calls"] >= 3
+    saved = json.loads(path.read_text())["rows"]
+
+    again, _ = measure_table((SMALL,), LatencyTable.open(path, machine_facts(1), given=False), settings, tiny_data)
+    assert again.measured == 0 and again.rows == saved  # reused, not measured again
+
+    monkeypatch.setenv("UNET_EDGE_CPU_FLAGS", "avx2")  # another CPU kind: another machine key
+    other, _ = measure_table((SMALL,), LatencyTable.open(path, machine_facts(1), given=False), settings, tiny_data)
+    assert other.measured == 1
+    assert json.loads(path.read_text())["machine"]["cpu_flags"] == ["avx2"]
+    monkeypatch.delenv("UNET_EDGE_CPU_FLAGS")
+
+    # Named by the user, a table of another machine (the target) is used as it is, and never measured into.
+    foreign = LatencyTable.open(path, machine_facts(1), given=True)
+    assert foreign.foreign
+    used, _ = measure_table((SMALL,), foreign, settings, tiny_data)
+    assert used.measured == 0 and used.best(SMALL, classes, settings) is not None
+    with pytest.raises(SearchError, match=r"has no row for b8-d2-conv-bn-relu-transpose torchscript fp32"):
+        measure_table((SMALL, LARGE), foreign, settings, tiny_data)
+
+
+def test_a_budget_nothing_meets_is_a_one_line_error(tiny_data, tmp_path, cli, one_line_error):
+    write_table(tmp_path, tiny_data, {SMALL: 1.5, LARGE: 3.0})
+    args = ["search", "--data", str(tiny_data), "--runs", str(tmp_path), *SPACE, "--epochs", "1"]
+    line = one_line_error(cli(*args, "--max-latency-ms", "1.0"), "no architecture meets the budget of 1.000 ms")
+    assert "the fastest is b4-d2-conv-bn-relu-transpose at 1.500 ms (torchscript fp32)" in line
+    assert not (tmp_path / "search" / "search").exists()  # nothing trained, no study
+    one_line_error(cli(*args, "--max-latency-ratio", "0.5"), "--max-latency-ratio", "give --teacher")
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_sqlite_study_within_the_budget_and_deploy_the_front(tiny_data, tmp_path, cli):
+    write_table(tmp_path, tiny_data, {SMALL: 1.5, LARGE: 3.0})
+    result = cli(
+        "search", "--data", str(tiny_data), "--runs", str(tmp_path), *SPACE, "--epochs", "1", "--trials", "4",
+        "--workers", "2", "--max-latency-ms", "2", "--deploy-seconds", "0.05", "--name", "duo",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    folder = tmp_path / "search" / "duo"
+    trials = trained(load_trials(f"sqlite:///{folder / 'study.db'}", "duo"))
+    assert len(trials) == 4
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both processes trained trials
+    assert {t.params["architecture"] for t in trials} == {SMALL.name}  # the larger one is over the budget
+    check_trained_once(trials, epochs=1)
+
+    report = json.loads((folder / "search.json").read_text())
+    assert report["budget_ms"] == 2.0
+    assert [a["feasible"] for a in report["architectures"]] == [True, False]
+    best = max(t.value for t in trials if t.state.name == "COMPLETE")
+    assert report["front"] and report["front"][0]["val_miou"] == pytest.approx(best)
+    winner = report["deploy"]["winner"]
+    assert winner["format"] == "torchscript" and winner["latency_ms"]["p50"] > 0 and winner["val_miou"] is not None
+    assert all(Path(f).is_file() for f in winner["files"])
+    assert (folder / "search.png").stat().st_size > 0
+    assert "to ship" in result.stdout
+
+
+@pytest.mark.slow
+def test_kill_9_then_the_same_command_resumes(tiny_data, tiny_checkpoint, tmp_path, cli):
+    """With a teacher: its eager latency is timed once (the budget is a ratio of it) and trials may distil."""
+    write_table(tmp_path, tiny_data, {SMALL: 1.5, LARGE: 3.0})
+    folder = tmp_path / "search" / "search"
+    storage = f"sqlite:///{folder / 'study.db'}"
+    command = [
+        sys.executable, "-m", "unet_edge_cli.main", "search", "--data", str(tiny_data), "--runs", str(tmp_path),
+        *SPACE, "--epochs", "2", "--trials", "2", "--no-deploy", "--teacher", str(tiny_checkpoint),
+        "--max-latency-ratio", "1000",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    killed = None
+    try:
+        while time.time() < deadline and process.poll() is None:
+            time.sleep(0.3)
+            try:
+                trials = load_trials(storage, "search")
+            except Exception:  # the study is not created yet
+                continue
+            running = [t for t in trials if t.state.name == "RUNNING" and "run_dir" in t.user_attrs]  # training
+            if any(t.state.name == "COMPLETE" for t in trials) and running:
+                killed = running[0].number
+                break
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert killed is not None, process.stderr.read().decode() if process.stderr else ""
+    before = {t.number: t.value for t in load_trials(storage, "search") if t.state.name == "COMPLETE"}
+
+    result = cli(*command[3:])  # the same command again
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = load_trials(storage, "search")
+    by_number = {t.number: t for t in trials}
+    assert all(by_number[n].state.name == "COMPLETE" and by_number[n].value == v for n, v in before.items())
+    assert by_number[killed].state.name == "FAIL"
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(retried) == 1 and retried[0].params == by_number[killed].params
+    assert retried[0].state.name in ("COMPLETE", "PRUNED")
+    assert len(trained(trials)) == 2
+    check_trained_once(trained(trials), epochs=2)
+
+    from unet_edge.checkpoint import load_checkpoint
+
+    for trial in trained(trials):  # a distilled trial's run records its teacher, as `unet-edge train` does
+        state = load_checkpoint(Path(trial.user_attrs["run_dir"]) / "last.pt")
+        assert ("teacher" in state) == trial.params["distill"]
+    report = json.loads((folder / "search.json").read_text())
+    assert report["teacher_eager_p50_ms"] > 0
+    assert report["budget_ms"] == pytest.approx(1000 * report["teacher_eager_p50_ms"])
+    assert sum(key.startswith("teacher:") for key in json.loads(table_path(tmp_path).read_text())["rows"]) == 1
+
+
+def postgres_url() -> str:
+    """The server `make test-tools` starts, or UNET_EDGE_TEST_POSTGRES; the test skips (fails under CI=true) when
+    none answers."""
+    url = os.environ.get("UNET_EDGE_TEST_POSTGRES", "postgresql+psycopg://unet_edge:unet_edge@127.0.0.1:5432/unet_edge")
+    try:
+        import psycopg
+
+        psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), connect_timeout=3).close()
+    except Exception as exc:
+        reason = f"no PostgreSQL server at {url} ({exc.__class__.__name__}; `make test-tools` starts one)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return url
+
+
+@pytest.mark.slow
+def test_two_workers_on_a_postgresql_study(tiny_data, tmp_path, cli):
+    url = postgres_url()
+    write_table(tmp_path, tiny_data, {SMALL: 1.5, LARGE: 3.0})
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    result = cli(
+        "search", "--data", str(tiny_data), "--runs", str(tmp_path), *SPACE, "--epochs", "1", "--trials", "3",
+        "--workers", "2", "--storage", url, "--name", name, "--no-deploy",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = trained(load_trials(url, name))
+    assert len(trials) == 3
+    assert len({t.user_attrs["worker"] for t in trials}) == 2
+    check_trained_once(trials, epochs=1)
+    assert not (tmp_path / "search" / name / "study.db").exists()  # the study lives on the server
+    report = json.loads((tmp_path / "search" / name / "search.json").read_text())
+    assert report["study"]["storage"] == url and len(report["trials"]) == 3
+
+
+def test_the_space_names_each_architecture_once():
+    from unet_edge.search.space import architectures
+
+    space = architectures((8, 4, 8), (3,), ("conv-bn-relu", "conv-relu-bn"), ("bilinear",))
+    assert [a.name for a in space] == [
+        "b4-d3-conv-bn-relu-bilinear",
+        "b4-d3-conv-relu-bn-bilinear",
+        "b8-d3-conv-bn-relu-bilinear",
+        "b8-d3-conv-relu-bn-bilinear",
+    ]
+    assert space[0].model_config(5).to_dict()["num_classes"] == 5
+    with pytest.raises(ValueError, match="empty"):
+        architectures((), (3,))
+
+
+def test_a_table_from_another_machine_is_read_not_measured(tiny_data, tmp_path, cli, one_line_error):
+    path = write_table(tmp_path, tiny_data, {SMALL: 1.5})
+    data = json.loads(path.read_text())
+    data["machine"]["cpu"] = "Target Board"
+    data["machine_key"] = "another machine"
+    path.write_text(json.dumps(data))
+    args = ["search", "--data", str(tiny_data), "--runs", str(tmp_path), *SPACE, "--latency-table", str(path)]
+    result = cli(*args, "--base-channels", "4", "--latency-only")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "measured on Target Board" in result.stdout and "b4-d2-conv-bn-relu-transpose: 1.500 ms" in result.stdout
+    line = one_line_error(cli(*args, "--latency-only"), "measured on Target Board, it has no row for b8-d2")
+    assert "--latency-only" in line
+    assert json.loads(path.read_text())["machine_key"] == "another machine"  # never rewritten

@@ -1,0 +1,414 @@
+"""The latency table: every architecture of the space, built with random weights, exported to the formats and
+precisions this CPU runs natively (deploy's plan) and timed with bench's one protocol at the deploy size and
+batch. Latency depends on the architecture, format and precision, not on trained weights, so it is measured
+once, before any training, and kept in a JSON file keyed by the machine (CPU model and flags, threads, runtime
+versions): a rerun, or another search on this machine, reuses it; a table measured on the target device can be
+handed to a search that trains elsewhere."""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..bench.timing import WARMUP, latency_stats, time_interleaved
+from ..cpuinfo import cpu_flags
+from ..deploy.cache import content_key
+from ..errors import UNetEdgeError
+from ..io import atomic_write_text
+from ..progress import Progress, Steps
+from .space import Architecture
+
+__all__ = [
+    "RUNTIME_PACKAGES",
+    "LatencyTable",
+    "SearchError",
+    "TableSettings",
+    "machine_facts",
+    "measure_table",
+    "row_key",
+    "teacher_latency",
+]
+
+# The packages whose version changes what a format's artifact costs here: a new one invalidates the table.
+RUNTIME_PACKAGES = ("torch", "onnxruntime", "onnx", "openvino", "executorch", "ai-edge-litert", "ncnn", "pnnx")
+TABLE_VERSION = 1
+
+
+class SearchError(UNetEdgeError):
+    """The search cannot start or go on: a budget nothing meets, a table without the rows needed, a study of
+    other settings."""
+
+
+@dataclass(frozen=True)
+class TableSettings:
+    """What a latency row is measured at: the deploy size and batch, the formats and precisions, the protocol."""
+
+    image_size: tuple[int, int] = (256, 256)
+    batch_size: int = 1
+    threads: int = 1
+    formats: tuple[str, ...] | None = ("onnx", "openvino")  # None: every installed format
+    precisions: tuple[Any, ...] | None = None  # None: every precision a format offers and this CPU runs natively
+    seconds: float = 0.5  # timed seconds per artifact
+    min_calls: int = 10
+    calib_images: int = 8
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_facts(threads: int) -> dict[str, Any]:
+    """What a latency figure depends on besides the model: the CPU model, all its flags, the thread count and the
+    runtimes' versions. Its digest is the table's machine key."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "")
+    return {
+        "cpu": model or platform.processor() or platform.machine(),
+        "cpu_flags": sorted(cpu_flags()),
+        "threads": threads,
+        "unet_edge": __version__,
+        "versions": {name: _version(name) for name in RUNTIME_PACKAGES},
+    }
+
+
+def row_key(arch: Architecture, fmt: str, precision: str, num_classes: int, settings: TableSettings) -> str:
+    """A row's key in the table: what it was measured at (a row measured otherwise is another row)."""
+    return content_key(
+        architecture=arch.name,
+        format=fmt,
+        precision=precision,
+        num_classes=num_classes,
+        image_size=list(settings.image_size),
+        batch=settings.batch_size,
+        seconds=settings.seconds,
+        min_calls=settings.min_calls,
+    )
+
+
+@dataclass
+class LatencyTable:
+    """The table file: the machine it was measured on (`machine`, its key) and rows by content key, each one
+    architecture x format x precision with its latency statistics (ms) or why exporting or timing failed.
+    `foreign` marks a table measured on another machine: it is read, never measured into or rewritten."""
+
+    path: Path
+    machine: dict[str, Any]
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    foreign: bool = False
+    measured: int = 0  # rows this process measured (the rest came from the file)
+
+    @property
+    def machine_key(self) -> str:
+        return content_key(**self.machine)
+
+    @classmethod
+    def open(cls, path: Path, machine: dict[str, Any], *, given: bool) -> LatencyTable:
+        """The table at `path`: its rows when it was measured on this machine; when it was measured on another,
+        `given` (the user named the file: it describes the target device) keeps it as it is, otherwise it is
+        started afresh (this machine's figures replace it)."""
+        key = content_key(**machine)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except (OSError, json.JSONDecodeError) as exc:
+            if given:
+                raise SearchError(f"{path}: not a readable latency table ({exc.__class__.__name__})") from None
+            data = None
+        if data is not None and (not isinstance(data, dict) or data.get("version") != TABLE_VERSION):
+            if given:
+                raise SearchError(f"{path}: not a unet-edge latency table (version {TABLE_VERSION})")
+            data = None
+        if data is None:
+            return cls(path, machine)
+        if data.get("machine_key") == key:
+            return cls(path, machine, dict(data.get("rows", {})))
+        if given:
+            return cls(path, dict(data.get("machine", {})), dict(data.get("rows", {})), foreign=True)
+        return cls(path, machine)
+
+    def save(self) -> None:
+        if self.foreign:
+            return
+        payload = {
+            "version": TABLE_VERSION,
+            "machine_key": self.machine_key,
+            "machine": self.machine,
+            "rows": self.rows,
+        }
+        atomic_write_text(self.path, json.dumps(payload, indent=1, sort_keys=True, allow_nan=False) + "\n")
+
+    def rows_of(self, arch: Architecture, num_classes: int, settings: TableSettings) -> list[dict[str, Any]]:
+        """The rows measured for `arch` at these settings (any format and precision the table holds)."""
+        return [
+            row
+            for row in self.rows.values()
+            if row.get("architecture") == arch.name
+            and row["num_classes"] == num_classes
+            and tuple(row["image_size"]) == tuple(settings.image_size)
+            and row["batch_size"] == settings.batch_size
+        ]
+
+    def best(self, arch: Architecture, num_classes: int, settings: TableSettings) -> dict[str, Any] | None:
+        """The fastest artifact of `arch` (lowest p50) among the formats and precisions asked for, or None."""
+        timed = [
+            row
+            for row in self.rows_of(arch, num_classes, settings)
+            if row.get("latency_ms")
+            and (settings.formats is None or row["format"] in settings.formats)
+            and (
+                settings.precisions is None or row["precision"] in {getattr(p, "value", p) for p in settings.precisions}
+            )
+        ]
+        return min(timed, key=lambda row: row["latency_ms"]["p50"], default=None)
+
+
+def _classes(root: Path) -> tuple[list[str], int | None]:
+    from ..data import scan_dataset
+
+    info = scan_dataset(root, splits=("val",)).info
+    return list(info.classes), info.ignore_index
+
+
+def measure_table(
+    space: tuple[Architecture, ...],
+    table: LatencyTable,
+    settings: TableSettings,
+    data_root: Path,
+    progress: Progress | None = None,
+) -> tuple[LatencyTable, int]:
+    """`table` with a row for every architecture x planned format x precision (those it lacks are measured
+    here and saved after each architecture, so an interrupted run keeps what was timed), and the number of
+    classes the rows are for. A foreign table is only read: a row it lacks is an error naming the first."""
+    from ..deploy.plan import plan_candidates
+
+    classes, ignore_index = _classes(data_root)
+    plan = plan_candidates(settings.formats, settings.precisions)
+    if not plan.formats:
+        why = "; ".join(f"{s.format} {s.precision or ''}: {s.reason}" for s in plan.skipped)
+        raise SearchError(f"no format to time the architectures with ({why or 'none offers the precisions asked'})")
+    wanted = [
+        (arch, name, precision)
+        for arch in space
+        for name, precisions in plan.formats
+        for precision in precisions
+        if row_key(arch, name, precision.value, len(classes), settings) not in table.rows
+    ]
+    if wanted and table.foreign:
+        arch, name, precision = wanted[0]
+        raise SearchError(
+            f"{table.path}: measured on {table.machine.get('cpu', 'another machine')}, it has no row for {arch.name} "
+            f"{name} {precision.value} at {'x'.join(map(str, settings.image_size))} batch {settings.batch_size} "
+            f"({len(wanted)} missing); measure them on that machine with `unet-edge search --latency-only`"
+        )
+    todo = list(dict.fromkeys(arch for arch, _, _ in wanted))
+    steps = Steps(progress, total=max(len(todo), 1))
+    for arch in todo:
+        steps.say(f"latency of {arch.name}")
+        missing = {(name, precision) for a, name, precision in wanted if a == arch}
+        for (fmt, precision_name), row in _measure_architecture(
+            arch, missing, classes, ignore_index, settings, data_root, steps.part(1, f"{arch.name}: ")
+        ).items():
+            table.rows[row_key(arch, fmt, precision_name, len(classes), settings)] = row
+            table.measured += 1
+        table.save()
+        steps.advance()
+    steps.done()
+    return table, len(classes)
+
+
+def _measure_architecture(
+    arch: Architecture,
+    missing: set[tuple[str, Any]],
+    classes: list[str],
+    ignore_index: int | None,
+    settings: TableSettings,
+    data_root: Path,
+    progress: Progress,
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """One architecture with random weights: exported per format (fp32 and the variants asked for), every file
+    opened and timed interleaved with the others; each row carries its statistics or why it failed."""
+    import torch
+
+    from ..backends import open_backend
+    from ..checkpoint import save_checkpoint
+    from ..deploy.measure import one_line
+    from ..export import ExportOptions, run_export
+    from ..formats import FORMATS, DeployTarget, Precision, Provider
+    from ..model import build_model
+
+    saved_threads, threads = torch.get_num_threads(), settings.threads
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = arch.model_config(len(classes))
+    model = build_model(config).eval()
+    target = DeployTarget(image_size=settings.image_size, batch_size=settings.batch_size)
+    base = {
+        "architecture": arch.name,
+        "num_classes": len(classes),
+        "image_size": list(settings.image_size),
+        "batch_size": settings.batch_size,
+    }
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    files: dict[tuple[str, str], Path] = {}
+    formats = list(dict.fromkeys(name for name, _ in sorted(missing, key=lambda pair: (pair[0], pair[1].value))))
+    with tempfile.TemporaryDirectory(prefix="unet-edge-latency-") as tmp:
+        checkpoint = Path(tmp) / "random.pt"
+        save_checkpoint(
+            checkpoint,
+            {
+                "model": model.state_dict(),
+                "config": config.to_dict(),
+                "classes": classes,
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.25, 0.25, 0.25],
+                "ignore_index": ignore_index,
+                "data_root": str(data_root),
+            },
+        )
+        for index, name in enumerate(formats):
+            precisions = tuple(p for n, p in missing if n == name)
+            progress(index, len(formats) + 1, f"exporting {name}")
+            try:
+                result = run_export(
+                    ExportOptions(
+                        checkpoint=checkpoint,
+                        out=Path(tmp),
+                        name=name,
+                        formats=(name,),
+                        precisions=tuple(dict.fromkeys((Precision.FP32, *precisions))),
+                        data=data_root,
+                        calib_images=settings.calib_images,
+                        max_miou_drop=1.0,  # random weights: the variants' accuracy means nothing here
+                        parity_images=0,
+                        format_options=FORMATS[name].options_for(target),
+                    )
+                )
+            except Exception as exc:
+                for precision in precisions:
+                    rows[(name, precision.value)] = {
+                        **base,
+                        "format": name,
+                        "precision": precision.value,
+                        "failed": f"export failed: {one_line(exc)}",
+                    }
+                continue
+            written = {a.precision: a.path for a in result.artifacts}
+            for precision in precisions:
+                if precision.value in written:
+                    files[(name, precision.value)] = written[precision.value]
+                else:
+                    reason = result.skipped.get(precision.value, "no file written")
+                    rows[(name, precision.value)] = {
+                        **base,
+                        "format": name,
+                        "precision": precision.value,
+                        "failed": f"export failed: {reason}",
+                    }
+        progress(len(formats), len(formats) + 1, "timing")
+        images = np.random.default_rng(0).standard_normal(
+            (settings.batch_size, 3, *settings.image_size), dtype=np.float32
+        )
+        backends, runners = {}, {}
+        try:
+            for pair, path in files.items():
+                try:
+                    backends[pair] = open_backend(path, Provider.CPU, threads)
+                    runners[pair] = backends[pair].device_runner(images)
+                    runners[pair]()
+                except Exception as exc:
+                    rows[pair] = {
+                        **base,
+                        "format": pair[0],
+                        "precision": pair[1],
+                        "failed": f"timing failed: {one_line(exc)}",
+                    }
+                    runners.pop(pair, None)
+            order = list(runners)
+            latencies = time_interleaved(
+                [runners[pair] for pair in order],
+                warmup=WARMUP,
+                iters=None,
+                seconds=settings.seconds,
+                min_iters=settings.min_calls,
+            )
+        finally:
+            for backend in backends.values():
+                backend.close()
+            torch.set_num_threads(saved_threads)
+    for pair, samples in zip(order, latencies, strict=True):
+        rows[pair] = {
+            **base,
+            "format": pair[0],
+            "precision": pair[1],
+            "runtime": FORMATS[pair[0]].runtime,
+            "latency_ms": latency_stats(samples),
+            "calls": len(samples),
+        }
+    return rows
+
+
+def teacher_latency(teacher: Path, table: LatencyTable, settings: TableSettings) -> float:
+    """The teacher's PyTorch eager p50 (ms) at the deploy size and batch, timed with the same protocol (kept in
+    the table, keyed by the file's sha256)."""
+    import torch
+
+    from ..backends import open_backend
+    from ..formats import Provider
+    from ..io import sha256_file
+
+    key = "teacher:" + content_key(
+        sha256=sha256_file(teacher),
+        image_size=list(settings.image_size),
+        batch=settings.batch_size,
+        seconds=settings.seconds,
+        min_calls=settings.min_calls,
+    )
+    row = table.rows.get(key)
+    if row is None:
+        if table.foreign:
+            raise SearchError(
+                f"{table.path}: has no eager latency of the teacher {teacher}; measure it on the target machine "
+                "with `unet-edge search --latency-only --teacher ...`"
+            )
+        threads = torch.get_num_threads()
+        torch.set_num_threads(settings.threads)
+        images = np.random.default_rng(0).standard_normal(
+            (settings.batch_size, 3, *settings.image_size), dtype=np.float32
+        )
+        backend = open_backend(teacher, Provider.CPU, settings.threads)
+        try:
+            samples = time_interleaved(
+                [backend.device_runner(images)],
+                warmup=WARMUP,
+                iters=None,
+                seconds=settings.seconds,
+                min_iters=settings.min_calls,
+            )[0]
+        finally:
+            backend.close()
+            torch.set_num_threads(threads)
+        row = {
+            "teacher": str(teacher),
+            "format": "pytorch eager",
+            "precision": "fp32",
+            "image_size": list(settings.image_size),
+            "batch_size": settings.batch_size,
+            "latency_ms": latency_stats(samples),
+            "calls": len(samples),
+        }
+        table.rows[key] = row
+        table.save()
+    return float(row["latency_ms"]["p50"])

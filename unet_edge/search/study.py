@@ -1,0 +1,286 @@
+"""The study: Optuna samples an architecture that fits the budget and the training settings that matter, each
+trial is an ordinary training run folder, and val mIoU is reported every epoch to a pruner. The loop, the
+samplers, the pruner and the storage are Optuna's; this module writes the objective and the space only.
+
+Several processes (`--workers`) or machines (`--storage URL`) call `study.optimize` on one storage. A process
+killed with kill -9 leaves its trial RUNNING: the heartbeat fails it once its grace period passes (another
+worker's next trial checks), and a rerun of a search on its own SQLite file fails it at once; either way the
+trial is queued again with the same parameters (Optuna's `RetryFailedTrialCallback`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import TrainingError
+from .latency import SearchError
+from .space import Architecture
+
+__all__ = ["StudySpec", "counted_trials", "open_study", "optimize", "recover_stale_trials", "run_workers"]
+
+# The settings of a study (the space and what trains): a later run on the same study must use the same.
+SPACE_ATTR = "unet_edge_space"
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """Everything a worker process needs to open the study and train its trials (picklable)."""
+
+    storage: str
+    study_name: str
+    architectures: tuple[Architecture, ...]
+    latency_ms: dict[str, float]  # architecture name -> its best p50 in the latency table
+    trials: int
+    deadline: float | None  # time.time() after which no trial starts and a running one stops at its epoch's end
+    trials_dir: str
+    data: str
+    teacher: str | None
+    epochs: int
+    batch_size: int
+    image_size: int
+    lr_range: tuple[float, float]
+    distill_weight_range: tuple[float, float]
+    seed: int
+    device: str
+    threads: int
+    heartbeat_s: int
+
+    def space(self) -> dict[str, Any]:
+        """What must stay the same across the runs and processes of one study."""
+        return {
+            "architectures": [a.name for a in self.architectures],
+            "teacher": self.teacher is not None,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "image_size": self.image_size,
+            "lr_range": list(self.lr_range),
+            "distill_weight_range": list(self.distill_weight_range),
+            "seed": self.seed,
+        }
+
+
+def _is_rdb(url: str) -> bool:
+    return url.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "oracle", "mssql")
+
+
+def _storage(spec: StudySpec) -> Any:
+    """An RDB URL becomes Optuna's RDBStorage with a heartbeat and the retry of stale trials; any other storage
+    string (a journal, a gRPC proxy) goes to Optuna as it is."""
+    import optuna
+
+    if not _is_rdb(spec.storage):
+        return spec.storage
+    engine = {"connect_args": {"timeout": 120}} if spec.storage.startswith("sqlite") else {"pool_pre_ping": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat, stable since 2.8
+        return optuna.storages.RDBStorage(
+            spec.storage,
+            engine_kwargs=engine,
+            heartbeat_interval=spec.heartbeat_s,
+            grace_period=3 * spec.heartbeat_s,
+            heartbeat_stale_trial_callback=_retry(),
+        )
+
+
+def _retry() -> Any:
+    """Optuna's callback that queues a stale trial again with its parameters (at most twice)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+
+
+def open_study(spec: StudySpec, worker: int = 0) -> Any:
+    """The study (created on first use), its sampler seeded by the seed, the worker and the trials already there,
+    so two workers, or a resumed run, do not replay the same random start."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a trial's failure is in its attributes
+    storage = _storage(spec)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=spec.study_name,
+        direction="maximize",
+        load_if_exists=True,
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+    )
+    space = spec.space()
+    saved = study.user_attrs.get(SPACE_ATTR)
+    if saved is None:
+        study.set_user_attr(SPACE_ATTR, space)
+    elif saved != space:
+        changed = [k for k in space if saved.get(k) != space[k]]
+        raise SearchError(
+            f"study {spec.study_name!r} in {spec.storage} was started with other settings ({', '.join(changed)}: "
+            f"{saved.get(changed[0])} then, {space[changed[0]]} now); give another --name or the same settings"
+        )
+    seed = spec.seed * 1000 + 97 * worker + len(study.get_trials(deepcopy=False))
+    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
+    return study
+
+
+def counted_trials(study: Any, before: int | None = None) -> int:
+    """Trials that use up `--trials`: finished, pruned or running (a failed one does not), of a lower number than
+    `before` when given."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    trials = study.get_trials(deepcopy=False, states=states)
+    return sum(1 for t in trials if before is None or t.number < before)
+
+
+def recover_stale_trials(study: Any) -> int:
+    """Fail every RUNNING trial of a study no process works on (the caller holds the study's lock) and queue each
+    again with its parameters; returns how many."""
+    from optuna.trial import TrialState
+
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    retry = _retry()
+    for trial in stale:
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        retry(study, study._storage.get_trial(trial._trial_id))
+    return len(stale)
+
+
+class _TrialLimit(Exception):
+    """The study already has its `--trials`: this trial does not train."""
+
+
+class _Objective:
+    def __init__(self, spec: StudySpec) -> None:
+        self.spec = spec
+        self.by_name = {a.name: a for a in spec.architectures}
+
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        spec = self.spec
+        if counted_trials(trial.study, before=trial.number) >= spec.trials:
+            trial.set_user_attr("skipped", f"the study already has its {spec.trials} trials")
+            trial.study.stop()
+            raise _TrialLimit
+        arch = self.by_name[trial.suggest_categorical("architecture", list(self.by_name))]
+        lr = trial.suggest_float("lr", *spec.lr_range, log=True)
+        distill = spec.teacher is not None and trial.suggest_categorical("distill", [True, False])
+        weight = trial.suggest_float("distill_weight", *spec.distill_weight_range, log=True) if distill else 0.0
+        trial.set_user_attr("latency_ms", spec.latency_ms[arch.name])
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        same = _same_params(trial)
+        if same is not None:
+            trial.set_user_attr("same_as", same.number)
+            for key in ("run_dir", "best_epoch"):
+                if key in same.user_attrs:
+                    trial.set_user_attr(key, same.user_attrs[key])
+            return float(same.value)
+        return _train(trial, spec, arch, lr, weight if distill else None, optuna.TrialPruned)
+
+
+def _same_params(trial: Any) -> Any:
+    """A finished trial with exactly these parameters (its result is this one's: nothing is trained twice)."""
+    from optuna.trial import TrialState
+
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if other.params == trial.params and "same_as" not in other.user_attrs:
+            return other
+    return None
+
+
+def _train(trial: Any, spec: StudySpec, arch: Architecture, lr: float, weight: float | None, pruned: type) -> float:
+    from ..config import TrainConfig
+    from ..train import TrainHooks, fit
+
+    class Report(TrainHooks):
+        """Val mIoU to the pruner after each epoch; a hopeless trial, or one past --timeout, stops there."""
+
+        def on_start(self, run_dir: Path, epochs: int, steps: int, start_epoch: int, device: str) -> None:
+            trial.set_user_attr("run_dir", str(run_dir))
+
+        def on_epoch_end(self, record: dict[str, Any]) -> None:
+            miou = record.get("miou")
+            miou = 0.0 if miou is None or not math.isfinite(miou) else float(miou)
+            trial.report(miou, record["epoch"])
+            if trial.should_prune():
+                raise pruned(f"val mIoU {miou:.4f} at epoch {record['epoch']} is below the other trials' median")
+            if spec.deadline is not None and time.time() > spec.deadline and record["epoch"] < spec.epochs:
+                trial.set_user_attr("stopped", "--timeout")
+                raise pruned(f"--timeout reached at epoch {record['epoch']}")
+
+    config = TrainConfig(
+        data=spec.data,
+        epochs=spec.epochs,
+        batch_size=spec.batch_size,
+        lr=lr,
+        image_size=spec.image_size,
+        teacher=spec.teacher if weight is not None else None,
+        distill_weight=weight if weight is not None else TrainConfig().distill_weight,
+        model=arch.model_config(),
+        device=spec.device,
+        workers=0,
+        seed=spec.seed,
+        out=spec.trials_dir,
+        name=f"{trial.number:03d}",
+    )
+    try:
+        result = fit(config, Report())
+    except TrainingError as exc:
+        trial.set_user_attr("failed", str(exc))
+        raise
+    trial.set_user_attr("best_epoch", result.best_epoch)
+    return float(result.best_miou)
+
+
+def optimize(spec: StudySpec, worker: int = 0) -> None:
+    """One worker: open the study and let Optuna run trials until `--trials` are counted or the deadline."""
+    import optuna
+    import torch
+
+    torch.set_num_threads(spec.threads)
+    study = open_study(spec, worker)
+    if counted_trials(study) >= spec.trials:
+        return
+    timeout = None if spec.deadline is None else spec.deadline - time.time()
+    if timeout is not None and timeout <= 0:
+        return
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    study.optimize(
+        _Objective(spec),
+        timeout=timeout,
+        catch=(_TrialLimit, TrainingError),
+        callbacks=[optuna.study.MaxTrialsCallback(spec.trials, states=states)],
+    )
+
+
+def _worker_main(spec: StudySpec, worker: int) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", str(spec.threads))
+    optimize(spec, worker)
+
+
+def run_workers(spec: StudySpec, workers: int) -> None:
+    """`workers` processes on the study (this one alone when 1), each calling `study.optimize`."""
+    if workers <= 1:
+        optimize(spec)
+        return
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_worker_main, args=(spec, index), daemon=False) for index in range(workers)]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join()
+    except BaseException:
+        for process in processes:
+            process.terminate()
+        raise
+    failed = [(index, p.exitcode) for index, p in enumerate(processes) if p.exitcode != 0]
+    if failed:
+        raise SearchError(f"search worker {failed[0][0]} exited with code {failed[0][1]} (rerun to resume the study)")
