@@ -27,6 +27,7 @@ from .common import (
 from .verify import parity_table
 
 DEFAULTS = ExportOptions()
+DEFAULT_PRECISIONS = ",".join(precision.value for precision in DEFAULTS.precisions)
 PRECISION_FORMATS = "; ".join(
     f"{p.value}: {', '.join(name for name, fmt in export_formats().items() if p in fmt.precisions)}"
     for p in Precision
@@ -78,7 +79,7 @@ def _export_template(
             help="Comma-separated precisions; fp32 is always written, the others as variants of the formats that "
             f"have them ({PRECISION_FORMATS}).",
         ),
-    ] = ",".join(p.value for p in DEFAULTS.precisions),
+    ] = DEFAULT_PRECISIONS,
     fold: Annotated[
         bool | None,
         typer.Option(

@@ -214,7 +214,7 @@ class ImageSegmentation(torch.utils.data.Dataset):
         self,
         root: str | os.PathLike[str],
         split: str = "train",
-        transforms: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+        transforms: Callable[..., tuple[Any, ...]] | None = None,
         *,
         cache: bool = False,
     ) -> None:

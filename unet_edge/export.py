@@ -134,22 +134,24 @@ def _check_options(options: ExportOptions) -> None:
     from .data import resolve_data
 
     formats = export_formats()
-    unknown = [name for name in options.formats if name not in formats]
+    names = options.formats or ()
+    unknown = [name for name in names if name not in formats]
     if unknown:
         raise UNetEdgeError(f"unknown format {unknown[0]!r}: use {', '.join(formats)}")
     for wanted in options.precisions:
-        if not any(wanted in formats[name].precisions for name in options.formats):
+        if not any(wanted in formats[name].precisions for name in names):
             offering = ", ".join(name for name, fmt in formats.items() if wanted in fmt.precisions)
             raise UNetEdgeError(
-                f"{', '.join(options.formats)}: no {wanted.value} variant (formats with {wanted.value}: {offering})"
+                f"{', '.join(names)}: no {wanted.value} variant (formats with {wanted.value}: {offering})"
             )
     declared = export_options()
     for name in options.format_options:
         if name not in declared:
             raise UNetEdgeError(f"unknown export option {name!r}: the formats declare {', '.join(declared)}")
-    for name in options.formats:
-        if formats[name].check_options is not None:
-            formats[name].check_options(options.format_options)
+    for name in names:
+        check = formats[name].check_options
+        if check is not None:
+            check(options.format_options)
         why = formats[name].unavailable(Provider.CPU) if options.parity_images else None
         if why is not None:  # refused before converting: the parity check at the end would need the runtime
             raise UNetEdgeError(f"{why}; needed to check {name}'s parity (--parity-images 0 exports without the check)")
@@ -174,7 +176,8 @@ def run_export(
         # Its accuracy budget could not be measured here: OpenVINO runs a bf16 hint as fp32 on such a CPU.
         skipped["bf16"] = reason
         options = replace(options, precisions=tuple(p for p in options.precisions if p is not Precision.BF16))
-    steps = Steps(progress, total=len(options.formats) + 2)
+    names = options.formats or ()
+    steps = Steps(progress, total=len(names) + 2)
     if source is None:
         steps.say("loading the checkpoint")
         source = export_source(options, steps.label)
@@ -242,8 +245,10 @@ def _export_staged(
         progress=steps.label,
     )
     artifacts: list[ExportedArtifact] = []
-    for name in options.formats:
+    for name in options.formats or ():
         fmt = FORMATS[name]
+        if fmt.export is None:  # `_check_options` took only export formats; a read-only one has nothing to write
+            raise UNetEdgeError(f"{name} is read-only: nothing exports to it")
         steps.say(f"exporting {name}")
         # The fold is decided per format: those that read a conv graph get the folded one when folding was asked for.
         own = replace(request, folded_model=source.folded_model if fmt.folds_batchnorm else None)

@@ -147,7 +147,9 @@ def training_data(
     """
     root = resolve_data(config.data)
     # Training's hooks hear (done, total) (`TrainHooks.on_scan`); the scan speaks the progress protocol.
-    scan = scan_dataset(root, ("train", "val"), progress=None if progress is None else lambda d, t, _: progress(d, t))
+    scan = scan_dataset(
+        root, ("train", "val"), progress=None if progress is None else lambda d, t, _: progress(int(d), int(t or 0))
+    )
     ignore_index = scan.info.ignore_index
     on_node = distributed.local_world_size if distributed is not None else 1
     workers, val_workers = (

@@ -207,9 +207,11 @@ class ExecuTorchBackend(Backend):
         self.method = method
         try:
             contract = json.loads(self.meta.get("size_contract", "null")) or DEFAULT_CONTRACT
-            self.bounds = (
+            (min_h, max_h), (min_w, max_w) = ((int(v) for v in contract[axis]) for axis in ("height", "width"))
+            self.bounds: tuple[int, tuple[int, int], tuple[int, int]] = (
                 int(contract["batch"][1]),
-                *(tuple(int(v) for v in contract[axis]) for axis in ("height", "width")),
+                (min_h, max_h),
+                (min_w, max_w),
             )
         except (ValueError, KeyError, TypeError, IndexError):
             raise ArtifactError(f"{self.path}: the program's size_contract metadata is not readable") from None
@@ -222,7 +224,8 @@ class ExecuTorchBackend(Backend):
         if not (batch <= max_batch and min_h <= height <= max_h and min_w <= width <= max_w):
             raise ArtifactError(
                 f"{self.path}: a batch of {batch} {height}x{width} images is outside the program's bounds "
-                f"(batch <= {max_batch}, height {min_h}..{max_h}, width {min_w}..{max_w}; export with larger --max-batch/--max-size)"
+                f"(batch <= {max_batch}, height {min_h}..{max_h}, width {min_w}..{max_w}; "
+                "export with larger --max-batch/--max-size)"
             )
         return (torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),)
 

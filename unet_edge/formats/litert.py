@@ -80,7 +80,8 @@ def _padded(tile: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def _export_size(request: ExportRequest) -> tuple[int, int]:
     """--image-size, else the checkpoint's training crop size (the size its images have), else DEFAULT_SIZE."""
     if request.option(IMAGE_SIZE):
-        return tuple(request.option(IMAGE_SIZE))  # type: ignore[return-value]
+        height, width = request.option(IMAGE_SIZE)
+        return int(height), int(width)
     trained = (request.loaded.state.get("train_config") or {}).get("image_size")
     return (int(trained), int(trained)) if trained else DEFAULT_SIZE
 
