@@ -303,8 +303,10 @@ program = Runtime.get().load_program("model.pte")  # from executorch.runtime imp
 meta = json.loads(program.load_method("unet_edge_metadata").execute(())[0])
 mean, std = (np.array(json.loads(meta[key]), np.float32) for key in ("mean", "std"))
 forward = program.load_method("forward")
-image = np.asarray(Image.open("image.png").convert("RGB"))  # H x W x 3 uint8, each side 2..the export's --max-size (1024)
-x = np.ascontiguousarray(((image / 255.0 - mean) / std).transpose(2, 0, 1)[None], np.float32)  # 1 x 3 x H x W, contiguous
+# H x W x 3 uint8, each side 2..the export's --max-size (1024)
+image = np.asarray(Image.open("image.png").convert("RGB"))
+# 1 x 3 x H x W float32, contiguous
+x = np.ascontiguousarray(((image / 255.0 - mean) / std).transpose(2, 0, 1)[None], np.float32)
 mask = forward.execute((torch.from_numpy(x),))[0][0].argmax(0).numpy()  # H x W class indices
 """,
     cpp=cpp_host("unet_executorch"),
