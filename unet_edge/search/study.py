@@ -161,8 +161,7 @@ def recover_stale_trials(study: Any) -> int:
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     retry = _retry()
     for trial in stale:
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        retry(study, study._storage.get_trial(trial._trial_id))
+        retry(study, study.tell(trial.number, state=TrialState.FAIL))
     return len(stale)
 
 
