@@ -216,6 +216,12 @@ def search(
         return
     console.print(trials_table(result))
     console.print(f"wrote {result.report}" + (f", {result.plot}" if result.plot else ""), soft_wrap=True)
+    if not result.front:
+        console.print(
+            "no trial finished, so the front is empty and nothing was deployed (a longer --timeout or "
+            "fewer --epochs lets trials finish; rerun the command to go on)",
+            soft_wrap=True,
+        )
     if result.deploy is not None:
         winner = result.deploy.decision.winner
         if winner is None:

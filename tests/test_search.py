@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from unet_edge.formats import Precision, default_threads
+from unet_edge.formats import Precision
 from unet_edge.search.latency import (
     LatencyTable,
     SearchError,
@@ -33,6 +33,7 @@ SPACE = [
     "--base-channels", "4,8", "--depths", "2", "--block-orders", "conv-bn-relu", "--upsample", "transpose",
     "--formats", "torchscript", "--precisions", "fp32", "--image-size", "32", "--table-seconds", "0.05",
     "--table-min-calls", "3", "--train-image-size", "32", "--train-batch-size", "8", "--device", "cpu",
+    "--threads", "1",
 ]  # fmt: skip
 SETTINGS = TableSettings(
     image_size=(32, 32), formats=("torchscript",), precisions=(Precision.FP32,), seconds=0.05, min_calls=3
@@ -46,8 +47,9 @@ def num_classes(data: Path) -> int:
 
 
 def write_table(runs: Path, data: Path, p50s: dict[Architecture, float]) -> Path:
-    """A latency table for this machine (the key the CLI computes) with the given torchscript fp32 p50s."""
-    threads = default_threads()
+    """A latency table for this machine at one thread (the key the CLI computes with --threads 1) with the given
+    torchscript fp32 p50s."""
+    threads = 1
     table = LatencyTable(runs / "search" / "latency-table.json", machine_facts(threads))
     classes = num_classes(data)
     settings = TableSettings(**{**SETTINGS.__dict__, "threads": threads})

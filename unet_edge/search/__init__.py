@@ -198,7 +198,13 @@ def run_search(options: SearchOptions, progress: Progress | None = None) -> Sear
                 if recovered:
                     tell(progress, steps.count, steps.total, f"queued again {recovered} trial(s) left running")
             steps.say(f"study: {options.trials} trials, {options.workers} worker(s)")
-            _watch(progress, steps, study, options.trials, lambda: run_workers(spec, options.workers))
+            _watch(
+                progress,
+                steps,
+                study,
+                options.trials,
+                lambda: run_workers(spec, options.workers, folder / ".workers.json"),
+            )
             steps.advance(1, "the front")
             result = replace(result, trials=collect_trials(study), study_name=spec.study_name, storage=spec.storage)
         result = write_report(replace(result, wall_s=time.time() - started))  # the front, whatever deploy does

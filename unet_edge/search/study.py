@@ -10,16 +10,19 @@ trial is queued again with the same parameters (Optuna's `RetryFailedTrialCallba
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
+import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import TrainingError
+from ..io import atomic_write_text
 from .latency import SearchError
 from .space import Architecture
 
@@ -51,6 +54,19 @@ class StudySpec:
     device: str
     threads: int
     heartbeat_s: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "architectures": [asdict(a) for a in self.architectures]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StudySpec:
+        fields = {
+            **data,
+            "architectures": tuple(Architecture(**a) for a in data["architectures"]),
+            "lr_range": tuple(data["lr_range"]),
+            "distill_weight_range": tuple(data["distill_weight_range"]),
+        }
+        return cls(**fields)
 
     def space(self) -> dict[str, Any]:
         """What must stay the same across the runs and processes of one study."""
@@ -145,8 +161,7 @@ def recover_stale_trials(study: Any) -> int:
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     retry = _retry()
     for trial in stale:
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        retry(study, study._storage.get_trial(trial._trial_id))
+        retry(study, study.tell(trial.number, state=TrialState.FAIL))
     return len(stale)
 
 
@@ -258,29 +273,43 @@ def optimize(spec: StudySpec, worker: int = 0) -> None:
     )
 
 
-def _worker_main(spec: StudySpec, worker: int) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", str(spec.threads))
-    optimize(spec, worker)
-
-
-def run_workers(spec: StudySpec, workers: int) -> None:
-    """`workers` processes on the study (this one alone when 1), each calling `study.optimize`."""
+def run_workers(spec: StudySpec, workers: int, spec_file: Path) -> None:
+    """`workers` processes on the study (this one alone when 1), each calling `study.optimize`: started as
+    `python -m unet_edge.search.study SPEC INDEX`, so they need nothing of the caller's `__main__`."""
     if workers <= 1:
         optimize(spec)
         return
-    import multiprocessing
+    import subprocess
 
-    context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker_main, args=(spec, index), daemon=False) for index in range(workers)]
-    for process in processes:
-        process.start()
+    atomic_write_text(spec_file, json.dumps(spec.to_json(), indent=1) + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads)}
+    command = [sys.executable, "-m", "unet_edge.search.study", str(spec_file)]
+    processes = [subprocess.Popen([*command, str(index)], env=env) for index in range(workers)]
     try:
-        for process in processes:
-            process.join()
+        codes = [process.wait() for process in processes]
     except BaseException:
         for process in processes:
             process.terminate()
+        for process in processes:
+            process.wait()
         raise
-    failed = [(index, p.exitcode) for index, p in enumerate(processes) if p.exitcode != 0]
+    failed = [(index, code) for index, code in enumerate(codes) if code != 0]
     if failed:
         raise SearchError(f"search worker {failed[0][0]} exited with code {failed[0][1]} (rerun to resume the study)")
+
+
+def _worker(argv: list[str]) -> int:
+    """A worker process: the spec file and its index; a library error is one line on stderr and exit 1."""
+    from ..errors import UNetEdgeError
+
+    spec = StudySpec.from_json(json.loads(Path(argv[0]).read_text(encoding="utf-8")))
+    try:
+        optimize(spec, int(argv[1]))
+    except UNetEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))
