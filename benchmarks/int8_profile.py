@@ -244,7 +244,7 @@ def main() -> None:
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             sessions = [session(path, threads) for path in files.values()]
             x = rng.standard_normal((batch, 3, args.size, args.size), dtype=np.float32)
-            runners = [lambda s=s: s.run(None, {s.get_inputs()[0].name: x}) for s in sessions]
+            runners = [lambda s=s, x=x: s.run(None, {s.get_inputs()[0].name: x}) for s in sessions]
             latencies = time_interleaved(
                 runners,
                 warmup=WARMUP,

@@ -108,7 +108,8 @@ def bench(
         comma_separated(
             TorchVariant,
             "--torch-variants",
-            help="PyTorch models (checkpoint, TorchScript): one row per variant; compile is for checkpoints, cudagraphs for CUDA.",
+            help="PyTorch models (checkpoint, TorchScript): one row per variant; compile is for checkpoints, "
+            "cudagraphs for CUDA.",
         ),
     ] = ",".join(DEFAULTS.torch_variants),
     dtypes: Annotated[

@@ -1,5 +1,6 @@
 """What every deployable format provides: the `Format` record, the `Backend` it opens, the choices (providers,
-precisions) the CLI offers, and the deploy target each format maps onto its own export options. Torch-free, so `unet-edge --help` stays fast.
+precisions) the CLI offers, and the deploy target each format maps onto its own export options. Torch-free, so
+`unet-edge --help` stays fast.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def import_runtime(module: str, extra: str) -> Any:
 
 
 def needs_runtime(module: str, extra: str) -> Callable[[Provider], str | None]:
-    """A `Format.unavailable` for a format whose runtime is one optional package: the one-line reason when it is missing."""
+    """A `Format.unavailable` for a format whose runtime is one optional package: the one-line reason when it is
+    missing."""
 
     def unavailable(provider: Provider) -> str | None:
         try:
@@ -207,7 +209,7 @@ IMAGE_SIZE = FormatOption(
     None,
     "S or HxW: the fixed input size of formats that need one (default: the checkpoint's training crop size, else 256). "
     "Other image sizes are padded or tiled to it.",
-    type=Optional[str],
+    type=Optional[str],  # noqa: UP045  # handed to Typer as an option type at run time, where Optional is its spelling
     parse=parse_size,
 )
 

@@ -64,7 +64,8 @@ CALIB_METHOD = FormatOption(
 FOLD_VARIANTS = FormatOption(
     "fold_variants",
     True,
-    "Quantise/convert fp16 and int8 from the BatchNorm-folded graph when the fold is exact (else noted in the manifest).",
+    "Quantise/convert fp16 and int8 from the BatchNorm-folded graph when the fold is exact (else noted in the "
+    "manifest).",
 )
 
 
@@ -298,7 +299,8 @@ def _int8_layout_note() -> str:
     )  # torch at import: not on --help's path
 
     return (
-        f"channel counts aligned with zero channels (multiples of {CHANNEL_ALIGNMENT}, image to {INPUT_CHANNEL_ALIGNMENT}, "
+        f"channel counts aligned with zero channels (multiples of {CHANNEL_ALIGNMENT}, image to "
+        f"{INPUT_CHANNEL_ALIGNMENT}, "
         f"head to at least {MIN_OUTPUT_CHANNELS}); transposed up-sampling as 1x1 conv + pixel shuffle"
     )
 
@@ -348,7 +350,8 @@ def stamp_precision(source: Path, target: Path, loaded: Any, precision: Precisio
 
 def export_precisions(request: ExportRequest) -> list[ExportedArtifact]:
     """Write model_fp16.onnx and/or model_int8.onnx (calibrated, within the mIoU budget) into the request's
-    folder, from a float model BatchNorm-folded when the request's fold_variants option says so and the fold is exact."""
+    folder, from a float model BatchNorm-folded when the request's fold_variants option says so and the fold is
+    exact."""
     loaded, folder, opset = request.loaded, request.folder, request.option(OPSET)
     artifacts = []
     inputs, outputs = io_spec(len(loaded.classes))
