@@ -204,6 +204,16 @@ def progress_display(description: str, status: str = "") -> Iterator[Progress]:
         yield update
 
 
+def _progress_console() -> Console:
+    """The console progress bars draw on: stderr through a descriptor of its own, so that a bar keeps moving (and
+    names the step) while a converter's output is captured at descriptors 1 and 2 (`unet_edge.quiet`)."""
+    try:
+        stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, closefd=True)
+    except (AttributeError, OSError, ValueError):  # no descriptor behind stderr (a test runner's capture)
+        return err_console
+    return Console(file=stream, highlight=False, width=None if stream.isatty() else 140)
+
+
 def progress_bar(enabled: bool = True, **kwargs: Any):
     """A rich progress bar on stderr with ETA; off when not `enabled` (other ranks) or UNET_EDGE_PROGRESS=0."""
     from rich.progress import (
@@ -222,7 +232,7 @@ def progress_bar(enabled: bool = True, **kwargs: Any):
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}"),
-        console=err_console,
+        console=_progress_console() if enabled else err_console,
         transient=False,
         disable=not enabled or os.environ.get("UNET_EDGE_PROGRESS", "") == "0",
         **kwargs,

@@ -13,6 +13,7 @@ from unet_edge.formats import Precision, export_formats
 
 from .common import (
     FormatAlias,
+    PrecisionAlias,
     RunsOption,
     by_field_name,
     comma_separated,
@@ -21,6 +22,7 @@ from .common import (
     formats_option,
     handle_errors,
     parse_formats,
+    parse_precisions,
     parse_size,
     progress_display,
 )
@@ -124,7 +126,6 @@ def deploy(
         comma_separated(
             Precision,
             "--precisions",
-            "--precision",
             help="Comma-separated precisions to consider (default: each that a format offers and this CPU "
             "computes natively).",
         ),
@@ -162,6 +163,7 @@ def deploy(
     ] = DEFAULTS.calibration,
     runs: RunsOption = DEFAULTS.runs_dir,
     format_alias: FormatAlias = None,
+    precision_alias: PrecisionAlias = None,
 ) -> None:
     """Export every checkpoint to every installed format and precision, keep those within the mIoU budget,
     time them with one protocol and copy the fastest into --out, ready to embed."""
@@ -188,7 +190,7 @@ def deploy(
             checkpoints=tuple(checkpoints or ()),
             image_size=parse_size(image_size),
             formats=parse_formats(format_alias if format_alias is not None else formats),
-            precisions=tuple(precisions),
+            precisions=parse_precisions(precision_alias) if precision_alias is not None else tuple(precisions),
         )
     )
     with progress_display("deploy", "planning") as progress:

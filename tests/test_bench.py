@@ -127,7 +127,6 @@ def test_interleaved_timing_gives_each_runner_its_iterations():
     assert calls["a"] >= 7 + 2 and calls["b"] >= 7 + 2
 
 
-@pytest.mark.slow
 def test_seconds_is_the_timed_budget_of_each_row_fast_or_slow(monkeypatch):
     """`--seconds` per row: a 1 ms and a 20 ms runner each get at least that much timed work and at most
     one more block of calls, on a virtual clock (so a busy machine cannot change the outcome)."""
@@ -144,7 +143,12 @@ def test_seconds_is_the_timed_budget_of_each_row_fast_or_slow(monkeypatch):
 
     rounds = []
     latencies = time_interleaved(
-        [runner(1), runner(20)], warmup=1, iters=None, seconds=0.3, min_iters=5, on_round=rounds.append
+        [runner(1), runner(20)],
+        warmup=1,
+        iters=None,
+        seconds=0.3,
+        min_iters=5,
+        progress=lambda done, total, label: rounds.append(done / total),
     )
     block_s = 0.3 / 4  # time_interleaved's block for a short budget
     for samples, ms in zip(latencies, (1, 20)):
@@ -152,6 +156,23 @@ def test_seconds_is_the_timed_budget_of_each_row_fast_or_slow(monkeypatch):
         assert 300.0 <= sum(samples) < 300.0 + block_s * 1000.0 + ms and len(samples) >= 5
     assert len(latencies[0]) > 4 * len(latencies[1])  # the fast row is not held to the slow row's call count
     assert rounds == sorted(rounds) and rounds[-1] == pytest.approx(1.0) and 0 < rounds[0] < 1
+
+
+def test_a_runner_given_no_seconds_gets_its_min_calls_only(monkeypatch):
+    """Per-runner budgets (deploy's timing gives what cannot win none): the other runner keeps its seconds."""
+    import unet_edge.bench.timing as timing
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
+
+    def runner(ms):
+        def run():
+            clock["now"] += ms / 1000.0
+
+        return run
+
+    fast, dropped = time_interleaved([runner(1), runner(1)], warmup=1, iters=None, seconds=[0.3, 0.0], min_iters=5)
+    assert sum(fast) >= 300.0 and len(dropped) == 5
 
 
 @pytest.mark.slow

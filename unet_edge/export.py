@@ -181,7 +181,7 @@ def run_export(
     if source is None:
         steps.say("loading the checkpoint")
         source = export_source(options, steps.label)
-    steps.advance()
+    steps.advance(label="checkpoint loaded")
     folder = Path(options.out) / (options.name or source.path.resolve().parent.name)
     new_parents = [p for p in (folder.parent, *folder.parent.parents) if not p.exists()]
     staging = _staging_folder(folder)

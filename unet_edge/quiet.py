@@ -61,9 +61,13 @@ def third_party_output(step: str) -> Iterator[None]:
     sink = tempfile.TemporaryFile()  # noqa: SIM115  # closed in the finally below, after a failure's copy is kept
     _state.depth = 1
     failed = False
+    # Python-level writes go to the descriptors too, even where a progress display redirects sys.stdout/stderr.
+    streams = (sys.stdout, sys.stderr)
     try:
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
+        sys.stdout = sys.__stdout__ or sys.stdout
+        sys.stderr = sys.__stderr__ or sys.stderr
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
@@ -72,6 +76,7 @@ def third_party_output(step: str) -> Iterator[None]:
         raise
     finally:
         _flush()
+        sys.stdout, sys.stderr = streams
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
         for fd in saved:

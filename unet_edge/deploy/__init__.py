@@ -159,7 +159,7 @@ def _export_and_measure(
     sources = measure.Sources(options, validation, tuple(name for name, _ in plan.formats))
     candidates: list[Candidate] = []
     for checkpoint in checkpoints:
-        budget = measure.export_budget(checkpoint, reference, options.max_miou_drop)
+        budget = measure.budget_left(checkpoint, reference, options.max_miou_drop)
         for name, precisions in plan.formats:
             prefix = f"exporting {checkpoint.name} {name} ({', '.join(p.value for p in precisions)}): "
             steps.say(prefix.rstrip(": "))

@@ -19,7 +19,10 @@ from .records import Candidate, DeployError, DeployOptions, Reference
 __all__ = [
     "Checkpoint",
     "Exported",
+    "Sources",
     "Validation",
+    "budget_left",
+    "candidates_of",
     "choose_reference",
     "export_format",
     "load_checkpoints",
@@ -179,7 +182,7 @@ def choose_reference(checkpoints: list[Checkpoint], options: DeployOptions) -> t
     return reference, record
 
 
-def export_budget(checkpoint: Checkpoint, reference: Checkpoint, max_miou_drop: float) -> float:
+def budget_left(checkpoint: Checkpoint, reference: Checkpoint, max_miou_drop: float) -> float:
     """What this checkpoint has left of the budget: its int8 exporters hold their variant to it."""
     left = max_miou_drop - (reference.miou - checkpoint.miou)
     return math.floor(left * 1e4) / 1e4 if left >= 0 else max_miou_drop

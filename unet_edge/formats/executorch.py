@@ -160,6 +160,7 @@ def export(request: ExportRequest) -> list[ExportedArtifact]:
         program = _exported_once(_source(request), contract)
     except Exception as exc:  # torch.export raises many error types
         raise ArtifactError(f"{request.loaded.path}: torch.export failed for ExecuTorch ({_first_line(exc)})") from None
+    request.say("lowering fp32 to XNNPACK (to_edge_transform_and_lower)")
     _write_program(program, request.folder / EXECUTORCH_FILE, _metadata(request, Precision.FP32))
     return [_artifact(request, EXECUTORCH_FILE, Precision.FP32, {})]
 
@@ -187,6 +188,7 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
         for image in calibration:
             prepared(torch.from_numpy(image)[None])
     path = request.folder / INT8_EXECUTORCH_FILE
+    request.say("lowering int8 to XNNPACK (to_edge_transform_and_lower)")
     _write_program(_exported(convert_pt2e(prepared), contract), path, _metadata(request, Precision.INT8))
     quantization = budget.check(
         path,
