@@ -338,7 +338,7 @@ def main() -> None:
         flush=True,
     )
 
-    where = names[0]
+    where = "digits" if "digits" in names else names[0]
     models = {"teacher": (f"{where}-teacher-b{teacher_arch[0]}-d{teacher_arch[1]}-s0", teacher_arch)}
     for base, depth in students:
         models[f"student b{base}"] = (f"{where}-student-b{base}-d{depth}-s0", (base, depth))

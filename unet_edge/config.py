@@ -144,8 +144,8 @@ class TrainConfig:
     ema_decay: float = 0.0
     loss: str = "dice-ce"
     teacher: str | None = None
-    distill_loss: str = "cwd"
-    distill_weight: float = 3.0
+    distill_loss: str = "dist"
+    distill_weight: float = 1.0
     distill_temperature: float = 1.0
     distill_warmup: float = 0.0
     distill_cache: bool | None = None
