@@ -12,8 +12,8 @@ One teacher per dataset, not per seed: the question is what a given teacher does
 costs as much to train as seven lone students here. Every run is a real `unet-edge train` subprocess with
 OMP_NUM_THREADS=--threads, so its figures do not depend on how busy the machine is (only its time does).
 
-Reported: best val mIoU (mean ± sd over seeds, and each seed's pair), the fraction of the teacher-student gap that distillation
-closes ((distilled - alone) / (teacher - alone), on the means), GFLOP per 256x256 image, CPU latency
+Reported: best val mIoU (mean ± sd over seeds, and each seed's pair), the fraction of the teacher-student gap that
+distillation closes ((distilled - alone) / (teacher - alone), on the means), GFLOP per 256x256 image, CPU latency
 (PyTorch fp32, channels-last, batch 1, 256x256, measured at the end), and the training-time cost (the sum of
 `epoch_time_s` over a run's epochs, which metrics.jsonl holds, per run alone and distilled).
 
@@ -70,7 +70,8 @@ def parse_args() -> argparse.Namespace:
         "--teacher-epoch",
         type=int,
         default=None,
-        help="distil from the teacher's checkpoint after this epoch (RUN/epochN.pt, kept by a teacher run) instead of best.pt",
+        help="distil from the teacher's checkpoint after this epoch (RUN/epochN.pt, kept by a teacher run), "
+        "not best.pt",
     )
     parser.add_argument(
         "--distill",
@@ -335,7 +336,7 @@ def main() -> None:
         flush=True,
     )
 
-    where = names[0]
+    where = "digits" if "digits" in names else names[0]
     models = {"teacher": (f"{where}-teacher-b{teacher_arch[0]}-d{teacher_arch[1]}-s0", teacher_arch)}
     for base, depth in students:
         models[f"student b{base}"] = (f"{where}-student-b{base}-d{depth}-s0", (base, depth))

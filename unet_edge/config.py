@@ -124,8 +124,8 @@ class TrainConfig:
     comes from the dataset unless set. Augmentation: `hflip` is the probability of a horizontal flip
     (0: none), `scale_min`..`scale_max` the range of the random resize before the crop (1..1: none).
     `ema_decay` > 0 keeps an exponential moving average of the weights, which is what validation
-    measures and best.pt holds. `lr` None picks the peak learning rate from the model's width (`width_lr`). `loss` is
-    "dice-ce" (cross-entropy plus soft Dice) or "ce"; checkpoints
+    measures and best.pt holds. `lr` None picks the peak learning rate from the model's width (`width_lr`).
+    `loss` is "dice-ce" (cross-entropy plus soft Dice) or "ce"; checkpoints
     saved before the setting existed trained with "ce". `teacher` (a checkpoint or TorchScript file) adds
     `distill_weight` times the `distill_loss` term at `distill_temperature` to the loss, its weight rising
     linearly from 0 over the first `distill_warmup` fraction of the steps; `distill_cache` computes the
@@ -145,8 +145,8 @@ class TrainConfig:
     ema_decay: float = 0.0
     loss: str = "dice-ce"
     teacher: str | None = None
-    distill_loss: str = "cwd"
-    distill_weight: float = 3.0
+    distill_loss: str = "dist"
+    distill_weight: float = 1.0
     distill_temperature: float = 1.0
     distill_warmup: float = 0.0
     distill_cache: bool | None = None
