@@ -79,7 +79,7 @@ def comma_separated(enum: type[Enum], *names: str, help: str) -> Any:
 
 
 def parse_precisions(text: Any) -> tuple[Any, ...]:
-    """`--precisions` (or its old spelling `--precision`): comma-separated precisions."""
+    """`--precision` (or its plural spelling `--precisions`): comma-separated precisions."""
     from unet_edge.formats import Precision
 
     return enum_list(Precision, text)
@@ -100,7 +100,7 @@ def by_field_name(
 
 
 def parse_formats(text: Any) -> tuple[str, ...] | None:
-    """`--formats`: comma-separated names of export formats, or all (None), checked against the registry as it is
+    """`--format`: comma-separated names of export formats, or all (None), checked against the registry as it is
     when the command runs (a format registered at run time is accepted)."""
     from unet_edge.formats import export_formats
 
@@ -112,21 +112,21 @@ def parse_formats(text: Any) -> tuple[str, ...] | None:
     choices = [*export_formats(), "all"]
     unknown = [name for name in names if name not in choices] or ([] if names else [str(text)])
     if unknown:
-        raise typer.BadParameter(f"{unknown[0]!r} is not one of {', '.join(choices)}", param_hint="--formats")
+        raise typer.BadParameter(f"{unknown[0]!r} is not one of {', '.join(choices)}", param_hint="--format")
     return tuple(dict.fromkeys(names))
 
 
 def formats_option(help: str) -> Any:
-    """`--formats NAME,...|all` (the spelling of every command; `--format` and `-f` are kept as hidden aliases by
+    """`--format NAME,...|all`, `-f` (the spelling of every command; the plural `--formats` is a hidden alias,
     `FormatAlias`)."""
     from unet_edge.formats import export_formats
 
-    return typer.Option("--formats", metavar="[" + "|".join([*export_formats(), "all"]) + "],...", help=help)
+    return typer.Option("--format", "-f", metavar="[" + "|".join([*export_formats(), "all"]) + "],...", help=help)
 
 
-# The spellings of earlier versions, hidden from --help: `--format/-f` and `--precision` (export's).
-FormatAlias = Annotated[str | None, typer.Option("--format", "-f", hidden=True)]
-PrecisionAlias = Annotated[str | None, typer.Option("--precision", hidden=True)]
+# The plural spellings (deploy's in earlier versions), hidden from --help.
+FormatAlias = Annotated[str | None, typer.Option("--formats", hidden=True)]
+PrecisionAlias = Annotated[str | None, typer.Option("--precisions", hidden=True)]
 
 
 def debug_enabled() -> bool:

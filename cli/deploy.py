@@ -125,7 +125,7 @@ def deploy(
         Any,
         comma_separated(
             Precision,
-            "--precisions",
+            "--precision",
             help="Comma-separated precisions to consider (default: each that a format offers and this CPU "
             "computes natively).",
         ),

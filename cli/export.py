@@ -75,7 +75,7 @@ def _export_template(
         Any,
         comma_separated(
             Precision,
-            "--precisions",
+            "--precision",
             help="Comma-separated precisions; fp32 is always written, the others as variants of the formats that "
             f"have them ({PRECISION_FORMATS}).",
         ),
@@ -144,7 +144,7 @@ def _parsed_format_options(values: dict[str, Any]) -> dict[str, Any]:
 
 @handle_errors
 def export(**values: Any) -> None:
-    """Export a checkpoint to every registered format (or those --formats names) and its precision variants, write
+    """Export a checkpoint to every registered format (or those --format names) and its precision variants, write
     manifest.json and check parity on validation images."""
     from unet_edge.errors import UNetEdgeError
     from unet_edge.export import run_export

@@ -104,7 +104,7 @@ def search(
         Any,
         comma_separated(
             Precision,
-            "--precisions",
+            "--precision",
             help="Precisions to consider (default: each a format offers and this CPU computes natively).",
         ),
     ] = ",".join(p.value for p in Precision),

@@ -222,9 +222,9 @@ def deployed(tiny_data, tiny_checkpoint, trainer, tmp_path_factory, cli):
             "deploy",
             str(tiny_checkpoint),
             str(other),
-            "--formats",
+            "--format",
             "onnx,torchscript",
-            "--precisions",
+            "--precision",
             "fp32",
             "--image-size",
             "48",
@@ -331,9 +331,9 @@ def test_the_same_command_again_exports_measures_and_times_nothing(deployed, mon
         "deploy",
         str(tiny),
         str(other),
-        "--formats",
+        "--format",
         "onnx,torchscript",
-        "--precisions",
+        "--precision",
         "fp32",
         "--image-size",
         "48",
@@ -352,7 +352,7 @@ def test_the_same_command_again_exports_measures_and_times_nothing(deployed, mon
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, cli, one_line_error):
-    result = cli("deploy", str(tmp_path / "nope.pt"), "--formats", "onnx", "--out", str(tmp_path / "out"))
+    result = cli("deploy", str(tmp_path / "nope.pt"), "--format", "onnx", "--out", str(tmp_path / "out"))
     one_line_error(result, "nope.pt", "not found")
 
 

@@ -10,8 +10,6 @@ from unet_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
 from unet_edge.formats import FORMATS, export_formats
 from unet_edge.io import sha256_file
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="session")
 def export_dir(exported_all):
@@ -25,6 +23,7 @@ def other_checkpoint(tiny_data, tmp_path_factory, trainer):
     return trainer(tiny_data, tmp_path_factory.mktemp("other-runs"), name="other", seed=7, epochs=1).run_dir / "best.pt"
 
 
+@pytest.mark.slow
 def test_export_writes_checked_onnx_with_metadata_and_manifest(export_dir, tiny_checkpoint):
     model = onnx.load(str(export_dir / "model.onnx"))
     onnx.checker.check_model(model, full_check=True)
@@ -57,6 +56,7 @@ def test_export_writes_checked_onnx_with_metadata_and_manifest(export_dir, tiny_
     )  # nothing else: no converter leftovers or temporary files
 
 
+@pytest.mark.slow
 def test_torchscript_loads_without_unet_edge(export_dir, tmp_path):
     code = (
         "import sys, torch\n"
@@ -70,6 +70,7 @@ def test_torchscript_loads_without_unet_edge(export_dir, tmp_path):
     assert out.stdout.strip() == "(2, 4, 97, 131)"
 
 
+@pytest.mark.slow
 def test_verify_reports_each_model_it_is_given(export_dir, tmp_path, cli):
     """Several models in one call: one report row each (each format's own row: test_formats.py)."""
     report_path = tmp_path / "verify.json"
@@ -79,6 +80,7 @@ def test_verify_reports_each_model_it_is_given(export_dir, tmp_path, cli):
     assert report["passed"] is True and [e["format"] for e in report["artifacts"]] == ["onnx", "torchscript"]
 
 
+@pytest.mark.slow
 def test_verify_fails_export_of_another_checkpoint(export_dir, other_checkpoint, tmp_path, cli):
     report_path = tmp_path / "verify.json"
     result = cli(
@@ -90,6 +92,7 @@ def test_verify_fails_export_of_another_checkpoint(export_dir, other_checkpoint,
     assert "FAIL" in result.stdout
 
 
+@pytest.mark.slow
 def test_explain_names_the_perturbed_layer(export_dir, tmp_path, cli):
     model = onnx.load(str(export_dir / "model.onnx"))
     target = "decoder.0.3"  # second convolution of the first decoder block
@@ -128,6 +131,7 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_fold_refused_by_the_model_is_a_one_line_error_before_writing(tiny_checkpoint, tmp_path, cli):
     state = load_checkpoint(tiny_checkpoint)
     state["model"]["stem.5.weight"][1] = -0.5  # a negative BatchNorm scale feeding the first max-pool
@@ -141,6 +145,7 @@ def test_fold_refused_by_the_model_is_a_one_line_error_before_writing(tiny_check
     assert result.returncode == 0, result.stderr  # without --fold the same model exports
 
 
+@pytest.mark.slow
 def test_no_fold_keeps_model_onnx_unfolded_and_variants_fold_unless_told(tiny_checkpoint, tmp_path, cli):
     def folded(*flags: str) -> dict[str, bool]:
         result = cli(
@@ -168,12 +173,14 @@ def test_no_fold_keeps_model_onnx_unfolded_and_variants_fold_unless_told(tiny_ch
     assert folded("--fold", "--no-fold-variants") == {"model.onnx": True, "model_fp16.onnx": False}
 
 
+@pytest.mark.slow
 def test_enum_options_are_validated_by_the_cli(tiny_checkpoint, tmp_path, cli):
     cases = [
-        (["export", "--formats", "onnx,onxx"], "'onxx' is not one of"),
-        (["export", "--format", "onxx"], "'onxx' is not one of"),  # the old spelling, a hidden alias
-        (["export", "--precisions", "fp16,int4"], "'int4' is not one of fp32, fp16, "),
+        (["export", "--format", "onnx,onxx"], "'onxx' is not one of"),
+        (["export", "--formats", "onxx"], "'onxx' is not one of"),  # the plural spelling, a hidden alias
         (["export", "--precision", "fp16,int4"], "'int4' is not one of fp32, fp16, "),
+        (["export", "--precisions", "fp16,int4"], "'int4' is not one of fp32, fp16, "),
+        (["deploy", "--format", "onxx"], "'onxx' is not one of"),
         (["deploy", "--formats", "onxx"], "'onxx' is not one of"),
         (["deploy", "--calib-method", "median"], "'median' is not one of"),
         (["export", "--calib-method", "median"], "'median' is not one of"),
@@ -186,13 +193,14 @@ def test_enum_options_are_validated_by_the_cli(tiny_checkpoint, tmp_path, cli):
     assert not any(tmp_path.iterdir())
 
 
-def test_export_and_deploy_spell_their_flags_alike(cli):
-    for command in ("export", "deploy"):
+def test_export_deploy_and_search_spell_their_flags_alike(cli):
+    for command in ("export", "deploy", "search"):
         shown = cli(command, "--help").stdout
-        assert "--formats" in shown and "--precisions" in shown, command
-        assert "--format " not in shown and "--precision " not in shown, command  # hidden aliases
+        assert "--format" in shown and "--precision" in shown, command
+        assert "--formats" not in shown and "--precisions" not in shown, command  # hidden aliases
 
 
+@pytest.mark.slow
 def test_precision_no_selected_format_has_is_refused(tiny_checkpoint, tmp_path, cli):
     line = one_line_error(
         cli("export", str(tiny_checkpoint), "--format", "torchscript", "--precision", "int8", "--out", str(tmp_path))
@@ -202,6 +210,7 @@ def test_precision_no_selected_format_has_is_refused(tiny_checkpoint, tmp_path, 
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_manifest_checks_companion_files_of_an_artifact(tiny_checkpoint, tmp_path):
     """Formats whose model is several files (a graph and its weights) list the others as companions: a
     changed companion is refused like a changed model file."""
@@ -226,6 +235,7 @@ def test_manifest_checks_companion_files_of_an_artifact(tiny_checkpoint, tmp_pat
         check_manifest_sha256(graph)
 
 
+@pytest.mark.slow
 def test_all_exports_the_installed_formats_and_names_the_others(tiny_checkpoint, tmp_path, monkeypatch):
     """`--format all` on an install without an edge extra writes every format whose runtime is there and says
     which were left out and the extra that brings each, instead of failing on the first missing runtime."""
@@ -246,6 +256,7 @@ def test_all_exports_the_installed_formats_and_names_the_others(tiny_checkpoint,
     assert sorted(entry["file"] for entry in manifest["artifacts"]) == ["model.onnx", "model.ts"]
 
 
+@pytest.mark.slow
 def test_the_parity_report_names_the_exported_files_not_the_staging_folder(tiny_checkpoint, tmp_path, exported_all):
     from unet_edge.export import ExportOptions, run_export
 

@@ -31,7 +31,7 @@ from unet_edge.search.space import Architecture
 SMALL, LARGE = Architecture(4, 2), Architecture(8, 2)
 SPACE = [
     "--base-channels", "4,8", "--depths", "2", "--block-orders", "conv-bn-relu", "--upsample", "transpose",
-    "--formats", "torchscript", "--precisions", "fp32", "--image-size", "32", "--table-seconds", "0.05",
+    "--format", "torchscript", "--precision", "fp32", "--image-size", "32", "--table-seconds", "0.05",
     "--table-min-calls", "3", "--train-image-size", "32", "--train-batch-size", "8", "--device", "cpu",
     "--threads", "1",
 ]  # fmt: skip
