@@ -160,7 +160,7 @@ def handle_errors(fn: F) -> F:
             err_console.print("interrupted", soft_wrap=True)
             raise typer.Exit(code=130) from None
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature F describes
 
 
 def fmt(value: Any, digits: int = 4) -> str:

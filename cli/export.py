@@ -185,6 +185,6 @@ _TEMPLATE = inspect.signature(_export_template, eval_str=True)
 _RENAMED = {"runs": "runs_dir"}
 _COMMON = tuple(_TEMPLATE.parameters)
 # The command's parameters: the common options, then each format's own, as one signature Typer reads.
-export.__signature__ = _TEMPLATE.replace(  # type: ignore[attr-defined]
+export.__signature__ = _TEMPLATE.replace(  # type: ignore[attr-defined]  # Typer reads __signature__
     parameters=[*list(_TEMPLATE.parameters.values())[:-1], *_format_parameters(), _TEMPLATE.parameters["runs"]]
 )

@@ -23,6 +23,7 @@ from unet_edge.config import (
     TrainConfig,
     Upsample,
 )
+from unet_edge.hooks import TrainHooks
 
 from .common import (
     DataOption,
@@ -110,9 +111,8 @@ def _text(path: Path | None) -> str | None:
     return str(path) if path is not None else None
 
 
-class _ProgressHooks:
-    """Training progress on the terminal: a bar for the data check and one for the steps, a line per epoch. The
-    hooks of `unet_edge.train.TrainHooks`, every one, without subclassing it: that module imports torch."""
+class _ProgressHooks(TrainHooks):
+    """Training progress on the terminal: a bar for the data check and one for the steps, a line per epoch."""
 
     def __init__(self, progress: Progress, processes: str) -> None:
         self.progress, self.processes = progress, processes
@@ -134,6 +134,8 @@ class _ProgressHooks:
         )
 
     def on_step(self, epoch: int, step: int, loss: float) -> None:
+        if self.task is None:  # no step comes before on_start
+            return
         self.progress.update(self.task, advance=1, description=f"epoch {epoch + 1}", status=f"loss {loss:.4f}")
 
     def on_epoch_end(self, record: dict[str, Any]) -> None:
@@ -173,7 +175,8 @@ def train(
         typer.Option(
             min=0.0,
             max=1.0,
-            help="Probability of a horizontal flip per training image; 0 turns it off (do so for classes that are not mirror-symmetric: characters, text, signs, left/right anatomy).",
+            help="Probability of a horizontal flip per training image; 0 turns it off (do so for classes that are not "
+            "mirror-symmetric: characters, text, signs, left/right anatomy).",
         ),
     ] = DEFAULTS.hflip,
     scale_jitter: Annotated[
@@ -188,19 +191,22 @@ def train(
         typer.Option(
             min=0.0,
             max=0.9999,
-            help="Validate and save an exponential moving average of the weights with this decay per step; 0 turns it off.",
+            help="Validate and save an exponential moving average of the weights with this decay per step; 0 turns it "
+            "off.",
         ),
     ] = DEFAULTS.ema_decay,
     loss: Annotated[
         Loss,
         typer.Option(
-            help="Training loss: cross-entropy (ce), or cross-entropy plus soft Dice (dice-ce), which weighs small classes like large ones."
+            help="Training loss: cross-entropy (ce), or cross-entropy plus soft Dice (dice-ce), which weighs small "
+            "classes like large ones."
         ),
     ] = Loss(DEFAULTS.loss),
     teacher: Annotated[
         Path | None,
         typer.Option(
-            help="Distil from this model: a larger run's checkpoint (RUN/best.pt) or a TorchScript export, with the same classes and normalisation.",
+            help="Distil from this model: a larger run's checkpoint (RUN/best.pt) or a TorchScript export, with the "
+            "same classes and normalisation.",
         ),
     ] = None,
     distill_loss: Annotated[
@@ -254,7 +260,8 @@ def train(
         bool | None,
         typer.Option(
             "--cache/--no-cache",
-            help="Keep decoded images in memory after their first epoch (default: when they fit in a quarter of free memory and --workers is 0).",
+            help="Keep decoded images in memory after their first epoch (default: when they fit in a quarter of free "
+            "memory and --workers is 0).",
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = DEFAULTS.seed,
@@ -263,7 +270,8 @@ def train(
     resume: Annotated[
         Path | None,
         typer.Option(
-            help="Continue from this checkpoint (usually RUN/last.pt) with its run's settings; --data and --epochs may change."
+            help="Continue from this checkpoint (usually RUN/last.pt) with its run's settings; --data and --epochs may "
+            "change."
         ),
     ] = None,
     nproc_per_node: Annotated[
@@ -307,5 +315,6 @@ def train(
         iou_table(result.classes, list(last["per_class_iou"].values()), last["miou"], f"val IoU, epoch {last['epoch']}")
     )
     console.print(
-        f"best val mIoU {fmt(result.best_miou)} at epoch {result.best_epoch}; wrote {result.run_dir}/best.pt, last.pt, metrics.jsonl, curves.png"
+        f"best val mIoU {fmt(result.best_miou)} at epoch {result.best_epoch}; wrote {result.run_dir}/best.pt, last.pt, "
+        f"metrics.jsonl, curves.png"
     )

@@ -196,7 +196,8 @@ def _load_torchscript(path: Path) -> tuple[nn.Module, list[str], tuple[float, ..
 
 
 def _check_shapes(module: nn.Module, num_classes: int, path: Path) -> None:
-    """Run the teacher once on a blank batch: it must take 3 input channels and give `num_classes` maps of the input's size."""
+    """Run the teacher once on a blank batch: it must take 3 input channels and give `num_classes` maps of the input's
+    size."""
     probe = torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE)
     try:
         with torch.no_grad():
@@ -209,7 +210,8 @@ def _check_shapes(module: nn.Module, num_classes: int, path: Path) -> None:
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise CheckpointError(
-            f"{path}: gives {got} for a 1x3x{_PROBE_SIZE}x{_PROBE_SIZE} input; a teacher must give logits of shape {expected}"
+            f"{path}: gives {got} for a 1x3x{_PROBE_SIZE}x{_PROBE_SIZE} input; a teacher must give logits of shape "
+            f"{expected}"
         )
 
 
@@ -269,12 +271,14 @@ def check_same_teacher(recorded: dict[str, Any] | None, path: str | os.PathLike[
     if path is None or not Path(path).is_file():
         where = path if path is not None else recorded["path"]
         raise CheckpointError(
-            f"{where}: teacher not found; {source} was distilled from {recorded['path']}: pass its new location with --teacher"
+            f"{where}: teacher not found; {source} was distilled from {recorded['path']}: pass its new location with "
+            f"--teacher"
         )
     digest = sha256_file(path)
     if digest != recorded["sha256"]:
         raise TrainingError(
-            f"{path}: not the teacher {source} was trained with (sha256 {digest[:12]}..., the run's is {recorded['sha256'][:12]}... "
+            f"{path}: not the teacher {source} was trained with (sha256 {digest[:12]}..., the run's is "
+            f"{recorded['sha256'][:12]}... "
             f"from {recorded['path']}); a resumed run keeps its teacher"
         )
 

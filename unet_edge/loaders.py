@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from .config import TrainConfig
 from .data import ImageSegmentation, ScanReport, pad_collate, resolve_data, scan_dataset
@@ -71,7 +72,7 @@ def default_workers(device: torch.device, processes_on_node: int = 1, cores: int
 
 
 def make_loader(
-    dataset: ImageSegmentation,
+    dataset: Dataset[Any],
     *,
     batch_size: int,
     shuffle: bool,

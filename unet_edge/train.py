@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from .device import Precision, mixed_precision, place_model, prefers_channels_la
 from .distill import Distillation
 from .errors import DataError, OutputError, TrainingError
 from .evaluate import EvalResult, evaluate
+from .hooks import TrainHooks
 from .loaders import TrainingData, cache_budget, pad_index, training_data
 from .model import build_model
 from .runs import RunFolder
@@ -57,21 +58,6 @@ RUN_SETTINGS = tuple(k for k in TrainConfig().settings() if k not in (*RESUME_OV
 LOSS_CHECK_EVERY = 25
 
 
-class TrainHooks:
-    """Progress callbacks; the default does nothing. Override what you want to show."""
-
-    def on_scan(self, done: int, total: int) -> None: ...
-
-    def on_note(self, message: str) -> None:
-        """Something the user should know about the run, such as classes assumed for lack of a dataset.json."""
-
-    def on_start(self, run_dir: Path, epochs: int, steps_per_epoch: int, start_epoch: int, device: str) -> None: ...
-
-    def on_step(self, epoch: int, step: int, loss: float) -> None: ...
-
-    def on_epoch_end(self, record: dict[str, Any]) -> None: ...
-
-
 class AuxiliaryLoss(Protocol):
     """A term `fit` adds to the segmentation loss, with what it needs around the loop (distillation is one).
 
@@ -81,7 +67,8 @@ class AuxiliaryLoss(Protocol):
     of the epoch's steps); `after_validation` may return a warning for the user.
     """
 
-    note: str
+    @property
+    def note(self) -> str: ...
 
     def prepare(self, data: TrainingData, device: torch.device, *, cache: bool | None, budget: int) -> TrainingData: ...
 
@@ -90,7 +77,7 @@ class AuxiliaryLoss(Protocol):
     def begin_epoch(self, epoch: int, steps_per_epoch: int) -> None: ...
 
     def __call__(
-        self, images: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor, extras: tuple[torch.Tensor, ...]
+        self, images: torch.Tensor, logits: torch.Tensor, masks: torch.Tensor, extras: tuple[torch.Tensor, ...], /
     ) -> torch.Tensor: ...
 
     def epoch_record(self, step_time: float) -> dict[str, Any]: ...
@@ -252,7 +239,7 @@ class Training:
             self.scheduler.load_state_dict(state["lr_scheduler"])
         if self.precision.scaler is not None and state.get("scaler"):
             self.precision.scaler.load_state_dict(state["scaler"])
-        schedule, step = self.scheduler.lr_lambdas[0], self.scheduler.last_epoch
+        schedule, step = cast(WarmupCosine, self.scheduler.lr_lambdas[0]), self.scheduler.last_epoch
         if schedule.total_steps != total_steps:
             if schedule(step) <= 0.0:
                 raise TrainingError(
@@ -477,7 +464,8 @@ def resume_config(
 def _check_same_classes(config: TrainConfig, state: dict[str, Any], data: TrainingData) -> None:
     if data.classes != list(state["classes"]):
         raise DataError(
-            f"{data.root}: classes {data.classes} (from {data.scan.info_source}) differ from those of {config.resume}: {list(state['classes'])}"
+            f"{data.root}: classes {data.classes} (from {data.scan.info_source}) differ from those of {config.resume}: "
+            f"{list(state['classes'])}"
         )
 
 
@@ -529,8 +517,9 @@ def fit(
         training.auxiliary = auxiliary
     if resumed is not None:
         _check_same_classes(config, resumed, data)
-        training.restore(resumed, len(data.train_loader) * config.epochs, config.resume)
-        run = RunFolder.resume(config.resume, resumed, writer=is_main)
+        source = cast(str, config.resume)  # `resumed` was read from it
+        training.restore(resumed, len(data.train_loader) * config.epochs, source)
+        run = RunFolder.resume(source, resumed, writer=is_main)
     else:
         run = RunFolder.create(config.out, config.name, writer=is_main)
     if distributed is not None:
