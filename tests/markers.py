@@ -2,9 +2,9 @@
 
 The work is seen where every path goes through it: an optimizer step (training), torch's exporters (every
 format's conversion), the bench timing functions, and a subprocess that starts a command doing one of these
-(`unet-edge train|export|bench|deploy|search`, or a script under benchmarks/), which the hooks cannot see into. A
-fixture whose set-up did such work makes every test using it slow too (the session's trained checkpoint and
-export). `MarkerCheck` (registered by conftest.py) turns a mismatch into a test failure naming the work seen.
+(`unet-edge train|export|bench|deploy|search`, a search worker, a script under benchmarks/, or a C++ build), which
+the hooks cannot see into. A fixture whose set-up did such work makes every test using it slow too (the session's
+trained checkpoint and export). `MarkerCheck` (registered by conftest.py) turns a mismatch into a test failure naming the work seen.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 HEAVY_COMMANDS = {"train", "export", "bench", "deploy", "search"}
+BUILD_TOOLS = {"cmake", "make", "ninja", "g++", "c++", "gcc", "cc", "clang++"}
 
 _seen: list[str] = []
 heavy_fixtures: set[str] = set()
@@ -65,6 +67,10 @@ def _command_work(argv: Any) -> str | None:
                 return f"starts `unet-edge {command}` in a subprocess"
         if "benchmarks/" in word and word.endswith((".py", ".sh")):
             return f"starts {word.split('benchmarks/', 1)[1]} (a benchmark script) in a subprocess"
+        if word == "unet_edge.search.study":
+            return "starts a search worker (it trains) in a subprocess"
+    if words and Path(words[0]).name in BUILD_TOOLS:
+        return f"builds C++ ({Path(words[0]).name})"
     return None
 
 
