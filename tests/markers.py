@@ -4,7 +4,8 @@ The work is seen where every path goes through it: an optimizer step (training),
 format's conversion), the bench timing functions, and a subprocess that starts a command doing one of these
 (`unet-edge train|export|bench|deploy|search`, a search worker, a script under benchmarks/, or a C++ build), which
 the hooks cannot see into. A fixture whose set-up did such work makes every test using it slow too (the session's
-trained checkpoint and export). `MarkerCheck` (registered by conftest.py) turns a mismatch into a test failure naming the work seen.
+trained checkpoint and export). `MarkerCheck` (registered by conftest.py) turns a mismatch into a test failure
+naming the work seen.
 """
 
 from __future__ import annotations
