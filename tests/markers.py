@@ -70,7 +70,8 @@ def _command_work(argv: Any) -> str | None:
             return f"starts {word.split('benchmarks/', 1)[1]} (a benchmark script) in a subprocess"
         if word == "unet_edge.search.study":
             return "starts a search worker (it trains) in a subprocess"
-    if words and Path(words[0]).name in BUILD_TOOLS:
+    probes = {"--version", "-dumpversion", "-dumpmachine", "--help"}  # asking a compiler what it is builds nothing
+    if words and Path(words[0]).name in BUILD_TOOLS and not probes & set(words[1:]):
         return f"builds C++ ({Path(words[0]).name})"
     return None
 
