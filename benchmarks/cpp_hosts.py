@@ -23,10 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from run_inference import OUT, README, default_checkpoint, replace_section  # noqa: E402
+from common import HERE, OUT, README, write_section
+from run_inference import default_checkpoint
 
 SOURCE = HERE.parent / "examples" / "cpp"
 # C++ program -> (the file it runs, the runtime's name in the table)
@@ -150,7 +148,7 @@ decoding, normalisation and argmax outside the clock. The pt2 package was compil
 The same Python run, PyTorch eager and TorchScript beside the pt2 package:
 
 {to_markdown(report)}"""
-    replace_section(README, "cpp-hosts", body)
+    write_section(README, "cpp-hosts", body)
     print(body)
 
 
