@@ -14,8 +14,11 @@ import typer
 from typer.core import TyperOption
 
 from unet_edge.config import (
+    DEFAULT_EPOCHS,
     LR_AT_REFERENCE_WIDTH,
     LR_REFERENCE_WIDTH,
+    MAX_SCHEDULE_EPOCHS,
+    SCHEDULE_MIN_CROPS,
     BlockOrder,
     DistillLoss,
     Loss,
@@ -96,7 +99,7 @@ def _train_config(options: dict[str, Any]) -> TrainConfig:
             TrainConfig,
             options,
             data=_text(options["data"]),
-            epochs=options["epochs"] or DEFAULTS.epochs,
+            epochs=options["epochs"],
             scale_min=scale_min,
             scale_max=scale_max,
             teacher=str(teacher.resolve()) if teacher is not None else None,
@@ -156,7 +159,10 @@ def train(
     epochs: Annotated[
         int | None,
         typer.Option(
-            min=1, help=f"Epochs to train in all (default {DEFAULTS.epochs}; with --resume, the saved run's)."
+            min=1,
+            help=f"Epochs to train in all (default {DEFAULT_EPOCHS}, more on a training set under "
+            f"{SCHEDULE_MIN_CROPS // DEFAULT_EPOCHS} images: enough to see {SCHEDULE_MIN_CROPS:,} crops, at most "
+            f"{MAX_SCHEDULE_EPOCHS}; with --resume, the saved run's).",
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step (per process).")] = DEFAULTS.batch_size,

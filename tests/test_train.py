@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from unet_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
-from unet_edge.config import ModelConfig, TrainConfig
-from unet_edge.errors import CheckpointError, TrainingInterrupted
+from unet_edge.config import ModelConfig, TrainConfig, schedule_epochs
+from unet_edge.errors import CheckpointError, TrainingError, TrainingInterrupted
 from unet_edge.io import read_jsonl
 from unet_edge.train import TrainHooks, fit
 
@@ -322,3 +322,47 @@ def test_a_narrow_model_leaves_the_plateau_early_at_the_learning_rate_train_pick
     for seed in (0, 1):
         assert max(first_epochs(seed, 1e-3)) < 0.1
         assert max(first_epochs(seed, None)) > 0.15
+
+
+def test_the_default_schedule_sees_enough_crops_on_a_small_set_and_keeps_20_epochs_on_a_large_one():
+    """Without --epochs a run on a small training set gets the crops a student needs to level off (60 epochs of the
+    benchmark sets' 240 images, where 20 left every student still climbing and its seed deciding where it stopped);
+    a set of 720 images or more keeps 20 epochs, and a tiny one is capped."""
+    assert schedule_epochs(240) == 60
+    assert schedule_epochs(512) == 29
+    assert schedule_epochs(720) == schedule_epochs(10_000) == 20
+    assert schedule_epochs(3) == 200
+    assert all(schedule_epochs(n) * n >= 14_400 for n in range(72, 720))
+
+
+@pytest.mark.slow
+def test_a_run_without_epochs_trains_and_records_the_schedule_of_its_training_set(tiny_data, tmp_path, monkeypatch):
+    """`fit` asks the schedule for the size of the training set (24 images here), trains that many epochs, and
+    stores the number, so that a resume without --epochs finishes that run rather than a new default."""
+    import unet_edge.train
+
+    asked: list[int] = []
+
+    def schedule(images: int) -> int:
+        asked.append(images)
+        return 2
+
+    monkeypatch.setattr(unet_edge.train, "schedule_epochs", schedule)
+    config = TrainConfig(
+        data=str(tiny_data),
+        batch_size=8,
+        image_size=32,
+        device="cpu",
+        model=ModelConfig(base_channels=4, depth=2),
+        out=str(tmp_path),
+        name="default-schedule",
+    )
+    assert config.epochs is None
+    result = fit(config)
+    assert asked == [24]
+    assert len(result.history) == 2
+    assert json.loads((result.run_dir / "config.json").read_text())["epochs"] == 2
+    assert load_checkpoint(result.run_dir / "last.pt")["train_config"]["epochs"] == 2
+    with pytest.raises(TrainingError, match="already at epoch 2 of 2"):
+        fit(TrainConfig(device="cpu", resume=str(result.run_dir / "last.pt")))
+    assert asked == [24]

@@ -11,7 +11,7 @@ import copy
 import math
 import random
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sized
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint
-from .config import Loss, ModelConfig, TrainConfig
+from .config import DEFAULT_EPOCHS, Loss, ModelConfig, TrainConfig, schedule_epochs
 from .device import Precision, mixed_precision, place_model, prefers_channels_last, resolve_device
 from .distill import Distillation
 from .errors import DataError, OutputError, TrainingError
@@ -458,7 +458,8 @@ def resume_config(
         raise TrainingError(f"{config.resume}: a resumed run keeps its saved settings; drop {', '.join(conflicts)}")
     keep = [*SESSION_SETTINGS, *(k for k in RESUME_OVERRIDES if k in given)]
     resumed = replace(saved, **{k: getattr(config, k) for k in keep})
-    return resumed, saved.epochs
+    planned = saved.epochs if saved.epochs is not None else DEFAULT_EPOCHS  # every checkpoint stores its epochs
+    return (resumed if resumed.epochs is not None else replace(resumed, epochs=planned)), planned
 
 
 def _check_same_classes(config: TrainConfig, state: dict[str, Any], data: TrainingData) -> None:
@@ -488,7 +489,7 @@ def fit(
     planned_epochs = config.epochs
     if resumed is not None:
         config, planned_epochs = resume_config(config, resumed, explicit)
-    if config.epochs < 1:
+    if config.epochs is not None and config.epochs < 1:
         raise TrainingError(f"nothing to train: epochs is {config.epochs}")
     device = distributed.device if distributed is not None else resolve_device(config.device)
     rank = distributed.rank if distributed is not None else 0
@@ -497,6 +498,12 @@ def fit(
     data = training_data(config, device, distributed, progress=hooks.on_scan if is_main else None)
     if is_main and data.scan.classes_note is not None:
         hooks.on_note(data.scan.classes_note)
+    # No --epochs and no run to resume: the schedule the size of the training set calls for; the run records it.
+    epochs = (
+        config.epochs if config.epochs is not None else schedule_epochs(len(cast(Sized, data.train_loader.dataset)))
+    )
+    config = replace(config, epochs=epochs)
+    planned_epochs = planned_epochs if planned_epochs is not None else epochs
     # The one place training names distillation: after the model is built, so that the student's initial
     # weights and crops are those of the same seed alone.
     planned_steps = len(data.train_loader) * planned_epochs
@@ -509,16 +516,16 @@ def fit(
         resumed=resumed,
         channels_last=prefers_channels_last(device, training=True),
     )
-    if resumed is not None and int(resumed.get("epoch", 0)) >= config.epochs:
+    if resumed is not None and int(resumed.get("epoch", 0)) >= epochs:
         done = int(resumed.get("epoch", 0))
-        raise TrainingError(f"nothing to train: {config.resume} is already at epoch {done} of {config.epochs}")
+        raise TrainingError(f"nothing to train: {config.resume} is already at epoch {done} of {epochs}")
     if auxiliary is not None:
         data = auxiliary.prepare(data, device, cache=config.distill_cache, budget=cache_budget())
         training.auxiliary = auxiliary
     if resumed is not None:
         _check_same_classes(config, resumed, data)
         source = cast(str, config.resume)  # `resumed` was read from it
-        training.restore(resumed, len(data.train_loader) * config.epochs, source)
+        training.restore(resumed, len(data.train_loader) * epochs, source)
         run = RunFolder.resume(source, resumed, writer=is_main)
     else:
         run = RunFolder.create(config.out, config.name, writer=is_main)
@@ -530,13 +537,13 @@ def fit(
         if is_main:
             hooks.on_note(auxiliary.note)
     if is_main:
-        hooks.on_start(run.path, config.epochs, len(data.train_loader), run.start_epoch, str(device))
+        hooks.on_start(run.path, epochs, len(data.train_loader), run.start_epoch, str(device))
     history: list[dict[str, Any]] = []
     epoch = run.start_epoch
     if auxiliary is not None and run.start_epoch > 0:
         auxiliary.after_validation(run.start_epoch - 1, run.best_metric)  # no second warning for what it passed
     try:
-        for epoch in range(run.start_epoch, config.epochs):
+        for epoch in range(run.start_epoch, epochs):
             on_step = (lambda step, loss, e=epoch: hooks.on_step(e, step, loss)) if is_main else None
             try:
                 record, result = run_epoch(training, data, epoch, distributed, on_step)
