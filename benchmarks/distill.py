@@ -1,9 +1,11 @@
 """Distillation: does `unet-edge train --teacher` bring a small student closer to a large model?
 
 On each of train_quality's datasets (shapes, digits, textures: see benchmarks/train_quality.py), with the
-same epochs, batch size, crop and schedule (every other setting at `unet-edge train`'s defaults) for all:
+same epochs (by default the schedule `unet-edge train` picks for the set's size), batch size, crop and schedule
+(every other setting at `unet-edge train`'s defaults) for all:
 
-- a teacher (default base 32, depth 4), trained by `unet-edge train`, one per dataset (seed 0);
+- a teacher (default base 16, depth 4: 4.8x a base-8 depth-3 student's FLOPs; larger teachers need not teach
+  small students better, Cho & Hariharan 2019), trained by `unet-edge train`, one per dataset (seed 0);
 - each student (default base 8 and base 16, depth 3) trained alone, one run per seed;
 - the same student distilled from that teacher (`--teacher`), one run per seed, paired with the lone
   student's seed (same initial weights, batch order and crops: the two differ only in the distillation term).
@@ -59,12 +61,14 @@ def parse_args() -> argparse.Namespace:
         "--datasets", default="shapes,digits,textures", help="comma-separated: shapes, digits, textures"
     )
     parser.add_argument("--seeds", type=int, default=5, help="student and distilled runs per dataset (seeds 0..N-1)")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="default: what `unet-edge train` picks for --train-images images"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--train-images", type=int, default=240)
     parser.add_argument("--val-images", type=int, default=60)
-    parser.add_argument("--teacher", default="32,4", metavar="BASE,DEPTH")
+    parser.add_argument("--teacher", default="16,4", metavar="BASE,DEPTH")
     parser.add_argument("--students", default="8,3;16,3", metavar="BASE,DEPTH;...", help="students, ';'-separated")
     parser.add_argument(
         "--teacher-epoch",
@@ -280,6 +284,11 @@ def latency_ms(checkpoint: Path, threads: int, seconds: float) -> float:
 def main() -> None:
     args = parse_args()
     import torch
+
+    from unet_edge.config import schedule_epochs
+
+    if args.epochs is None:  # train's own schedule, passed on explicitly so that run names and caches stay exact
+        args.epochs = schedule_epochs(args.train_images)
 
     from unet_edge.bench import count_gflops
     from unet_edge.checkpoint import load_checkpoint
