@@ -146,6 +146,15 @@ def tiny_checkpoint(tiny_run) -> Path:
     return tiny_run.run_dir / "best.pt"
 
 
+@pytest.fixture(scope="session")
+def other_checkpoint(tiny_data, tmp_path_factory) -> Path:
+    """Another tiny checkpoint of the same shape (seed 7, one epoch), one for all workers."""
+    run = built_once(
+        tmp_path_factory, "other-run", lambda out: train_tiny(tiny_data, out, name="other", seed=7, epochs=1)
+    )
+    return run.run_dir / "best.pt"
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600, in_process: bool | None = None
 ) -> subprocess.CompletedProcess:
