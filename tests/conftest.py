@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pickle
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import markers
 import numpy as np
@@ -58,6 +62,31 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synth(tmp_path_factory.mktemp("data") / "tiny", SynthSpec(num_train=24, num_val=6, size=48, seed=3))
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Any]) -> Any:
+    """`build(folder)` once for the whole test session, however many pytest-xdist workers ask for it.
+
+    The pytest-xdist pattern for session fixtures: the workers' temporary folders share a parent, where the first
+    worker to ask builds into `shared-NAME/` under a file lock and leaves a marker (the pickled result); the
+    others wait on the lock and reuse that result. Without xdist it simply builds. What is built must be read only
+    (tests copy it before changing anything). A reuse is noted as the work it stands for, so the `slow` markers
+    of the tests that use it are checked as on the worker that built it.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent
+    done, folder = shared / f"shared-{name}.pickle", shared / f"shared-{name}"
+    with open(shared / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the build fails
+        if done.is_file():
+            markers.note(f"reuses {name!r}, which another worker built (it trains or exports)")
+            return pickle.loads(done.read_bytes())
+        shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+        folder.mkdir()
+        value = build(folder)
+        done.write_bytes(pickle.dumps(value))
+        return value
+
+
 def pixel_agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Fraction of pixels where two masks of the same shape agree."""
     assert a.shape == b.shape
@@ -107,13 +136,23 @@ def interrupted_run():
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A 2-epoch run of a 4-channel, depth-2 UNetStudent on the tiny set."""
-    return train_tiny(tiny_data, tmp_path_factory.mktemp("runs"))
+    """A 2-epoch run of a 4-channel, depth-2 UNetStudent on the tiny set (one for all workers: the exports of it
+    that other fixtures share must come from the checkpoint every worker tests)."""
+    return built_once(tmp_path_factory, "tiny-run", lambda folder: train_tiny(tiny_data, folder))
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_run) -> Path:
     return tiny_run.run_dir / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def other_checkpoint(tiny_data, tmp_path_factory) -> Path:
+    """Another tiny checkpoint of the same shape (seed 7, one epoch), one for all workers."""
+    run = built_once(
+        tmp_path_factory, "other-run", lambda out: train_tiny(tiny_data, out, name="other", seed=7, epochs=1)
+    )
+    return run.run_dir / "best.pt"
 
 
 def run_cli(
@@ -181,35 +220,43 @@ def trainer():
 def exported_all(tiny_checkpoint, tmp_path_factory):
     """`unet-edge export --format all` of the tiny checkpoint, once per session and in a real process (tests read
     its output): fixed-size formats (LiteRT) at the tiny validation images' size, so their parity is exact.
-    Returns (export folder, the completed process); tests copy the folder before changing anything in it."""
-    out = tmp_path_factory.mktemp("exported-all")
-    result = run_cli(
-        "export",
-        str(tiny_checkpoint),
-        "--format",
-        "all",
-        "--image-size",
-        "48",
-        "--out",
-        str(out),
-        "--name",
-        "tiny",
-        in_process=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out / "tiny", result
+    Returns (export folder, the completed process); tests copy the folder before changing anything in it. One
+    export for all workers."""
+
+    def export_all(out: Path) -> tuple[Path, subprocess.CompletedProcess]:
+        result = run_cli(
+            "export",
+            str(tiny_checkpoint),
+            "--format",
+            "all",
+            "--image-size",
+            "48",
+            "--out",
+            str(out),
+            "--name",
+            "tiny",
+            in_process=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return out / "tiny", result
+
+    return built_once(tmp_path_factory, "exported-all", export_all)
 
 
 @pytest.fixture(scope="session")
 def e2e_dir(tiny_checkpoint, tmp_path_factory):
-    """An export of the tiny checkpoint with model.onnx and model_e2e.onnx (parity checked by export)."""
-    out = tmp_path_factory.mktemp("exported-e2e")
-    result = run_cli(
-        "export", str(tiny_checkpoint), "--format", "onnx", "--end-to-end", "--out", str(out), "--name", "tiny"
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "model_e2e.onnx" in result.stdout
-    return out / "tiny"
+    """An export of the tiny checkpoint with model.onnx and model_e2e.onnx (parity checked by export), one for all
+    workers."""
+
+    def export_e2e(out: Path) -> Path:
+        result = run_cli(
+            "export", str(tiny_checkpoint), "--format", "onnx", "--end-to-end", "--out", str(out), "--name", "tiny"
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "model_e2e.onnx" in result.stdout
+        return out / "tiny"
+
+    return built_once(tmp_path_factory, "exported-e2e", export_e2e)
 
 
 @pytest.fixture(scope="session")

@@ -176,16 +176,14 @@ def test_readme_holds_each_embedding_snippet_deploy_writes():
 
 
 @pytest.fixture(scope="module")
-def deployed(tiny_data, tiny_checkpoint, trainer, tmp_path_factory, cli):
+def deployed(tiny_checkpoint, other_checkpoint, tmp_path_factory, cli):
     """Two checkpoints x (onnx, torchscript) fp32, deployed at 48x48: first stopped by Ctrl-C after the first
     checkpoint's two formats were measured, then the same deploy from the command line, counting the
     exports and measurements the second run does."""
     import unet_edge.deploy.measure
     import unet_edge.export
 
-    other = (
-        trainer(tiny_data, tmp_path_factory.mktemp("deploy-runs"), name="other", seed=7, epochs=1).run_dir / "best.pt"
-    )
+    other = other_checkpoint
     out = tmp_path_factory.mktemp("deployed")
     options = DeployOptions(
         checkpoints=(tiny_checkpoint, other),

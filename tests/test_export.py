@@ -18,11 +18,6 @@ def export_dir(exported_all):
     return folder
 
 
-@pytest.fixture(scope="session")
-def other_checkpoint(tiny_data, tmp_path_factory, trainer):
-    return trainer(tiny_data, tmp_path_factory.mktemp("other-runs"), name="other", seed=7, epochs=1).run_dir / "best.pt"
-
-
 @pytest.mark.slow
 def test_export_writes_checked_onnx_with_metadata_and_manifest(export_dir, tiny_checkpoint):
     model = onnx.load(str(export_dir / "model.onnx"))

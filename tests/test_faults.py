@@ -75,25 +75,12 @@ def fill(disk: Path, leave_kb: int) -> None:
 
 
 @pytest.mark.slow
-def test_export_on_a_full_disk_is_one_line_and_keeps_the_previous_export(tiny_checkpoint, small_disk, one_line_error):
+def test_export_on_a_full_disk_is_one_line_and_keeps_the_previous_export(
+    tiny_checkpoint, small_disk, cli, one_line_error
+):
     disk = small_disk(2048)
-    first = subprocess.run(
-        [
-            *CLI,
-            "export",
-            str(tiny_checkpoint),
-            "--format",
-            "onnx",
-            "--out",
-            str(disk),
-            "--name",
-            "e",
-            "--parity-images",
-            "0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    first = cli(
+        "export", str(tiny_checkpoint), "--format", "onnx", "--out", str(disk), "--name", "e", "--parity-images", "0"
     )
     assert first.returncode == 0, first.stderr
     before = assert_export_consistent(disk / "e")
