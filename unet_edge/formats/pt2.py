@@ -25,6 +25,7 @@ from ..cpuinfo import cpu_flags
 from ..errors import ArtifactError
 from ..io import atomic_write_bytes
 from .base import Backend, ExportRequest, Format, Precision, Provider, Snippet, backend_fields, cpp_host
+from .pt2e import convert_pt2e
 from .torchscript import torch_device
 
 __all__ = ["FORMAT", "AotiBackend", "export", "export_variants", "open_model"]
@@ -115,7 +116,7 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
     """model_int8.pt2: PT2E static int8 with the X86 Inductor quantizer (per-channel int8 weights, uint8
     activations calibrated on training images), compiled by AOTInductor and checked against the mIoU budget."""
     import torch
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
         get_default_x86_inductor_quantization_config,

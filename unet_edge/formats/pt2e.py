@@ -1,4 +1,4 @@
-"""PT2E int8 conversion, shared by the formats that quantise through torchao (ExecuTorch, LiteRT)."""
+"""PT2E int8 conversion, shared by the formats that quantise through torchao (ExecuTorch, LiteRT, pt2)."""
 
 from __future__ import annotations
 
