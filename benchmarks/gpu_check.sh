@@ -39,6 +39,7 @@ if ((SMOKE)); then
     BENCH_SIZES=(48 64) BENCH_BATCHES=1,2 BENCH_PROVIDERS=cpu
     BENCH_VARIANTS=${BENCH_VARIANTS:-eager,channels-last,cudagraphs} BENCH_DTYPES=${BENCH_DTYPES:-fp32,bf16}
     BENCH_TIMING=(--warmup 1 --iters 2)
+    EXPORT_ARGS=(--precision fp32) # verify and bench read model.onnx and model.ts only
     SKIP_COMPILE="--cpu-smoke: torch.compile takes about a minute per shape on a small CPU (tests/test_cuda_paths.py runs it)"
 else
     MODE=gpu DEVICE=cuda BUDGET_S=${BUDGET_S:-480} MIN_MIOU=${MIN_MIOU:-0.95}
@@ -47,6 +48,7 @@ else
     BENCH_SIZES=(256 512) BENCH_BATCHES=1,8,32 BENCH_PROVIDERS=cuda,tensorrt
     BENCH_VARIANTS=${BENCH_VARIANTS:-eager,channels-last,cudagraphs} BENCH_DTYPES=${BENCH_DTYPES:-fp32,bf16,fp16}
     BENCH_TIMING=(--warmup 3 --seconds "${BENCH_SECONDS:-0.5}")
+    EXPORT_ARGS=()
     SKIP_COMPILE=
 fi
 
@@ -130,7 +132,7 @@ for name, fmt in FORMATS.items(): print(name, fmt.unavailable(Provider.CPU) or s
             skip "export-$name" "$reason"
             continue
         fi
-        run_step "export-$name" 90 train "${UE[@]}" export "$run/best.pt" --format "$name" --out "$WORK/exported" --name check --parity-images 4
+        run_step "export-$name" 90 train "${UE[@]}" export "$run/best.pt" --format "$name" "${EXPORT_ARGS[@]}" --out "$WORK/exported" --name check --parity-images 4
         [[ ${STATUS[export-$name]} == ok ]] || ok=0
     done
     STATUS[export]=$( ((ok)) && [[ -f $WORK/exported/check/model.onnx && -f $WORK/exported/check/model.ts ]] && echo ok || echo failed)
