@@ -192,7 +192,7 @@ def _export_and_measure(
                 formats=formats,
                 root=validation.root,
                 masks={c.sha256: validation.outputs(c)[1] for c in (work[i][0], reference)},
-                cache=cache.entries,
+                cache=dict(cache.entries),  # a copy: the pool pickles it later, while finished tasks are put
             )
             for i in order
         ]

@@ -1,5 +1,5 @@
 """Exports in worker processes: each (checkpoint, format) export and the accuracy of its candidates is a task;
-up to `jobs` tasks run at once, each in a process of its own (started fresh: `spawn`), one thread each. The
+up to `jobs` tasks run at once, each in a process of its own (from a fork server), one thread each. The
 conversions are mostly single-threaded (tracing, lowering passes, a C++ compiler), so two cores export two
 formats at once. Timing is not done here: the pool is shut down before it starts.
 
@@ -122,9 +122,7 @@ def run_tasks(
 ) -> list[Task]:
     """Run `tasks` in `jobs` worker processes; `on_done` hears each result as its task finishes (in the order
     they finish), `on_label` what the tasks under way are doing. Returns the tasks whose worker died."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no thread pool or lock copied mid-use
+    context = _context()
     labels = context.Queue()
     pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(labels,))
     lost: list[Task] = []
@@ -132,6 +130,7 @@ def run_tasks(
     try:
         futures: dict[Future[TaskResult], Task] = {pool.submit(run_task, task): task for task in tasks}
         under_way: dict[int, str] = {}
+        ended: set[int] = set()  # a task's last labels may arrive after its result
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
@@ -140,9 +139,11 @@ def run_tasks(
                     index, label = labels.get_nowait()
                 except queue_module.Empty:
                     break
-                under_way[index] = f"{by_index[index].label}: {label}"
+                if index not in ended:
+                    under_way[index] = f"{by_index[index].label}: {label}"
             for future in finished:
                 task = futures[future]
+                ended.add(task.index)
                 under_way.pop(task.index, None)
                 try:
                     result = future.result()
@@ -158,6 +159,19 @@ def run_tasks(
     pool.shutdown(wait=True)
     labels.close()
     return lost
+
+
+def _context() -> Any:
+    """Workers forked from a fork server that has imported this module and torch, nothing else (not the program's
+    `__main__`, whose import may start thread pools): each worker starts without importing torch again, and no
+    runtime's threads are copied into it. Where there is no fork server (Windows), fresh interpreters."""
+    import multiprocessing
+
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__, "torch"])
+        return context
+    return multiprocessing.get_context("spawn")
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
