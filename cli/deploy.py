@@ -162,6 +162,14 @@ def deploy(
         ),
     ] = DEFAULTS.calibration,
     runs: RunsOption = DEFAULTS.runs_dir,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Exports run at once, each in a worker process (default: one per core; 1: one after another in "
+            "this process). Timing always runs alone, after them.",
+        ),
+    ] = DEFAULTS.jobs,
     format_alias: FormatAlias = None,
     precision_alias: PrecisionAlias = None,
 ) -> None:
@@ -181,6 +189,7 @@ def deploy(
         "calib_images": calib_images,
         "calib_method": calib_method,
         "runs": runs,
+        "jobs": jobs,
     }
     options = DeployOptions(
         **by_field_name(

@@ -4,6 +4,7 @@ tiny end-to-end run over two checkpoints and two formats whose winner loads and 
 import itertools
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,7 @@ def deployed(tiny_checkpoint, other_checkpoint, tmp_path_factory, cli):
         min_calls=6,
         out=out,
         threads=1,
+        jobs=1,  # in this process: the counting below patches this process's functions
     )
     names = {tiny_checkpoint: tiny_checkpoint.parent.name, other: other.parent.name}
 
@@ -231,6 +233,8 @@ def deployed(tiny_checkpoint, other_checkpoint, tmp_path_factory, cli):
             "--min-calls",
             "6",
             "--threads",
+            "1",
+            "--jobs",
             "1",
             "--out",
             str(out),
@@ -374,6 +378,7 @@ def test_a_failing_export_is_a_row_with_its_reason_not_an_abort(tiny_checkpoint,
         min_calls=3,
         out=tmp_path,
         threads=1,
+        jobs=1,  # the patched registry is this process's
     )
     updates = []
     result = run_deploy(options, lambda done, total, status: updates.append((done, total, status)))
@@ -391,3 +396,64 @@ def test_a_failing_export_is_a_row_with_its_reason_not_an_abort(tiny_checkpoint,
     assert result.decision.winner is rows[("onnx", "fp32")] and rows[("onnx", "fp32")].p50 is not None
     report = json.loads((tmp_path / "deploy.json").read_text())
     assert sorted(r["rejected"] is None for r in report["candidates"]) == [False, False, True]
+
+
+@pytest.mark.slow
+def test_exports_in_worker_processes_give_the_serial_figures_and_a_cache_that_resumes(deployed, tmp_path, monkeypatch):
+    """The same deploy with two export workers: stopped by Ctrl-C once the first export finished, then run again
+    in this process, which exports only what the workers had not finished; the figures are the serial run's."""
+    import unet_edge.export
+
+    options = DeployOptions(
+        checkpoints=deployed["checkpoints"],
+        formats=("onnx", "torchscript"),
+        precisions=(Precision.FP32,),
+        image_size=(48, 48),
+        seconds=0.05,
+        min_calls=6,
+        out=tmp_path,
+        threads=1,
+        jobs=2,
+    )
+    labels = []
+
+    def ctrl_c(done, total, label):
+        labels.append(label)
+        if done >= 3:  # 1 unit per checkpoint's own mIoU, then 2 per candidate: one export finished
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_deploy(options, ctrl_c)
+    assert any(label.startswith("exporting in 2 processes") for label in labels)
+    cached = [k for k in json.loads((tmp_path / "deploy-cache.json").read_text()) if k.startswith("export:")]
+    assert 1 <= len(cached) < 4
+    exports = []
+    real_export = unet_edge.export.run_export
+    monkeypatch.setattr(
+        unet_edge.export, "run_export", lambda opts, *a, **k: exports.append(opts) or real_export(opts, *a, **k)
+    )
+    run_deploy(replace(options, jobs=1))
+    assert len(exports) == 4 - len(cached)
+
+    serial = {
+        (r["model"], r["format"]): r for r in json.loads((deployed["out"] / "deploy.json").read_text())["candidates"]
+    }
+    rows = json.loads((tmp_path / "deploy.json").read_text())["candidates"]
+    assert {(r["model"], r["format"]) for r in rows} == set(serial)
+    for row in rows:
+        expected = serial[(row["model"], row["format"])]
+        for field in ("miou", "miou_drop", "pixel_agreement"):
+            assert row[field] == pytest.approx(expected[field], abs=1e-12), (row["format"], field)
+        assert (row["rejected"] is None) == (expected["rejected"] is None)
+
+
+def test_a_worker_cache_copies_entries_and_reports_what_it_added(tmp_path):
+    from unet_edge.deploy.cache import DeployCache
+
+    on_disk = DeployCache(tmp_path / "cache.json")
+    on_disk.put("export:a", {"x": 1})
+    worker = DeployCache(None, on_disk.entries)
+    worker.put("measure:b", {"miou": 0.5})
+    assert worker.get("export:a") == {"x": 1} and worker.added == {"measure:b": {"miou": 0.5}}
+    assert on_disk.get("measure:b") is None and not (tmp_path / "None").exists()
+    assert json.loads((tmp_path / "cache.json").read_text()) == {"export:a": {"x": 1}}

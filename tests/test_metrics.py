@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,3 +69,19 @@ def test_confusion_matrix_reduce_outside_a_process_group_keeps_the_counts():
     confusion.reduce_from_all_processes()
     assert confusion.matrix.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 0]]
     assert confusion.pixel_accuracy() == pytest.approx(2 / 3)
+
+
+def test_parity_miou_over_a_set_of_images_equals_one_update_per_image():
+    """parity counts every image's pixels in one update; the matrix must be the per-image sum, ignore band included."""
+    from unet_edge.parity import _miou
+
+    rng = np.random.default_rng(0)
+    shapes = [(17, 23), (32, 32), (5, 40)]
+    preds = [rng.integers(0, 4, shape) for shape in shapes]
+    targets = [np.where(rng.random(shape) < 0.1, 255, rng.integers(0, 4, shape)) for shape in shapes]
+    matrix = ConfusionMatrix(4, 255)
+    for pred, target in zip(preds, targets, strict=True):
+        matrix.update(torch.from_numpy(pred), torch.from_numpy(target))
+    assert _miou(preds, targets, 4, 255) == matrix.compute()[1]
+    with pytest.raises(ValueError, match="differs from target shape"):
+        _miou([preds[0]], [targets[1]], 4, 255)

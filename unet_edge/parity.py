@@ -87,8 +87,15 @@ def run_backend(backend: Backend, images: EvalImages) -> tuple[list[np.ndarray |
 
 def _miou(preds: list[np.ndarray], targets: list[np.ndarray], num_classes: int, ignore_index: int | None) -> float:
     matrix = ConfusionMatrix(num_classes, ignore_index)
-    for pred, target in zip(preds, targets):
-        matrix.update(torch.from_numpy(np.asarray(pred, np.int64)), torch.from_numpy(np.asarray(target, np.int64)))
+    pairs = [(np.asarray(p, np.int64), np.asarray(t, np.int64)) for p, t in zip(preds, targets, strict=False)]
+    for pred, target in pairs:
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction shape {pred.shape} differs from target shape {target.shape}")
+    if pairs:  # one update over every pixel: the counts add up alike, and each call costs about a millisecond
+        matrix.update(
+            torch.from_numpy(np.concatenate([p.reshape(-1) for p, _ in pairs])),
+            torch.from_numpy(np.concatenate([t.reshape(-1) for _, t in pairs])),
+        )
     return matrix.compute()[1]
 
 

@@ -11,7 +11,8 @@ batch; a second figure from uint8 images through preprocessing and the argmax, a
 The decision (`decide`) is a pure function of the records.
 
 The package by job: `records` (the typed, frozen records), `plan` (what competes), `measure` (checkpoints,
-exports, accuracy), `timing`, `decide` (the verdicts, the front, the winner), `cache` (finished work by
+exports, accuracy), `parallel` (the exports in worker processes, one per core, all finished before timing),
+`timing`, `decide` (the verdicts, the front, the winner), `cache` (finished work by
 content, so a rerun after Ctrl-C or kill -9 does only what is missing) and `report` (deploy.json,
 deploy.png, the winner copied out); `run_deploy` here calls them in order. No module here names a format.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 from ..formats import DeployTarget, default_threads
 from ..io import check_writable
 from ..progress import Progress, Steps, tell
-from . import measure, timing
+from . import measure, parallel, timing
 from .cache import CACHE_FILE, DeployCache, content_key
 from .decide import Decision, Verdict, decide, pareto_front, verdict
 from .plan import Plan, plan_candidates
@@ -100,7 +101,7 @@ def _deploy(options: DeployOptions, progress: Progress | None) -> DeployResult:
     checkpoints = measure.measure_checkpoints(checkpoints, validation, cache, steps.part(len(checkpoints)))
     steps.advance(len(checkpoints))
     reference, reference_record = measure.choose_reference(checkpoints, options)
-    candidates = _export_and_measure(checkpoints, reference, plan, options, threads, validation, cache, steps)
+    candidates = _export_and_measure(checkpoints, reference, plan, options, validation, cache, steps)
 
     shortlist = [c for c in candidates if verdict(c, options.max_miou_drop) is None]
     timed, baseline = timing.time_candidates(shortlist, reference, options, threads, cache, steps.part(count))
@@ -142,13 +143,14 @@ def _export_and_measure(
     reference: measure.Checkpoint,
     plan: Plan,
     options: DeployOptions,
-    threads: int,
     validation: measure.Validation,
     cache: DeployCache,
     steps: Steps,
 ) -> list[Candidate]:
-    """Each checkpoint's formats exported (one load and one budget per checkpoint), each candidate measured
-    against the reference as soon as its format is written; both cached, so Ctrl-C loses at most one step."""
+    """Each checkpoint's formats exported and each candidate measured against the reference, both cached, so
+    Ctrl-C loses at most the exports under way. With more than one job, the (checkpoint, format) exports run in
+    worker processes (`parallel`), all finished before anything is timed; with one, here, one after another
+    (one load and one budget per checkpoint, shared by its formats)."""
     val = validation.images(reference.loaded.mean, reference.loaded.std)
     target = DeployTarget(
         image_size=options.image_size,
@@ -156,40 +158,74 @@ def _export_and_measure(
         max_side=max([*options.image_size, *(max(image.shape[:2]) for image in val.raw)]),
         calibration=options.calibration,
     )
-    sources = measure.Sources(options, validation, tuple(name for name, _ in plan.formats))
-    candidates: list[Candidate] = []
-    for checkpoint in checkpoints:
-        budget = measure.budget_left(checkpoint, reference, options.max_miou_drop)
-        for name, precisions in plan.formats:
-            prefix = f"exporting {checkpoint.name} {name} ({', '.join(p.value for p in precisions)}): "
-            steps.say(prefix.rstrip(": "))
-            part = steps.part(len(precisions), prefix)
-            exported = measure.export_format(checkpoint, name, precisions, budget, target, sources, cache, part)
-            steps.advance(len(precisions))
-            for candidate in measure.candidates_of(checkpoint, name, precisions, exported, reference):
-                if candidate.rejected is None:
-                    steps.say(f"val mIoU of {candidate.label}")
-                    candidate = _measured(candidate, threads, validation, reference, cache)
-                candidates.append(candidate)
-                steps.advance()
-    return candidates
+    formats = tuple(name for name, _ in plan.formats)
+    # checkpoint-major, the order of the report; each with the budget it has left
+    work = [
+        (checkpoint, name, precisions, measure.budget_left(checkpoint, reference, options.max_miou_drop))
+        for checkpoint in checkpoints
+        for name, precisions in plan.formats
+    ]
+    results: dict[int, list[Candidate]] = {}
+    # what the cache holds in full is read here, below; the rest may go to the workers
+    left = [
+        i
+        for i, (checkpoint, name, precisions, budget) in enumerate(work)
+        if not measure.finished(
+            checkpoint, name, precisions, budget, target, validation.root, options, reference, cache
+        )
+    ]
+    jobs = min(options.jobs or default_threads(), len(left))
+    if jobs > 1:
+        # Formats first, checkpoints inside: the workers start on the same format of two checkpoints, so the
+        # long conversions run side by side rather than one of them last and alone.
+        order = sorted(left, key=lambda i: (i % len(plan.formats), i // len(plan.formats)))
+        tasks = [
+            parallel.Task(
+                index=i,
+                checkpoint=replace(work[i][0], loaded=None),
+                reference=replace(reference, loaded=None),
+                name=work[i][1],
+                precisions=work[i][2],
+                budget=work[i][3],
+                target=target,
+                options=options,
+                formats=formats,
+                root=validation.root,
+                masks={c.sha256: validation.outputs(c)[1] for c in (work[i][0], reference)},
+                cache=dict(cache.entries),  # a copy: the pool pickles it later, while finished tasks are put
+            )
+            for i in order
+        ]
 
+        def done(result: parallel.TaskResult) -> None:
+            for key, value in result.added.items():
+                cache.put(key, value)
+            results[result.index] = result.candidates
+            steps.advance(2 * len(work[result.index][2]))
 
-def _measured(
-    candidate: Candidate,
-    threads: int,
-    validation: measure.Validation,
-    reference: measure.Checkpoint,
-    cache: DeployCache,
-) -> Candidate:
-    """The candidate's accuracy, from the cache or measured (and cached)."""
-    fields = ("miou", "miou_drop", "pixel_agreement", "rejected")
-    cached = cache.get(f"measure:{candidate.key}")
-    if cached is None:
-        measured = measure.measure_accuracy(candidate, threads, validation, reference)
-        cached = {name: getattr(measured, name) for name in fields}
-        cache.put(f"measure:{candidate.key}", cached)
-    return replace(candidate, **{name: cached.get(name) for name in fields})
+        steps.say(f"exporting in {jobs} processes: {', '.join(t.label for t in tasks[:jobs])}")
+        for lost in parallel.run_tasks(tasks, jobs, done, lambda label: steps.label(f"exporting: {label}")):
+            results[lost.index] = []  # its worker died: done again here, below
+    sources = measure.Sources(options, validation, formats)
+    for index, (checkpoint, name, precisions, budget) in enumerate(work):
+        if results.get(index):
+            continue
+        prefix = f"exporting {checkpoint.name} {name} ({', '.join(p.value for p in precisions)}): "
+        steps.say(prefix.rstrip(": "))
+        results[index] = measure.export_and_measure(
+            checkpoint,
+            name,
+            precisions,
+            budget,
+            target,
+            sources,
+            validation,
+            reference,
+            cache,
+            steps.part(2 * len(precisions), prefix),
+        )
+        steps.advance(2 * len(precisions))
+    return [candidate for index in range(len(work)) for candidate in results[index]]
 
 
 def _machine(threads: int) -> Machine:

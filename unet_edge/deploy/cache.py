@@ -23,12 +23,18 @@ def content_key(**parts: Any) -> str:
 
 class DeployCache:
     """OUT/deploy-cache.json: finished work by content key, rewritten atomically after each step. A file that
-    cannot be read (a crash cannot leave half of one, but a person can) is started afresh."""
+    cannot be read (a crash cannot leave half of one, but a person can) is started afresh. With no path, a copy
+    in memory of `entries` (what an export worker is handed); `added` holds what was put since it was opened."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None, entries: dict[str, Any] | None = None) -> None:
         self.path = path
+        self.added: dict[str, Any] = {}
+        self.entries: dict[str, Any]
+        if path is None:
+            self.entries = dict(entries or {})
+            return
         try:
-            self.entries: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            self.entries = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         except (OSError, json.JSONDecodeError):
             self.entries = {}
         if not isinstance(self.entries, dict):
@@ -39,4 +45,6 @@ class DeployCache:
 
     def put(self, key: str, value: Any) -> None:
         self.entries[key] = value
-        atomic_write_text(self.path, json.dumps(self.entries, indent=1, allow_nan=False) + "\n")
+        self.added[key] = value
+        if self.path is not None:
+            atomic_write_text(self.path, json.dumps(self.entries, indent=1, allow_nan=False) + "\n")

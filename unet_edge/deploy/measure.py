@@ -12,7 +12,7 @@ from .. import __version__
 from ..artifact import artifact_bytes, read_manifest
 from ..formats import FORMATS, DeployTarget, Precision, Provider
 from ..io import sha256_file
-from ..progress import Progress
+from ..progress import Progress, Steps
 from .cache import DeployCache, content_key
 from .records import Candidate, DeployError, DeployOptions, Reference
 
@@ -24,10 +24,13 @@ __all__ = [
     "budget_left",
     "candidates_of",
     "choose_reference",
+    "export_and_measure",
     "export_format",
+    "finished",
     "load_checkpoints",
     "measure_accuracy",
     "measure_checkpoints",
+    "measured",
     "one_line",
 ]
 
@@ -83,7 +86,8 @@ def load_checkpoints(options: DeployOptions) -> list[Checkpoint]:
 
 class Validation:
     """The validation set, normalised once per (mean, std), and each checkpoint's predictions on it, computed
-    once when first needed (from the model already loaded)."""
+    once when first needed (from the model already loaded) or handed over (`seed`: an export worker gets the
+    masks its parent computed). Files run with `threads` threads (an export worker's: one)."""
 
     def __init__(self, root: Path, threads: int) -> None:
         self.root, self.threads = root, threads
@@ -126,6 +130,10 @@ class Validation:
         if key not in self._by_norm:
             self._by_norm[key] = load_eval_images(self.root, mean, std, split="val", num_images=0)
         return self._by_norm[key]
+
+    def seed(self, sha256: str, masks: list[Any]) -> None:
+        """A checkpoint's validation masks, computed elsewhere (deploy compares masks, not logits)."""
+        self._outputs[sha256] = ([None] * len(masks), masks)
 
     def outputs(self, checkpoint: Checkpoint) -> Any:
         """The checkpoint's (logits, masks) on the validation set, in eager PyTorch."""
@@ -216,10 +224,17 @@ class Sources:
     def __init__(self, options: DeployOptions, validation: Validation, formats: tuple[str, ...]) -> None:
         self.options, self.validation, self.root, self.formats = options, validation, validation.root, formats
         self._sources: dict[str, Any] = {}
+        self._progress: Progress | None = None
+
+    def _say(self, label: str) -> None:
+        """The budget's steps (a variant's mIoU check), told to the export under way, not to the first one."""
+        if self._progress is not None:
+            self._progress(0, None, label)
 
     def get(self, checkpoint: Checkpoint, budget: float, progress: Progress) -> Any:
         from ..export import ExportOptions, export_source
 
+        self._progress = progress
         if checkpoint.sha256 not in self._sources:
             options = ExportOptions(
                 checkpoint=checkpoint.path,
@@ -232,11 +247,61 @@ class Sources:
             )
             self._sources[checkpoint.sha256] = export_source(
                 options,
-                lambda label: progress(0, None, label),
+                self._say,
                 loaded=checkpoint.loaded,
                 predictions=self.validation.predictions(checkpoint),
             )
         return self._sources[checkpoint.sha256]
+
+
+def _export_key(
+    checkpoint: Checkpoint,
+    name: str,
+    precisions: tuple[Precision, ...],
+    budget: float,
+    format_options: dict[str, Any],
+    root: Path,
+    options: DeployOptions,
+) -> str:
+    return content_key(
+        step="export",
+        checkpoint=checkpoint.sha256,
+        format=name,
+        precisions=[p.value for p in precisions],
+        options=format_options,
+        data=str(root.resolve()),
+        calib_images=options.calib_images,
+        budget=budget if precisions != (Precision.FP32,) else None,
+        version=__version__,
+    )
+
+
+def _cached_export(key: str, cache: DeployCache) -> Exported | None:
+    """The export's record when it is cached and its files are still there unchanged."""
+    cached = cache.get(f"export:{key}")
+    if cached is not None and all(_files_intact(a["files"]) for a in cached["artifacts"].values()):
+        return Exported(key, cached["artifacts"], cached["failed"])
+    return None
+
+
+def finished(
+    checkpoint: Checkpoint,
+    name: str,
+    precisions: tuple[Precision, ...],
+    budget: float,
+    target: DeployTarget,
+    root: Path,
+    options: DeployOptions,
+    reference: Checkpoint,
+    cache: DeployCache,
+) -> bool:
+    """Whether the cache holds this format's export (its files unchanged) and every candidate's accuracy."""
+    key = _export_key(checkpoint, name, precisions, budget, FORMATS[name].options_for(target), root, options)
+    exported = _cached_export(key, cache)
+    if exported is None:
+        return False
+    candidates = candidates_of(checkpoint, name, precisions, exported, reference)
+    return all(c.rejected is not None or cache.get(f"measure:{c.key}") is not None for c in candidates)
 
 
 def export_format(
@@ -256,20 +321,10 @@ def export_format(
     from ..export import ExportOptions
 
     format_options = FORMATS[name].options_for(target)
-    key = content_key(
-        step="export",
-        checkpoint=checkpoint.sha256,
-        format=name,
-        precisions=[p.value for p in precisions],
-        options=format_options,
-        data=str(sources.root.resolve()),
-        calib_images=sources.options.calib_images,
-        budget=budget if precisions != (Precision.FP32,) else None,
-        version=__version__,
-    )
-    cached = cache.get(f"export:{key}")
-    if cached is not None and all(_files_intact(a["files"]) for a in cached["artifacts"].values()):
-        return Exported(key, cached["artifacts"], cached["failed"])
+    key = _export_key(checkpoint, name, precisions, budget, format_options, sources.root, sources.options)
+    done = _cached_export(key, cache)
+    if done is not None:
+        return done
     out = Path(sources.options.out) / "candidates" / f"{checkpoint.name.replace('/', '-')}-{checkpoint.sha256[:8]}"
     export_options = ExportOptions(
         checkpoint=checkpoint.path,
@@ -370,3 +425,42 @@ def measure_accuracy(candidate: Candidate, threads: int, validation: Validation,
         miou_drop=reference.miou - figures["miou_gt"],
         pixel_agreement=figures["pixel_agreement"],
     )
+
+
+def measured(candidate: Candidate, validation: Validation, reference: Checkpoint, cache: DeployCache) -> Candidate:
+    """The candidate's accuracy, from the cache or measured (and cached)."""
+    fields = ("miou", "miou_drop", "pixel_agreement", "rejected")
+    cached = cache.get(f"measure:{candidate.key}")
+    if cached is None:
+        result = measure_accuracy(candidate, validation.threads, validation, reference)
+        cached = {name: getattr(result, name) for name in fields}
+        cache.put(f"measure:{candidate.key}", cached)
+    return replace(candidate, **{name: cached.get(name) for name in fields})
+
+
+def export_and_measure(
+    checkpoint: Checkpoint,
+    name: str,
+    precisions: tuple[Precision, ...],
+    budget: float,
+    target: DeployTarget,
+    sources: Sources,
+    validation: Validation,
+    reference: Checkpoint,
+    cache: DeployCache,
+    progress: Progress,
+) -> list[Candidate]:
+    """One format of one checkpoint exported and each of its candidates measured against the reference, both
+    through the cache; `progress` hears 2 units per precision (its export, then its accuracy). The same work
+    in this process or in an export worker."""
+    steps = Steps(progress, total=2 * len(precisions))
+    exported = export_format(checkpoint, name, precisions, budget, target, sources, cache, steps.part(len(precisions)))
+    steps.advance(len(precisions))
+    candidates = []
+    for candidate in candidates_of(checkpoint, name, precisions, exported, reference):
+        if candidate.rejected is None:
+            steps.say(f"val mIoU of {candidate.label}")
+            candidate = measured(candidate, validation, reference, cache)
+        candidates.append(candidate)
+        steps.advance()
+    return candidates

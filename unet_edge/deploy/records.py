@@ -47,6 +47,7 @@ class DeployOptions:
     calib_images: int = 32
     calibration: str | None = None  # the int8 calibration method; None: each format's default
     runs_dir: Path = Path("runs")
+    jobs: int | None = None  # exports at once, each in a worker process; None: one per core; 1: all in this process
 
 
 @dataclass(frozen=True)

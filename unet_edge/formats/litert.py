@@ -161,6 +161,7 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
                     prepared(torch.from_numpy(_padded(image[:, rows, cols], size)))
         converted = convert_pt2e(prepared, fold_quantize=False)
     path = request.folder / INT8_LITERT_FILE
+    request.say(f"converting int8 to LiteRT at {size[0]}x{size[1]}")
     _write(
         converted,
         size,

@@ -86,6 +86,7 @@ def _package(
     import torch
 
     configs = {**INDUCTOR_CONFIGS, "aot_inductor.metadata": artifact_metadata(request.loaded, precision.value)}
+    request.say(f"compiling {precision.value} with AOTInductor (C++ compiler)")
     buffer = io.BytesIO()  # in memory first, then written atomically
     try:
         with warnings.catch_warnings():
