@@ -102,16 +102,21 @@ def draw(groups: list[tuple[str, list[tuple[str, list[dict]]]]], png: Path, trai
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), sharey=True, squeeze=False)
-    for ax, (label, runs) in zip(axes[0], groups, strict=True):
+    # Pairs of groups (e.g. one dataset at two schedules) one above the other, one column per pair.
+    rows = 2 if len(groups) > 2 and len(groups) % 2 == 0 else 1
+    columns = len(groups) // rows
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), sharey=True, squeeze=False)
+    places = [axes[i % rows][i // rows] for i in range(len(groups))]
+    for ax, (label, runs) in zip(places, groups, strict=True):
         for name, records in runs:
             crops = [r["epoch"] * train_images / 1000 for r in records]
             ax.plot(crops, [r["miou"] for r in records], label=name.rsplit("-", 1)[-1], linewidth=1.2)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("thousand training crops seen")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("val mIoU")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    for row in axes:
+        row[0].set_ylabel("val mIoU")
+    places[-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
