@@ -140,7 +140,10 @@ def search(
             help="Seconds between a running trial's heartbeats; one silent for three is failed and queued again.",
         ),
     ] = 20,
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs per trial.")] = 10,
+    epochs: Annotated[
+        int | None,
+        typer.Option(min=1, help="Epochs per trial (default: what `unet-edge train` runs on the training set)."),
+    ] = None,
     train_batch_size: Annotated[int, typer.Option(min=1, help="Training batch size of each trial.")] = 16,
     train_image_size: Annotated[int, typer.Option(min=8, help="Training crop size of each trial.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of every trial (the same for all, so they compare).")] = 0,

@@ -281,3 +281,13 @@ def test_a_table_from_another_machine_is_read_not_measured(tiny_data, tmp_path, 
     line = one_line_error(cli(*args, "--latency-only"), "measured on Target Board, it has no row for b8-d2")
     assert "--latency-only" in line
     assert json.loads(path.read_text())["machine_key"] == "another machine"  # never rewritten
+
+
+def test_trials_train_for_the_epochs_train_would_run_on_the_set_unless_told(tiny_data):
+    """Without --epochs a trial is trained as `unet-edge train` trains on that training set (24 images here: the
+    schedule's most epochs), so the front is not a ranking of runs cut short at different points of their climb."""
+    from unet_edge.config import schedule_epochs
+    from unet_edge.search import SearchOptions, _schedule_epochs
+
+    assert SearchOptions().epochs is None
+    assert _schedule_epochs(tiny_data) == schedule_epochs(24) == 200

@@ -76,7 +76,7 @@ class SearchOptions:
     storage: str | None = None  # default: sqlite:///runs_dir/search/NAME/study.db
     heartbeat_s: int = 20
     # Each trial's training.
-    epochs: int = 10
+    epochs: int | None = None  # default: the schedule `train` picks for the training set's size
     train_batch_size: int = 16
     train_image_size: int = 64
     lr_range: tuple[float, float] = (3e-4, 1e-2)
@@ -117,7 +117,7 @@ def _check(options: SearchOptions) -> None:
         raise SearchError("--max-latency-ratio is a fraction of the teacher's eager latency: give --teacher")
     if options.teacher is not None and not Path(options.teacher).is_file():
         raise SearchError(f"{options.teacher}: teacher not found")
-    if options.trials < 1 or options.workers < 1 or options.epochs < 1:
+    if options.trials < 1 or options.workers < 1 or (options.epochs is not None and options.epochs < 1):
         raise SearchError("--trials, --workers and --epochs must be at least 1")
     if "/" in options.name or not options.name.strip():
         raise SearchError(f"--name {options.name!r}: a folder name, without '/'")
@@ -242,7 +242,7 @@ def _spec(
         trials_dir=str(folder / "trials"),
         data=str(data_root),
         teacher=str(Path(options.teacher).resolve()) if options.teacher else None,
-        epochs=options.epochs,
+        epochs=options.epochs if options.epochs is not None else _schedule_epochs(data_root),
         batch_size=options.train_batch_size,
         image_size=options.train_image_size,
         lr_range=options.lr_range,
@@ -252,6 +252,14 @@ def _spec(
         threads=max(1, threads // options.workers),
         heartbeat_s=options.heartbeat_s,
     )
+
+
+def _schedule_epochs(data_root: Path) -> int:
+    """The epochs `train` runs by default on `data_root`'s training set: every trial trains as `train` would."""
+    from ..config import schedule_epochs
+    from ..data import ImageSegmentation
+
+    return schedule_epochs(len(ImageSegmentation(data_root, "train")))
 
 
 def _watch(progress: Progress | None, steps: Steps, study: Any, trials: int, work: Any) -> None:
