@@ -204,11 +204,11 @@ def _export_and_measure(
             steps.advance(2 * len(work[result.index][2]))
 
         steps.say(f"exporting in {jobs} processes: {', '.join(t.label for t in tasks[:jobs])}")
-        for lost in parallel.run_tasks(tasks, jobs, done, lambda label: steps.label(f"exporting: {label}")):
-            results[lost.index] = []  # its worker died: done again here, below
+        # a task whose worker died has no result: it is done again here, below
+        parallel.run_tasks(tasks, jobs, done, lambda label: steps.label(f"exporting: {label}"))
     sources = measure.Sources(options, validation, formats)
     for index, (checkpoint, name, precisions, budget) in enumerate(work):
-        if results.get(index):
+        if index in results:
             continue
         prefix = f"exporting {checkpoint.name} {name} ({', '.join(p.value for p in precisions)}): "
         steps.say(prefix.rstrip(": "))
