@@ -1,6 +1,8 @@
 """Search benchmark: on each of train_quality's datasets, `unet-edge search` within the latency budget of the
 hand-made student (base 8, depth 3: the default block order and up-sampling) x 1.2, against that student
 trained alone and distilled from the teacher, with the same seed and epochs (paired), and the teacher itself.
+The teacher and the hand-made students are those of benchmarks/distill.py (its data and run folders, reused
+when there, trained there with the same names when not), so the section also gives their 5-seed means.
 
 The budget comes from the search's own latency table (the student's architecture timed with random weights,
 fastest artifact p50 at 1x3xSIZE, `--threads` threads): latency does not depend on the weights. The section
@@ -35,21 +37,32 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="shapes,digits,textures")
     parser.add_argument("--work", type=Path, default=OUT / "search")
+    parser.add_argument(
+        "--hand-made",
+        type=Path,
+        default=OUT / "distill",
+        help="benchmarks/distill.py's folder: its data-N-M sets and its teacher and student runs are reused",
+    )
     parser.add_argument("--train-images", type=int, default=240)
     parser.add_argument("--val-images", type=int, default=60)
-    parser.add_argument("--epochs", type=int, default=30, help="epochs of every run: teacher, students, trials")
-    parser.add_argument("--teacher", default="32,4", help="base channels, depth of the teacher")
-    parser.add_argument("--trials", type=int, default=24)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="epochs of every run (default: train's schedule for the set)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="training batch of every run (distill.py's)")
+    parser.add_argument("--teacher", default="16,4", help="base channels, depth of the teacher")
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=None, help="seconds per search")
-    parser.add_argument("--base-channels", default="4,8,12,16,24,32")
+    parser.add_argument("--base-channels", default="4,6,8,12")
     parser.add_argument("--depths", default="2,3,4")
-    parser.add_argument("--block-orders", default="conv-relu-bn,conv-bn-relu")
+    parser.add_argument("--block-orders", default="conv-relu-bn")
     parser.add_argument("--upsample", default="transpose,bilinear")
     parser.add_argument("--formats", default="onnx,openvino")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the seed of every trial and of the paired students")
+    parser.add_argument("--seeds", type=int, default=5, help="hand-made students' seeds (0..N-1) for their means")
+    parser.add_argument("--train-image-size", type=int, default=64, help="training crop of every run")
     parser.add_argument("--conditions", default="", help="what else ran on the machine, stated in the section")
     parser.add_argument("--readme", type=Path, default=README)
     parser.add_argument("--no-write", action="store_true", help="print the section only")
@@ -60,47 +73,61 @@ def ints(text: str) -> tuple[int, ...]:
     return tuple(int(item) for item in text.split(",") if item.strip())
 
 
-def train(data: Path, runs: Path, name: str, base: int, depth: int, args: argparse.Namespace, teacher=None) -> dict:
-    """A seeded, single-threaded `fit` (reused when its best.pt is there); its best val mIoU."""
-    import torch
+def hand_made(dataset: str, args: argparse.Namespace) -> dict:
+    """The teacher and the base-8 depth-3 students (seeds 0..4, alone and distilled with train's defaults) of
+    benchmarks/distill.py: its Runner reuses its finished runs and trains the missing ones under the same names."""
+    import statistics
 
-    from unet_edge.checkpoint import load_checkpoint
-    from unet_edge.config import ModelConfig, TrainConfig
-    from unet_edge.train import fit
+    from distill import Runner, tag
 
-    best = runs / name / "best.pt"
-    if not best.is_file():
-        torch.set_num_threads(1)
-        fit(
-            TrainConfig(
-                data=str(data),
-                epochs=args.epochs,
-                model=ModelConfig(base_channels=base, depth=depth),
-                teacher=str(teacher) if teacher else None,
-                device="cpu",
-                workers=0,
-                seed=args.seed,
-                out=str(runs),
-                name=name,
-            )
-        )
-    return {"checkpoint": best, "miou": float(load_checkpoint(best)["best_miou"])}
+    data_dir = args.hand_made / f"data-{args.train_images}-{args.val_images}"
+    if not (data_dir / dataset / ".complete").is_file():
+        shutil.rmtree(data_dir / dataset, ignore_errors=True)
+        write_datasets([dataset], data_dir, args.train_images, args.val_images)
+        (data_dir / dataset / ".complete").touch()
+    settings = argparse.Namespace(
+        out=args.hand_made,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        image_size=args.train_image_size,
+        threads=1,
+        finished_only=False,
+    )
+    runner = Runner(settings, {dataset: data_dir / dataset})
+    base, depth = ints(args.teacher)
+    teacher_name = f"{dataset}-teacher-b{base}-d{depth}-s0"
+    teacher = runner.train(teacher_name, dataset, 0, base, depth, [])
+    options = ["--teacher", str(runner.checkpoint(teacher_name))]
+    seeds = range(args.seeds)
+    alone = [runner.train(f"{dataset}-student-b8-d3-s{s}", dataset, s, 8, 3, []) for s in seeds]
+    distilled = [runner.train(f"{dataset}-distilled-{tag({})}-b8-d3-s{s}", dataset, s, 8, 3, options) for s in seeds]
+
+    def spread(runs: list[dict]) -> tuple[float, float]:
+        values = [run["best"] for run in runs]
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    return {
+        "data": data_dir / dataset,
+        "teacher": runner.checkpoint(teacher_name),
+        "teacher_miou": teacher["best"],
+        "alone": alone[args.seed]["best"],
+        "distilled": distilled[args.seed]["best"],
+        "alone_seeds": spread(alone),
+        "distilled_seeds": spread(distilled),
+    }
 
 
-def run_dataset(name: str, data: Path, args: argparse.Namespace) -> dict:
+def run_dataset(name: str, args: argparse.Namespace) -> dict:
     from unet_edge.search import Architecture, SearchOptions, run_search
 
-    work = args.work / name
-    runs = work / "runs"
-    teacher_base, teacher_depth = ints(args.teacher)
-    teacher = train(data, runs, "teacher", teacher_base, teacher_depth, args)
-    alone = train(data, runs, "student-b8-d3", 8, 3, args)
-    distilled = train(data, runs, "student-b8-d3-distilled", 8, 3, args, teacher["checkpoint"])
+    made = hand_made(name, args)
+    data = made["data"]
+    runs = args.work / name / "runs"
     options = SearchOptions(
         name=name,
         runs_dir=runs,
         data=data,
-        teacher=teacher["checkpoint"],
+        teacher=made["teacher"],
         base_channels=ints(args.base_channels),
         depths=ints(args.depths),
         block_orders=tuple(args.block_orders.split(",")),
@@ -113,6 +140,8 @@ def run_dataset(name: str, data: Path, args: argparse.Namespace) -> dict:
         workers=args.workers,
         timeout_s=args.timeout,
         epochs=args.epochs,
+        train_batch_size=args.batch_size,
+        train_image_size=args.train_image_size,
         seed=args.seed,
         device="cpu",
     )
@@ -139,12 +168,14 @@ def run_dataset(name: str, data: Path, args: argparse.Namespace) -> dict:
         shutil.copyfile(result.plot, picture)
     return {
         "dataset": name,
-        "teacher": teacher["miou"],
+        "teacher": made["teacher_miou"],
         "teacher_ms": result.teacher_ms,
         "budget_ms": budget,
         "student_ms": table.best_rows[student.name]["latency_ms"]["p50"],
-        "alone": alone["miou"],
-        "distilled": distilled["miou"],
+        "alone": made["alone"],
+        "distilled": made["distilled"],
+        "alone_seeds": made["alone_seeds"],
+        "distilled_seeds": made["distilled_seeds"],
         "searched": best.miou,
         "searched_arch": best.architecture,
         "searched_params": best.params,
@@ -164,14 +195,19 @@ def section(rows: list[dict], args: argparse.Namespace) -> str:
     def f(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
 
+    def ms(pair):
+        return f"{pair[0]:.3f} ± {pair[1]:.3f}"
+
     lines = [
         f"`python benchmarks/search.py` ({time.strftime('%Y-%m-%d')}, {machine()}, {args.threads} threads, "
-        f"1x3x{args.image_size}x{args.image_size}; {args.epochs} epochs per run, seed {args.seed}, single-threaded "
-        f"training; teacher base {args.teacher.replace(',', ', depth ')}; {args.trials} trials; "
+        f"1x3x{args.image_size}x{args.image_size}; {args.epochs} epochs per run, batch {args.batch_size}, "
+        f"{args.train_image_size}² crops, seed {args.seed} (hand-made students: seeds 0..{args.seeds - 1}), "
+        f"single-threaded training; space: widths {args.base_channels}, depths {args.depths}, "
+        f"{args.block_orders}, {args.upsample}; formats {args.formats}; teacher base {args.teacher.replace(',', ', depth ')}; {args.trials} trials; "
         f"{args.conditions or 'conditions not stated'}).",
         "",
-        "| dataset | teacher mIoU | b8-d3 alone | b8-d3 distilled | searched mIoU | searched model | budget ms "
-        "| searched p50 ms | × teacher eager | shipped (deploy) | trials (feasible/space) | search wall s |",
+        "| dataset | teacher mIoU | b8-d3 alone (seeds' mean ± sd) | b8-d3 distilled (seeds' mean ± sd) "
+        "| searched mIoU | searched model | budget ms | searched p50 ms | × teacher eager | shipped (deploy) | trials (feasible/space) | search wall s |",
         "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for r in rows:
@@ -182,7 +218,8 @@ def section(rows: list[dict], args: argparse.Namespace) -> str:
         ratio = r["searched_ms"] / r["teacher_ms"] if r["teacher_ms"] and r["searched_ms"] else None
         shipped = f"{r['shipped']} {f(r['shipped_ms'], 2)} ms, mIoU {f(r['shipped_miou'])}" if r["shipped"] else "-"
         lines.append(
-            f"| {r['dataset']} | {f(r['teacher'])} | {f(r['alone'])} | {f(r['distilled'])} | {f(r['searched'])} | "
+            f"| {r['dataset']} | {f(r['teacher'])} | {f(r['alone'])} ({ms(r['alone_seeds'])}) | "
+            f"{f(r['distilled'])} ({ms(r['distilled_seeds'])}) | {f(r['searched'])} | "
             f"{how} | {f(r['budget_ms'], 2)} | {f(r['searched_ms'], 2)} | {f(ratio, 3)} | {shipped} | "
             f"{r['trials']} ({r['feasible']}/{r['space']}) | {r['wall_s']:.0f} |"
         )
@@ -207,10 +244,13 @@ def section(rows: list[dict], args: argparse.Namespace) -> str:
 
 def main() -> None:
     args = parse_args()
+    if args.epochs is None:  # train's own schedule, explicit so that distill.py's run names and caches match
+        from unet_edge.config import schedule_epochs
+
+        args.epochs = schedule_epochs(args.train_images)
     names = args.datasets.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
-    roots = write_datasets(names, args.work / "data", args.train_images, args.val_images)
-    rows = [run_dataset(name, roots[name], args) for name in names]
+    rows = [run_dataset(name, args) for name in names]
     (args.work / "search-benchmark.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     body = section(rows, args)
     print(body)

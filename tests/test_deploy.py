@@ -168,6 +168,18 @@ def test_what_the_first_round_shows_cannot_win_leaves_the_race():
     assert contenders(samples) == {"leader", "close"}
 
 
+def test_the_first_round_screens_and_the_contenders_get_the_rest_of_the_seconds():
+    from unet_edge.deploy import DeployOptions
+    from unet_edge.deploy.timing import SCREEN_SHARE, round_seconds
+
+    options = DeployOptions(checkpoints=(), seconds=2.0, rounds=3)
+    contender = [round_seconds(options, done, baseline=False) for done in range(3)]
+    assert contender[0] == pytest.approx(2.0 * SCREEN_SHARE) and contender[0] < contender[1] == contender[2]
+    assert sum(contender) == pytest.approx(2.0)  # a contender is timed for `seconds` in all
+    assert [round_seconds(options, done, baseline=True) for done in range(3)] == [pytest.approx(2.0 / 3)] * 3
+    assert round_seconds(replace(options, rounds=1), 0, baseline=False) == 2.0  # one round: nothing to screen for
+
+
 def test_readme_holds_each_embedding_snippet_deploy_writes():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     for name, fmt in export_formats().items():

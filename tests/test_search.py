@@ -218,6 +218,31 @@ def test_kill_9_then_the_same_command_resumes(tiny_data, tiny_checkpoint, tmp_pa
     assert sum(key.startswith("teacher:") for key in json.loads(table_path(tmp_path).read_text())["rows"]) == 1
 
 
+@pytest.mark.slow
+def test_timeout_stops_the_study_and_the_trial_it_caught_keeps_its_epochs(tiny_data, tmp_path, cli):
+    """--timeout is a hard limit: the trial training at the deadline is stopped after its current epoch (pruned,
+    its run folder kept), no new trial starts, and the command still writes the report. Without it, 500 trials of
+    500 epochs would not end."""
+    write_table(tmp_path, tiny_data, {SMALL: 1.5, LARGE: 3.0})
+    started = time.monotonic()
+    result = cli(
+        "search", "--data", str(tiny_data), "--runs", str(tmp_path), *SPACE, "--epochs", "500", "--trials", "500",
+        "--timeout", "8", "--no-deploy", "--name", "brief",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert time.monotonic() - started < 300  # far from 500 x 500 epochs
+    folder = tmp_path / "search" / "brief"
+    trials = load_trials(f"sqlite:///{folder / 'study.db'}", "brief")
+    assert 1 <= len(trials) < 500
+    stopped = [t for t in trials if t.user_attrs.get("stopped") == "--timeout"]
+    assert len(stopped) == 1 and stopped[0].state.name == "PRUNED"
+    epochs = len((Path(stopped[0].user_attrs["run_dir"]) / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= epochs < 500 and epochs == len(stopped[0].intermediate_values)
+    report = json.loads((folder / "search.json").read_text())
+    assert len(report["trials"]) == len(trials)
+    assert "stopped by --timeout" in json.dumps(report["trials"])
+
+
 def postgres_url() -> str:
     """The server `make test-tools` starts, or UNET_EDGE_TEST_POSTGRES; the test skips (fails under CI=true) when
     none answers."""

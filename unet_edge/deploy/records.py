@@ -157,7 +157,8 @@ class Settings:
     data: str = ""
     validation_images: int = 0
     timing: str = (
-        "interleaved rounds across candidates and the eager baseline; warm-up excluded; after the first round, "
-        "a candidate whose 25th-percentile call is over 1.2x the leader's 75th percentile gets only its share of "
-        "min_calls; app column: uint8 images, preprocessing, the model call and the argmax"
+        "interleaved rounds across candidates and the eager baseline; warm-up excluded; the first round screens "
+        "(10% of the seconds), then a candidate whose 25th-percentile call is over 1.2x the leader's 75th "
+        "percentile gets only its share of min_calls, the others the rest of the seconds; app column: uint8 "
+        "images, preprocessing, the model call and the argmax"
     )

@@ -17,7 +17,7 @@ from .cache import DeployCache, content_key
 from .measure import Checkpoint, one_line
 from .records import Baseline, Candidate, DeployOptions
 
-__all__ = ["CONTENTION_MARGIN", "contenders", "time_candidates"]
+__all__ = ["CONTENTION_MARGIN", "SCREEN_SHARE", "contenders", "round_seconds", "time_candidates"]
 
 
 def _in_round(progress: Progress, done: int, rounds: int, label: str) -> Progress:
@@ -32,6 +32,21 @@ def _in_round(progress: Progress, done: int, rounds: int, label: str) -> Progres
 # After the first round, a candidate whose 25th-percentile call is slower than this factor times the leader's
 # 75th percentile cannot win: later rounds give it its share of `min_calls` only, not of `seconds`.
 CONTENTION_MARGIN = 1.2
+
+
+# The first round screens: each candidate gets this share of `seconds` (and its share of `min_calls`), enough for
+# `contenders` to tell which cannot win; the contenders and the eager baseline share the rest over the later rounds.
+SCREEN_SHARE = 0.1
+
+
+def round_seconds(options: DeployOptions, done: int, baseline: bool) -> float:
+    """Timed seconds per column in round `done` (0-based) for a contender, or for the eager baseline (which is
+    not screened: its figure is the reference of every ratio). With one round there is nothing to screen for."""
+    if options.rounds <= 1 or baseline:
+        return options.seconds / options.rounds
+    if done == 0:
+        return options.seconds * SCREEN_SHARE
+    return options.seconds * (1.0 - SCREEN_SHARE) / (options.rounds - 1)
 
 
 def contenders(samples: dict[str, list[float]]) -> set[str]:
@@ -54,9 +69,10 @@ def time_candidates(
 ) -> tuple[list[Candidate], Baseline]:
     """The candidates with their latency figures (or the reason timing failed), and the eager baseline's.
 
-    Per round, each gets `seconds / rounds` of timed calls (and its share of `min_calls`) on its model call and
-    on the application path (uint8 images, preprocessing, the call and the argmax); the samples are cached
-    after each round, so an interrupted run resumes between rounds."""
+    Each gets its share of `min_calls` per round, on its model call and on the application path (uint8 images,
+    preprocessing, the call and the argmax), and timed seconds by `round_seconds`: the first round screens every
+    candidate briefly, the later ones time the contenders (`contenders`) to `seconds` in all. The samples are
+    cached after each round, so an interrupted run resumes between rounds."""
     import torch
 
     from ..backends import open_backend
@@ -103,12 +119,10 @@ def time_candidates(
             label = f"timing {len(runners)} models, round {done + 1} of {options.rounds}"
             progress(done, options.rounds, label)
             order = list(runners)
-            # From the second round on, what cannot win is timed to its share of min_calls only.
-            racing = contenders({n: state["samples"][n]["model"] for n in order if n != baseline_key}) if done else None
-            seconds = [
-                options.seconds / options.rounds if racing is None or name == baseline_key or name in racing else 0.0
-                for name in order
-            ]
+            seconds = [round_seconds(options, done, name == baseline_key) for name in order]
+            if done:  # from the second round on, what cannot win is timed to its share of min_calls only
+                racing = contenders({n: state["samples"][n]["model"] for n in order if n != baseline_key})
+                seconds = [s if n == baseline_key or n in racing else 0.0 for n, s in zip(order, seconds, strict=True)]
             latencies = time_interleaved(
                 [run for name in order for run in runners[name]],
                 warmup=options.warmup if done == 0 else 1,
