@@ -208,6 +208,7 @@ def deployed(tiny_checkpoint, other_checkpoint, tmp_path_factory, cli):
         out=out,
         threads=1,
         jobs=1,  # in this process: the counting below patches this process's functions
+        max_miou_drop=1.0,  # both checkpoints compete (one over the budget would not be exported)
     )
     names = {tiny_checkpoint: tiny_checkpoint.parent.name, other: other.parent.name}
 
@@ -248,6 +249,8 @@ def deployed(tiny_checkpoint, other_checkpoint, tmp_path_factory, cli):
             "1",
             "--jobs",
             "1",
+            "--max-miou-drop",
+            "1",
             "--out",
             str(out),
         )
@@ -259,6 +262,44 @@ def deployed(tiny_checkpoint, other_checkpoint, tmp_path_factory, cli):
         "checkpoints": (tiny_checkpoint, other),
         "names": names,
     }
+
+
+@pytest.mark.slow
+def test_a_checkpoint_already_over_the_budget_is_not_exported(tiny_checkpoint, other_checkpoint, tmp_path):
+    import unet_edge.export
+
+    exported = []
+    real_export = unet_edge.export.run_export
+    options = DeployOptions(
+        checkpoints=(tiny_checkpoint, other_checkpoint),
+        reference=tiny_checkpoint,
+        formats=("torchscript",),
+        precisions=(Precision.FP32,),
+        image_size=(48, 48),
+        seconds=0.05,
+        min_calls=3,
+        out=tmp_path / "out",
+        threads=1,
+        jobs=1,
+        max_miou_drop=0.0,
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            unet_edge.export, "run_export", lambda o, *a, **k: exported.append(o.checkpoint) or real_export(o, *a, **k)
+        )
+        result = run_deploy(options)
+    mious = {Path(c["path"]): c["miou"] for c in result.reference.checkpoints.values()}
+    drop = mious[tiny_checkpoint] - mious[other_checkpoint]
+    assert drop > 0.001, mious  # the test's premise: the other checkpoint is less accurate than the reference
+    assert exported == [tiny_checkpoint]
+    by_model = {c.checkpoint: c for c in result.candidates}
+    skipped = by_model[str(other_checkpoint)]
+    assert skipped.rejected == (
+        f"not exported: its checkpoint's val mIoU {mious[other_checkpoint]:.4f} is {drop:.4f} below the "
+        "reference's, over the budget 0.0000"
+    )
+    assert skipped.path is None and skipped.latency_ms is None
+    assert result.decision.winner is not None and result.decision.winner.checkpoint == str(tiny_checkpoint)
 
 
 @pytest.mark.slow
@@ -357,6 +398,8 @@ def test_the_same_command_again_exports_measures_and_times_nothing(deployed, mon
         "6",
         "--threads",
         "1",
+        "--max-miou-drop",
+        "1",
         "--out",
         str(deployed["out"]),
     )
@@ -426,6 +469,7 @@ def test_exports_in_worker_processes_give_the_serial_figures_and_a_cache_that_re
         out=tmp_path,
         threads=1,
         jobs=2,
+        max_miou_drop=1.0,  # as `deployed`: both checkpoints compete
     )
     labels = []
 

@@ -1,13 +1,14 @@
 """Deploy: the fastest artifact that keeps the accuracy, chosen by measurement on this machine.
 
-Every checkpoint given x every installed format of the registry x each precision the format offers and
-this CPU computes natively is a candidate. Each checkpoint is loaded once, and its accuracy budget (the
-validation set and its own predictions) built once, for all its formats; each format maps the deploy target
-(size, batch, longest side, calibration method) onto its own export options. Each candidate is measured on
-the whole validation set against the reference checkpoint (the most accurate one given): val mIoU, its
-drop and pixel agreement; those within the mIoU budget are then timed with bench's one protocol
-(interleaved, same threads, warm-up excluded, at least `min_calls` timed calls, at the deploy size and
-batch; a second figure from uint8 images through preprocessing and the argmax, as an application pays).
+Every checkpoint given x every installed format of the registry x each precision the format offers and this
+CPU computes natively is a candidate (a checkpoint whose own val mIoU is already over the budget below the
+reference's is not exported: its candidates cannot win). Each checkpoint is loaded once, and its accuracy
+budget (the validation set and its own predictions) built once, for all its formats; each format maps the
+deploy target (size, batch, longest side, calibration method) onto its own export options. Each candidate is
+measured on the whole validation set against the reference checkpoint (the most accurate one given): val mIoU,
+its drop and pixel agreement; those within the mIoU budget are then timed with bench's one protocol
+(interleaved, same threads, warm-up excluded, at least `min_calls` timed calls, at the deploy size and batch;
+a second figure from uint8 images through preprocessing and the argmax, as an application pays).
 The decision (`decide`) is a pure function of the records.
 
 The package by job: `records` (the typed, frozen records), `plan` (what competes), `measure` (checkpoints,
@@ -28,7 +29,7 @@ from ..io import check_writable
 from ..progress import Progress, Steps, tell
 from . import measure, parallel, timing
 from .cache import CACHE_FILE, DeployCache, content_key
-from .decide import Decision, Verdict, decide, pareto_front, verdict
+from .decide import Decision, Verdict, checkpoint_over_budget, decide, pareto_front, verdict
 from .plan import Plan, plan_candidates
 from .records import (
     Baseline,
@@ -147,10 +148,10 @@ def _export_and_measure(
     cache: DeployCache,
     steps: Steps,
 ) -> list[Candidate]:
-    """Each checkpoint's formats exported and each candidate measured against the reference, both cached, so
-    Ctrl-C loses at most the exports under way. With more than one job, the (checkpoint, format) exports run in
-    worker processes (`parallel`), all finished before anything is timed; with one, here, one after another
-    (one load and one budget per checkpoint, shared by its formats)."""
+    """Each checkpoint's formats exported and each candidate measured against the reference, both cached, so Ctrl-C
+    loses at most the exports under way; a checkpoint already over the budget is not exported. With more than one
+    job, the (checkpoint, format) exports run in worker processes (`parallel`), all finished before anything is
+    timed; with one, here, one after another (one load and one budget per checkpoint, shared by its formats)."""
     val = validation.images(reference.loaded.mean, reference.loaded.std)
     target = DeployTarget(
         image_size=options.image_size,
@@ -166,11 +167,17 @@ def _export_and_measure(
         for name, precisions in plan.formats
     ]
     results: dict[int, list[Candidate]] = {}
+    for i, (checkpoint, name, precisions, _) in enumerate(work):  # a checkpoint over the budget cannot win
+        reason = checkpoint_over_budget(checkpoint.miou, reference.miou, options.max_miou_drop)
+        if reason is not None:
+            results[i] = measure.unexported(checkpoint, name, precisions, reason)
+            steps.advance(2 * len(precisions))
     # what the cache holds in full is read here, below; the rest may go to the workers
     left = [
         i
         for i, (checkpoint, name, precisions, budget) in enumerate(work)
-        if not measure.finished(
+        if i not in results
+        and not measure.finished(
             checkpoint, name, precisions, budget, target, validation.root, options, reference, cache
         )
     ]

@@ -7,12 +7,26 @@ from dataclasses import dataclass
 from ..formats import within_budget
 from .records import Candidate, DeployError
 
-__all__ = ["Decision", "Verdict", "decide", "pareto_front", "verdict"]
+__all__ = ["Decision", "Verdict", "checkpoint_over_budget", "decide", "pareto_front", "verdict"]
+
+
+def checkpoint_over_budget(miou: float, reference_miou: float, max_miou_drop: float) -> str | None:
+    """Why no candidate of a checkpoint can win, before any is exported: its own val mIoU is already further below
+    the reference's than the budget allows, and its exports only track it (fp32 to the pixel, the variants within
+    their own drop). None when it is within the budget."""
+    drop = reference_miou - miou
+    if within_budget(drop, max_miou_drop):
+        return None
+    return (
+        f"not exported: its checkpoint's val mIoU {miou:.4f} is {drop:.4f} below the reference's, over the budget "
+        f"{max_miou_drop:.4f}"
+    )
 
 
 def verdict(candidate: Candidate, max_miou_drop: float) -> str | None:
     """Why `candidate` cannot win (None: it can, once timed): what failed while exporting, measuring or timing
-    it, else its mIoU drop over the budget. The budget is compared here and nowhere else in deploy."""
+    it, else its mIoU drop over the budget. The budget is compared here (and, for a whole checkpoint before its
+    exports, in `checkpoint_over_budget`) and nowhere else in deploy."""
     if candidate.rejected is not None:
         return candidate.rejected
     if candidate.miou_drop is None:

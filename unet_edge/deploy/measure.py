@@ -366,6 +366,30 @@ def export_format(
     return Exported(key, artifacts, failed)
 
 
+def _candidate(checkpoint: Checkpoint, name: str, precision: Precision) -> Candidate:
+    return Candidate(
+        model=checkpoint.name,
+        checkpoint=str(checkpoint.path),
+        checkpoint_sha256=checkpoint.sha256,
+        format=name,
+        precision=precision.value,
+        runtime=FORMATS[name].runtime,
+        architecture=checkpoint.architecture,
+    )
+
+
+def unexported(checkpoint: Checkpoint, name: str, precisions: tuple[Precision, ...], reason: str) -> list[Candidate]:
+    """The candidates of a format not exported for `checkpoint`, each with `reason`."""
+    return [
+        replace(
+            _candidate(checkpoint, name, precision),
+            rejected=reason,
+            key=content_key(unexported=checkpoint.sha256, format=name, precision=precision.value),
+        )
+        for precision in precisions
+    ]
+
+
 def candidates_of(
     checkpoint: Checkpoint, name: str, precisions: tuple[Precision, ...], exported: Exported, reference: Checkpoint
 ) -> list[Candidate]:
@@ -373,15 +397,7 @@ def candidates_of(
     rows = []
     for precision in precisions:
         record = exported.artifacts.get(precision.value)
-        base = Candidate(
-            model=checkpoint.name,
-            checkpoint=str(checkpoint.path),
-            checkpoint_sha256=checkpoint.sha256,
-            format=name,
-            precision=precision.value,
-            runtime=FORMATS[name].runtime,
-            architecture=checkpoint.architecture,
-        )
+        base = _candidate(checkpoint, name, precision)
         if record is None:
             reason = exported.failed.get(precision.value, "no file written")
             rows.append(
