@@ -316,3 +316,24 @@ def test_trials_train_for_the_epochs_train_would_run_on_the_set_unless_told(tiny
 
     assert SearchOptions().epochs is None
     assert _schedule_epochs(tiny_data) == schedule_epochs(24) == 200
+
+
+def test_the_pruner_leaves_a_trial_alone_until_the_middle_of_its_epochs():
+    """A small student may sit on the background plateau for a third of its schedule, then climb: below the
+    median at its first epochs is not hopeless. From the middle epoch on (the 5th of 10), the median pruner decides."""
+    import optuna
+
+    from unet_edge.search.study import pruner
+
+    study = optuna.create_study(direction="maximize", pruner=pruner(epochs=10))
+    for _ in range(4):  # the startup trials, which climbed early
+        trial = study.ask()
+        for epoch in range(1, 11):
+            trial.report(0.9, epoch)
+        study.tell(trial, 0.9)
+    late = study.ask()
+    verdicts = []
+    for epoch in range(1, 11):
+        late.report(0.05, epoch)  # still on the plateau
+        verdicts.append(late.should_prune())
+    assert verdicts == [False] * 4 + [True] * 6, verdicts
