@@ -42,6 +42,7 @@ def deploy_table(result: Any) -> Table:
         title=f"deploy: {machine.cpu} (int8/bf16 instructions: {flags}), {settings.threads} threads, batch "
         f"{settings.batch_size}, {size}; reference {reference.model} val mIoU {reference.miou:.4f}, budget "
         f"{decision.max_miou_drop:g}"
+        + ("" if decision.max_latency_ms is None else f", latency budget {decision.max_latency_ms:g} ms")
     )
     columns = ("", "model", "format", "prec", "val mIoU", "drop", "agreement", "p50 ms", "p90 ms", "p99 ms")
     for column in (*columns, "app p50 ms", "× eager", "MB", "status"):
@@ -104,6 +105,14 @@ def deploy(
     max_miou_drop: Annotated[
         float, typer.Option(min=0.0, help="Largest val mIoU drop allowed against the reference checkpoint.")
     ] = DEFAULTS.max_miou_drop,
+    max_latency_ms: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="A latency budget (p50 ms at --image-size and --batch-size): the winner is then the most accurate "
+            "candidate within it and the mIoU budget, not the fastest.",
+        ),
+    ] = DEFAULTS.max_latency_ms,
     reference: Annotated[
         Path | None,
         typer.Option(
@@ -179,6 +188,7 @@ def deploy(
 
     parameters = {
         "max_miou_drop": max_miou_drop,
+        "max_latency_ms": max_latency_ms,
         "reference": reference,
         "batch_size": batch_size,
         "threads": threads,

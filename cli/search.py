@@ -152,8 +152,13 @@ def search(
         bool, typer.Option(help="Hand the front's checkpoints to deploy (RUNS/search/NAME/deploy).")
     ] = True,
     max_miou_drop: Annotated[
-        float, typer.Option(min=0.0, help="Deploy's budget: val mIoU drop allowed against the front's best.")
-    ] = 0.01,
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="Deploy's mIoU budget against the front's best (default: none with a latency budget, where the "
+            "most accurate artifact within it ships; 0.01 without one, where the fastest within it ships).",
+        ),
+    ] = None,
     deploy_seconds: Annotated[float, typer.Option(min=0.0, help="Deploy's timed seconds per candidate.")] = 2.0,
     runs: RunsOption = Path("runs"),
 ) -> None:
@@ -228,7 +233,13 @@ def search(
     if result.deploy is not None:
         winner = result.deploy.decision.winner
         if winner is None:
-            console.print(f"deploy: nothing passed (see {result.deploy.report})", soft_wrap=True)
+            closest = result.deploy.decision.closest
+            why = (
+                ""
+                if closest is None or closest.p50 is None
+                else f"; the fastest, {closest.label}, takes {closest.p50:.3f} ms"
+            )
+            console.print(f"deploy: nothing passed (see {result.deploy.report}){why}", soft_wrap=True)
         else:
             console.print(
                 f"[bold]to ship[/]: {winner.label}: p50 {winner.p50:.3f} ms, val mIoU {winner.miou:.4f}, copied to "

@@ -44,6 +44,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if item.get_closest_marker("gpu") is not None:
                 item.add_marker(pytest.mark.skip(reason=NO_CUDA))
+    grouped = {item.nodeid: item.nodeid.split("::")[0] for item in items if _shares_file_state(item)}
+    for item in items:
+        if item.nodeid in grouped:
+            item.add_marker(pytest.mark.xdist_group(grouped[item.nodeid]))
+    # The workers take the work in this order: the slow work first (whole groups, where a group holds a slow test),
+    # the quick tests last, where they fill the gaps while the other worker finishes (a stable sort: each file's
+    # tests keep their order).
+    slow_groups = {grouped[i.nodeid] for i in items if i.nodeid in grouped and i.get_closest_marker("slow")}
+
+    def quick(item: pytest.Item) -> bool:
+        if item.nodeid in grouped:
+            return grouped[item.nodeid] not in slow_groups
+        return item.get_closest_marker("slow") is None
+
+    items.sort(key=quick)
+
+
+def _shares_file_state(item: pytest.Item) -> bool:
+    """Whether `item` uses a fixture built once for its file: module- or class-scoped, or session-scoped and defined
+    in the test file (conftest's session fixtures are built once for all workers, see `built_once`, or are cheap).
+
+    `make test` distributes by group (pytest-xdist's loadgroup): the tests that share such a fixture go to one
+    worker together, so it is built once; every other test goes wherever a worker is free, which keeps both workers
+    busy to the end instead of one waiting on the other's last file."""
+    file = item.nodeid.split("::")[0]
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in info.name2fixturedefs.values() if info is not None else ():
+        if defs and (defs[-1].scope in ("module", "class", "package") or defs[-1].baseid == file):
+            return True
+    return False
 
 
 @pytest.fixture(scope="session", autouse=True)

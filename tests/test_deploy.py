@@ -69,6 +69,25 @@ def test_winner_is_the_lowest_p50_within_the_budget():
     assert decide(rows, 0.0).winner.key == "slow"
 
 
+def test_with_a_latency_budget_the_winner_is_the_most_accurate_within_both_budgets():
+    rows = [
+        candidate("accurate-slow", 9.0, 0.90, 0.0),
+        candidate("accurate-fit", 4.0, 0.895, 0.005),
+        candidate("fastest", 2.0, 0.85, 0.05),
+        candidate("fit-tie", 4.5, 0.895, 0.005),
+    ]
+    decision = decide(rows, 1.0, max_latency_ms=5.0)
+    assert decision.winner.key == "accurate-fit"  # not the fastest; the tie on mIoU goes to the lower p50
+    reasons = {v.candidate.key: v.reason for v in decision.verdicts}
+    assert reasons["accurate-slow"] == "over the latency budget: p50 9.000 ms > 5.000 ms"
+    assert decide(rows, 1.0).winner.key == "fastest"  # without one, the fastest within the mIoU budget
+    assert decide(rows, 0.004, max_latency_ms=5.0).winner is None  # the mIoU budget still holds
+    none_fits = decide(rows, 0.01, max_latency_ms=1.0)
+    assert none_fits.winner is None and none_fits.closest.key == "accurate-fit"  # the fastest within the mIoU budget
+    with pytest.raises(DeployError, match=r"no candidate within the accuracy budget runs in 1.000 ms; the fastest"):
+        none_fits.require_winner()
+
+
 def test_ties_on_p50_go_to_the_more_accurate_then_the_smaller_file():
     rows = [
         candidate("a", 5.0, 0.80, 0.0, mb=1.0),
@@ -115,7 +134,7 @@ def test_cli_exits_1_with_one_line_when_nothing_passes(monkeypatch, tmp_path, cl
         None,
         (),
         Machine("test CPU"),
-        Settings(("runs/ref/best.pt",), 0.01, (256, 256), 1, 2, 2.0, 30, 3, 3),
+        Settings(("runs/ref/best.pt",), 0.01, None, (256, 256), 1, 2, 2.0, 30, 3, 3),
         tmp_path,
         tmp_path / "deploy.json",
     )

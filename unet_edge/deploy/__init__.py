@@ -112,6 +112,7 @@ def _deploy(options: DeployOptions, progress: Progress | None) -> DeployResult:
     settings = Settings(
         checkpoints=tuple(str(c.path) for c in checkpoints),
         max_miou_drop=options.max_miou_drop,
+        max_latency_ms=options.max_latency_ms,
         image_size=options.image_size,
         batch_size=options.batch_size,
         threads=threads,
@@ -125,7 +126,7 @@ def _deploy(options: DeployOptions, progress: Progress | None) -> DeployResult:
     result = write_outputs(
         DeployResult(
             candidates,
-            decide(candidates, options.max_miou_drop),
+            decide(candidates, options.max_miou_drop, options.max_latency_ms),
             reference_record,
             baseline,
             plan.skipped,

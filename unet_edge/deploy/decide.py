@@ -23,16 +23,19 @@ def checkpoint_over_budget(miou: float, reference_miou: float, max_miou_drop: fl
     )
 
 
-def verdict(candidate: Candidate, max_miou_drop: float) -> str | None:
+def verdict(candidate: Candidate, max_miou_drop: float, max_latency_ms: float | None = None) -> str | None:
     """Why `candidate` cannot win (None: it can, once timed): what failed while exporting, measuring or timing
-    it, else its mIoU drop over the budget. The budget is compared here (and, for a whole checkpoint before its
-    exports, in `checkpoint_over_budget`) and nowhere else in deploy."""
+    it, else its mIoU drop over the budget, else (once timed) its p50 over the latency budget. The budgets are
+    compared here (and, for a whole checkpoint before its exports, in `checkpoint_over_budget`) and nowhere else
+    in deploy."""
     if candidate.rejected is not None:
         return candidate.rejected
     if candidate.miou_drop is None:
         return "not measured"
     if not within_budget(candidate.miou_drop, max_miou_drop):
         return f"over budget: val mIoU drop {candidate.miou_drop:.4f} > {max_miou_drop:.4f}"
+    if max_latency_ms is not None and candidate.p50 is not None and candidate.p50 > max_latency_ms:
+        return f"over the latency budget: p50 {candidate.p50:.3f} ms > {max_latency_ms:.3f} ms"
     return None
 
 
@@ -60,6 +63,7 @@ class Decision:
     winner: Candidate | None
     closest: Candidate | None
     max_miou_drop: float
+    max_latency_ms: float | None = None
 
     @property
     def ranked(self) -> list[Candidate]:
@@ -71,6 +75,11 @@ class Decision:
             return self.winner
         if self.closest is None:
             raise DeployError("no candidate could be exported and measured (see the table for each one's reason)")
+        if self.max_latency_ms is not None and self.closest.p50 is not None:
+            raise DeployError(
+                f"{self.closest.path or self.closest.checkpoint}: no candidate within the accuracy budget runs in "
+                f"{self.max_latency_ms:.3f} ms; the fastest, {self.closest.label}, takes {self.closest.p50:.3f} ms"
+            )
         raise DeployError(
             f"{self.closest.path or self.closest.checkpoint}: no candidate keeps the accuracy; the closest, "
             f"{self.closest.label}, drops val mIoU by {self.closest.miou_drop:.4f} (budget {self.max_miou_drop:.4f})"
@@ -88,16 +97,28 @@ def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
     return [c for c, _, _ in sorted(kept, key=lambda point: (point[1], -point[2]))]
 
 
-def decide(candidates: list[Candidate], max_miou_drop: float) -> Decision:
+def decide(candidates: list[Candidate], max_miou_drop: float, max_latency_ms: float | None = None) -> Decision:
     """The winner is the lowest p50 among timed candidates within the budget (ties: higher mIoU, then the
-    smaller file); the front is over those same candidates."""
-    reasons = [verdict(c, max_miou_drop) for c in candidates]
+    smaller file); with a latency budget, the highest val mIoU among those within both budgets (ties: lower
+    p50, then the smaller file). The front is over the candidates within the accuracy budget. With no winner,
+    the closest is the fastest candidate within the accuracy budget when a latency budget ruled them all out,
+    else the candidate with the smallest drop."""
+    reasons = [verdict(c, max_miou_drop, max_latency_ms) for c in candidates]
+    accurate = [c for c in candidates if verdict(c, max_miou_drop) is None and c.p50 is not None]
     eligible = [(c, c.p50) for c, why in zip(candidates, reasons) if why is None and c.p50 is not None]
-    front = pareto_front([c for c, _ in eligible])
-    best = min(eligible, key=lambda pair: (pair[1], -(pair[0].miou or 0.0), pair[0].size_mb or 0.0), default=None)
+    front = pareto_front(accurate)
+    if max_latency_ms is None:
+        best = min(eligible, key=lambda pair: (pair[1], -(pair[0].miou or 0.0), pair[0].size_mb or 0.0), default=None)
+    else:
+        best = min(eligible, key=lambda pair: (-(pair[0].miou or 0.0), pair[1], pair[0].size_mb or 0.0), default=None)
     winner = None if best is None else best[0]
     measured = [(c, c.miou_drop) for c in candidates if c.miou_drop is not None]
-    closest = None if winner is not None or not measured else min(measured, key=lambda pair: pair[1])[0]
+    if winner is not None or not measured:
+        closest = None
+    elif max_latency_ms is not None and accurate:
+        closest = min(accurate, key=lambda c: c.p50 or 0.0)
+    else:
+        closest = min(measured, key=lambda pair: pair[1])[0]
     on_front = {id(c) for c in front}
     verdicts = [Verdict(c, why, pareto=id(c) in on_front, winner=c is winner) for c, why in zip(candidates, reasons)]
     timed = sorted((v for v in verdicts if v.candidate.p50 is not None), key=lambda v: v.candidate.p50 or 0.0)
@@ -105,4 +126,4 @@ def decide(candidates: list[Candidate], max_miou_drop: float) -> Decision:
         (v for v in verdicts if v.candidate.p50 is None),
         key=lambda v: (v.candidate.miou_drop is None, v.candidate.miou_drop or 0.0),
     )
-    return Decision(tuple(timed + rest), tuple(front), winner, closest, max_miou_drop)
+    return Decision(tuple(timed + rest), tuple(front), winner, closest, max_miou_drop, max_latency_ms)

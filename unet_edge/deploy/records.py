@@ -33,6 +33,8 @@ class DeployOptions:
     checkpoints: tuple[Path, ...] = ()  # empty: the newest runs_dir/*/best.pt
     reference: Path | None = None  # default: the most accurate checkpoint given (it competes too)
     max_miou_drop: float = 0.01
+    # With a latency budget (p50 ms), the winner is the most accurate candidate within it and the mIoU budget.
+    max_latency_ms: float | None = None
     image_size: tuple[int, int] = (256, 256)
     batch_size: int = 1
     threads: int | None = None  # default: one per core, the same for every runtime
@@ -147,6 +149,7 @@ class Settings:
 
     checkpoints: tuple[str, ...]
     max_miou_drop: float
+    max_latency_ms: float | None
     image_size: tuple[int, int]
     batch_size: int
     threads: int

@@ -114,6 +114,7 @@ def copy_winner(winner: Candidate, out: Path, result: DeployResult) -> list[Path
         "miou": winner.miou,
         "miou_drop": winner.miou_drop,
         "max_miou_drop": result.decision.max_miou_drop,
+        "max_latency_ms": result.decision.max_latency_ms,
         "pixel_agreement": winner.pixel_agreement,
         "latency_ms": winner.latency_ms,
         "app_latency_ms": winner.app_latency_ms,

@@ -85,7 +85,9 @@ class SearchOptions:
     device: str = "auto"
     # The front handed to deploy.
     deploy: bool = True
-    max_miou_drop: float = 0.01
+    # Deploy's mIoU budget against the front's best. None: none with a latency budget (the most accurate artifact
+    # within it wins), deploy's own default without one (the fastest artifact within it wins).
+    max_miou_drop: float | None = None
     deploy_seconds: float = 2.0
     deploy_min_calls: int = 30
 
@@ -310,10 +312,14 @@ class _StudyLock:
 def _deploy(options: SearchOptions, result: SearchResult, data_root: Path, threads: int, progress: Progress) -> Any:
     from ..deploy import DeployOptions, run_deploy
 
+    drop = options.max_miou_drop
+    if drop is None:
+        drop = 1.0 if result.budget_ms is not None else DeployOptions().max_miou_drop
     return run_deploy(
         DeployOptions(
             checkpoints=tuple(Path(t.checkpoint) for t in result.front if t.checkpoint),
-            max_miou_drop=options.max_miou_drop,
+            max_miou_drop=drop,
+            max_latency_ms=result.budget_ms,
             image_size=options.image_size,
             batch_size=options.batch_size,
             threads=threads,
