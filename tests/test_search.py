@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,31 @@ def test_the_pruner_leaves_a_trial_alone_until_the_middle_of_its_epochs():
         late.report(0.05, epoch)  # still on the plateau
         verdicts.append(late.should_prune())
     assert verdicts == [False] * 4 + [True] * 6, verdicts
+
+
+def test_a_new_study_starts_from_trains_defaults_on_the_largest_model_within_the_budget(tmp_path):
+    """The first trials are what `unet-edge train` would run on the slowest architecture that fits (distilled with
+    the default weight, and alone), so the search cannot end below them; a resumed study queues nothing again."""
+    import optuna
+
+    from unet_edge.config import width_lr
+    from unet_edge.search.study import StudySpec, default_trials, enqueue_defaults
+
+    small, large = Architecture(4, 2), Architecture(8, 3)
+    spec = StudySpec(
+        storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s", architectures=(small, large),
+        latency_ms={small.name: 1.0, large.name: 2.0}, trials=4, deadline=None, trials_dir=str(tmp_path),
+        data="", teacher="teacher.pt", epochs=2, batch_size=8, image_size=32, lr_range=(3e-4, 1e-2),
+        distill_weight_range=(0.02, 1.0), seed=0, device="cpu", threads=1, heartbeat_s=20,
+    )  # fmt: skip
+    lr = width_lr(8)
+    assert default_trials(spec) == [
+        {"architecture": large.name, "lr": lr, "distill": True, "distill_weight": 1.0},
+        {"architecture": large.name, "lr": lr, "distill": False},
+    ]
+    assert default_trials(replace(spec, teacher=None)) == [{"architecture": large.name, "lr": lr}]
+    study = optuna.create_study(direction="maximize")
+    enqueue_defaults(study, spec)
+    enqueue_defaults(study, spec)  # the study has trials now: nothing more
+    assert [t.system_attrs["fixed_params"] for t in study.get_trials()] == default_trials(spec)
+    assert all(t.state.name == "WAITING" for t in study.get_trials())

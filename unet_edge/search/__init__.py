@@ -24,7 +24,7 @@ from ..progress import Progress, Steps, tell
 from .latency import LatencyTable, SearchError, TableSettings, machine_facts, measure_table, teacher_latency
 from .report import REPORT_FILE, SearchResult, TrialRecord, collect_trials, write_report
 from .space import BASE_CHANNELS, DEPTHS, Architecture, architectures
-from .study import StudySpec, open_study, recover_stale_trials, run_workers
+from .study import StudySpec, enqueue_defaults, open_study, recover_stale_trials, run_workers
 
 __all__ = [
     "REPORT_FILE",
@@ -195,6 +195,7 @@ def run_search(options: SearchOptions, progress: Progress | None = None) -> Sear
         folder.mkdir(parents=True, exist_ok=True)
         with _StudyLock(folder / ".search.lock") as alone:
             study = open_study(spec)
+            enqueue_defaults(study, spec)
             if alone and options.storage is None:
                 recovered = recover_stale_trials(study)
                 if recovered:

@@ -124,6 +124,32 @@ def pruner(epochs: int) -> Any:
     return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=max(1, epochs // 2))
 
 
+def default_trials(spec: StudySpec) -> list[dict[str, Any]]:
+    """The trials a new study starts from: `train`'s own settings (its learning rate for the width) on the largest
+    architecture within the budget (the slowest in the table, then the most parameters' worth of width and depth),
+    distilled with `train`'s default weight when there is a teacher, and alone. The sampler then explores from
+    there, so a search never ends below what `train` alone gives on the largest model that fits."""
+    from ..config import TrainConfig, width_lr
+
+    arch = max(spec.architectures, key=lambda a: (spec.latency_ms[a.name], a.base_channels, a.depth, a.name))
+    low, high = spec.lr_range
+    lr = min(max(width_lr(arch.base_channels), low), high)
+    base: dict[str, Any] = {"architecture": arch.name, "lr": lr}
+    if spec.teacher is None:
+        return [base]
+    low_w, high_w = spec.distill_weight_range
+    weight = min(max(TrainConfig().distill_weight, low_w), high_w)
+    return [{**base, "distill": True, "distill_weight": weight}, {**base, "distill": False}]
+
+
+def enqueue_defaults(study: Any, spec: StudySpec) -> None:
+    """Queue `default_trials` on a study that has no trial yet (a resumed study keeps what it has)."""
+    if study.get_trials(deepcopy=False):
+        return
+    for params in default_trials(spec):
+        study.enqueue_trial(params, user_attrs={"start": "train's defaults"})
+
+
 def open_study(spec: StudySpec, worker: int = 0) -> Any:
     """The study (created on first use), its sampler seeded by the seed, the worker and the trials already there,
     so two workers, or a resumed run, do not replay the same random start."""
