@@ -532,3 +532,20 @@ def test_a_worker_cache_copies_entries_and_reports_what_it_added(tmp_path):
     assert worker.get("export:a") == {"x": 1} and worker.added == {"measure:b": {"miou": 0.5}}
     assert on_disk.get("measure:b") is None and not (tmp_path / "None").exists()
     assert json.loads((tmp_path / "cache.json").read_text()) == {"export:a": {"x": 1}}
+
+
+def test_an_export_worker_ends_when_the_deploy_process_is_gone():
+    """A deploy killed (or stopped by a signal that skips its clean-up) leaves no export worker running on."""
+    import multiprocessing
+    import subprocess
+
+    from unet_edge.deploy.parallel import _exit_with
+
+    parent = subprocess.Popen(["sleep", "0.5"])  # stands for the deploy process
+    worker = multiprocessing.get_context("fork").Process(target=_exit_with, args=(parent.pid, 0.05))
+    worker.start()
+    parent.wait()  # gone, and reaped
+    worker.join(timeout=30)
+    if worker.is_alive():
+        worker.kill()
+    assert worker.exitcode == 1

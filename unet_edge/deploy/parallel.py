@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import queue as queue_module
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
@@ -60,14 +61,30 @@ class TaskResult:
 _WORKER: dict[str, Any] = {}
 
 
-def _start_worker(progress: Any) -> None:
-    """One thread per worker: the workers share the cores between them."""
+def _start_worker(progress: Any, parent: int) -> None:
+    """One thread per worker: the workers share the cores between them. A worker ends when the deploy process
+    that started it is gone (killed, or stopped by a signal that skips its clean-up), rather than export on for
+    nobody."""
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[variable] = "1"
+    import threading
+
     import torch
 
     torch.set_num_threads(1)
     _WORKER.update(progress=progress, loaded={}, validation={}, sources={})
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int, every_s: float = 1.0) -> None:
+    while True:
+        time.sleep(every_s)
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # a process of another user took the number: ours is gone
+            os._exit(1)
 
 
 def _loaded(checkpoint: Any) -> Any:
@@ -124,7 +141,7 @@ def run_tasks(
     they finish), `on_label` what the tasks under way are doing. Returns the tasks whose worker died."""
     context = _context()
     labels = context.Queue()
-    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(labels,))
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(labels, os.getpid()))
     lost: list[Task] = []
     by_index = {task.index: task for task in tasks}
     try:
