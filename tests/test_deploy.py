@@ -539,10 +539,10 @@ def test_an_export_worker_ends_when_the_deploy_process_is_gone():
     import multiprocessing
     import subprocess
 
-    from unet_edge.deploy.parallel import _exit_with
+    from unet_edge.deploy.parallel import exit_when_gone
 
     parent = subprocess.Popen(["sleep", "0.5"])  # stands for the deploy process
-    worker = multiprocessing.get_context("fork").Process(target=_exit_with, args=(parent.pid, 0.05))
+    worker = multiprocessing.get_context("fork").Process(target=exit_when_gone, args=(parent.pid, 0.05))
     worker.start()
     parent.wait()  # gone, and reaped
     worker.join(timeout=30)

@@ -25,7 +25,7 @@ from ..formats import DeployTarget, Precision
 from .cache import DeployCache
 from .records import Candidate, DeployOptions
 
-__all__ = ["Task", "TaskResult", "run_tasks"]
+__all__ = ["Task", "TaskResult", "exit_when_gone", "run_tasks"]
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,11 @@ def _start_worker(progress: Any, parent: int) -> None:
 
     torch.set_num_threads(1)
     _WORKER.update(progress=progress, loaded={}, validation={}, sources={})
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+    threading.Thread(target=exit_when_gone, args=(parent,), daemon=True).start()
 
 
-def _exit_with(parent: int, every_s: float = 1.0) -> None:
+def exit_when_gone(parent: int, every_s: float = 1.0) -> None:
+    """End this process (exit code 1) once process `parent` no longer exists; checked every `every_s` seconds."""
     while True:
         time.sleep(every_s)
         try:

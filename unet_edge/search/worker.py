@@ -5,6 +5,7 @@ Its own module (not `study`'s `__main__`), so that running it does not import `u
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,12 @@ from .study import StudySpec, optimize
 
 def main(argv: list[str]) -> int:
     """The spec file and the worker's index; a library error is one line on stderr and exit 1."""
+    import threading
+
+    from ..deploy.parallel import exit_when_gone
+
+    # A worker ends with the search that started it, even one stopped by a signal that skips its clean-up.
+    threading.Thread(target=exit_when_gone, args=(os.getppid(),), daemon=True).start()
     spec = StudySpec.from_json(json.loads(Path(argv[0]).read_text(encoding="utf-8")))
     try:
         optimize(spec, int(argv[1]))
