@@ -56,6 +56,13 @@ def _watch(owner: Any, name: str, what: str, when: Callable[[], bool] = lambda: 
                     setattr(module, attr, watched)
 
 
+@functools.cache
+def search_worker_module() -> str:
+    from unet_edge.search.study import WORKER_MODULE
+
+    return WORKER_MODULE
+
+
 def _command_work(argv: Any) -> str | None:
     """What a subprocess's command line starts, when it is heavy work."""
     if isinstance(argv, (str, bytes)):
@@ -68,7 +75,7 @@ def _command_work(argv: Any) -> str | None:
                 return f"starts `unet-edge {command}` in a subprocess"
         if "benchmarks/" in word and word.endswith((".py", ".sh")):
             return f"starts {word.split('benchmarks/', 1)[1]} (a benchmark script) in a subprocess"
-        if word == "unet_edge.search.study":
+        if word == search_worker_module():
             return "starts a search worker (it trains) in a subprocess"
     probes = {"--version", "-dumpversion", "-dumpmachine", "--help"}  # asking a compiler what it is builds nothing
     if words and Path(words[0]).name in BUILD_TOOLS and not probes & set(words[1:]):

@@ -114,6 +114,10 @@ def _retry() -> Any:
         return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
 
 
+# The module a worker process runs (`python -m WORKER_MODULE SPEC INDEX`).
+WORKER_MODULE = "unet_edge.search.worker"
+
+
 def pruner(epochs: int) -> Any:
     """The median pruner, from the middle of a trial's epochs on: a small student can sit on the predict-the-
     background plateau for a third of its schedule and then climb as high as any (benchmarks/README.md, "Students
@@ -319,7 +323,7 @@ def run_workers(spec: StudySpec, workers: int, spec_file: Path) -> None:
 
     atomic_write_text(spec_file, json.dumps(spec.to_json(), indent=1) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads)}
-    command = [sys.executable, "-m", "unet_edge.search.worker", str(spec_file)]
+    command = [sys.executable, "-m", WORKER_MODULE, str(spec_file)]
     processes = [subprocess.Popen([*command, str(index)], env=env) for index in range(workers)]
     try:
         codes = [process.wait() for process in processes]
