@@ -82,9 +82,7 @@ def exit_when_gone(parent: int, every_s: float = 1.0) -> None:
         time.sleep(every_s)
         try:
             os.kill(parent, 0)
-        except ProcessLookupError:
-            os._exit(1)
-        except PermissionError:  # a process of another user took the number: ours is gone
+        except (ProcessLookupError, PermissionError):  # gone, or its number taken by another user's process
             os._exit(1)
 
 
