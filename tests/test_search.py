@@ -176,24 +176,19 @@ def test_kill_9_then_the_same_command_resumes(tiny_data, tiny_checkpoint, tmp_pa
         "--max-latency-ratio", "1000",
     ]  # fmt: skip
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    second = folder / "trials" / "001"  # one worker: trial 1 starts training once trial 0 has finished
     deadline = time.time() + 180
-    killed = None
     try:
-        while time.time() < deadline and process.poll() is None:
-            time.sleep(0.05)  # a tiny trial trains for about a second: look often enough to catch one
-            try:
-                trials = load_trials(storage, "search")
-            except Exception:  # the study is not created yet
-                continue
-            running = [t for t in trials if t.state.name == "RUNNING" and "run_dir" in t.user_attrs]  # training
-            if any(t.state.name == "COMPLETE" for t in trials) and running:
-                killed = running[0].number
-                break
+        while time.time() < deadline and process.poll() is None and not second.is_dir():
+            time.sleep(0.02)  # a file check, not a study load: a tiny trial trains for only a second or two
     finally:
-        with contextlib.suppress(ProcessLookupError):  # it may have finished before a trial was caught training
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    assert killed is not None, process.stderr.read().decode() if process.stderr else ""
+    assert second.is_dir(), process.stderr.read().decode() if process.stderr else ""
+    states = {t.number: t.state.name for t in load_trials(storage, "search")}
+    assert states == {0: "COMPLETE", 1: "RUNNING"}, states  # killed while trial 1 trained
+    killed = 1
     before = {t.number: t.value for t in load_trials(storage, "search") if t.state.name == "COMPLETE"}
 
     result = cli(*command[3:])  # the same command again
