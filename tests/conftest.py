@@ -37,7 +37,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(markers.MarkerCheck(), "unet-edge-marker-check")
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks added here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
@@ -45,18 +44,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if item.get_closest_marker("gpu") is not None:
                 item.add_marker(pytest.mark.skip(reason=NO_CUDA))
-    grouped = {item.nodeid: item.nodeid.split("::")[0] for item in items if _shares_file_state(item)}
-    for item in items:
-        if item.nodeid in grouped:
-            item.add_marker(pytest.mark.xdist_group(grouped[item.nodeid]))
-    # The workers take the work in this order: the slow work first (whole groups, where a group holds a slow test),
-    # the quick tests last, where they fill the gaps while the other worker finishes (a stable sort: each file's
-    # tests keep their order).
-    slow_groups = {grouped[i.nodeid] for i in items if i.nodeid in grouped and i.get_closest_marker("slow")}
+    # `make test` hands the tests to its workers in this order (pytest-xdist's `load`): the slow work first, whole
+    # files where a file's tests share a fixture built for the file and one of them is slow, and the quick tests last,
+    # where they fill the gaps while the other worker finishes (a stable sort: each file's tests keep their order).
+    shared = {item.nodeid: item.nodeid.split("::")[0] for item in items if _shares_file_state(item)}
+    slow_files = {shared[i.nodeid] for i in items if i.nodeid in shared and i.get_closest_marker("slow")}
 
     def quick(item: pytest.Item) -> bool:
-        if item.nodeid in grouped:
-            return grouped[item.nodeid] not in slow_groups
+        if item.nodeid in shared:
+            return shared[item.nodeid] not in slow_files
         return item.get_closest_marker("slow") is None
 
     items.sort(key=quick)
@@ -66,9 +62,10 @@ def _shares_file_state(item: pytest.Item) -> bool:
     """Whether `item` uses a fixture built once for its file: module- or class-scoped, or session-scoped and defined
     in the test file (conftest's session fixtures are built once for all workers, see `built_once`, or are cheap).
 
-    `make test` distributes by group (pytest-xdist's loadgroup): the tests that share such a fixture go to one
-    worker together, so it is built once; every other test goes wherever a worker is free, which keeps both workers
-    busy to the end instead of one waiting on the other's last file."""
+    Such tests are not pinned to one worker. Pinned (pytest-xdist's `loadgroup`, under pytest < 9.2 where it works),
+    the suite took 388 s against 328 s unpinned on this 2-core machine: one worker waited 57 s for the other to
+    build the shared `--format all` export; unpinned, test_format_executorch.py's programs are built on both workers
+    (33 s each) but neither idles."""
     file = item.nodeid.split("::")[0]
     info = getattr(item, "_fixtureinfo", None)
     for defs in info.name2fixturedefs.values() if info is not None else ():
