@@ -143,7 +143,12 @@ def deploy(
         float, typer.Option(min=0.0, help="Timed seconds per candidate, for each of its two latency columns.")
     ] = DEFAULTS.seconds,
     min_calls: Annotated[
-        int, typer.Option(min=1, help="Timed calls per candidate and column, at least.")
+        int,
+        typer.Option(
+            min=1,
+            help="Timed calls per candidate and column, at least (a candidate the first of "
+            "the timing rounds shows cannot win keeps that round's share).",
+        ),
     ] = DEFAULTS.min_calls,
     out: Annotated[
         Path,

@@ -159,7 +159,7 @@ def test_seconds_is_the_timed_budget_of_each_row_fast_or_slow(monkeypatch):
 
 
 def test_a_runner_given_no_seconds_gets_its_min_calls_only(monkeypatch):
-    """Per-runner budgets (deploy's timing gives what cannot win none): the other runner keeps its seconds."""
+    """Per-runner budgets (deploy's screening round gives each candidate a tenth): the other keeps its seconds."""
     import unet_edge.bench.timing as timing
 
     clock = {"now": 0.0}
@@ -173,6 +173,24 @@ def test_a_runner_given_no_seconds_gets_its_min_calls_only(monkeypatch):
 
     fast, dropped = time_interleaved([runner(1), runner(1)], warmup=1, iters=None, seconds=[0.3, 0.0], min_iters=5)
     assert sum(fast) >= 300.0 and len(dropped) == 5
+
+
+def test_a_runner_held_to_its_min_calls_is_not_doubled_by_untimed_calls(monkeypatch):
+    """Each block of calls starts with one untimed call; a 50 ms runner with no seconds (deploy's screening, or what
+    cannot win) gets its 10 timed calls in blocks of at least half of them, not ten blocks of one (20 calls)."""
+    import unet_edge.bench.timing as timing
+
+    clock = {"now": 0.0}
+    calls = [0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
+
+    def run():
+        calls[0] += 1
+        clock["now"] += 0.05
+
+    (samples,) = time_interleaved([run], warmup=1, iters=None, seconds=0.0, min_iters=10)
+    assert len(samples) == 10
+    assert calls[0] <= 1 + 10 + 2  # the warm-up call, the timed calls, one untimed call per block of 5
 
 
 @pytest.mark.slow

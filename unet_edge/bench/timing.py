@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -51,13 +52,18 @@ def time_interleaved(
         start = time.perf_counter()
         run()
         block = block_s if iters is not None else min(block_s, budget / 4)  # several rounds even for a short budget
-        block_calls.append(max(1, int(block / max(time.perf_counter() - start, 1e-6))))
+        # at least half the minimum per block: each block starts with one untimed call, which must not double a
+        # slow runner's cost when its budget is only the minimum (deploy's screening round)
+        floor = 1 if iters is not None else math.ceil(min_iters / 2)
+        block_calls.append(max(1, floor, int(block / max(time.perf_counter() - start, 1e-6))))
     latencies: list[list[float]] = [[] for _ in runners]
 
     def calls_left(samples: list[float], block: int, budget: float) -> int:
         if iters is not None:
             return min(block, iters - len(samples))
-        return block if len(samples) < min_iters or sum(samples) < budget * 1000.0 else 0
+        if sum(samples) < budget * 1000.0:
+            return block
+        return max(0, min(block, min_iters - len(samples)))  # the minimum only: no call beyond it
 
     def done(samples: list[float], budget: float) -> float:
         if iters is not None:

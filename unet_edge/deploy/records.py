@@ -161,7 +161,8 @@ class Settings:
     validation_images: int = 0
     timing: str = (
         "interleaved rounds across candidates and the eager baseline; warm-up excluded; the first round screens "
-        "(10% of the seconds), then a candidate whose 25th-percentile call is over 1.2x the leader's 75th "
-        "percentile gets only its share of min_calls, the others the rest of the seconds; app column: uint8 "
-        "images, preprocessing, the model call and the argmax"
+        "every candidate (10% of the seconds, min_calls / rounds calls), then a candidate whose 25th-percentile "
+        "call is over 1.2x the leader's 75th percentile (and the latency budget's 1.2x) keeps those figures, the "
+        "others get the rest of the seconds and min_calls; app column: uint8 images, preprocessing, the model "
+        "call and the argmax"
     )

@@ -30,12 +30,13 @@ def _in_round(progress: Progress, done: int, rounds: int, label: str) -> Progres
 
 
 # After the first round, a candidate whose 25th-percentile call is slower than this factor times the leader's
-# 75th percentile cannot win: later rounds give it its share of `min_calls` only, not of `seconds`.
+# 75th percentile (and, with a latency budget, than this factor times the budget) cannot win: later rounds do not
+# time it, and its figures are the first round's.
 CONTENTION_MARGIN = 1.2
 
 
 # The first round screens: each candidate gets this share of `seconds` (and its share of `min_calls`), enough for
-# `contenders` to tell which cannot win; the contenders and the eager baseline share the rest over the later rounds.
+# `contenders` to tell which cannot win; the contenders and the eager baseline get the rest over the later rounds.
 SCREEN_SHARE = 0.1
 
 
@@ -49,13 +50,16 @@ def round_seconds(options: DeployOptions, done: int, baseline: bool) -> float:
     return options.seconds * (1.0 - SCREEN_SHARE) / (options.rounds - 1)
 
 
-def contenders(samples: dict[str, list[float]]) -> set[str]:
-    """The names (of those with samples) still in contention for the lowest p50, by their model-call samples."""
+def contenders(samples: dict[str, list[float]], max_latency_ms: float | None = None) -> set[str]:
+    """The names (of those with samples) still in contention, by their model-call samples: for the lowest p50, and
+    with a latency budget also each that may run within it (the most accurate of those wins, not the fastest)."""
     timed = {name: np.asarray(values) for name, values in samples.items() if values}
     if not timed:
         return set(samples)
     leader = min(timed, key=lambda name: float(np.percentile(timed[name], 50)))
     bar = CONTENTION_MARGIN * float(np.percentile(timed[leader], 75))
+    if max_latency_ms is not None:
+        bar = max(bar, CONTENTION_MARGIN * max_latency_ms)
     return {name for name, values in timed.items() if float(np.percentile(values, 25)) <= bar}
 
 
@@ -69,10 +73,11 @@ def time_candidates(
 ) -> tuple[list[Candidate], Baseline]:
     """The candidates with their latency figures (or the reason timing failed), and the eager baseline's.
 
-    Each gets its share of `min_calls` per round, on its model call and on the application path (uint8 images,
-    preprocessing, the call and the argmax), and timed seconds by `round_seconds`: the first round screens every
-    candidate briefly, the later ones time the contenders (`contenders`) to `seconds` in all. The samples are
-    cached after each round, so an interrupted run resumes between rounds."""
+    Each is timed on its model call and on the application path (uint8 images, preprocessing, the call and the
+    argmax), its share of `min_calls` and the timed seconds of `round_seconds` per round: the first round screens
+    every candidate briefly, the later ones time only the contenders (`contenders`), to `seconds` and `min_calls`
+    in all; a candidate that cannot win keeps the first round's calls. The samples are cached after each round,
+    so an interrupted run resumes between rounds."""
     import torch
 
     from ..backends import open_backend
@@ -94,6 +99,7 @@ def time_candidates(
         min_calls=options.min_calls,
         warmup=options.warmup,
         rounds=options.rounds,
+        max_latency_ms=options.max_latency_ms,
     )
     state = cache.get(key) or {"rounds": 0, "samples": {name: {"model": [], "app": []} for name in names}, "failed": {}}
     backends: dict[str, Any] = {}
@@ -116,13 +122,18 @@ def time_candidates(
     try:
         while state["rounds"] < options.rounds:
             done = state["rounds"]
-            label = f"timing {len(runners)} models, round {done + 1} of {options.rounds}"
-            progress(done, options.rounds, label)
             order = list(runners)
+            if done:  # from the second round on, only what can still win (and the baseline) is timed
+                racing = contenders(
+                    {n: state["samples"][n]["model"] for n in order if n != baseline_key}, options.max_latency_ms
+                )
+                order = [name for name in order if name == baseline_key or name in racing]
+                count = sum(name != baseline_key for name in order)
+                label = f"timing {count} contenders and the eager baseline, round {done + 1} of {options.rounds}"
+            else:
+                label = f"screening {len(order)} models, round 1 of {options.rounds}"
+            progress(done, options.rounds, label)
             seconds = [round_seconds(options, done, name == baseline_key) for name in order]
-            if done:  # from the second round on, what cannot win is timed to its share of min_calls only
-                racing = contenders({n: state["samples"][n]["model"] for n in order if n != baseline_key})
-                seconds = [s if n == baseline_key or n in racing else 0.0 for n, s in zip(order, seconds, strict=True)]
             latencies = time_interleaved(
                 [run for name in order for run in runners[name]],
                 warmup=options.warmup if done == 0 else 1,
