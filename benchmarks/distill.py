@@ -119,7 +119,8 @@ def tag(settings: dict) -> str:
         **settings,
     }
     warmup = f"-warm{full['distill_warmup']:g}" if full.get("distill_warmup") else ""
-    return f"{full['distill_loss']}-T{full['distill_temperature']:g}-w{full['distill_weight']:g}{warmup}"
+    pixels = f"-{full['distill_pixels']}" if full.get("distill_pixels", "all") != "all" else ""
+    return f"{full['distill_loss']}-T{full['distill_temperature']:g}-w{full['distill_weight']:g}{warmup}{pixels}"
 
 
 class Runner:
