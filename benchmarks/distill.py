@@ -119,8 +119,7 @@ def tag(settings: dict) -> str:
         **settings,
     }
     warmup = f"-warm{full['distill_warmup']:g}" if full.get("distill_warmup") else ""
-    pixels = f"-{full['distill_pixels']}" if full.get("distill_pixels", "all") != "all" else ""
-    return f"{full['distill_loss']}-T{full['distill_temperature']:g}-w{full['distill_weight']:g}{warmup}{pixels}"
+    return f"{full['distill_loss']}-T{full['distill_temperature']:g}-w{full['distill_weight']:g}{warmup}"
 
 
 class Runner:

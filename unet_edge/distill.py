@@ -26,7 +26,7 @@ from torchvision import tv_tensors
 
 from .artifact import NCHW_FLOAT, read_metadata
 from .checkpoint import load_model
-from .config import DistillLoss, DistillPixels
+from .config import DistillLoss
 from .errors import ArtifactError, CheckpointError, TrainingError
 from .formats.torchscript import is_torchscript, load_torchscript
 from .io import sha256_file
@@ -339,21 +339,13 @@ class Distillation:
     """
 
     def __init__(
-        self,
-        teacher: Teacher,
-        term: nn.Module,
-        weight: float,
-        pad_value: int,
-        *,
-        warmup_steps: int = 0,
-        pixels: str = DistillPixels.ALL,
+        self, teacher: Teacher, term: nn.Module, weight: float, pad_value: int, *, warmup_steps: int = 0
     ) -> None:
         self.teacher = teacher
         self.term = term
         self.weight = weight
         self.pad_value = pad_value
         self.warmup_steps = warmup_steps
-        self.pixels = DistillPixels(pixels)
         self.step = 0
         self.teacher_miou: float | None = None
         self.soft_labels = False
@@ -395,7 +387,6 @@ class Distillation:
             config.distill_weight,
             pad_index(data.ignore_index),
             warmup_steps=int(config.distill_warmup * planned_steps),
-            pixels=config.distill_pixels,
         )
         recorded = resumed.get("teacher") if resumed is not None else None
         distillation.teacher_miou = recorded["val_miou"] if recorded else None
@@ -478,10 +469,7 @@ class Distillation:
         extras: tuple[torch.Tensor, ...] = (),
     ) -> torch.Tensor:
         teacher_logits = extras[0] if extras else self.teacher_logits(images)
-        valid = masks != self.pad_value
-        if self.pixels is DistillPixels.CORRECT:
-            valid = valid & (teacher_logits.argmax(1) == masks)
-        term = self.term(student_logits, teacher_logits, valid)
+        term = self.term(student_logits, teacher_logits, masks != self.pad_value)
         detached = term.detach()
         self._term_sum = detached if self._term_sum is None else self._term_sum + detached
         self._steps += 1
