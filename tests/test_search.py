@@ -98,6 +98,34 @@ def check_trained_once(trials, epochs: int) -> None:
     assert len(set(params)) == len(params), params
 
 
+def test_rows_timed_in_a_slow_session_are_scaled_by_its_anchor(tmp_path, tiny_data):
+    """Two architectures timed in sessions minutes apart, the machine 1.5x slower during the second: their raw p50s
+    say the second is slower; scaled by the anchor timed in each session (the table's median anchor over the
+    session's), they compare as they would have in one session, and the raw figures are kept beside."""
+    table = LatencyTable(tmp_path / "table.json", machine_facts(1))
+    settings = TableSettings(**{**SETTINGS.__dict__, "threads": 1})
+    classes = num_classes(tiny_data)
+    for arch, p50, anchor in ((SMALL, 2.0, 1.0), (LARGE, 2.4, 1.5)):  # LARGE really is 1.6 ms at the first speed
+        table.rows[row_key(arch, "torchscript", "fp32", classes, settings)] = {
+            "architecture": arch.name,
+            "num_classes": classes,
+            "image_size": [32, 32],
+            "batch_size": 1,
+            "format": "torchscript",
+            "precision": "fp32",
+            "latency_ms": {"p50": p50, "min": p50},
+            "calls": 3,
+            "anchor_ms": anchor,
+        }
+    assert table.anchor_reference((32, 32), 1) == pytest.approx(1.25)
+    small, large = table.best(SMALL, classes, settings), table.best(LARGE, classes, settings)
+    assert small["latency_ms"]["p50"] == pytest.approx(2.0 * 1.25) and large["latency_ms"]["p50"] == pytest.approx(2.0)
+    assert large["latency_ms"]["p50"] < small["latency_ms"]["p50"]  # raw, 2.4 > 2.0 said the opposite
+    assert large["measured_latency_ms"]["p50"] == 2.4 and large["anchor_scale"] == pytest.approx(1.25 / 1.5)
+    unanchored = {**table.rows[row_key(SMALL, "torchscript", "fp32", classes, settings)], "anchor_ms": None}
+    assert table.anchored(unanchored) == unanchored  # a row without an anchor is read as timed
+
+
 @pytest.mark.slow
 def test_latency_table_is_measured_once_per_machine(tiny_data, tmp_path, monkeypatch):
     path = tmp_path / "table.json"
@@ -108,6 +136,7 @@ def test_latency_table_is_measured_once_per_machine(tiny_data, tmp_path, monkeyp
     assert table.measured == 1
     row = table.best(SMALL, classes, settings)
     assert row is not None and row["latency_ms"]["p50"] > 0 and row["calls"] >= 3
+    assert row["anchor_ms"] > 0  # the anchor was timed in the architecture's session
     saved = json.loads(path.read_text())["rows"]
 
     again, _ = measure_table((SMALL,), LatencyTable.open(path, machine_facts(1), given=False), settings, tiny_data)

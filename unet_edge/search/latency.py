@@ -3,13 +3,19 @@ precisions this CPU runs natively (deploy's plan) and timed with bench's one pro
 batch. Latency depends on the architecture, format and precision, not on trained weights, so it is measured
 once, before any training, and kept in a JSON file keyed by the machine (CPU model and flags, threads, runtime
 versions): a rerun, or another search on this machine, reuses it; a table measured on the target device can be
-handed to a search that trains elsewhere."""
+handed to a search that trains elsewhere.
+
+Each architecture is timed in its own session, minutes apart, and a machine's speed drifts over minutes (here the
+same row came out up to 25 % apart in two tables). So every session also times one fixed reference model, the
+anchor, interleaved with its rows; a row keeps its session's anchor p50, and the table reads each row scaled by
+the table's median anchor over that session's: rows timed in a slow minute and in a fast one become comparable."""
 
 from __future__ import annotations
 
 import json
 import platform
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -39,7 +45,7 @@ __all__ = [
 
 # The packages whose version changes what a format's artifact costs here: a new one invalidates the table.
 RUNTIME_PACKAGES = ("torch", "onnxruntime", "onnx", "openvino", "executorch", "ai-edge-litert", "ncnn", "pnnx")
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: every row carries its session's anchor p50
 
 
 class SearchError(UNetEdgeError):
@@ -150,6 +156,28 @@ class LatencyTable:
         }
         atomic_write_text(self.path, json.dumps(payload, indent=1, sort_keys=True, allow_nan=False) + "\n")
 
+    def anchor_reference(self, image_size: Any, batch_size: int) -> float | None:
+        """The median anchor p50 over the table's rows at this size and batch (None: no row has one)."""
+        values = [
+            float(row["anchor_ms"])
+            for row in self.rows.values()
+            if row.get("anchor_ms")
+            and tuple(row["image_size"]) == tuple(image_size)
+            and row["batch_size"] == batch_size
+        ]
+        return float(np.median(values)) if values else None
+
+    def anchored(self, row: dict[str, Any]) -> dict[str, Any]:
+        """`row` with its latency figures scaled by the table's median anchor over its session's anchor (the figures
+        as timed stay under `measured_latency_ms`); a row without figures or without an anchor as it is."""
+        anchor = row.get("anchor_ms")
+        reference = self.anchor_reference(row["image_size"], row["batch_size"]) if anchor else None
+        if not row.get("latency_ms") or not anchor or reference is None:
+            return row
+        scale = reference / float(anchor)
+        scaled = {name: value * scale for name, value in row["latency_ms"].items()}
+        return {**row, "latency_ms": scaled, "measured_latency_ms": row["latency_ms"], "anchor_scale": scale}
+
     def rows_of(self, arch: Architecture, num_classes: int, settings: TableSettings) -> list[dict[str, Any]]:
         """The rows measured for `arch` at these settings (any format and precision the table holds)."""
         return [
@@ -162,9 +190,10 @@ class LatencyTable:
         ]
 
     def best(self, arch: Architecture, num_classes: int, settings: TableSettings) -> dict[str, Any] | None:
-        """The fastest artifact of `arch` (lowest p50) among the formats and precisions asked for, or None."""
+        """The fastest artifact of `arch` (lowest anchored p50, see `anchored`) among the formats and precisions
+        asked for, or None."""
         timed = [
-            row
+            self.anchored(row)
             for row in self.rows_of(arch, num_classes, settings)
             if row.get("latency_ms")
             and (settings.formats is None or row["format"] in settings.formats)
@@ -173,6 +202,28 @@ class LatencyTable:
             )
         ]
         return min(timed, key=lambda row: row["latency_ms"]["p50"], default=None)
+
+
+def anchor_runner(settings: TableSettings) -> Callable[[], Any]:
+    """One call of the anchor: a fixed model (UNetStudent base 8, depth 3, 2 classes, seeded weights) in PyTorch
+    eager at the table's size and batch, on the threads torch is set to."""
+    import torch
+
+    from ..config import ModelConfig
+    from ..model import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(num_classes=2, base_channels=8, depth=3)).eval()
+    images = torch.from_numpy(
+        np.random.default_rng(1).standard_normal((settings.batch_size, 3, *settings.image_size), dtype=np.float32)
+    )
+
+    def run() -> None:
+        with torch.inference_mode():
+            model(images)
+
+    return run
 
 
 def _classes(root: Path) -> tuple[list[str], int | None]:
@@ -337,8 +388,8 @@ def _measure_architecture(
                     }
                     runners.pop(pair, None)
             order = list(runners)
-            latencies = time_interleaved(
-                [runners[pair] for pair in order],
+            *latencies, anchor = time_interleaved(
+                [*(runners[pair] for pair in order), anchor_runner(settings)],
                 warmup=WARMUP,
                 iters=None,
                 seconds=settings.seconds,
@@ -348,6 +399,7 @@ def _measure_architecture(
             for backend in backends.values():
                 backend.close()
             torch.set_num_threads(saved_threads)
+    anchor_ms = float(np.percentile(anchor, 50))
     for pair, samples in zip(order, latencies, strict=True):
         rows[pair] = {
             **base,
@@ -356,13 +408,14 @@ def _measure_architecture(
             "runtime": FORMATS[pair[0]].runtime,
             "latency_ms": latency_stats(samples),
             "calls": len(samples),
+            "anchor_ms": anchor_ms,
         }
     return rows
 
 
 def teacher_latency(teacher: Path, table: LatencyTable, settings: TableSettings) -> float:
-    """The teacher's PyTorch eager p50 (ms) at the deploy size and batch, timed with the same protocol (kept in
-    the table, keyed by the file's sha256)."""
+    """The teacher's PyTorch eager p50 (ms) at the deploy size and batch, timed with the same protocol and anchor
+    (kept in the table, keyed by the file's sha256), anchored as the architectures' rows are."""
     import torch
 
     from ..backends import open_backend
@@ -390,13 +443,13 @@ def teacher_latency(teacher: Path, table: LatencyTable, settings: TableSettings)
         )
         backend = open_backend(teacher, Provider.CPU, settings.threads)
         try:
-            samples = time_interleaved(
-                [backend.device_runner(images)],
+            samples, anchor = time_interleaved(
+                [backend.device_runner(images), anchor_runner(settings)],
                 warmup=WARMUP,
                 iters=None,
                 seconds=settings.seconds,
                 min_iters=settings.min_calls,
-            )[0]
+            )
         finally:
             backend.close()
             torch.set_num_threads(threads)
@@ -408,7 +461,8 @@ def teacher_latency(teacher: Path, table: LatencyTable, settings: TableSettings)
             "batch_size": settings.batch_size,
             "latency_ms": latency_stats(samples),
             "calls": len(samples),
+            "anchor_ms": float(np.percentile(anchor, 50)),
         }
         table.rows[key] = row
         table.save()
-    return float(row["latency_ms"]["p50"])
+    return float(table.anchored(row)["latency_ms"]["p50"])
