@@ -544,7 +544,7 @@ def test_an_export_worker_ends_when_the_deploy_process_is_gone():
     import multiprocessing
     import subprocess
 
-    from unet_edge.deploy.parallel import exit_when_gone
+    from unet_edge.processes import exit_when_gone
 
     parent = subprocess.Popen(["sleep", "0.5"])  # stands for the deploy process
     worker = multiprocessing.get_context("fork").Process(target=exit_when_gone, args=(parent.pid, 0.05))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import queue as queue_module
-import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
@@ -25,7 +24,7 @@ from ..formats import DeployTarget, Precision
 from .cache import DeployCache
 from .records import Candidate, DeployOptions
 
-__all__ = ["Task", "TaskResult", "exit_when_gone", "run_tasks"]
+__all__ = ["Task", "TaskResult", "run_tasks"]
 
 
 @dataclass(frozen=True)
@@ -67,23 +66,13 @@ def _start_worker(progress: Any, parent: int) -> None:
     nobody."""
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[variable] = "1"
-    import threading
-
     import torch
+
+    from ..processes import watch_parent
 
     torch.set_num_threads(1)
     _WORKER.update(progress=progress, loaded={}, validation={}, sources={})
-    threading.Thread(target=exit_when_gone, args=(parent,), daemon=True).start()
-
-
-def exit_when_gone(parent: int, every_s: float = 1.0) -> None:
-    """End this process (exit code 1) once process `parent` no longer exists; checked every `every_s` seconds."""
-    while True:
-        time.sleep(every_s)
-        try:
-            os.kill(parent, 0)
-        except (ProcessLookupError, PermissionError):  # gone, or its number taken by another user's process
-            os._exit(1)
+    watch_parent(parent)
 
 
 def _loaded(checkpoint: Any) -> Any:

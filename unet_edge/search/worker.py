@@ -15,12 +15,9 @@ from .study import StudySpec, optimize
 
 def main(argv: list[str]) -> int:
     """The spec file and the worker's index; a library error is one line on stderr and exit 1."""
-    import threading
+    from ..processes import watch_parent
 
-    from ..deploy.parallel import exit_when_gone
-
-    # A worker ends with the search that started it, even one stopped by a signal that skips its clean-up.
-    threading.Thread(target=exit_when_gone, args=(os.getppid(),), daemon=True).start()
+    watch_parent(os.getppid())  # a worker ends with the search that started it
     spec = StudySpec.from_json(json.loads(Path(argv[0]).read_text(encoding="utf-8")))
     try:
         optimize(spec, int(argv[1]))
