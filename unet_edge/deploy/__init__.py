@@ -163,24 +163,23 @@ def _export_and_measure(
     formats = tuple(name for name, _ in plan.formats)
     # checkpoint-major, the order of the report; each with the budget it has left
     work = [
-        (checkpoint, name, precisions, measure.budget_left(checkpoint, reference, options.max_miou_drop))
+        measure.ExportJob(
+            checkpoint, name, precisions, measure.budget_left(checkpoint, reference, options.max_miou_drop), target
+        )
         for checkpoint in checkpoints
         for name, precisions in plan.formats
     ]
     results: dict[int, list[Candidate]] = {}
-    for i, (checkpoint, name, precisions, _) in enumerate(work):  # a checkpoint over the budget cannot win
-        reason = checkpoint_over_budget(checkpoint.miou, reference.miou, options.max_miou_drop)
+    for i, job in enumerate(work):  # a checkpoint over the budget cannot win
+        reason = checkpoint_over_budget(job.checkpoint.miou, reference.miou, options.max_miou_drop)
         if reason is not None:
-            results[i] = measure.unexported(checkpoint, name, precisions, reason)
-            steps.advance(2 * len(precisions))
+            results[i] = measure.unexported(job.checkpoint, job.format, job.precisions, reason)
+            steps.advance(2 * len(job.precisions))
     # what the cache holds in full is read here, below; the rest may go to the workers
     left = [
         i
-        for i, (checkpoint, name, precisions, budget) in enumerate(work)
-        if i not in results
-        and not measure.finished(
-            checkpoint, name, precisions, budget, target, validation.root, options, reference, cache
-        )
+        for i, job in enumerate(work)
+        if i not in results and not measure.finished(job, validation.root, options, reference, cache)
     ]
     jobs = min(options.jobs or default_threads(), len(left))
     if jobs > 1:
@@ -190,16 +189,12 @@ def _export_and_measure(
         tasks = [
             parallel.Task(
                 index=i,
-                checkpoint=replace(work[i][0], loaded=None),
+                job=replace(work[i], checkpoint=replace(work[i].checkpoint, loaded=None)),
                 reference=replace(reference, loaded=None),
-                name=work[i][1],
-                precisions=work[i][2],
-                budget=work[i][3],
-                target=target,
                 options=options,
                 formats=formats,
                 root=validation.root,
-                masks={c.sha256: validation.outputs(c)[1] for c in (work[i][0], reference)},
+                masks={c.sha256: validation.outputs(c)[1] for c in (work[i].checkpoint, reference)},
                 cache=dict(cache.entries),  # a copy: the pool pickles it later, while finished tasks are put
             )
             for i in order
@@ -209,30 +204,21 @@ def _export_and_measure(
             for key, value in result.added.items():
                 cache.put(key, value)
             results[result.index] = result.candidates
-            steps.advance(2 * len(work[result.index][2]))
+            steps.advance(2 * len(work[result.index].precisions))
 
         steps.say(f"exporting in {jobs} processes: {', '.join(t.label for t in tasks[:jobs])}")
         # a task whose worker died has no result: it is done again here, below
         parallel.run_tasks(tasks, jobs, done, lambda label: steps.label(f"exporting: {label}"))
     sources = measure.Sources(options, validation, formats)
-    for index, (checkpoint, name, precisions, budget) in enumerate(work):
+    for index, job in enumerate(work):
         if index in results:
             continue
-        prefix = f"exporting {checkpoint.name} {name} ({', '.join(p.value for p in precisions)}): "
+        prefix = f"exporting {job.label} ({', '.join(p.value for p in job.precisions)}): "
         steps.say(prefix.rstrip(": "))
         results[index] = measure.export_and_measure(
-            checkpoint,
-            name,
-            precisions,
-            budget,
-            target,
-            sources,
-            validation,
-            reference,
-            cache,
-            steps.part(2 * len(precisions), prefix),
+            job, sources, validation, reference, cache, steps.part(2 * len(job.precisions), prefix)
         )
-        steps.advance(2 * len(precisions))
+        steps.advance(2 * len(job.precisions))
     return [candidate for index in range(len(work)) for candidate in results[index]]
 
 

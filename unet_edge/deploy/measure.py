@@ -197,6 +197,33 @@ def budget_left(checkpoint: Checkpoint, reference: Checkpoint, max_miou_drop: fl
 
 
 @dataclass(frozen=True)
+class ExportJob:
+    """One format of one checkpoint for deploy to export: the precisions asked, the accuracy budget the checkpoint
+    has left (`budget_left`) and the deploy target, which the format maps onto its own options."""
+
+    checkpoint: Checkpoint
+    format: str
+    precisions: tuple[Precision, ...]
+    budget: float
+    target: DeployTarget
+
+    @property
+    def label(self) -> str:
+        return f"{self.checkpoint.name} {self.format}"
+
+    def export_key(self, root: Path, options: DeployOptions) -> str:
+        return _export_key(
+            self.checkpoint,
+            self.format,
+            self.precisions,
+            self.budget,
+            FORMATS[self.format].options_for(self.target),
+            root,
+            options,
+        )
+
+
+@dataclass(frozen=True)
 class Exported:
     """One format's export of one checkpoint: per precision its record (path, files, size_mb) or why it failed."""
 
@@ -284,44 +311,25 @@ def _cached_export(key: str, cache: DeployCache) -> Exported | None:
     return None
 
 
-def finished(
-    checkpoint: Checkpoint,
-    name: str,
-    precisions: tuple[Precision, ...],
-    budget: float,
-    target: DeployTarget,
-    root: Path,
-    options: DeployOptions,
-    reference: Checkpoint,
-    cache: DeployCache,
-) -> bool:
+def finished(job: ExportJob, root: Path, options: DeployOptions, reference: Checkpoint, cache: DeployCache) -> bool:
     """Whether the cache holds this format's export (its files unchanged) and every candidate's accuracy."""
-    key = _export_key(checkpoint, name, precisions, budget, FORMATS[name].options_for(target), root, options)
-    exported = _cached_export(key, cache)
+    exported = _cached_export(job.export_key(root, options), cache)
     if exported is None:
         return False
-    candidates = candidates_of(checkpoint, name, precisions, exported, reference)
+    candidates = candidates_of(job, exported, reference)
     return all(c.rejected is not None or cache.get(f"measure:{c.key}") is not None for c in candidates)
 
 
-def export_format(
-    checkpoint: Checkpoint,
-    name: str,
-    precisions: tuple[Precision, ...],
-    budget: float,
-    target: DeployTarget,
-    sources: Sources,
-    cache: DeployCache,
-    progress: Progress,
-) -> Exported:
+def export_format(job: ExportJob, sources: Sources, cache: DeployCache, progress: Progress) -> Exported:
     """One format of one checkpoint, from the cache when its files are still there unchanged; an export that
     fails with the variants is tried once more with fp32 alone, so one precision's failure does not cost the
     others. The format maps the deploy target onto its own options (`Format.options_for`)."""
     from .. import export as export_module
     from ..export import ExportOptions
 
-    format_options = FORMATS[name].options_for(target)
-    key = _export_key(checkpoint, name, precisions, budget, format_options, sources.root, sources.options)
+    checkpoint, name, precisions, budget = job.checkpoint, job.format, job.precisions, job.budget
+    format_options = FORMATS[name].options_for(job.target)
+    key = job.export_key(sources.root, sources.options)
     done = _cached_export(key, cache)
     if done is not None:
         return done
@@ -390,10 +398,9 @@ def unexported(checkpoint: Checkpoint, name: str, precisions: tuple[Precision, .
     ]
 
 
-def candidates_of(
-    checkpoint: Checkpoint, name: str, precisions: tuple[Precision, ...], exported: Exported, reference: Checkpoint
-) -> list[Candidate]:
+def candidates_of(job: ExportJob, exported: Exported, reference: Checkpoint) -> list[Candidate]:
     """The candidates of one format's export: where each file is, or why the export failed."""
+    checkpoint, name, precisions = job.checkpoint, job.format, job.precisions
     rows = []
     for precision in precisions:
         record = exported.artifacts.get(precision.value)
@@ -455,11 +462,7 @@ def measured(candidate: Candidate, validation: Validation, reference: Checkpoint
 
 
 def export_and_measure(
-    checkpoint: Checkpoint,
-    name: str,
-    precisions: tuple[Precision, ...],
-    budget: float,
-    target: DeployTarget,
+    job: ExportJob,
     sources: Sources,
     validation: Validation,
     reference: Checkpoint,
@@ -469,11 +472,11 @@ def export_and_measure(
     """One format of one checkpoint exported and each of its candidates measured against the reference, both
     through the cache; `progress` hears 2 units per precision (its export, then its accuracy). The same work
     in this process or in an export worker."""
-    steps = Steps(progress, total=2 * len(precisions))
-    exported = export_format(checkpoint, name, precisions, budget, target, sources, cache, steps.part(len(precisions)))
-    steps.advance(len(precisions))
+    steps = Steps(progress, total=2 * len(job.precisions))
+    exported = export_format(job, sources, cache, steps.part(len(job.precisions)))
+    steps.advance(len(job.precisions))
     candidates = []
-    for candidate in candidates_of(checkpoint, name, precisions, exported, reference):
+    for candidate in candidates_of(job, exported, reference):
         if candidate.rejected is None:
             steps.say(f"val mIoU of {candidate.label}")
             candidate = measured(candidate, validation, reference, cache)

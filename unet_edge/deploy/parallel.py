@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..formats import DeployTarget, Precision
 from .cache import DeployCache
 from .records import Candidate, DeployOptions
 
@@ -32,12 +31,8 @@ class Task:
     """One format of one checkpoint to export and measure; the checkpoints travel without their loaded model."""
 
     index: int
-    checkpoint: Any  # measure.Checkpoint, loaded=None
+    job: Any  # measure.ExportJob, its checkpoint with loaded=None
     reference: Any  # measure.Checkpoint, loaded=None
-    name: str
-    precisions: tuple[Precision, ...]
-    budget: float
-    target: DeployTarget
     options: DeployOptions
     formats: tuple[str, ...]  # every format deploy exports (the export source decides its BatchNorm fold by them)
     root: Path
@@ -46,7 +41,7 @@ class Task:
 
     @property
     def label(self) -> str:
-        return f"{self.checkpoint.name} {self.name}"
+        return str(self.job.label)
 
 
 @dataclass(frozen=True)
@@ -88,7 +83,7 @@ def run_task(task: Task) -> TaskResult:
     """A task in a worker (or, given a fresh `_WORKER`, anywhere): the same `export_and_measure` as the parent's."""
     from . import measure
 
-    checkpoint, reference = _loaded(task.checkpoint), _loaded(task.reference)
+    job, reference = replace(task.job, checkpoint=_loaded(task.job.checkpoint)), _loaded(task.reference)
     key = str(task.root.resolve())
     if key not in _WORKER["validation"]:
         _WORKER["validation"][key] = measure.Validation(task.root, 1)
@@ -103,18 +98,7 @@ def run_task(task: Task) -> TaskResult:
             sink.put((task.index, label))
 
     cache = DeployCache(None, task.cache)
-    candidates = measure.export_and_measure(
-        checkpoint,
-        task.name,
-        task.precisions,
-        task.budget,
-        task.target,
-        sources,
-        validation,
-        reference,
-        cache,
-        progress,
-    )
+    candidates = measure.export_and_measure(job, sources, validation, reference, cache, progress)
     # The loaded model stays in this process: the parent's Candidate records name files, not models.
     return TaskResult(task.index, candidates, cache.added)
 
