@@ -48,6 +48,21 @@ def num_classes(data: Path) -> int:
     return scan_dataset(data, splits=("val",)).info.num_classes
 
 
+def table_row(arch: Architecture, classes: int, p50: float, **extra) -> dict:
+    """A torchscript fp32 row of the latency table at 32x32, batch 1, timed at `p50` ms."""
+    return {
+        "architecture": arch.name,
+        "num_classes": classes,
+        "image_size": [32, 32],
+        "batch_size": 1,
+        "format": "torchscript",
+        "precision": "fp32",
+        "latency_ms": {"p50": p50, "p90": p50, "p99": p50, "mean": p50, "min": p50},
+        "calls": 3,
+        **extra,
+    }
+
+
 def write_table(runs: Path, data: Path, p50s: dict[Architecture, float]) -> Path:
     """A latency table for this machine at one thread (the key the CLI computes with --threads 1) with the given
     torchscript fp32 p50s."""
@@ -56,16 +71,7 @@ def write_table(runs: Path, data: Path, p50s: dict[Architecture, float]) -> Path
     classes = num_classes(data)
     settings = TableSettings(**{**SETTINGS.__dict__, "threads": threads})
     for arch, p50 in p50s.items():
-        table.rows[row_key(arch, "torchscript", "fp32", classes, settings)] = {
-            "architecture": arch.name,
-            "num_classes": classes,
-            "image_size": [32, 32],
-            "batch_size": 1,
-            "format": "torchscript",
-            "precision": "fp32",
-            "latency_ms": {"p50": p50, "p90": p50, "p99": p50, "mean": p50, "min": p50},
-            "calls": 3,
-        }
+        table.rows[row_key(arch, "torchscript", "fp32", classes, settings)] = table_row(arch, classes, p50)
     table.path.parent.mkdir(parents=True)
     table.save()
     return table.path
@@ -106,17 +112,9 @@ def test_rows_timed_in_a_slow_session_are_scaled_by_its_anchor(tmp_path, tiny_da
     settings = TableSettings(**{**SETTINGS.__dict__, "threads": 1})
     classes = num_classes(tiny_data)
     for arch, p50, anchor in ((SMALL, 2.0, 1.0), (LARGE, 2.4, 1.5)):  # LARGE really is 1.6 ms at the first speed
-        table.rows[row_key(arch, "torchscript", "fp32", classes, settings)] = {
-            "architecture": arch.name,
-            "num_classes": classes,
-            "image_size": [32, 32],
-            "batch_size": 1,
-            "format": "torchscript",
-            "precision": "fp32",
-            "latency_ms": {"p50": p50, "min": p50},
-            "calls": 3,
-            "anchor_ms": anchor,
-        }
+        table.rows[row_key(arch, "torchscript", "fp32", classes, settings)] = table_row(
+            arch, classes, p50, anchor_ms=anchor
+        )
     assert table.anchor_reference((32, 32), 1) == pytest.approx(1.25)
     small, large = table.best(SMALL, classes, settings), table.best(LARGE, classes, settings)
     assert small["latency_ms"]["p50"] == pytest.approx(2.0 * 1.25) and large["latency_ms"]["p50"] == pytest.approx(2.0)
