@@ -232,6 +232,22 @@ def cli():
     return run_cli
 
 
+def export_tiny(
+    checkpoint: Path, out: Path, *options: str, name: str = "tiny", **run: Any
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """`unet-edge export CHECKPOINT OPTIONS --out OUT --name NAME` (`run`: `run_cli`'s keywords), which must
+    succeed: the export folder and the completed command."""
+    result = run_cli("export", str(checkpoint), *options, "--out", str(out), "--name", name, **run)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out / name, result
+
+
+@pytest.fixture(scope="session")
+def export():
+    """`export(checkpoint, out, *options, name="tiny")`: the folder of an `unet-edge export` that must succeed."""
+    return lambda *args, **kwargs: export_tiny(*args, **kwargs)[0]
+
+
 @pytest.fixture(scope="session")
 def agreement():
     """`agreement(a, b)`: the fraction of pixels where two masks of the same shape agree."""
@@ -252,21 +268,7 @@ def exported_all(tiny_checkpoint, tmp_path_factory):
     export for all workers."""
 
     def export_all(out: Path) -> tuple[Path, subprocess.CompletedProcess]:
-        result = run_cli(
-            "export",
-            str(tiny_checkpoint),
-            "--format",
-            "all",
-            "--image-size",
-            "48",
-            "--out",
-            str(out),
-            "--name",
-            "tiny",
-            in_process=False,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        return out / "tiny", result
+        return export_tiny(tiny_checkpoint, out, "--format", "all", "--image-size", "48", in_process=False)
 
     return built_once(tmp_path_factory, "exported-all", export_all)
 
@@ -277,12 +279,9 @@ def e2e_dir(tiny_checkpoint, tmp_path_factory):
     workers."""
 
     def export_e2e(out: Path) -> Path:
-        result = run_cli(
-            "export", str(tiny_checkpoint), "--format", "onnx", "--end-to-end", "--out", str(out), "--name", "tiny"
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
+        folder, result = export_tiny(tiny_checkpoint, out, "--format", "onnx", "--end-to-end")
         assert "model_e2e.onnx" in result.stdout
-        return out / "tiny"
+        return folder
 
     return built_once(tmp_path_factory, "exported-e2e", export_e2e)
 

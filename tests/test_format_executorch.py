@@ -18,22 +18,9 @@ pytestmark = pytest.mark.slow  # exports and conversions: `make test` runs them,
 
 
 @pytest.fixture(scope="module")
-def pte_dir(tiny_checkpoint, tmp_path_factory, cli):
+def pte_dir(tiny_checkpoint, tmp_path_factory, export):
     out = tmp_path_factory.mktemp("exported-executorch")
-    result = cli(
-        "export",
-        str(tiny_checkpoint),
-        "--format",
-        "executorch",
-        "--precision",
-        "int8",
-        "--out",
-        str(out),
-        "--name",
-        "tiny",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out / "tiny"
+    return export(tiny_checkpoint, out, "--format", "executorch", "--precision", "int8")
 
 
 def test_export_writes_fp32_and_int8_programs_with_metadata(pte_dir):

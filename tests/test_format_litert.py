@@ -19,24 +19,9 @@ SIZE = (48, 48)  # the tiny validation images' size; the odd image (97 x 131) is
 
 
 @pytest.fixture(scope="module")
-def tflite_dir(tiny_checkpoint, tmp_path_factory, cli):
+def tflite_dir(tiny_checkpoint, tmp_path_factory, export):
     out = tmp_path_factory.mktemp("exported-litert")
-    result = cli(
-        "export",
-        str(tiny_checkpoint),
-        "--format",
-        "litert",
-        "--precision",
-        "int8",
-        "--image-size",
-        "48",
-        "--out",
-        str(out),
-        "--name",
-        "tiny",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out / "tiny"
+    return export(tiny_checkpoint, out, "--format", "litert", "--precision", "int8", "--image-size", "48")
 
 
 @pytest.mark.slow
