@@ -131,7 +131,8 @@ def time_candidates(
                 count = sum(name != baseline_key for name in order)
                 label = f"timing {count} contenders and the eager baseline, round {done + 1} of {options.rounds}"
             else:
-                label = f"screening {len(order)} models, round 1 of {options.rounds}"
+                verb = "screening" if options.rounds > 1 else "timing"  # one round: nothing to screen for
+                label = f"{verb} {len(order)} models, round 1 of {options.rounds}"
             progress(done, options.rounds, label)
             seconds = [round_seconds(options, done, name == baseline_key) for name in order]
             latencies = time_interleaved(
