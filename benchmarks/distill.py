@@ -55,6 +55,10 @@ SELECT_VARIANTS = (
 )
 
 
+# The teacher of the section; a distilled run of another teacher carries "-tBASExDEPTH" in its name.
+DEFAULT_TEACHER = (16, 4)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -68,7 +72,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--train-images", type=int, default=240)
     parser.add_argument("--val-images", type=int, default=60)
-    parser.add_argument("--teacher", default="16,4", metavar="BASE,DEPTH")
+    parser.add_argument("--teacher", default=",".join(map(str, DEFAULT_TEACHER)), metavar="BASE,DEPTH")
     parser.add_argument("--students", default="8,3;16,3", metavar="BASE,DEPTH;...", help="students, ';'-separated")
     parser.add_argument(
         "--teacher-epoch",
@@ -330,6 +334,8 @@ def main() -> None:
             for variant in variants:
                 options = ["--teacher", str(runner.runs / teacher_name / teacher_file), *option_args(variant)]
                 label = tag(variant) + (f"-e{args.teacher_epoch}" if args.teacher_epoch else "")
+                if teacher_arch != DEFAULT_TEACHER:  # another teacher's students are other runs
+                    label += f"-t{teacher_arch[0]}x{teacher_arch[1]}"
                 distilled = [
                     runner.train(
                         f"{dataset}-distilled-{label}-b{base}-d{depth}-s{seed}", dataset, seed, base, depth, options
