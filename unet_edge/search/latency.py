@@ -226,6 +226,19 @@ def anchor_runner(settings: TableSettings) -> Callable[[], Any]:
     return run
 
 
+def _time_with_anchor(runners: list[Callable[[], Any]], settings: TableSettings) -> tuple[list[list[float]], float]:
+    """Each runner's latencies (ms), timed interleaved with the anchor by bench's protocol at the table's seconds and
+    calls, and the anchor's p50 in that session."""
+    *latencies, anchor = time_interleaved(
+        [*runners, anchor_runner(settings)],
+        warmup=WARMUP,
+        iters=None,
+        seconds=settings.seconds,
+        min_iters=settings.min_calls,
+    )
+    return latencies, float(np.percentile(anchor, 50))
+
+
 def _classes(root: Path) -> tuple[list[str], int | None]:
     from ..data import scan_dataset
 
@@ -388,18 +401,11 @@ def _measure_architecture(
                     }
                     runners.pop(pair, None)
             order = list(runners)
-            *latencies, anchor = time_interleaved(
-                [*(runners[pair] for pair in order), anchor_runner(settings)],
-                warmup=WARMUP,
-                iters=None,
-                seconds=settings.seconds,
-                min_iters=settings.min_calls,
-            )
+            latencies, anchor_ms = _time_with_anchor([runners[pair] for pair in order], settings)
         finally:
             for backend in backends.values():
                 backend.close()
             torch.set_num_threads(saved_threads)
-    anchor_ms = float(np.percentile(anchor, 50))
     for pair, samples in zip(order, latencies, strict=True):
         rows[pair] = {
             **base,
@@ -443,13 +449,7 @@ def teacher_latency(teacher: Path, table: LatencyTable, settings: TableSettings)
         )
         backend = open_backend(teacher, Provider.CPU, settings.threads)
         try:
-            samples, anchor = time_interleaved(
-                [backend.device_runner(images), anchor_runner(settings)],
-                warmup=WARMUP,
-                iters=None,
-                seconds=settings.seconds,
-                min_iters=settings.min_calls,
-            )
+            (samples,), anchor_ms = _time_with_anchor([backend.device_runner(images)], settings)
         finally:
             backend.close()
             torch.set_num_threads(threads)
@@ -461,7 +461,7 @@ def teacher_latency(teacher: Path, table: LatencyTable, settings: TableSettings)
             "batch_size": settings.batch_size,
             "latency_ms": latency_stats(samples),
             "calls": len(samples),
-            "anchor_ms": float(np.percentile(anchor, 50)),
+            "anchor_ms": anchor_ms,
         }
         table.rows[key] = row
         table.save()
