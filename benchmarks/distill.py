@@ -123,8 +123,7 @@ def tag(settings: dict) -> str:
         **settings,
     }
     warmup = f"-warm{full['distill_warmup']:g}" if full.get("distill_warmup") else ""
-    cooldown = f"-cool{full['distill_cooldown']:g}" if full.get("distill_cooldown") else ""
-    return f"{full['distill_loss']}-T{full['distill_temperature']:g}-w{full['distill_weight']:g}{warmup}{cooldown}"
+    return f"{full['distill_loss']}-T{full['distill_temperature']:g}-w{full['distill_weight']:g}{warmup}"
 
 
 class Runner:

@@ -239,14 +239,6 @@ def train(
             help="With --teacher: fraction of the run over which the term's weight rises linearly from 0.",
         ),
     ] = DEFAULTS.distill_warmup,
-    distill_cooldown: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            help="With --teacher: fraction of the run, at its end, over which the term's weight falls linearly to 0.",
-        ),
-    ] = DEFAULTS.distill_cooldown,
     distill_cache: Annotated[
         bool | None,
         typer.Option(
@@ -307,14 +299,7 @@ def train(
     given = _given(ctx)
     unused = [
         f"--{name.replace('_', '-')}"
-        for name in (
-            "distill_loss",
-            "distill_weight",
-            "distill_temperature",
-            "distill_warmup",
-            "distill_cooldown",
-            "distill_cache",
-        )
+        for name in ("distill_loss", "distill_weight", "distill_temperature", "distill_warmup", "distill_cache")
         if name in given
     ]
     if unused and teacher is None and resume is None:

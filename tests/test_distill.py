@@ -414,24 +414,6 @@ def test_the_term_ramps_in_linearly_over_its_warm_up_and_restarts_where_a_resume
     assert distillation(student, student, masks).item() == pytest.approx(full * 3 / 4, rel=1e-6)
 
 
-def test_the_term_ramps_out_over_its_cool_down_and_the_last_step_has_none():
-    teacher = torch.randn(1, 2, 3, 3)
-    student = torch.zeros(1, 2, 3, 3)
-    masks = torch.zeros(1, 3, 3, dtype=torch.int64)
-    distillation = Distillation(
-        fixed_teacher(teacher), PixelKLDivergence(1.0), 2.0, pad_value=255, cooldown_steps=4, total_steps=8
-    )
-    full = 2.0 * PixelKLDivergence(1.0)(student, teacher, masks != 255).item()
-    values = [distillation(student, student, masks).item() for _ in range(8)]
-    assert values == pytest.approx([full * k / 4 for k in (4, 4, 4, 4, 3, 2, 1, 0)], rel=1e-6, abs=1e-9)
-    distillation.begin_epoch(3, 2)  # a resumed run's epoch 3 of 2 steps: steps 6 and 7
-    assert distillation(student, student, masks).item() == pytest.approx(full / 4, rel=1e-6)
-    with pytest.raises(ValueError, match="cool-down"):
-        TrainConfig(distill_cooldown=1.5)
-    with pytest.raises(ValueError, match="warm-up and cool-down"):
-        TrainConfig(distill_warmup=0.6, distill_cooldown=0.6)
-
-
 def test_soft_labels_are_the_teachers_logits_of_the_crop_moved_with_the_image(tiny_data):
     """A point-wise teacher (1x1 convolution) has no border effect: the stored logits, cropped and flipped with the
     image by the training transforms, equal the teacher run on the augmented crop itself, wherever the mask counts."""

@@ -151,8 +151,7 @@ class TrainConfig:
     `loss` is "dice-ce" (cross-entropy plus soft Dice) or "ce"; checkpoints
     saved before the setting existed trained with "ce". `teacher` (a checkpoint or TorchScript file) adds
     `distill_weight` times the `distill_loss` term at `distill_temperature` to the loss, its weight rising
-    linearly from 0 over the first `distill_warmup` fraction of the steps and falling linearly to 0 over the last
-    `distill_cooldown` fraction (so the run ends on the labels alone); `distill_cache` computes the
+    linearly from 0 over the first `distill_warmup` fraction of the steps; `distill_cache` computes the
     teacher's logits once per training image instead of in every step (None: when they fit in memory).
     """
 
@@ -173,7 +172,6 @@ class TrainConfig:
     distill_weight: float = 1.0
     distill_temperature: float = 1.0
     distill_warmup: float = 0.0
-    distill_cooldown: float = 0.0
     distill_cache: bool | None = None
     model: ModelConfig = field(default_factory=lambda: ModelConfig(base_channels=16, depth=3))
     device: str = "auto"
@@ -201,10 +199,6 @@ class TrainConfig:
             raise ValueError(f"distill temperature must be > 0, got {self.distill_temperature}")
         if not 0.0 <= self.distill_warmup <= 1.0:
             raise ValueError(f"distill warm-up must be a fraction of the run in 0..1, got {self.distill_warmup}")
-        if not 0.0 <= self.distill_cooldown <= 1.0:
-            raise ValueError(f"distill cool-down must be a fraction of the run in 0..1, got {self.distill_cooldown}")
-        if self.distill_warmup + self.distill_cooldown > 1.0:
-            raise ValueError("distill warm-up and cool-down together must not exceed the run")
 
     @property
     def peak_lr(self) -> float:

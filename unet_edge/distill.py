@@ -328,8 +328,7 @@ class SoftLabels(torch.utils.data.Dataset):
 
 class Distillation:
     """Distillation as `fit` uses it, in one object: the frozen teacher, the term and its weight (ramped in
-    linearly over `warmup_steps`, and out linearly over the last `cooldown_steps` of `total_steps`), and where
-    the teacher's logits come from.
+    linearly over `warmup_steps`), and where the teacher's logits come from.
 
     Called as ``distillation(images, student_logits, masks, extras)`` for every training batch, it returns
     ``weight * term(student_logits, teacher_logits, valid)``: the teacher's logits are ``extras[0]`` when the
@@ -340,23 +339,13 @@ class Distillation:
     """
 
     def __init__(
-        self,
-        teacher: Teacher,
-        term: nn.Module,
-        weight: float,
-        pad_value: int,
-        *,
-        warmup_steps: int = 0,
-        cooldown_steps: int = 0,
-        total_steps: int = 0,
+        self, teacher: Teacher, term: nn.Module, weight: float, pad_value: int, *, warmup_steps: int = 0
     ) -> None:
         self.teacher = teacher
         self.term = term
         self.weight = weight
         self.pad_value = pad_value
         self.warmup_steps = warmup_steps
-        self.cooldown_steps = cooldown_steps
-        self.total_steps = total_steps
         self.step = 0
         self.teacher_miou: float | None = None
         self.soft_labels = False
@@ -398,8 +387,6 @@ class Distillation:
             config.distill_weight,
             pad_index(data.ignore_index),
             warmup_steps=int(config.distill_warmup * planned_steps),
-            cooldown_steps=int(config.distill_cooldown * planned_steps),
-            total_steps=planned_steps,
         )
         recorded = resumed.get("teacher") if resumed is not None else None
         distillation.teacher_miou = recorded["val_miou"] if recorded else None
@@ -486,18 +473,9 @@ class Distillation:
         detached = term.detach()
         self._term_sum = detached if self._term_sum is None else self._term_sum + detached
         self._steps += 1
-        ramp = self.ramp(self.step)
+        ramp = min(1.0, (self.step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
         self.step += 1
         return self.weight * ramp * term
-
-    def ramp(self, step: int) -> float:
-        """The factor on the term's weight at 0-based `step`: rising to 1 over the warm-up, falling to 0 over
-        the cool-down (0 at the run's last step), 1 between."""
-        factor = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
-        if self.cooldown_steps > 0:
-            left = self.total_steps - 1 - step  # steps after this one
-            factor = min(factor, max(0.0, left / self.cooldown_steps))
-        return factor
 
     def take_epoch_stats(self) -> tuple[float, float | None]:
         """(seconds in the teacher's forward passes, mean of the unweighted term) since the last call."""
