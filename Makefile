@@ -14,10 +14,11 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 endif
 DEMO_EPOCHS ?= 20
 
-# The suite runs in one pytest worker per core (pytest-xdist, each test wherever a worker is free, slow work first;
-# see tests/conftest.py);
+# The suite runs in one pytest worker per core (pytest-xdist, each test file whole on one worker, so a file's shared
+# fixtures are built once; the heaviest files first, in tests/conftest.py's order);
 # TEST_WORKERS=0 runs it in this process, e.g. to debug with pdb.
 TEST_WORKERS ?= auto
+TEST_DIST := --dist loadfile --no-loadscope-reorder
 
 .PHONY: install demo test test-fast test-tools lint clean
 
@@ -39,7 +40,7 @@ demo: $(STAMP)
 		--limit 4 --out runs/demo-predict
 
 test: $(STAMP) test-tools lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(TEST_DIST)
 
 # The lint and type gate `make test` runs first: ruff (lint, and the format at 120 columns) and mypy.
 lint: $(STAMP)
@@ -49,7 +50,7 @@ lint: $(STAMP)
 
 # The inner loop: everything not marked slow (no training runs, exports or benchmarks), a minute or two.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(TEST_DIST) -m "not slow"
 
 # What the embedding and search tests need beside Python: Chromium, the C++ hosts' build tools and libraries, and a
 # PostgreSQL server with a role and database PG_USER for the search test on a shared study (where apt-get and root

@@ -37,6 +37,28 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(markers.MarkerCheck(), "unet-edge-marker-check")
 
 
+# The files `make test` starts first, in this order (pytest-xdist's `loadfile` with `--no-loadscope-reorder`: each
+# file runs whole on one worker, files go to workers in the order their first test appears, the next one to the first
+# worker close to done). The first builds the shared `--format all` export (`exported_all`, about 50 s), the second
+# keeps the other worker busy for longer than that without it, so no worker waits for the export; then the rest of
+# the heaviest files, longest first (figures: `pytest --durations=0`, summed per file, on a 2-core AVX-512 EPYC).
+# Files not listed follow, slow ones first.
+FIRST_FILES = (
+    "test_formats.py",  # 74 s, builds exported_all
+    "test_gpu_check.py",  # 80 s, no exported_all
+    "test_format_executorch.py",  # 60 s, its own programs
+    "test_faults.py",  # 73 s
+    "test_bench.py",  # 48 s
+    "test_distributed.py",  # 44 s
+    "test_deploy.py",  # 42 s
+    "test_cpp.py",  # 37 s
+    "test_search.py",  # 32 s
+    "test_format_pt2.py",  # 29 s
+    "test_export.py",  # 29 s
+    "test_quantize.py",  # 22 s
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
@@ -44,34 +66,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if item.get_closest_marker("gpu") is not None:
                 item.add_marker(pytest.mark.skip(reason=NO_CUDA))
-    # `make test` hands the tests to its workers in this order (pytest-xdist's `load`): the slow work first, whole
-    # files where a file's tests share a fixture built for the file and one of them is slow, and the quick tests last,
-    # where they fill the gaps while the other worker finishes (a stable sort: each file's tests keep their order).
-    shared = {item.nodeid: item.nodeid.split("::")[0] for item in items if _shares_file_state(item)}
-    slow_files = {shared[i.nodeid] for i in items if i.nodeid in shared and i.get_closest_marker("slow")}
+    # The order above, then the files with a slow test, then the rest (a stable sort: each file keeps its order).
+    slow_files = {_file(item) for item in items if item.get_closest_marker("slow")}
 
-    def quick(item: pytest.Item) -> bool:
-        if item.nodeid in shared:
-            return shared[item.nodeid] not in slow_files
-        return item.get_closest_marker("slow") is None
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        name = Path(_file(item)).name
+        listed = FIRST_FILES.index(name) if name in FIRST_FILES else len(FIRST_FILES)
+        return listed, _file(item) not in slow_files
 
-    items.sort(key=quick)
+    items.sort(key=rank)
 
 
-def _shares_file_state(item: pytest.Item) -> bool:
-    """Whether `item` uses a fixture built once for its file: module- or class-scoped, or session-scoped and defined
-    in the test file (conftest's session fixtures are built once for all workers, see `built_once`, or are cheap).
-
-    Such tests are not pinned to one worker. Pinned (pytest-xdist's `loadgroup`, under pytest < 9.2 where it works),
-    the suite took 388 s against 328 s unpinned on this 2-core machine: one worker waited 57 s for the other to
-    build the shared `--format all` export; unpinned, test_format_executorch.py's programs are built on both workers
-    (33 s each) but neither idles."""
-    file = item.nodeid.split("::")[0]
-    info = getattr(item, "_fixtureinfo", None)
-    for defs in info.name2fixturedefs.values() if info is not None else ():
-        if defs and (defs[-1].scope in ("module", "class", "package") or defs[-1].baseid == file):
-            return True
-    return False
+def _file(item: pytest.Item) -> str:
+    return item.nodeid.split("::")[0]
 
 
 @pytest.fixture(scope="session", autouse=True)
