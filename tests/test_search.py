@@ -362,8 +362,24 @@ def test_the_pruner_leaves_a_trial_alone_until_the_middle_of_its_epochs():
     assert verdicts == [False] * 4 + [True] * 6, verdicts
 
 
+def test_the_start_is_trains_default_model_narrowed_to_the_budget_not_the_slowest():
+    """A wide shallow model or a bilinear one may be slower than train's own kind of model without being more
+    capable: the start keeps train's depth where a model of it fits, the widest, and its up-sampling between equals."""
+    from unet_edge.search.study import start_architecture
+
+    order = "conv-relu-bn"
+    shallow, bilinear = Architecture(12, 2, order, "transpose"), Architecture(8, 3, order, "bilinear")
+    trains_kind, narrow = Architecture(8, 3, order, "transpose"), Architecture(4, 3, order, "transpose")
+    latency = {shallow.name: 5.0, bilinear.name: 4.5, trains_kind.name: 4.0, narrow.name: 2.0}
+    assert start_architecture((narrow, shallow, trains_kind, bilinear), latency) == trains_kind
+    assert start_architecture((narrow, shallow, bilinear), latency) == bilinear  # train's depth, then the width
+    other = Architecture(8, 2, order, "transpose")
+    latency[other.name] = 3.0
+    assert start_architecture((other, shallow), latency) == shallow  # none of train's depth: the widest
+
+
 def test_a_new_study_starts_from_trains_defaults_on_the_largest_model_within_the_budget(tmp_path):
-    """The first trials are what `unet-edge train` would run on the slowest architecture that fits (distilled with
+    """The first trials are what `unet-edge train` would run on its default model narrowed to fit (distilled with
     the default weight, and alone), so the search cannot end below them; a resumed study queues nothing again."""
     import optuna
 

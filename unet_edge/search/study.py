@@ -129,13 +129,13 @@ def pruner(epochs: int) -> Any:
 
 
 def default_trials(spec: StudySpec) -> list[dict[str, Any]]:
-    """The trials a new study starts from: `train`'s own settings (its learning rate for the width) on the largest
-    architecture within the budget (the slowest in the table, then the most parameters' worth of width and depth),
-    distilled with `train`'s default weight when there is a teacher, and alone. The sampler then explores from
-    there, so a search never ends below what `train` alone gives on the largest model that fits."""
+    """The trials a new study starts from: what `unet-edge train` runs by default, narrowed to the budget. Its
+    architecture is `start_architecture`'s, its learning rate the one `train` picks for that width, distilled with
+    `train`'s default weight when there is a teacher, and alone. The sampler then explores from there, so a search
+    never ends below `train`'s own settings on the model a user would shrink `train`'s default to."""
     from ..config import TrainConfig, width_lr
 
-    arch = max(spec.architectures, key=lambda a: (spec.latency_ms[a.name], a.base_channels, a.depth, a.name))
+    arch = start_architecture(spec.architectures, spec.latency_ms)
     low, high = spec.lr_range
     lr = min(max(width_lr(arch.base_channels), low), high)
     base: dict[str, Any] = {"architecture": arch.name, "lr": lr}
@@ -144,6 +144,29 @@ def default_trials(spec: StudySpec) -> list[dict[str, Any]]:
     low_w, high_w = spec.distill_weight_range
     weight = min(max(TrainConfig().distill_weight, low_w), high_w)
     return [{**base, "distill": True, "distill_weight": weight}, {**base, "distill": False}]
+
+
+def start_architecture(feasible: tuple[Architecture, ...], latency_ms: dict[str, float]) -> Architecture:
+    """`train`'s default model narrowed to the budget: among the `feasible` architectures, those of its depth where
+    any fits, the widest of them; between equal widths its up-sampling and block order, then the slowest.
+
+    Not simply the slowest: an up-sampling mode or a shallow, wide model can cost more time on a runtime than it adds
+    capacity (digits, 11 classes: a base-6 depth-2 bilinear model was slower than the base-8 depth-3 one).
+    """
+    from ..config import TrainConfig
+
+    default = TrainConfig().model
+    return max(
+        feasible,
+        key=lambda a: (
+            a.depth == default.depth,
+            a.base_channels,
+            a.upsample == default.upsample,
+            a.block_order == default.block_order,
+            latency_ms[a.name],
+            a.name,
+        ),
+    )
 
 
 def enqueue_defaults(study: Any, spec: StudySpec) -> None:
