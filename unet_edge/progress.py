@@ -51,12 +51,13 @@ class Steps:
     def part(self, span: float, prefix: str = "") -> Progress:
         """A `Progress` for a sub-loop: its (done, total) fill the next `span` units of this count (which it
         does not advance: call `advance(span)` after it), its labels follow `prefix`."""
-        start = self.count
+        start, reached = self.count, [self.count]
 
         def report(done: float, total: float | None, label: str) -> None:
             fraction = min(1.0, done / total) if total else 0.0
+            reached[0] = max(reached[0], self.count, start + span * fraction)  # a sub-loop that restarts stays put
             self.current = f"{prefix}{label}"
-            tell(self.progress, max(self.count, start + span * fraction), self.total, self.current)
+            tell(self.progress, reached[0], self.total, self.current)
 
         return report
 
@@ -72,7 +73,10 @@ def print_progress(what: str, min_interval_s: float = 5.0) -> Progress:
         if label == last_label[0] and now - last_at[0] < min_interval_s:
             return
         last_at[0], last_label[0] = now, label
-        count = f"{done:g}/{total:g}" if total else f"{done:g}"
+        if total and done != int(done):  # a step's fraction: 1.4/4 reads as 35%
+            count = f"{done / total:.0%}"
+        else:
+            count = f"{done:g}/{total:g}" if total else f"{done:g}"
         print(f"[{now - started:6.0f} s] {what} {count}: {label}", file=sys.stderr, flush=True)
 
     return show
