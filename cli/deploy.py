@@ -184,12 +184,27 @@ def deploy(
             "this process). Timing always runs alone, after them.",
         ),
     ] = DEFAULTS.jobs,
+    latency_table: Annotated[
+        Path | None,
+        typer.Option(
+            help="Read the latencies on this latency table's scale (one `unet-edge search` measured on this machine "
+            "at these threads): its anchor model is timed with the candidates, so a --max-latency-ms taken from "
+            "the search means what it meant there, however the machine's speed drifted since.",
+        ),
+    ] = None,
     format_alias: FormatAlias = None,
     precision_alias: PrecisionAlias = None,
 ) -> None:
     """Export every checkpoint to every installed format and precision, keep those within the mIoU budget,
     time them with one protocol and copy the fastest into --out, ready to embed."""
     from unet_edge.deploy import run_deploy
+    from unet_edge.formats import default_threads
+    from unet_edge.search.latency import table_anchor
+
+    size = parse_size(image_size)
+    anchor_ms = (
+        None if latency_table is None else table_anchor(latency_table, threads or default_threads(), size, batch_size)
+    )
 
     parameters = {
         "max_miou_drop": max_miou_drop,
@@ -212,7 +227,8 @@ def deploy(
             parameters,
             {"runs": "runs_dir", "calib_method": "calibration"},
             checkpoints=tuple(checkpoints or ()),
-            image_size=parse_size(image_size),
+            image_size=size,
+            anchor_ms=anchor_ms,
             formats=parse_formats(format_alias if format_alias is not None else formats),
             precisions=parse_precisions(precision_alias) if precision_alias is not None else tuple(precisions),
         )
@@ -226,6 +242,13 @@ def deploy(
             soft_wrap=True,
         )
     console.print(f"wrote {result.report}" + (f", {result.plot}" if result.plot else ""))
+    baseline = result.baseline
+    if baseline is not None and baseline.anchor_p50_ms is not None:
+        console.print(
+            f"latencies read on the latency table's scale: ×{baseline.scale:.3f} (the anchor took "
+            f"{baseline.anchor_p50_ms:.3f} ms here against the table's {result.settings.anchor_ms:.3f} ms)",
+            soft_wrap=True,
+        )
     winner = result.decision.require_winner()
     p50 = winner.p50 or 0.0  # the winner is timed
     eager = None if result.baseline is None else result.baseline.p50

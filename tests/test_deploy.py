@@ -202,6 +202,73 @@ def test_the_first_round_screens_and_the_contenders_get_the_rest_of_the_seconds(
     assert round_seconds(replace(options, rounds=1), 0, baseline=False) == 2.0  # one round: nothing to screen for
 
 
+class _FakeBackend:
+    """A backend whose runners are tagged with the figures the fake clock gives them."""
+
+    def __init__(self, model_ms: float, app_ms: float) -> None:
+        self.model_ms, self.app_ms = model_ms, app_ms
+
+    def device_runner(self, images):
+        return _tagged(self.model_ms)
+
+    def segment(self, images):
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def _tagged(ms: float):
+    def run() -> None:
+        pass
+
+    run.ms = ms
+    return run
+
+
+@pytest.mark.parametrize("anchor_ms", [None, 1.0])
+def test_with_a_reference_anchor_every_figure_is_read_on_the_tables_scale(anchor_ms, monkeypatch):
+    """The machine runs at half the speed it had when the latency table was measured: the anchor takes 2 ms here
+    against the table's 1 ms. Handed that reference, deploy times the anchor with the candidates and reads every
+    figure, the baseline's too, at half: the candidate's 4 ms becomes 2 ms, within a 3 ms budget the table's own
+    figures were read against. Without a reference the anchor is not timed and the figures stay as timed."""
+    from unet_edge.deploy.cache import DeployCache
+    from unet_edge.deploy.measure import Checkpoint
+    from unet_edge.deploy.timing import time_candidates
+
+    backends = {"ref.pt": _FakeBackend(20.0, 22.0), "cand.onnx": _FakeBackend(4.0, 5.0)}
+    monkeypatch.setattr("unet_edge.backends.open_backend", lambda path, provider, threads: backends[Path(path).name])
+    monkeypatch.setattr("unet_edge.bench.anchor.anchor_runner", lambda image_size, batch_size: _tagged(2.0))
+    timed_runners = []
+
+    def ms(run) -> float:  # a model runner is tagged; the app column is a partial of the backend's segment
+        return run.ms if hasattr(run, "ms") else run.func.__self__.app_ms
+
+    def clock(runners, **kwargs):
+        timed_runners.extend(runners)
+        return [[ms(run)] * 10 for run in runners]
+
+    monkeypatch.setattr("unet_edge.bench.time_interleaved", clock)
+    reference = Checkpoint(Path("ref.pt"), "ab" * 32, "ref", "b8-d3", loaded=None)
+    options = DeployOptions(max_latency_ms=3.0, anchor_ms=anchor_ms, rounds=2, image_size=(32, 32))
+    [timed], baseline = time_candidates(
+        [replace(candidate("cand", None, 0.9, 0.0), path="cand.onnx")],
+        reference,
+        options,
+        1,
+        DeployCache(None),
+        lambda *_: None,
+    )
+    scale = 1.0 if anchor_ms is None else 0.5
+    assert timed.p50 == pytest.approx(4.0 * scale) and timed.app_latency_ms["p50"] == pytest.approx(5.0 * scale)
+    assert baseline.p50 == pytest.approx(20.0 * scale) and baseline.scale == pytest.approx(scale)
+    anchor_calls = [run for run in timed_runners if ms(run) == 2.0]
+    assert len(anchor_calls) == (0 if anchor_ms is None else 2)  # in every round, or not at all
+    assert baseline.anchor_p50_ms == (None if anchor_ms is None else pytest.approx(2.0))
+    winner = decide([timed], 0.01, options.max_latency_ms).winner
+    assert (winner is not None) == (anchor_ms is not None)  # 4 ms as timed is over the 3 ms budget; 2 ms is within
+
+
 def test_readme_holds_each_embedding_snippet_deploy_writes():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     for name, fmt in export_formats().items():

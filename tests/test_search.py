@@ -27,6 +27,7 @@ from unet_edge.search.latency import (
     machine_facts,
     measure_table,
     row_key,
+    table_anchor,
 )
 from unet_edge.search.space import Architecture
 
@@ -124,6 +125,30 @@ def test_rows_timed_in_a_slow_session_are_scaled_by_its_anchor(tmp_path, tiny_da
     assert table.anchored(unanchored) == unanchored  # a row without an anchor is read as timed
 
 
+def test_the_reference_anchor_is_fixed_once_so_later_sessions_do_not_move_earlier_rows(tmp_path, tiny_data):
+    """Before the table stores its reference, a third session timed at 3x the speed would move the median anchor
+    from 1.25 to 1.5 and with it every earlier row's reading; once fixed, it does not, and the reference is kept
+    in the file (a table without one, as written before references were stored, is read on its median)."""
+    table = LatencyTable(tmp_path / "table.json", machine_facts(1))
+    settings = TableSettings(**{**SETTINGS.__dict__, "threads": 1})
+    classes = num_classes(tiny_data)
+    for arch, p50, anchor in ((SMALL, 2.0, 1.0), (LARGE, 2.4, 1.5)):
+        table.rows[row_key(arch, "torchscript", "fp32", classes, settings)] = table_row(
+            arch, classes, p50, anchor_ms=anchor
+        )
+    table.fix_references()
+    assert table.references == {"32x32-b1": pytest.approx(1.25)}
+    third = Architecture(6, 2)
+    table.rows[row_key(third, "torchscript", "fp32", classes, settings)] = table_row(third, classes, 1.0, anchor_ms=3.0)
+    assert table.anchor_reference((32, 32), 1) == pytest.approx(1.25)  # the median of the three would be 1.5
+    assert table.best(SMALL, classes, settings)["latency_ms"]["p50"] == pytest.approx(2.5)
+    table.fix_references()  # fixed once: a later call keeps it
+    table.save()
+    reopened = LatencyTable.open(table.path, machine_facts(1), given=False)
+    assert reopened.references == {"32x32-b1": pytest.approx(1.25)}
+    assert reopened.best(third, classes, settings)["latency_ms"]["p50"] == pytest.approx(1.0 * 1.25 / 3.0)
+
+
 @pytest.mark.slow
 def test_latency_table_is_measured_once_per_machine(tiny_data, tmp_path, monkeypatch):
     path = tmp_path / "table.json"
@@ -137,6 +162,7 @@ def test_latency_table_is_measured_once_per_machine(tiny_data, tmp_path, monkeyp
     assert row["anchor_ms"] > 0  # the anchor was timed in the architecture's session
     saved = json.loads(path.read_text())["rows"]
 
+    assert json.loads(path.read_text())["references"] == {"32x32-b1": row["anchor_ms"]}  # the scale, fixed
     again, _ = measure_table((SMALL,), LatencyTable.open(path, machine_facts(1), given=False), settings, tiny_data)
     assert again.measured == 0 and again.rows == saved  # reused, not measured again
 
@@ -153,6 +179,34 @@ def test_latency_table_is_measured_once_per_machine(tiny_data, tmp_path, monkeyp
     assert used.measured == 0 and used.best(SMALL, classes, settings) is not None
     with pytest.raises(SearchError, match=r"has no row for b8-d2-conv-bn-relu-transpose torchscript fp32"):
         measure_table((SMALL, LARGE), foreign, settings, tiny_data)
+
+
+def test_deploy_reads_the_scale_of_a_table_measured_here_and_refuses_any_other(
+    tiny_data, tmp_path, cli, one_line_error, monkeypatch
+):
+    """`deploy --latency-table`: this machine's table gives its reference anchor; a missing file, a table with no
+    anchored row at the deploy size, or one measured on another machine is a one-line error before any export."""
+    deploy = [
+        "deploy",
+        str(tmp_path / "best.pt"),
+        "--threads",
+        "1",
+        "--image-size",
+        "32",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    one_line_error(cli(*deploy, "--latency-table", str(tmp_path / "none.json")), "no such latency table")
+    path = write_table(tmp_path, tiny_data, {SMALL: 1.5})  # rows timed without the anchor
+    one_line_error(cli(*deploy, "--latency-table", str(path)), "no row timed with the anchor at 32x32 batch 1")
+    table = LatencyTable.open(path, machine_facts(1), given=False)
+    for key, row in table.rows.items():
+        table.rows[key] = {**row, "anchor_ms": 0.8}
+    table.save()
+    assert table_anchor(path, 1, (32, 32), 1) == pytest.approx(0.8)
+    monkeypatch.setenv("UNET_EDGE_CPU_FLAGS", "avx2")  # another CPU kind: the table is another machine's
+    one_line_error(cli(*deploy, "--latency-table", str(path)), "measured on another machine")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_a_budget_nothing_meets_is_a_one_line_error(tiny_data, tmp_path, cli, one_line_error):

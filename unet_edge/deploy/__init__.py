@@ -114,6 +114,7 @@ def _deploy(options: DeployOptions, progress: Progress | None) -> DeployResult:
         max_miou_drop=options.max_miou_drop,
         max_latency_ms=options.max_latency_ms,
         image_size=options.image_size,
+        anchor_ms=options.anchor_ms,
         batch_size=options.batch_size,
         threads=threads,
         seconds=options.seconds,

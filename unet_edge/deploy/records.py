@@ -50,6 +50,10 @@ class DeployOptions:
     calibration: str | None = None  # the int8 calibration method; None: each format's default
     runs_dir: Path = Path("runs")
     jobs: int | None = None  # exports at once, each in a worker process; None: one per core; 1: all in this process
+    # A latency table's reference anchor p50 (ms) at this size and batch: the anchor model is timed with the
+    # candidates and every figure is read on the table's scale (the search hands it, so that deploy's verdict on
+    # the budget and the table's agree however the machine's speed drifted in between). None: figures as timed.
+    anchor_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,10 @@ class Baseline:
     app_latency_ms: dict[str, float] | None = None
     calls: int | None = None
     failed: str | None = None
+    # With a reference anchor: the anchor's p50 timed here, and the factor (reference / it) that every latency
+    # figure of this run, the baseline's and the candidates', was multiplied by.
+    anchor_p50_ms: float | None = None
+    scale: float = 1.0
 
     @property
     def p50(self) -> float | None:
@@ -159,6 +167,7 @@ class Settings:
     rounds: int
     data: str = ""
     validation_images: int = 0
+    anchor_ms: float | None = None  # the latency table's reference anchor the figures are read against
     timing: str = (
         "interleaved rounds across candidates and the eager baseline; warm-up excluded; the first round screens "
         "every candidate (10% of the seconds, min_calls / rounds calls), then a candidate whose 25th-percentile "

@@ -1,5 +1,7 @@
 """Timing: the candidates and the reference checkpoint's PyTorch eager, with bench's one protocol (interleaved,
-warm-up excluded, at least `min_calls` timed calls), in rounds cached one by one."""
+warm-up excluded, at least `min_calls` timed calls), in rounds cached one by one. Handed a reference anchor p50
+(`DeployOptions.anchor_ms`, a latency table's), the anchor model is timed beside them and every figure is read on
+the table's scale: multiplied by the reference over the anchor's p50 here."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from .cache import DeployCache, content_key
 from .measure import Checkpoint, one_line
 from .records import Baseline, Candidate, DeployOptions
 
-__all__ = ["CONTENTION_MARGIN", "SCREEN_SHARE", "contenders", "round_seconds", "time_candidates"]
+__all__ = ["ANCHOR", "CONTENTION_MARGIN", "SCREEN_SHARE", "contenders", "round_seconds", "time_candidates"]
+
+ANCHOR = "anchor"  # the anchor model's column, timed (model call only) when a reference anchor is given
 
 
 def _in_round(progress: Progress, done: int, rounds: int, label: str) -> Progress:
@@ -90,6 +94,7 @@ def time_candidates(
     raw = rng.integers(0, 256, (options.batch_size, height, width, 3), dtype=np.uint8)
     baseline_key = f"eager:{reference.sha256}"
     names = [baseline_key, *(c.key for c in timed)]
+    unscreened = {baseline_key, ANCHOR}  # timed in every round, to their full seconds
     key = "timing:" + content_key(
         runners=names,
         image_size=list(options.image_size),
@@ -100,10 +105,12 @@ def time_candidates(
         warmup=options.warmup,
         rounds=options.rounds,
         max_latency_ms=options.max_latency_ms,
+        **({} if options.anchor_ms is None else {"anchor_ms": options.anchor_ms}),  # the keys of earlier runs hold
     )
-    state = cache.get(key) or {"rounds": 0, "samples": {name: {"model": [], "app": []} for name in names}, "failed": {}}
+    columns = [*names, *([ANCHOR] if options.anchor_ms is not None else [])]
+    state = cache.get(key) or {"rounds": 0, "samples": {n: {"model": [], "app": []} for n in columns}, "failed": {}}
     backends: dict[str, Any] = {}
-    runners: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
+    runners: dict[str, tuple[Callable[[], Any], ...]] = {}
     if state["rounds"] < options.rounds:
         paths = [(baseline_key, str(reference.path)), *((c.key, c.path or "") for c in timed)]
         for index, (name, path) in enumerate(paths):
@@ -118,6 +125,10 @@ def time_candidates(
             except Exception as exc:
                 state["failed"][name] = f"timing failed: {one_line(exc)}"
                 runners.pop(name, None)
+        if options.anchor_ms is not None:
+            from ..bench.anchor import anchor_runner
+
+            runners[ANCHOR] = (anchor_runner(options.image_size, options.batch_size),)  # its model call alone
     per_round_calls = max(1, math.ceil(options.min_calls / options.rounds))
     try:
         while state["rounds"] < options.rounds:
@@ -125,32 +136,36 @@ def time_candidates(
             order = list(runners)
             if done:  # from the second round on, only what can still win (and the baseline) is timed
                 racing = contenders(
-                    {n: state["samples"][n]["model"] for n in order if n != baseline_key}, options.max_latency_ms
+                    {n: state["samples"][n]["model"] for n in order if n not in unscreened}, options.max_latency_ms
                 )
-                order = [name for name in order if name == baseline_key or name in racing]
-                count = sum(name != baseline_key for name in order)
+                order = [name for name in order if name in unscreened or name in racing]
+                count = sum(name not in unscreened for name in order)
                 label = f"timing {count} contenders and the eager baseline, round {done + 1} of {options.rounds}"
             else:
                 verb = "screening" if options.rounds > 1 else "timing"  # one round: nothing to screen for
                 label = f"{verb} {len(order)} models, round 1 of {options.rounds}"
             progress(done, options.rounds, label)
-            seconds = [round_seconds(options, done, name == baseline_key) for name in order]
+            cells = [(name, column) for name in order for column in ("model", "app")[: len(runners[name])]]
             latencies = time_interleaved(
                 [run for name in order for run in runners[name]],
                 warmup=options.warmup if done == 0 else 1,
                 iters=None,
-                seconds=[budget for budget in seconds for _ in range(2)],
+                seconds=[round_seconds(options, done, name in unscreened) for name, _ in cells],
                 min_iters=per_round_calls,
                 progress=_in_round(progress, done, options.rounds, label),
             )
-            for index, name in enumerate(order):
-                state["samples"][name]["model"] += latencies[2 * index]
-                state["samples"][name]["app"] += latencies[2 * index + 1]
+            for (name, column), samples in zip(cells, latencies, strict=True):
+                state["samples"][name][column] += samples
             state["rounds"] += 1
             cache.put(key, state)
     finally:
         for backend in backends.values():
             backend.close()
+    scale = _scale(options.anchor_ms, state["samples"].get(ANCHOR, {}).get("model"))
+
+    def stats(samples: list[float]) -> dict[str, float]:
+        return latency_stats([value * scale for value in samples])
+
     figures = []
     for candidate in timed:
         if candidate.key in state["failed"]:
@@ -160,19 +175,34 @@ def time_candidates(
         figures.append(
             replace(
                 candidate,
-                latency_ms=latency_stats(samples["model"]),
-                app_latency_ms=latency_stats(samples["app"]),
+                latency_ms=stats(samples["model"]),
+                app_latency_ms=stats(samples["app"]),
                 calls=len(samples["model"]),
             )
         )
+    anchor = state["samples"].get(ANCHOR, {}).get("model")
+    anchor_p50 = float(np.percentile(anchor, 50)) if anchor else None
     if baseline_key in state["failed"]:
-        return figures, Baseline(reference.name, str(reference.path), failed=state["failed"][baseline_key])
+        failed = state["failed"][baseline_key]
+        return figures, Baseline(
+            reference.name, str(reference.path), failed=failed, anchor_p50_ms=anchor_p50, scale=scale
+        )
     samples = state["samples"][baseline_key]
     baseline = Baseline(
         model=reference.name,
         checkpoint=str(reference.path),
-        latency_ms=latency_stats(samples["model"]),
-        app_latency_ms=latency_stats(samples["app"]),
+        latency_ms=stats(samples["model"]),
+        app_latency_ms=stats(samples["app"]),
         calls=len(samples["model"]),
+        anchor_p50_ms=anchor_p50,
+        scale=scale,
     )
     return figures, baseline
+
+
+def _scale(anchor_ms: float | None, anchor: list[float] | None) -> float:
+    """The factor that reads this run's figures on a latency table's scale: its reference anchor p50 over the
+    anchor's p50 here (1 without a reference, or when the anchor was not timed)."""
+    if anchor_ms is None or not anchor:
+        return 1.0
+    return anchor_ms / float(np.percentile(anchor, 50))

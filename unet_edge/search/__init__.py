@@ -313,6 +313,10 @@ class _StudyLock:
 def _deploy(options: SearchOptions, result: SearchResult, data_root: Path, threads: int, progress: Progress) -> Any:
     from ..deploy import DeployOptions, run_deploy
 
+    # deploy reads its figures on the table's scale, so the budget means what it meant for the study (a table of
+    # another machine describes a device deploy does not run on: its figures stay as timed here)
+    table, settings = result.table, result.settings
+    anchor_ms = None if table.foreign else table.anchor_reference(settings.image_size, settings.batch_size)
     drop = options.max_miou_drop
     if drop is None:
         drop = 1.0 if result.budget_ms is not None else DeployOptions().max_miou_drop
@@ -331,6 +335,7 @@ def _deploy(options: SearchOptions, result: SearchResult, data_root: Path, threa
             out=options.folder / "deploy",
             data=data_root,
             runs_dir=options.runs_dir,
+            anchor_ms=anchor_ms,
         ),
         progress,
     )

@@ -8,7 +8,9 @@ handed to a search that trains elsewhere.
 Each architecture is timed in its own session, minutes apart, and a machine's speed drifts over minutes (here the
 same row came out up to 25 % apart in two tables). So every session also times one fixed reference model, the
 anchor, interleaved with its rows; a row keeps its session's anchor p50, and the table reads each row scaled by
-the table's median anchor over that session's: rows timed in a slow minute and in a fast one become comparable."""
+the table's reference anchor over that session's: rows timed in a slow minute and in a fast one become comparable.
+The reference is the median anchor of the first measurement at a size and batch, stored in the table, so a row
+reads the same however many sessions are added after it; deploy, handed it, reads its own figures on that scale."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..bench.anchor import anchor_runner
 from ..bench.timing import WARMUP, latency_stats, time_interleaved
 from ..cpuinfo import cpu_flags
 from ..deploy.cache import content_key
@@ -39,7 +42,9 @@ __all__ = [
     "TableSettings",
     "machine_facts",
     "measure_table",
+    "reference_key",
     "row_key",
+    "table_anchor",
     "teacher_latency",
 ]
 
@@ -116,6 +121,8 @@ class LatencyTable:
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     foreign: bool = False
     measured: int = 0  # rows this process measured (the rest came from the file)
+    # The reference anchor p50 (ms) by size and batch (`reference_key`): the scale every row is read on.
+    references: dict[str, float] = field(default_factory=dict)
 
     @property
     def machine_key(self) -> str:
@@ -139,10 +146,11 @@ class LatencyTable:
             data = None
         if data is None:
             return cls(path, machine)
+        rows, references = dict(data.get("rows", {})), {k: float(v) for k, v in data.get("references", {}).items()}
         if data.get("machine_key") == key:
-            return cls(path, machine, dict(data.get("rows", {})))
+            return cls(path, machine, rows, references=references)
         if given:
-            return cls(path, dict(data.get("machine", {})), dict(data.get("rows", {})), foreign=True)
+            return cls(path, dict(data.get("machine", {})), rows, foreign=True, references=references)
         return cls(path, machine)
 
     def save(self) -> None:
@@ -153,11 +161,16 @@ class LatencyTable:
             "machine_key": self.machine_key,
             "machine": self.machine,
             "rows": self.rows,
+            "references": self.references,
         }
         atomic_write_text(self.path, json.dumps(payload, indent=1, sort_keys=True, allow_nan=False) + "\n")
 
     def anchor_reference(self, image_size: Any, batch_size: int) -> float | None:
-        """The median anchor p50 over the table's rows at this size and batch (None: no row has one)."""
+        """The reference anchor p50 at this size and batch: the one stored in the table (`fix_references`), else
+        the median anchor over the rows measured so far (None: no row has one)."""
+        stored = self.references.get(reference_key(image_size, batch_size))
+        if stored is not None:
+            return stored
         values = [
             float(row["anchor_ms"])
             for row in self.rows.values()
@@ -167,8 +180,18 @@ class LatencyTable:
         ]
         return float(np.median(values)) if values else None
 
+    def fix_references(self) -> None:
+        """Store the reference anchor of every size and batch that has anchored rows and no reference yet (the
+        median of their anchors), so that later sessions do not move it."""
+        for row in self.rows.values():
+            key = reference_key(row["image_size"], row["batch_size"]) if row.get("anchor_ms") else None
+            if key is not None and key not in self.references:
+                reference = self.anchor_reference(row["image_size"], row["batch_size"])
+                if reference is not None:
+                    self.references[key] = reference
+
     def anchored(self, row: dict[str, Any]) -> dict[str, Any]:
-        """`row` with its latency figures scaled by the table's median anchor over its session's anchor (the figures
+        """`row` with its latency figures scaled by the table's reference anchor over its session's anchor (the figures
         as timed stay under `measured_latency_ms`); a row without figures or without an anchor as it is."""
         anchor = row.get("anchor_ms")
         reference = self.anchor_reference(row["image_size"], row["batch_size"]) if anchor else None
@@ -204,33 +227,35 @@ class LatencyTable:
         return min(timed, key=lambda row: row["latency_ms"]["p50"], default=None)
 
 
-def anchor_runner(settings: TableSettings) -> Callable[[], Any]:
-    """One call of the anchor: a fixed model (UNetStudent base 8, depth 3, 2 classes, seeded weights) in PyTorch
-    eager at the table's size and batch, on the threads torch is set to."""
-    import torch
+def table_anchor(path: Path, threads: int, image_size: tuple[int, int], batch_size: int) -> float:
+    """The reference anchor p50 (ms) of the latency table at `path`, for deploy to read its figures on that table's
+    scale: the table must be this machine's, at these threads, and hold anchored rows at this size and batch."""
+    if not path.is_file():
+        raise SearchError(f"{path}: no such latency table")
+    table = LatencyTable.open(path, machine_facts(threads), given=True)
+    if table.foreign:
+        raise SearchError(
+            f"{path}: measured on another machine or thread count ({table.machine.get('cpu', '?')}, "
+            f"{table.machine.get('threads', '?')} threads); deploy times this one at {threads} threads"
+        )
+    reference = table.anchor_reference(image_size, batch_size)
+    if reference is None:
+        size = "x".join(map(str, image_size))
+        raise SearchError(f"{path}: no row timed with the anchor at {size} batch {batch_size}")
+    return reference
 
-    from ..config import ModelConfig
-    from ..model import build_model
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = build_model(ModelConfig(num_classes=2, base_channels=8, depth=3)).eval()
-    images = torch.from_numpy(
-        np.random.default_rng(1).standard_normal((settings.batch_size, 3, *settings.image_size), dtype=np.float32)
-    )
-
-    def run() -> None:
-        with torch.inference_mode():
-            model(images)
-
-    return run
+def reference_key(image_size: Any, batch_size: int) -> str:
+    """Where a table keeps the reference anchor of a size and batch."""
+    height, width = image_size
+    return f"{height}x{width}-b{batch_size}"
 
 
 def _time_with_anchor(runners: list[Callable[[], Any]], settings: TableSettings) -> tuple[list[list[float]], float]:
     """Each runner's latencies (ms), timed interleaved with the anchor by bench's protocol at the table's seconds and
     calls, and the anchor's p50 in that session."""
     *latencies, anchor = time_interleaved(
-        [*runners, anchor_runner(settings)],
+        [*runners, anchor_runner(settings.image_size, settings.batch_size)],
         warmup=WARMUP,
         iters=None,
         seconds=settings.seconds,
@@ -289,8 +314,15 @@ def measure_table(
             table.measured += 1
         table.save()
         steps.advance()
+    if not table.foreign and any(key not in table.references for key in _anchored_keys(table)):
+        table.fix_references()  # the first measurement at a size and batch sets its scale for good
+        table.save()
     steps.done()
     return table, len(classes)
+
+
+def _anchored_keys(table: LatencyTable) -> set[str]:
+    return {reference_key(row["image_size"], row["batch_size"]) for row in table.rows.values() if row.get("anchor_ms")}
 
 
 def _measure_architecture(
