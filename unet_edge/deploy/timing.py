@@ -143,7 +143,7 @@ def time_candidates(
                 label = f"timing {count} contenders and the eager baseline, round {done + 1} of {options.rounds}"
             else:
                 verb = "screening" if options.rounds > 1 else "timing"  # one round: nothing to screen for
-                label = f"{verb} {len(order)} models, round 1 of {options.rounds}"
+                label = f"{verb} {sum(name != ANCHOR for name in order)} models, round 1 of {options.rounds}"
             progress(done, options.rounds, label)
             cells = [(name, column) for name in order for column in ("model", "app")[: len(runners[name])]]
             latencies = time_interleaved(
