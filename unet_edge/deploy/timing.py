@@ -135,9 +135,10 @@ def time_candidates(
             done = state["rounds"]
             order = list(runners)
             if done:  # from the second round on, only what can still win (and the baseline) is timed
-                racing = contenders(
-                    {n: state["samples"][n]["model"] for n in order if n not in unscreened}, options.max_latency_ms
-                )
+                budget = options.max_latency_ms  # on the table's scale: as timed, it is the budget over the scale
+                if budget is not None:
+                    budget /= _scale(options.anchor_ms, state["samples"].get(ANCHOR, {}).get("model"))
+                racing = contenders({n: state["samples"][n]["model"] for n in order if n not in unscreened}, budget)
                 order = [name for name in order if name in unscreened or name in racing]
                 count = sum(name not in unscreened for name in order)
                 label = f"timing {count} contenders and the eager baseline, round {done + 1} of {options.rounds}"
