@@ -241,8 +241,11 @@ def search(
             )
             console.print(f"deploy: nothing passed (see {result.deploy.report}){why}", soft_wrap=True)
         else:
+            baseline = result.deploy.baseline
+            scale = 1.0 if baseline is None else baseline.scale
+            on = "" if scale == 1.0 else f" on the latency table's scale (timed ×{scale:.2f})"
             console.print(
-                f"[bold]to ship[/]: {winner.label}: p50 {winner.p50:.3f} ms, val mIoU {winner.miou:.4f}, copied to "
+                f"[bold]to ship[/]: {winner.label}: p50 {winner.p50:.3f} ms{on}, val mIoU {winner.miou:.4f}, copied to "
                 f"{result.deploy.out}: {', '.join(p.name for p in result.deploy.winner_files)}",
                 soft_wrap=True,
             )

@@ -64,15 +64,16 @@ def table_row(arch: Architecture, classes: int, p50: float, **extra) -> dict:
     }
 
 
-def write_table(runs: Path, data: Path, p50s: dict[Architecture, float]) -> Path:
+def write_table(runs: Path, data: Path, p50s: dict[Architecture, float], anchor_ms: float | None = None) -> Path:
     """A latency table for this machine at one thread (the key the CLI computes with --threads 1) with the given
-    torchscript fp32 p50s."""
+    torchscript fp32 p50s (timed in one session with the anchor at `anchor_ms`, when given)."""
     threads = 1
     table = LatencyTable(runs / "search" / "latency-table.json", machine_facts(threads))
     classes = num_classes(data)
     settings = TableSettings(**{**SETTINGS.__dict__, "threads": threads})
     for arch, p50 in p50s.items():
-        table.rows[row_key(arch, "torchscript", "fp32", classes, settings)] = table_row(arch, classes, p50)
+        extra = {} if anchor_ms is None else {"anchor_ms": anchor_ms}
+        table.rows[row_key(arch, "torchscript", "fp32", classes, settings)] = table_row(arch, classes, p50, **extra)
     table.path.parent.mkdir(parents=True)
     table.save()
     return table.path
@@ -220,7 +221,8 @@ def test_a_budget_nothing_meets_is_a_one_line_error(tiny_data, tmp_path, cli, on
 
 @pytest.mark.slow
 def test_two_workers_share_one_sqlite_study_within_the_budget_and_deploy_the_front(tiny_data, tmp_path, cli):
-    write_table(tmp_path, tiny_data, {SMALL: 1.5, LARGE: 3.0})
+    # The table's anchor took 0.01 ms: deploy reads its figures on that scale (far below what it times here).
+    write_table(tmp_path, tiny_data, {SMALL: 1.5, LARGE: 3.0}, anchor_ms=0.01)
     result = cli(
         "search", "--data", str(tiny_data), "--runs", str(tmp_path), *SPACE, "--epochs", "1", "--trials", "4",
         "--workers", "2", "--max-latency-ms", "2", "--deploy-seconds", "0.05", "--name", "duo",
@@ -242,7 +244,12 @@ def test_two_workers_share_one_sqlite_study_within_the_budget_and_deploy_the_fro
     assert winner["format"] == "torchscript" and winner["latency_ms"]["p50"] > 0 and winner["val_miou"] is not None
     assert all(Path(f).is_file() for f in winner["files"])
     assert (folder / "search.png").stat().st_size > 0
-    assert "to ship" in result.stdout
+    assert "to ship" in result.stdout and "on the latency table's scale" in result.stdout
+    deployed = json.loads((folder / "deploy" / "deploy.json").read_text())
+    assert deployed["settings"]["anchor_ms"] == 0.01  # the table's reference, handed to deploy
+    baseline = deployed["baseline"]
+    assert report["deploy"]["anchor_scale"] == pytest.approx(baseline["scale"])
+    assert baseline["scale"] == pytest.approx(0.01 / baseline["anchor_p50_ms"]) and baseline["scale"] < 1
 
 
 @pytest.mark.slow

@@ -111,6 +111,8 @@ def _deploy_json(deploy: Any) -> dict[str, Any] | None:
     return {
         "report": str(deploy.report),
         "folder": str(deploy.out),
+        # deploy's figures on the table's scale: what it timed times this factor (1.0: the machine ran as then)
+        "anchor_scale": None if deploy.baseline is None else deploy.baseline.scale,
         "winner": None
         if winner is None
         else {
