@@ -66,7 +66,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--seeds", type=int, default=5, help="student and distilled runs per dataset (seeds 0..N-1)")
     parser.add_argument(
-        "--epochs", type=int, default=None, help="default: what `unet-edge train` picks for --train-images images"
+        "--epochs",
+        type=int,
+        default=None,
+        help="default: what `unet-edge train` picks for --train-images images and each model's width",
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=64)
@@ -111,6 +114,20 @@ def option_args(settings: dict) -> list[str]:
     return [part for key, value in settings.items() for part in (f"--{key.replace('_', '-')}", str(value))]
 
 
+def epochs_for(args: argparse.Namespace, base: int) -> int:
+    """A run's epochs: --epochs when given, else what `unet-edge train` runs on the set for the model's width."""
+    from unet_edge.config import schedule_epochs
+
+    return args.epochs if args.epochs_given else schedule_epochs(args.train_images, base)
+
+
+def epochs_tag(args: argparse.Namespace, base: int) -> str:
+    """ "-epN" in a run's name when its epochs differ from the set's schedule at base 16 (`args.epochs`), so a run of
+    another length is never mistaken for one of the names' earlier meaning."""
+    epochs = epochs_for(args, base)
+    return "" if epochs == args.epochs else f"-ep{epochs}"
+
+
 def tag(settings: dict) -> str:
     """A run-name fragment for distillation settings, so a cached run is never mistaken for another setting's."""
     from unet_edge.config import TrainConfig
@@ -150,10 +167,11 @@ class Runner:
             return self.results[name]
         args = self.args
         folder = self.runs / name
-        common = ["--device", "cpu", "--epochs", str(args.epochs)]
+        epochs = epochs_for(args, base)
+        common = ["--device", "cpu", "--epochs", str(epochs)]
         last = folder / "last.pt"
         metrics = folder / "metrics.jsonl"
-        finished = metrics.is_file() and len(metrics.read_text().splitlines()) >= args.epochs
+        finished = metrics.is_file() and len(metrics.read_text().splitlines()) >= epochs
         if args.finished_only and not finished:
             return None
         if last.is_file():
@@ -291,7 +309,10 @@ def main() -> None:
 
     from unet_edge.config import schedule_epochs
 
-    if args.epochs is None:  # train's own schedule, passed on explicitly so that run names and caches stay exact
+    # train's own schedule, passed on explicitly so that run names and caches stay exact: args.epochs is the set's
+    # schedule at base 16 (the names' unmarked length); a narrower model's runs carry "-epN" (`epochs_tag`)
+    args.epochs_given = args.epochs is not None
+    if args.epochs is None:
         args.epochs = schedule_epochs(args.train_images)
 
     from unet_edge.bench import count_gflops
@@ -324,7 +345,14 @@ def main() -> None:
             teacher = {**teacher, "best": teacher["curve"][args.teacher_epoch - 1]}
         for base, depth in students:
             alone = [
-                runner.train(f"{dataset}-student-b{base}-d{depth}-s{seed}", dataset, seed, base, depth, [])
+                runner.train(
+                    f"{dataset}-student{epochs_tag(args, base)}-b{base}-d{depth}-s{seed}",
+                    dataset,
+                    seed,
+                    base,
+                    depth,
+                    [],
+                )
                 for seed in seeds
             ]
             if any(run is not None for run in alone):
@@ -338,7 +366,12 @@ def main() -> None:
                     label += f"-t{teacher_arch[0]}x{teacher_arch[1]}"
                 distilled = [
                     runner.train(
-                        f"{dataset}-distilled-{label}-b{base}-d{depth}-s{seed}", dataset, seed, base, depth, options
+                        f"{dataset}-distilled-{label}{epochs_tag(args, base)}-b{base}-d{depth}-s{seed}",
+                        dataset,
+                        seed,
+                        base,
+                        depth,
+                        options,
                     )
                     for seed in seeds
                 ]
@@ -354,7 +387,7 @@ def main() -> None:
     where = "digits" if "digits" in names else names[0]
     models = {"teacher": (f"{where}-teacher-b{teacher_arch[0]}-d{teacher_arch[1]}-s0", teacher_arch)}
     for base, depth in students:
-        models[f"student b{base}"] = (f"{where}-student-b{base}-d{depth}-s0", (base, depth))
+        models[f"student b{base}"] = (f"{where}-student{epochs_tag(args, base)}-b{base}-d{depth}-s0", (base, depth))
     costs = {}
     for label, (name, (base, depth)) in models.items():
         checkpoint = runner.checkpoint(name)
@@ -374,6 +407,18 @@ def main() -> None:
         write_section(args.readme, SECTION, text)
 
 
+def epochs_text(args: argparse.Namespace, rows: list, alone_rows: list) -> str:
+    """The runs' epochs, as the section states them."""
+    if args.epochs_given:
+        return f"{args.epochs} epochs"
+    bases = sorted({row[1][0] for row in [*rows, *alone_rows]} | {arch(args.teacher)[0]})
+    by_epochs: dict[int, list[int]] = {}
+    for base in bases:
+        by_epochs.setdefault(epochs_for(args, base), []).append(base)
+    parts = [f"{epochs} epochs for base {', '.join(map(str, widths))}" for epochs, widths in sorted(by_epochs.items())]
+    return f"the schedule `unet-edge train` picks for the set and the model's width ({'; '.join(parts)})"
+
+
 def section(
     args: argparse.Namespace, alone_rows: list, rows: list, costs: dict, runner: Runner, machine_line: str
 ) -> str:
@@ -387,7 +432,8 @@ def section(
         f"Teacher UNetStudent base {teacher[0]}, depth {teacher[1]} (one per dataset, seed 0); students "
         f"{', '.join(f'base {b}, depth {d}' for b, d in sorted({row[1] for row in rows}))}, alone and distilled "
         f"(`--teacher`), seeds 0..{args.seeds - 1}, each distilled seed paired with the lone student's (same initial "
-        f"weights, batches and crops). All runs: `unet-edge train`, {args.epochs} epochs, batch {args.batch_size}, "
+        f"weights, batches and crops). All runs: `unet-edge train`, {epochs_text(args, rows, alone_rows)}, "
+        f"batch {args.batch_size}, "
         f"{args.image_size}x{args.image_size} crops, every other setting at its default (loss {defaults.loss}, "
         f"{defaults.warmup_fraction:.0%} warm-up + cosine, the learning rate `train` picks for the model's width), "
         f"{args.train_images} train / {args.val_images} val images per dataset (train_quality's sets), {args.threads} "

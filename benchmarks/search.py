@@ -46,7 +46,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--train-images", type=int, default=240)
     parser.add_argument("--val-images", type=int, default=60)
     parser.add_argument(
-        "--epochs", type=int, default=None, help="epochs of every run (default: train's schedule for the set)"
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs of every run, trials and hand-made students alike (default: train's schedule for the set at "
+        "base 16, the runs of the recorded section)",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="training batch of every run (distill.py's)")
     parser.add_argument("--teacher", default="16,4", help="base channels, depth of the teacher")
@@ -88,6 +92,7 @@ def hand_made(dataset: str, args: argparse.Namespace) -> dict:
     settings = argparse.Namespace(
         out=args.hand_made,
         epochs=args.epochs,
+        epochs_given=True,
         batch_size=args.batch_size,
         image_size=args.train_image_size,
         threads=1,
@@ -249,7 +254,9 @@ def section(rows: list[dict], args: argparse.Namespace) -> str:
 
 def main() -> None:
     args = parse_args()
-    if args.epochs is None:  # train's own schedule, explicit so that distill.py's run names and caches match
+    # train's schedule for the set at base 16, explicit so that every trial and hand-made run trains as long and
+    # distill.py's run names and caches match (its unmarked names are that length)
+    if args.epochs is None:
         from unet_edge.config import schedule_epochs
 
         args.epochs = schedule_epochs(args.train_images)

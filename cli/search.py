@@ -142,7 +142,11 @@ def search(
     ] = 20,
     epochs: Annotated[
         int | None,
-        typer.Option(min=1, help="Epochs per trial (default: what `unet-edge train` runs on the training set)."),
+        typer.Option(
+            min=1,
+            help="Epochs per trial (default: what `unet-edge train` runs on the training set for the start trials' "
+            "width, the same for every trial).",
+        ),
     ] = None,
     train_batch_size: Annotated[int, typer.Option(min=1, help="Training batch size of each trial.")] = 16,
     train_image_size: Annotated[int, typer.Option(min=8, help="Training crop size of each trial.")] = 64,

@@ -161,8 +161,8 @@ def train(
         typer.Option(
             min=1,
             help=f"Epochs to train in all (default {DEFAULT_EPOCHS}, more on a training set under "
-            f"{SCHEDULE_MIN_CROPS // DEFAULT_EPOCHS} images: enough to see {SCHEDULE_MIN_CROPS:,} crops, at most "
-            f"{MAX_SCHEDULE_EPOCHS}; with --resume, the saved run's).",
+            f"{SCHEDULE_MIN_CROPS // DEFAULT_EPOCHS} images: enough to see {SCHEDULE_MIN_CROPS:,} crops, 16 / base "
+            f"times as many below base 16, at most {MAX_SCHEDULE_EPOCHS}; with --resume, the saved run's).",
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step (per process).")] = DEFAULTS.batch_size,

@@ -399,7 +399,28 @@ def test_trials_train_for_the_epochs_train_would_run_on_the_set_unless_told(tiny
     from unet_edge.search import SearchOptions, _schedule_epochs
 
     assert SearchOptions().epochs is None
-    assert _schedule_epochs(tiny_data) == schedule_epochs(24) == 200
+    assert _schedule_epochs(tiny_data, 16) == schedule_epochs(24) == 200
+
+
+def test_every_trial_trains_as_long_as_trains_own_run_of_the_start_architecture(tiny_data, tmp_path, monkeypatch):
+    """On 240 training images `train` runs 60 epochs at base 16 and 120 at base 8: a study whose start trial is base
+    8 trains every trial 120 epochs (so that trial is `train`'s own run), one starting at base 16 60; --epochs wins."""
+    from unet_edge.search import SearchOptions, _spec
+
+    class Train240:
+        def __init__(self, root, split):
+            pass
+
+        def __len__(self):
+            return 240
+
+    monkeypatch.setattr("unet_edge.data.ImageSegmentation", Train240)
+    b8, b16 = Architecture(8, 3), Architecture(16, 3)
+    best = {a.name: table_row(a, 4, p50) for a, p50 in ((b8, 3.0), (b16, 9.0))}
+    options = SearchOptions(data=tiny_data, runs_dir=tmp_path)
+    assert _spec(options, (b8,), best, tiny_data, 1, 0.0).epochs == 120
+    assert _spec(options, (b8, b16), best, tiny_data, 1, 0.0).epochs == 60
+    assert _spec(replace(options, epochs=7), (b8,), best, tiny_data, 1, 0.0).epochs == 7
 
 
 def test_the_pruner_leaves_a_trial_alone_until_the_middle_of_its_epochs():

@@ -328,23 +328,27 @@ def test_the_default_schedule_sees_enough_crops_on_a_small_set_and_keeps_20_epoc
     """Without --epochs a run on a small training set gets the crops a student needs to level off (60 epochs of the
     benchmark sets' 240 images, where 20 left every student still climbing and its seed deciding where it stopped);
     a set of 720 images or more keeps 20 epochs, and a tiny one is capped."""
-    assert schedule_epochs(240) == 60
+    assert schedule_epochs(240) == schedule_epochs(240, 16) == schedule_epochs(240, 32) == 60
     assert schedule_epochs(512) == 29
     assert schedule_epochs(720) == schedule_epochs(10_000) == 20
     assert schedule_epochs(3) == 200
     assert all(schedule_epochs(n) * n >= 14_400 for n in range(72, 720))
+    # a narrower model sees 16 / base times as many crops: base 8 twice as many, base 4 up to the cap
+    assert schedule_epochs(240, 8) == 120 and schedule_epochs(240, 12) == 80 and schedule_epochs(240, 4) == 200
+    assert schedule_epochs(10_000, 8) == 20 and schedule_epochs(1_000, 8) == 29
 
 
 @pytest.mark.slow
 def test_a_run_without_epochs_trains_and_records_the_schedule_of_its_training_set(tiny_data, tmp_path, monkeypatch):
-    """`fit` asks the schedule for the size of the training set (24 images here), trains that many epochs, and
-    stores the number, so that a resume without --epochs finishes that run rather than a new default."""
+    """`fit` asks the schedule for the size of the training set (24 images here) and the model's width, trains that
+    many epochs, and stores the number, so that a resume without --epochs finishes that run rather than a new
+    default."""
     import unet_edge.train
 
-    asked: list[int] = []
+    asked: list[tuple[int, int]] = []
 
-    def schedule(images: int) -> int:
-        asked.append(images)
+    def schedule(images: int, base_channels: int) -> int:
+        asked.append((images, base_channels))
         return 2
 
     monkeypatch.setattr(unet_edge.train, "schedule_epochs", schedule)
@@ -359,10 +363,10 @@ def test_a_run_without_epochs_trains_and_records_the_schedule_of_its_training_se
     )
     assert config.epochs is None
     result = fit(config)
-    assert asked == [24]
+    assert asked == [(24, 4)]
     assert len(result.history) == 2
     assert json.loads((result.run_dir / "config.json").read_text())["epochs"] == 2
     assert load_checkpoint(result.run_dir / "last.pt")["train_config"]["epochs"] == 2
     with pytest.raises(TrainingError, match="already at epoch 2 of 2"):
         fit(TrainConfig(device="cpu", resume=str(result.run_dir / "last.pt")))
-    assert asked == [24]
+    assert asked == [(24, 4)]

@@ -498,10 +498,10 @@ def fit(
     data = training_data(config, device, distributed, progress=hooks.on_scan if is_main else None)
     if is_main and data.scan.classes_note is not None:
         hooks.on_note(data.scan.classes_note)
-    # No --epochs and no run to resume: the schedule the size of the training set calls for; the run records it.
-    epochs = (
-        config.epochs if config.epochs is not None else schedule_epochs(len(cast(Sized, data.train_loader.dataset)))
-    )
+    # No --epochs and no run to resume: the schedule the size of the training set and the model's width call for;
+    # the run records it.
+    images = len(cast(Sized, data.train_loader.dataset))
+    epochs = config.epochs if config.epochs is not None else schedule_epochs(images, config.model.base_channels)
     config = replace(config, epochs=epochs)
     planned_epochs = planned_epochs if planned_epochs is not None else epochs
     # The one place training names distillation: after the model is built, so that the student's initial

@@ -24,7 +24,7 @@ from ..progress import Progress, Steps, tell
 from .latency import LatencyTable, SearchError, TableSettings, machine_facts, measure_table, teacher_latency
 from .report import REPORT_FILE, SearchResult, TrialRecord, collect_trials, write_report
 from .space import BASE_CHANNELS, DEPTHS, Architecture, architectures
-from .study import StudySpec, enqueue_defaults, open_study, recover_stale_trials, run_workers
+from .study import StudySpec, enqueue_defaults, open_study, recover_stale_trials, run_workers, start_architecture
 
 __all__ = [
     "REPORT_FILE",
@@ -76,7 +76,7 @@ class SearchOptions:
     storage: str | None = None  # default: sqlite:///runs_dir/search/NAME/study.db
     heartbeat_s: int = 20
     # Each trial's training.
-    epochs: int | None = None  # default: the schedule `train` picks for the training set's size
+    epochs: int | None = None  # default: `train`'s schedule for the training set at the start architecture's width
     train_batch_size: int = 16
     train_image_size: int = 64
     lr_range: tuple[float, float] = (3e-4, 1e-2)
@@ -235,17 +235,19 @@ def _spec(
 ) -> StudySpec:
     folder = options.folder
     storage = options.storage or f"sqlite:///{(folder / 'study.db').resolve()}"
+    latency_ms = {a.name: _p50(best[a.name]) for a in feasible}
+    start = start_architecture(feasible, latency_ms)
     return StudySpec(
         storage=storage,
         study_name=options.name,
         architectures=feasible,
-        latency_ms={a.name: _p50(best[a.name]) for a in feasible},
+        latency_ms=latency_ms,
         trials=options.trials,
         deadline=None if options.timeout_s is None else started + options.timeout_s,
         trials_dir=str(folder / "trials"),
         data=str(data_root),
         teacher=str(Path(options.teacher).resolve()) if options.teacher else None,
-        epochs=options.epochs if options.epochs is not None else _schedule_epochs(data_root),
+        epochs=options.epochs if options.epochs is not None else _schedule_epochs(data_root, start.base_channels),
         batch_size=options.train_batch_size,
         image_size=options.train_image_size,
         lr_range=options.lr_range,
@@ -257,12 +259,13 @@ def _spec(
     )
 
 
-def _schedule_epochs(data_root: Path) -> int:
-    """The epochs `train` runs by default on `data_root`'s training set: every trial trains as `train` would."""
+def _schedule_epochs(data_root: Path, base_channels: int) -> int:
+    """The epochs of every trial: those `train` runs by default on `data_root`'s training set for the start trials'
+    width (`start_architecture`), so the start trials are `train`'s own runs and every trial trains as long."""
     from ..config import schedule_epochs
     from ..data import ImageSegmentation
 
-    return schedule_epochs(len(ImageSegmentation(data_root, "train")))
+    return schedule_epochs(len(ImageSegmentation(data_root, "train")), base_channels)
 
 
 def _watch(progress: Progress | None, steps: Steps, study: Any, trials: int, work: Any) -> None:
