@@ -122,8 +122,8 @@ def epochs_for(args: argparse.Namespace, base: int) -> int:
 
 
 def epochs_tag(args: argparse.Namespace, base: int) -> str:
-    """ "-epN" in a run's name when its epochs differ from the set's schedule at base 16 (`args.epochs`), so a run of
-    another length is never mistaken for one of the names' earlier meaning."""
+    """The fragment "-epN" of a run's name when its epochs differ from the set's schedule at base 16 (`args.epochs`),
+    so a run of another length is never mistaken for one of the names' earlier meaning."""
     epochs = epochs_for(args, base)
     return "" if epochs == args.epochs else f"-ep{epochs}"
 
