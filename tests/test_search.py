@@ -137,13 +137,13 @@ def test_the_reference_anchor_is_fixed_once_so_later_sessions_do_not_move_earlie
         table.rows[row_key(arch, "torchscript", "fp32", classes, settings)] = table_row(
             arch, classes, p50, anchor_ms=anchor
         )
-    table.fix_references()
+    assert table.fix_references()  # stored
     assert table.references == {"32x32-b1": pytest.approx(1.25)}
     third = Architecture(6, 2)
     table.rows[row_key(third, "torchscript", "fp32", classes, settings)] = table_row(third, classes, 1.0, anchor_ms=3.0)
     assert table.anchor_reference((32, 32), 1) == pytest.approx(1.25)  # the median of the three would be 1.5
     assert table.best(SMALL, classes, settings)["latency_ms"]["p50"] == pytest.approx(2.5)
-    table.fix_references()  # fixed once: a later call keeps it
+    assert not table.fix_references()  # fixed once: a later call keeps it
     table.save()
     reopened = LatencyTable.open(table.path, machine_facts(1), given=False)
     assert reopened.references == {"32x32-b1": pytest.approx(1.25)}

@@ -180,15 +180,19 @@ class LatencyTable:
         ]
         return float(np.median(values)) if values else None
 
-    def fix_references(self) -> None:
+    def fix_references(self) -> bool:
         """Store the reference anchor of every size and batch that has anchored rows and no reference yet (the
-        median of their anchors), so that later sessions do not move it."""
+        median of their anchors), so that later sessions do not move it; whether any was stored."""
+        added = False
         for row in self.rows.values():
-            key = reference_key(row["image_size"], row["batch_size"]) if row.get("anchor_ms") else None
-            if key is not None and key not in self.references:
-                reference = self.anchor_reference(row["image_size"], row["batch_size"])
-                if reference is not None:
-                    self.references[key] = reference
+            key = reference_key(row["image_size"], row["batch_size"])
+            reference = None
+            if row.get("anchor_ms") and key not in self.references:
+                reference = self.anchor_reference(row["image_size"], row["batch_size"])  # this row's anchor counts
+            if reference is not None:
+                self.references[key] = reference
+                added = True
+        return added
 
     def anchored(self, row: dict[str, Any]) -> dict[str, Any]:
         """`row` with its latency figures scaled by the table's reference anchor over its session's anchor (the figures
@@ -314,15 +318,10 @@ def measure_table(
             table.measured += 1
         table.save()
         steps.advance()
-    if not table.foreign and any(key not in table.references for key in _anchored_keys(table)):
-        table.fix_references()  # the first measurement at a size and batch sets its scale for good
+    if not table.foreign and table.fix_references():  # the first measurement at a size and batch sets its scale
         table.save()
     steps.done()
     return table, len(classes)
-
-
-def _anchored_keys(table: LatencyTable) -> set[str]:
-    return {reference_key(row["image_size"], row["batch_size"]) for row in table.rows.values() if row.get("anchor_ms")}
 
 
 def _measure_architecture(
