@@ -128,6 +128,17 @@ def epochs_tag(args: argparse.Namespace, base: int) -> str:
     return "" if epochs == args.epochs else f"-ep{epochs}"
 
 
+def flip_tag(root: Path) -> str:
+    """The fragment "-hflipP" of a run's name on a set whose dataset.json declares its classes mirror-symmetric, where
+    `unet-edge train` flips by default (`default_hflip`): runs of the names' earlier meaning trained without a flip."""
+    from unet_edge.config import default_hflip
+    from unet_edge.data import read_dataset_info
+
+    info = read_dataset_info(root)
+    flip = default_hflip(info is not None and info.mirror_symmetric)
+    return f"-hflip{flip:g}" if flip else ""
+
+
 def tag(settings: dict) -> str:
     """A run-name fragment for distillation settings, so a cached run is never mistaken for another setting's."""
     from unet_edge.config import TrainConfig
@@ -331,6 +342,7 @@ def main() -> None:
             (data_dir / name / ".complete").touch()
         roots[name] = data_dir / name
     runner = Runner(args, roots)
+    flips = {name: flip_tag(root) for name, root in roots.items()}
     started = time.perf_counter()
     given = json.loads(args.distill)
     variants = [dict(v) for v in SELECT_VARIANTS] if args.select else given if isinstance(given, list) else [given]
@@ -339,14 +351,15 @@ def main() -> None:
     teacher_file = f"epoch{args.teacher_epoch}.pt" if args.teacher_epoch else "best.pt"
     alone_rows = []
     for dataset in names:
-        teacher_name = f"{dataset}-teacher-b{teacher_arch[0]}-d{teacher_arch[1]}-s0"
+        flip = flips[dataset]
+        teacher_name = f"{dataset}-teacher{flip}-b{teacher_arch[0]}-d{teacher_arch[1]}-s0"
         teacher = runner.train(teacher_name, dataset, 0, *teacher_arch, [], keep_epoch=args.teacher_epoch)
         if teacher is not None and args.teacher_epoch:
             teacher = {**teacher, "best": teacher["curve"][args.teacher_epoch - 1]}
         for base, depth in students:
             alone = [
                 runner.train(
-                    f"{dataset}-student{epochs_tag(args, base)}-b{base}-d{depth}-s{seed}",
+                    f"{dataset}-student{flip}{epochs_tag(args, base)}-b{base}-d{depth}-s{seed}",
                     dataset,
                     seed,
                     base,
@@ -366,7 +379,7 @@ def main() -> None:
                     label += f"-t{teacher_arch[0]}x{teacher_arch[1]}"
                 distilled = [
                     runner.train(
-                        f"{dataset}-distilled-{label}{epochs_tag(args, base)}-b{base}-d{depth}-s{seed}",
+                        f"{dataset}-distilled-{label}{flip}{epochs_tag(args, base)}-b{base}-d{depth}-s{seed}",
                         dataset,
                         seed,
                         base,
@@ -385,9 +398,13 @@ def main() -> None:
     )
 
     where = "digits" if "digits" in names else names[0]
-    models = {"teacher": (f"{where}-teacher-b{teacher_arch[0]}-d{teacher_arch[1]}-s0", teacher_arch)}
+    flip = flips[where]
+    models = {"teacher": (f"{where}-teacher{flip}-b{teacher_arch[0]}-d{teacher_arch[1]}-s0", teacher_arch)}
     for base, depth in students:
-        models[f"student b{base}"] = (f"{where}-student{epochs_tag(args, base)}-b{base}-d{depth}-s0", (base, depth))
+        models[f"student b{base}"] = (
+            f"{where}-student{flip}{epochs_tag(args, base)}-b{base}-d{depth}-s0",
+            (base, depth),
+        )
     costs = {}
     for label, (name, (base, depth)) in models.items():
         checkpoint = runner.checkpoint(name)

@@ -15,6 +15,7 @@ from typer.core import TyperOption
 
 from unet_edge.config import (
     DEFAULT_EPOCHS,
+    DEFAULT_HFLIP,
     LR_AT_REFERENCE_WIDTH,
     LR_REFERENCE_WIDTH,
     MAX_SCHEDULE_EPOCHS,
@@ -177,12 +178,14 @@ def train(
     ] = DEFAULTS.lr,
     image_size: Annotated[int, typer.Option(min=8, help="Side of the random training crop.")] = DEFAULTS.image_size,
     hflip: Annotated[
-        float,
+        float | None,
         typer.Option(
             min=0.0,
             max=1.0,
-            help="Probability of a horizontal flip per training image; 0 turns it off (do so for classes that are not "
-            "mirror-symmetric: characters, text, signs, left/right anatomy).",
+            show_default=False,
+            help=f"Probability of a horizontal flip per training image; 0 turns it off. Default: {DEFAULT_HFLIP:g} "
+            'when the data\'s dataset.json says "mirror_symmetric": true (the embedded set does), else 0 (characters, '
+            "text, signs and left/right anatomy are not the same mirrored).",
         ),
     ] = DEFAULTS.hflip,
     scale_jitter: Annotated[

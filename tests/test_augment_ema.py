@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from unet_edge.checkpoint import load_checkpoint
-from unet_edge.config import TrainConfig
-from unet_edge.data import VOC_CLASSES, scan_dataset
+from unet_edge.config import DEFAULT_HFLIP, TrainConfig
+from unet_edge.data import VOC_CLASSES, read_dataset_info, scan_dataset
+from unet_edge.errors import DataError
 from unet_edge.loaders import training_data
 from unet_edge.train import ModelEma
 
@@ -38,6 +40,44 @@ def test_hflip_setting_reaches_the_training_samples(tiny_data, hflip):
         expected = raw_mask.flip(-1) if hflip else raw_mask
         assert torch.equal(mask.as_subclass(torch.Tensor).long(), expected.as_subclass(torch.Tensor).long())
         assert torch.equal(image.as_subclass(torch.Tensor), raw_image.flip(-1) if hflip else raw_image)
+
+
+def with_symmetry(tiny_data: Path, folder: Path, declared: bool | None) -> Path:
+    """A copy of the tiny set whose dataset.json says `"mirror_symmetric": declared` (None: says nothing)."""
+    root = folder / "data"
+    shutil.copytree(tiny_data, root)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta.pop("mirror_symmetric", None)
+    if declared is not None:
+        meta["mirror_symmetric"] = declared
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def flip_probability(data) -> float:
+    """The probability of the horizontal flip in the training loader's transform (0 when it has none)."""
+    steps = data.train_loader.dataset.transforms.transforms.transforms
+    return next((step.p for step in steps if isinstance(step, v2.RandomHorizontalFlip)), 0.0)
+
+
+@pytest.mark.parametrize(
+    ("declared", "given", "expected"),
+    [(True, None, DEFAULT_HFLIP), (False, None, 0.0), (None, None, 0.0), (True, 0.0, 0.0), (None, 1.0, 1.0)],
+)
+def test_the_flip_defaults_to_the_datasets_declared_mirror_symmetry(tiny_data, tmp_path, declared, given, expected):
+    """No --hflip: a flip only where dataset.json says the classes look the same mirrored; a given one always wins."""
+    root = with_symmetry(tiny_data, tmp_path, declared)
+    data = training_data(TrainConfig(data=str(root), hflip=given, device="cpu", cache=False), torch.device("cpu"))
+    assert data.hflip == expected and flip_probability(data) == expected
+
+
+def test_the_embedded_set_declares_its_classes_mirror_symmetric_and_a_bad_declaration_is_one_line(tiny_data, tmp_path):
+    assert read_dataset_info(tiny_data).mirror_symmetric is True
+    root = with_symmetry(tiny_data, tmp_path, None)
+    (root / "dataset.json").write_text(json.dumps({"classes": ["a", "b"], "mirror_symmetric": "yes"}))
+    with pytest.raises(DataError, match=r'"mirror_symmetric" must be true or false, got "yes"') as caught:
+        read_dataset_info(root)
+    assert "\n" not in str(caught.value)
 
 
 def test_scale_jitter_resizes_before_the_crop_and_keeps_mask_values():

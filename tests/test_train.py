@@ -365,8 +365,10 @@ def test_a_run_without_epochs_trains_and_records_the_schedule_of_its_training_se
     result = fit(config)
     assert asked == [(24, 4)]
     assert len(result.history) == 2
-    assert json.loads((result.run_dir / "config.json").read_text())["epochs"] == 2
+    stored = json.loads((result.run_dir / "config.json").read_text())
+    assert stored["epochs"] == 2 and stored["hflip"] == 0.5  # the embedded set is mirror-symmetric
     assert load_checkpoint(result.run_dir / "last.pt")["train_config"]["epochs"] == 2
+    assert load_checkpoint(result.run_dir / "last.pt")["train_config"]["hflip"] == 0.5
     with pytest.raises(TrainingError, match="already at epoch 2 of 2"):
         fit(TrainConfig(device="cpu", resume=str(result.run_dir / "last.pt")))
     assert asked == [(24, 4)]

@@ -87,8 +87,12 @@ LABEL_VALUES = "the label values"
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """What a dataset declares about itself (ROOT/dataset.json): its class names, ignore index and whether its
+    classes look the same mirrored left-right (`mirror_symmetric`: shapes, textures, scenes; not characters)."""
+
     classes: tuple[str, ...]
     ignore_index: int | None
+    mirror_symmetric: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -96,7 +100,7 @@ class DatasetInfo:
 
 
 def read_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo | None:
-    """Classes and ignore index from ROOT/dataset.json, or None when the file is absent."""
+    """Classes, ignore index and mirror symmetry from ROOT/dataset.json, or None when the file is absent."""
     path = Path(root) / "dataset.json"
     if not path.is_file():
         return None
@@ -119,7 +123,10 @@ def read_dataset_info(root: str | os.PathLike[str]) -> DatasetInfo | None:
             f'{path}: "ignore_index" must be null or an integer in 0..255 that is not a class id '
             f"(0..{len(classes) - 1}), got {json.dumps(ignore_index)}"
         )
-    return DatasetInfo(tuple(classes), ignore_index)
+    mirror_symmetric = meta.get("mirror_symmetric", False)
+    if not isinstance(mirror_symmetric, bool):
+        raise DataError(f'{path}: "mirror_symmetric" must be true or false, got {json.dumps(mirror_symmetric)}')
+    return DatasetInfo(tuple(classes), ignore_index, mirror_symmetric)
 
 
 def resolve_data(data: str | os.PathLike[str] | None, progress: Progress | None = None) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from .config import TrainConfig
+from .config import TrainConfig, default_hflip
 from .data import ImageSegmentation, ScanReport, pad_collate, resolve_data, scan_dataset
 from .device import prefers_channels_last
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, BatchNormalize, SegmentationPresetEval, SegmentationPresetTrain
@@ -115,6 +115,7 @@ class TrainingData:
     normalize: BatchNormalize
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    hflip: float = 0.0  # the flip probability the training loader applies (`default_hflip` unless one was given)
 
     @property
     def classes(self) -> list[str]:
@@ -160,9 +161,10 @@ def training_data(
     cache_bytes = scan.decoded_bytes("train") + scan.decoded_bytes("val")
     cache = config.cache if config.cache is not None else workers == 0 and cache_bytes * processes <= cache_budget()
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+    hflip = config.hflip if config.hflip is not None else default_hflip(scan.info.mirror_symmetric)
     train_preset = SegmentationPresetTrain(
         crop_size=config.image_size,
-        hflip_prob=config.hflip,
+        hflip_prob=hflip,
         scale_range=config.scale_range,
         mean=mean,
         std=std,
@@ -198,4 +200,4 @@ def training_data(
         pad=False,
     )
     normalize = BatchNormalize(mean, std, channels_last=prefers_channels_last(device, training=True))
-    return TrainingData(root, scan, train_loader, val_loader, train_sampler, normalize, tuple(mean), tuple(std))
+    return TrainingData(root, scan, train_loader, val_loader, train_sampler, normalize, tuple(mean), tuple(std), hflip)

@@ -23,7 +23,8 @@ __all__ = ["CLASSES", "IGNORE_INDEX", "SynthSpec", "default_data_dir", "ensure_s
 
 CLASSES = ("background", "circle", "square", "triangle")
 IGNORE_INDEX = 255
-_FORMAT_VERSION = 1
+# 2: dataset.json says the classes are mirror-symmetric (the images and labels are those of version 1)
+_FORMAT_VERSION = 2
 NOISE = 1.0
 
 
@@ -125,7 +126,14 @@ def write_synth(out: str | os.PathLike[str], spec: SynthSpec = SynthSpec(), prog
             atomic_write_bytes(root / split / "labels" / f"{i:05d}.png", _png_bytes(label))
             done += 1
             tell(progress, done, total, "writing samples")
-    meta = {"classes": list(CLASSES), "ignore_index": IGNORE_INDEX, "synth": asdict(spec), "version": _FORMAT_VERSION}
+    # Circles, squares and triangles are the same shapes mirrored, so `train` flips the images by default.
+    meta = {
+        "classes": list(CLASSES),
+        "ignore_index": IGNORE_INDEX,
+        "mirror_symmetric": True,
+        "synth": asdict(spec),
+        "version": _FORMAT_VERSION,
+    }
     atomic_write_text(root / "dataset.json", json.dumps(meta, indent=2) + "\n")
     return root
 

@@ -499,10 +499,10 @@ def fit(
     if is_main and data.scan.classes_note is not None:
         hooks.on_note(data.scan.classes_note)
     # No --epochs and no run to resume: the schedule the size of the training set and the model's width call for;
-    # the run records it.
+    # the run records it, and the flip the loader applies (the dataset's default unless one was given).
     images = len(cast(Sized, data.train_loader.dataset))
     epochs = config.epochs if config.epochs is not None else schedule_epochs(images, config.model.base_channels)
-    config = replace(config, epochs=epochs)
+    config = replace(config, epochs=epochs, hflip=data.hflip)
     planned_epochs = planned_epochs if planned_epochs is not None else epochs
     # The one place training names distillation: after the model is built, so that the student's initial
     # weights and crops are those of the same seed alone.
