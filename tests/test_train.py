@@ -46,6 +46,8 @@ def test_one_epoch_train_subprocess_writes_run_folder(tiny_data, tmp_path, cli):
     assert len(records) == 1 and {"epoch", "train_loss", "miou", "per_class_iou"} <= set(records[0])
     assert 0.0 <= records[0]["miou"] <= 1.0
     assert "best val mIoU" in result.stdout and "circle" in result.stdout
+    # the embedded set declares its classes mirror-symmetric, so the default flip is on and said so in one line
+    assert "says the classes look the same mirrored" in result.stderr and "--hflip 0 turns it off" in result.stderr
 
 
 @pytest.mark.slow

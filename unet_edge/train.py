@@ -498,6 +498,11 @@ def fit(
     data = training_data(config, device, distributed, progress=hooks.on_scan if is_main else None)
     if is_main and data.scan.classes_note is not None:
         hooks.on_note(data.scan.classes_note)
+    if is_main and config.hflip is None and data.hflip > 0:
+        hooks.on_note(
+            f"{data.root / 'dataset.json'} says the classes look the same mirrored, so training flips each image "
+            f"left-right with probability {data.hflip:g} (--hflip 0 turns it off)"
+        )
     # No --epochs and no run to resume: the schedule the size of the training set and the model's width call for;
     # the run records it, and the flip the loader applies (the dataset's default unless one was given).
     images = len(cast(Sized, data.train_loader.dataset))
