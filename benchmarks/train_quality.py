@@ -20,6 +20,9 @@ Datasets (written to a temporary folder; nothing is downloaded):
   gravel, the lunar surface), images of mixed sizes (48-96 px), label = texture; val crops come from
   parts of the photographs that training never sees.
 
+shapes and textures declare their classes mirror-symmetric in dataset.json, so `fit` flips their training
+images by default; digits (no dataset.json) are not flipped.
+
     python benchmarks/train_quality.py               # writes the `train-quality` section of benchmarks/README.md
 
 Runs go `--jobs` at a time, one thread each, so the figures do not depend on how busy the machine is
@@ -184,7 +187,9 @@ def write_textures(root: Path, num_train: int, num_val: int, sizes: tuple[int, i
             image, label = texture_mosaic(rng, parts[split], height, width)
             Image.fromarray(image).save(root / split / "images" / f"{i:05d}.png")
             Image.fromarray(label).save(root / split / "labels" / f"{i:05d}.png")
-    (root / "dataset.json").write_text(json.dumps({"classes": list(TEXTURES), "ignore_index": IGNORE}))
+    # Brick, grass, gravel and the lunar surface are the same textures mirrored: `train` flips them by default.
+    meta = {"classes": list(TEXTURES), "ignore_index": IGNORE, "mirror_symmetric": True}
+    (root / "dataset.json").write_text(json.dumps(meta))
     return root
 
 
