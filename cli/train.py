@@ -147,7 +147,8 @@ class _ProgressHooks(TrainHooks):
             f", teacher {record['teacher_share']:.0%} of step time" if record.get("teacher_share") is not None else ""
         )
         self.progress.console.print(
-            f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  val mIoU {fmt(record['miou'])}  "
+            f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  train mIoU {fmt(record.get('train_miou'))}  "
+            f"val mIoU {fmt(record['miou'])}  "
             f"{fmt(record['train_images_per_s'], 1)} img/s  {record['epoch_time_s']:.1f} s "
             f"(waiting for data {record['data_time_s']:.1f} s{teacher})"
         )

@@ -360,7 +360,8 @@ def test_a_teacher_worse_than_the_student_is_a_warning(tiny_data, teacher_checkp
     hooks = Notes()
     result = trainer(tiny_data, tmp_path, name="w", epochs=2, hooks=hooks, teacher=str(weak))
     teacher_miou = load_checkpoint(result.run_dir / "last.pt")["teacher"]["val_miou"]
-    assert hooks.notes[0].startswith(f"teacher {weak} ({load_teacher_description(weak)}): val mIoU {teacher_miou:.4f};")
+    (described,) = [note for note in hooks.notes if note.startswith("teacher ")]
+    assert described.startswith(f"teacher {weak} ({load_teacher_description(weak)}): val mIoU {teacher_miou:.4f};")
     warnings = [note for note in hooks.notes if note.startswith("warning:")]
     passed = [r["epoch"] for r in result.history if r["miou"] > teacher_miou]
     assert passed, "the student never passed the weak teacher: the warning went untested"

@@ -58,6 +58,20 @@ def test_confusion_over_batches_equals_iou_of_concatenation():
     assert miou != pytest.approx(batch_mean, abs=1e-9)
 
 
+def test_accumulate_counts_training_batches_as_update_does_and_skips_padding_and_the_ignore_index():
+    """The running train mIoU's path: no checks, and targets outside 0..K-1 (255, crop padding) count for nothing."""
+    generator = torch.Generator().manual_seed(1)
+    checked, running = ConfusionMatrix(4, ignore_index=255), ConfusionMatrix(4)
+    for _ in range(4):
+        pred = torch.randint(0, 4, (2, 9, 7), generator=generator)
+        target = torch.randint(0, 4, (2, 9, 7), generator=generator)
+        target[0, :2] = 255
+        padded = torch.cat([target, torch.full((2, 9, 3), -100)], dim=-1)  # crop padding beside the image
+        checked.update(pred, target)
+        running.accumulate(torch.cat([pred, torch.randint(0, 4, (2, 9, 3), generator=generator)], dim=-1), padded)
+    assert torch.equal(running.matrix, checked.matrix) and int(running.matrix.sum()) == 4 * (2 * 9 * 7 - 14)
+
+
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         IoU(torch.zeros(2, 2), torch.zeros(2, 3), 2)

@@ -43,8 +43,9 @@ def test_one_epoch_train_subprocess_writes_run_folder(tiny_data, tmp_path, cli):
     for name in ("best.pt", "last.pt", "metrics.jsonl", "curves.png"):
         assert (run / name).is_file(), name
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 1 and {"epoch", "train_loss", "miou", "per_class_iou"} <= set(records[0])
-    assert 0.0 <= records[0]["miou"] <= 1.0
+    assert len(records) == 1 and {"epoch", "train_loss", "train_miou", "miou", "per_class_iou"} <= set(records[0])
+    assert 0.0 <= records[0]["miou"] <= 1.0 and 0.0 <= records[0]["train_miou"] <= 1.0
+    assert "train mIoU" in result.stderr  # the epoch lines
     assert "best val mIoU" in result.stdout and "circle" in result.stdout
     # the embedded set declares its classes mirror-symmetric, so the default flip is on and said so in one line
     assert "says the classes look the same mirrored" in result.stderr and "--hflip 0 turns it off" in result.stderr
@@ -290,6 +291,43 @@ def test_cpu_training_gradients_match_float64():
     expected = gradients(copy.deepcopy(model).double(), BatchNormalize()(images).double())
     worst = max(((got[n] - expected[n]).norm() / expected[n].norm().clamp_min(1e-12)).item() for n in expected)
     assert worst < 1e-3, worst
+
+
+@pytest.mark.slow
+def test_the_running_train_miou_is_that_of_the_predictions_each_step_made(tiny_data):
+    """With the weights held still (learning rate 0), the epoch's running confusion equals the one counted again over
+    the same batches: every crop's prediction, and nothing of the padding or the ignore band."""
+    from unet_edge.loaders import training_data
+    from unet_edge.metrics import ConfusionMatrix
+    from unet_edge.model import build_model
+    from unet_edge.train import train_one_epoch
+
+    torch.manual_seed(0)
+    data = training_data(
+        TrainConfig(data=str(tiny_data), batch_size=4, image_size=40, device="cpu"), torch.device("cpu")
+    )
+    batches = list(data.train_loader)
+    model = build_model(ModelConfig(num_classes=len(data.classes), base_channels=4, depth=2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    running = ConfusionMatrix(len(data.classes))
+    train_one_epoch(
+        model,
+        batches,
+        optimizer,
+        scheduler,
+        lambda logits, masks: logits.square().mean(),  # any finite loss: at learning rate 0 the weights stay
+        torch.device("cpu"),
+        normalize=data.normalize,
+        confusion=running,
+    )
+    again = ConfusionMatrix(len(data.classes), ignore_index=data.ignore_index)
+    with torch.no_grad():
+        for images, masks in batches:
+            logits = model(data.normalize(images))  # train mode: the batch's own statistics, as in the step
+            keep = masks >= 0  # crop padding is not a pixel
+            again.update(logits.argmax(1)[keep], masks[keep])
+    assert torch.equal(running.matrix, again.matrix) and int(running.matrix.sum()) > 0
 
 
 def test_every_training_setting_says_how_resuming_treats_it():

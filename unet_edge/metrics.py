@@ -76,6 +76,16 @@ class ConfusionMatrix:
             self._follow_input = False
         self.matrix += counts.to(self.matrix.device)
 
+    def accumulate(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a training batch without the checks of `update`, and without waiting for the device: its labels
+        were checked when the dataset was scanned, so a target outside 0..K-1 (the ignore index, crop padding)
+        is a pixel that counts for nothing. The matrix must live on the batch's device."""
+        pred, target = pred.detach().reshape(-1), target.detach().reshape(-1).long()
+        keep = (target >= 0) & (target < self.num_classes)
+        index = torch.where(keep, target * self.num_classes + pred.long(), self.num_classes * self.num_classes)
+        counts = torch.bincount(index, minlength=self.num_classes * self.num_classes + 1)
+        self.matrix += counts[:-1].reshape(self.num_classes, self.num_classes)
+
     def reduce_from_all_processes(self) -> None:
         """Sum the matrix over every process of the default group (nothing to do outside one)."""
         import torch.distributed as dist

@@ -36,7 +36,7 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def write_curves(run_dir: str | os.PathLike[str]) -> Path | None:
-    """Plot train loss and val mIoU per epoch (all epochs, resumed ones included) to curves.png."""
+    """Plot train loss, and train and val mIoU, per epoch (all epochs, resumed ones included) to curves.png."""
     records = read_metrics(run_dir)
     if not records:
         return None
@@ -44,10 +44,18 @@ def write_curves(run_dir: str | os.PathLike[str]) -> Path | None:
     fig, (ax_loss, ax_miou) = pyplot().subplots(1, 2, figsize=(9, 3.5))
     ax_loss.plot(epochs, [r["train_loss"] for r in records], marker="o")
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="Training loss")
+    if any(r.get("train_miou") is not None for r in records):  # runs before the running train mIoU lack it
+        train_miou = [r["train_miou"] if r.get("train_miou") is not None else float("nan") for r in records]
+        ax_miou.plot(epochs, train_miou, marker=".", color="C0", label="train (running, on the crops)")
     ax_miou.plot(
-        epochs, [r["miou"] if r["miou"] is not None else float("nan") for r in records], marker="o", color="C1"
+        epochs,
+        [r["miou"] if r["miou"] is not None else float("nan") for r in records],
+        marker="o",
+        color="C1",
+        label="val",
     )
-    ax_miou.set(xlabel="epoch", ylabel="val mIoU", title="Validation mIoU", ylim=(0, 1))
+    ax_miou.set(xlabel="epoch", ylabel="mIoU", title="mIoU", ylim=(0, 1))
+    ax_miou.legend(loc="lower right")
     for ax in (ax_loss, ax_miou):
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -28,6 +28,7 @@ from .errors import DataError, OutputError, TrainingError
 from .evaluate import EvalResult, evaluate
 from .hooks import TrainHooks
 from .loaders import TrainingData, cache_budget, pad_index, training_data
+from .metrics import ConfusionMatrix
 from .model import build_model
 from .runs import RunFolder
 
@@ -307,9 +308,12 @@ def train_one_epoch(
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ema: ModelEma | None = None,
     auxiliary: AuxiliaryLoss | None = None,
+    confusion: ConfusionMatrix | None = None,
 ) -> EpochStats:
     """One pass over `loader`. A non-finite loss stops training (checked every `LOSS_CHECK_EVERY` steps on
-    a GPU, every step on the CPU, and at the end); `on_step` gets the loss last read.
+    a GPU, every step on the CPU, and at the end); `on_step` gets the loss last read. `confusion`, when given,
+    accumulates every training crop's prediction as the step made it (the running train mIoU beside the val one:
+    a gap between them is the model memorising its training images).
 
     With a grad `scaler`, a step it skips (inf/NaN gradients) does not advance the schedule.
     `ema`, when given, moves its average after every optimiser step. `auxiliary`, when given, adds its
@@ -344,6 +348,8 @@ def train_one_epoch(
             loss = criterion(logits, masks)
             if auxiliary is not None:
                 loss = loss + auxiliary(images, logits, masks, extras)
+        if confusion is not None:
+            confusion.accumulate(logits.detach().argmax(1), masks)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaled = scaler.scale(loss)
@@ -389,6 +395,7 @@ def run_epoch(
     precision = training.precision
     if training.auxiliary is not None:
         training.auxiliary.begin_epoch(epoch, len(data.train_loader))
+    train_confusion = ConfusionMatrix(len(data.classes), device=training.device)
     loss, seen, data_time = train_one_epoch(
         training.train_model,
         data.train_loader,
@@ -402,13 +409,16 @@ def run_epoch(
         normalize=data.normalize,
         ema=training.ema,
         auxiliary=training.auxiliary,
+        confusion=train_confusion,
     )
     if distributed is not None:
+        train_confusion.reduce_from_all_processes()
         loss, seen = distributed.reduce_loss(loss, seen)
         distributed.broadcast_buffers(training.model)
         if training.ema is not None:
             distributed.broadcast_buffers(training.ema.module)
     train_time = time.perf_counter() - started
+    train_miou = train_confusion.compute()[1]
     auxiliary_record = training.auxiliary.epoch_record(train_time - data_time) if training.auxiliary else {}
     # Validation runs in fp32, as `unet-edge eval` and the exported models do, so the logged mIoU is
     # that of the saved weights whatever precision trained them.
@@ -423,6 +433,7 @@ def run_epoch(
     record = {
         "epoch": epoch + 1,
         "train_loss": loss,
+        "train_miou": None if math.isnan(train_miou) else train_miou,
         "lr": training.scheduler.get_last_lr()[0],
         "train_images_per_s": seen / train_time if train_time > 0 else None,
         "data_time_s": data_time,
