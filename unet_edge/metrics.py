@@ -82,9 +82,9 @@ class ConfusionMatrix:
         is a pixel that counts for nothing. The matrix must live on the batch's device."""
         pred, target = pred.detach().reshape(-1), target.detach().reshape(-1).long()
         keep = (target >= 0) & (target < self.num_classes)
-        index = torch.where(keep, target * self.num_classes + pred.long(), self.num_classes * self.num_classes)
-        counts = torch.bincount(index, minlength=self.num_classes * self.num_classes + 1)
-        self.matrix += counts[:-1].reshape(self.num_classes, self.num_classes)
+        # index_add_ rather than bincount, which reads the largest index back to the host on CUDA
+        index = torch.where(keep, target * self.num_classes + pred.long(), 0)
+        self.matrix.view(-1).index_add_(0, index, keep.long())
 
     def reduce_from_all_processes(self) -> None:
         """Sum the matrix over every process of the default group (nothing to do outside one)."""
