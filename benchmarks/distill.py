@@ -443,6 +443,8 @@ def section(
 
     defaults = TrainConfig()
     teacher = costs["teacher"]
+    flips = {name: flip_tag(root).removeprefix("-hflip") or "none" for name, root in runner.roots.items()}
+    flip_text = ", ".join(f"{flip} on {name}" for name, flip in flips.items())
     lines = [
         "## Distillation: small students taught by a large model",
         "",
@@ -452,7 +454,8 @@ def section(
         f"weights, batches and crops). All runs: `unet-edge train`, {epochs_text(args, rows, alone_rows)}, "
         f"batch {args.batch_size}, "
         f"{args.image_size}x{args.image_size} crops, every other setting at its default (loss {defaults.loss}, "
-        f"{defaults.warmup_fraction:.0%} warm-up + cosine, the learning rate `train` picks for the model's width), "
+        f"{defaults.warmup_fraction:.0%} warm-up + cosine, the learning rate `train` picks for the model's width, "
+        f"the flip `train` picks from each set's dataset.json: {flip_text}), "
         f"{args.train_images} train / {args.val_images} val images per dataset (train_quality's sets), {args.threads} "
         "thread(s) per run. Best val mIoU over the epochs, mean ± sd over seeds; gap closed = (distilled - alone) / "
         "(teacher - alone), on the means; worst pair = the lowest (distilled - alone) of a seed; time = seconds of "
