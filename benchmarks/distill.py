@@ -418,7 +418,7 @@ def main() -> None:
             flush=True,
         )
 
-    text = section(args, alone_rows, rows, costs, runner, machine())
+    text = section(args, alone_rows, rows, costs, runner, machine(), flips)
     print(text)
     if not args.no_write:
         write_section(args.readme, SECTION, text)
@@ -437,14 +437,19 @@ def epochs_text(args: argparse.Namespace, rows: list, alone_rows: list) -> str:
 
 
 def section(
-    args: argparse.Namespace, alone_rows: list, rows: list, costs: dict, runner: Runner, machine_line: str
+    args: argparse.Namespace,
+    alone_rows: list,
+    rows: list,
+    costs: dict,
+    runner: Runner,
+    machine_line: str,
+    flips: dict[str, str],
 ) -> str:
     from unet_edge.config import TrainConfig
 
     defaults = TrainConfig()
     teacher = costs["teacher"]
-    flips = {name: flip_tag(root).removeprefix("-hflip") or "none" for name, root in runner.roots.items()}
-    flip_text = ", ".join(f"{flip} on {name}" for name, flip in flips.items())
+    flip_text = ", ".join(f"{flip.removeprefix('-hflip') or 'none'} on {name}" for name, flip in flips.items())
     lines = [
         "## Distillation: small students taught by a large model",
         "",
