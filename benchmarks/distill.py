@@ -148,10 +148,12 @@ def tag(settings: dict) -> str:
         "distill_loss": defaults.distill_loss,
         "distill_temperature": defaults.distill_temperature,
         "distill_weight": defaults.distill_weight,
+        "distill_pixels": defaults.distill_pixels,
         **settings,
     }
     warmup = f"-warm{full['distill_warmup']:g}" if full.get("distill_warmup") else ""
-    return f"{full['distill_loss']}-T{full['distill_temperature']:g}-w{full['distill_weight']:g}{warmup}"
+    pixels = "" if full["distill_pixels"] == "all" else f"-{full['distill_pixels']}"
+    return f"{full['distill_loss']}-T{full['distill_temperature']:g}-w{full['distill_weight']:g}{warmup}{pixels}"
 
 
 class Runner:

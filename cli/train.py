@@ -22,6 +22,7 @@ from unet_edge.config import (
     SCHEDULE_MIN_CROPS,
     BlockOrder,
     DistillLoss,
+    DistillPixels,
     Loss,
     ModelConfig,
     TrainConfig,
@@ -243,6 +244,13 @@ def train(
             help="With --teacher: fraction of the run over which the term's weight rises linearly from 0.",
         ),
     ] = DEFAULTS.distill_warmup,
+    distill_pixels: Annotated[
+        DistillPixels,
+        typer.Option(
+            help="With --teacher: the pixels the term counts: every labelled one (all), or only those the teacher "
+            "labels right (teacher-right), so that its mistakes are not taught.",
+        ),
+    ] = DistillPixels(DEFAULTS.distill_pixels),
     distill_cache: Annotated[
         bool | None,
         typer.Option(
@@ -303,7 +311,14 @@ def train(
     given = _given(ctx)
     unused = [
         f"--{name.replace('_', '-')}"
-        for name in ("distill_loss", "distill_weight", "distill_temperature", "distill_warmup", "distill_cache")
+        for name in (
+            "distill_loss",
+            "distill_weight",
+            "distill_temperature",
+            "distill_warmup",
+            "distill_pixels",
+            "distill_cache",
+        )
         if name in given
     ]
     if unused and teacher is None and resume is None:

@@ -14,6 +14,7 @@ from typing import Any
 __all__ = [
     "BlockOrder",
     "DistillLoss",
+    "DistillPixels",
     "Downsample",
     "Loss",
     "ModelConfig",
@@ -126,6 +127,14 @@ class DistillLoss(StrEnum):
     DIST = "dist"
 
 
+class DistillPixels(StrEnum):
+    """Where the distillation term counts: every valid pixel, or only those the teacher labels right (its
+    arg-max equals the ground truth), so that a teacher's mistakes are never taught."""
+
+    ALL = "all"
+    TEACHER_RIGHT = "teacher-right"
+
+
 def _choice(enum: type[StrEnum], name: str, value: str) -> str:
     try:
         return enum(value).value
@@ -182,7 +191,8 @@ class TrainConfig:
     `loss` is "dice-ce" (cross-entropy plus soft Dice) or "ce"; checkpoints
     saved before the setting existed trained with "ce". `teacher` (a checkpoint or TorchScript file) adds
     `distill_weight` times the `distill_loss` term at `distill_temperature` to the loss, its weight rising
-    linearly from 0 over the first `distill_warmup` fraction of the steps; `distill_cache` computes the
+    linearly from 0 over the first `distill_warmup` fraction of the steps, counted on the pixels `distill_pixels`
+    names (every valid one, or those the teacher labels right); `distill_cache` computes the
     teacher's logits once per training image instead of in every step (None: when they fit in memory).
     """
 
@@ -203,6 +213,7 @@ class TrainConfig:
     distill_weight: float = 1.0
     distill_temperature: float = 1.0
     distill_warmup: float = 0.0
+    distill_pixels: str = "all"
     distill_cache: bool | None = None
     model: ModelConfig = field(default_factory=lambda: ModelConfig(base_channels=16, depth=3))
     device: str = "auto"
@@ -224,6 +235,7 @@ class TrainConfig:
             raise ValueError(f"ema decay must be in [0, 1), got {self.ema_decay}")
         object.__setattr__(self, "loss", _choice(Loss, "loss", self.loss))
         object.__setattr__(self, "distill_loss", _choice(DistillLoss, "distill loss", self.distill_loss))
+        object.__setattr__(self, "distill_pixels", _choice(DistillPixels, "distill pixels", self.distill_pixels))
         if self.distill_weight < 0:
             raise ValueError(f"distill weight must be >= 0, got {self.distill_weight}")
         if self.distill_temperature <= 0:

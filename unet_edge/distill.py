@@ -26,7 +26,7 @@ from torchvision import tv_tensors
 
 from .artifact import NCHW_FLOAT, read_metadata
 from .checkpoint import load_model
-from .config import DistillLoss
+from .config import DistillLoss, DistillPixels
 from .errors import ArtifactError, CheckpointError, TrainingError
 from .formats.torchscript import is_torchscript, load_torchscript
 from .io import sha256_file
@@ -339,13 +339,21 @@ class Distillation:
     """
 
     def __init__(
-        self, teacher: Teacher, term: nn.Module, weight: float, pad_value: int, *, warmup_steps: int = 0
+        self,
+        teacher: Teacher,
+        term: nn.Module,
+        weight: float,
+        pad_value: int,
+        *,
+        warmup_steps: int = 0,
+        teacher_right_only: bool = False,
     ) -> None:
         self.teacher = teacher
         self.term = term
         self.weight = weight
         self.pad_value = pad_value
         self.warmup_steps = warmup_steps
+        self.teacher_right_only = teacher_right_only
         self.step = 0
         self.teacher_miou: float | None = None
         self.soft_labels = False
@@ -387,6 +395,7 @@ class Distillation:
             config.distill_weight,
             pad_index(data.ignore_index),
             warmup_steps=int(config.distill_warmup * planned_steps),
+            teacher_right_only=config.distill_pixels == DistillPixels.TEACHER_RIGHT,
         )
         recorded = resumed.get("teacher") if resumed is not None else None
         distillation.teacher_miou = recorded["val_miou"] if recorded else None
@@ -469,13 +478,22 @@ class Distillation:
         extras: tuple[torch.Tensor, ...] = (),
     ) -> torch.Tensor:
         teacher_logits = extras[0] if extras else self.teacher_logits(images)
-        term = self.term(student_logits, teacher_logits, masks != self.pad_value)
+        term = self.term(student_logits, teacher_logits, self.counted_pixels(teacher_logits, masks))
         detached = term.detach()
         self._term_sum = detached if self._term_sum is None else self._term_sum + detached
         self._steps += 1
         ramp = min(1.0, (self.step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
         self.step += 1
         return self.weight * ramp * term
+
+    def counted_pixels(self, teacher_logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """N x H x W bool: the pixels the term counts. Padding and the ignore index never count; with
+        `teacher_right_only`, of the others only those where the teacher's arg-max is the ground truth do, so a
+        teacher's mistakes are not taught."""
+        valid = masks != self.pad_value
+        if self.teacher_right_only:
+            valid &= teacher_logits.argmax(1) == masks
+        return valid
 
     def take_epoch_stats(self) -> tuple[float, float | None]:
         """(seconds in the teacher's forward passes, mean of the unweighted term) since the last call."""
