@@ -250,6 +250,8 @@ def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_d
         "2",
         "--distill-temperature",
         "3",
+        "--distill-pixels",
+        "teacher-right",
     )
     assert result.returncode == 0, result.stderr
     assert re.search(
@@ -275,7 +277,8 @@ def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_d
         settings["distill_loss"],
         settings["distill_weight"],
         settings["distill_temperature"],
-    ) == (str(teacher_checkpoint), "kl", 2.0, 3.0)
+        settings["distill_pixels"],
+    ) == (str(teacher_checkpoint), "kl", 2.0, 3.0, "teacher-right")
 
     report = tmp_path / "eval.json"
     evaluated = cli("eval", str(run / "best.pt"), "--data", str(tiny_data), "--json", str(report), "--device", "cpu")
@@ -401,6 +404,33 @@ def test_every_term_is_zero_for_the_teacher_ignores_masked_pixels_and_trains_the
     assert student.grad[valid.unsqueeze(1).expand_as(student)].abs().sum() > 0
     assert student.grad[~valid.unsqueeze(1).expand_as(student)].abs().sum() == 0
     assert isinstance(distill_term("dist", 1.0), CorrelationDistillation)
+
+
+@pytest.mark.parametrize("ignore_index", [255, 0])
+def test_teacher_right_counts_only_the_pixels_the_teacher_labels_right(ignore_index):
+    """The term over the pixels where the teacher's arg-max is the label, and no gradient elsewhere; an ignored pixel
+    never counts, even where the ignore index is a class id the teacher picks."""
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 3, 4, 5)
+    masks = torch.randint(0, 3, (2, 4, 5))
+    teacher[0, 1, 0, :2] = teacher[1, 2, 1, :2] = 10.0
+    masks[0, 0, :2] = masks[1, 1, :2] = 1  # the teacher is right on two pixels for certain, wrong on two others
+    teacher[0, 0, 3, 4] = 10.0
+    masks[0, 3, 4] = ignore_index  # ignored, though with ignore index 0 the teacher picks that class there
+    right = (teacher.argmax(1) == masks) & (masks != ignore_index)
+    assert right[0, 0, :2].all() and not right[1, 1, :2].any() and not right[0, 3, 4]
+    student = torch.randn(2, 3, 4, 5, requires_grad=True)
+    distillation = Distillation(
+        fixed_teacher(teacher), PixelKLDivergence(1.0), 1.0, pad_value=ignore_index, teacher_right_only=True
+    )
+    value = distillation(student.detach(), student, masks)
+    assert value.item() == pytest.approx(PixelKLDivergence(1.0)(student, teacher, right).item(), rel=1e-6)
+    assert value.item() != pytest.approx(PixelKLDivergence(1.0)(student, teacher, masks != ignore_index).item())
+    value.backward()
+    wrong = (~right).unsqueeze(1).expand_as(student)
+    assert student.grad[wrong].abs().sum() == 0 and student.grad[~wrong].abs().sum() > 0
+    with pytest.raises(ValueError, match="distill pixels must be one of all, teacher-right"):
+        TrainConfig(distill_pixels="right")
 
 
 def test_the_term_ramps_in_linearly_over_its_warm_up_and_restarts_where_a_resumed_epoch_stands():
