@@ -39,6 +39,7 @@ if ((SMOKE)); then
     BENCH_SIZES=(48) BENCH_BATCHES=1,2 BENCH_PROVIDERS=cpu # one size: the loop over sizes is the GPU run's
     BENCH_VARIANTS=${BENCH_VARIANTS:-eager,channels-last,cudagraphs} BENCH_DTYPES=${BENCH_DTYPES:-fp32,bf16}
     BENCH_TIMING=(--warmup 1 --iters 2)
+    BENCH_FILES=(model.onnx) # TorchScript's rows are the checkpoint's code path again (tests/test_bench.py runs them)
     EXPORT_ARGS=(--precision fp32) # verify and bench read model.onnx and model.ts only
     SKIP_COMPILE="--cpu-smoke: torch.compile takes about a minute per shape on a small CPU (tests/test_cuda_paths.py runs it)"
 else
@@ -48,6 +49,7 @@ else
     BENCH_SIZES=(256 512) BENCH_BATCHES=1,8,32 BENCH_PROVIDERS=cuda,tensorrt
     BENCH_VARIANTS=${BENCH_VARIANTS:-eager,channels-last,cudagraphs} BENCH_DTYPES=${BENCH_DTYPES:-fp32,bf16,fp16}
     BENCH_TIMING=(--warmup 3 --seconds "${BENCH_SECONDS:-0.5}")
+    BENCH_FILES=(model.onnx model.ts)
     EXPORT_ARGS=()
     SKIP_COMPILE=
 fi
@@ -138,9 +140,9 @@ for name, fmt in FORMATS.items(): print(name, fmt.unavailable(Provider.CPU) or s
     STATUS[export]=$( ((ok)) && [[ -f $WORK/exported/check/model.onnx && -f $WORK/exported/check/model.ts ]] && echo ok || echo failed)
 }
 
-# bench_step NAME CAP_S SIZE VARIANTS: `unet-edge bench` of the checkpoint, model.onnx and model.ts at SIZE², JSON to OUT/NAME.json.
+# bench_step NAME CAP_S SIZE VARIANTS: `unet-edge bench` of the checkpoint and BENCH_FILES at SIZE², JSON to OUT/NAME.json.
 bench_step() {
-    run_step "$1" "$2" export "${UE[@]}" bench "$export_dir/model.onnx" "$export_dir/model.ts" --checkpoint "$run/best.pt" \
+    run_step "$1" "$2" export "${UE[@]}" bench "${BENCH_FILES[@]/#/$export_dir/}" --checkpoint "$run/best.pt" \
         --providers "$BENCH_PROVIDERS" --batch-sizes "$BENCH_BATCHES" \
         --image-size "$3" --torch-variants "$4" --dtypes "$BENCH_DTYPES" "${BENCH_TIMING[@]}" --json "$OUT/${1//-/_}.json"
 }

@@ -20,10 +20,12 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs one worker per core: each gets one intra-op thread (its subprocesses too), or the workers'
-    # OpenMP pools oversubscribe the cores and spin (tests/test_train.py: 52.7 s of CPU with two threads per
-    # worker, 22.6 s with one, on 2 cores). Tests that ask for a thread count still get it.
+    # `make test` runs one worker per core: each gets one intra-op thread (its subprocesses too), PyTorch's and every
+    # runtime's (UNET_EDGE_THREADS), or the workers' thread pools oversubscribe the cores and spin
+    # (tests/test_train.py: 52.7 s of CPU with two threads per worker, 22.6 s with one, on 2 cores; ONNX Runtime,
+    # OpenVINO and XNNPACK spin too). Tests that ask for a thread count still get it.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("UNET_EDGE_THREADS", "1")
 CLI = [sys.executable, "-m", "unet_edge_cli.main"]
 
 

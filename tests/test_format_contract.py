@@ -230,3 +230,24 @@ def test_embedding_md_takes_the_snippet_and_its_precision_note_from_the_format()
     assert litert.embedding.code.rstrip("\n") in int8 and litert.embedding.notes["int8"] in int8
     assert litert.embedding.notes["int8"] not in embedding_markdown(litert, "model.tflite", ["model.json"])
     assert "no embedding snippet for the toy format" in embedding_markdown(TOY, TOY_FILE, [])
+
+
+def test_runtime_threads_default_to_the_cores_unless_unet_edge_threads_says(monkeypatch):
+    from unet_edge.errors import UNetEdgeError
+    from unet_edge.formats import available_cores, default_threads
+    from unet_edge.formats.base import requested_threads
+    from unet_edge.formats.onnx_graph import session_options
+
+    monkeypatch.delenv("UNET_EDGE_THREADS", raising=False)
+    assert default_threads() == available_cores() >= 1
+    monkeypatch.setenv("UNET_EDGE_THREADS", "3")
+    assert default_threads() == 3
+    assert session_options().intra_op_num_threads == 3  # what every runtime is opened with when no count is asked
+    assert session_options(threads=2).intra_op_num_threads == 2  # an explicit count still wins
+    assert requested_threads(None) == 3 and requested_threads(2) == 2  # PyTorch's backends: set only when asked
+    monkeypatch.delenv("UNET_EDGE_THREADS")
+    assert requested_threads(None) is None  # PyTorch keeps its own default
+    for bad in ("0", "two", "-1", "1.5"):
+        monkeypatch.setenv("UNET_EDGE_THREADS", bad)
+        with pytest.raises(UNetEdgeError, match=r"^UNET_EDGE_THREADS=.*: must be a whole number of threads >= 1$"):
+            default_threads()

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..cpuinfo import INT8_BF16_FLAGS, cpu_flags
 from ..errors import UNetEdgeError
-from ..formats import default_threads
+from ..formats import available_cores, default_threads
 from .timing import time_interleaved
 
 __all__ = ["count_gflops", "cuda_fp32_matmul", "machine_info", "measure_matmul_gflops", "reference_kernel"]
@@ -172,7 +172,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": cpu,
         "cpu_int8_bf16": [flag for flag in INT8_BF16_FLAGS if flag in cpu_flags()],
-        "cores": default_threads(),
+        "cores": available_cores(),
         "threads": threads,
         "os": platform.platform(),
         "python": platform.python_version(),

@@ -24,7 +24,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from ..formats import DeployTarget, default_threads
+from ..formats import DeployTarget, available_cores, default_threads
 from ..io import check_writable
 from ..progress import Progress, Steps, tell
 from . import measure, parallel, timing
@@ -182,7 +182,7 @@ def _export_and_measure(
         for i, job in enumerate(work)
         if i not in results and not measure.finished(job, validation.root, options, reference, cache)
     ]
-    jobs = min(options.jobs or default_threads(), len(left))
+    jobs = min(options.jobs or available_cores(), len(left))
     if jobs > 1:
         # Formats first, checkpoints inside: the workers start on the same format of two checkpoints, so the
         # long conversions run side by side rather than one of them last and alone.

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from ..artifact import NCHW_FLOAT, NHWC_UINT8, ExportedArtifact, read_metadata
-from ..errors import ArtifactError
+from ..errors import ArtifactError, UNetEdgeError
 from ..images import preprocess
 
 if TYPE_CHECKING:
@@ -66,12 +66,34 @@ class Precision(str, Enum):
     INT8 = "int8"
 
 
-def default_threads() -> int:
-    """One thread per available core: the same count is given to every runtime."""
+# Threads every runtime gets when a command is not given a count, instead of one per core: for jobs that share
+# the machine (several runs side by side, a test suite with one worker per core).
+THREADS_ENV = "UNET_EDGE_THREADS"
+
+
+def available_cores() -> int:
+    """The cores this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """The thread count every runtime gets when none is asked for: $UNET_EDGE_THREADS when set, else one per
+    available core."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return available_cores()
+    if not value.isdigit() or int(value) < 1:
+        raise UNetEdgeError(f"{THREADS_ENV}={value!r}: must be a whole number of threads >= 1")
+    return int(value)
+
+
+def requested_threads(threads: int | None) -> int | None:
+    """`threads`, else $UNET_EDGE_THREADS when set, else None (the runtime keeps its own default: PyTorch's is one
+    per core, or $OMP_NUM_THREADS)."""
+    return threads or (default_threads() if os.environ.get(THREADS_ENV, "").strip() else None)
 
 
 def import_runtime(module: str, extra: str) -> Any:

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..cpuinfo import precision_skip_reason
 from ..errors import ArtifactError
-from .base import Backend, Format, Provider
+from .base import Backend, Format, Provider, requested_threads
 
 __all__ = ["TORCH_PROVIDERS", "TorchBackend", "TorchDtype", "TorchVariant", "torch_device", "torch_unavailable"]
 
@@ -44,6 +44,7 @@ class TorchBackend(Backend):
     @classmethod
     def of_loaded(cls, loaded: Any, *, device: str = "cpu", threads: int | None = None) -> TorchBackend:
         """The eager model of a checkpoint already loaded (`checkpoint.load_model`), in fp32 on `device`."""
+        threads = requested_threads(threads)
         if threads:
             import torch
 
@@ -179,6 +180,7 @@ def torch_device(fmt: Format, path: Path, provider: Provider, threads: int | Non
     reason = torch_unavailable(provider)
     if reason:
         raise ArtifactError(f"{path}: {reason}")
+    threads = requested_threads(threads)
     if threads:
         torch.set_num_threads(threads)
     return device
