@@ -91,8 +91,19 @@ def test_export_on_a_full_disk_is_one_line_and_keeps_the_previous_export(
         "export", str(tiny_checkpoint), "--format", "onnx", "--out", str(disk), "--name", "e", "--parity-images", "0"
     )
     native = subprocess.run(
-        [*CLI, "export", str(tiny_checkpoint), "--format", "torchscript", "--out", str(disk), "--name", "e"]
-        + ["--parity-images", "0"],
+        [
+            *CLI,
+            "export",
+            str(tiny_checkpoint),
+            "--format",
+            "torchscript",
+            "--out",
+            str(disk),
+            "--name",
+            "e",
+            "--parity-images",
+            "0",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
