@@ -251,7 +251,7 @@ def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_d
         "--distill-temperature",
         "3",
         "--distill-pixels",
-        "teacher-right",
+        "all",
     )
     assert result.returncode == 0, result.stderr
     assert re.search(
@@ -264,6 +264,7 @@ def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_d
     records = read_jsonl(run / "metrics.jsonl")
     # The teacher's logits were computed once, before the first epoch: no teacher time in the steps after.
     assert "logits computed once per training image" in result.stderr
+    assert "taught where it labels the pixel right" not in result.stderr  # --distill-pixels all
     assert records[0]["soft_labels_s"] > 0 and all("soft_labels_s" not in r for r in records[1:])
     assert all(r["teacher_time_s"] == 0 and r["teacher_share"] == 0 for r in records)
     assert all(r["distill_loss"] > 0 for r in records)
@@ -278,7 +279,7 @@ def test_distilled_run_records_its_teacher_and_exports_as_a_plain_student(tiny_d
         settings["distill_weight"],
         settings["distill_temperature"],
         settings["distill_pixels"],
-    ) == (str(teacher_checkpoint), "kl", 2.0, 3.0, "teacher-right")
+    ) == (str(teacher_checkpoint), "kl", 2.0, 3.0, "all")
 
     report = tmp_path / "eval.json"
     evaluated = cli("eval", str(run / "best.pt"), "--data", str(tiny_data), "--json", str(report), "--device", "cpu")
@@ -341,6 +342,8 @@ def test_resume_keeps_the_teacher_and_refuses_another_file(
     state = load_checkpoint(last)
     assert state["epoch"] == 3
     assert state["teacher"]["sha256"] == recorded["sha256"] and state["teacher"]["val_miou"] == recorded["val_miou"]
+    assert state["train_config"]["distill_pixels"] == "teacher-right"  # the default, kept by the resumed run
+    assert "taught where it labels the pixel right" in resumed.stderr
 
 
 @pytest.mark.slow
@@ -431,6 +434,10 @@ def test_teacher_right_counts_only_the_pixels_the_teacher_labels_right(ignore_in
     assert student.grad[wrong].abs().sum() == 0 and student.grad[~wrong].abs().sum() > 0
     with pytest.raises(ValueError, match="distill pixels must be one of all, teacher-right"):
         TrainConfig(distill_pixels="right")
+    # The default; a checkpoint saved before the setting existed distilled on every valid pixel, and resumes so.
+    assert TrainConfig().distill_pixels == "teacher-right"
+    assert TrainConfig.from_dict({"epochs": 3, "teacher": "t.pt"}).distill_pixels == "all"
+    assert TrainConfig.from_dict(TrainConfig().to_dict()).distill_pixels == "teacher-right"
 
 
 def test_the_term_ramps_in_linearly_over_its_warm_up_and_restarts_where_a_resumed_epoch_stands():

@@ -192,7 +192,8 @@ class TrainConfig:
     saved before the setting existed trained with "ce". `teacher` (a checkpoint or TorchScript file) adds
     `distill_weight` times the `distill_loss` term at `distill_temperature` to the loss, its weight rising
     linearly from 0 over the first `distill_warmup` fraction of the steps, counted on the pixels `distill_pixels`
-    names (every valid one, or those the teacher labels right); `distill_cache` computes the
+    names (those the teacher labels right, or every valid one); checkpoints saved before the setting existed
+    distilled on every valid pixel. `distill_cache` computes the
     teacher's logits once per training image instead of in every step (None: when they fit in memory).
     """
 
@@ -213,7 +214,7 @@ class TrainConfig:
     distill_weight: float = 1.0
     distill_temperature: float = 1.0
     distill_warmup: float = 0.0
-    distill_pixels: str = "all"
+    distill_pixels: str = "teacher-right"
     distill_cache: bool | None = None
     model: ModelConfig = field(default_factory=lambda: ModelConfig(base_channels=16, depth=3))
     device: str = "auto"
@@ -258,9 +259,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Read a stored `train_config`; older checkpoints kept the model fields at the top level and
-        flipped half of the training images without saying so."""
-        data = {"hflip": 0.5, "loss": "ce", **data}
+        """Read a stored `train_config`; older checkpoints kept the model fields at the top level, flipped half
+        of the training images without saying so, and distilled on every valid pixel."""
+        data = {"hflip": 0.5, "loss": "ce", "distill_pixels": "all", **data}
         train_fields = {f.name for f in fields(cls)} - {"model"}
         model_fields = {f.name for f in fields(ModelConfig)}
         model = {k: v for k, v in data.items() if k in model_fields}

@@ -8,7 +8,8 @@ pixels that count: not the ignore index, not crop or batch padding.
 
 `Distillation` is the whole of it for `fit`: it loads and checks the teacher, measures it, computes its
 logits once per training image (`SoftLabels`, cropped and flipped with the image by the same joint transform,
-so the training step runs no teacher), ramps the term in, and reports its timings and its checkpoint record.
+so the training step runs no teacher), ramps the term in, counts it where the teacher labels the pixel right (by
+default: its mistakes are not taught), and reports its timings and its checkpoint record.
 """
 
 from __future__ import annotations
@@ -328,7 +329,8 @@ class SoftLabels(torch.utils.data.Dataset):
 
 class Distillation:
     """Distillation as `fit` uses it, in one object: the frozen teacher, the term and its weight (ramped in
-    linearly over `warmup_steps`), and where the teacher's logits come from.
+    linearly over `warmup_steps`), the pixels it counts (with `teacher_right_only`, those the teacher labels
+    right), and where the teacher's logits come from.
 
     Called as ``distillation(images, student_logits, masks, extras)`` for every training batch, it returns
     ``weight * term(student_logits, teacher_logits, valid)``: the teacher's logits are ``extras[0]`` when the
@@ -451,7 +453,11 @@ class Distillation:
     @property
     def note(self) -> str:
         source = "logits computed once per training image" if self.soft_labels else "run on every batch"
-        return f"teacher {self.teacher.path} ({self.teacher.description}): val mIoU {self.teacher_miou:.4f}; {source}"
+        pixels = "; taught where it labels the pixel right" if self.teacher_right_only else ""
+        return (
+            f"teacher {self.teacher.path} ({self.teacher.description}): val mIoU {self.teacher_miou:.4f}; {source}"
+            f"{pixels}"
+        )
 
     def begin_epoch(self, epoch: int, steps_per_epoch: int) -> None:
         """Where the ramp stands at the start of 0-based `epoch` (so a resumed run ramps as an unbroken one)."""
