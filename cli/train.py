@@ -6,7 +6,7 @@ each running this same command; a worker started by `torchrun` joins the process
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -311,14 +311,7 @@ def train(
     given = _given(ctx)
     unused = [
         f"--{name.replace('_', '-')}"
-        for name in (
-            "distill_loss",
-            "distill_weight",
-            "distill_temperature",
-            "distill_warmup",
-            "distill_pixels",
-            "distill_cache",
-        )
+        for name in (f.name for f in fields(TrainConfig) if f.name.startswith("distill_"))
         if name in given
     ]
     if unused and teacher is None and resume is None:

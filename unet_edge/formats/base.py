@@ -79,21 +79,26 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_threads() -> int:
-    """The thread count every runtime gets when none is asked for: $UNET_EDGE_THREADS when set, else one per
-    available core."""
+def _env_threads() -> int | None:
+    """$UNET_EDGE_THREADS as a count, None when it is not set."""
     value = os.environ.get(THREADS_ENV, "").strip()
     if not value:
-        return available_cores()
+        return None
     if not value.isdigit() or int(value) < 1:
         raise UNetEdgeError(f"{THREADS_ENV}={value!r}: must be a whole number of threads >= 1")
     return int(value)
 
 
+def default_threads() -> int:
+    """The thread count every runtime gets when none is asked for: $UNET_EDGE_THREADS when set, else one per
+    available core."""
+    return _env_threads() or available_cores()
+
+
 def requested_threads(threads: int | None) -> int | None:
     """`threads`, else $UNET_EDGE_THREADS when set, else None (the runtime keeps its own default: PyTorch's is one
     per core, or $OMP_NUM_THREADS)."""
-    return threads or (default_threads() if os.environ.get(THREADS_ENV, "").strip() else None)
+    return threads or _env_threads()
 
 
 def import_runtime(module: str, extra: str) -> Any:
