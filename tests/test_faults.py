@@ -383,7 +383,7 @@ def bomb_data(tiny_data, tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["predict", "eval", "train", "verify", "calibration"])
 def test_an_image_too_large_to_decode_is_one_line_naming_the_file_and_the_limit(
-    command, bomb_data, tiny_checkpoint, tmp_path, cli, one_line_error
+    command, bomb_data, tiny_checkpoint, exported_all, tmp_path, cli, one_line_error
 ):
     val_bomb = sorted((bomb_data / "val" / "images").glob("*.png"))[0]
     train_bomb = sorted((bomb_data / "train" / "images").glob("*.png"))[0]
@@ -395,7 +395,7 @@ def test_an_image_too_large_to_decode_is_one_line_naming_the_file_and_the_limit(
             train_bomb,
         ),
         "verify": (
-            ["verify", str(tmp_path / "v" / "model.onnx"), "--data", str(bomb_data), "--num-images", "0"],
+            ["verify", str(exported_all[0] / "model.onnx"), "--data", str(bomb_data), "--num-images", "0"],
             val_bomb,
         ),
         "calibration": (
@@ -416,22 +416,6 @@ def test_an_image_too_large_to_decode_is_one_line_naming_the_file_and_the_limit(
             train_bomb,
         ),
     }[command]
-    if command == "verify":  # an export to verify, made from clean data
-        assert (
-            cli(
-                "export",
-                str(tiny_checkpoint),
-                "--format",
-                "onnx",
-                "--out",
-                str(tmp_path),
-                "--name",
-                "v",
-                "--parity-images",
-                "0",
-            ).returncode
-            == 0
-        )
     one_line_error(
         cli(*args),
         str(bomb),
@@ -439,6 +423,32 @@ def test_an_image_too_large_to_decode_is_one_line_naming_the_file_and_the_limit(
         "--max-pixels",
     )
     assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists() and not (tmp_path / "p").exists()
+
+
+@pytest.mark.slow
+def test_a_bad_calibration_image_stops_the_export_before_anything_is_converted(
+    bomb_data, tiny_checkpoint, tmp_path, monkeypatch
+):
+    """int8 reads its calibration images right after loading the checkpoint, so a bad one costs no conversion."""
+    from dataclasses import replace
+
+    from unet_edge.errors import UNetEdgeError
+    from unet_edge.export import ExportOptions, run_export
+    from unet_edge.formats import FORMATS, Precision
+
+    converted = []
+    monkeypatch.setitem(FORMATS, "onnx", replace(FORMATS["onnx"], export=lambda request: converted.append(request)))
+    options = ExportOptions(
+        checkpoint=tiny_checkpoint,
+        out=tmp_path / "x",
+        formats=("onnx",),
+        precisions=(Precision.FP32, Precision.INT8),
+        calib_data=bomb_data,
+        parity_images=0,
+    )
+    with pytest.raises(UNetEdgeError, match="is over the limit of"):
+        run_export(options)
+    assert converted == [] and not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow

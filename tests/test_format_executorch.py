@@ -17,18 +17,41 @@ pytest.importorskip("executorch", reason="ExecuTorch is an optional extra: pip i
 pytestmark = pytest.mark.slow  # exports and conversions: `make test` runs them, `make test-fast` does not
 
 
+SMALL = {"batch": [1, 1], "height": [2, 96], "width": [2, 96]}  # the bounds pte_dir's programs are exported with
+
+
 @pytest.fixture(scope="module")
-def pte_dir(tiny_checkpoint, tmp_path_factory, export):
+def pte_dir(tiny_checkpoint, exported_all, tmp_path_factory, export):
+    """fp32 and int8 programs exported with --max-batch 1 --max-size 96 into a copy of the shared `--format all`
+    export (whose model.pte has the default bounds): the new model.pte's manifest entry replaces the earlier one,
+    the other formats' entries stay as they were."""
     out = tmp_path_factory.mktemp("exported-executorch")
-    return export(tiny_checkpoint, out, "--format", "executorch", "--precision", "int8")
+    shutil.copytree(exported_all[0], out / "tiny")
+    return export(
+        tiny_checkpoint,
+        out,
+        "--format",
+        "executorch",
+        "--precision",
+        "int8",
+        "--max-batch",
+        "1",
+        "--max-size",
+        "96",
+        "--parity-images",
+        "2",
+    )
 
 
-def test_export_writes_fp32_and_int8_programs_with_metadata(pte_dir):
+def test_export_writes_fp32_and_int8_programs_with_metadata(pte_dir, exported_all):
     manifest = json.loads((pte_dir / "manifest.json").read_text())
     entries = {e["file"]: e for e in manifest["artifacts"]}
-    assert sorted(entries) == ["model.pte", "model_int8.pte"]
-    for entry in entries.values():  # the default bounds, shared by both programs
-        assert entry["size_contract"] == {"batch": [1, 8], "height": [2, 1024], "width": [2, 1024]}
+    earlier = {e["file"]: e for e in json.loads((exported_all[0] / "manifest.json").read_text())["artifacts"]}
+    assert sorted(entries) == sorted({*earlier, "model_int8.pte"})
+    assert all(entries[file] == entry for file, entry in earlier.items() if file != "model.pte")
+    assert earlier["model.pte"]["size_contract"] == {"batch": [1, 8], "height": [2, 1024], "width": [2, 1024]}
+    for file in ("model.pte", "model_int8.pte"):  # the bounds asked for, shared by both programs
+        assert entries[file]["size_contract"] == SMALL
     assert entries["model.pte"]["parity"]["pixel_agreement"] == 1.0
     quantization = entries["model_int8.pte"]["quantization"]
     assert quantization["within_budget"] and quantization["miou_drop"] <= quantization["max_miou_drop"]
@@ -36,7 +59,7 @@ def test_export_writes_fp32_and_int8_programs_with_metadata(pte_dir):
     assert entries["model_int8.pte"]["parity"]["max_abs_diff"] > 1e-3  # really quantised, not the float program again
 
 
-def test_plain_executorch_runs_odd_sizes_and_reads_metadata(pte_dir, tiny_checkpoint, tmp_path):
+def test_plain_executorch_runs_odd_sizes_and_reads_metadata(exported_all, tiny_checkpoint, tmp_path):
     """What an embedding app does: the ExecuTorch runtime alone, on a batch of two 97 x 131 images and a 33 x 17 one."""
     import torch
 
@@ -45,7 +68,7 @@ def test_plain_executorch_runs_odd_sizes_and_reads_metadata(pte_dir, tiny_checkp
     code = (
         "import json, sys, torch\n"
         "from executorch.runtime import Runtime\n"
-        f"program = Runtime.get().load_program({str(pte_dir / 'model.pte')!r})\n"
+        f"program = Runtime.get().load_program({str(exported_all[0] / 'model.pte')!r})\n"
         "meta = json.loads(program.load_method('unet_edge_metadata').execute(())[0])\n"
         "forward = program.load_method('forward')\n"
         "torch.manual_seed(0)\n"
@@ -73,11 +96,11 @@ def test_verify_passes_the_int8_program(pte_dir, cli):
     assert "all artifacts pass" in result.stdout
 
 
-def test_inputs_beyond_the_bounds_are_refused(pte_dir):
+def test_inputs_beyond_the_default_bounds_are_refused(exported_all):
     from unet_edge.backends import open_backend
     from unet_edge.errors import ArtifactError
 
-    backend = open_backend(pte_dir / "model.pte")
+    backend = open_backend(exported_all[0] / "model.pte")
     with pytest.raises(ArtifactError, match="outside the program's bounds"):
         backend.predict_logits(np.zeros((1, 3, 1025, 8), np.float32))
     with pytest.raises(ArtifactError, match="outside the program's bounds"):
@@ -85,40 +108,14 @@ def test_inputs_beyond_the_bounds_are_refused(pte_dir):
     assert backend.predict_logits(np.zeros((9, 3, 16, 16), np.float32)).shape[0] == 9  # run as 8 + 1
 
 
-def test_export_bounds_are_options_stored_in_the_program(pte_dir, tiny_checkpoint, tmp_path, cli):
-    """--max-batch/--max-size set the bounds ExecuTorch plans memory for; the manifest and the program's own
-    metadata record them, and the backend refuses by them (a batch of 1 exports without a batch dimension).
-    The export goes into a copy of an earlier export folder, whose manifest entry for model.pte it replaces.
-    fp32 only: the int8 program is exported from the same size contract (its default bounds are checked above),
-    and quantising it again would double this test's time."""
+def test_export_bounds_are_options_stored_in_the_program(pte_dir):
+    """--max-batch/--max-size set the bounds ExecuTorch plans memory for; the manifest (above) and the program's
+    own metadata record them, and the backend refuses by them (a batch of 1 exports without a batch dimension)."""
     from unet_edge.backends import open_backend
     from unet_edge.errors import ArtifactError
 
-    folder = tmp_path / "small"
-    shutil.copytree(pte_dir, folder)
-    result = cli(
-        "export",
-        str(tiny_checkpoint),
-        "--format",
-        "executorch",
-        "--max-batch",
-        "1",
-        "--max-size",
-        "96",
-        "--out",
-        str(tmp_path),
-        "--name",
-        "small",
-        "--parity-images",
-        "2",
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    contract = {"batch": [1, 1], "height": [2, 96], "width": [2, 96]}
-    entries = {e["file"]: e for e in json.loads((folder / "manifest.json").read_text())["artifacts"]}
-    assert entries["model.pte"]["size_contract"] == contract
-    assert entries["model_int8.pte"]["size_contract"]["batch"] == [1, 8]  # the earlier export's, kept as it was
-    backend = open_backend(folder / "model.pte")
-    assert json.loads(backend.meta["size_contract"]) == contract
+    backend = open_backend(pte_dir / "model.pte")
+    assert json.loads(backend.meta["size_contract"]) == SMALL
     images = np.random.default_rng(0).standard_normal((3, 3, 96, 33), dtype=np.float32)
     logits = backend.predict_logits(images)  # three images, run one at a time
     assert logits.shape[:1] + logits.shape[2:] == (3, 96, 33)

@@ -96,8 +96,9 @@ def export_source(
     predictions: Any = None,
 ) -> ExportSource:
     """Load `options.checkpoint` (default: the newest run; `loaded`: already loaded from it), fold it when asked
-    and exact, and build the budget when `options.precisions` has variants (its calibration images and the
-    checkpoint's validation predictions are computed on first use); `options.formats` must be set (it decides
+    and exact, and build the budget when `options.precisions` has variants (the calibration images are read here
+    when int8 is asked for, so that a bad one stops the export before anything is converted; the checkpoint's
+    validation predictions are computed on first use); `options.formats` must be set (it decides
     whether to fold). `progress` hears the budget's steps by label; `predictions` (`parity.Predictions`) gives
     the budget predictions its caller already holds."""
     from .checkpoint import find_latest_checkpoint, load_model
@@ -127,6 +128,10 @@ def export_source(
             progress=progress,
             predictions=predictions,
         )
+        if Precision.INT8 in options.precisions:  # a bad calibration image stops the export before it converts
+            if progress is not None:
+                progress("reading the calibration images")
+            budget.calibration()
     return ExportSource(source, loaded, folded_model, data_root, budget)
 
 
