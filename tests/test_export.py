@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from unittest.mock import patch
 
 import numpy as np
 import onnx
@@ -142,7 +143,7 @@ def test_fold_refused_by_the_model_is_a_one_line_error_before_writing(tiny_check
 
 @pytest.mark.slow
 def test_no_fold_keeps_model_onnx_unfolded_and_variants_fold_unless_told(tiny_checkpoint, tmp_path, cli):
-    def folded(*flags: str) -> dict[str, bool]:
+    def folded(*flags: str, in_process: bool | None = None) -> dict[str, bool]:
         result = cli(
             "export",
             str(tiny_checkpoint),
@@ -157,15 +158,27 @@ def test_no_fold_keeps_model_onnx_unfolded_and_variants_fold_unless_told(tiny_ch
             "--parity-images",
             "0",
             *flags,
+            in_process=in_process,
         )
         assert result.returncode == 0, result.stderr
-        return {
+        recorded = {
             e["file"]: e["batchnorm_folded"]
             for e in json.loads((tmp_path / "f" / "manifest.json").read_text())["artifacts"]
         }
+        for file, is_folded in recorded.items():  # the graph itself, not only its record
+            ops = {node.op_type for node in onnx.load(str(tmp_path / "f" / file)).graph.node}
+            assert ("BatchNormalization" not in ops) == is_folded, (flags, file, sorted(ops))
+        return recorded
 
     assert folded("--no-fold") == {"model.onnx": False, "model_fp16.onnx": True}
     assert folded("--fold", "--no-fold-variants") == {"model.onnx": True, "model_fp16.onnx": False}
+    # folded alike, fp16 is converted from model.onnx itself: one ONNX export, the same graph in half precision
+    with patch("unet_edge.formats.onnx_quantize.export_onnx", side_effect=AssertionError("exported again")):
+        assert folded("--fold", in_process=True) == {"model.onnx": True, "model_fp16.onnx": True}
+    ops = [
+        [n.op_type for n in onnx.load(str(tmp_path / "f" / f)).graph.node] for f in ("model.onnx", "model_fp16.onnx")
+    ]
+    assert [op for op in ops[1] if op != "Cast"] == ops[0]
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from .base import ExportRequest, FormatOption, Precision, within_budget
 from .onnx_graph import (
     FP16_ONNX_FILE,
     INT8_ONNX_FILE,
+    ONNX_FILE,
     OPSET,
     export_onnx,
     module_name,
@@ -360,7 +361,12 @@ def export_precisions(request: ExportRequest) -> list[ExportedArtifact]:
         folded, fold_reason = _exact_fold(loaded, request.option(FOLD_VARIANTS))
         fold_info = {"batchnorm_folded": folded, **({"fold_skipped": fold_reason} if fold_reason else {})}
         # The plain float graph is exported only where a variant reads it: fp16, and int8 when it is not folded.
-        plain = functools.cache(lambda: float_source(loaded, workdir, folded, opset)[0])
+        # model.onnx, written by this export just before its variants, is that graph when it was folded alike.
+        written = folder / ONNX_FILE
+        same_fold = (request.folded_model is not None) == folded
+        plain = functools.cache(
+            lambda: written if written.is_file() and same_fold else float_source(loaded, workdir, folded, opset)[0]
+        )
         if Precision.FP16 in request.precisions:
             request.say("converting to fp16")
             half = convert_fp16(plain(), workdir / FP16_ONNX_FILE)
