@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 from unittest.mock import patch
@@ -74,6 +75,19 @@ def test_verify_reports_each_model_it_is_given(export_dir, tmp_path, cli):
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(report_path.read_text())
     assert report["passed"] is True and [e["format"] for e in report["artifacts"]] == ["onnx", "torchscript"]
+
+
+@pytest.mark.slow
+def test_verify_of_a_lone_model_without_runs_asks_for_its_checkpoint(export_dir, tmp_path, cli, one_line_error):
+    """No manifest beside the file names its checkpoint and there is no run to fall back on."""
+    lone = tmp_path / "lone" / "model.onnx"
+    lone.parent.mkdir()
+    shutil.copy(export_dir / "model.onnx", lone)
+    one_line_error(
+        cli("verify", str(lone), cwd=tmp_path),
+        f"{lone}: no manifest.json beside it names the checkpoint it came from",
+        "pass --checkpoint",
+    )
 
 
 @pytest.mark.slow

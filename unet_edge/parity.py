@@ -24,7 +24,7 @@ from .artifact import NCHW_FLOAT, NHWC_UINT8, artifacts_or_latest, manifest_chec
 from .backends import artifact_format, open_backend
 from .checkpoint import find_latest_checkpoint
 from .data import EvalImages, load_eval_images
-from .errors import ArtifactError
+from .errors import ArtifactError, CheckpointError
 from .formats import FORMATS, Backend, Precision, Provider, QuantBudget, within_budget
 from .metrics import ConfusionMatrix
 from .progress import Progress, tell
@@ -150,7 +150,15 @@ def reference_checkpoint(
         source = manifest_checkpoint(artifact.parent)
         if source is not None:
             return source
-    return find_latest_checkpoint(runs_dir)
+    try:
+        return find_latest_checkpoint(runs_dir)
+    except CheckpointError:
+        if not artifacts:
+            raise
+        raise CheckpointError(
+            f"{artifacts[0]}: no manifest.json beside it names the checkpoint it came from, and {runs_dir} has no "
+            "run with a best.pt to compare against; pass --checkpoint"
+        ) from None
 
 
 def thresholds_for(precision: str, entry: dict[str, Any] | None, overrides: Thresholds | None) -> Thresholds:
