@@ -56,6 +56,14 @@ def parse_size(text: str) -> tuple[int, int]:
         raise typer.BadParameter(str(exc), param_hint="--image-size") from None
 
 
+def above_zero(value: float | None) -> float | None:
+    """A Typer callback for budgets: a latency or a ratio of 0 (or below) cannot be met, so it is refused before any
+    work rather than after it."""
+    if value is not None and value <= 0:
+        raise typer.BadParameter(f"{value:g} is not above 0")
+    return value
+
+
 def enum_list(enum: type[Enum], text: Any) -> tuple[Any, ...]:
     """Comma-separated values of a str Enum ("fp16,int8") -> a tuple of members (duplicates dropped, order kept);
     a value that is not one is a usage error naming the choices."""

@@ -15,6 +15,7 @@ from .common import (
     FormatAlias,
     PrecisionAlias,
     RunsOption,
+    above_zero,
     by_field_name,
     comma_separated,
     console,
@@ -108,7 +109,7 @@ def deploy(
     max_latency_ms: Annotated[
         float | None,
         typer.Option(
-            min=0.0,
+            callback=above_zero,
             help="A latency budget (p50 ms at --image-size and --batch-size): the winner is then the most accurate "
             "candidate within it and the mIoU budget, not the fastest.",
         ),

@@ -16,6 +16,7 @@ from .common import (
     DataOption,
     DeviceOption,
     RunsOption,
+    above_zero,
     by_field_name,
     comma_separated,
     console,
@@ -76,11 +77,15 @@ def search(
     name: Annotated[str, typer.Option(help="The search: its folder RUNS/search/NAME and its study.")] = "search",
     max_latency_ms: Annotated[
         float | None,
-        typer.Option(min=0.0, help="Budget: the fastest artifact's p50 (ms) at --image-size and --batch-size."),
+        typer.Option(
+            callback=above_zero, help="Budget: the fastest artifact's p50 (ms) at --image-size and --batch-size."
+        ),
     ] = None,
     max_latency_ratio: Annotated[
         float | None,
-        typer.Option(min=0.0, help="Budget as a fraction of the teacher's PyTorch eager p50 (needs --teacher)."),
+        typer.Option(
+            callback=above_zero, help="Budget as a fraction of the teacher's PyTorch eager p50 (needs --teacher)."
+        ),
     ] = None,
     base_channels: Annotated[str, typer.Option(help="Widths of the space (comma-separated).")] = ",".join(
         map(str, BASE_CHANNELS)

@@ -215,6 +215,18 @@ def test_enum_options_are_validated_by_the_cli(tiny_checkpoint, tmp_path, cli):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_budget_of_zero_or_below_is_refused_before_any_work(tmp_path, cli):
+    cases = [
+        (["deploy", "x.pt", "--max-latency-ms", "0"], "'--max-latency-ms': 0 is not above 0"),
+        (["search", "--max-latency-ms", "-1"], "'--max-latency-ms': -1 is not above 0"),
+        (["search", "--max-latency-ratio", "0", "--teacher", "t.pt"], "'--max-latency-ratio': 0 is not above 0"),
+    ]
+    for args, message in cases:
+        result = cli(*args, cwd=tmp_path)
+        assert result.returncode == 2 and message in " ".join(result.stderr.split()), result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_export_deploy_and_search_spell_their_flags_alike(cli):
     for command in ("export", "deploy", "search"):
         shown = cli(command, "--help").stdout
