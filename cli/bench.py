@@ -136,7 +136,7 @@ def bench(
         torch_variants=tuple(v.value for v in torch_variants),
         dtypes=tuple(d.value for d in dtypes),
     )
-    with progress_display("bench", "measuring matmul roofline") as progress:
+    with progress_display("bench", "opening the models") as progress:
         report = run_bench(bench_paths(artifacts, checkpoint, exported), spec, providers, progress)
     console.print(bench_table(report))
     for note in unavailable_notes(report):
