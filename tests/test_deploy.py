@@ -175,6 +175,33 @@ def test_each_format_maps_the_deploy_target_onto_options_it_declares():
     assert FORMATS["onnx"].options_for(DeployTarget((64, 64))) == {}  # no calibration asked: the format's default
 
 
+def test_the_longest_exports_start_first_and_the_larger_model_first_among_equals():
+    """Workers take the jobs in this order: the slow conversions (AOTInductor, XNNPACK) first, so a short one is
+    what runs alone at the end; a format's cost counts its precisions."""
+    from unet_edge.deploy import _export_cost, measure
+    from unet_edge.formats import DeployTarget
+    from unet_edge.model import UNetStudent
+
+    def job(fmt: str, precisions: tuple[Precision, ...], base: int) -> measure.ExportJob:
+        model = UNetStudent(base_channels=base, depth=2)
+        loaded = type("Loaded", (), {"model": model})()
+        checkpoint = measure.Checkpoint(Path(f"b{base}.pt"), str(base), f"b{base}", "", loaded)
+        return measure.ExportJob(checkpoint, fmt, precisions, 0.01, DeployTarget((64, 64)))
+
+    fp32, int8 = (Precision.FP32,), (Precision.FP32, Precision.INT8)
+    jobs = [
+        job("torchscript", fp32, 8),
+        job("onnx", int8, 8),
+        job("pt2", int8, 4),
+        job("pt2", int8, 8),
+        job("onnx", fp32, 8),
+        job("executorch", int8, 8),
+    ]
+    order = [(j.format, j.precisions, j.checkpoint.name) for j in sorted(jobs, key=_export_cost, reverse=True)]
+    assert order[:3] == [("pt2", int8, "b8"), ("pt2", int8, "b4"), ("executorch", int8, "b8")]
+    assert order[3:] == [("onnx", int8, "b8"), ("onnx", fp32, "b8"), ("torchscript", fp32, "b8")]
+
+
 def test_what_the_first_round_shows_cannot_win_leaves_the_race():
     from unet_edge.deploy.timing import contenders
 

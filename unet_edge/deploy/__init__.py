@@ -24,7 +24,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from ..formats import DeployTarget, available_cores, default_threads
+from ..formats import DeployTarget, available_cores, default_threads, export_formats
 from ..io import check_writable
 from ..progress import Progress, Steps, tell
 from . import measure, parallel, timing
@@ -184,9 +184,9 @@ def _export_and_measure(
     ]
     jobs = min(options.jobs or available_cores(), len(left))
     if jobs > 1:
-        # Formats first, checkpoints inside: the workers start on the same format of two checkpoints, so the
-        # long conversions run side by side rather than one of them last and alone.
-        order = sorted(left, key=lambda i: (i % len(plan.formats), i // len(plan.formats)))
+        # The longest exports first (each format's `export_seconds` per precision, the larger model first among
+        # equals), so the short ones fill the gaps at the end rather than one long conversion running there alone.
+        order = sorted(left, key=lambda i: _export_cost(work[i]), reverse=True)
         tasks = [
             parallel.Task(
                 index=i,
@@ -221,6 +221,12 @@ def _export_and_measure(
         )
         steps.advance(2 * len(job.precisions))
     return [candidate for index in range(len(work)) for candidate in results[index]]
+
+
+def _export_cost(job: measure.ExportJob) -> tuple[float, int]:
+    """A job's rough export time (its format's seconds per precision, times its precisions) and its model's size."""
+    seconds = export_formats()[job.format].export_seconds * len(job.precisions)
+    return seconds, sum(p.numel() for p in job.checkpoint.loaded.model.parameters())
 
 
 def _machine(threads: int) -> Machine:

@@ -419,6 +419,10 @@ class Format:
     target_options: Callable[[DeployTarget], Mapping[str, Any]] | None = None
     # The int8 calibration methods its export offers, the default first (empty: no choice).
     calibrations: tuple[str, ...] = ()
+    # About how many seconds one precision of a small model's export takes on one core (conversion and parity), so
+    # that deploy starts the longest exports first and no worker is left converting alone at the end. A ranking,
+    # not a promise: measured on a 2-core AMD EPYC for base-8 and base-16 UNetStudents (benchmarks/README.md).
+    export_seconds: float = 1.0
 
     @property
     def exportable(self) -> bool:

@@ -331,4 +331,5 @@ FORMAT = Format(
     target_options=deploy_options,
     extra=EXTRA,
     embedding=EMBEDDING,
+    export_seconds=18,
 )

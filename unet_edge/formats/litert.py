@@ -291,4 +291,5 @@ FORMAT = Format(
     dynamic_size=False,
     extra=EXTRA,
     embedding=EMBEDDING,
+    export_seconds=10,
 )

@@ -223,4 +223,5 @@ FORMAT = Format(
     unavailable=needs_runtime("ncnn", EXTRA),
     extra=EXTRA,
     embedding=EMBEDDING,
+    export_seconds=1,
 )

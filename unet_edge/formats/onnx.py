@@ -332,4 +332,5 @@ FORMAT = Format(
     calibrations=tuple(method.value for method in CalibMethod),
     layer_outputs=layer_outputs,
     embedding=EMBEDDING,
+    export_seconds=6,
 )

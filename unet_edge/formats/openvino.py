@@ -264,4 +264,5 @@ FORMAT = Format(
     export_variants=export_variants,
     extra=EXTRA,
     embedding=EMBEDDING,
+    export_seconds=3,
 )

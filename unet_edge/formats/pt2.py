@@ -247,4 +247,5 @@ FORMAT = Format(
     precisions=(Precision.FP32, Precision.INT8),
     export_variants=export_variants,
     embedding=EMBEDDING,
+    export_seconds=20,
 )

@@ -135,4 +135,5 @@ FORMAT = Format(
     folds_batchnorm=False,  # the checkpoint's own modules, scripted as trained
     torch_variants=True,
     embedding=EMBEDDING,
+    export_seconds=0.5,
 )
