@@ -486,3 +486,42 @@ def test_a_new_study_starts_from_trains_defaults_on_the_largest_model_within_the
     enqueue_defaults(study, spec)  # the study has trials now: nothing more
     assert [t.system_attrs["fixed_params"] for t in study.get_trials()] == default_trials(spec)
     assert all(t.state.name == "WAITING" for t in study.get_trials())
+
+
+# Each process opens the study through the storage search builds and asks for queued trials from the same moment on.
+POP_QUEUED = """
+import json, sys, time
+import optuna
+from unet_edge.search.study import StudySpec, _storage
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+spec = StudySpec(**json.loads(sys.argv[1]))
+study = optuna.load_study(study_name=spec.study_name, storage=_storage(spec))
+while time.time() < float(sys.argv[2]):
+    time.sleep(0.001)
+print(json.dumps([study.ask().number for _ in range(int(sys.argv[3]))]))
+"""
+
+
+def test_two_workers_never_take_the_same_queued_trial_of_a_sqlite_study(tmp_path):
+    """Optuna hands a queued trial to one worker by reading it WAITING and writing it RUNNING; on SQLite those
+    were two steps, and two workers starting together both took the first queued trial (then one of them
+    failed: "Cannot tell a COMPLETE trial"). Here two processes ask for 20 queued trials each at once."""
+    import optuna
+
+    from unet_edge.search.study import StudySpec, _storage
+
+    spec = StudySpec(
+        storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="queue", architectures=(), latency_ms={},
+        trials=40, deadline=None, trials_dir=str(tmp_path), data="", teacher=None, epochs=1, batch_size=8,
+        image_size=32, lr_range=(3e-4, 1e-2), distill_weight_range=(0.02, 1.0), seed=0, device="cpu", threads=1,
+        heartbeat_s=20,
+    )  # fmt: skip
+    study = optuna.create_study(storage=_storage(spec), study_name=spec.study_name)
+    for x in range(40):
+        study.enqueue_trial({"x": x}, skip_if_exists=False)
+    start = time.time() + 3  # both processes have imported optuna and opened the study by then
+    argv = [json.dumps({**spec.to_json(), "architectures": []}), str(start), "20"]
+    workers = [subprocess.Popen([sys.executable, "-c", POP_QUEUED, *argv], stdout=subprocess.PIPE) for _ in (0, 1)]
+    taken = [json.loads(worker.communicate(timeout=120)[0]) for worker in workers]
+    assert all(worker.returncode == 0 for worker in workers)
+    assert sorted(taken[0] + taken[1]) == list(range(40)), taken  # each queued trial went to one worker

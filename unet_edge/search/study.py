@@ -93,16 +93,39 @@ def _storage(spec: StudySpec) -> Any:
 
     if not _is_rdb(spec.storage):
         return spec.storage
-    engine = {"connect_args": {"timeout": 120}} if spec.storage.startswith("sqlite") else {"pool_pre_ping": True}
+    sqlite = spec.storage.startswith("sqlite")
+    # SQLite: the driver's own transaction handling off (isolation_level None), so that `_serialise` can begin each
+    # transaction itself
+    engine = {"connect_args": {"timeout": 120, "isolation_level": None}} if sqlite else {"pool_pre_ping": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat, stable since 2.8
-        return optuna.storages.RDBStorage(
+        storage = optuna.storages.RDBStorage(
             spec.storage,
             engine_kwargs=engine,
             heartbeat_interval=spec.heartbeat_s,
             grace_period=3 * spec.heartbeat_s,
             heartbeat_stale_trial_callback=_retry(),
         )
+    if sqlite:
+        _serialise(storage.engine)
+    return storage
+
+
+def _serialise(engine: Any) -> None:
+    """Every transaction on a SQLite study takes the write lock when it begins (BEGIN IMMEDIATE).
+
+    Optuna hands a queued trial to one worker by reading it as WAITING and writing it RUNNING in one transaction,
+    with SELECT ... FOR UPDATE, which SQLite ignores; and Python's sqlite3 driver begins a transaction only at the
+    first write, so two workers could both read WAITING and both take the trial (the first worker to finish it
+    wins, the other's result is refused: "Cannot tell a COMPLETE trial"). Beginning with the write lock makes
+    the read and the write one step; the busy timeout makes the other worker wait its turn."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "begin")
+    def begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections the storage opened before: the next ones begin as above
 
 
 def _retry() -> Any:
