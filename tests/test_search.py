@@ -219,6 +219,21 @@ def test_a_budget_nothing_meets_is_a_one_line_error(tiny_data, tmp_path, cli, on
     one_line_error(cli(*args, "--max-latency-ratio", "0.5"), "--max-latency-ratio", "give --teacher")
 
 
+def test_a_storage_that_cannot_be_opened_is_a_one_line_error_before_the_latency_table(
+    tiny_data, tmp_path, cli, one_line_error
+):
+    """A wrong --storage is found at once, not after the table's minutes of timing; its password is not printed."""
+    from unet_edge.search.study import shown_url
+
+    missing = tmp_path / "no-such-folder" / "study.db"
+    args = ["search", "--data", str(tiny_data), "--runs", str(tmp_path), *SPACE, "--epochs", "1"]
+    line = one_line_error(cli(*args, "--storage", f"sqlite:///{missing}"), f"--storage sqlite:///{missing}")
+    assert "cannot open the study (OperationalError: " in line and "unable to open database file" in line
+    assert not (tmp_path / "search").exists()  # no latency table measured, nothing written
+    assert shown_url("postgresql+psycopg://me:secret@db.example/x") == "postgresql+psycopg://me:***@db.example/x"
+    assert shown_url("not a url") == "not a url"
+
+
 @pytest.mark.slow
 def test_two_workers_share_one_sqlite_study_within_the_budget_and_deploy_the_front(tiny_data, tmp_path, cli):
     # The table's anchor took 0.01 ms: deploy reads its figures on that scale (far below what it times here).

@@ -24,7 +24,15 @@ from ..progress import Progress, Steps, tell
 from .latency import LatencyTable, SearchError, TableSettings, machine_facts, measure_table, teacher_latency
 from .report import REPORT_FILE, SearchResult, TrialRecord, collect_trials, write_report
 from .space import BASE_CHANNELS, DEPTHS, Architecture, architectures
-from .study import StudySpec, enqueue_defaults, open_study, recover_stale_trials, run_workers, start_architecture
+from .study import (
+    StudySpec,
+    check_storage,
+    enqueue_defaults,
+    open_study,
+    recover_stale_trials,
+    run_workers,
+    start_architecture,
+)
 
 __all__ = [
     "REPORT_FILE",
@@ -167,6 +175,9 @@ def run_search(options: SearchOptions, progress: Progress | None = None) -> Sear
     try:
         steps.say("data")
         data_root = resolve_data(options.data)
+        if options.storage is not None and not options.latency_only:  # a wrong URL now, not after the table
+            steps.say("study storage")
+            check_storage(options.storage, options.heartbeat_s)
         table_path = Path(options.latency_table) if options.latency_table else default_table_path(options.runs_dir)
         table = LatencyTable.open(table_path, machine_facts(threads), given=options.latency_table is not None)
         space = architectures(options.base_channels, options.depths, options.block_orders, options.upsamples)

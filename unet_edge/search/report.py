@@ -12,6 +12,7 @@ from ..deploy.decide import pareto_front
 from ..io import atomic_write_text
 from .latency import LatencyTable, TableSettings
 from .space import Architecture
+from .study import shown_url
 
 __all__ = ["PLOT_FILE", "REPORT_FILE", "SearchResult", "TrialRecord", "collect_trials", "write_report"]
 
@@ -131,7 +132,7 @@ def search_json(result: SearchResult) -> dict[str, Any]:
     settings = result.settings
     front = {id(t) for t in result.front}
     return {
-        "study": {"name": result.study_name, "storage": result.storage},
+        "study": {"name": result.study_name, "storage": shown_url(result.storage) if result.storage else ""},
         "budget_ms": result.budget_ms,
         "teacher": result.teacher,
         "teacher_eager_p50_ms": result.teacher_ms,

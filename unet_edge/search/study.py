@@ -26,7 +26,16 @@ from ..io import atomic_write_text
 from .latency import SearchError
 from .space import Architecture
 
-__all__ = ["StudySpec", "counted_trials", "open_study", "optimize", "recover_stale_trials", "run_workers"]
+__all__ = [
+    "StudySpec",
+    "check_storage",
+    "counted_trials",
+    "open_study",
+    "optimize",
+    "recover_stale_trials",
+    "run_workers",
+    "shown_url",
+]
 
 # The settings of a study (the space and what trains): a later run on the same study must use the same.
 SPACE_ATTR = "unet_edge_space"
@@ -86,24 +95,65 @@ def _is_rdb(url: str) -> bool:
     return url.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "oracle", "mssql")
 
 
+def check_storage(url: str, heartbeat_s: int = 20) -> None:
+    """Open the study's storage once (connect, create Optuna's tables), so that a wrong `--storage` is a one-line
+    error before the latency table is measured, not after it."""
+    import optuna
+
+    storage = open_storage(url, heartbeat_s)
+    try:
+        optuna.storages.get_storage(storage).get_all_studies()
+    except Exception as exc:  # drivers and Optuna raise their own error types
+        raise _storage_error(url, exc) from None
+
+
+def shown_url(url: str) -> str:
+    """A storage URL as it may be printed: its password hidden."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL: nothing in it is known to be a password
+        return url
+
+
+def _storage_error(url: str, exc: BaseException) -> SearchError:
+    first = (str(exc).strip().splitlines() or [""])[0].strip()
+    return SearchError(f"--storage {shown_url(url)}: cannot open the study ({type(exc).__name__}: {first[:200]})")
+
+
+def open_storage(url: str, heartbeat_s: int) -> Any:
+    """`_storage` for a URL, its connection failure a one-line `SearchError`."""
+    try:
+        return _storage_of(url, heartbeat_s)
+    except SearchError:
+        raise
+    except Exception as exc:  # drivers and SQLAlchemy raise their own error types
+        raise _storage_error(url, exc) from None
+
+
 def _storage(spec: StudySpec) -> Any:
+    return open_storage(spec.storage, spec.heartbeat_s)
+
+
+def _storage_of(url: str, heartbeat_s: int) -> Any:
     """An RDB URL becomes Optuna's RDBStorage with a heartbeat and the retry of stale trials; any other storage
     string (a journal, a gRPC proxy) goes to Optuna as it is."""
     import optuna
 
-    if not _is_rdb(spec.storage):
-        return spec.storage
-    sqlite = spec.storage.startswith("sqlite")
+    if not _is_rdb(url):
+        return url
+    sqlite = url.startswith("sqlite")
     # SQLite: the driver's own transaction handling off (isolation_level None), so that `_serialise` can begin each
     # transaction itself
     engine = {"connect_args": {"timeout": 120, "isolation_level": None}} if sqlite else {"pool_pre_ping": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat, stable since 2.8
         storage = optuna.storages.RDBStorage(
-            spec.storage,
+            url,
             engine_kwargs=engine,
-            heartbeat_interval=spec.heartbeat_s,
-            grace_period=3 * spec.heartbeat_s,
+            heartbeat_interval=heartbeat_s,
+            grace_period=3 * heartbeat_s,
             heartbeat_stale_trial_callback=_retry(),
         )
     if sqlite:
