@@ -17,6 +17,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from unet_edge.formats import Precision
@@ -180,6 +181,37 @@ def test_latency_table_is_measured_once_per_machine(tiny_data, tmp_path, monkeyp
     assert used.measured == 0 and used.best(SMALL, classes, settings) is not None
     with pytest.raises(SearchError, match=r"has no row for b8-d2-conv-bn-relu-transpose torchscript fp32"):
         measure_table((SMALL, LARGE), foreign, settings, tiny_data)
+
+
+@pytest.mark.slow
+def test_architectures_exported_in_worker_processes_are_the_ones_exported_here(tiny_data, tmp_path):
+    """The table exports a batch of architectures side by side in worker processes, then times each alone: the
+    files are those an export in this process writes (same random weights, same outputs), and every row lands."""
+    from unet_edge.backends import open_backend
+    from unet_edge.formats import Precision
+    from unet_edge.search.latency import _classes, _export_batch
+
+    classes, ignore_index = _classes(tiny_data)
+    settings = TableSettings(**{**SETTINGS.__dict__, "threads": 1})
+    missing = {arch: {("torchscript", Precision.FP32)} for arch in (SMALL, LARGE)}
+    batch = [SMALL, LARGE]
+    args = (missing, classes, ignore_index, settings, tiny_data)
+    here = _export_batch(batch, *args, tmp_path / "here", jobs=1)
+    workers = _export_batch(batch, *args, tmp_path / "workers", jobs=2)
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    for arch in batch:
+        (key, path), (other_key, other_path) = *here[arch][0].items(), *workers[arch][0].items()
+        assert key == other_key == ("torchscript", "fp32") and here[arch][1] == workers[arch][1] == {}
+        assert tmp_path / "workers" in other_path.parents
+        outputs = [open_backend(p).predict_logits(x) for p in (path, other_path)]
+        np.testing.assert_array_equal(*outputs)
+
+    table, classes_count = measure_table(
+        (SMALL, LARGE), LatencyTable.open(tmp_path / "table.json", machine_facts(1), given=False), settings, tiny_data,
+        jobs=2,
+    )  # fmt: skip
+    assert table.measured == 2
+    assert all(table.best(arch, classes_count, settings)["latency_ms"]["p50"] > 0 for arch in batch)
 
 
 def test_deploy_reads_the_scale_of_a_table_measured_here_and_refuses_any_other(

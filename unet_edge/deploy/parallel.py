@@ -23,7 +23,7 @@ from typing import Any
 from .cache import DeployCache
 from .records import Candidate, DeployOptions
 
-__all__ = ["Task", "TaskResult", "run_tasks"]
+__all__ = ["Task", "TaskResult", "run_tasks", "stop_pool", "worker_pool"]
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,8 @@ def run_tasks(
 ) -> list[Task]:
     """Run `tasks` in `jobs` worker processes; `on_done` hears each result as its task finishes (in the order
     they finish), `on_label` what the tasks under way are doing. Returns the tasks whose worker died."""
-    context = _context()
-    labels = context.Queue()
-    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(labels, os.getpid()))
+    labels = _context().Queue()
+    pool = worker_pool(jobs, labels)
     lost: list[Task] = []
     by_index = {task.index: task for task in tasks}
     try:
@@ -143,11 +142,17 @@ def run_tasks(
             if under_way:
                 on_label("; ".join(under_way[index] for index in sorted(under_way)))
     except BaseException:
-        _stop(pool)
+        stop_pool(pool)
         raise
     pool.shutdown(wait=True)
     labels.close()
     return lost
+
+
+def worker_pool(jobs: int, progress: Any = None) -> ProcessPoolExecutor:
+    """`jobs` worker processes from the fork server (`_context`), one thread each, each ending when this process
+    is gone; `progress` is the queue `run_task` puts its labels on (None: none)."""
+    return ProcessPoolExecutor(jobs, mp_context=_context(), initializer=_start_worker, initargs=(progress, os.getpid()))
 
 
 def _context() -> Any:
@@ -163,7 +168,7 @@ def _context() -> Any:
     return multiprocessing.get_context("spawn")
 
 
-def _stop(pool: ProcessPoolExecutor) -> None:
+def stop_pool(pool: ProcessPoolExecutor) -> None:
     """Ctrl-C or an error in the parent: the workers stop now (the finished tasks are cached already)."""
     processes = list(getattr(pool, "_processes", {}).values())  # the executor offers no terminate before 3.14
     pool.shutdown(wait=False, cancel_futures=True)

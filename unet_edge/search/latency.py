@@ -14,6 +14,7 @@ reads the same however many sessions are added after it; deploy, handed it, read
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import tempfile
@@ -31,6 +32,7 @@ from ..bench.timing import WARMUP, latency_stats, time_interleaved
 from ..cpuinfo import cpu_flags
 from ..deploy.cache import content_key
 from ..errors import UNetEdgeError
+from ..formats.base import available_cores
 from ..io import atomic_write_text
 from ..progress import Progress, Steps
 from .space import Architecture
@@ -281,6 +283,7 @@ def measure_table(
     settings: TableSettings,
     data_root: Path,
     progress: Progress | None = None,
+    jobs: int | None = None,
 ) -> tuple[LatencyTable, int]:
     """`table` with a row for every architecture x planned format x precision (those it lacks are measured
     here and saved after each architecture, so an interrupted run keeps what was timed), and the number of
@@ -308,59 +311,153 @@ def measure_table(
         )
     todo = list(dict.fromkeys(arch for arch, _, _ in wanted))
     steps = Steps(progress, total=max(len(todo), 1))
-    for arch in todo:
-        steps.say(f"latency of {arch.name}")
-        missing = {(name, precision) for a, name, precision in wanted if a == arch}
-        for (fmt, precision_name), row in _measure_architecture(
-            arch, missing, classes, ignore_index, settings, data_root, steps.part(1, f"{arch.name}: ")
-        ).items():
-            table.rows[row_key(arch, fmt, precision_name, len(classes), settings)] = row
-            table.measured += 1
-        table.save()
-        steps.advance()
+    jobs = max(1, min(jobs or available_cores(), len(todo)))
+    # The exports (single-threaded conversions) of a batch of architectures run side by side in `jobs` worker
+    # processes; then each architecture is timed alone, with the machine to itself, and saved, so an interrupted
+    # run loses at most one batch's exports.
+    size = 2 * jobs if jobs > 1 else 1
+    with tempfile.TemporaryDirectory(prefix="unet-edge-latency-") as tmp, _Exporters(jobs, settings) as exporters:
+        for first in range(0, len(todo), size):
+            batch = todo[first : first + size]
+            missing = {arch: {(name, precision) for a, name, precision in wanted if a == arch} for arch in batch}
+            names = ", ".join(arch.name for arch in batch)
+            steps.say(f"exporting {names}" + (f" in {jobs} processes" if jobs > 1 and len(batch) > 1 else ""))
+            args = _export_args(batch, missing, classes, ignore_index, settings, data_root, Path(tmp))
+            exported = exporters.export(batch, args)
+            for arch in batch:
+                steps.say(f"timing {arch.name}")
+                files, rows = exported[arch]
+                rows.update(_time_architecture(arch, files, len(classes), settings))
+                for (fmt, precision_name), row in rows.items():
+                    table.rows[row_key(arch, fmt, precision_name, len(classes), settings)] = row
+                    table.measured += 1
+                table.save()
+                steps.advance()
     if not table.foreign and table.fix_references():  # the first measurement at a size and batch sets its scale
         table.save()
     steps.done()
     return table, len(classes)
 
 
-def _measure_architecture(
+Exported = tuple[dict[tuple[str, str], Path], dict[tuple[str, str], dict[str, Any]]]
+
+
+class _Exporters:
+    """Where a batch of architectures is exported: `jobs` worker processes (one thread each) kept for the whole
+    table, since a new process pays the converters' imports and first calls again (an ONNX export took twice as
+    long in a fresh process), or this process with one job. An export whose worker died is done again here, and
+    the next batch gets new workers."""
+
+    def __init__(self, jobs: int, settings: TableSettings) -> None:
+        self.jobs, self.settings = jobs, settings
+        self.pool: Any = None  # a ProcessPoolExecutor once the first batch needs it
+
+    def __enter__(self) -> _Exporters:
+        return self
+
+    def __exit__(self, kind: Any, *rest: Any) -> None:
+        from ..deploy.parallel import stop_pool
+
+        if self.pool is not None:
+            stop_pool(self.pool) if kind is not None else self.pool.shutdown(wait=True)
+
+    def export(
+        self, batch: list[Architecture], args: dict[Architecture, dict[str, Any]]
+    ) -> dict[Architecture, Exported]:
+        from ..deploy.parallel import worker_pool
+
+        done: dict[Architecture, Exported] = {}
+        if self.jobs > 1 and len(batch) > 1:
+            if self.pool is None:
+                self.pool = worker_pool(self.jobs)
+            futures = {arch: self.pool.submit(_export_architecture, **args[arch]) for arch in batch}
+            for arch, future in futures.items():
+                with contextlib.suppress(Exception):  # the worker died (a converter's crash): done again below
+                    done[arch] = future.result()
+            if len(done) < len(batch):
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = None
+        for arch in batch:
+            if arch not in done:
+                done[arch] = _export_architecture(**{**args[arch], "threads": self.settings.threads})
+        return done
+
+
+def _export_batch(
+    batch: list[Architecture],
+    missing: dict[Architecture, set[tuple[str, Any]]],
+    classes: list[str],
+    ignore_index: int | None,
+    settings: TableSettings,
+    data_root: Path,
+    folder: Path,
+    jobs: int,
+) -> dict[Architecture, Exported]:
+    """Each architecture's files (and the rows of what failed), exported in `jobs` worker processes or here."""
+    with _Exporters(jobs, settings) as exporters:
+        return exporters.export(batch, _export_args(batch, missing, classes, ignore_index, settings, data_root, folder))
+
+
+def _export_args(
+    batch: list[Architecture],
+    missing: dict[Architecture, set[tuple[str, Any]]],
+    classes: list[str],
+    ignore_index: int | None,
+    settings: TableSettings,
+    data_root: Path,
+    folder: Path,
+) -> dict[Architecture, dict[str, Any]]:
+    """`_export_architecture`'s arguments per architecture (threads None: a worker's one thread)."""
+    common = {"classes": classes, "ignore_index": ignore_index, "settings": settings, "data_root": data_root}
+    return {
+        arch: {"arch": arch, "missing": missing[arch], **common, "folder": folder, "threads": None} for arch in batch
+    }
+
+
+def _row_base(arch: Architecture, num_classes: int, settings: TableSettings) -> dict[str, Any]:
+    return {
+        "architecture": arch.name,
+        "num_classes": num_classes,
+        "image_size": list(settings.image_size),
+        "batch_size": settings.batch_size,
+    }
+
+
+def _export_architecture(
     arch: Architecture,
     missing: set[tuple[str, Any]],
     classes: list[str],
     ignore_index: int | None,
     settings: TableSettings,
     data_root: Path,
-    progress: Progress,
-) -> dict[tuple[str, str], dict[str, Any]]:
-    """One architecture with random weights: exported per format (fp32 and the variants asked for), every file
-    opened and timed interleaved with the others; each row carries its statistics or why it failed."""
+    folder: Path,
+    threads: int | None = None,
+) -> Exported:
+    """One architecture with random weights (seed 0), exported per format (fp32 and the variants asked for) into
+    FOLDER/ARCH: the files to time, and a row with the reason for each one that could not be written."""
     import torch
 
-    from ..backends import open_backend
     from ..checkpoint import save_checkpoint
     from ..deploy.measure import one_line
     from ..export import ExportOptions, run_export
-    from ..formats import FORMATS, DeployTarget, Precision, Provider
+    from ..formats import FORMATS, DeployTarget, Precision
     from ..model import build_model
 
-    saved_threads, threads = torch.get_num_threads(), settings.threads
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    config = arch.model_config(len(classes))
-    model = build_model(config).eval()
-    target = DeployTarget(image_size=settings.image_size, batch_size=settings.batch_size)
-    base = {
-        "architecture": arch.name,
-        "num_classes": len(classes),
-        "image_size": list(settings.image_size),
-        "batch_size": settings.batch_size,
-    }
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    files: dict[tuple[str, str], Path] = {}
-    formats = list(dict.fromkeys(name for name, _ in sorted(missing, key=lambda pair: (pair[0], pair[1].value))))
-    with tempfile.TemporaryDirectory(prefix="unet-edge-latency-") as tmp:
-        checkpoint = Path(tmp) / "random.pt"
+    saved_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        config = arch.model_config(len(classes))
+        model = build_model(config).eval()
+        target = DeployTarget(image_size=settings.image_size, batch_size=settings.batch_size)
+        base = _row_base(arch, len(classes), settings)
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        files: dict[tuple[str, str], Path] = {}
+        formats = list(dict.fromkeys(name for name, _ in sorted(missing, key=lambda pair: (pair[0], pair[1].value))))
+        out = folder / arch.name
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint = out / "random.pt"
         save_checkpoint(
             checkpoint,
             {
@@ -373,14 +470,13 @@ def _measure_architecture(
                 "data_root": str(data_root),
             },
         )
-        for index, name in enumerate(formats):
+        for name in formats:
             precisions = tuple(p for n, p in missing if n == name)
-            progress(index, len(formats) + 1, f"exporting {name}")
             try:
                 result = run_export(
                     ExportOptions(
                         checkpoint=checkpoint,
-                        out=Path(tmp),
+                        out=out,
                         name=name,
                         formats=(name,),
                         precisions=tuple(dict.fromkeys((Precision.FP32, *precisions))),
@@ -412,31 +508,48 @@ def _measure_architecture(
                         "precision": precision.value,
                         "failed": f"export failed: {reason}",
                     }
-        progress(len(formats), len(formats) + 1, "timing")
-        images = np.random.default_rng(0).standard_normal(
-            (settings.batch_size, 3, *settings.image_size), dtype=np.float32
-        )
-        backends, runners = {}, {}
-        try:
-            for pair, path in files.items():
-                try:
-                    backends[pair] = open_backend(path, Provider.CPU, threads)
-                    runners[pair] = backends[pair].device_runner(images)
-                    runners[pair]()
-                except Exception as exc:
-                    rows[pair] = {
-                        **base,
-                        "format": pair[0],
-                        "precision": pair[1],
-                        "failed": f"timing failed: {one_line(exc)}",
-                    }
-                    runners.pop(pair, None)
-            order = list(runners)
-            latencies, anchor_ms = _time_with_anchor([runners[pair] for pair in order], settings)
-        finally:
-            for backend in backends.values():
-                backend.close()
-            torch.set_num_threads(saved_threads)
+        return files, rows
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _time_architecture(
+    arch: Architecture, files: dict[tuple[str, str], Path], num_classes: int, settings: TableSettings
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every file of one architecture opened and timed interleaved with the others and the anchor; each row
+    carries its statistics or why it failed."""
+    import torch
+
+    from ..backends import open_backend
+    from ..deploy.measure import one_line
+    from ..formats import FORMATS, Provider
+
+    saved_threads, threads = torch.get_num_threads(), settings.threads
+    torch.set_num_threads(threads)
+    base = _row_base(arch, num_classes, settings)
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    images = np.random.default_rng(0).standard_normal((settings.batch_size, 3, *settings.image_size), dtype=np.float32)
+    backends, runners = {}, {}
+    try:
+        for pair, path in files.items():
+            try:
+                backends[pair] = open_backend(path, Provider.CPU, threads)
+                runners[pair] = backends[pair].device_runner(images)
+                runners[pair]()
+            except Exception as exc:
+                rows[pair] = {
+                    **base,
+                    "format": pair[0],
+                    "precision": pair[1],
+                    "failed": f"timing failed: {one_line(exc)}",
+                }
+                runners.pop(pair, None)
+        order = list(runners)
+        latencies, anchor_ms = _time_with_anchor([runners[pair] for pair in order], settings)
+    finally:
+        for backend in backends.values():
+            backend.close()
+        torch.set_num_threads(saved_threads)
     for pair, samples in zip(order, latencies, strict=True):
         rows[pair] = {
             **base,
