@@ -189,15 +189,19 @@ def test_architectures_exported_in_worker_processes_are_the_ones_exported_here(t
     files are those an export in this process writes (same random weights, same outputs), and every row lands."""
     from unet_edge.backends import open_backend
     from unet_edge.formats import Precision
-    from unet_edge.search.latency import _classes, _export_batch
+    from unet_edge.search.latency import _classes, _export_args, _Exporters
 
     classes, ignore_index = _classes(tiny_data)
     settings = TableSettings(**{**SETTINGS.__dict__, "threads": 1})
     missing = {arch: {("torchscript", Precision.FP32)} for arch in (SMALL, LARGE)}
     batch = [SMALL, LARGE]
-    args = (missing, classes, ignore_index, settings, tiny_data)
-    here = _export_batch(batch, *args, tmp_path / "here", jobs=1)
-    workers = _export_batch(batch, *args, tmp_path / "workers", jobs=2)
+    exported = {}
+    for folder, jobs in (("here", 1), ("workers", 2)):
+        with _Exporters(jobs, settings) as exporters:
+            args = _export_args(batch, missing, classes, ignore_index, settings, tiny_data, tmp_path / folder)
+            exported[folder] = exporters.export(batch, args)
+            assert (exporters.pool is not None) == (jobs > 1)  # the workers did the exports and are kept
+    here, workers = exported["here"], exported["workers"]
     x = np.random.default_rng(1).standard_normal((1, 3, 32, 32), dtype=np.float32)
     for arch in batch:
         (key, path), (other_key, other_path) = *here[arch][0].items(), *workers[arch][0].items()

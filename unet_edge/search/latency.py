@@ -383,21 +383,6 @@ class _Exporters:
         return done
 
 
-def _export_batch(
-    batch: list[Architecture],
-    missing: dict[Architecture, set[tuple[str, Any]]],
-    classes: list[str],
-    ignore_index: int | None,
-    settings: TableSettings,
-    data_root: Path,
-    folder: Path,
-    jobs: int,
-) -> dict[Architecture, Exported]:
-    """Each architecture's files (and the rows of what failed), exported in `jobs` worker processes or here."""
-    with _Exporters(jobs, settings) as exporters:
-        return exporters.export(batch, _export_args(batch, missing, classes, ignore_index, settings, data_root, folder))
-
-
 def _export_args(
     batch: list[Architecture],
     missing: dict[Architecture, set[tuple[str, Any]]],
