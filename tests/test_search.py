@@ -542,15 +542,18 @@ def test_a_new_study_starts_from_trains_defaults_on_the_largest_model_within_the
     assert all(t.state.name == "WAITING" for t in study.get_trials())
 
 
-# Each process opens the study through the storage search builds and asks for queued trials from the same moment on.
+# Each process opens the study through the storage search builds, says it is ready (a file), waits for the other
+# one, and asks for queued trials from then on.
 POP_QUEUED = """
-import json, sys, time
+import json, pathlib, sys, time
 import optuna
 from unet_edge.search.study import StudySpec, _storage
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 spec = StudySpec(**json.loads(sys.argv[1]))
 study = optuna.load_study(study_name=spec.study_name, storage=_storage(spec))
-while time.time() < float(sys.argv[2]):
+ready = pathlib.Path(sys.argv[2])
+(ready / sys.argv[4]).touch()
+while len(list(ready.iterdir())) < 2:
     time.sleep(0.001)
 print(json.dumps([study.ask().number for _ in range(int(sys.argv[3]))]))
 """
@@ -573,9 +576,12 @@ def test_two_workers_never_take_the_same_queued_trial_of_a_sqlite_study(tmp_path
     study = optuna.create_study(storage=_storage(spec), study_name=spec.study_name)
     for x in range(40):
         study.enqueue_trial({"x": x}, skip_if_exists=False)
-    start = time.time() + 3  # both processes have imported optuna and opened the study by then
-    argv = [json.dumps({**spec.to_json(), "architectures": []}), str(start), "20"]
-    workers = [subprocess.Popen([sys.executable, "-c", POP_QUEUED, *argv], stdout=subprocess.PIPE) for _ in (0, 1)]
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    argv = [json.dumps({**spec.to_json(), "architectures": []}), str(ready), "20"]
+    workers = [
+        subprocess.Popen([sys.executable, "-c", POP_QUEUED, *argv, str(i)], stdout=subprocess.PIPE) for i in (0, 1)
+    ]
     taken = [json.loads(worker.communicate(timeout=120)[0]) for worker in workers]
     assert all(worker.returncode == 0 for worker in workers)
     assert sorted(taken[0] + taken[1]) == list(range(40)), taken  # each queued trial went to one worker
