@@ -155,6 +155,27 @@ def worker_pool(jobs: int, progress: Any = None) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(jobs, mp_context=_context(), initializer=_start_worker, initargs=(progress, os.getpid()))
 
 
+# What the resource tracker says when Ctrl-C stops a pool before its queues are collected: it removes their
+# semaphores all the same, so "leaked semaphore objects to clean up at shutdown" is noise after "interrupted".
+TRACKER_WARNING = "ignore:resource_tracker:UserWarning"
+
+
+def _quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (a process of its own, started once) with its shutdown warning
+    ignored; the environment is restored at once, so no other process inherits the filter."""
+    from multiprocessing import resource_tracker
+
+    saved = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (saved, TRACKER_WARNING)))
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = saved
+
+
 def _context() -> Any:
     """Workers forked from a fork server that has imported this module and torch, nothing else (not the program's
     `__main__`, whose import may start thread pools): each worker starts without importing torch again, and no
@@ -162,6 +183,7 @@ def _context() -> Any:
     import multiprocessing
 
     if "forkserver" in multiprocessing.get_all_start_methods():
+        _quiet_resource_tracker()  # before the first queue or pool starts it (POSIX: where there is a fork server)
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__, "torch"])
         return context
