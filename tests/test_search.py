@@ -189,7 +189,7 @@ def test_architectures_exported_in_worker_processes_are_the_ones_exported_here(t
     files are those an export in this process writes (same random weights, same outputs), and every row lands."""
     from unet_edge.backends import open_backend
     from unet_edge.formats import Precision
-    from unet_edge.search.latency import _classes, _export_args, _Exporters
+    from unet_edge.search.latency import _classes, _Exporters
 
     classes, ignore_index = _classes(tiny_data)
     settings = TableSettings(**{**SETTINGS.__dict__, "threads": 1})
@@ -197,9 +197,8 @@ def test_architectures_exported_in_worker_processes_are_the_ones_exported_here(t
     batch = [SMALL, LARGE]
     exported = {}
     for folder, jobs in (("here", 1), ("workers", 2)):
-        with _Exporters(jobs, settings) as exporters:
-            args = _export_args(batch, missing, classes, ignore_index, settings, tiny_data, tmp_path / folder)
-            exported[folder] = exporters.export(batch, args)
+        with _Exporters(jobs, settings, classes, ignore_index, tiny_data, tmp_path / folder) as exporters:
+            exported[folder] = exporters.export(missing)
             assert (exporters.pool is not None) == (jobs > 1)  # the workers did the exports and are kept
     here, workers = exported["here"], exported["workers"]
     x = np.random.default_rng(1).standard_normal((1, 3, 32, 32), dtype=np.float32)
@@ -547,10 +546,10 @@ def test_a_new_study_starts_from_trains_defaults_on_the_largest_model_within_the
 POP_QUEUED = """
 import json, pathlib, sys, time
 import optuna
-from unet_edge.search.study import StudySpec, _storage
+from unet_edge.search.study import StudySpec, open_storage
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 spec = StudySpec(**json.loads(sys.argv[1]))
-study = optuna.load_study(study_name=spec.study_name, storage=_storage(spec))
+study = optuna.load_study(study_name=spec.study_name, storage=open_storage(spec.storage, spec.heartbeat_s))
 ready = pathlib.Path(sys.argv[2])
 (ready / sys.argv[4]).touch()
 while len(list(ready.iterdir())) < 2:
@@ -565,7 +564,7 @@ def test_two_workers_never_take_the_same_queued_trial_of_a_sqlite_study(tmp_path
     failed: "Cannot tell a COMPLETE trial"). Here two processes ask for 20 queued trials each at once."""
     import optuna
 
-    from unet_edge.search.study import StudySpec, _storage
+    from unet_edge.search.study import StudySpec, open_storage
 
     spec = StudySpec(
         storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="queue", architectures=(), latency_ms={},
@@ -573,7 +572,7 @@ def test_two_workers_never_take_the_same_queued_trial_of_a_sqlite_study(tmp_path
         image_size=32, lr_range=(3e-4, 1e-2), distill_weight_range=(0.02, 1.0), seed=0, device="cpu", threads=1,
         heartbeat_s=20,
     )  # fmt: skip
-    study = optuna.create_study(storage=_storage(spec), study_name=spec.study_name)
+    study = optuna.create_study(storage=open_storage(spec.storage, spec.heartbeat_s), study_name=spec.study_name)
     for x in range(40):
         study.enqueue_trial({"x": x}, skip_if_exists=False)
     ready = tmp_path / "ready"

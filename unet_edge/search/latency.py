@@ -316,14 +316,16 @@ def measure_table(
     # processes; then each architecture is timed alone, with the machine to itself, and saved, so an interrupted
     # run loses at most one batch's exports.
     size = 2 * jobs if jobs > 1 else 1
-    with tempfile.TemporaryDirectory(prefix="unet-edge-latency-") as tmp, _Exporters(jobs, settings) as exporters:
+    with (
+        tempfile.TemporaryDirectory(prefix="unet-edge-latency-") as tmp,
+        _Exporters(jobs, settings, classes, ignore_index, data_root, Path(tmp)) as exporters,
+    ):
         for first in range(0, len(todo), size):
             batch = todo[first : first + size]
             missing = {arch: {(name, precision) for a, name, precision in wanted if a == arch} for arch in batch}
             names = ", ".join(arch.name for arch in batch)
             steps.say(f"exporting {names}" + (f" in {jobs} processes" if jobs > 1 and len(batch) > 1 else ""))
-            args = _export_args(batch, missing, classes, ignore_index, settings, data_root, Path(tmp))
-            exported = exporters.export(batch, args)
+            exported = exporters.export(missing)
             for arch in batch:
                 steps.say(f"timing {arch.name}")
                 files, rows = exported[arch]
@@ -343,13 +345,28 @@ Exported = tuple[dict[tuple[str, str], Path], dict[tuple[str, str], dict[str, An
 
 
 class _Exporters:
-    """Where a batch of architectures is exported: `jobs` worker processes (one thread each) kept for the whole
-    table, since a new process pays the converters' imports and first calls again (an ONNX export took twice as
-    long in a fresh process), or this process with one job. An export whose worker died is done again here, and
-    the next batch gets new workers."""
+    """Where a batch of architectures is exported into `folder`: `jobs` worker processes (one thread each) kept for
+    the whole table, since a new process pays the converters' imports and first calls again (an ONNX export took
+    twice as long in a fresh process), or this process with one job. An export whose worker died is done again
+    here, and the next batch gets new workers."""
 
-    def __init__(self, jobs: int, settings: TableSettings) -> None:
+    def __init__(
+        self,
+        jobs: int,
+        settings: TableSettings,
+        classes: list[str],
+        ignore_index: int | None,
+        data_root: Path,
+        folder: Path,
+    ) -> None:
         self.jobs, self.settings = jobs, settings
+        self.common: dict[str, Any] = {
+            "classes": classes,
+            "ignore_index": ignore_index,
+            "settings": settings,
+            "data_root": data_root,
+            "folder": folder,
+        }
         self.pool: Any = None  # a ProcessPoolExecutor once the first batch needs it
 
     def __enter__(self) -> _Exporters:
@@ -361,42 +378,28 @@ class _Exporters:
         if self.pool is not None:
             stop_pool(self.pool) if kind is not None else self.pool.shutdown(wait=True)
 
-    def export(
-        self, batch: list[Architecture], args: dict[Architecture, dict[str, Any]]
-    ) -> dict[Architecture, Exported]:
+    def export(self, missing: dict[Architecture, set[tuple[str, Any]]]) -> dict[Architecture, Exported]:
+        """Each architecture's files and failed rows, for the (format, precision) pairs `missing` names."""
         from ..deploy.parallel import worker_pool
 
         done: dict[Architecture, Exported] = {}
-        if self.jobs > 1 and len(batch) > 1:
+        if self.jobs > 1 and len(missing) > 1:
             if self.pool is None:
                 self.pool = worker_pool(self.jobs)
-            futures = {arch: self.pool.submit(_export_architecture, **args[arch]) for arch in batch}
+            futures = {
+                arch: self.pool.submit(_export_architecture, arch, pairs, **self.common)
+                for arch, pairs in missing.items()
+            }
             for arch, future in futures.items():
                 with contextlib.suppress(Exception):  # the worker died (a converter's crash): done again below
                     done[arch] = future.result()
-            if len(done) < len(batch):
+            if len(done) < len(missing):
                 self.pool.shutdown(wait=False, cancel_futures=True)
                 self.pool = None
-        for arch in batch:
+        for arch, pairs in missing.items():
             if arch not in done:
-                done[arch] = _export_architecture(**{**args[arch], "threads": self.settings.threads})
+                done[arch] = _export_architecture(arch, pairs, **self.common, threads=self.settings.threads)
         return done
-
-
-def _export_args(
-    batch: list[Architecture],
-    missing: dict[Architecture, set[tuple[str, Any]]],
-    classes: list[str],
-    ignore_index: int | None,
-    settings: TableSettings,
-    data_root: Path,
-    folder: Path,
-) -> dict[Architecture, dict[str, Any]]:
-    """`_export_architecture`'s arguments per architecture (threads None: a worker's one thread)."""
-    common = {"classes": classes, "ignore_index": ignore_index, "settings": settings, "data_root": data_root}
-    return {
-        arch: {"arch": arch, "missing": missing[arch], **common, "folder": folder, "threads": None} for arch in batch
-    }
 
 
 def _row_base(arch: Architecture, num_classes: int, settings: TableSettings) -> dict[str, Any]:

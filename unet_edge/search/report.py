@@ -132,7 +132,7 @@ def search_json(result: SearchResult) -> dict[str, Any]:
     settings = result.settings
     front = {id(t) for t in result.front}
     return {
-        "study": {"name": result.study_name, "storage": shown_url(result.storage) if result.storage else ""},
+        "study": {"name": result.study_name, "storage": shown_url(result.storage)},
         "budget_ms": result.budget_ms,
         "teacher": result.teacher,
         "teacher_eager_p50_ms": result.teacher_ms,

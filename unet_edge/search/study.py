@@ -30,6 +30,7 @@ __all__ = [
     "StudySpec",
     "check_storage",
     "counted_trials",
+    "open_storage",
     "open_study",
     "optimize",
     "recover_stale_trials",
@@ -123,22 +124,8 @@ def _storage_error(url: str, exc: BaseException) -> SearchError:
 
 
 def open_storage(url: str, heartbeat_s: int) -> Any:
-    """`_storage` for a URL, its connection failure a one-line `SearchError`."""
-    try:
-        return _storage_of(url, heartbeat_s)
-    except SearchError:
-        raise
-    except Exception as exc:  # drivers and SQLAlchemy raise their own error types
-        raise _storage_error(url, exc) from None
-
-
-def _storage(spec: StudySpec) -> Any:
-    return open_storage(spec.storage, spec.heartbeat_s)
-
-
-def _storage_of(url: str, heartbeat_s: int) -> Any:
-    """An RDB URL becomes Optuna's RDBStorage with a heartbeat and the retry of stale trials; any other storage
-    string (a journal, a gRPC proxy) goes to Optuna as it is."""
+    """An RDB URL becomes Optuna's RDBStorage with a heartbeat and the retry of stale trials (a connection failure:
+    a one-line `SearchError`); any other storage string (a journal, a gRPC proxy) goes to Optuna as it is."""
     import optuna
 
     if not _is_rdb(url):
@@ -147,15 +134,18 @@ def _storage_of(url: str, heartbeat_s: int) -> Any:
     # SQLite: the driver's own transaction handling off (isolation_level None), so that `_serialise` can begin each
     # transaction itself
     engine = {"connect_args": {"timeout": 120, "isolation_level": None}} if sqlite else {"pool_pre_ping": True}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat, stable since 2.8
-        storage = optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine,
-            heartbeat_interval=heartbeat_s,
-            grace_period=3 * heartbeat_s,
-            heartbeat_stale_trial_callback=_retry(),
-        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat, stable since 2.8
+            storage = optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=heartbeat_s,
+                grace_period=3 * heartbeat_s,
+                heartbeat_stale_trial_callback=_retry(),
+            )
+    except Exception as exc:  # drivers and SQLAlchemy raise their own error types
+        raise _storage_error(url, exc) from None
     if sqlite:
         _serialise(storage.engine)
     return storage
@@ -256,7 +246,7 @@ def open_study(spec: StudySpec, worker: int = 0) -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a trial's failure is in its attributes
-    storage = _storage(spec)
+    storage = open_storage(spec.storage, spec.heartbeat_s)
     study = optuna.create_study(
         storage=storage,
         study_name=spec.study_name,
