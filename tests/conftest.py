@@ -14,6 +14,7 @@ from typing import Any
 
 import markers
 import numpy as np
+import onnx_memo
 import pytest
 from PIL import Image
 
@@ -34,6 +35,8 @@ NO_CUDA = "no CUDA GPU on this machine: the CUDA training and inference paths ar
 
 def pytest_configure(config: pytest.Config) -> None:
     markers.install()
+    if os.environ.get("UNET_EDGE_TEST_TRACE_EVERY_ONNX") != "1":
+        onnx_memo.install()  # each distinct ONNX graph traced once per test process (tests/onnx_memo.py)
     # Registered as a plugin, not as conftest hooks: a conftest below the rootdir does not see session-scoped
     # fixtures being set up.
     config.pluginmanager.register(markers.MarkerCheck(), "unet-edge-marker-check")
