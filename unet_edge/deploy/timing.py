@@ -39,9 +39,11 @@ def _in_round(progress: Progress, done: int, rounds: int, label: str) -> Progres
 CONTENTION_MARGIN = 1.2
 
 
-# The first round screens: each candidate gets this share of `seconds` (and its share of `min_calls`), enough for
-# `contenders` to tell which cannot win; the contenders and the eager baseline get the rest over the later rounds.
-SCREEN_SHARE = 0.1
+# The first round screens: each candidate gets this share of `seconds` (and its share of `min_calls`, which is what
+# binds for any candidate slower than 10 ms at the defaults), enough for `contenders` to tell which cannot win; the
+# contenders and the eager baseline get the rest over the later rounds. With 27 candidates the screen's floor was
+# 11 s of 25 s at a tenth (two columns each).
+SCREEN_SHARE = 0.05
 
 
 def round_seconds(options: DeployOptions, done: int, baseline: bool) -> float:
