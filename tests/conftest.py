@@ -46,21 +46,28 @@ def pytest_configure(config: pytest.Config) -> None:
 # file runs whole on one worker, files go to workers in the order their first test appears, the next one to the first
 # worker close to done). The first builds the shared `--format all` export (`exported_all`, about 50 s), the second
 # keeps the other worker busy for longer than that without it, so no worker waits for the export; then the rest of
-# the heaviest files, longest first (figures: `pytest --durations=0`, summed per file, on a 2-core AVX-512 EPYC).
+# the heaviest files, longest first (figures: `pytest --durations=0`, summed per file, on a 2-core AVX-512 EPYC,
+# 2026-12-06).
 # Files not listed follow, slow ones first.
 FIRST_FILES = (
-    "test_formats.py",  # 74 s, builds exported_all
-    "test_gpu_check.py",  # 80 s, no exported_all
-    "test_format_executorch.py",  # 60 s, its own programs
-    "test_faults.py",  # 73 s
-    "test_bench.py",  # 48 s
-    "test_distributed.py",  # 44 s
-    "test_deploy.py",  # 42 s
-    "test_cpp.py",  # 37 s
-    "test_search.py",  # 32 s
-    "test_format_pt2.py",  # 29 s
-    "test_export.py",  # 29 s
-    "test_quantize.py",  # 22 s
+    "test_formats.py",  # 57 s, builds exported_all (46 s)
+    "test_gpu_check.py",  # 58 s, no exported_all
+    "test_format_executorch.py",  # 50 s, its own programs
+    "test_bench.py",  # 44 s
+    "test_cpp.py",  # 42 s
+    "test_distributed.py",  # 42 s
+    "test_search.py",  # 42 s
+    "test_faults.py",  # 39 s
+    "test_deploy.py",  # 37 s
+    "test_format_pt2.py",  # 33 s
+    "test_format_litert.py",  # 25 s
+    "test_train.py",  # 15 s
+    "test_export.py",  # 15 s
+    "test_reliability.py",  # 14 s
+    "test_format_openvino.py",  # 14 s
+    "test_cuda_paths.py",  # 10 s
+    "test_quantize.py",  # 10 s
+    "test_predict.py",  # 10 s
 )
 
 

@@ -1,7 +1,8 @@
 """Exports in worker processes: each (checkpoint, format) export and the accuracy of its candidates is a task;
-up to `jobs` tasks run at once, each in a process of its own (from a fork server), one thread each. The
-conversions are mostly single-threaded (tracing, lowering passes, a C++ compiler), so two cores export two
-formats at once. Timing is not done here: the pool is shut down before it starts.
+up to `jobs` tasks run at once, each in a process of its own (`processes.worker_pool`: from a fork server, one
+thread each, ending with this process). The conversions are mostly single-threaded (tracing, lowering passes, a
+C++ compiler), so two cores export two formats at once. Timing is not done here: the pool is shut down before it
+starts.
 
 A worker loads each checkpoint it is given once and builds its budget once, from the validation masks the
 parent computed (so the budget compares against the same predictions whichever process checks a variant). It
@@ -12,18 +13,18 @@ crash) costs only its tasks: they run again in the parent, one by one.
 
 from __future__ import annotations
 
-import os
 import queue as queue_module
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..processes import pool_context, stop_pool, worker_pool
 from .cache import DeployCache
 from .records import Candidate, DeployOptions
 
-__all__ = ["Task", "TaskResult", "run_tasks", "stop_pool", "worker_pool"]
+__all__ = ["Task", "TaskResult", "run_tasks"]
 
 
 @dataclass(frozen=True)
@@ -51,23 +52,15 @@ class TaskResult:
     added: dict[str, Any]  # cache entries the task put
 
 
+PRELOAD = (__name__,)  # what the fork server imports for these workers
+
 # A worker's state: its progress queue, and what it loaded (by sha256) and built (by validation root).
 _WORKER: dict[str, Any] = {}
 
 
-def _start_worker(progress: Any, parent: int) -> None:
-    """One thread per worker: the workers share the cores between them. A worker ends when the deploy process
-    that started it is gone (killed, or stopped by a signal that skips its clean-up), rather than export on for
-    nobody."""
-    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[variable] = "1"
-    import torch
-
-    from ..processes import watch_parent
-
-    torch.set_num_threads(1)
+def _start_worker(progress: Any) -> None:
+    """A worker's state, empty (`processes.worker_pool` has given it one thread and tied it to this process)."""
     _WORKER.update(progress=progress, loaded={}, validation={}, sources={})
-    watch_parent(parent)
 
 
 def _loaded(checkpoint: Any) -> Any:
@@ -111,8 +104,8 @@ def run_tasks(
 ) -> list[Task]:
     """Run `tasks` in `jobs` worker processes; `on_done` hears each result as its task finishes (in the order
     they finish), `on_label` what the tasks under way are doing. Returns the tasks whose worker died."""
-    labels = _context().Queue()
-    pool = worker_pool(jobs, labels)
+    labels = pool_context(PRELOAD).Queue()
+    pool = worker_pool(jobs, _start_worker, (labels,), PRELOAD)
     lost: list[Task] = []
     by_index = {task.index: task for task in tasks}
     try:
@@ -147,55 +140,3 @@ def run_tasks(
     pool.shutdown(wait=True)
     labels.close()
     return lost
-
-
-def worker_pool(jobs: int, progress: Any = None) -> ProcessPoolExecutor:
-    """`jobs` worker processes from the fork server (`_context`), one thread each, each ending when this process
-    is gone; `progress` is the queue `run_task` puts its labels on (None: none)."""
-    return ProcessPoolExecutor(jobs, mp_context=_context(), initializer=_start_worker, initargs=(progress, os.getpid()))
-
-
-# What the resource tracker says when Ctrl-C stops a pool before its queues are collected: it removes their
-# semaphores all the same, so "leaked semaphore objects to clean up at shutdown" is noise after "interrupted".
-TRACKER_WARNING = "ignore:resource_tracker:UserWarning"
-
-
-def _quiet_resource_tracker() -> None:
-    """Start multiprocessing's resource tracker (a process of its own, started once) with its shutdown warning
-    ignored; the environment is restored at once, so no other process inherits the filter."""
-    from multiprocessing import resource_tracker
-
-    saved = os.environ.get("PYTHONWARNINGS")
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, (saved, TRACKER_WARNING)))
-    try:
-        resource_tracker.ensure_running()
-    finally:
-        if saved is None:
-            del os.environ["PYTHONWARNINGS"]
-        else:
-            os.environ["PYTHONWARNINGS"] = saved
-
-
-def _context() -> Any:
-    """Workers forked from a fork server that has imported this module and torch, nothing else (not the program's
-    `__main__`, whose import may start thread pools): each worker starts without importing torch again, and no
-    runtime's threads are copied into it. Where there is no fork server (Windows), fresh interpreters."""
-    import multiprocessing
-
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        _quiet_resource_tracker()  # before the first queue or pool starts it (POSIX: where there is a fork server)
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__, "torch"])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
-def stop_pool(pool: ProcessPoolExecutor) -> None:
-    """Ctrl-C or an error in the parent: the workers stop now (the finished tasks are cached already)."""
-    processes = list(getattr(pool, "_processes", {}).values())  # the executor offers no terminate before 3.14
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-    for process in processes:
-        process.join(timeout=5)

@@ -373,14 +373,14 @@ class _Exporters:
         return self
 
     def __exit__(self, kind: Any, *rest: Any) -> None:
-        from ..deploy.parallel import stop_pool
+        from ..processes import stop_pool
 
         if self.pool is not None:
             stop_pool(self.pool) if kind is not None else self.pool.shutdown(wait=True)
 
     def export(self, missing: dict[Architecture, set[tuple[str, Any]]]) -> dict[Architecture, Exported]:
         """Each architecture's files and failed rows, for the (format, precision) pairs `missing` names."""
-        from ..deploy.parallel import worker_pool
+        from ..processes import worker_pool
 
         done: dict[Architecture, Exported] = {}
         if self.jobs > 1 and len(missing) > 1:
