@@ -3,12 +3,12 @@
 `torch.onnx.export` (torch.export, then the ONNX translation) takes 3 to 7 s per call here, and about thirty tests
 export the same tiny checkpoint to ONNX with the same options only to get a file to verify, quantise, bench or
 damage: a fifth of the suite's CPU time. `install()` puts a memo in front of it: the first call for a given module
-(its classes, plain attributes, hooks, weights and buffers) and arguments runs the real exporter; a later identical
+(its classes, plain attributes, weights and buffers) and arguments runs the real exporter; a later identical
 call in the same process gets a copy of that call's graph (`model_proto`, the only part unet-edge reads). Everything
 after the trace (folding, metadata, saving, quantisation, fp16 conversion, parity) still runs for every export, and
 so does every export in a subprocess (the `--format all` export, deploy's and search's workers, gpu_check).
-Anything the key cannot be sure of (a callable attribute, an object without a stable repr) makes the call unique,
-so it is traced.
+Anything the key cannot be sure of (a hook, a callable attribute, an object it does not know how to hash, a tensor
+it cannot read as bytes) makes the call unique, so it is traced.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def install() -> None:
             return export(module, args, *rest, **kwargs)
         try:
             key = _key(module, args, kwargs)
-        except _Unique:
+        except Exception:  # _Unique, or a tensor that has no bytes view (quantised, sparse): never memoised
             return export(module, args, **kwargs)
         if key in _graphs:
             markers.note("exports (torch.onnx.export, the graph traced earlier in this process)")
