@@ -39,6 +39,8 @@ def _update(digest: Any, value: Any) -> None:
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     elif isinstance(value, _PLAIN):
         digest.update(f"{type(value).__name__} {value!r}".encode())
+    elif isinstance(value, set | frozenset):
+        _update(digest, sorted(value, key=repr))
     elif isinstance(value, (tuple, list)):
         digest.update(f"{type(value).__name__} {len(value)}".encode())
         for item in value:
@@ -75,7 +77,7 @@ def _key(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
             if "hook" in attr:
                 raise _Unique(f"{name}.{attr}")
             _update(digest, attr)
-            _update(digest, sorted(value) if isinstance(value, set) else value)
+            _update(digest, value)
         for attr, tensor in (*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)):
             _update(digest, attr)
             _update(digest, tensor)

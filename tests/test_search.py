@@ -71,7 +71,7 @@ def write_table(runs: Path, data: Path, p50s: dict[Architecture, float], anchor_
     threads = 1
     table = LatencyTable(runs / "search" / "latency-table.json", machine_facts(threads))
     classes = num_classes(data)
-    settings = TableSettings(**{**SETTINGS.__dict__, "threads": threads})
+    settings = replace(SETTINGS, threads=threads)
     for arch, p50 in p50s.items():
         extra = {} if anchor_ms is None else {"anchor_ms": anchor_ms}
         table.rows[row_key(arch, "torchscript", "fp32", classes, settings)] = table_row(arch, classes, p50, **extra)
@@ -112,7 +112,7 @@ def test_rows_timed_in_a_slow_session_are_scaled_by_its_anchor(tmp_path, tiny_da
     say the second is slower; scaled by the anchor timed in each session (the table's median anchor over the
     session's), they compare as they would have in one session, and the raw figures are kept beside."""
     table = LatencyTable(tmp_path / "table.json", machine_facts(1))
-    settings = TableSettings(**{**SETTINGS.__dict__, "threads": 1})
+    settings = replace(SETTINGS, threads=1)
     classes = num_classes(tiny_data)
     for arch, p50, anchor in ((SMALL, 2.0, 1.0), (LARGE, 2.4, 1.5)):  # LARGE really is 1.6 ms at the first speed
         table.rows[row_key(arch, "torchscript", "fp32", classes, settings)] = table_row(
@@ -132,7 +132,7 @@ def test_the_reference_anchor_is_fixed_once_so_later_sessions_do_not_move_earlie
     from 1.25 to 1.5 and with it every earlier row's reading; once fixed, it does not, and the reference is kept
     in the file (a table without one, as written before references were stored, is read on its median)."""
     table = LatencyTable(tmp_path / "table.json", machine_facts(1))
-    settings = TableSettings(**{**SETTINGS.__dict__, "threads": 1})
+    settings = replace(SETTINGS, threads=1)
     classes = num_classes(tiny_data)
     for arch, p50, anchor in ((SMALL, 2.0, 1.0), (LARGE, 2.4, 1.5)):
         table.rows[row_key(arch, "torchscript", "fp32", classes, settings)] = table_row(
@@ -154,7 +154,7 @@ def test_the_reference_anchor_is_fixed_once_so_later_sessions_do_not_move_earlie
 @pytest.mark.slow
 def test_latency_table_is_measured_once_per_machine(tiny_data, tmp_path, monkeypatch):
     path = tmp_path / "table.json"
-    settings = TableSettings(**{**SETTINGS.__dict__, "threads": 1})
+    settings = replace(SETTINGS, threads=1)
     table, classes = measure_table(
         (SMALL,), LatencyTable.open(path, machine_facts(1), given=False), settings, tiny_data
     )
@@ -192,7 +192,7 @@ def test_architectures_exported_in_worker_processes_are_the_ones_exported_here(t
     from unet_edge.search.latency import _classes, _Exporters
 
     classes, ignore_index = _classes(tiny_data)
-    settings = TableSettings(**{**SETTINGS.__dict__, "threads": 1})
+    settings = replace(SETTINGS, threads=1)
     missing = {arch: {("torchscript", Precision.FP32)} for arch in (SMALL, LARGE)}
     batch = [SMALL, LARGE]
     exported = {}

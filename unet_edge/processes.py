@@ -8,8 +8,10 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the executor (and multiprocessing) is imported when a pool starts, not with the CLI
+    from concurrent.futures import ProcessPoolExecutor
 
 __all__ = ["exit_when_gone", "pool_context", "stop_pool", "watch_parent", "worker_pool"]
 
@@ -52,6 +54,8 @@ def worker_pool(
     """`jobs` worker processes from the fork server (`pool_context`, which also imports the modules `preload`
     names), one thread each, each ending when this process is gone; `initializer(*initargs)` runs in each (a
     module-level function: it travels by name)."""
+    from concurrent.futures import ProcessPoolExecutor
+
     return ProcessPoolExecutor(
         jobs, mp_context=pool_context(preload), initializer=_start_worker, initargs=(os.getpid(), initializer, initargs)
     )

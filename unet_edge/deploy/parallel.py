@@ -58,7 +58,7 @@ PRELOAD = (__name__,)  # what the fork server imports for these workers
 _WORKER: dict[str, Any] = {}
 
 
-def _start_worker(progress: Any) -> None:
+def _init_worker(progress: Any) -> None:
     """A worker's state, empty (`processes.worker_pool` has given it one thread and tied it to this process)."""
     _WORKER.update(progress=progress, loaded={}, validation={}, sources={})
 
@@ -105,7 +105,7 @@ def run_tasks(
     """Run `tasks` in `jobs` worker processes; `on_done` hears each result as its task finishes (in the order
     they finish), `on_label` what the tasks under way are doing. Returns the tasks whose worker died."""
     labels = pool_context(PRELOAD).Queue()
-    pool = worker_pool(jobs, _start_worker, (labels,), PRELOAD)
+    pool = worker_pool(jobs, _init_worker, (labels,), PRELOAD)
     lost: list[Task] = []
     by_index = {task.index: task for task in tasks}
     try:
