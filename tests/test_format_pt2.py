@@ -1,6 +1,6 @@
 """What the pt2 format (torch.export + AOTInductor) has beyond the shared test base: its embedding snippet runs as
-written, a package compiled for AVX-512 is refused on a CPU without it, and without a C++ compiler the format is
-unavailable with one line."""
+written, a package compiled for a wider instruction set than the CPU's is refused, without a C++ compiler the format
+is unavailable with one line, and model.pt2 and its int8 variant share one torch.export trace."""
 
 from __future__ import annotations
 
@@ -46,6 +46,33 @@ def test_a_package_for_a_wider_instruction_set_is_refused(exported_all, monkeypa
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: narrower)
     with pytest.raises(ArtifactError, match=f"this CPU has no {widest}: export it here"):
         open_backend(path)
+
+
+def test_the_float_package_and_the_int8_calibration_share_one_trace_of_the_model(monkeypatch):
+    import gc
+
+    import torch
+
+    from unet_edge.formats import pt2, pt2e
+
+    traced = []
+
+    def trace(module):
+        traced.append(module)
+        return object()
+
+    monkeypatch.setattr(pt2, "_exported", trace)
+    model, other = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(3, 4, 1)
+    first = pt2._program(None, model)
+    assert pt2._program(None, model) is first and traced == [model]  # model.pt2 and the int8 calibration
+    assert pt2._program(None, other) is not first and traced == [model, other]  # another model: its own trace
+    assert pt2._program(None, model, shared=False) is not first and len(traced) == 3  # the int8 graph: never kept
+    # the key separates traces of one module with other settings, and a module's traces go with it
+    assert pt2e.exported_once(model, "another contract", trace) is not first and len(traced) == 4
+    del model, first
+    traced.clear()
+    gc.collect()
+    assert len(pt2e._PROGRAMS) == 1  # `other`'s only
 
 
 def test_without_a_compiler_the_format_is_unavailable_in_one_line(monkeypatch):

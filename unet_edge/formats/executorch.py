@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import warnings
-import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from .base import (
     import_runtime,
     needs_runtime,
 )
+from .pt2e import exported_once
 
 __all__ = ["FORMAT", "ExecuTorchBackend", "export", "export_variants", "open_model"]
 
@@ -85,18 +85,9 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
 
 
-# torch.export of a module within a contract, kept for the fp32 export and the int8 variant's prepare step of the
-# same export (one trace instead of two): by module, which the request holds for the whole export.
-_PROGRAMS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
 def _exported_once(module: Any, contract: dict[str, list[int]]) -> Any:
-    """`_exported`, traced once per module and contract."""
-    programs = _PROGRAMS.setdefault(module, {})
-    key = json.dumps(contract, sort_keys=True)
-    if key not in programs:
-        programs[key] = _exported(module, contract)
-    return programs[key]
+    """`_exported`, traced once per module and contract (the fp32 program and the int8 variant's prepare step)."""
+    return exported_once(module, "executorch " + json.dumps(contract, sort_keys=True), lambda m: _exported(m, contract))
 
 
 def _exported(module: Any, contract: dict[str, list[int]]) -> Any:

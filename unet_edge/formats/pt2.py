@@ -25,7 +25,7 @@ from ..cpuinfo import cpu_flags
 from ..errors import ArtifactError
 from ..io import atomic_write_bytes
 from .base import Backend, ExportRequest, Format, Precision, Provider, Snippet, backend_fields, cpp_host
-from .pt2e import convert_pt2e
+from .pt2e import convert_pt2e, exported_once
 from .torchscript import torch_device
 
 __all__ = ["FORMAT", "AotiBackend", "export", "export_variants", "open_model"]
@@ -72,9 +72,11 @@ def _source(request: ExportRequest) -> Any:
     return (request.folded_model if request.folded_model is not None else request.loaded.model).eval()
 
 
-def _program(request: ExportRequest, module: Any) -> Any:
+def _program(request: ExportRequest, module: Any, *, shared: bool = True) -> Any:
+    """`module`'s program with dynamic sizes; `shared`: traced once for model.pt2 and the int8 variant's
+    calibration."""
     try:
-        return _exported(module)
+        return exported_once(module, "pt2", _exported) if shared else _exported(module)
     except Exception as exc:  # torch.export raises many error types
         raise ArtifactError(f"{request.loaded.path}: torch.export failed for pt2 ({_first_line(exc)})") from None
 
@@ -138,7 +140,7 @@ def export_variants(request: ExportRequest) -> list[ExportedArtifact]:
             for image in calibration:
                 prepared(torch.from_numpy(image)[None])
         converted = convert_pt2e(prepared)
-    artifact = _package(request, _program(request, converted), INT8_PT2_FILE, Precision.INT8, {})
+    artifact = _package(request, _program(request, converted, shared=False), INT8_PT2_FILE, Precision.INT8, {})
     artifact.extra = {
         **(artifact.extra or {}),
         "quantization": budget.check(

@@ -1,10 +1,27 @@
-"""PT2E int8 conversion, shared by the formats that quantise through torchao (ExecuTorch, LiteRT, pt2)."""
+"""PT2E int8 conversion, shared by the formats that quantise through torchao (ExecuTorch, LiteRT, pt2), and
+the torch.export trace their float export and int8 variant share."""
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["convert_pt2e", "has_conv_batchnorm"]
+__all__ = ["convert_pt2e", "exported_once", "has_conv_batchnorm"]
+
+# torch.export of a module, kept for the float export and the int8 variant's prepare step of the same export (one
+# trace instead of two): by module, which the request holds for the whole export, and by the trace's settings.
+_PROGRAMS: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def exported_once(module: Any, key: str, export: Callable[[Any], Any]) -> Any:
+    """`export(module)` (a torch.export ExportedProgram), traced once per module and `key` (what else the trace
+    depends on, e.g. its shape bounds). Its users read it through `.module()` or lower it, which leave it as it
+    was, so one program serves the float export and the int8 variant's calibration."""
+    programs = _PROGRAMS.setdefault(module, {})
+    if key not in programs:
+        programs[key] = export(module)
+    return programs[key]
 
 
 def has_conv_batchnorm(graph_module: Any) -> bool:
