@@ -123,6 +123,7 @@ def _deploy(options: DeployOptions, progress: Progress | None) -> DeployResult:
         rounds=options.rounds,
         data=str(root),
         validation_images=len(validation.images(reference.loaded.mean, reference.loaded.std).raw),
+        timing=timing.PROTOCOL,
     )
     result = write_outputs(
         DeployResult(

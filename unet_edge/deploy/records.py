@@ -168,10 +168,4 @@ class Settings:
     data: str = ""
     validation_images: int = 0
     anchor_ms: float | None = None  # the latency table's reference anchor the figures are read against
-    timing: str = (
-        "interleaved rounds across candidates and the eager baseline; warm-up excluded; the first round screens "
-        "every candidate (5% of the seconds, min_calls / rounds calls), then a candidate whose 25th-percentile "
-        "call is over 1.2x the leader's 75th percentile (and the latency budget's 1.2x) keeps those figures, the "
-        "others get the rest of the seconds and min_calls; app column: uint8 images, preprocessing, the model "
-        "call and the argmax"
-    )
+    timing: str = ""  # the timing protocol in words (`timing.PROTOCOL`)

@@ -19,7 +19,7 @@ from .cache import DeployCache, content_key
 from .measure import Checkpoint, one_line
 from .records import Baseline, Candidate, DeployOptions
 
-__all__ = ["ANCHOR", "CONTENTION_MARGIN", "SCREEN_SHARE", "contenders", "round_seconds", "time_candidates"]
+__all__ = ["ANCHOR", "CONTENTION_MARGIN", "PROTOCOL", "SCREEN_SHARE", "contenders", "round_seconds", "time_candidates"]
 
 ANCHOR = "anchor"  # the anchor model's column, timed (model call only) when a reference anchor is given
 
@@ -44,6 +44,16 @@ CONTENTION_MARGIN = 1.2
 # contenders and the eager baseline get the rest over the later rounds. With 27 candidates the screen's floor was
 # 11 s of 25 s at a tenth (two columns each).
 SCREEN_SHARE = 0.05
+
+
+# The protocol in words, as deploy.json states it.
+PROTOCOL = (
+    "interleaved rounds across candidates and the eager baseline; warm-up excluded; the first round screens every "
+    f"candidate ({SCREEN_SHARE:.0%} of the seconds, min_calls / rounds calls), then a candidate whose "
+    f"25th-percentile call is over {CONTENTION_MARGIN}x the leader's 75th percentile (and the latency budget's "
+    f"{CONTENTION_MARGIN}x) keeps those figures, the others get the rest of the seconds and min_calls; app column: "
+    "uint8 images, preprocessing, the model call and the argmax"
+)
 
 
 def round_seconds(options: DeployOptions, done: int, baseline: bool) -> float:
