@@ -104,6 +104,16 @@ def test_not_a_checkpoint_is_a_clean_error(tmp_path, cli):
     assert result.returncode == 1 and "bad.pt" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_truncated_checkpoint_says_so(tmp_path):
+    state = {"model": {"w": torch.zeros(64, 64)}}
+    whole = tmp_path / "whole.pt"
+    torch.save(state, whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pt: not a readable checkpoint \(truncated or corrupt archive\)$"):
+        load_checkpoint(cut)
+
+
 def test_help_does_not_import_torch():
     code = "import sys; from unet_edge_cli.main import app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,6 +10,7 @@ import io
 import os
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     # torch.save writes a zip archive ("PK"); older files are a bare pickle (protocol >= 2 opens with 0x80).
     if head != b"PK" and head[:1] != b"\x80":
         raise CheckpointError(f"{path}: not a readable checkpoint (not a file written by torch.save)")
+    if head == b"PK" and not zipfile.is_zipfile(path):  # the archive's directory, at its end, is missing: cut off
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt archive)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # e.g. "Detected pickle protocol 4": the error says enough
