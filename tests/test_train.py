@@ -75,6 +75,60 @@ def test_resume_continues_from_saved_epoch(tiny_data, tmp_path, interrupted_run)
     assert load_checkpoint(run / "last.pt")["epoch"] == 3
 
 
+class Notes(TrainHooks):
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def on_note(self, message: str) -> None:
+        self.notes.append(message)
+
+
+@pytest.mark.slow
+def test_the_checkpoint_records_where_its_epochs_ran_and_a_resume_elsewhere_says_so(
+    tiny_data, tmp_path, interrupted_run
+):
+    here = torch.backends.cpu.get_cpu_capability()
+    same, moved = (interrupted_run(tiny_data, tmp_path / name, epochs=3, stop_in_epoch=2) for name in ("same", "moved"))
+    assert load_checkpoint(same / "last.pt")["environments"] == [
+        {
+            "from_epoch": 0,
+            "torch": str(torch.__version__),
+            "device": "cpu",
+            "cpu_capability": here,
+            "threads": torch.get_num_threads(),
+        }
+    ]
+    # resumed on the same machine: nothing to say, and no second record
+    hooks = Notes()
+    fit(TrainConfig(device="cpu", resume=str(same / "last.pt")), hooks)
+    assert not [note for note in hooks.notes if "continues" in note]
+    assert len(load_checkpoint(same / "last.pt")["environments"]) == 1
+    # epoch 1 as if computed on another CPU kind: the resume says that this run will not repeat an unbroken one
+    other = "AVX2" if here != "AVX2" else "AVX512"
+    state = load_checkpoint(moved / "last.pt")
+    state["environments"][0]["cpu_capability"] = other
+    save_checkpoint(moved / "last.pt", state)
+    hooks = Notes()
+    fit(TrainConfig(device="cpu", resume=str(moved / "last.pt")), hooks)
+    said = "this run continues at epoch 2 with CPU kernels " + f"{other} -> {here}: its figures will not repeat"
+    assert said in " ".join(hooks.notes)
+    sessions = load_checkpoint(moved / "last.pt")["environments"]
+    assert [(s["from_epoch"], s["cpu_capability"]) for s in sessions] == [(0, other), (1, here)]
+
+
+def test_environment_change_names_what_differs():
+    from unet_edge.device import environment_change
+
+    cpu = {"torch": "2.14.1", "device": "cpu", "cpu_capability": "AVX512", "threads": 2}
+    assert environment_change(cpu, dict(cpu)) is None
+    assert environment_change(cpu, {**cpu, "threads": 1}) == "threads 2 -> 1"
+    gpu = {"torch": "2.11.0", "device": "cuda", "gpu": "NVIDIA H100"}
+    assert environment_change(cpu, gpu) == (
+        "PyTorch 2.14.1 -> 2.11.0, device cpu -> cuda, GPU None -> NVIDIA H100, CPU kernels AVX512 -> None, "
+        "threads 2 -> None"
+    )
+
+
 @pytest.mark.slow
 def test_eval_cli_json_matches_training_metric(tiny_run, tiny_data, tmp_path, cli):
     out = tmp_path / "eval.json"
