@@ -177,7 +177,10 @@ class Runner:
         earlier checkpoint of a teacher can teach."""
         kept = self.runs / name / f"epoch{keep_epoch}.pt" if keep_epoch else None
         if name in self.results and (kept is None or kept.is_file()):
-            return self.results[name]
+            cached = self.results[name]
+            if "cpu_kernels" not in cached:  # cached before runs recorded it: read it from the run's checkpoint
+                cached["cpu_kernels"] = cpu_kernels(self.runs / name)
+            return cached
         args = self.args
         folder = self.runs / name
         epochs = epochs_for(args, base)
@@ -235,6 +238,7 @@ class Runner:
         shares = [r["teacher_share"] for r in records if r.get("teacher_share") is not None]
         teacher_notes = [line for line in done.stderr.splitlines() if line.startswith(("teacher ", "warning:"))]
         result = {
+            "cpu_kernels": cpu_kernels(folder),
             "dataset": dataset,
             "seed": seed,
             "base": base,
@@ -292,6 +296,42 @@ def _keep_epoch(folder: Path, epoch: int, kept: Path) -> None:
         return
     if int(state.get("epoch", 0)) == epoch:
         torch.save(state, kept)
+
+
+def cpu_kernels(folder: Path) -> str | None:
+    """The CPU kernels (PyTorch's vector instruction set, e.g. AVX512) a run's epochs were computed with, from
+    its last.pt ("AVX512+AVX2" for a run resumed on another kind; the device type for a GPU run), or None where
+    the checkpoint predates that record. Seeded runs repeat to the last digit only on one kind."""
+    import torch
+
+    try:
+        state = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError):
+        return None
+    kinds = [s.get("cpu_capability") or s.get("device") for s in state.get("environments") or []]
+    return "+".join(dict.fromkeys(k for k in kinds if k)) or None
+
+
+def kernels_note(rows: list, alone_rows: list) -> str:
+    """Which CPU kernels the section's runs were computed with, and the pairs whose two runs used different ones."""
+    runs = [r for row in alone_rows for r in row[2]] + [r for row in rows for r in (row[3], *row[5])]
+    counts: dict[str, int] = {}
+    for run in runs:
+        kind = run.get("cpu_kernels") or "not recorded"
+        counts[kind] = counts.get(kind, 0) + 1
+    text = "CPU kernels of the runs: " + ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items())) + "."
+    crossed = [
+        f"{dataset} b{base}-d{depth} {setting} s{x['seed']} ({x['cpu_kernels']} vs {y['cpu_kernels']})"
+        for dataset, (base, depth), setting, _, alone, distilled in rows
+        for x, y in zip(distilled, alone, strict=True)
+        if x.get("cpu_kernels") and y.get("cpu_kernels") and x["cpu_kernels"] != y["cpu_kernels"]
+    ]
+    if crossed:
+        text += (
+            f" **{len(crossed)} pair(s) compare runs computed with different CPU kernels**, whose seeded figures do "
+            f"not repeat across kinds, so they measure the machines as well as distillation: {'; '.join(crossed)}."
+        )
+    return text
 
 
 def summary(values: list[float]) -> str:
@@ -517,7 +557,7 @@ def section(
         "of runs that shared the machine with other work (the mIoU figures are not affected: every run is "
         "single-threaded and seeded).",
         "",
-        f"Machine: {machine_line}.",
+        f"Machine: {machine_line}. {kernels_note(rows, alone_rows)}",
         "",
         "Command:",
         "",

@@ -1,0 +1,50 @@
+"""benchmarks/distill.py's record of the CPU kernels each run was computed with: seeded runs repeat to the last digit
+only on one CPU kind, so the section names the kinds of its runs and every pair whose two runs differ."""
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def distill(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import distill
+
+    return distill
+
+
+def _run(folder, *kinds):
+    folder.mkdir()
+    environments = [{"from_epoch": 3 * i, "device": "cpu", "cpu_capability": kind} for i, kind in enumerate(kinds)]
+    torch.save({"epoch": 6, "environments": environments}, folder / "last.pt")
+    return folder
+
+
+def test_a_runs_cpu_kernels_come_from_its_checkpoint(distill, tmp_path):
+    assert distill.cpu_kernels(_run(tmp_path / "one", "AVX2")) == "AVX2"
+    assert distill.cpu_kernels(_run(tmp_path / "moved", "AVX512", "AVX2")) == "AVX512+AVX2"
+    assert distill.cpu_kernels(_run(tmp_path / "back", "AVX2", "AVX512", "AVX2")) == "AVX2+AVX512"
+    older = tmp_path / "older"
+    older.mkdir()
+    torch.save({"epoch": 6}, older / "last.pt")  # a checkpoint from before runs recorded it
+    assert distill.cpu_kernels(older) is None
+    assert distill.cpu_kernels(tmp_path / "missing") is None
+
+
+def test_the_section_names_pairs_computed_with_different_kernels(distill):
+    def run(seed, kind):
+        return {"seed": seed, "best": 0.9, "cpu_kernels": kind}
+
+    teacher = run(0, "AVX512")
+    alone = [run(0, "AVX512"), run(1, "AVX512"), run(2, None)]
+    distilled = [run(0, "AVX512"), run(1, "AVX2"), run(2, "AVX2")]
+    rows = [("shapes", (8, 3), "dist", teacher, alone, distilled)]
+    note = distill.kernels_note(rows, [("shapes", (8, 3), alone)])
+    assert note.startswith("CPU kernels of the runs: AVX2 2, AVX512 4, not recorded 1.")
+    # seed 1 crossed kinds; seed 2's lone run has no record, so it is not called a crossed pair
+    assert "**1 pair(s) compare runs computed with different CPU kernels**" in note
+    assert note.endswith(": shapes b8-d3 dist s1 (AVX2 vs AVX512).")
+    same = [run(0, "AVX512"), run(1, "AVX512"), run(2, "AVX512")]
+    assert "pair(s)" not in distill.kernels_note([("shapes", (8, 3), "dist", teacher, same, same)], [])
