@@ -178,8 +178,9 @@ class Runner:
         kept = self.runs / name / f"epoch{keep_epoch}.pt" if keep_epoch else None
         if name in self.results and (kept is None or kept.is_file()):
             cached = self.results[name]
-            if "cpu_kernels" not in cached:  # cached before runs recorded it: read it from the run's checkpoint
+            if "cpu_kernels" not in cached:  # cached before runs recorded it: read once from the run's checkpoint
                 cached["cpu_kernels"] = cpu_kernels(self.runs / name)
+                self._save()
             return cached
         args = self.args
         folder = self.runs / name
@@ -252,10 +253,7 @@ class Runner:
             "notes": teacher_notes,
         }
         self.results[name] = result
-        self.args.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1))
-        tmp.replace(self.cache_file)
+        self._save()
         share = f", teacher {result['teacher_share']:.0%} of step time" if shares else ""
         print(
             f"{time.strftime('%H:%M:%S')} {name}: best val mIoU {result['best']:.4f} ({result['train_seconds']:.0f} s of training{share})",
@@ -264,6 +262,12 @@ class Runner:
         for note in teacher_notes:
             print(f"    {note}", flush=True)
         return result
+
+    def _save(self) -> None:
+        self.args.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1))
+        tmp.replace(self.cache_file)
 
     @staticmethod
     def _run(command: list[str], env: dict, folder: Path, keep_epoch: int | None, kept: Path | None):
@@ -314,7 +318,8 @@ def cpu_kernels(folder: Path) -> str | None:
 
 def kernels_note(rows: list, alone_rows: list) -> str:
     """Which CPU kernels the section's runs were computed with, and the pairs whose two runs used different ones."""
-    runs = [r for row in alone_rows for r in row[2]] + [r for row in rows for r in (row[3], *row[5])]
+    runs = [run for _, _, alone in alone_rows for run in alone]
+    runs += [run for _, _, _, teacher, _, distilled in rows for run in (teacher, *distilled)]
     counts: dict[str, int] = {}
     for run in runs:
         kind = run.get("cpu_kernels") or "not recorded"

@@ -25,6 +25,7 @@ __all__ = [
     "prefers_channels_last",
     "resolve_device",
     "run_environment",
+    "run_environments",
 ]
 
 
@@ -119,18 +120,36 @@ def run_environment(device: torch.device) -> dict[str, Any]:
     return facts
 
 
+# What `environment_change` names, by the keys of `run_environment`.
+_ENVIRONMENT_LABELS = {
+    "torch": "PyTorch",
+    "device": "device",
+    "gpu": "GPU",
+    "cpu_capability": "CPU kernels",
+    "threads": "threads",
+}
+
+
 def environment_change(before: dict[str, Any], now: dict[str, Any]) -> str | None:
     """How `now` differs from `before` (both `run_environment` records), or None where a seeded run repeats."""
-    names = {
-        "torch": "PyTorch",
-        "device": "device",
-        "gpu": "GPU",
-        "cpu_capability": "CPU kernels",
-        "threads": "threads",
-    }
     changes = [
         f"{label} {before.get(key)} -> {now.get(key)}"
-        for key, label in names.items()
+        for key, label in _ENVIRONMENT_LABELS.items()
         if (key in before or key in now) and before.get(key) != now.get(key)
     ]
     return ", ".join(changes) or None
+
+
+def run_environments(
+    earlier: list[dict[str, Any]], start_epoch: int, device: torch.device
+) -> tuple[list[dict[str, Any]], str | None]:
+    """A run's record of where its epochs were computed (`run_environment`, one entry per change, each with the
+    epoch it began at), continued from `earlier` (a resumed checkpoint's) at `start_epoch` on `device`; and what
+    changed since the last entry (None: nothing, or no earlier entry)."""
+    now = run_environment(device)
+    sessions = [dict(entry) for entry in earlier]
+    last = {k: v for k, v in sessions[-1].items() if k != "from_epoch"} if sessions else None
+    change = environment_change(last, now) if last is not None else None
+    if last is None or change is not None:
+        sessions.append({"from_epoch": start_epoch, **now})
+    return sessions, change

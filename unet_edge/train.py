@@ -22,15 +22,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .config import DEFAULT_EPOCHS, Loss, ModelConfig, TrainConfig, schedule_epochs
-from .device import (
-    Precision,
-    environment_change,
-    mixed_precision,
-    place_model,
-    prefers_channels_last,
-    resolve_device,
-    run_environment,
-)
+from .device import Precision, mixed_precision, place_model, prefers_channels_last, resolve_device, run_environments
 from .distill import Distillation
 from .errors import DataError, OutputError, TrainingError
 from .evaluate import EvalResult, evaluate
@@ -452,25 +444,6 @@ def run_epoch(
     return record, result
 
 
-def _environments(
-    resumed: dict[str, Any] | None, start_epoch: int, device: torch.device, note: Callable[[str], None] | None
-) -> list[dict[str, Any]]:
-    """Where the run's epochs were computed (`run_environment`), one record per change, each with the epoch it
-    started from; a resumed run that continues elsewhere says that its epochs will not repeat an unbroken run's."""
-    now = run_environment(device)
-    sessions = [dict(s) for s in (resumed or {}).get("environments") or []]
-    last = {k: v for k, v in sessions[-1].items() if k != "from_epoch"} if sessions else None
-    change = environment_change(last, now) if last is not None else None
-    if change is not None and note is not None:
-        note(
-            f"this run continues at epoch {start_epoch + 1} with {change}: its figures will not repeat those of an "
-            "unbroken run to the last digit"
-        )
-    if last is None or change is not None:
-        sessions.append({"from_epoch": start_epoch, **now})
-    return sessions
-
-
 def resume_config(
     config: TrainConfig, state: dict[str, Any], explicit: Collection[str] | None = None
 ) -> tuple[TrainConfig, int]:
@@ -574,11 +547,13 @@ def fit(
         run = RunFolder.create(config.out, config.name, writer=is_main)
     if distributed is not None:
         run.path = distributed.broadcast_path(run.path)
-    about = {
-        **data.checkpoint_fields(),
-        "train_config": config.to_dict(),
-        "environments": _environments(resumed, run.start_epoch, device, hooks.on_note if is_main else None),
-    }
+    environments, moved = run_environments((resumed or {}).get("environments") or [], run.start_epoch, device)
+    if moved is not None and is_main:
+        hooks.on_note(
+            f"this run continues at epoch {run.start_epoch + 1} with {moved}: its figures will not repeat those of "
+            "an unbroken run to the last digit"
+        )
+    about = {**data.checkpoint_fields(), "train_config": config.to_dict(), "environments": environments}
     if auxiliary is not None:
         about.update(auxiliary.record())
         if is_main:
