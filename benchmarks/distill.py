@@ -501,7 +501,7 @@ def section(
         "## Distillation: small students taught by a large model",
         "",
         f"Teacher UNetStudent base {teacher[0]}, depth {teacher[1]} (one per dataset, seed 0); students "
-        f"{', '.join(f'base {b}, depth {d}' for b, d in sorted({row[1] for row in rows}))}, alone and distilled "
+        f"{', '.join(f'base {b}, depth {d}' for b, d in sorted({row[1] for row in [*rows, *alone_rows]}))}, alone and distilled "
         f"(`--teacher`), seeds 0..{args.seeds - 1}, each distilled seed paired with the lone student's (same initial "
         f"weights, batches and crops). All runs: `unet-edge train`, {epochs_text(args, rows, alone_rows)}, "
         f"batch {args.batch_size}, "

@@ -48,3 +48,20 @@ def test_the_section_names_pairs_computed_with_different_kernels(distill):
     assert note.endswith(": shapes b8-d3 dist s1 (AVX2 vs AVX512).")
     same = [run(0, "AVX512"), run(1, "AVX512"), run(2, "AVX512")]
     assert "pair(s)" not in distill.kernels_note([("shapes", (8, 3), "dist", teacher, same, same)], [])
+
+
+def test_the_section_names_the_students_before_any_is_distilled(distill):
+    """The section of a run whose teachers are still training (lone students only) names its students all the same."""
+    import argparse
+    from types import SimpleNamespace
+
+    args = argparse.Namespace(
+        seeds=2, epochs_given=False, epochs=60, teacher="32,4", batch_size=8, image_size=64, train_images=240,
+        val_images=60, threads=1,
+    )  # fmt: skip
+    alone = [{"seed": s, "best": b, "train_seconds": 400.0, "cpu_kernels": "AVX2"} for s, b in ((0, 0.96), (1, 0.97))]
+    runner = SimpleNamespace(results={"shapes-teacher-b32-d4-s0": {"train_seconds": 1500.0}})
+    costs = {"teacher": (32, 4, 24.55, None), "student b8": (8, 3, 1.28, None)}
+    text = distill.section(args, [("shapes", (8, 3), alone)], [], costs, runner, "a machine", {"shapes": "-hflip0.5"})
+    assert "Teacher UNetStudent base 32, depth 4 (one per dataset, seed 0); students base 8, depth 3, alone" in text
+    assert "| shapes | b8-d3 | 0.965 ± 0.007 | 0.005 | s0 0.960, s1 0.970 | 400 |" in text
