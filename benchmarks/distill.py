@@ -552,7 +552,8 @@ def section(
     for label, (base, depth, gflop, latency) in costs.items():
         shown = f"{latency:.1f} ms" if latency is not None else "not measured"
         lines.append(f"| {label} (base {base}, depth {depth}) | {gflop:.2f} | {shown} |")
-    teachers = [r for name, r in runner.results.items() if "-teacher-" in name]
+    # a teacher's run is "SET-teacher-...": a distilled run's name holds "-teacher-" too (its `teacher-right` pixels)
+    teachers = [r for name, r in runner.results.items() if name.split("-")[1:2] == ["teacher"]]
     minutes = sum(r["train_seconds"] for r in runner.results.values()) / 60
     command = shlex.join(["python", "benchmarks/distill.py", *sys.argv[1:]])
     lines += [

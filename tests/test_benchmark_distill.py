@@ -60,8 +60,12 @@ def test_the_section_names_the_students_before_any_is_distilled(distill):
         val_images=60, threads=1,
     )  # fmt: skip
     alone = [{"seed": s, "best": b, "train_seconds": 400.0, "cpu_kernels": "AVX2"} for s, b in ((0, 0.96), (1, 0.97))]
-    runner = SimpleNamespace(results={"shapes-teacher-b32-d4-s0": {"train_seconds": 1500.0}})
+    distilled = "shapes-distilled-dist-T1-w1-teacher-right-hflip0.5-ep120-b8-d3-s0"  # not a teacher's run
+    runner = SimpleNamespace(
+        results={"shapes-teacher-b32-d4-s0": {"train_seconds": 1500.0}, distilled: {"train_seconds": 500.0}}
+    )
     costs = {"teacher": (32, 4, 24.55, None), "student b8": (8, 3, 1.28, None)}
     text = distill.section(args, [("shapes", (8, 3), alone)], [], costs, runner, "a machine", {"shapes": "-hflip0.5"})
     assert "Teacher UNetStudent base 32, depth 4 (one per dataset, seed 0); students base 8, depth 3, alone" in text
     assert "| shapes | b8-d3 | 0.965 ± 0.007 | 0.005 | s0 0.960, s1 0.970 | 400 |" in text
+    assert "A teacher run took 1500 s. 2 runs cached" in text
