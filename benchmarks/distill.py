@@ -139,6 +139,17 @@ def flip_tag(root: Path) -> str:
     return f"-hflip{flip:g}" if flip else ""
 
 
+def teacher_run(dataset: str, flip: str, teacher_arch: tuple[int, int]) -> str:
+    """The name of a set's teacher run (seed 0)."""
+    return f"{dataset}-teacher{flip}-b{teacher_arch[0]}-d{teacher_arch[1]}-s0"
+
+
+def is_teacher_run(name: str) -> bool:
+    """Whether `name` is a `teacher_run`: the second field is "teacher" (a distilled run's name holds "-teacher-"
+    too, through its `teacher-right` pixels)."""
+    return name.split("-")[1:2] == ["teacher"]
+
+
 def tag(settings: dict) -> str:
     """A run-name fragment for distillation settings, so a cached run is never mistaken for another setting's."""
     from unet_edge.config import TrainConfig
@@ -306,11 +317,12 @@ def cpu_kernels(folder: Path) -> str | None:
     """The CPU kernels (PyTorch's vector instruction set, e.g. AVX512) a run's epochs were computed with, from
     its last.pt ("AVX512+AVX2" for a run resumed on another kind; the device type for a GPU run), or None where
     the checkpoint predates that record. Seeded runs repeat to the last digit only on one kind."""
-    import torch
+    from unet_edge.checkpoint import load_checkpoint
+    from unet_edge.errors import CheckpointError
 
     try:
-        state = torch.load(folder / "last.pt", map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError):
+        state = load_checkpoint(folder / "last.pt")
+    except CheckpointError:
         return None
     kinds = [s.get("cpu_capability") or s.get("device") for s in state.get("environments") or []]
     return "+".join(dict.fromkeys(k for k in kinds if k)) or None
@@ -399,7 +411,7 @@ def main() -> None:
     alone_rows = []
     for dataset in names:
         flip = flips[dataset]
-        teacher_name = f"{dataset}-teacher{flip}-b{teacher_arch[0]}-d{teacher_arch[1]}-s0"
+        teacher_name = teacher_run(dataset, flip, teacher_arch)
         teacher = runner.train(teacher_name, dataset, 0, *teacher_arch, [], keep_epoch=args.teacher_epoch)
         if teacher is not None and args.teacher_epoch:
             teacher = {**teacher, "best": teacher["curve"][args.teacher_epoch - 1]}
@@ -446,7 +458,7 @@ def main() -> None:
 
     where = "digits" if "digits" in names else names[0]
     flip = flips[where]
-    models = {"teacher": (f"{where}-teacher{flip}-b{teacher_arch[0]}-d{teacher_arch[1]}-s0", teacher_arch)}
+    models = {"teacher": (teacher_run(where, flip, teacher_arch), teacher_arch)}
     for base, depth in students:
         models[f"student b{base}"] = (
             f"{where}-student{flip}{epochs_tag(args, base)}-b{base}-d{depth}-s0",
@@ -496,12 +508,13 @@ def section(
 
     defaults = TrainConfig()
     teacher = costs["teacher"]
+    student_text = ", ".join(f"base {b}, depth {d}" for b, d in sorted({row[1] for row in [*rows, *alone_rows]}))
     flip_text = ", ".join(f"{flip.removeprefix('-hflip') or 'none'} on {name}" for name, flip in flips.items())
     lines = [
         "## Distillation: small students taught by a large model",
         "",
         f"Teacher UNetStudent base {teacher[0]}, depth {teacher[1]} (one per dataset, seed 0); students "
-        f"{', '.join(f'base {b}, depth {d}' for b, d in sorted({row[1] for row in [*rows, *alone_rows]}))}, alone and distilled "
+        f"{student_text}, alone and distilled "
         f"(`--teacher`), seeds 0..{args.seeds - 1}, each distilled seed paired with the lone student's (same initial "
         f"weights, batches and crops). All runs: `unet-edge train`, {epochs_text(args, rows, alone_rows)}, "
         f"batch {args.batch_size}, "
@@ -552,8 +565,7 @@ def section(
     for label, (base, depth, gflop, latency) in costs.items():
         shown = f"{latency:.1f} ms" if latency is not None else "not measured"
         lines.append(f"| {label} (base {base}, depth {depth}) | {gflop:.2f} | {shown} |")
-    # a teacher's run is "SET-teacher-...": a distilled run's name holds "-teacher-" too (its `teacher-right` pixels)
-    teachers = [r for name, r in runner.results.items() if name.split("-")[1:2] == ["teacher"]]
+    teachers = [r for name, r in runner.results.items() if is_teacher_run(name)]
     minutes = sum(r["train_seconds"] for r in runner.results.values()) / 60
     command = shlex.join(["python", "benchmarks/distill.py", *sys.argv[1:]])
     lines += [

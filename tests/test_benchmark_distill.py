@@ -1,5 +1,6 @@
-"""benchmarks/distill.py's record of the CPU kernels each run was computed with: seeded runs repeat to the last digit
-only on one CPU kind, so the section names the kinds of its runs and every pair whose two runs differ."""
+"""benchmarks/distill.py's section: the CPU kernels each run was computed with (seeded runs repeat to the last digit
+only on one CPU kind, so it names the kinds of its runs and every pair whose two runs differ), its students and its
+teachers' time."""
 
 import pytest
 import torch
@@ -15,10 +16,17 @@ def distill(monkeypatch):
     return distill
 
 
+def _checkpoint(**fields):
+    """A last.pt with the keys every unet-edge checkpoint holds, and `fields`."""
+    from unet_edge.checkpoint import _REQUIRED_KEYS
+
+    return {**dict.fromkeys(_REQUIRED_KEYS), "epoch": 6, **fields}
+
+
 def _run(folder, *kinds):
     folder.mkdir()
     environments = [{"from_epoch": 3 * i, "device": "cpu", "cpu_capability": kind} for i, kind in enumerate(kinds)]
-    torch.save({"epoch": 6, "environments": environments}, folder / "last.pt")
+    torch.save(_checkpoint(environments=environments), folder / "last.pt")
     return folder
 
 
@@ -28,7 +36,7 @@ def test_a_runs_cpu_kernels_come_from_its_checkpoint(distill, tmp_path):
     assert distill.cpu_kernels(_run(tmp_path / "back", "AVX2", "AVX512", "AVX2")) == "AVX2+AVX512"
     older = tmp_path / "older"
     older.mkdir()
-    torch.save({"epoch": 6}, older / "last.pt")  # a checkpoint from before runs recorded it
+    torch.save(_checkpoint(), older / "last.pt")  # a checkpoint from before runs recorded it
     assert distill.cpu_kernels(older) is None
     assert distill.cpu_kernels(tmp_path / "missing") is None
 
@@ -56,9 +64,16 @@ def test_the_section_names_the_students_before_any_is_distilled(distill):
     from types import SimpleNamespace
 
     args = argparse.Namespace(
-        seeds=2, epochs_given=False, epochs=60, teacher="32,4", batch_size=8, image_size=64, train_images=240,
-        val_images=60, threads=1,
-    )  # fmt: skip
+        seeds=2,
+        epochs_given=False,
+        epochs=60,
+        teacher="32,4",
+        batch_size=8,
+        image_size=64,
+        train_images=240,
+        val_images=60,
+        threads=1,
+    )
     alone = [{"seed": s, "best": b, "train_seconds": 400.0, "cpu_kernels": "AVX2"} for s, b in ((0, 0.96), (1, 0.97))]
     distilled = "shapes-distilled-dist-T1-w1-teacher-right-hflip0.5-ep120-b8-d3-s0"  # not a teacher's run
     runner = SimpleNamespace(
