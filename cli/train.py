@@ -87,13 +87,14 @@ def _command_args(ctx: typer.Context, skip: set[str]) -> list[str]:
             flag = param.opts[0] if value else next(iter(param.secondary_opts), None)
             args.extend([flag] if flag else [])
         else:
-            args.extend([param.opts[0], str(value)])
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                args.extend([param.opts[0], str(item)])
     return args
 
 
 def _train_config(options: dict[str, Any]) -> TrainConfig:
     """The TrainConfig of the command's options: each field takes the option of its name, the model options fill
-    `model`; --scale-jitter gives two fields, paths are stored as text, and --teacher as an absolute one."""
+    `model`; --scale-jitter gives two fields, paths are stored as text, and --teacher as absolute ones."""
     scale_min, scale_max = _scale_range(options["scale_jitter"])
     teacher = options["teacher"]
     return TrainConfig(
@@ -104,12 +105,20 @@ def _train_config(options: dict[str, Any]) -> TrainConfig:
             epochs=options["epochs"],
             scale_min=scale_min,
             scale_max=scale_max,
-            teacher=str(teacher.resolve()) if teacher is not None else None,
+            teacher=_teacher_text(teacher),
             model=replace(DEFAULTS.model, **by_field_name(ModelConfig, options)),
             out=str(options["out"]),
             resume=_text(options["resume"]),
         )
     )
+
+
+def _teacher_text(teachers: list[Path] | None) -> str | tuple[str, ...] | None:
+    """--teacher as TrainConfig stores it: one absolute path, or an ensemble's in the order given."""
+    if not teachers:
+        return None
+    paths = tuple(str(path.resolve()) for path in teachers)
+    return paths[0] if len(paths) == 1 else paths
 
 
 def _text(path: Path | None) -> str | None:
@@ -214,10 +223,11 @@ def train(
         ),
     ] = Loss(DEFAULTS.loss),
     teacher: Annotated[
-        Path | None,
+        list[Path] | None,
         typer.Option(
             help="Distil from this model: a larger run's checkpoint (RUN/best.pt) or a TorchScript export, with the "
-            "same classes and normalisation.",
+            "same classes and normalisation. Given more than once: from the ensemble of the models (the mean of their "
+            "class probabilities), such as students of this width trained on other seeds.",
         ),
     ] = None,
     distill_loss: Annotated[
@@ -314,7 +324,7 @@ def train(
         for name in (f.name for f in fields(TrainConfig) if f.name.startswith("distill_"))
         if name in given
     ]
-    if unused and teacher is None and resume is None:
+    if unused and not teacher and resume is None:
         raise typer.BadParameter(f"{', '.join(unused)} only apply with --teacher")
     if distill_temperature <= 0:
         raise typer.BadParameter(f"{distill_temperature:g}: must be > 0", param_hint="--distill-temperature")

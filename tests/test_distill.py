@@ -21,9 +21,14 @@ from unet_edge.distill import (
     PixelKLDivergence,
     SoftLabels,
     Teacher,
+    TeacherEnsemble,
+    check_same_teacher,
     distill_term,
+    ensemble_digest,
     load_teacher,
+    load_teachers,
 )
+from unet_edge.errors import CheckpointError, TrainingError
 from unet_edge.io import read_jsonl, sha256_file
 from unet_edge.loaders import pad_index, training_data
 from unet_edge.model import build_model
@@ -372,6 +377,96 @@ def test_a_teacher_worse_than_the_student_is_a_warning(tiny_data, teacher_checkp
     passed = [r["epoch"] for r in result.history if r["miou"] > teacher_miou]
     assert passed, "the student never passed the weak teacher: the warning went untested"
     assert len(warnings) == 1 and f"passed the teacher's {teacher_miou:.4f} at epoch {passed[0]}" in warnings[0]
+
+
+def test_an_ensemble_teaches_the_mean_of_its_members_probabilities():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5) * 3
+    logits = TeacherEnsemble([FixedLogits(a), FixedLogits(b)])(torch.zeros(2, 3, 4, 5))
+    mean = (a.softmax(1) + b.softmax(1)) / 2
+    assert torch.allclose(logits.softmax(1), mean, atol=1e-6)
+    assert torch.allclose(logits.exp().sum(1), torch.ones(2, 4, 5), atol=1e-5)  # log-probabilities
+    by_hand = [sum(softmax(m[0, :, 1, 2].tolist())[k] for m in (a, b)) / 2 for k in range(3)]
+    assert logits[0, :, 1, 2].exp().tolist() == pytest.approx(by_hand, rel=1e-5)
+    # An ensemble of one model's copies is that model over the classes: the class-distribution terms are zero for a
+    # student that matches it; cwd, which reads each class map over the pixels, sees its log-probabilities.
+    same = TeacherEnsemble([FixedLogits(a), FixedLogits(a)])(torch.zeros(2, 3, 4, 5))
+    valid = torch.ones(2, 4, 5, dtype=torch.bool)
+    for kind in ("kl", "dist"):
+        assert distill_term(kind, 1.0)(a, same, valid).item() == pytest.approx(0.0, abs=1e-5)
+    assert distill_term("cwd", 1.0)(a.log_softmax(1), same, valid).item() == pytest.approx(0.0, abs=1e-5)
+    assert distill_term("cwd", 1.0)(a, same, valid).item() > 1e-3
+
+
+def _other_teacher(teacher_checkpoint: Path, path: Path) -> Path:
+    """A teacher file like `teacher_checkpoint` with other weights (the first convolution's scaled)."""
+    state = load_checkpoint(teacher_checkpoint)
+    first = next(name for name, value in state["model"].items() if value.ndim == 4)
+    state["model"] = {**state["model"], first: state["model"][first] * 1.5}
+    save_checkpoint(path, state)
+    return path
+
+
+@pytest.mark.slow
+def test_several_teachers_load_as_their_ensemble_and_a_resume_keeps_the_same_files(
+    tiny_data, teacher_checkpoint, tmp_path
+):
+    cpu = torch.device("cpu")
+    data = training_data(TrainConfig(data=str(tiny_data), batch_size=8, image_size=32, device="cpu"), cpu)
+    other = _other_teacher(teacher_checkpoint, tmp_path / "other.pt")
+    files = [teacher_checkpoint, other]
+    teacher = load_teachers(files, data.classes, data.mean, data.std, cpu)
+    single = [load_teacher(path, data.classes, data.mean, data.std, cpu) for path in files]
+    images = torch.randn(2, 3, 32, 32)
+    expected = (single[0].model(images).softmax(1) + single[1].model(images).softmax(1)) / 2
+    assert torch.allclose(teacher.model(images).softmax(1), expected, atol=1e-6)
+    assert teacher.kind == "ensemble" and teacher.description.startswith("ensemble of 2: 2 x UNetStudent base 6")
+    record = teacher.record(0.5)
+    assert record["path"] == [str(p) for p in files] and record["val_miou"] == 0.5
+    assert record["sha256"] == ensemble_digest([sha256_file(p) for p in files])
+    assert [m["sha256"] for m in record["members"]] == [sha256_file(p) for p in files]
+    assert load_teachers([teacher_checkpoint], data.classes, data.mean, data.std, cpu).kind == "checkpoint"
+    with pytest.raises(CheckpointError, match="given twice as a teacher"):
+        load_teachers([teacher_checkpoint, other, teacher_checkpoint], data.classes, data.mean, data.std, cpu)
+    # A resumed run must name the same files in the same order (the ensemble's digest), wherever they now are.
+    check_same_teacher(record, files, "last.pt")
+    with pytest.raises(TrainingError, match=re.escape("not the teacher last.pt was trained with")):
+        check_same_teacher(record, files[::-1], "last.pt")
+    with pytest.raises(TrainingError, match="not the teacher"):
+        check_same_teacher(record, files[:1], "last.pt")
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(tmp_path / 'gone.pt'))}: teacher not found"):
+        check_same_teacher(record, [teacher_checkpoint, tmp_path / "gone.pt"], "last.pt")
+    # A member that does not fit is refused by name, as a single teacher is.
+    bad = _bad_teacher("classes", teacher_checkpoint, tmp_path)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(bad))}: the teacher predicts classes"):
+        load_teachers([teacher_checkpoint, bad], data.classes, data.mean, data.std, cpu)
+
+
+@pytest.mark.slow
+def test_train_distils_from_every_teacher_given(tiny_data, teacher_checkpoint, tmp_path, cli):
+    other = _other_teacher(teacher_checkpoint, tmp_path / "other.pt")
+    result = cli(
+        "train",
+        "--data",
+        str(tiny_data),
+        *STUDENT_OPTIONS,
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "runs"),
+        "--name",
+        "e",
+        "--teacher",
+        str(teacher_checkpoint),
+        "--teacher",
+        str(other),
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"teacher {teacher_checkpoint}, {other} (ensemble of 2: 2 x UNetStudent base 6, depth 3" in result.stderr
+    state = load_checkpoint(tmp_path / "runs" / "e" / "last.pt")
+    assert state["train_config"]["teacher"] == (str(teacher_checkpoint), str(other))
+    assert state["teacher"]["kind"] == "ensemble" and state["teacher"]["path"] == [str(teacher_checkpoint), str(other)]
+    assert TrainConfig.from_dict(state["train_config"]).teacher == (str(teacher_checkpoint), str(other))
 
 
 def load_teacher_description(path: Path) -> str:

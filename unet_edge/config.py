@@ -189,12 +189,12 @@ class TrainConfig:
     training set and the model's width (`fit` stores the number it ran). `lr` None picks the peak learning rate
     from the model's width (`width_lr`).
     `loss` is "dice-ce" (cross-entropy plus soft Dice) or "ce"; checkpoints
-    saved before the setting existed trained with "ce". `teacher` (a checkpoint or TorchScript file) adds
-    `distill_weight` times the `distill_loss` term at `distill_temperature` to the loss, its weight rising
-    linearly from 0 over the first `distill_warmup` fraction of the steps, counted on the pixels `distill_pixels`
-    names (those the teacher labels right, or every valid one); checkpoints saved before the setting existed
-    distilled on every valid pixel. `distill_cache` computes the
-    teacher's logits once per training image instead of in every step (None: when they fit in memory).
+    saved before the setting existed trained with "ce". `teacher` (a checkpoint or TorchScript file, or several:
+    their ensemble) adds `distill_weight` times the `distill_loss` term at `distill_temperature` to the loss, its
+    weight rising linearly from 0 over the first `distill_warmup` fraction of the steps, counted on the pixels
+    `distill_pixels` names (those the teacher labels right, or every valid one); checkpoints saved before the
+    setting existed distilled on every valid pixel. `distill_cache` computes the teacher's logits once per training
+    image instead of in every step (None: when they fit in memory).
     """
 
     data: str | None = None
@@ -209,7 +209,7 @@ class TrainConfig:
     scale_max: float = 1.0
     ema_decay: float = 0.0
     loss: str = "dice-ce"
-    teacher: str | None = None
+    teacher: str | tuple[str, ...] | None = None
     distill_loss: str = "dist"
     distill_weight: float = 1.0
     distill_temperature: float = 1.0
@@ -266,6 +266,8 @@ class TrainConfig:
         model_fields = {f.name for f in fields(ModelConfig)}
         model = {k: v for k, v in data.items() if k in model_fields}
         model.update(data.get("model") or {})
+        if isinstance(data.get("teacher"), list):  # an ensemble's files, a list once stored as JSON
+            data["teacher"] = tuple(data["teacher"])
         return cls(**{k: v for k, v in data.items() if k in train_fields}, model=replace(TrainConfig().model, **model))
 
     def settings(self) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 The teacher is a unet-edge checkpoint (any width, depth, block order or up-sampling) or a TorchScript
 export of one: it must read the same normalised N x 3 x H x W input and give N x K x H x W logits over the
-same classes, which `load_teacher` checks before training starts. The terms are small modules called as
+same classes, which `load_teacher` checks before training starts. Several teachers act as one, their ensemble
+(`TeacherEnsemble`: the mean of their class probabilities), such as students of the same width trained on other
+seeds. The terms are small modules called as
 ``term(student_logits, teacher_logits, valid_mask)``, where `valid_mask` (N x H x W, bool) marks the
 pixels that count: not the ignore index, not crop or batch padding.
 
@@ -14,9 +16,12 @@ default: its mistakes are not taught), and reports its timings and its checkpoin
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +46,12 @@ __all__ = [
     "SoftLabelMap",
     "SoftLabels",
     "Teacher",
+    "TeacherEnsemble",
     "check_same_teacher",
     "distill_term",
     "load_teacher",
+    "load_teachers",
+    "teacher_files",
 ]
 
 # Side of the blank image a teacher is run on once, to check its input and output shapes.
@@ -66,6 +74,22 @@ class FrozenTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.module(images)
+
+
+class TeacherEnsemble(nn.Module):
+    """Several teachers as one: logits whose softmax is the mean of the members' class probabilities (the log of
+    that mean), so the teacher-right pixels, the soft labels and the terms over the classes (kl, dist) treat the
+    ensemble as one model; cwd, which reads each class map over the pixels, sees those log-probabilities. An
+    average of students that differ only in their seed is more accurate than any of them, and steadier."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.log_count = math.log(len(members))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        log_probs = [member(images).float().log_softmax(1) for member in self.members]
+        return torch.logsumexp(torch.stack(log_probs), 0) - self.log_count
 
 
 class PixelKLDivergence(nn.Module):
@@ -161,23 +185,47 @@ def distill_term(kind: str, temperature: float) -> nn.Module:
 
 @dataclass
 class Teacher:
-    """A loaded, checked teacher: the frozen model on the training device and what identifies its file."""
+    """A loaded, checked teacher: the frozen model on the training device and what identifies its file; for an
+    ensemble (`kind` "ensemble"), its members, each a `Teacher` of one file, and a digest of theirs."""
 
     model: FrozenTeacher
     path: Path
     sha256: str
     kind: str
     description: str
+    members: tuple[Teacher, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The file, or for an ensemble its files."""
+        return ", ".join(str(m.path) for m in self.members) if self.members else str(self.path)
 
     def record(self, val_miou: float | None) -> dict[str, Any]:
-        """What a checkpoint keeps about the teacher (plain data)."""
-        return {
-            "path": str(self.path),
+        """What a checkpoint keeps about the teacher (plain data): an ensemble's "path" is the list of its files."""
+        record: dict[str, Any] = {
+            "path": [str(m.path) for m in self.members] if self.members else str(self.path),
             "sha256": self.sha256,
             "kind": self.kind,
             "description": self.description,
             "val_miou": val_miou,
         }
+        if self.members:
+            record["members"] = [{k: v for k, v in m.record(None).items() if k != "val_miou"} for m in self.members]
+        return record
+
+
+def teacher_files(teacher: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None) -> tuple[Path, ...]:
+    """The teacher's file, or an ensemble's files, as `TrainConfig.teacher` or a checkpoint's record holds them."""
+    if teacher is None:
+        return ()
+    if isinstance(teacher, (str, os.PathLike)):
+        return (Path(teacher),)
+    return tuple(Path(path) for path in teacher)
+
+
+def ensemble_digest(digests: Sequence[str]) -> str:
+    """What identifies an ensemble: the sha256 of its members' sha256s, in their order."""
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
 def _load_torchscript(path: Path) -> tuple[nn.Module, list[str], tuple[float, ...], tuple[float, ...], str]:
@@ -263,24 +311,60 @@ def load_teacher(
     return Teacher(FrozenTeacher(module), path, sha256_file(path), kind, description)
 
 
-def check_same_teacher(recorded: dict[str, Any] | None, path: str | os.PathLike[str] | None, source: str) -> None:
-    """Refuse to resume `source` (a checkpoint) with a teacher other than the one recorded in it (by sha256)."""
+def load_teachers(
+    teacher: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    classes: list[str],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    *,
+    channels_last: bool = False,
+) -> Teacher:
+    """`load_teacher` of one file; of several, each loaded and checked, then their `TeacherEnsemble`."""
+    files = teacher_files(teacher)
+    if len(files) == 1:
+        return load_teacher(files[0], classes, mean, std, device, channels_last=channels_last)
+    seen: set[Path] = set()
+    for path in files:
+        if path.resolve() in seen:
+            raise CheckpointError(f"{path}: given twice as a teacher; an ensemble's members are different files")
+        seen.add(path.resolve())
+    members = tuple(load_teacher(p, classes, mean, std, device, channels_last=channels_last) for p in files)
+    kinds = Counter(member.description for member in members)
+    description = f"ensemble of {len(members)}: " + "; ".join(
+        f"{count} x {text}" if count > 1 else text for text, count in kinds.items()
+    )
+    ensemble = TeacherEnsemble([member.model.module for member in members])
+    digest = ensemble_digest([member.sha256 for member in members])
+    return Teacher(FrozenTeacher(ensemble), files[0], digest, "ensemble", description, members)
+
+
+def check_same_teacher(
+    recorded: dict[str, Any] | None,
+    path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
+    source: str,
+) -> None:
+    """Refuse to resume `source` (a checkpoint) with a teacher other than the one recorded in it (by sha256; an
+    ensemble's members the same files in the same order)."""
+    files = teacher_files(path)
     if recorded is None:
-        if path is not None:
+        if files:
             raise TrainingError(f"{source}: this run trained without a teacher; drop --teacher or start a new run")
         return
-    if path is None or not Path(path).is_file():
-        where = path if path is not None else recorded["path"]
+    was = ", ".join(str(p) for p in teacher_files(recorded["path"]))
+    missing = next((p for p in files if not p.is_file()), None)
+    if not files or missing is not None:
+        where = missing if missing is not None else was
         raise CheckpointError(
-            f"{where}: teacher not found; {source} was distilled from {recorded['path']}: pass its new location with "
-            f"--teacher"
+            f"{where}: teacher not found; {source} was distilled from {was}: pass its new location with --teacher"
         )
-    digest = sha256_file(path)
+    digests = [sha256_file(p) for p in files]
+    digest = digests[0] if len(files) == 1 else ensemble_digest(digests)
     if digest != recorded["sha256"]:
+        given = ", ".join(str(p) for p in files)
         raise TrainingError(
-            f"{path}: not the teacher {source} was trained with (sha256 {digest[:12]}..., the run's is "
-            f"{recorded['sha256'][:12]}... "
-            f"from {recorded['path']}); a resumed run keeps its teacher"
+            f"{given}: not the teacher {source} was trained with (sha256 {digest[:12]}..., the run's is "
+            f"{recorded['sha256'][:12]}... from {was}); a resumed run keeps its teacher"
         )
 
 
@@ -385,7 +469,7 @@ class Distillation:
         if config.teacher is None:
             return None
         with torch.random.fork_rng(devices=[]):
-            teacher = load_teacher(
+            teacher = load_teachers(
                 config.teacher, data.classes, data.mean, data.std, device, channels_last=channels_last
             )
         from .loaders import pad_index
@@ -455,7 +539,7 @@ class Distillation:
         source = "logits computed once per training image" if self.soft_labels else "run on every batch"
         pixels = "; taught where it labels the pixel right" if self.teacher_right_only else ""
         return (
-            f"teacher {self.teacher.path} ({self.teacher.description}): val mIoU {self.teacher_miou:.4f}; {source}"
+            f"teacher {self.teacher.name} ({self.teacher.description}): val mIoU {self.teacher_miou:.4f}; {source}"
             f"{pixels}"
         )
 
