@@ -10,6 +10,10 @@ same epochs (by default the schedule `unet-edge train` picks for the set's size)
 - the same student distilled from that teacher (`--teacher`), one run per seed, paired with the lone
   student's seed (same initial weights, batch order and crops: the two differ only in the distillation term).
 
+With `--teacher ensemble` the teacher of each distilled seed is instead the ensemble of the same student's lone
+runs on the other seeds (`unet-edge train --teacher A --teacher B ...`, the mean of their class probabilities;
+leave-one-out, so no student is taught by its own pair), written to the `distill-ensemble` section.
+
 One teacher per dataset, not per seed: the question is what a given teacher does for a student, and a teacher
 costs as much to train as seven lone students here. Every run is a real `unet-edge train` subprocess with
 OMP_NUM_THREADS=--threads, so its figures do not depend on how busy the machine is (only its time does).
@@ -22,6 +26,7 @@ distillation closes ((distilled - alone) / (teacher - alone), on the means), GFL
     python benchmarks/distill.py --threads 1                     # writes the `distill` section of benchmarks/README.md
     python benchmarks/distill.py --threads 1 --distill '[{}, {"distill_loss": "kl", "distill_temperature": 1, "distill_weight": 0.3}]'
     python benchmarks/distill.py --select --datasets digits --seeds 5 --students 8,3 --no-write  # compare settings
+    python benchmarks/distill.py --teacher ensemble --students 8,3 --latency-seconds 0  # teachers: the other seeds
 
 Finished runs are cached in OUT/results.json and skipped; a run that was stopped resumes from its last.pt.
 The run folders (best.pt of every teacher and student) stay under OUT/runs.
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -45,6 +51,8 @@ from common import HERE, README, machine, median_ms, write_section
 from train_quality import write_datasets
 
 SECTION = "distill"
+# The value of --teacher that teaches each seed with the ensemble of the other seeds' lone students.
+ENSEMBLE = "ensemble"
 # The settings --select compares (each a set of `unet-edge train` options for the distilled runs); the earlier
 # teacher checkpoint is compared with --teacher-epoch.
 SELECT_VARIANTS = (
@@ -75,7 +83,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--train-images", type=int, default=240)
     parser.add_argument("--val-images", type=int, default=60)
-    parser.add_argument("--teacher", default=",".join(map(str, DEFAULT_TEACHER)), metavar="BASE,DEPTH")
+    parser.add_argument(
+        "--teacher",
+        default=",".join(map(str, DEFAULT_TEACHER)),
+        metavar="BASE,DEPTH|ensemble",
+        help="the teacher's architecture, or 'ensemble': each seed taught by the same student's other seeds",
+    )
     parser.add_argument("--students", default="8,3;16,3", metavar="BASE,DEPTH;...", help="students, ';'-separated")
     parser.add_argument(
         "--teacher-epoch",
@@ -262,6 +275,7 @@ class Runner:
             "teacher_share": statistics.mean(shares) if shares else None,
             "wall_seconds": time.perf_counter() - started,
             "notes": teacher_notes,
+            "teacher_miou": recorded_teacher_miou(folder),
         }
         self.results[name] = result
         self._save()
@@ -328,10 +342,37 @@ def cpu_kernels(folder: Path) -> str | None:
     return "+".join(dict.fromkeys(k for k in kinds if k)) or None
 
 
+def recorded_teacher_miou(folder: Path) -> float | None:
+    """The teacher's val mIoU a distilled run recorded in its last.pt (None: trained alone, or no checkpoint)."""
+    from unet_edge.checkpoint import load_checkpoint
+    from unet_edge.errors import CheckpointError
+
+    try:
+        teacher = load_checkpoint(folder / "last.pt").get("teacher")
+    except CheckpointError:
+        return None
+    return teacher.get("val_miou") if teacher else None
+
+
+def leave_one_out(lone: list[Path]) -> list[list[str]]:
+    """Per seed, the `--teacher` options that make the other seeds' lone students its teacher (their ensemble)."""
+    return [
+        [part for i, path in enumerate(lone) if i != seed for part in ("--teacher", str(path))]
+        for seed in range(len(lone))
+    ]
+
+
+def ensemble_teacher(distilled: list[dict]) -> dict:
+    """The teacher entry of an ensemble row: the mean val mIoU of the seeds' leave-one-out ensembles (each run
+    records its own), with their spread; no run of its own."""
+    scores = [run["teacher_miou"] for run in distilled if run.get("teacher_miou") is not None]
+    return {"best": statistics.mean(scores) if scores else float("nan"), "members": scores, "ensemble": True}
+
+
 def kernels_note(rows: list, alone_rows: list) -> str:
     """Which CPU kernels the section's runs were computed with, and the pairs whose two runs used different ones."""
     runs = [run for _, _, alone in alone_rows for run in alone]
-    runs += [run for _, _, _, teacher, _, distilled in rows for run in (teacher, *distilled)]
+    runs += [run for _, _, _, teacher, _, distilled in rows for run in (teacher, *distilled) if not run.get("ensemble")]
     counts: dict[str, int] = {}
     for run in runs:
         kind = run.get("cpu_kernels") or "not recorded"
@@ -349,6 +390,16 @@ def kernels_note(rows: list, alone_rows: list) -> str:
             f"not repeat across kinds, so they measure the machines as well as distillation: {'; '.join(crossed)}."
         )
     return text
+
+
+def pair_spread(differences: list[float], alone: list[dict]) -> str:
+    """The sd of the seeds' (distilled - alone), and in brackets what it would be if a distilled run were a draw
+    independent of its pair with the lone runs' spread (sqrt(2) x their sd): a term that steers each seed the same
+    way keeps the first well below the second."""
+    if len(differences) < 2:
+        return "-"
+    independent = math.sqrt(2) * statistics.stdev(r["best"] for r in alone)
+    return f"{statistics.stdev(differences):.3f} ({independent:.3f})"
 
 
 def summary(values: list[float]) -> str:
@@ -390,7 +441,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     names = args.datasets.split(",")
-    teacher_arch = arch(args.teacher)
+    ensemble = args.teacher == ENSEMBLE
+    if ensemble and (args.teacher_epoch or args.seeds < 3):
+        raise SystemExit("error: --teacher ensemble needs --seeds 3 or more and no --teacher-epoch")
+    teacher_arch = None if ensemble else arch(args.teacher)
     students = [arch(text) for text in args.students.split(";")]
     data_dir = args.out / f"data-{args.train_images}-{args.val_images}"
     roots = {}
@@ -411,30 +465,34 @@ def main() -> None:
     alone_rows = []
     for dataset in names:
         flip = flips[dataset]
-        teacher_name = teacher_run(dataset, flip, teacher_arch)
-        teacher = runner.train(teacher_name, dataset, 0, *teacher_arch, [], keep_epoch=args.teacher_epoch)
+        teacher_name = teacher_run(dataset, flip, teacher_arch) if teacher_arch else ""
+        teacher = (
+            runner.train(teacher_name, dataset, 0, *teacher_arch, [], keep_epoch=args.teacher_epoch)
+            if teacher_arch
+            else None
+        )
         if teacher is not None and args.teacher_epoch:
             teacher = {**teacher, "best": teacher["curve"][args.teacher_epoch - 1]}
         for base, depth in students:
-            alone = [
-                runner.train(
-                    f"{dataset}-student{flip}{epochs_tag(args, base)}-b{base}-d{depth}-s{seed}",
-                    dataset,
-                    seed,
-                    base,
-                    depth,
-                    [],
-                )
-                for seed in seeds
+            alone_names = [
+                f"{dataset}-student{flip}{epochs_tag(args, base)}-b{base}-d{depth}-s{seed}" for seed in seeds
             ]
+            alone = [runner.train(name, dataset, seed, base, depth, []) for name, seed in zip(alone_names, seeds)]
             if any(run is not None for run in alone):
                 alone_rows.append((dataset, (base, depth), [run for run in alone if run is not None]))
-            if teacher is None:
+            if ensemble:
+                if any(run is None for run in alone):  # --finished-only: an ensemble needs every other seed
+                    continue
+                teachers = leave_one_out([runner.runs / name / "best.pt" for name in alone_names])
+            elif teacher is None:
                 continue
+            else:
+                teachers = [["--teacher", str(runner.runs / teacher_name / teacher_file)] for _ in seeds]
             for variant in variants:
-                options = ["--teacher", str(runner.runs / teacher_name / teacher_file), *option_args(variant)]
                 label = tag(variant) + (f"-e{args.teacher_epoch}" if args.teacher_epoch else "")
-                if teacher_arch != DEFAULT_TEACHER:  # another teacher's students are other runs
+                if ensemble:
+                    label += f"-ens{args.seeds - 1}"
+                elif teacher_arch != DEFAULT_TEACHER:  # another teacher's students are other runs
                     label += f"-t{teacher_arch[0]}x{teacher_arch[1]}"
                 distilled = [
                     runner.train(
@@ -443,13 +501,15 @@ def main() -> None:
                         seed,
                         base,
                         depth,
-                        options,
+                        [*teachers[seed], *option_args(variant)],
                     )
                     for seed in seeds
                 ]
                 pairs = [(x, y) for x, y in zip(distilled, alone, strict=True) if x is not None and y is not None]
                 if pairs:
-                    rows.append((dataset, (base, depth), label, teacher, [y for _, y in pairs], [x for x, _ in pairs]))
+                    done = [x for x, _ in pairs]
+                    row_teacher = ensemble_teacher(done) if ensemble else teacher
+                    rows.append((dataset, (base, depth), label, row_teacher, [y for _, y in pairs], done))
     print(
         f"{time.strftime('%H:%M:%S')} training done ({(time.perf_counter() - started) / 60:.1f} min in this "
         "invocation); measuring latency",
@@ -458,7 +518,7 @@ def main() -> None:
 
     where = "digits" if "digits" in names else names[0]
     flip = flips[where]
-    models = {"teacher": (teacher_run(where, flip, teacher_arch), teacher_arch)}
+    models = {"teacher": (teacher_run(where, flip, teacher_arch), teacher_arch)} if teacher_arch else {}
     for base, depth in students:
         models[f"student b{base}"] = (
             f"{where}-student{flip}{epochs_tag(args, base)}-b{base}-d{depth}-s0",
@@ -480,7 +540,7 @@ def main() -> None:
     text = section(args, alone_rows, rows, costs, runner, machine(), flips)
     print(text)
     if not args.no_write:
-        write_section(args.readme, SECTION, text)
+        write_section(args.readme, f"{SECTION}-{ENSEMBLE}" if ensemble else SECTION, text)
 
 
 def epochs_text(args: argparse.Namespace, rows: list, alone_rows: list) -> str:
@@ -507,14 +567,23 @@ def section(
     from unet_edge.config import TrainConfig
 
     defaults = TrainConfig()
-    teacher = costs["teacher"]
     student_text = ", ".join(f"base {b}, depth {d}" for b, d in sorted({row[1] for row in [*rows, *alone_rows]}))
     flip_text = ", ".join(f"{flip.removeprefix('-hflip') or 'none'} on {name}" for name, flip in flips.items())
+    if args.teacher == ENSEMBLE:
+        title = "## Distillation from the other seeds: each student taught by the ensemble of its width's other runs"
+        teacher_text = (
+            f"Teacher of seed k: the ensemble of the same student's lone runs on the other {args.seeds - 1} seeds "
+            "(`--teacher` given once per run: the mean of their class probabilities; leave-one-out, so no student "
+            "is taught by its own pair; the teacher column is the mean ± sd of those ensembles' val mIoU)"
+        )
+    else:
+        teacher = costs["teacher"]
+        title = "## Distillation: small students taught by a large model"
+        teacher_text = f"Teacher UNetStudent base {teacher[0]}, depth {teacher[1]} (one per dataset, seed 0)"
     lines = [
-        "## Distillation: small students taught by a large model",
+        title,
         "",
-        f"Teacher UNetStudent base {teacher[0]}, depth {teacher[1]} (one per dataset, seed 0); students "
-        f"{student_text}, alone and distilled "
+        f"{teacher_text}; students {student_text}, alone and distilled "
         f"(`--teacher`), seeds 0..{args.seeds - 1}, each distilled seed paired with the lone student's (same initial "
         f"weights, batches and crops). All runs: `unet-edge train`, {epochs_text(args, rows, alone_rows)}, "
         f"batch {args.batch_size}, "
@@ -523,23 +592,28 @@ def section(
         f"the flip `train` picks from each set's dataset.json: {flip_text}), "
         f"{args.train_images} train / {args.val_images} val images per dataset (train_quality's sets), {args.threads} "
         "thread(s) per run. Best val mIoU over the epochs, mean ± sd over seeds; gap closed = (distilled - alone) / "
-        "(teacher - alone), on the means; worst pair = the lowest (distilled - alone) of a seed; time = seconds of "
+        "(teacher - alone), on the means; worst pair = the lowest (distilled - alone) of a seed; pairs' sd = the sd of "
+        "(distilled - alone) over the seeds, in brackets sqrt(2) x the lone runs' sd, what it would be if a distilled "
+        "run were a new draw of the same spread; time = seconds of "
         "training and validation per run (mean).",
         "",
-        "| dataset | student | distillation | teacher | alone | distilled | gap closed | worst pair | "
-        "distilled per seed (alone) | s/run alone | s/run distilled |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| dataset | student | distillation | teacher | alone | distilled | gap closed | worst pair | pairs' sd "
+        "(independent) | distilled per seed (alone) | s/run alone | s/run distilled |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for dataset, (base, depth), setting, teacher_run, alone, distilled in rows:
         t = teacher_run["best"]
+        shown_teacher = summary(teacher_run["members"]) if teacher_run.get("ensemble") else f"{t:.3f}"
         a = statistics.mean(r["best"] for r in alone)
         d = statistics.mean(r["best"] for r in distilled)
         closed = f"{(d - a) / (t - a):.0%}" if t - a > 0.01 else "- (gap under 0.01)"
-        worst = min(x["best"] - y["best"] for x, y in zip(distilled, alone, strict=True))
+        differences = [x["best"] - y["best"] for x, y in zip(distilled, alone, strict=True)]
+        worst = min(differences)
         seeds = ", ".join(f"{x['best']:.3f} ({y['best']:.3f})" for x, y in zip(distilled, alone, strict=True))
         lines.append(
-            f"| {dataset} | b{base}-d{depth} | {setting} | {t:.3f} | {summary([r['best'] for r in alone])} | "
-            f"{summary([r['best'] for r in distilled])} | {closed} | {worst:+.3f} | {seeds} | "
+            f"| {dataset} | b{base}-d{depth} | {setting} | {shown_teacher} | {summary([r['best'] for r in alone])} | "
+            f"{summary([r['best'] for r in distilled])} | {closed} | {worst:+.3f} | {pair_spread(differences, alone)} | "
+            f"{seeds} | "
             f"{statistics.mean(r['train_seconds'] for r in alone):.0f} | "
             f"{statistics.mean(r['train_seconds'] for r in distilled):.0f} |"
         )
@@ -568,10 +642,14 @@ def section(
     teachers = [r for name, r in runner.results.items() if is_teacher_run(name)]
     minutes = sum(r["train_seconds"] for r in runner.results.values()) / 60
     command = shlex.join(["python", "benchmarks/distill.py", *sys.argv[1:]])
+    teacher_time = (
+        f"A teacher run took {statistics.mean(r['train_seconds'] for r in teachers):.0f} s. "
+        if teachers and args.teacher != ENSEMBLE
+        else ""
+    )
     lines += [
         "",
-        f"A teacher run took {statistics.mean(r['train_seconds'] for r in teachers):.0f} s. "
-        f"{len(runner.results)} runs cached, {minutes:.0f} CPU-thread minutes of training in all. The times are those "
+        f"{teacher_time}{len(runner.results)} runs cached, {minutes:.0f} CPU-thread minutes of training in all. The times are those "
         "of runs that shared the machine with other work (the mIoU figures are not affected: every run is "
         "single-threaded and seeded).",
         "",
