@@ -547,7 +547,8 @@ def epochs_text(args: argparse.Namespace, rows: list, alone_rows: list) -> str:
     """The runs' epochs, as the section states them."""
     if args.epochs_given:
         return f"{args.epochs} epochs"
-    bases = sorted({row[1][0] for row in [*rows, *alone_rows]} | {arch(args.teacher)[0]})
+    teacher = set() if args.teacher == ENSEMBLE else {arch(args.teacher)[0]}
+    bases = sorted({row[1][0] for row in [*rows, *alone_rows]} | teacher)
     by_epochs: dict[int, list[int]] = {}
     for base in bases:
         by_epochs.setdefault(epochs_for(args, base), []).append(base)

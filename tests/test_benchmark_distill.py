@@ -108,8 +108,8 @@ def test_an_ensemble_row_teaches_each_seed_with_the_other_seeds(distill, tmp_pat
     assert distill.kernels_note(rows, [("digits", (8, 3), alone)]).startswith("CPU kernels of the runs: AVX2 4.")
     args = argparse.Namespace(
         seeds=2,
-        epochs_given=True,
-        epochs=120,
+        epochs_given=False,
+        epochs=60,
         teacher="ensemble",
         batch_size=8,
         image_size=64,
@@ -121,6 +121,7 @@ def test_an_ensemble_row_teaches_each_seed_with_the_other_seeds(distill, tmp_pat
     costs = {"student b8": (8, 3, 1.28, None)}
     text = distill.section(args, [("digits", (8, 3), alone)], rows, costs, runner, "a machine", {"digits": ""})
     assert "Teacher of seed k: the ensemble of the same student's lone runs on the other 1 seeds" in text
+    assert "the schedule `unet-edge train` picks for the set and the model's width (120 epochs for base 8)" in text
     # teacher 0.960 ± 0.014; alone 0.910; distilled 0.935: half the gap closed; worst pair +0.020
     # pairs +0.030 and +0.020: sd 0.007, against sqrt(2) x 0.014 = 0.020 for independent draws
     assert (
