@@ -30,6 +30,23 @@ def _run(folder, *kinds):
     return folder
 
 
+def _section_args(teacher: str):
+    """distill.py's arguments as `section` reads them: two seeds at the default schedule, `teacher` as given."""
+    import argparse
+
+    return argparse.Namespace(
+        seeds=2,
+        epochs_given=False,
+        epochs=60,
+        teacher=teacher,
+        batch_size=8,
+        image_size=64,
+        train_images=240,
+        val_images=60,
+        threads=1,
+    )
+
+
 def test_a_runs_cpu_kernels_come_from_its_checkpoint(distill, tmp_path):
     assert distill.cpu_kernels(_run(tmp_path / "one", "AVX2")) == "AVX2"
     assert distill.cpu_kernels(_run(tmp_path / "moved", "AVX512", "AVX2")) == "AVX512+AVX2"
@@ -60,20 +77,9 @@ def test_the_section_names_pairs_computed_with_different_kernels(distill):
 
 def test_the_section_names_the_students_before_any_is_distilled(distill):
     """The section of a run whose teachers are still training (lone students only) names its students all the same."""
-    import argparse
     from types import SimpleNamespace
 
-    args = argparse.Namespace(
-        seeds=2,
-        epochs_given=False,
-        epochs=60,
-        teacher="32,4",
-        batch_size=8,
-        image_size=64,
-        train_images=240,
-        val_images=60,
-        threads=1,
-    )
+    args = _section_args("32,4")
     alone = [{"seed": s, "best": b, "train_seconds": 400.0, "cpu_kernels": "AVX2"} for s, b in ((0, 0.96), (1, 0.97))]
     distilled = "shapes-distilled-dist-T1-w1-teacher-right-hflip0.5-ep120-b8-d3-s0"  # not a teacher's run
     runner = SimpleNamespace(
@@ -87,7 +93,6 @@ def test_the_section_names_the_students_before_any_is_distilled(distill):
 
 
 def test_an_ensemble_row_teaches_each_seed_with_the_other_seeds(distill, tmp_path):
-    import argparse
     from types import SimpleNamespace
 
     lone = [tmp_path / f"s{seed}" / "best.pt" for seed in range(3)]
@@ -106,17 +111,7 @@ def test_an_ensemble_row_teaches_each_seed_with_the_other_seeds(distill, tmp_pat
     rows = [("digits", (8, 3), "dist-ens1", teacher, alone, distilled)]
     # The ensembles are not runs of their own: the kernels note counts the students only.
     assert distill.kernels_note(rows, [("digits", (8, 3), alone)]).startswith("CPU kernels of the runs: AVX2 4.")
-    args = argparse.Namespace(
-        seeds=2,
-        epochs_given=False,
-        epochs=60,
-        teacher="ensemble",
-        batch_size=8,
-        image_size=64,
-        train_images=240,
-        val_images=60,
-        threads=1,
-    )
+    args = _section_args("ensemble")
     runner = SimpleNamespace(results={"digits-teacher-b32-d4-s0": {"train_seconds": 1500.0}})
     costs = {"student b8": (8, 3, 1.28, None)}
     text = distill.section(args, [("digits", (8, 3), alone)], rows, costs, runner, "a machine", {"digits": ""})
