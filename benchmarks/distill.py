@@ -202,8 +202,8 @@ class Runner:
         kept = self.runs / name / f"epoch{keep_epoch}.pt" if keep_epoch else None
         if name in self.results and (kept is None or kept.is_file()):
             cached = self.results[name]
-            if "cpu_kernels" not in cached:  # cached before runs recorded it: read once from the run's checkpoint
-                cached["cpu_kernels"] = cpu_kernels(self.runs / name)
+            if not {"cpu_kernels", "teacher_miou"} <= set(cached):  # cached before these were kept: read once
+                cached.update(run_facts(self.runs / name))
                 self._save()
             return cached
         args = self.args
@@ -263,7 +263,7 @@ class Runner:
         shares = [r["teacher_share"] for r in records if r.get("teacher_share") is not None]
         teacher_notes = [line for line in done.stderr.splitlines() if line.startswith(("teacher ", "warning:"))]
         result = {
-            "cpu_kernels": cpu_kernels(folder),
+            **run_facts(folder),
             "dataset": dataset,
             "seed": seed,
             "base": base,
@@ -275,7 +275,6 @@ class Runner:
             "teacher_share": statistics.mean(shares) if shares else None,
             "wall_seconds": time.perf_counter() - started,
             "notes": teacher_notes,
-            "teacher_miou": recorded_teacher_miou(folder),
         }
         self.results[name] = result
         self._save()
@@ -327,31 +326,29 @@ def _keep_epoch(folder: Path, epoch: int, kept: Path) -> None:
         torch.save(state, kept)
 
 
-def cpu_kernels(folder: Path) -> str | None:
-    """The CPU kernels (PyTorch's vector instruction set, e.g. AVX512) a run's epochs were computed with, from
-    its last.pt ("AVX512+AVX2" for a run resumed on another kind; the device type for a GPU run), or None where
-    the checkpoint predates that record. Seeded runs repeat to the last digit only on one kind."""
+def run_facts(folder: Path) -> dict:
+    """What a run's last.pt says, read once: the CPU kernels its epochs were computed with (PyTorch's vector
+    instruction set, e.g. AVX512; "AVX512+AVX2" for a run resumed on another kind; the device type for a GPU run;
+    None where the checkpoint predates that record: seeded runs repeat to the last digit only on one kind) and the
+    teacher's val mIoU a distilled run recorded (None: trained alone). Both None without a readable checkpoint."""
     from unet_edge.checkpoint import load_checkpoint
     from unet_edge.errors import CheckpointError
 
     try:
         state = load_checkpoint(folder / "last.pt")
     except CheckpointError:
-        return None
+        return {"cpu_kernels": None, "teacher_miou": None}
     kinds = [s.get("cpu_capability") or s.get("device") for s in state.get("environments") or []]
-    return "+".join(dict.fromkeys(k for k in kinds if k)) or None
+    teacher = state.get("teacher")
+    return {
+        "cpu_kernels": "+".join(dict.fromkeys(k for k in kinds if k)) or None,
+        "teacher_miou": teacher.get("val_miou") if teacher else None,
+    }
 
 
-def recorded_teacher_miou(folder: Path) -> float | None:
-    """The teacher's val mIoU a distilled run recorded in its last.pt (None: trained alone, or no checkpoint)."""
-    from unet_edge.checkpoint import load_checkpoint
-    from unet_edge.errors import CheckpointError
-
-    try:
-        teacher = load_checkpoint(folder / "last.pt").get("teacher")
-    except CheckpointError:
-        return None
-    return teacher.get("val_miou") if teacher else None
+def cpu_kernels(folder: Path) -> str | None:
+    """The CPU kernels a run's epochs were computed with (`run_facts`)."""
+    return run_facts(folder)["cpu_kernels"]
 
 
 def leave_one_out(lone: list[Path]) -> list[list[str]]:
